@@ -1,0 +1,53 @@
+"""The normalised records every source yields, and the quarantine record for rows it cannot use.
+
+Sources produce ``Conversation`` or ``Quarantined`` values; nothing downstream ever sees a
+source's raw schema.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Role = Literal["system", "user", "assistant"]
+ROLES: tuple[str, ...] = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    role: Role
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class Conversation:
+    """One training sample: an ordered chat with at least one assistant turn.
+
+    ``location`` says where the row came from (``file:line`` or ``dataset[index]``) so that every
+    count in the manifest can be traced back to input rows.
+    """
+
+    messages: tuple[Message, ...]
+    location: str
+    meta: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Quarantined:
+    """A source row that could not be normalised, kept with the reason instead of being dropped."""
+
+    location: str
+    reason: str
+    raw: str
+
+
+class RowError(ValueError):
+    """Raised by a schema parser when a row is malformed; the message becomes the quarantine reason."""
+
+
+def validate_messages(messages: tuple[Message, ...]) -> None:
+    """Reject conversations no trainer can learn from: empty, or without any assistant text."""
+    if not messages:
+        raise RowError("empty conversation")
+    if not any(m.role == "assistant" and m.content for m in messages):
+        raise RowError("no assistant turn with content")

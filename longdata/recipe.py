@@ -1,0 +1,307 @@
+"""The recipe: a YAML file describing one build, validated before any work starts.
+
+Loading goes YAML -> plain dict -> ``--set`` overrides -> pydantic models. Every validation
+problem becomes one line naming the key path (``sources[1].weight: must be > 0, got -1``), so a
+user fixes a recipe without reading a traceback.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from longdata.packing import ALGORITHMS, OVERLENGTH_POLICIES
+
+GENERIC_FORMATS = ("messages", "sharegpt", "alpaca")
+COMPRESSION = re.compile(r"^(zstd|br|gz|snappy)(:\d+)?$")
+SIZE = re.compile(r"^(\d+)\s*(b|kb|mb|gb)?$", re.IGNORECASE)
+SIZE_UNITS = {"b": 1, "kb": 1 << 10, "mb": 1 << 20, "gb": 1 << 30}
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used; ``problems`` holds one line per wrong key."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TokenizerConfig(Strict):
+    name: str = Field(description="local path, hub id, or builtin:quickstart")
+    revision: str | None = None
+    chat_template: str | None = Field(
+        default=None,
+        description="Jinja template text or a path to a .jinja file; default: the tokenizer's own",
+    )
+
+
+class SampleSpec(Strict):
+    """How to generate a ``builtin:sample/<schema>`` file (offline stand-in for a real dataset)."""
+
+    rows: int = Field(default=32, gt=0)
+    min_chars: int = Field(default=20_000, gt=0)
+    max_chars: int = Field(default=80_000, gt=0)
+    zh_fraction: float = Field(default=0.1, ge=0, le=1)
+    seed: int = 0
+
+
+class SourceBase(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    weight: float = Field(default=1.0, gt=0, description="multiplies the source's token count")
+    max_samples: int | None = Field(default=None, gt=0)
+    min_tokens: int = Field(default=1, ge=1, description="drop samples shorter than this")
+    max_tokens: int | None = Field(default=None, gt=0, description="drop samples longer than this")
+
+
+class FileSource(SourceBase):
+    path: str = Field(description="local file or directory, hub dataset id, or builtin:sample/<schema>")
+    split: str = "train"
+    sample: SampleSpec = SampleSpec()
+
+
+class LongAlignSource(FileSource):
+    kind: Literal["longalign"]
+
+
+class LongAlpacaSource(FileSource):
+    kind: Literal["longalpaca"]
+
+
+class GenericSource(FileSource):
+    kind: Literal["generic"]
+    format: Literal[GENERIC_FORMATS]
+
+
+class AntiHaystackSource(SourceBase):
+    kind: Literal["antihaystack"]
+    count: int = Field(gt=0)
+    length_range: tuple[int, int] = Field(description="[min, max] document tokens")
+    depth_range: tuple[float, float] = (0.0, 1.0)
+    needles: tuple[int, int] = (1, 3)
+    tasks: tuple[Literal["needle", "paragraph"], ...] = ("needle", "paragraph")
+    zh_fraction: float = Field(default=0.1, ge=0, le=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _ranges_ordered(self) -> AntiHaystackSource:
+        lo, hi = self.length_range
+        if not 0 < lo <= hi:
+            raise ValueError(f"length_range must satisfy 0 < min <= max, got {list(self.length_range)}")
+        dlo, dhi = self.depth_range
+        if not 0.0 <= dlo <= dhi <= 1.0:
+            raise ValueError(f"depth_range must lie within [0, 1] and be ordered, got {[dlo, dhi]}")
+        return self
+
+
+Source = Annotated[
+    Union[LongAlignSource, LongAlpacaSource, GenericSource, AntiHaystackSource],
+    Field(discriminator="kind"),
+]
+SOURCE_KINDS = ("longalign", "longalpaca", "generic", "antihaystack")
+
+
+class Stage(Strict):
+    """One step of a context-length curriculum: the whole mix packed to this stage's length."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    max_seq_len: int = Field(ge=16)
+    buckets: tuple[int, ...] | None = None
+
+
+class PackingConfig(Strict):
+    max_seq_len: int = Field(ge=16)
+    algorithm: Literal[ALGORITHMS] = "bfd"
+    overlength: Literal[OVERLENGTH_POLICIES] = "truncate"
+    buckets: tuple[int, ...] | None = Field(
+        default=None, description="row-length bucket edges; each bucket is its own MDS stream"
+    )
+    stages: tuple[Stage, ...] | None = None
+
+    @model_validator(mode="after")
+    def _stages_increase(self) -> PackingConfig:
+        if self.stages:
+            lengths = [s.max_seq_len for s in self.stages]
+            if lengths != sorted(set(lengths)):
+                raise ValueError(f"stages must have strictly increasing max_seq_len, got {lengths}")
+            names = [s.name for s in self.stages]
+            if len(set(names)) != len(names):
+                raise ValueError(f"stage names must be unique, got {names}")
+        return self
+
+
+class ValidationSplit(Strict):
+    fraction: float = Field(default=0.02, ge=0, lt=1)
+    max_samples: int = Field(default=64, ge=0)
+
+
+class OutputConfig(Strict):
+    dir: str
+    shard_size_limit: str | int = "64MB"
+    compression: str | None = "zstd"
+    card_dir: str = "data_cards"
+
+    @field_validator("compression")
+    @classmethod
+    def _known_compression(cls, value: str | None) -> str | None:
+        if value is not None and not COMPRESSION.match(value):
+            raise ValueError(f"must be one of zstd, br, gz, snappy (optionally ':level') or null, got {value!r}")
+        return value
+
+    @field_validator("shard_size_limit")
+    @classmethod
+    def _parse_size(cls, value: str | int) -> int:
+        if isinstance(value, int):
+            if value <= 0:
+                raise ValueError(f"must be > 0, got {value}")
+            return value
+        match = SIZE.match(value.strip())
+        if not match:
+            raise ValueError(f"must be a size like 64MB or 1GB, got {value!r}")
+        return int(match[1]) * SIZE_UNITS[(match[2] or "b").lower()]
+
+
+class Recipe(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int = 0
+    tokenizer: TokenizerConfig
+    sources: tuple[Source, ...] = Field(min_length=1)
+    packing: PackingConfig
+    validation: ValidationSplit = ValidationSplit()
+    output: OutputConfig
+    dedup: Literal["exact", "none"] = "exact"
+    cache_dir: str = ".longdata_cache"
+
+    @model_validator(mode="after")
+    def _unique_source_names(self) -> Recipe:
+        names = [s.name for s in self.sources]
+        duplicated = sorted({n for n in names if names.count(n) > 1})
+        if duplicated:
+            raise ValueError(f"source names must be unique, repeated: {', '.join(duplicated)}")
+        return self
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read, override and validate a recipe; raise RecipeError listing every problem."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RecipeError([f"{path}: no such recipe file"]) from None
+    except yaml.YAMLError as exc:
+        raise RecipeError([f"{path}: not valid YAML: {exc}"]) from None
+    if not isinstance(data, dict):
+        raise RecipeError([f"{path}: a recipe must be a YAML mapping, got {type(data).__name__}"])
+    for override in overrides:
+        apply_override(data, override)
+    return validate_recipe(data)
+
+
+def validate_recipe(data: dict[str, Any]) -> Recipe:
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError([describe_error(err) for err in exc.errors()]) from None
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply ``key.path=value`` (``sources[1].weight=2`` or ``sources.1.weight=2``) in place.
+
+    The value is parsed as YAML, so ``true``, ``[4096, 8192]`` and ``null`` mean what they say.
+    """
+    key, sep, raw_value = assignment.partition("=")
+    if not sep or not key.strip():
+        raise RecipeError([f"--set {assignment!r}: expected key.path=value"])
+    parts = [p for p in re.split(r"\.|\[(\d+)\]", key.strip()) if p]
+    try:
+        value = yaml.safe_load(raw_value)
+    except yaml.YAMLError as exc:
+        raise RecipeError([f"--set {key}: value is not valid YAML: {exc}"]) from None
+    node: Any = data
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        where = ".".join(parts[: depth + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise RecipeError([f"--set {key}: {where} is not an index of a {len(node)}-item list"])
+            index: Any = int(part)
+        elif isinstance(node, dict):
+            index = part
+        else:
+            raise RecipeError([f"--set {key}: {'.'.join(parts[:depth])} is not a mapping or list"])
+        if last:
+            node[index] = value
+        else:
+            if isinstance(node, dict) and index not in node:
+                node[index] = {}
+            node = node[index]
+
+
+def describe_error(err: dict[str, Any]) -> str:
+    """One line per pydantic error, phrased for a person editing YAML."""
+    path = _key_path(err["loc"])
+    kind, ctx, given = err["type"], err.get("ctx", {}), err.get("input")
+    if kind == "extra_forbidden":
+        allowed = _allowed_keys(err["loc"])
+        hint = f"; allowed keys: {', '.join(allowed)}" if allowed else ""
+        return f"{path}: unknown key{hint}"
+    if kind == "missing":
+        return f"{path}: required key is missing"
+    if kind == "union_tag_invalid" or kind == "union_tag_not_found":
+        return f"{path}.kind: must be one of {', '.join(SOURCE_KINDS)}, got {given.get('kind')!r}" \
+            if isinstance(given, dict) and "kind" in given else f"{path}: needs a kind: one of {', '.join(SOURCE_KINDS)}"
+    comparisons = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+    if kind in comparisons:
+        bound = next(iter(ctx.values()))
+        return f"{path}: must be {comparisons[kind]} {bound}, got {given!r}"
+    if kind == "literal_error":
+        return f"{path}: must be one of {ctx.get('expected')}, got {given!r}"
+    message = err["msg"].removeprefix("Value error, ")
+    return f"{path}: {message}" + ("" if kind == "value_error" else f", got {given!r}")
+
+
+def _key_path(loc: tuple[Any, ...]) -> str:
+    text = ""
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        elif part in SOURCE_KINDS and text.startswith("sources["):
+            continue  # pydantic puts the union tag in the path; the user never wrote it
+        else:
+            text += f".{part}" if text else str(part)
+    return text or "recipe"
+
+
+def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+    """Walk the models along ``loc`` to list the keys that would have been accepted."""
+    model: Any = Recipe
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        if part in SOURCE_KINDS:
+            model = {"longalign": LongAlignSource, "longalpaca": LongAlpacaSource,
+                     "generic": GenericSource, "antihaystack": AntiHaystackSource}[part]
+            continue
+        field = model.model_fields.get(part) if isinstance(model, type) else None
+        if field is None:
+            return []
+        model = _model_of(field.annotation)
+    return sorted(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []
+
+
+def _model_of(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _model_of(arg)
+        if found is not None:
+            return found
+    return None
+

@@ -1,0 +1,130 @@
+"""Chat template rendering and the assistant-only loss mask, for any template.
+
+``apply_chat_template(..., return_assistant_tokens_mask=True)`` only works for templates with
+``{% generation %}`` tags and silently returns zeros for the rest (Llama 3.1's among them). So the
+mask is built from character offsets instead: an assistant turn spans from the end of the
+conversation rendered up to it *with* the generation prompt to the end of the conversation
+rendered *including* it. Tokens overlapping such a span are targets; this covers the assistant's
+text and its end-of-turn token and nothing the user or system wrote.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from longdata.records import Message
+from longdata.recipe import TokenizerConfig
+
+BUILTIN_TOKENIZERS = {"builtin:quickstart": Path(__file__).parent / "assets" / "quickstart_tokenizer"}
+
+
+class TemplateError(ValueError):
+    """The chat template cannot give a reliable assistant mask (a build-level, not row-level, fault)."""
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    name: str
+    path: str
+    vocab_size: int
+    pad_token_id: int | None
+    eos_token_id: int | None
+    sha256: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def load_tokenizer(config: TokenizerConfig):
+    """The fast tokenizer named by the recipe, and facts about it for the manifest and cache keys."""
+    from transformers import AutoTokenizer
+
+    path = str(BUILTIN_TOKENIZERS.get(config.name, config.name))
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=config.revision, use_fast=True)
+    if not tokenizer.is_fast:
+        raise TemplateError(f"{config.name}: a fast (Rust) tokenizer is required for offsets")
+    template = resolve_template(config.chat_template) or tokenizer.chat_template
+    if not template:
+        raise TemplateError(f"{config.name} has no chat template; set tokenizer.chat_template in the recipe")
+    tokenizer.chat_template = template
+    digest = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode())
+    digest.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True).encode())
+    info = TokenizerInfo(
+        name=config.name, path=path, vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        sha256=digest.hexdigest())
+    return tokenizer, info
+
+
+def resolve_template(value: str | None) -> str | None:
+    """A template given inline, or the contents of the file it names."""
+    if value and ("{%" not in value and "{{" not in value) and Path(value).is_file():
+        return Path(value).read_text(encoding="utf-8")
+    return value
+
+
+@dataclass(frozen=True)
+class RenderedChat:
+    text: str
+    assistant_spans: tuple[tuple[int, int], ...]  # [start, end) character ranges of targets
+
+
+class ChatRenderer:
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def _render(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool) -> str:
+        return self.tokenizer.apply_chat_template(
+            list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def render(self, messages: Sequence[Message]) -> RenderedChat:
+        turns = [{"role": m.role, "content": m.content} for m in messages]
+        text = self._render(turns, add_generation_prompt=False)
+        spans = []
+        for index, message in enumerate(messages):
+            if message.role != "assistant":
+                continue
+            start = len(self._prefix(turns[:index], text, add_generation_prompt=True))
+            end = len(self._prefix(turns[: index + 1], text, add_generation_prompt=False))
+            # Whitespace a template puts after the end-of-turn token is formatting, not a target.
+            end = start + len(text[start:end].rstrip())
+            if end > start:
+                spans.append((start, end))
+        return RenderedChat(text, tuple(spans))
+
+    def _prefix(self, turns: list[dict[str, str]], full: str, add_generation_prompt: bool) -> str:
+        prefix = self._render(turns, add_generation_prompt) if turns or add_generation_prompt else ""
+        if not full.startswith(prefix):
+            raise TemplateError(
+                "the chat template renders a conversation prefix that is not a prefix of the whole "
+                "conversation (it rewrites earlier turns), so assistant spans cannot be located; "
+                "set tokenizer.chat_template to a prefix-stable template")
+        return prefix
+
+
+def assistant_mask(encoding, spans: Sequence[tuple[int, int]], n_tokens: int) -> np.ndarray:
+    """1 for every token that overlaps an assistant span, from a ``tokenizers.Encoding``."""
+    mask = np.zeros(n_tokens, dtype=np.uint8)
+    for start, end in spans:
+        first = _token_near(encoding, start, end, step=1)
+        last = _token_near(encoding, end - 1, start - 1, step=-1)
+        if first is not None and last is not None and last >= first:
+            mask[first : last + 1] = 1
+    mask[:1] = 0  # the first token of a sample is never a target (nothing precedes it)
+    return mask
+
+
+def _token_near(encoding, position: int, stop: int, step: int) -> int | None:
+    """The token covering ``position``, or the nearest one toward ``stop`` (offsets may skip
+    characters a normaliser or trimming dropped)."""
+    for char in range(position, stop, step):
+        token = encoding.char_to_token(char)
+        if token is not None:
+            return token
+    return None

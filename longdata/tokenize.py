@@ -1,0 +1,189 @@
+"""Tokenize stage: conversations -> an on-disk Arrow cache of (tokens, loss mask, length, ...).
+
+The cache is an Arrow IPC file read back memory-mapped, so later stages hold only lengths in
+memory and gather a row's tokens straight from the page cache. One cache entry per source,
+keyed by everything that changes its tokens (see ``longdata.build.cache_key``), so changing mix
+weights, buckets or max length never re-tokenizes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from longdata.records import Conversation, Quarantined
+from longdata.templates import ChatRenderer, RenderedChat, assistant_mask
+
+CACHE_FILE = "tokens.arrow"
+QUARANTINE_FILE = "quarantine.jsonl"
+STATS_FILE = "stats.json"
+SCHEMA = pa.schema([
+    ("input_ids", pa.list_(pa.uint32())),
+    ("loss_mask", pa.list_(pa.uint8())),
+    ("target_tokens", pa.int32()),
+    ("lang", pa.string()),
+    ("text_hash", pa.uint64()),
+    ("location", pa.string()),
+])
+BATCH_CHARS = 4_000_000
+BATCH_RECORDS = 512
+_CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+LANGUAGE_SAMPLE_CHARS = 8_000
+
+
+@dataclass
+class TokenizeStats:
+    rows_read: int = 0
+    quarantined: int = 0
+    samples: int = 0
+    tokens: int = 0
+    target_tokens: int = 0
+    no_target_after_tokenize: int = 0
+    seconds: float = 0.0
+
+
+def detect_language(messages) -> str:
+    """``zh`` when CJK characters dominate a sample of the conversation's text, else ``en``."""
+    text = "".join(m.content for m in messages)
+    if len(text) > 2 * LANGUAGE_SAMPLE_CHARS:
+        middle = len(text) // 2
+        text = text[:LANGUAGE_SAMPLE_CHARS] + text[middle : middle + LANGUAGE_SAMPLE_CHARS]
+    letters = sum(1 for ch in text if not ch.isspace())
+    return "zh" if letters and len(_CJK.findall(text)) >= 0.25 * letters else "en"
+
+
+def tokenize_records(
+    records: Iterable[Conversation | Quarantined],
+    tokenizer,
+    out_dir: Path,
+    *,
+    max_samples: int | None = None,
+    on_progress: Callable[[int, int], None] = lambda records, tokens: None,
+) -> TokenizeStats:
+    """Tokenize every record into ``out_dir`` (cache file, quarantine file, stats)."""
+    started = time.perf_counter()
+    renderer = ChatRenderer(tokenizer)
+    backend = tokenizer.backend_tokenizer
+    stats = TokenizeStats()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with pa.OSFile(str(out_dir / CACHE_FILE), "wb") as sink, \
+            pa.ipc.new_file(sink, SCHEMA) as writer, \
+            (out_dir / QUARANTINE_FILE).open("w", encoding="utf-8") as quarantine:
+        for batch in _batches(records, stats, quarantine, max_samples):
+            rendered = [renderer.render(c.messages) for c in batch]
+            encodings = backend.encode_batch([r.text for r in rendered], add_special_tokens=False)
+            table = _to_arrow(batch, rendered, encodings, stats, quarantine)
+            if table.num_rows:
+                writer.write_table(table)
+            on_progress(len(batch), int(sum(len(e.ids) for e in encodings)))
+    stats.seconds = time.perf_counter() - started
+    (out_dir / STATS_FILE).write_text(json.dumps(asdict(stats), indent=1))
+    return stats
+
+
+def _batches(records, stats: TokenizeStats, quarantine, max_samples) -> Iterator[list[Conversation]]:
+    batch: list[Conversation] = []
+    chars = taken = 0
+    for record in records:
+        if isinstance(record, Quarantined):
+            stats.rows_read += 1
+            _quarantine(quarantine, record, stats)
+            continue
+        if max_samples is not None and taken >= max_samples:
+            break
+        stats.rows_read += 1
+        taken += 1
+        batch.append(record)
+        chars += sum(len(m.content) for m in record.messages)
+        if chars >= BATCH_CHARS or len(batch) >= BATCH_RECORDS:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def _quarantine(handle, record: Quarantined, stats: TokenizeStats) -> None:
+    stats.quarantined += 1
+    handle.write(json.dumps({"location": record.location, "reason": record.reason,
+                             "raw": record.raw}, ensure_ascii=False) + "\n")
+
+
+def _to_arrow(batch: list[Conversation], rendered: list[RenderedChat], encodings,
+              stats: TokenizeStats, quarantine) -> pa.Table:
+    ids, masks, targets, langs, hashes, locations = [], [], [], [], [], []
+    for conversation, chat, encoding in zip(batch, rendered, encodings):
+        token_ids = np.asarray(encoding.ids, dtype=np.uint32)
+        mask = assistant_mask(encoding, chat.assistant_spans, len(token_ids))
+        target_tokens = int(mask.sum())
+        if target_tokens == 0:
+            # Only possible when a template drops assistant text; keep the row visible.
+            stats.no_target_after_tokenize += 1
+            _quarantine(quarantine, Quarantined(conversation.location,
+                        "no assistant token left after applying the chat template", chat.text[:2000]), stats)
+            continue
+        ids.append(token_ids)
+        masks.append(mask)
+        targets.append(target_tokens)
+        langs.append(detect_language(conversation.messages))
+        hashes.append(int.from_bytes(hashlib.blake2b(chat.text.encode("utf-8", "surrogatepass"),
+                                                     digest_size=8).digest(), "little"))
+        locations.append(conversation.location)
+        stats.samples += 1
+        stats.tokens += len(token_ids)
+        stats.target_tokens += target_tokens
+    return pa.table({
+        "input_ids": _list_array(ids, pa.uint32()),
+        "loss_mask": _list_array(masks, pa.uint8()),
+        "target_tokens": pa.array(targets, pa.int32()),
+        "lang": pa.array(langs, pa.string()),
+        "text_hash": pa.array(hashes, pa.uint64()),
+        "location": pa.array(locations, pa.string()),
+    }, schema=SCHEMA)
+
+
+def _list_array(arrays: list[np.ndarray], value_type: pa.DataType) -> pa.ListArray:
+    offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
+    np.cumsum([len(a) for a in arrays], out=offsets[1:])
+    values = np.concatenate(arrays) if arrays else np.zeros(0, dtype=value_type.to_pandas_dtype())
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=value_type))
+
+
+class TokenCache:
+    """Read side of one cache entry: per-sample metadata in memory, tokens memory-mapped."""
+
+    def __init__(self, entry_dir: Path):
+        source = pa.memory_map(str(entry_dir / CACHE_FILE), "r")
+        table = pa.ipc.open_file(source).read_all()
+        self._chunks = []
+        starts = [0]
+        for ids, mask in zip(table.column("input_ids").chunks, table.column("loss_mask").chunks):
+            offsets = ids.offsets.to_numpy()
+            self._chunks.append((offsets, ids.values.to_numpy(), mask.values.to_numpy()))
+            starts.append(starts[-1] + len(ids))
+        self._chunk_starts = np.asarray(starts, dtype=np.int64)
+        self.lengths = np.concatenate(
+            [np.diff(offsets) for offsets, _, _ in self._chunks]).astype(np.int64) \
+            if self._chunks else np.zeros(0, dtype=np.int64)
+        self.target_tokens = table.column("target_tokens").to_numpy().astype(np.int64)
+        self.lang = np.asarray(table.column("lang").to_pylist(), dtype=object)
+        self.text_hash = table.column("text_hash").to_numpy()
+        self.stats = TokenizeStats(**json.loads((entry_dir / STATS_FILE).read_text()))
+        self.quarantine_file = entry_dir / QUARANTINE_FILE
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def tokens(self, sample: int, start: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+        """Zero-copy views of ``length`` tokens (and their mask) of ``sample`` from ``start``."""
+        chunk = int(np.searchsorted(self._chunk_starts, sample, side="right")) - 1
+        offsets, ids, mask = self._chunks[chunk]
+        begin = int(offsets[sample - self._chunk_starts[chunk]]) + start
+        return ids[begin : begin + length], mask[begin : begin + length]

@@ -1,0 +1,334 @@
+"""The build pipeline: read -> normalise -> tokenize -> mix -> pack -> write -> card.
+
+Each stage is a function of typed inputs with its own stats. The output is assembled in a hidden
+``.<name>.partial`` directory beside the target and moved into place only once complete, with
+``manifest.json`` written last, so an interrupted build never leaves output that looks finished.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import platform
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
+
+from longdata import __version__, packing
+from longdata.mix import Mix, SampleList, SourceSamples, mix
+from longdata.recipe import AntiHaystackSource, FileSource, Recipe, load_recipe
+from longdata.shards import RowAssembler, StreamStats, write_stream
+from longdata.sources import read_source, resolve_path
+from longdata.templates import TokenizerInfo, load_tokenizer
+from longdata.tokenize import TokenCache, tokenize_records
+
+FORMAT = "longdata/1"
+# Bump when normalisation or tokenization changes what a cached source would contain.
+CACHE_VERSION = 1
+
+
+class BuildError(RuntimeError):
+    """A build that must stop (e.g. ``--strict`` with quarantined rows); nothing is published."""
+
+
+@dataclass
+class TokenizedSource:
+    name: str
+    kind: str
+    weight: float
+    cache: TokenCache
+    cached: bool
+
+
+@dataclass
+class SplitResult:
+    name: str
+    max_seq_len: int
+    stage: str | None
+    samples: int
+    overlength: dict[str, int]
+    packing: dict[str, Any]
+    streams: list[StreamStats]
+
+    def as_dict(self) -> dict[str, Any]:
+        tokens = sum(s.tokens for s in self.streams)
+        return {
+            "max_seq_len": self.max_seq_len, "stage": self.stage, "samples": self.samples,
+            "rows": sum(s.rows for s in self.streams), "tokens": tokens,
+            "target_tokens": sum(s.target_tokens for s in self.streams),
+            "overlength": self.overlength, "packing": self.packing,
+            "streams": [s.as_dict() for s in self.streams],
+        }
+
+
+@dataclass
+class BuildResult:
+    out_dir: Path
+    manifest: dict[str, Any]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def build(recipe: Recipe | str | Path, *, out: str | Path | None = None, overrides: Sequence[str] = (),
+          strict: bool = False, console: Console | None = None) -> BuildResult:
+    """Run every stage of ``recipe`` and publish the build directory atomically."""
+    console = console or Console(stderr=True)
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe, list(overrides))
+    out_dir = Path(out or recipe.output.dir)
+    partial = out_dir.parent / f".{out_dir.name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    seconds: dict[str, float] = {}
+    started_at = time.time()
+
+    clock = time.perf_counter()
+    tokenizer, tokenizer_info = load_tokenizer(recipe.tokenizer)
+    seconds["load_tokenizer"] = time.perf_counter() - clock
+
+    with _progress(console) as progress:
+        clock = time.perf_counter()
+        sources = [tokenize_source(s, recipe, tokenizer, tokenizer_info, progress) for s in recipe.sources]
+        seconds["read_tokenize"] = time.perf_counter() - clock
+        quarantined = _publish_quarantine(sources, partial)
+        if strict and quarantined:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise BuildError(f"--strict: {quarantined} source rows were quarantined; see the "
+                             f"quarantine files under {recipe.cache_dir}/tokenized/")
+
+        clock = time.perf_counter()
+        mixed = mix_sources(sources, recipe)
+        seconds["mix"] = time.perf_counter() - clock
+
+        clock = time.perf_counter()
+        caches = [s.cache for s in sources]
+        splits = [pack_split(name, samples, caches, recipe, max_len, stage, edges, partial, progress)
+                  for name, samples, max_len, stage, edges in split_layout(recipe, mixed)]
+        seconds["pack_write"] = time.perf_counter() - clock
+
+    manifest = make_manifest(recipe, tokenizer_info, sources, mixed, splits)
+    clock = time.perf_counter()
+    from longdata.card import write_card
+
+    write_card(manifest, mixed, partial / "card")
+    seconds["card"] = time.perf_counter() - clock
+    (partial / "build_info.json").write_text(json.dumps({
+        "started_at": started_at, "finished_at": time.time(), "seconds": seconds,
+        "cached_sources": [s.name for s in sources if s.cached]}, indent=1))
+    (partial / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    _publish(partial, out_dir)
+    card_copy = Path(recipe.output.card_dir) / recipe.name
+    shutil.rmtree(card_copy, ignore_errors=True)
+    shutil.copytree(out_dir / "card", card_copy)
+    return BuildResult(out_dir, manifest, seconds)
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                    console=console, transient=False)
+
+
+# --- stage: read + normalise + tokenize (cached per source) ---------------------------------
+
+
+def cache_key(source, recipe: Recipe, tokenizer_info: TokenizerInfo, template: str) -> str:
+    """Everything that changes a source's tokens; weights, filters and packing are not in it."""
+    digest = hashlib.sha256()
+    config = source.model_dump(mode="json", exclude={"weight", "min_tokens", "max_tokens", "name"})
+    digest.update(json.dumps([CACHE_VERSION, config, tokenizer_info.sha256, template],
+                             sort_keys=True).encode())
+    if isinstance(source, FileSource):
+        digest.update(_content_fingerprint(resolve_path(source, Path(recipe.cache_dir))).encode())
+    else:
+        digest.update(__version__.encode())  # generated data changes with the generator
+    return digest.hexdigest()[:16]
+
+
+def _content_fingerprint(path: str) -> str:
+    local = Path(path)
+    if not local.exists():
+        return f"hub:{path}"  # a hub dataset is named by its id (and revision, in the config)
+    files = sorted(p for p in local.rglob("*") if p.is_file()) if local.is_dir() else [local]
+    digest = hashlib.blake2b(digest_size=16)
+    for file in files:
+        digest.update(str(file.relative_to(local) if local.is_dir() else file.name).encode())
+        with file.open("rb") as handle:
+            while chunk := handle.read(8 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def tokenize_source(source, recipe: Recipe, tokenizer, tokenizer_info: TokenizerInfo,
+                    progress: Progress) -> TokenizedSource:
+    key = cache_key(source, recipe, tokenizer_info, tokenizer.chat_template)
+    entry = Path(recipe.cache_dir) / "tokenized" / f"{source.name}-{key}"
+    cached = entry.exists()
+    if not cached:
+        total = source.count if isinstance(source, AntiHaystackSource) else source.max_samples
+        task = progress.add_task(f"tokenize {source.name}", total=total, rate="")
+        started, seen_tokens = time.perf_counter(), 0
+
+        def advance(records: int, tokens: int) -> None:
+            nonlocal seen_tokens
+            seen_tokens += tokens
+            rate = seen_tokens / max(time.perf_counter() - started, 1e-9)
+            progress.update(task, advance=records, rate=f"{rate / 1e3:,.0f}K tok/s")
+
+        backend = tokenizer.backend_tokenizer
+        records = read_source(source, cache_dir=Path(recipe.cache_dir),
+                              count_tokens=lambda text: len(backend.encode(text, add_special_tokens=False)))
+        staging = entry.with_name(entry.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        tokenize_records(records, tokenizer, staging, max_samples=source.max_samples, on_progress=advance)
+        staging.rename(entry)
+        progress.update(task, total=progress.tasks[task].completed)
+    return TokenizedSource(source.name, source.kind, source.weight, TokenCache(entry), cached)
+
+
+def _publish_quarantine(sources: list[TokenizedSource], out_dir: Path) -> int:
+    total = 0
+    for source in sources:
+        count = source.cache.stats.quarantined
+        if count:
+            target = out_dir / "quarantine" / f"{source.name}.jsonl"
+            target.parent.mkdir(exist_ok=True)
+            shutil.copyfile(source.cache.quarantine_file, target)
+        total += count
+    return total
+
+
+# --- stage: mix ------------------------------------------------------------------------------
+
+
+def mix_sources(sources: list[TokenizedSource], recipe: Recipe) -> Mix:
+    inputs = [SourceSamples(name=s.name, weight=s.weight, lengths=s.cache.lengths,
+                            text_hash=s.cache.text_hash, min_tokens=config.min_tokens,
+                            max_tokens=config.max_tokens)
+              for s, config in zip(sources, recipe.sources)]
+    return mix(inputs, seed=recipe.seed, validation_fraction=recipe.validation.fraction,
+               validation_max=recipe.validation.max_samples, dedup=recipe.dedup == "exact",
+               shuffle=recipe.packing.algorithm != "next_fit")
+
+
+# --- stage: pack + write ---------------------------------------------------------------------
+
+
+def split_layout(recipe: Recipe, mixed: Mix):
+    """(split name, samples, max_seq_len, stage name, bucket edges) for every split to write."""
+    stages = recipe.packing.stages or (None,)
+    for stage in stages:
+        max_len = stage.max_seq_len if stage else recipe.packing.max_seq_len
+        requested = (stage.buckets if stage and stage.buckets else recipe.packing.buckets) or ()
+        edges = sorted({e for e in requested if e < max_len} | {max_len})
+        prefix = f"{stage.name}/" if stage else ""
+        for split, samples in (("train", mixed.train), ("validation", mixed.validation)):
+            if len(samples):
+                yield f"{prefix}{split}", samples, max_len, stage.name if stage else None, edges
+
+
+def pack_split(name: str, samples: SampleList, caches: list[TokenCache], recipe: Recipe, max_len: int,
+               stage: str | None, edges: list[int], out_root: Path, progress: Progress) -> SplitResult:
+    pieces = packing.fit_to_length(samples.length, max_len, recipe.packing.overlength)
+    pieces, no_target = _drop_targetless_cuts(pieces, samples, caches)
+    plan = packing.plan(pieces.length, max_len, algorithm=recipe.packing.algorithm, seed=recipe.seed)
+    buckets = packing.assign_buckets(plan.row_max_item_lengths(pieces.length), edges)
+    assembler = RowAssembler(pieces, samples, caches)
+    task = progress.add_task(f"write {name}", total=len(plan), rate="")
+    streams = []
+    for bucket, bucket_name in enumerate(packing.bucket_names(edges)):
+        rows = np.flatnonzero(buckets == bucket)
+        if not len(rows):
+            continue
+        rel_path = f"{name}/{bucket_name}"
+
+        def bucket_rows(rows=rows):
+            for row in rows.tolist():
+                yield assembler.row(plan[row])
+                progress.advance(task)
+
+        streams.append(write_stream(bucket_rows(), out_root / rel_path, name=bucket_name, rel_path=rel_path,
+                                    compression=recipe.output.compression,
+                                    size_limit=recipe.output.shard_size_limit))
+    total_tokens = sum(s.tokens for s in streams)
+    for stream in streams:
+        stream.proportion = stream.tokens / total_tokens if total_tokens else 0.0
+    overlength = {"truncated": pieces.truncated, "dropped": pieces.dropped, "split": pieces.split,
+                  "empty": pieces.empty, "no_target_after_cut": no_target}
+    return SplitResult(name, max_len, stage, len(samples), overlength,
+                       packing.packing_stats(plan, pieces.length, max_len).as_dict(), streams)
+
+
+def _drop_targetless_cuts(pieces: packing.Pieces, samples: SampleList,
+                          caches: list[TokenCache]) -> tuple[packing.Pieces, int]:
+    """A truncated or split-off piece may hold no assistant token at all; it would cost compute
+    and teach nothing, so it is removed and counted."""
+    cut = np.flatnonzero((pieces.start > 0) | (pieces.length < samples.length[pieces.sample]))
+    empty = [i for i in cut.tolist()
+             if not caches[samples.source[pieces.sample[i]]].tokens(
+                 int(samples.index[pieces.sample[i]]), int(pieces.start[i]), int(pieces.length[i]))[1].any()]
+    if not empty:
+        return pieces, 0
+    keep = np.ones(len(pieces), dtype=bool)
+    keep[empty] = False
+    return dataclasses.replace(pieces, sample=pieces.sample[keep], start=pieces.start[keep],
+                               length=pieces.length[keep]), len(empty)
+
+
+# --- manifest and publishing -----------------------------------------------------------------
+
+
+def make_manifest(recipe: Recipe, tokenizer_info: TokenizerInfo, sources: list[TokenizedSource],
+                  mixed: Mix, splits: list[SplitResult]) -> dict[str, Any]:
+    source_entries = []
+    for source, mix_stats in zip(sources, mixed.stats):
+        tokenize_stats = dataclasses.asdict(source.cache.stats)
+        tokenize_stats.pop("seconds")
+        source_entries.append({"name": source.name, "kind": source.kind, "weight": source.weight,
+                               "tokenize": tokenize_stats, "mix": mix_stats.as_dict()})
+    split_entries = {s.name: s.as_dict() for s in splits}
+    train = [s for s in splits if s.name.endswith("train")]
+    return {
+        "format": FORMAT,
+        "name": recipe.name,
+        "recipe": recipe.model_dump(mode="json"),
+        "tokenizer": tokenizer_info.as_dict(),
+        "sources": source_entries,
+        "splits": split_entries,
+        "totals": {
+            "quarantined": sum(s.cache.stats.quarantined for s in sources),
+            "samples": sum(s.cache.stats.samples for s in sources),
+            "tokens": sum(s.cache.stats.tokens for s in sources),
+            "train_rows": sum(split_entries[s.name]["rows"] for s in train),
+            "train_tokens": sum(split_entries[s.name]["tokens"] for s in train),
+        },
+        "versions": _versions(),
+    }
+
+
+def _versions() -> dict[str, str]:
+    import numpy
+    import streaming
+    import tokenizers
+    import transformers
+
+    return {"longdata": __version__, "python": platform.python_version(), "numpy": numpy.__version__,
+            "mosaicml-streaming": streaming.__version__, "tokenizers": tokenizers.__version__,
+            "transformers": transformers.__version__}
+
+
+def _publish(partial: Path, out_dir: Path) -> None:
+    """Swap the finished build into place; the old one is removed only after the swap."""
+    previous = out_dir.parent / f".{out_dir.name}.previous"
+    shutil.rmtree(previous, ignore_errors=True)
+    if out_dir.exists():
+        out_dir.rename(previous)
+    partial.rename(out_dir)
+    shutil.rmtree(previous, ignore_errors=True)

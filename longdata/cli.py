@@ -1,0 +1,97 @@
+"""The ``longdata`` command line: parse, call one function per command, print."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    help="Build packed long-context fine-tuning datasets and train on them.\n\n"
+         "Typical use: `longdata validate recipe.yml`, then `longdata build recipe.yml`, "
+         "then `longdata train build/<name>`.",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+console = Console(stderr=True)
+
+RecipeArg = typer.Argument(..., exists=False, help="Path to a recipe YAML file (see recipes/).")
+SetOption = typer.Option(
+    None, "--set", metavar="KEY.PATH=VALUE",
+    help="Override a recipe field, e.g. --set packing.max_seq_len=16384 --set sources[1].weight=2. "
+         "Values are parsed as YAML. Repeatable.")
+
+
+def _load(recipe: Path, overrides: Optional[List[str]]):
+    from longdata.recipe import RecipeError, load_recipe
+
+    try:
+        return load_recipe(recipe, overrides or [])
+    except RecipeError as exc:
+        for problem in exc.problems:
+            console.print(f"[red]error[/red] {problem}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def validate(recipe: Path = RecipeArg, overrides: Optional[List[str]] = SetOption) -> None:
+    """Check a recipe without doing any work: every wrong key is reported with its path, exit code 2."""
+    loaded = _load(recipe, overrides)
+    console.print(f"[green]ok[/green] {recipe}: recipe '{loaded.name}' with {len(loaded.sources)} sources, "
+                  f"max_seq_len {loaded.packing.max_seq_len}, output {loaded.output.dir}")
+
+
+@app.command()
+def build(
+    recipe: Path = RecipeArg,
+    out: Optional[Path] = typer.Option(None, "--out", help="Output directory (default: the recipe's output.dir)."),
+    overrides: Optional[List[str]] = SetOption,
+    strict: bool = typer.Option(False, "--strict", help="Fail if any source row had to be quarantined."),
+) -> None:
+    """Build MDS shards, a manifest and a data card from a recipe.
+
+    Stages: read -> normalise -> tokenize (cached per source) -> mix -> pack -> write -> card.
+    The build appears at its output directory only once complete; malformed input rows are
+    written to <out>/quarantine/<source>.jsonl with their location and reason.
+    """
+    from longdata.build import BuildError, build as run_build
+    from longdata.templates import TemplateError
+
+    loaded = _load(recipe, overrides)
+    try:
+        result = run_build(loaded, out=out, strict=strict, console=console)
+    except (BuildError, TemplateError, FileNotFoundError) as exc:
+        console.print(f"[red]error[/red] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    _print_summary(result)
+
+
+def _print_summary(result) -> None:
+    manifest = result.manifest
+    table = Table(title=f"{manifest['name']} -> {result.out_dir}", title_justify="left")
+    for column in ("split", "stream", "rows", "tokens", "target tokens", "fill", "rows/bound"):
+        table.add_column(column, justify="left" if column in ("split", "stream") else "right")
+    for name, split in manifest["splits"].items():
+        for stream in split["streams"]:
+            table.add_row(name, stream["name"], f"{stream['rows']:,}", f"{stream['tokens']:,}",
+                          f"{stream['target_tokens']:,}", f"{split['packing']['fill']:.2%}",
+                          f"{split['packing']['rows_over_bound']:.3f}")
+    console.print(table)
+    sources = Table(title="sources", title_justify="left")
+    for column in ("source", "read", "quarantined", "samples", "duplicates", "tokens", "train tokens"):
+        sources.add_column(column, justify="left" if column == "source" else "right")
+    for s in manifest["sources"]:
+        sources.add_row(s["name"], f"{s['tokenize']['rows_read']:,}", f"{s['tokenize']['quarantined']:,}",
+                        f"{s['tokenize']['samples']:,}", f"{s['mix']['duplicates']:,}",
+                        f"{s['tokenize']['tokens']:,}", f"{s['mix']['train_tokens']:,}")
+    console.print(sources)
+    console.print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items()))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

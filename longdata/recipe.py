@@ -260,7 +260,7 @@ def describe_error(err: dict[str, Any]) -> str:
     comparisons = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
     if kind in comparisons:
         bound = next(iter(ctx.values()))
-        return f"{path}: must be {comparisons[kind]} {bound}, got {given!r}"
+        return f"{path}: must be {comparisons[kind]} {bound:g}, got {given!r}"
     if kind == "literal_error":
         return f"{path}: must be one of {ctx.get('expected')}, got {given!r}"
     message = err["msg"].removeprefix("Value error, ")

@@ -83,7 +83,7 @@ def tokenize_records(
             table = _to_arrow(batch, rendered, encodings, stats, quarantine)
             if table.num_rows:
                 writer.write_table(table)
-            on_progress(len(batch), int(sum(len(e.ids) for e in encodings)))
+            on_progress(len(batch), sum(len(e) for e in encodings))
     stats.seconds = time.perf_counter() - started
     (out_dir / STATS_FILE).write_text(json.dumps(asdict(stats), indent=1))
     return stats

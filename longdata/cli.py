@@ -89,6 +89,22 @@ def _print_summary(result) -> None:
     console.print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items()))
 
 
+@app.command()
+def verify(build_dir: Path = typer.Argument(..., help="A build directory (holds manifest.json).")) -> None:
+    """Re-read every shard of a build: hashes and sizes against each index.json, every row against
+    the row contract (docs/ROW_SCHEMA.md), and all totals against manifest.json. Exit code 1 on any
+    problem, each reported with its shard and row."""
+    from longdata.verify import verify_build
+
+    report = verify_build(build_dir)
+    for problem in report.problems:
+        console.print(f"[red]corrupt[/red] {problem}", highlight=False, soft_wrap=True)
+    if not report.ok:
+        raise typer.Exit(1)
+    console.print(f"[green]ok[/green] {build_dir}: {report.shards} shards, {report.rows:,} rows, "
+                  f"{report.tokens:,} tokens verified")
+
+
 def main() -> None:
     app()
 

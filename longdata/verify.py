@@ -1,0 +1,111 @@
+"""``longdata verify``: re-read a whole build and report anything that does not add up.
+
+Checks, per shard: file sizes and hashes against the stream's index.json; every row against the
+row contract; and, per stream and split, the rows/tokens/targets against the manifest. Shards are
+decompressed into a private temporary directory, so verifying never leaves decompressed copies
+beside the build (streaming's own readers would).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from longdata.shards import check_row
+
+
+@dataclass
+class VerifyReport:
+    build_dir: Path
+    shards: int = 0
+    rows: int = 0
+    tokens: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify_build(build_dir: str | Path) -> VerifyReport:
+    build_dir = Path(build_dir)
+    report = VerifyReport(build_dir)
+    manifest_path = build_dir / "manifest.json"
+    if not manifest_path.exists():
+        report.problems.append(f"{manifest_path}: missing: the build is incomplete or not a longdata build")
+        return report
+    manifest = json.loads(manifest_path.read_text())
+    n_sources = len(manifest["sources"])
+    with tempfile.TemporaryDirectory(prefix="longdata-verify-") as scratch:
+        for split_name, split in manifest["splits"].items():
+            split_totals = {"rows": 0, "tokens": 0, "target_tokens": 0}
+            for stream in split["streams"]:
+                counted = _verify_stream(build_dir / stream["path"], split["max_seq_len"], n_sources,
+                                         Path(scratch), report)
+                for key in ("rows", "tokens", "target_tokens", "samples"):
+                    if counted[key] != stream[key]:
+                        report.problems.append(f"{stream['path']}: manifest says {key}={stream[key]}, "
+                                               f"shards hold {counted[key]}")
+                for key in split_totals:
+                    split_totals[key] += counted[key]
+            for key, value in split_totals.items():
+                if split[key] != value:
+                    report.problems.append(f"split {split_name}: manifest says {key}={split[key]}, "
+                                           f"streams add up to {value}")
+    return report
+
+
+def _verify_stream(stream_dir: Path, max_seq_len: int, n_sources: int, scratch: Path,
+                   report: VerifyReport) -> dict[str, int]:
+    from streaming.base.compression import decompress
+    from streaming.base.format import reader_from_json
+    from streaming.base.hashing import get_hash
+
+    counted = {"rows": 0, "tokens": 0, "target_tokens": 0, "samples": 0}
+    index_path = stream_dir / "index.json"
+    if not index_path.exists():
+        report.problems.append(f"{index_path}: missing")
+        return counted
+    for shard in json.loads(index_path.read_text())["shards"]:
+        report.shards += 1
+        stored = shard["zip_data"] or shard["raw_data"]
+        where = stream_dir / stored["basename"]
+        if not where.exists():
+            report.problems.append(f"{where}: missing shard file")
+            continue
+        data = where.read_bytes()
+        if not _matches(data, stored, where, report, get_hash):
+            continue
+        if shard["zip_data"]:
+            data = decompress(shard["compression"], data)
+            if not _matches(data, shard["raw_data"], where, report, get_hash):
+                continue
+        raw_path = scratch / shard["raw_data"]["basename"]
+        raw_path.write_bytes(data)
+        reader = reader_from_json(str(scratch), None, {**shard, "zip_data": None, "compression": None})
+        for index in range(shard["samples"]):
+            row = reader.get_item(index)
+            problem = check_row(row, max_seq_len, n_sources)
+            if problem:
+                report.problems.append(f"{where} row {index}: {problem}")
+            counted["rows"] += 1
+            counted["samples"] += len(row["seq_lens"])
+            counted["tokens"] += len(row["input_ids"])
+            counted["target_tokens"] += int(row["loss_mask"].sum())
+        raw_path.unlink()
+    report.rows += counted["rows"]
+    report.tokens += counted["tokens"]
+    return counted
+
+
+def _matches(data: bytes, expected: dict, where: Path, report: VerifyReport, get_hash) -> bool:
+    if len(data) != expected["bytes"]:
+        report.problems.append(f"{where}: {len(data)} bytes, index says {expected['bytes']}")
+        return False
+    for algorithm, digest in (expected.get("hashes") or {}).items():
+        if get_hash(algorithm, data) != digest:
+            report.problems.append(f"{where}: {algorithm} hash mismatch (corrupted shard)")
+            return False
+    return True

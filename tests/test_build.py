@@ -1,0 +1,181 @@
+"""End to end: a small offline recipe builds, reads back with plain StreamingDataset, and every
+row honours the contract; malformed rows are quarantined and counted; rebuilds are identical."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from longdata.build import build
+from longdata.recipe import validate_recipe
+from longdata.shards import check_row
+from longdata.templates import BUILTIN_TOKENIZERS
+from longdata.verify import verify_build
+
+
+def small_recipe(tmp: Path, **packing) -> dict:
+    broken = tmp / "sharegpt.jsonl"
+    good = {"conversations": [{"from": "human", "value": "Summarise: " + "river lake " * 300},
+                              {"from": "gpt", "value": "Water."}]}
+    broken.write_text(json.dumps(good) + "\n{not json\n"
+                      + json.dumps({"conversations": [{"from": "human", "value": "no answer"}]}) + "\n"
+                      + json.dumps(good) + "\n")  # the last row duplicates the first
+    return {
+        "name": "small",
+        "seed": 3,
+        "tokenizer": {"name": "builtin:quickstart"},
+        "sources": [
+            {"name": "longalign", "kind": "longalign", "path": "builtin:sample/longalign",
+             "sample": {"rows": 12, "min_chars": 2000, "max_chars": 12000}},
+            {"name": "longalpaca", "kind": "longalpaca", "path": "builtin:sample/longalpaca",
+             "sample": {"rows": 10, "min_chars": 2000, "max_chars": 12000, "seed": 1}, "weight": 1.5},
+            {"name": "haystack", "kind": "antihaystack", "count": 8, "length_range": [800, 3000],
+             "weight": 0.5},
+            {"name": "chat", "kind": "generic", "format": "sharegpt", "path": str(broken)},
+        ],
+        "packing": {"max_seq_len": 4096, "buckets": [1024, 2048], **packing},
+        "validation": {"fraction": 0.1, "max_samples": 4},
+        "output": {"dir": str(tmp / "out"), "shard_size_limit": "64KB", "card_dir": str(tmp / "cards")},
+        "cache_dir": str(tmp / "cache"),
+    }
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("build")
+    recipe = validate_recipe(small_recipe(tmp))
+    result = build(recipe)
+    return recipe, result
+
+
+def read_rows_streaming(stream_dir: Path, tmp: Path):
+    """Plain StreamingDataset over a copy (streaming decompresses shards next to the index)."""
+    from streaming import StreamingDataset
+    from streaming.base.util import clean_stale_shared_memory
+
+    local = tmp / "read" / stream_dir.relative_to(stream_dir.parents[1]).as_posix().replace("/", "_")
+    shutil.copytree(stream_dir, local)
+    dataset = StreamingDataset(local=str(local), remote=None, shuffle=False, batch_size=1)
+    try:
+        return [dataset[i] for i in range(len(dataset))]
+    finally:
+        del dataset
+        clean_stale_shared_memory()
+
+
+def test_build_publishes_complete_output(built):
+    recipe, result = built
+    out = result.out_dir
+    assert (out / "manifest.json").exists() and (out / "card" / "README.md").exists()
+    assert (out / "card" / "lengths.png").stat().st_size > 1000
+    assert (Path(recipe.output.card_dir) / "small" / "README.md").exists()
+    assert not list(out.parent.glob(".out.*")), "no partial or previous directory is left behind"
+    assert set(result.manifest["splits"]) == {"train", "validation"}
+
+
+def test_rows_read_back_with_streaming_and_honour_the_contract(built, tmp_path):
+    recipe, result = built
+    manifest = result.manifest
+    for split in manifest["splits"].values():
+        assert abs(sum(s["proportion"] for s in split["streams"]) - 1) < 1e-9
+        for stream in split["streams"]:
+            rows = read_rows_streaming(result.out_dir / stream["path"], tmp_path)
+            assert len(rows) == stream["rows"] > 0
+            for row in rows:
+                assert check_row(row, split["max_seq_len"], len(manifest["sources"])) is None
+            longest = [int(r["seq_lens"].max()) for r in rows]
+            edge = int(stream["name"].removeprefix("le_"))
+            assert max(longest) <= edge
+            assert sum(len(r["input_ids"]) for r in rows) == stream["tokens"]
+
+
+def test_loss_mask_covers_exactly_assistant_text(built, tmp_path):
+    from transformers import AutoTokenizer
+
+    recipe, result = built
+    tokenizer = AutoTokenizer.from_pretrained(BUILTIN_TOKENIZERS["builtin:quickstart"])
+    stream = result.manifest["splits"]["train"]["streams"][0]
+    row = read_rows_streaming(result.out_dir / stream["path"], tmp_path)[0]
+    start = 0
+    for length in row["seq_lens"].tolist():
+        ids = row["input_ids"][start:start + length]
+        mask = row["loss_mask"][start:start + length]
+        text = tokenizer.decode(ids)
+        targets = tokenizer.decode(ids[mask == 1])
+        assert mask[0] == 0 and ids[0] == tokenizer.bos_token_id
+        # Every target token belongs to an assistant turn: the text after the last assistant header.
+        assistant_turns = [part.split("<|eot_id|>")[0] + "<|eot_id|>"
+                           for part in text.split("<|start_header_id|>assistant<|end_header_id|>\n\n")[1:]]
+        assert targets == "".join(assistant_turns)
+        start += length
+
+
+def test_quarantine_and_dedup_are_counted(built):
+    _, result = built
+    chat = next(s for s in result.manifest["sources"] if s["name"] == "chat")
+    assert chat["tokenize"]["quarantined"] == 2 and chat["tokenize"]["samples"] == 2
+    assert chat["mix"]["duplicates"] == 1
+    lines = [json.loads(x) for x in (result.out_dir / "quarantine" / "chat.jsonl").read_text().splitlines()]
+    assert [(q["location"], q["reason"].split(":")[0]) for q in lines] == [
+        ("sharegpt.jsonl:2", "invalid JSON"), ("sharegpt.jsonl:3", "no assistant turn with content")]
+    assert result.manifest["totals"]["quarantined"] == 2
+
+
+def test_every_good_sample_is_in_the_shards(built):
+    _, result = built
+    manifest = result.manifest
+    in_train = sum(s["mix"]["train_samples"] for s in manifest["sources"])
+    split = manifest["splits"]["train"]
+    cut = split["overlength"]
+    assert split["samples"] == in_train
+    assert sum(s["samples"] for s in split["streams"]) == in_train - cut["dropped"] - cut["empty"] \
+        - cut["no_target_after_cut"]
+    for source in manifest["sources"]:
+        m = source["mix"]
+        assert m["available"] == source["tokenize"]["samples"]
+        assert m["available"] == m["too_short"] + m["too_long"] + m["duplicates"] + m["validation"] + m["train_unique"]
+
+
+def test_verify_passes_then_catches_a_flipped_byte(built, tmp_path):
+    _, result = built
+    assert verify_build(result.out_dir).ok
+    copy = tmp_path / "copy"
+    shutil.copytree(result.out_dir, copy)
+    shard = sorted(copy.glob("train/*/shard.*"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    report = verify_build(copy)
+    assert not report.ok and "hash mismatch" in report.problems[0] and shard.name in report.problems[0]
+
+
+def test_rebuild_is_byte_identical_and_reuses_the_cache(built, tmp_path):
+    recipe, first = built
+    before = tmp_path / "first"
+    shutil.copytree(first.out_dir, before)
+    again = build(recipe)
+    assert again.seconds["read_tokenize"] < first.seconds["read_tokenize"]
+    info = json.loads((again.out_dir / "build_info.json").read_text())
+    assert len(info["cached_sources"]) == 4
+    files = sorted(p.relative_to(before) for p in before.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(again.out_dir) for p in again.out_dir.rglob("*") if p.is_file())
+    for rel in files:
+        if rel.name != "build_info.json":
+            assert (before / rel).read_bytes() == (again.out_dir / rel).read_bytes(), rel
+
+
+def test_split_policy_and_stages(tmp_path):
+    data = small_recipe(tmp_path, overlength="split",
+                        stages=[{"name": "short", "max_seq_len": 1024}, {"name": "long", "max_seq_len": 4096}])
+    result = build(validate_recipe(data))
+    splits = result.manifest["splits"]
+    assert set(splits) == {"short/train", "short/validation", "long/train", "long/validation"}
+    assert splits["short/train"]["overlength"]["split"] > 0
+    assert [s["name"] for s in splits["short/train"]["streams"]] == ["le_001024"]
+    assert splits["long/train"]["max_seq_len"] == 4096
+    assert verify_build(result.out_dir).ok
+    long_lengths = np.array([s["tokens"] for s in splits["long/train"]["streams"]])
+    assert long_lengths.sum() == splits["long/train"]["tokens"]

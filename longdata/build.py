@@ -121,6 +121,7 @@ def build(recipe: Recipe | str | Path, *, out: str | Path | None = None, overrid
     seconds["card"] = time.perf_counter() - clock
     (partial / "build_info.json").write_text(json.dumps({
         "started_at": started_at, "finished_at": time.time(), "seconds": seconds,
+        "cache_dir": str(Path(recipe.cache_dir).resolve()),
         "cached_sources": [s.name for s in sources if s.cached]}, indent=1))
     (partial / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
     _publish(partial, out_dir)
@@ -298,7 +299,8 @@ def make_manifest(recipe: Recipe, tokenizer_info: TokenizerInfo, sources: list[T
     return {
         "format": FORMAT,
         "name": recipe.name,
-        "recipe": recipe.model_dump(mode="json"),
+        # cache_dir is where this machine keeps intermediate files, not part of the data.
+        "recipe": recipe.model_dump(mode="json", exclude={"cache_dir"}),
         "tokenizer": tokenizer_info.as_dict(),
         "sources": source_entries,
         "splits": split_entries,

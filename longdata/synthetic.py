@@ -190,9 +190,12 @@ def sentence_separator(lang: Lang) -> str:
     return " " if lang == "en" else ""
 
 
+def paragraph_sentences(rng: random.Random, lang: Lang) -> list[str]:
+    return [sentence(rng, lang) for _ in range(rng.randint(2, 9))]
+
+
 def paragraph(rng: random.Random, lang: Lang) -> str:
-    n_sentences = rng.randint(2, 9)
-    return sentence_separator(lang).join(sentence(rng, lang) for _ in range(n_sentences))
+    return sentence_separator(lang).join(paragraph_sentences(rng, lang))
 
 
 def paragraphs(rng: random.Random, lang: Lang) -> Iterator[str]:

@@ -1,0 +1,312 @@
+"""Seeded long-context retrieval tasks ("anti-haystack"): find facts planted in long filler.
+
+Two task types, in English and Chinese:
+
+- ``needle``: one or more facts such as "The secret code of the amber lantern is 48213." are
+  planted at chosen relative depths of a filler document; the question asks for the codes.
+- ``paragraph``: the paragraphs are numbered, one of them mentions a unique phrase, and the
+  question asks which paragraph does.
+
+Each conversation's length (user text plus answer, without chat-template tokens) is fitted to a
+target drawn log-uniformly from ``[min_tokens, max_tokens]`` with the caller's ``count_tokens``.
+Filler and planted words come from disjoint vocabularies (``synthetic.MARKER_*``), so the
+planted phrases occur exactly once. Item ``i`` depends only on ``(seed, i)``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from longdata import synthetic
+from longdata.records import Conversation, Message
+from longdata.synthetic import Lang
+
+TASKS = ("needle", "paragraph")
+TOKEN_TOLERANCE = 0.02  # aim inside 2% so that callers can rely on 3%
+MAX_FIT_ROUNDS = 6
+CALIBRATION_CHARS = 20_000
+PARAGRAPH_BREAK_PROBABILITY = 0.2  # paragraphs of five sentences on average
+MAX_SKIPPED_SENTENCES = 8
+
+Paragraphs = list[list[str]]  # a document as paragraphs of sentences
+CountTokens = Callable[[str], int]
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """One attempt at a task for a given filler: the prompt, the answer and where things landed."""
+
+    document: str
+    question: str
+    answer: str
+    depths: tuple[float, ...]  # relative start offsets of the planted text in ``document``
+
+    @property
+    def prompt(self) -> str:
+        return f"{self.document}\n\n{self.question}"
+
+
+def _join(paragraphs: Paragraphs, lang: Lang) -> list[str]:
+    separator = synthetic.sentence_separator(lang)
+    return [separator.join(sentences) for sentences in paragraphs]
+
+
+def _planted_depths(document: str, planted: list[str]) -> tuple[float, ...]:
+    return tuple(round(document.index(text) / len(document), 4) for text in planted)
+
+
+@dataclass(frozen=True)
+class NeedleTask:
+    """Facts planted as extra sentences at the sentence boundary nearest each requested depth."""
+
+    lang: Lang
+    subjects: tuple[str, ...]
+    codes: tuple[int, ...]
+    requested_depths: tuple[float, ...]
+
+    def _needle(self, subject: str, code: int) -> str:
+        if self.lang == "en":
+            return f"The secret code of the {subject} is {code}."
+        return f"{subject}的秘密代码是{code}。"
+
+    def _question(self) -> str:
+        if self.lang == "en":
+            names = [f"the {s}" for s in self.subjects]
+            if len(names) == 1:
+                return f"What is the secret code of {names[0]}? Answer with the number."
+            listed = ", ".join(names[:-1]) + f" and {names[-1]}"
+            return f"What are the secret codes of {listed}? Give each one."
+        if len(self.subjects) == 1:
+            return f"{self.subjects[0]}的秘密代码是多少？请回答数字。"
+        listed = "、".join(self.subjects[:-1]) + f"和{self.subjects[-1]}"
+        return f"{listed}的秘密代码分别是多少？"
+
+    def render(self, paragraphs: Paragraphs) -> Rendered:
+        needles = [self._needle(s, c) for s, c in zip(self.subjects, self.codes)]
+        separator = synthetic.sentence_separator(self.lang)
+        # Every place a sentence may be inserted: (char offset in the joined text, para, index).
+        slots: list[tuple[int, int, int]] = []
+        paragraph_start = 0
+        for p, sentences in enumerate(paragraphs):
+            offset = paragraph_start
+            for s, text in enumerate(sentences):
+                slots.append((offset, p, s))
+                offset += len(text) + len(separator)
+            paragraph_end = paragraph_start + len(separator.join(sentences))
+            slots.append((paragraph_end, p, len(sentences)))
+            paragraph_start = paragraph_end + 2  # "\n\n"
+        total = max(paragraph_start - 2, 1)
+        starts = [slot[0] for slot in slots]
+        planted = [list(sentences) for sentences in paragraphs]
+        placements = []
+        for needle, depth in zip(needles, self.requested_depths):
+            i = min(bisect.bisect_left(starts, depth * total), len(slots) - 1)
+            if i > 0 and depth * total - starts[i - 1] < starts[i] - depth * total:
+                i -= 1
+            placements.append((slots[i][1], slots[i][2], needle))
+        # Insert back to front so that earlier slot indices stay valid.
+        for p, s, needle in sorted(placements, key=lambda x: (x[0], x[1]), reverse=True):
+            planted[p].insert(s, needle)
+        document = "\n\n".join(_join(planted, self.lang))
+        return Rendered(
+            document, self._question(), separator.join(needles), _planted_depths(document, needles)
+        )
+
+
+_MENTION_TEMPLATES = {
+    "en": (
+        "A note about the {} was found here.",
+        "Nobody expected to see the {} in this place.",
+        "Some travellers still talk about the {}.",
+    ),
+    "zh": ("有人在这里提到了{}。", "这里曾经出现过{}。", "很多旅人还在谈论{}。"),
+}
+
+
+@dataclass(frozen=True)
+class ParagraphTask:
+    """Numbered paragraphs; the one nearest the requested depth mentions a unique phrase."""
+
+    lang: Lang
+    phrase: str
+    template: str
+    requested_depth: float
+
+    def render(self, paragraphs: Paragraphs) -> Rendered:
+        target = min(int(self.requested_depth * len(paragraphs)), len(paragraphs) - 1)
+        mention = self.template.format(self.phrase)
+        planted = [list(sentences) for sentences in paragraphs]
+        planted[target].insert(len(planted[target]) // 2, mention)
+        if self.lang == "en":
+            numbered = [f"Paragraph {i}: {t}" for i, t in enumerate(_join(planted, "en"), 1)]
+            question = f"Which paragraph mentions the {self.phrase}? Answer with its number."
+            answer = f"Paragraph {target + 1}"
+        else:
+            numbered = [f"第{i}段：{t}" for i, t in enumerate(_join(planted, "zh"), 1)]
+            question = f"哪一段提到了{self.phrase}？请回答段落编号。"
+            answer = f"第{target + 1}段"
+        document = "\n\n".join(numbered)
+        return Rendered(document, question, answer, _planted_depths(document, [mention]))
+
+
+Task = NeedleTask | ParagraphTask
+
+
+def _count(rendered: Rendered, count_tokens: CountTokens) -> int:
+    return count_tokens(rendered.prompt) + count_tokens(rendered.answer)
+
+
+def _fit(
+    task: Task,
+    rng: random.Random,
+    target_tokens: int,
+    chars_per_token: float,
+    count_tokens: CountTokens,
+) -> tuple[Rendered, int]:
+    """Grow or shrink the filler sentence by sentence until the rendered task is near target.
+
+    Each round tokenizes the whole text once and converts the remaining error to characters with
+    that text's own chars/token, so a couple of rounds suffice even for 100k-token documents.
+    Tiny targets can only get within about half a short sentence.
+    """
+    lang = task.lang
+    paragraphs: Paragraphs = []
+    deficit_chars = target_tokens * chars_per_token
+    best: tuple[Rendered, int] | None = None
+    for _ in range(MAX_FIT_ROUNDS):
+        if deficit_chars > 0:
+            _extend(paragraphs, rng, lang, deficit_chars)
+        else:
+            _shrink(paragraphs, -deficit_chars)
+        rendered = task.render(paragraphs)
+        tokens = _count(rendered, count_tokens)
+        if best is None or abs(tokens - target_tokens) < abs(best[1] - target_tokens):
+            best = (rendered, tokens)
+        if abs(tokens - target_tokens) <= TOKEN_TOLERANCE * target_tokens:
+            break
+        measured = (len(rendered.prompt) + len(rendered.answer)) / tokens
+        deficit_chars = (target_tokens - tokens) * measured
+    assert best is not None
+    return best
+
+
+def _extend(paragraphs: Paragraphs, rng: random.Random, lang: Lang, n_chars: float) -> None:
+    """Append about ``n_chars`` of sentences. Near the goal, sentences that would overshoot by
+    more than half their length are skipped in favour of shorter ones, which gets small targets
+    closer than whole run-on sentences could."""
+    added = 0
+    skipped = 0
+    while skipped < MAX_SKIPPED_SENTENCES:
+        sentence = synthetic.sentence(rng, lang)
+        if paragraphs and added + len(sentence) / 2 > n_chars:
+            skipped += 1
+            continue
+        if not paragraphs or rng.random() < PARAGRAPH_BREAK_PROBABILITY:
+            paragraphs.append([])
+        paragraphs[-1].append(sentence)
+        added += len(sentence)
+
+
+def _shrink(paragraphs: Paragraphs, n_chars: float) -> None:
+    """Drop trailing sentences until at least ``n_chars`` are gone (keeping one sentence).
+
+    Undershooting is deliberate: ``_extend`` can then pick a short sentence that fits, whereas
+    stopping early could leave a long sentence that neither step can get rid of."""
+    removed = 0
+    while removed < n_chars and (len(paragraphs) > 1 or len(paragraphs[0]) > 1):
+        last = paragraphs[-1]
+        removed += len(last.pop())
+        if not last:
+            paragraphs.pop()
+
+
+def _log_uniform(rng: random.Random, low: int, high: int) -> int:
+    return round(math.exp(rng.uniform(math.log(low), math.log(high))))
+
+
+def _make_task(
+    rng: random.Random,
+    kind: str,
+    lang: Lang,
+    depth_range: tuple[float, float],
+    needles: tuple[int, int],
+) -> Task:
+    if kind == "needle":
+        n = rng.randint(*needles)
+        subjects: list[str] = []
+        while len(subjects) < n:  # distinct subjects, or the question would be ambiguous
+            phrase = synthetic.marker_phrase(rng, lang)
+            if phrase not in subjects:
+                subjects.append(phrase)
+        codes = rng.sample(range(1_000, 1_000_000), n)
+        depths = tuple(rng.uniform(*depth_range) for _ in range(n))
+        return NeedleTask(lang, tuple(subjects), tuple(codes), depths)
+    template = rng.choice(_MENTION_TEMPLATES[lang])
+    phrase = synthetic.marker_phrase(rng, lang)
+    return ParagraphTask(lang, phrase, template, rng.uniform(*depth_range))
+
+
+def _chars_per_token(seed: int, lang: Lang, count_tokens: CountTokens) -> float:
+    rng = random.Random(f"{seed}:calibration:{lang}")
+    sample = "\n\n".join(synthetic.document(rng, lang, CALIBRATION_CHARS))
+    return len(sample) / count_tokens(sample)
+
+
+def generate(
+    *,
+    count: int,
+    min_tokens: int,
+    max_tokens: int,
+    depth_range: tuple[float, float] = (0.0, 1.0),
+    needles: tuple[int, int] = (1, 3),
+    tasks: tuple[str, ...] = TASKS,
+    languages: tuple[Lang, ...] = ("en", "zh"),
+    zh_fraction: float = 0.1,
+    seed: int,
+    count_tokens: CountTokens,
+) -> Iterator[Conversation]:
+    """Yield ``count`` retrieval conversations (user prompt, assistant answer).
+
+    ``zh_fraction`` applies when both languages are allowed; with one, every item uses it.
+    """
+    if not 0 < min_tokens <= max_tokens:
+        raise ValueError(f"need 0 < min_tokens <= max_tokens, got {min_tokens}, {max_tokens}")
+    if not 0.0 <= depth_range[0] <= depth_range[1] <= 1.0:
+        raise ValueError(f"depth_range must lie in [0, 1], got {depth_range}")
+    if not 1 <= needles[0] <= needles[1]:
+        raise ValueError(f"needles must be (low, high) with 1 <= low <= high, got {needles}")
+    if not tasks or set(tasks) - set(TASKS):
+        raise ValueError(f"tasks must be a non-empty subset of {TASKS}, got {tasks}")
+    if not languages or set(languages) - set(synthetic.LANGS):
+        raise ValueError(f"languages must be a non-empty subset of {synthetic.LANGS}")
+    chars_per_token = {lang: _chars_per_token(seed, lang, count_tokens) for lang in languages}
+    for index in range(count):
+        rng = random.Random(f"{seed}:{index}")
+        if len(languages) == 1:
+            lang = languages[0]
+        else:
+            lang = "zh" if rng.random() < zh_fraction else "en"
+        kind = rng.choice(tasks)
+        target = _log_uniform(rng, min_tokens, max_tokens)
+        task = _make_task(rng, kind, lang, depth_range, needles)
+        rendered, tokens = _fit(task, rng, target, chars_per_token[lang], count_tokens)
+        if isinstance(task, NeedleTask):
+            requested = task.requested_depths
+        else:
+            requested = (task.requested_depth,)
+        yield Conversation(
+            messages=(Message("user", rendered.prompt), Message("assistant", rendered.answer)),
+            location=f"antihaystack[{index}]",
+            meta={
+                "task": kind,
+                "lang": lang,
+                "target_tokens": str(target),
+                "tokens": str(tokens),
+                "requested_depths": ",".join(f"{d:.4f}" for d in requested),
+                "depths": ",".join(f"{d:.4f}" for d in rendered.depths),
+            },
+        )

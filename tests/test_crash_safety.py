@@ -12,6 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from longdata.build import build
+from longdata.recipe import validate_recipe
+
 from tests.test_build import small_recipe
 
 pytestmark = pytest.mark.slow
@@ -40,22 +43,26 @@ def files_of(root: Path) -> dict[str, bytes]:
             if p.is_file() and p.name != "build_info.json"}
 
 
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted build (in-process), moved aside; kill tests rebuild the same recipe."""
+    tmp = tmp_path_factory.mktemp("crash")
+    data = small_recipe(tmp)
+    data["cache_dir"] = str(tmp / "cache-reference")
+    out = Path(build(validate_recipe(data)).out_dir)
+    shutil.move(out, tmp / "reference")
+    return tmp, data, files_of(tmp / "reference")
+
+
 @pytest.mark.parametrize("kill_point", ["first_cache_entry", "shards_being_written"])
-def test_killed_build_leaves_nothing_complete_and_resumes_identically(tmp_path, kill_point):
+def test_killed_build_leaves_nothing_complete_and_resumes_identically(reference, kill_point):
+    tmp, data, expected = reference
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    data = small_recipe(tmp_path)
     out = Path(data["output"]["dir"])
-    recipe_path = tmp_path / "recipe.yml"
-
-    data["cache_dir"] = str(tmp_path / "cache-reference")
+    data = {**data, "cache_dir": str(tmp / f"cache-{kill_point}")}
+    recipe_path = tmp / f"{kill_point}.yml"
     recipe_path.write_text(yaml.safe_dump(data))
-    reference = run_build(recipe_path, env)
-    assert reference.wait(timeout=300) == 0, reference.stderr.read().decode()
-    shutil.move(out, tmp_path / "reference")
-
-    data["cache_dir"] = str(tmp_path / "cache")
-    recipe_path.write_text(yaml.safe_dump(data))
-    cache = tmp_path / "cache" / "tokenized"
+    cache = Path(data["cache_dir"]) / "tokenized"
     partial = out.parent / f".{out.name}.partial"
     conditions = {
         "first_cache_entry": lambda: cache.exists() and any(
@@ -68,5 +75,8 @@ def test_killed_build_leaves_nothing_complete_and_resumes_identically(tmp_path, 
 
     resumed = run_build(recipe_path, env)
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read().decode()
-    assert files_of(out) == files_of(tmp_path / "reference")
-    assert not partial.exists()
+    try:
+        assert files_of(out) == expected
+        assert not partial.exists()
+    finally:
+        shutil.rmtree(out, ignore_errors=True)

@@ -1,3 +1,5 @@
+import itertools
+
 import numpy as np
 import torch
 from hypothesis import given, settings
@@ -23,7 +25,10 @@ def test_collate_by_hand() -> None:
     }
     batch = collate([row, other], pad_to_multiple_of=4)
     assert batch["input_ids"].dtype == torch.int64
-    assert batch["input_ids"].tolist() == [[10, 11, 12, 20, 21, 0, 0, 0], [30, 31, 0, 0, 0, 0, 0, 0]]
+    assert batch["input_ids"].tolist() == [
+        [10, 11, 12, 20, 21, 0, 0, 0],
+        [30, 31, 0, 0, 0, 0, 0, 0],
+    ]
     # A sample's first token is never a label, even if its loss_mask says so.
     assert batch["labels"].tolist() == [
         [-100, 11, 12, -100, 21, -100, -100, -100],
@@ -34,8 +39,14 @@ def test_collate_by_hand() -> None:
     assert batch["cu_seqlens"].tolist() == [0, 3, 5, 8, 10, 16]
     assert batch["max_seqlen"] == 6
     assert batch["document_ids"].tolist() == [[0, 0, 0, 1, 1, 2, 2, 2], [3, 3, 4, 4, 4, 4, 4, 4]]
-    assert batch["source_ids"].tolist() == [[0, 0, 0, 1, 1, -1, -1, -1], [1, 1, -1, -1, -1, -1, -1, -1]]
-    assert batch["sample_ids"].tolist() == [[0, 0, 0, 1, 1, -1, -1, -1], [2, 2, -1, -1, -1, -1, -1, -1]]
+    assert batch["source_ids"].tolist() == [
+        [0, 0, 0, 1, 1, -1, -1, -1],
+        [1, 1, -1, -1, -1, -1, -1, -1],
+    ]
+    assert batch["sample_ids"].tolist() == [
+        [0, 0, 0, 1, 1, -1, -1, -1],
+        [2, 2, -1, -1, -1, -1, -1, -1],
+    ]
     assert batch["sample_target_counts"].tolist() == [2, 1, 1]
     assert batch["sample_source_ids"].tolist() == [0, 1, 1]
 
@@ -69,7 +80,7 @@ def test_collate_metadata_agrees(rows: list[list[int]], multiple: int | None) ->
     flat_documents = batch["document_ids"].flatten()
     # cu_seqlens and document_ids describe the same segments.
     boundaries = batch["cu_seqlens"].tolist()
-    for segment, (start, end) in enumerate(zip(boundaries[:-1], boundaries[1:])):
+    for segment, (start, end) in enumerate(itertools.pairwise(boundaries)):
         assert (flat_documents[start:end] == segment).all()
         assert batch["position_ids"].flatten()[start:end].tolist() == list(range(end - start))
     assert boundaries[-1] == batch["input_ids"].numel()

@@ -29,6 +29,7 @@ the metadata was lost on the way and samples would silently attend to each other
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import weakref
 from collections.abc import Callable
 
@@ -71,7 +72,9 @@ def unavailable_reason(backend: str, device: torch.device | str, needs_grad: boo
         return f"torch_varlen backend needs {' and '.join(missing)}" if missing else None
     if backend == "flex":
         if importlib.util.find_spec("torch.nn.attention.flex_attention") is None:
-            return f"flex backend needs torch.nn.attention.flex_attention (torch {torch.__version__})"
+            return (
+                f"flex backend needs torch.nn.attention.flex_attention (torch {torch.__version__})"
+            )
         if needs_grad and not on_cuda:
             return (
                 "flex backend has no backward pass on CPU (FlexAttention is forward-only there); "
@@ -155,7 +158,7 @@ def sdpa_varlen_attention(
     batch, heads, length, head_dim = query.shape
     bounds = cu_seqlens.tolist()
     segments = []
-    for start, end in zip(bounds[:-1], bounds[1:]):
+    for start, end in itertools.pairwise(bounds):
         # Segments never straddle rows: each row's segments (samples + padding) fill it exactly.
         row, offset = divmod(start, length)
         window = slice(offset, offset + end - start)
@@ -242,7 +245,7 @@ def sdpa_mask_attention(
 def _document_block_mask(document_ids: torch.Tensor) -> object:
     from torch.nn.attention.flex_attention import create_block_mask
 
-    def document_causal(batch, head, query_index, key_index):  # noqa: ANN001, ANN202
+    def document_causal(batch, head, query_index, key_index):
         # Index as t[b, q], not t[b][q]: chained indexing of a captured tensor crashes torch's
         # CPU compile of the mask.
         same_segment = document_ids[batch, query_index] == document_ids[batch, key_index]

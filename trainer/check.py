@@ -8,6 +8,7 @@ and by `longdata check-packing` on real rows.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -76,7 +77,7 @@ def max_packing_error(
             alone_loss = packed_logits.new_zeros(())
             boundaries = batch["cu_seqlens"].tolist()
             length = batch["input_ids"].shape[1]
-            for start, end in zip(boundaries[:-1], boundaries[1:]):
+            for start, end in itertools.pairwise(boundaries):
                 row, offset = divmod(start, length)
                 span = slice(offset, offset + end - start)
                 if batch["sample_ids"][row, offset] < 0:

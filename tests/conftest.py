@@ -1,6 +1,37 @@
 import os
 
+import pytest
+
 # Tests never reach a hub: online code paths are exercised on local data in the real schemas.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_streaming(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Keep streaming's locks in a private TMPDIR and remove its shared memory afterwards."""
+    import os
+    import tempfile
+
+    from streaming.base.util import clean_stale_shared_memory
+
+    private_tmp = tmp_path_factory.mktemp("tmpdir")
+    previous = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(private_tmp)
+    tempfile.tempdir = None  # re-read TMPDIR
+    yield
+    clean_stale_shared_memory()
+    if previous is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = previous
+    tempfile.tempdir = None
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread() -> None:
+    """The test machine's 2 cores are shared: one intra-op thread avoids spinning contention."""
+    import torch
+
+    torch.set_num_threads(1)

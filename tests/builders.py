@@ -1,0 +1,84 @@
+"""Small synthetic packed rows and builds in the shape `longdata build` writes."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+MDS_COLUMNS = {
+    "input_ids": "ndarray:uint32",
+    "loss_mask": "ndarray:uint8",
+    "seq_lens": "ndarray:uint32",
+    "source_ids": "ndarray:uint16",
+}
+
+
+def make_row(
+    seq_lens: Sequence[int],
+    rng: np.random.Generator,
+    vocab_size: int = 512,
+    target_fraction: float = 0.7,
+    sources: Sequence[int] | None = None,
+) -> dict[str, np.ndarray]:
+    """One packed row with random tokens; every sample's first token is not a target."""
+    total = int(sum(seq_lens))
+    loss_mask = (rng.random(total) < target_fraction).astype(np.uint8)
+    starts = np.cumsum([0, *seq_lens[:-1]])
+    loss_mask[starts] = 0
+    return {
+        "input_ids": rng.integers(5, vocab_size, total).astype(np.uint32),
+        "loss_mask": loss_mask,
+        "seq_lens": np.asarray(seq_lens, dtype=np.uint32),
+        "source_ids": np.asarray(
+            sources if sources is not None else rng.integers(0, 2, len(seq_lens)), dtype=np.uint16
+        ),
+    }
+
+
+def write_build(
+    out: Path,
+    rows_per_stream: dict[str, list[dict[str, np.ndarray]]],
+    vocab_size: int = 512,
+    max_seq_len: int = 256,
+    split: str = "train",
+) -> Path:
+    """Write MDS streams (one per bucket name) and a manifest.json like `longdata build`."""
+    from streaming import MDSWriter
+
+    streams = []
+    total_tokens = sum(len(r["input_ids"]) for rows in rows_per_stream.values() for r in rows)
+    for name, rows in rows_per_stream.items():
+        relative = f"{split}/{name}"
+        with MDSWriter(out=str(out / relative), columns=MDS_COLUMNS, compression="zstd") as writer:
+            for row in rows:
+                writer.write(row)
+        tokens = sum(len(r["input_ids"]) for r in rows)
+        streams.append(
+            {
+                "name": name,
+                "path": relative,
+                "rows": len(rows),
+                "tokens": tokens,
+                "target_tokens": int(sum(r["loss_mask"].sum() for r in rows)),
+                "proportion": tokens / total_tokens,
+            }
+        )
+    manifest = {
+        "format": "longdata/1",
+        "name": "test",
+        "tokenizer": {
+            "name": "builtin:test",
+            "path": "builtin:test",
+            "vocab_size": vocab_size,
+            "pad_token_id": 3,
+            "eos_token_id": 4,
+            "sha256": "0" * 64,
+        },
+        "sources": [{"name": "alpha"}, {"name": "beta"}],
+        "splits": {split: {"max_seq_len": max_seq_len, "streams": streams}},
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return out

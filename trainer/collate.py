@@ -1,0 +1,135 @@
+"""Turn packed MDS rows into one batch of tensors that keeps every sample to itself.
+
+A row (see docs/ROW_SCHEMA.md) is several whole samples concatenated. `collate` right-pads the
+rows of a batch to a common length and describes where every sample starts and ends, in the
+forms the attention backends in `trainer.attention` want:
+
+- `position_ids` restart at 0 for each sample, so rotary embeddings see every sample as if it
+  were alone;
+- `cu_seqlens` / `max_seqlen` are the varlen (flash-attn style) view: cumulative segment
+  boundaries over the batch flattened to one B*T sequence;
+- `document_ids` are the mask view: one integer per token, equal only within one segment of one
+  row. The dense block-diagonal mask (`sdpa_mask`) and the flex block mask are built from it
+  inside the backend, so collate never materialises a B x T x T tensor.
+
+Padding at the end of a row is its own segment: it attends only to itself, so it cannot disturb
+real tokens and never produces an all-masked (NaN) softmax row.
+
+Labels follow the Hugging Face convention (the model shifts them: the label at position t is
+predicted from position t-1). A sample's first token would therefore be predicted from the
+previous sample's last token, so its label is always -100, whatever its loss_mask says.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+
+IGNORE_INDEX = -100
+PADDING_SOURCE = -1
+
+# The keys of a batch that are bookkeeping for the loss, not inputs the model needs. They are
+# harmless to pass to `model.forward` (transformers forwards unknown kwargs down to the attention
+# function, which ignores them), so `model(**batch)` works.
+LOSS_METADATA_KEYS = ("source_ids", "sample_ids", "sample_target_counts", "sample_source_ids")
+
+
+def collate(
+    rows: Sequence[Mapping[str, np.ndarray]], pad_to_multiple_of: int | None = None
+) -> dict[str, torch.Tensor | int]:
+    """Batch packed rows into tensors for a causal LM that must not attend across samples.
+
+    Returns a dict with, for a batch of B rows padded to length T:
+
+    - `input_ids` [B, T] int64, right-padded with 0 (padding is never attended to or learned);
+    - `labels` [B, T] int64: the token itself where its loss_mask is 1, else -100; also -100 at
+      every sample's first token and on padding;
+    - `position_ids` [B, T] int64, restarting at 0 for every sample and for the padding segment;
+    - `cu_seqlens` [S + 1] int32: segment boundaries over the flattened B*T tokens (segments are
+      the samples of every row, then that row's padding if any);
+    - `max_seqlen` int: the longest segment;
+    - `document_ids` [B, T] int32: segment number of every token, unique within the batch;
+    - `source_ids` [B, T] int64: every token's source index, -1 on padding;
+    - `sample_ids` [B, T] int64: every token's sample number within the batch, -1 on padding;
+    - `sample_target_counts` [N] int64: labelled tokens of each of the N samples (for the
+      sequence-mean loss);
+    - `sample_source_ids` [N] int64: the source of each sample.
+    """
+    if not rows:
+        raise ValueError("collate needs at least one row")
+    row_lengths = [len(row["input_ids"]) for row in rows]
+    padded_length = max(row_lengths)
+    if pad_to_multiple_of:
+        padded_length = -(-padded_length // pad_to_multiple_of) * pad_to_multiple_of
+    batch_size = len(rows)
+
+    input_ids = torch.zeros(batch_size, padded_length, dtype=torch.int64)
+    labels = torch.full((batch_size, padded_length), IGNORE_INDEX, dtype=torch.int64)
+    position_ids = torch.zeros(batch_size, padded_length, dtype=torch.int64)
+    document_ids = torch.zeros(batch_size, padded_length, dtype=torch.int32)
+    source_ids = torch.full((batch_size, padded_length), PADDING_SOURCE, dtype=torch.int64)
+    sample_ids = torch.full((batch_size, padded_length), -1, dtype=torch.int64)
+    segment_lengths: list[int] = []
+    sample_source_ids: list[int] = []
+
+    for row_index, row in enumerate(rows):
+        seq_lens = [int(length) for length in row["seq_lens"]]
+        row_length = row_lengths[row_index]
+        _check_row(row, seq_lens, row_length)
+        # MDS hands back unsigned arrays; nn.Embedding and the loss want int64.
+        tokens = torch.from_numpy(np.asarray(row["input_ids"], dtype=np.int64))
+        is_target = torch.from_numpy(np.asarray(row["loss_mask"], dtype=bool))
+        input_ids[row_index, :row_length] = tokens
+        row_labels = torch.where(is_target, tokens, IGNORE_INDEX)
+
+        start = 0
+        for sample_length, source in zip(seq_lens, row["source_ids"], strict=True):
+            end = start + sample_length
+            row_labels[start] = IGNORE_INDEX
+            position_ids[row_index, start:end] = torch.arange(sample_length)
+            document_ids[row_index, start:end] = len(segment_lengths)
+            source_ids[row_index, start:end] = int(source)
+            sample_ids[row_index, start:end] = len(sample_source_ids)
+            segment_lengths.append(sample_length)
+            sample_source_ids.append(int(source))
+            start = end
+        labels[row_index, :row_length] = row_labels
+
+        padding = padded_length - row_length
+        if padding:
+            position_ids[row_index, row_length:] = torch.arange(padding)
+            document_ids[row_index, row_length:] = len(segment_lengths)
+            segment_lengths.append(padding)
+
+    cu_seqlens = torch.zeros(len(segment_lengths) + 1, dtype=torch.int32)
+    cu_seqlens[1:] = torch.cumsum(torch.tensor(segment_lengths), dim=0)
+    sample_target_counts = torch.zeros(len(sample_source_ids), dtype=torch.int64)
+    labelled = labels != IGNORE_INDEX
+    sample_target_counts.index_add_(
+        0, sample_ids[labelled], torch.ones(int(labelled.sum()), dtype=torch.int64)
+    )
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "position_ids": position_ids,
+        "cu_seqlens": cu_seqlens,
+        "max_seqlen": max(segment_lengths),
+        "document_ids": document_ids,
+        "source_ids": source_ids,
+        "sample_ids": sample_ids,
+        "sample_target_counts": sample_target_counts,
+        "sample_source_ids": torch.tensor(sample_source_ids, dtype=torch.int64),
+    }
+
+
+def _check_row(row: Mapping[str, np.ndarray], seq_lens: list[int], row_length: int) -> None:
+    """Fail loudly on a row that breaks the schema: a silent mismatch would leak attention."""
+    if sum(seq_lens) != row_length or len(row["loss_mask"]) != row_length:
+        raise ValueError(
+            f"row is inconsistent: {row_length} input_ids, {len(row['loss_mask'])} loss_mask "
+            f"entries, seq_lens summing to {sum(seq_lens)}"
+        )
+    if len(seq_lens) != len(row["source_ids"]) or min(seq_lens, default=0) < 1:
+        raise ValueError(f"row has bad seq_lens {seq_lens} for source_ids {row['source_ids']}")

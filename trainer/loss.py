@@ -1,0 +1,68 @@
+"""Next-token losses over packed batches: token mean and LongAlign-style sequence mean.
+
+A training step may span several micro-batches (gradient accumulation). Both losses are
+normalised by totals over the whole step, so accumulating micro-batch losses gives exactly the
+loss of the step's rows processed at once:
+
+- `token_mean`: sum of target-token losses / number of target tokens in the step. Long samples
+  dominate, since they hold most target tokens.
+- `sequence_mean`: each sample's mean target-token loss, averaged over the step's samples that
+  have targets, so every sample counts equally whatever its length (LongAlign's loss weighting).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from trainer.collate import IGNORE_INDEX
+
+LOSS_MODES = ("token_mean", "sequence_mean")
+
+
+@dataclass(frozen=True)
+class TokenLosses:
+    """Per-target-token losses of one micro-batch, with each target's sample and source."""
+
+    values: torch.Tensor  # [N] float32
+    sample_ids: torch.Tensor  # [N] index into the batch's samples
+    source_ids: torch.Tensor  # [N] source index from the manifest
+
+
+def token_losses(logits: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> TokenLosses:
+    """Cross-entropy of every target token, predicted from the position before it."""
+    labels = batch["labels"][:, 1:]
+    is_target = labels != IGNORE_INDEX
+    values = F.cross_entropy(logits[:, :-1][is_target].float(), labels[is_target], reduction="none")
+    return TokenLosses(
+        values=values,
+        sample_ids=batch["sample_ids"][:, 1:][is_target],
+        source_ids=batch["source_ids"][:, 1:][is_target],
+    )
+
+
+def step_denominator(mode: str, micro_batches: list[Mapping[str, torch.Tensor]]) -> int:
+    """What the step's loss is divided by: its target tokens, or its samples with targets."""
+    if mode == "token_mean":
+        return sum(int(b["sample_target_counts"].sum()) for b in micro_batches)
+    if mode == "sequence_mean":
+        return sum(int((b["sample_target_counts"] > 0).sum()) for b in micro_batches)
+    raise ValueError(f"unknown loss mode {mode!r}; choose from {LOSS_MODES}")
+
+
+def micro_batch_loss(
+    losses: TokenLosses, batch: Mapping[str, torch.Tensor], mode: str, denominator: int
+) -> torch.Tensor:
+    """This micro-batch's share of the step loss (the shares sum to the step loss)."""
+    denominator = max(denominator, 1)
+    if mode == "token_mean":
+        return losses.values.sum() / denominator
+    if mode == "sequence_mean":
+        counts = batch["sample_target_counts"]
+        per_sample = torch.zeros(len(counts), dtype=losses.values.dtype, device=counts.device)
+        per_sample = per_sample.index_add(0, losses.sample_ids, losses.values)
+        return (per_sample / counts.clamp(min=1)).sum() / denominator
+    raise ValueError(f"unknown loss mode {mode!r}; choose from {LOSS_MODES}")

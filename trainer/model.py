@@ -1,0 +1,114 @@
+"""Load a causal LM whose attention honours the packing metadata of `trainer.collate`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    LlamaConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    Qwen2Config,
+)
+
+from trainer.attention import implementation_name, register_attention_functions
+
+DEFAULT_PRESET_VOCAB = 16_384
+
+
+def _tiny_llama(vocab_size: int) -> PretrainedConfig:
+    """Llama 3.x shape (GQA, untied embeddings, large rope theta), scaled down for a CPU."""
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=131_072,
+        rope_theta=500_000.0,
+        tie_word_embeddings=False,
+        attention_dropout=0.0,
+    )
+
+
+def _tiny_qwen2(vocab_size: int) -> PretrainedConfig:
+    """Qwen2 shape (GQA with biased q/k/v projections, tied embeddings), scaled down."""
+    return Qwen2Config(
+        vocab_size=vocab_size,
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        max_position_embeddings=131_072,
+        rope_theta=1_000_000.0,
+        tie_word_embeddings=True,
+        use_sliding_window=False,
+        attention_dropout=0.0,
+    )
+
+
+PRESETS = {"tiny-llama": _tiny_llama, "tiny-qwen2": _tiny_qwen2}
+
+
+def model_config(
+    name_or_path_or_config: str | Path | PretrainedConfig, vocab_size: int | None = None
+) -> PretrainedConfig:
+    """Resolve a preset name, a local checkpoint, a hub id or a config object to a config."""
+    if isinstance(name_or_path_or_config, PretrainedConfig):
+        return name_or_path_or_config
+    name = str(name_or_path_or_config)
+    if name in PRESETS:
+        return PRESETS[name](vocab_size or DEFAULT_PRESET_VOCAB)
+    return AutoConfig.from_pretrained(name)
+
+
+def load_model(
+    name_or_path_or_config: str | Path | PretrainedConfig = "tiny-llama",
+    attention: str = "auto",
+    *,
+    vocab_size: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+    seed: int | None = None,
+) -> PreTrainedModel:
+    """Build or load a causal LM whose `forward(**collate(rows))` never crosses samples.
+
+    `name_or_path_or_config` is a preset (`tiny-llama`, `tiny-qwen2`: random init, with
+    `vocab_size` defaulting to 16,384), a `transformers.PretrainedConfig` (random init), a local
+    Hugging Face checkpoint directory or a hub id (pretrained weights). `attention` is one of
+    `trainer.attention.BACKENDS` or `auto`; `seed` fixes the random init.
+
+    The model's KV cache is off by default (`config.use_cache = False`): training never needs it
+    and it would hold every layer's keys for nothing. `generate` still turns it on.
+    """
+    register_attention_functions()
+    attn_implementation = implementation_name(attention)
+    if seed is not None:
+        torch.manual_seed(seed)
+    is_checkpoint = not isinstance(name_or_path_or_config, PretrainedConfig) and (
+        str(name_or_path_or_config) not in PRESETS
+    )
+    if is_checkpoint:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(name_or_path_or_config), attn_implementation=attn_implementation, dtype=dtype
+        )
+    else:
+        config = model_config(name_or_path_or_config, vocab_size)
+        model = AutoModelForCausalLM.from_config(
+            config, attn_implementation=attn_implementation, dtype=dtype
+        )
+    model.config.use_cache = False
+    if device is not None:
+        model.to(device)
+    return model
+
+
+def set_attention(model: PreTrainedModel, attention: str) -> None:
+    """Switch a loaded model to another packing-aware attention backend."""
+    register_attention_functions()
+    model.set_attn_implementation(implementation_name(attention))

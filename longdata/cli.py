@@ -13,7 +13,8 @@ app = typer.Typer(
     help="Build packed long-context fine-tuning datasets and train on them.\n\n"
          "Typical use: `longdata validate recipe.yml`, then `longdata build recipe.yml`, "
          "then `longdata train build/<name>`.",
-    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    rich_markup_mode="markdown")
 console = Console(stderr=True)
 
 RecipeArg = typer.Argument(..., exists=False, help="Path to a recipe YAML file (see recipes/).")
@@ -103,6 +104,14 @@ def verify(build_dir: Path = typer.Argument(..., help="A build directory (holds 
         raise typer.Exit(1)
     console.print(f"[green]ok[/green] {build_dir}: {report.shards} shards, {report.rows:,} rows, "
                   f"{report.tokens:,} tokens verified")
+
+
+# The trainer is its own package (it reads only the row schema and manifest); its commands are
+# mounted here so users have one entry point.
+from trainer import cli as trainer_cli  # noqa: E402
+
+app.command("train")(trainer_cli.train)
+app.command("check-packing")(trainer_cli.check_packing)
 
 
 def main() -> None:

@@ -33,7 +33,7 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from longdata.packing import ALGORITHMS, packing_stats, plan  # noqa: E402
+from longdata.packing import ALGORITHMS, packing_stats, plan
 
 FIRST_FIT_TIMEOUT_S = 30
 # Arrow's default allocator (jemalloc/mimalloc) keeps freed pages resident, which would let one

@@ -74,6 +74,7 @@ class BuildResult:
     out_dir: Path
     manifest: dict[str, Any]
     seconds: dict[str, float] = field(default_factory=dict)
+    remote: str | None = None  # where the build was uploaded, when the output is a URL
 
 
 def build(recipe: Recipe | str | Path, *, out: str | Path | None = None, overrides: Sequence[str] = (),
@@ -82,7 +83,10 @@ def build(recipe: Recipe | str | Path, *, out: str | Path | None = None, overrid
     console = console or Console(stderr=True)
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, list(overrides))
-    out_dir = Path(out or recipe.output.dir)
+    target = str(out or recipe.output.dir)
+    remote = target if "://" in target else None
+    # A remote build is assembled and published locally first, then uploaded manifest-last.
+    out_dir = Path(recipe.cache_dir) / "staging" / recipe.name if remote else Path(target)
     partial = out_dir.parent / f".{out_dir.name}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
@@ -128,7 +132,11 @@ def build(recipe: Recipe | str | Path, *, out: str | Path | None = None, overrid
     card_copy = Path(recipe.output.card_dir) / recipe.name
     shutil.rmtree(card_copy, ignore_errors=True)
     shutil.copytree(out_dir / "card", card_copy)
-    return BuildResult(out_dir, manifest, seconds)
+    if remote:
+        clock = time.perf_counter()
+        upload_build(out_dir, remote)
+        seconds["upload"] = time.perf_counter() - clock
+    return BuildResult(out_dir, manifest, seconds, remote)
 
 
 def _progress(console: Console) -> Progress:
@@ -324,6 +332,18 @@ def _versions() -> dict[str, str]:
     return {"longdata": __version__, "python": platform.python_version(), "numpy": numpy.__version__,
             "mosaicml-streaming": streaming.__version__, "tokenizers": tokenizers.__version__,
             "transformers": transformers.__version__}
+
+
+def upload_build(local: Path, remote: str) -> None:
+    """Upload with streaming's own uploaders (s3://, gs://, oci://, azure://, ...). The manifest
+    goes last, so a reader never finds a manifest whose shards are not all there yet."""
+    from streaming.base.storage import CloudUploader
+
+    uploader = CloudUploader.get((str(local), remote), keep_local=True, exist_ok=True)
+    files = sorted(str(p.relative_to(local)) for p in local.rglob("*") if p.is_file())
+    files.remove("manifest.json")
+    for name in [*files, "manifest.json"]:
+        uploader.upload_file(name)
 
 
 def _publish(partial: Path, out_dir: Path) -> None:

@@ -179,3 +179,13 @@ def test_split_policy_and_stages(tmp_path):
     assert verify_build(result.out_dir).ok
     long_lengths = np.array([s["tokens"] for s in splits["long/train"]["streams"]])
     assert long_lengths.sum() == splits["long/train"]["tokens"]
+
+
+def test_strict_refuses_quarantined_rows_and_publishes_nothing(tmp_path):
+    from longdata.build import BuildError
+
+    data = small_recipe(tmp_path)
+    data["sources"] = data["sources"][3:]
+    with pytest.raises(BuildError, match="--strict: 2 source rows were quarantined"):
+        build(validate_recipe(data), strict=True)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))

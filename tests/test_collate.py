@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from tests.builders import make_row
 from trainer import collate
-from trainer.collate import IGNORE_INDEX
+from trainer.collation import IGNORE_INDEX
 
 
 def test_collate_by_hand() -> None:
@@ -89,3 +89,10 @@ def test_collate_metadata_agrees(rows: list[list[int]], multiple: int | None) ->
     assert (batch["labels"][starts] == IGNORE_INDEX).all()
     assert (batch["labels"][batch["sample_ids"] < 0] == IGNORE_INDEX).all()
     assert batch["sample_target_counts"].sum() == (batch["labels"] != IGNORE_INDEX).sum()
+
+
+def test_package_export_is_the_function() -> None:
+    import trainer
+    import trainer.collation
+
+    assert trainer.collate is collate and callable(trainer.collate)

@@ -7,7 +7,7 @@ from importlib import import_module
 from typing import Any
 
 _EXPORTS = {
-    "collate": "trainer.collate",
+    "collate": "trainer.collation",
     "load_model": "trainer.model",
     "train": "trainer.loop",
     "TrainConfig": "trainer.loop",

@@ -4,7 +4,7 @@ Each backend is a function with transformers' attention-interface signature
 `fn(module, query, key, value, attention_mask, dropout, scaling, **kwargs)`; query is
 [B, H, T, D], key and value [B, H_kv, T, D] (GQA when H_kv < H), and it returns the output as
 [B, T, H, D]. transformers forwards every extra keyword given to `model.forward` down to this
-function, which is how the packing metadata from `trainer.collate` (`cu_seqlens`, `max_seqlen`,
+function, which is how the packing metadata from `trainer.collate()` (`cu_seqlens`, `max_seqlen`,
 `document_ids`) reaches it. Because the names we register are unknown to transformers' mask
 builder, the model builds no causal mask of its own: the backend alone decides who attends to
 whom.
@@ -126,7 +126,7 @@ def _unpacked_causal(
     """Plain causal attention over whole rows, for inference without packing metadata."""
     if module.training:
         raise RuntimeError(
-            "packing metadata (cu_seqlens / document_ids from trainer.collate) did not reach the "
+            "packing metadata (cu_seqlens / document_ids from trainer.collate()) did not reach the "
             "attention function; pass the whole collate() batch to model.forward. Refusing to "
             "train with attention that would cross sample boundaries."
         )

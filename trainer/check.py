@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from trainer.attention import available_backends, unavailable_reason
-from trainer.collate import IGNORE_INDEX, collate
+from trainer.collation import IGNORE_INDEX, collate
 from trainer.model import set_attention
 
 

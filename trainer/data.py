@@ -95,14 +95,14 @@ def make_dataset(
 
 
 def make_dataloader(dataset: Any, batch_size: int, pad_to_multiple_of: int | None = None) -> Any:
-    """A resumable loader yielding `trainer.collate` batches, in this process (no workers).
+    """A resumable loader yielding `trainer.collate()` batches, in this process (no workers).
 
     Worker processes would each hold a copy of the streaming state and leave shared memory
     behind; collating packed rows is cheap next to the model, so the main process does it.
     """
     from streaming import StreamingDataLoader
 
-    from trainer.collate import collate
+    from trainer.collation import collate
 
     return StreamingDataLoader(
         dataset,

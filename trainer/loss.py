@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from trainer.collate import IGNORE_INDEX
+from trainer.collation import IGNORE_INDEX
 
 LOSS_MODES = ("token_mean", "sequence_mean")
 

@@ -1,4 +1,4 @@
-"""Load a causal LM whose attention honours the packing metadata of `trainer.collate`."""
+"""Load a causal LM whose attention honours the packing metadata of `trainer.collate()`."""
 
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
 """Turn packed MDS rows into one batch of tensors that keeps every sample to itself.
 
+(The module is not called `collate`: importing a submodule binds its name on the package, and
+`trainer.collate` must stay the function.)
+
 A row (see docs/ROW_SCHEMA.md) is several whole samples concatenated. `collate` right-pads the
 rows of a batch to a common length and describes where every sample starts and ends, in the
 forms the attention backends in `trainer.attention` want:

@@ -22,7 +22,7 @@ $(STAMP_DEV): pyproject.toml | $(BIN)/python
 
 demo: $(STAMP_RUN)
 	$(BIN)/longdata build recipes/quickstart.yml
-	$(BIN)/longdata train build/quickstart --steps 20 --out runs/quickstart
+	$(BIN)/longdata train build/quickstart --split ctx16k/train --steps 20 --out runs/quickstart
 
 test: $(STAMP_DEV)
 	$(BIN)/python -m pytest -q

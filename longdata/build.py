@@ -113,8 +113,8 @@ def build(recipe: Recipe | str | Path, *, out: str | Path | None = None, overrid
 
         clock = time.perf_counter()
         caches = [s.cache for s in sources]
-        splits = [pack_split(name, samples, caches, recipe, max_len, stage, edges, partial, progress)
-                  for name, samples, max_len, stage, edges in split_layout(recipe, mixed)]
+        splits = [pack_split(name, samples, caches, recipe, max_len, overlength, stage, edges, partial, progress)
+                  for name, samples, max_len, overlength, stage, edges in split_layout(recipe, mixed)]
         seconds["pack_write"] = time.perf_counter() - clock
 
     manifest = make_manifest(recipe, tokenizer_info, sources, mixed, splits)
@@ -231,21 +231,24 @@ def mix_sources(sources: list[TokenizedSource], recipe: Recipe) -> Mix:
 
 
 def split_layout(recipe: Recipe, mixed: Mix):
-    """(split name, samples, max_seq_len, stage name, bucket edges) for every split to write."""
+    """(split name, samples, max_seq_len, over-length policy, stage name, bucket edges) for
+    every split to write."""
     stages = recipe.packing.stages or (None,)
     for stage in stages:
         max_len = stage.max_seq_len if stage else recipe.packing.max_seq_len
+        overlength = (stage.overlength if stage else None) or recipe.packing.overlength
         requested = (stage.buckets if stage and stage.buckets else recipe.packing.buckets) or ()
         edges = sorted({e for e in requested if e < max_len} | {max_len})
         prefix = f"{stage.name}/" if stage else ""
         for split, samples in (("train", mixed.train), ("validation", mixed.validation)):
             if len(samples):
-                yield f"{prefix}{split}", samples, max_len, stage.name if stage else None, edges
+                yield f"{prefix}{split}", samples, max_len, overlength, stage.name if stage else None, edges
 
 
 def pack_split(name: str, samples: SampleList, caches: list[TokenCache], recipe: Recipe, max_len: int,
-               stage: str | None, edges: list[int], out_root: Path, progress: Progress) -> SplitResult:
-    pieces = packing.fit_to_length(samples.length, max_len, recipe.packing.overlength)
+               overlength: str, stage: str | None, edges: list[int], out_root: Path,
+               progress: Progress) -> SplitResult:
+    pieces = packing.fit_to_length(samples.length, max_len, overlength)
     pieces, no_target = _drop_targetless_cuts(pieces, samples, caches)
     plan = packing.plan(pieces.length, max_len, algorithm=recipe.packing.algorithm, seed=recipe.seed)
     buckets = packing.assign_buckets(plan.row_max_item_lengths(pieces.length), edges)
@@ -269,9 +272,9 @@ def pack_split(name: str, samples: SampleList, caches: list[TokenCache], recipe:
     total_tokens = sum(s.tokens for s in streams)
     for stream in streams:
         stream.proportion = stream.tokens / total_tokens if total_tokens else 0.0
-    overlength = {"truncated": pieces.truncated, "dropped": pieces.dropped, "split": pieces.split,
-                  "empty": pieces.empty, "no_target_after_cut": no_target}
-    return SplitResult(name, max_len, stage, len(samples), overlength,
+    counts = {"truncated": pieces.truncated, "dropped": pieces.dropped, "split": pieces.split,
+              "empty": pieces.empty, "no_target_after_cut": no_target}
+    return SplitResult(name, max_len, stage, len(samples), {"policy": overlength, **counts},
                        packing.packing_stats(plan, pieces.length, max_len).as_dict(), streams)
 
 

@@ -40,7 +40,7 @@ def validate(recipe: Path = RecipeArg, overrides: Optional[List[str]] = SetOptio
     """Check a recipe without doing any work: every wrong key is reported with its path, exit code 2."""
     loaded = _load(recipe, overrides)
     console.print(f"[green]ok[/green] {recipe}: recipe '{loaded.name}' with {len(loaded.sources)} sources, "
-                  f"max_seq_len {loaded.packing.max_seq_len}, output {loaded.output.dir}")
+                  f"rows up to {loaded.longest_seq_len:,} tokens, output {loaded.output.dir}")
 
 
 @app.command()

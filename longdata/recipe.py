@@ -114,10 +114,12 @@ class Stage(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     max_seq_len: int = Field(ge=16)
     buckets: tuple[int, ...] | None = None
+    overlength: Literal[OVERLENGTH_POLICIES] | None = Field(
+        default=None, description="this stage's over-length policy (default: packing.overlength)")
 
 
 class PackingConfig(Strict):
-    max_seq_len: int = Field(ge=16)
+    max_seq_len: int | None = Field(default=None, ge=16, description="required unless stages are given")
     algorithm: Literal[ALGORITHMS] = "bfd"
     overlength: Literal[OVERLENGTH_POLICIES] = "truncate"
     buckets: tuple[int, ...] | None = Field(
@@ -127,6 +129,11 @@ class PackingConfig(Strict):
 
     @model_validator(mode="after")
     def _stages_increase(self) -> PackingConfig:
+        if not self.stages and self.max_seq_len is None:
+            raise ValueError("max_seq_len is required (or list curriculum stages)")
+        if self.stages and self.max_seq_len not in (None, self.stages[-1].max_seq_len):
+            raise ValueError(f"max_seq_len ({self.max_seq_len}) must equal the last stage's "
+                             f"max_seq_len ({self.stages[-1].max_seq_len}) or be left out")
         if self.stages:
             lengths = [s.max_seq_len for s in self.stages]
             if lengths != sorted(set(lengths)):
@@ -169,6 +176,8 @@ class OutputConfig(Strict):
 
 
 class Recipe(Strict):
+    """One build. ``longest_seq_len`` is the longest row any split may hold."""
+
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     seed: int = 0
     tokenizer: TokenizerConfig
@@ -178,6 +187,11 @@ class Recipe(Strict):
     output: OutputConfig
     dedup: Literal["exact", "none"] = "exact"
     cache_dir: str = ".longdata_cache"
+
+    @property
+    def longest_seq_len(self) -> int:
+        stages = self.packing.stages
+        return stages[-1].max_seq_len if stages else self.packing.max_seq_len
 
     @model_validator(mode="after")
     def _unique_source_names(self) -> Recipe:

@@ -17,7 +17,7 @@ def quickstart() -> dict:
 @pytest.mark.parametrize("name", sorted(p.name for p in RECIPES.glob("*.yml")))
 def test_shipped_recipes_validate(name):
     recipe = load_recipe(RECIPES / name)
-    assert recipe.sources and recipe.packing.max_seq_len >= 4096
+    assert recipe.sources and recipe.longest_seq_len >= 4096
 
 
 def problems(data: dict) -> list[str]:
@@ -59,13 +59,23 @@ def test_bad_literal_and_kind():
 
 def test_missing_required_key():
     data = quickstart()
-    del data["packing"]["max_seq_len"]
-    assert problems(data) == ["packing.max_seq_len: required key is missing"]
+    del data["packing"]["stages"]
+    assert problems(data) == ["packing: max_seq_len is required (or list curriculum stages)"]
+    del data["tokenizer"]
+    assert "tokenizer: required key is missing" in problems(data)
+
+
+def test_stages_and_top_level_length_must_agree():
+    data = quickstart()
+    data["packing"]["max_seq_len"] = 8192
+    [line] = problems(data)
+    assert line.startswith("packing: max_seq_len (8192) must equal the last stage's max_seq_len")
 
 
 def test_stage_lengths_must_increase():
     data = quickstart()
     data["packing"]["stages"] = [{"name": "a", "max_seq_len": 8192}, {"name": "b", "max_seq_len": 4096}]
+    data["packing"]["max_seq_len"] = None
     [line] = problems(data)
     assert line.startswith("packing: stages must have strictly increasing max_seq_len")
 
@@ -80,6 +90,7 @@ def test_shard_size_parsing():
 
 def test_overrides_reach_nested_fields_and_list_items():
     data = quickstart()
+    apply_override(data, "packing.stages=null")
     apply_override(data, "packing.max_seq_len=16384")
     apply_override(data, "sources[1].weight=2.5")
     apply_override(data, "sources.0.sample.rows=3")

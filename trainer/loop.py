@@ -27,7 +27,7 @@ import torch
 from transformers import PreTrainedModel
 
 from trainer.data import Manifest, make_dataloader, make_dataset, release_streaming_resources
-from trainer.loss import LOSS_MODES, micro_batch_loss, step_denominator, token_losses
+from trainer.loss import LOSS_MODES, micro_batch_loss, model_token_losses, step_denominator
 from trainer.model import load_model
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -320,8 +320,7 @@ def train(config: TrainConfig, on_step: Callable[[StepMetrics], None] | None = N
             source_counts = torch.zeros(len(sources), dtype=torch.float64)
             for batch in micro_batches:
                 with _autocast(config.precision, device):
-                    logits = model(**batch).logits
-                losses = token_losses(logits, batch)
+                    losses = model_token_losses(model, batch)
                 loss = micro_batch_loss(losses, batch, config.loss, denominator)
                 loss.backward()
                 step_loss += float(loss.detach())

@@ -32,16 +32,39 @@ class TokenLosses:
     source_ids: torch.Tensor  # [N] source index from the manifest
 
 
-def token_losses(logits: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> TokenLosses:
-    """Cross-entropy of every target token, predicted from the position before it."""
+def token_losses(
+    outputs: torch.Tensor,
+    batch: Mapping[str, torch.Tensor],
+    output_layer: torch.nn.Module | None = None,
+) -> TokenLosses:
+    """Cross-entropy of every target token, predicted from the position before it.
+
+    `outputs` are logits [B, T, V], or hidden states [B, T, H] when `output_layer` is given: then
+    only the positions that predict a target go through it. In long-context SFT the targets are a
+    few percent of the tokens, and full logits would dominate memory (2 GiB in fp32 for one
+    32K-token row at a 16K vocabulary) and the output layer's FLOPs.
+    """
     labels = batch["labels"][:, 1:]
     is_target = labels != IGNORE_INDEX
-    values = F.cross_entropy(logits[:, :-1][is_target].float(), labels[is_target], reduction="none")
+    selected = outputs[:, :-1][is_target]
+    logits = output_layer(selected) if output_layer is not None else selected
+    values = F.cross_entropy(logits.float(), labels[is_target], reduction="none")
     return TokenLosses(
         values=values,
         sample_ids=batch["sample_ids"][:, 1:][is_target],
         source_ids=batch["source_ids"][:, 1:][is_target],
     )
+
+
+def model_token_losses(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> TokenLosses:
+    """Run a causal LM's decoder on a collated batch and score only the target positions.
+
+    `labels` stay out of the forward call: given labels, a transformers model computes its own
+    loss over full logits, which this path exists to avoid.
+    """
+    inputs = {key: value for key, value in batch.items() if key != "labels"}
+    hidden = model.get_decoder()(**inputs).last_hidden_state
+    return token_losses(hidden, batch, output_layer=model.get_output_embeddings())
 
 
 def step_denominator(mode: str, micro_batches: list[Mapping[str, torch.Tensor]]) -> int:

@@ -3,7 +3,8 @@
 Works on lengths and hashes only. In order: length filters, exact deduplication across sources
 (first occurrence in recipe order wins), a seeded validation hold-out, then recipe weights in
 tokens (weight 2.0 = the source contributes twice its tokens: whole repeats, then a seeded sample
-for the fraction). Everything is deterministic from the recipe seed.
+for the fraction), and last an optional language ratio, met by down-sampling whichever language
+is over its share. Everything is deterministic from the recipe seed.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ class SourceSamples:
     weight: float
     lengths: np.ndarray  # int64 tokens per sample
     text_hash: np.ndarray  # uint64 hash of the rendered sample
+    lang: np.ndarray  # language tag per sample ("en", "zh")
     min_tokens: int = 1
     max_tokens: int | None = None
 
@@ -46,6 +48,7 @@ class SourceMixStats:
     duplicates: int = 0
     validation: int = 0
     train_unique: int = 0
+    language_trimmed: int = 0  # weighted samples removed to meet the language ratio
     train_samples: int = 0  # after weighting, repeats counted
     train_tokens: int = 0
 
@@ -61,31 +64,68 @@ class Mix:
 
 
 def mix(sources: Sequence[SourceSamples], *, seed: int, validation_fraction: float,
-        validation_max: int, dedup: bool, shuffle: bool = True) -> Mix:
-    """``shuffle=False`` keeps recipe source order then input order (for order-preserving packing)."""
+        validation_max: int, dedup: bool, shuffle: bool = True,
+        language_share: dict[str, float] | None = None) -> Mix:
+    """``shuffle=False`` keeps recipe source order then input order (for order-preserving packing).
+    ``language_share`` maps a language tag to its wanted share of train tokens (e.g. zh: 0.1)."""
     rng = np.random.default_rng(seed)
     seen: set[int] = set()
-    train_parts, validation_parts, stats = [], [], []
     keep = [_filtered(s, seen if dedup else None) for s in sources]
     holdout = _validation_counts([len(k[0]) for k in keep], validation_fraction, validation_max)
+    weighted, validation_parts, stats = [], [], []
     for source_index, (source, (kept, source_stats), n_validation) in enumerate(zip(sources, keep, holdout)):
         order = rng.permutation(kept)
-        validation, train = order[:n_validation], np.sort(order[n_validation:])
-        weighted = _weighted(train, source.lengths, source.weight, rng)
+        validation, train = np.sort(order[:n_validation]), np.sort(order[n_validation:])
         source_stats.validation = len(validation)
         source_stats.train_unique = len(train)
-        source_stats.train_samples = len(weighted)
-        source_stats.train_tokens = int(source.lengths[weighted].sum())
-        train_parts.append((source_index, weighted, source.lengths[weighted]))
-        validation_parts.append((source_index, np.sort(validation), source.lengths[np.sort(validation)]))
+        weighted.append(_weighted(train, source.lengths, source.weight, rng))
+        validation_parts.append((source_index, validation, source.lengths[validation]))
         stats.append(source_stats)
+    if language_share:
+        weighted = _balance_languages(weighted, sources, language_share, stats, rng)
+    train_parts = []
+    for source_index, (source, chosen, source_stats) in enumerate(zip(sources, weighted, stats)):
+        source_stats.train_samples = len(chosen)
+        source_stats.train_tokens = int(source.lengths[chosen].sum())
+        train_parts.append((source_index, chosen, source.lengths[chosen]))
     train = _concat(train_parts)
-    shuffle = rng.permutation(len(train)) if shuffle else np.arange(len(train))
+    order = rng.permutation(len(train)) if shuffle else np.arange(len(train))
     return Mix(
-        train=SampleList(train.source[shuffle], train.index[shuffle], train.length[shuffle]),
+        train=SampleList(train.source[order], train.index[order], train.length[order]),
         validation=_concat(validation_parts),
         stats=stats,
     )
+
+
+def _balance_languages(weighted: list[np.ndarray], sources: Sequence[SourceSamples],
+                       share: dict[str, float], stats: list[SourceMixStats], rng) -> list[np.ndarray]:
+    """Down-sample each language whose token share exceeds its target, uniformly across sources
+    (seeded), so the others reach their shares without repeating any sample."""
+    langs = np.concatenate([s.lang[w] for s, w in zip(sources, weighted)]) if weighted else np.zeros(0)
+    lengths = np.concatenate([s.lengths[w] for s, w in zip(sources, weighted)]).astype(np.int64)
+    tokens = {lang: int(lengths[langs == lang].sum()) for lang in np.unique(langs)}
+    shares = {lang: share.get(lang, 0.0) for lang in tokens}
+    rest = [lang for lang in tokens if lang not in share]
+    for lang in rest:  # languages the recipe does not name split what the named ones leave
+        shares[lang] = max(0.0, 1.0 - sum(share.values())) * tokens[lang] / max(sum(tokens[r] for r in rest), 1)
+    # The largest total every language can support at its share without up-sampling any.
+    total = min((tokens[lang] / shares[lang] for lang in tokens if shares[lang] > 0), default=0.0)
+    keep = np.ones(len(lengths), dtype=bool)
+    for lang, have in tokens.items():
+        budget = shares[lang] * total
+        if have <= budget:
+            continue
+        members = rng.permutation(np.flatnonzero(langs == lang))
+        covered = np.cumsum(lengths[members])
+        keep[members[np.searchsorted(covered, budget, side="right"):]] = False
+    result = []
+    start = 0
+    for index, chosen in enumerate(weighted):
+        mask = keep[start:start + len(chosen)]
+        stats[index].language_trimmed = int((~mask).sum())
+        result.append(chosen[mask])
+        start += len(chosen)
+    return result
 
 
 def _filtered(source: SourceSamples, seen: set[int] | None) -> tuple[np.ndarray, SourceMixStats]:

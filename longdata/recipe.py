@@ -186,12 +186,21 @@ class Recipe(Strict):
     validation: ValidationSplit = ValidationSplit()
     output: OutputConfig
     dedup: Literal["exact", "none"] = "exact"
+    language_share: dict[Literal["en", "zh"], float] | None = Field(
+        default=None, description="wanted share of train tokens per language, e.g. {zh: 0.1}")
     cache_dir: str = ".longdata_cache"
 
     @property
     def longest_seq_len(self) -> int:
         stages = self.packing.stages
         return stages[-1].max_seq_len if stages else self.packing.max_seq_len
+
+    @field_validator("language_share")
+    @classmethod
+    def _shares_are_fractions(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value and (any(not 0 <= v <= 1 for v in value.values()) or sum(value.values()) > 1 + 1e-9):
+            raise ValueError(f"shares must lie in [0, 1] and sum to at most 1, got {value}")
+        return value
 
     @model_validator(mode="after")
     def _unique_source_names(self) -> Recipe:

@@ -44,7 +44,7 @@ def write_longalign_jsonl(path: Path, megabytes: float, seed: int = 0) -> None:
     target = int(megabytes * 1e6)
     partial = path.with_name(path.name + ".partial")
     written = 0
-    with partial.open("w", encoding="utf-8") as out:
+    with partial.open("wb") as out:
         while written < target:
             lang = "zh" if rng.random() < 0.1 else "en"
             paragraphs = pool[lang]
@@ -58,7 +58,8 @@ def write_longalign_jsonl(path: Path, megabytes: float, seed: int = 0) -> None:
             if rng.random() < 0.25:
                 messages += [{"role": "user", "content": rng.choice(QUESTIONS)},
                              {"role": "assistant", "content": rng.choice(paragraphs)}]
-            written += out.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
+            line = (json.dumps({"messages": messages}, ensure_ascii=False) + "\n").encode("utf-8")
+            written += out.write(line)
     partial.replace(path)
 
 

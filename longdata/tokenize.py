@@ -11,6 +11,7 @@ from __future__ import annotations
 import array
 import hashlib
 import json
+import mmap
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -195,8 +196,10 @@ class TokenCache:
     """Read side of one cache entry: per-sample metadata in memory, tokens memory-mapped."""
 
     def __init__(self, entry_dir: Path):
-        source = pa.memory_map(str(entry_dir / CACHE_FILE), "r")
-        table = pa.ipc.open_file(source).read_all()
+        # Mapped with the mmap module rather than pa.memory_map so release_pages can madvise it.
+        with (entry_dir / CACHE_FILE).open("rb") as handle:
+            self._map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        table = pa.ipc.open_file(pa.BufferReader(pa.py_buffer(self._map))).read_all()
         self._chunks = []
         starts = [0]
         for ids, mask in zip(table.column("input_ids").chunks, table.column("loss_mask").chunks):
@@ -215,6 +218,13 @@ class TokenCache:
 
     def __len__(self) -> int:
         return len(self.lengths)
+
+    def release_pages(self) -> None:
+        """Unmap the resident pages of the cache from this process (they stay in the page cache,
+        so touching them again is a cheap soft fault). Pages a reader touched otherwise count as
+        this process's RSS until it exits, which would make RSS grow with the dataset."""
+        if hasattr(mmap, "MADV_DONTNEED"):
+            self._map.madvise(mmap.MADV_DONTNEED)
 
     def tokens(self, sample: int, start: int, length: int) -> tuple[np.ndarray, np.ndarray]:
         """Zero-copy views of ``length`` tokens (and their mask) of ``sample`` from ``start``."""

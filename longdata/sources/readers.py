@@ -9,18 +9,22 @@ materialises JSON arrays in memory; hub ids go through ``datasets`` in streaming
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, Union
+from typing import Any
 
 from longdata.records import Quarantined
 
-Row = Union[tuple[str, Any], Quarantined]
+Row = tuple[str, Any] | Quarantined
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 READ_CHUNK = 8 << 20
 # An element that is still not decodable with this much text after it is malformed, not cut by
 # the chunk boundary: beyond it we stop reading ahead and quarantine the remainder.
 MAX_ELEMENT_CHARS = 256 << 20
 _decoder = json.JSONDecoder()
+# What ``surrogateescape`` turns each undecodable byte into.
+_UNDECODABLE_BYTE = re.compile("[\udc80-\udcff]")
 
 
 def iter_rows(path: str, split: str = "train") -> Iterator[Row]:
@@ -126,7 +130,7 @@ def iter_json_array(path: Path) -> Iterator[Row]:
 
 
 def _has_undecodable_bytes(text: str) -> bool:
-    return any("\udc80" <= ch <= "\udcff" for ch in text) if not text.isascii() else False
+    return not text.isascii() and _UNDECODABLE_BYTE.search(text) is not None
 
 
 def iter_parquet(path: Path) -> Iterator[Row]:

@@ -28,11 +28,11 @@ from longdata.recipe import AntiHaystackSource, FileSource, Recipe, load_recipe
 from longdata.shards import RowAssembler, StreamStats, write_stream
 from longdata.sources import read_source, resolve_path
 from longdata.templates import TokenizerInfo, load_tokenizer
-from longdata.tokenize import TokenCache, tokenize_records
+from longdata.tokenize import PartitionedCache, TokenCache, tokenize_records
 
 FORMAT = "longdata/1"
 # Bump when normalisation or tokenization changes what a cached source would contain.
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 class BuildError(RuntimeError):
@@ -44,7 +44,7 @@ class TokenizedSource:
     name: str
     kind: str
     weight: float
-    cache: TokenCache
+    cache: TokenCache | PartitionedCache
     cached: bool
 
 
@@ -101,7 +101,7 @@ def build(recipe: Recipe | str | Path, *, out: str | Path | None = None, overrid
         clock = time.perf_counter()
         sources = [tokenize_source(s, recipe, tokenizer, tokenizer_info, progress) for s in recipe.sources]
         seconds["read_tokenize"] = time.perf_counter() - clock
-        quarantined = _publish_quarantine(sources, partial)
+        quarantined = sum(s.cache.stats.quarantined for s in sources)
         if strict and quarantined:
             shutil.rmtree(partial, ignore_errors=True)
             raise BuildError(f"--strict: {quarantined} source rows were quarantined; see the "
@@ -113,10 +113,21 @@ def build(recipe: Recipe | str | Path, *, out: str | Path | None = None, overrid
 
         clock = time.perf_counter()
         caches = [s.cache for s in sources]
-        splits = [pack_split(name, samples, caches, recipe, max_len, overlength, stage, edges, partial, progress)
-                  for name, samples, max_len, overlength, stage, edges in split_layout(recipe, mixed)]
+        splits = []
+        for layout in split_layout(recipe, mixed):
+            split = plan_split(*layout, caches, recipe)
+            splits.append(split.result(write_split(split, caches, recipe, partial, progress)))
         seconds["pack_write"] = time.perf_counter() - clock
 
+    return finish_build(recipe, tokenizer_info, sources, mixed, splits, partial, out_dir, remote,
+                        seconds, started_at)
+
+
+def finish_build(recipe: Recipe, tokenizer_info: TokenizerInfo, sources: list[TokenizedSource], mixed: Mix,
+                 splits: list[SplitResult], partial: Path, out_dir: Path, remote: str | None,
+                 seconds: dict[str, float], started_at: float) -> BuildResult:
+    """Manifest, card and build info into ``partial``, then publish (and upload) it."""
+    _publish_quarantine(sources, partial)
     manifest = make_manifest(recipe, tokenizer_info, sources, mixed, splits)
     clock = time.perf_counter()
     from longdata.card import write_card
@@ -175,10 +186,17 @@ def _content_fingerprint(path: str) -> str:
     return digest.hexdigest()
 
 
+def cache_entry(source, recipe: Recipe, tokenizer_info: TokenizerInfo, template: str,
+                share: tuple[int, int] = (0, 1)) -> Path:
+    """Where a source's tokenized cache lives; one entry per share in a partitioned build."""
+    key = cache_key(source, recipe, tokenizer_info, template)
+    suffix = f"-part{share[0]}of{share[1]}" if share[1] > 1 else ""
+    return Path(recipe.cache_dir) / "tokenized" / f"{source.name}-{key}{suffix}"
+
+
 def tokenize_source(source, recipe: Recipe, tokenizer, tokenizer_info: TokenizerInfo,
-                    progress: Progress) -> TokenizedSource:
-    key = cache_key(source, recipe, tokenizer_info, tokenizer.chat_template)
-    entry = Path(recipe.cache_dir) / "tokenized" / f"{source.name}-{key}"
+                    progress: Progress, share: tuple[int, int] = (0, 1)) -> TokenizedSource:
+    entry = cache_entry(source, recipe, tokenizer_info, tokenizer.chat_template, share)
     cached = entry.exists()
     if not cached:
         total = source.count if isinstance(source, AntiHaystackSource) else source.max_samples
@@ -192,7 +210,7 @@ def tokenize_source(source, recipe: Recipe, tokenizer, tokenizer_info: Tokenizer
             progress.update(task, advance=records, rate=f"{rate / 1e3:,.0f}K tok/s")
 
         backend = tokenizer.backend_tokenizer
-        records = read_source(source, cache_dir=Path(recipe.cache_dir),
+        records = read_source(source, cache_dir=Path(recipe.cache_dir), share=share,
                               count_tokens=lambda text: len(backend.encode(text, add_special_tokens=False)))
         staging = entry.with_name(entry.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
@@ -209,7 +227,9 @@ def _publish_quarantine(sources: list[TokenizedSource], out_dir: Path) -> int:
         if count:
             target = out_dir / "quarantine" / f"{source.name}.jsonl"
             target.parent.mkdir(exist_ok=True)
-            shutil.copyfile(source.cache.quarantine_file, target)
+            with target.open("wb") as merged:
+                for part in source.cache.quarantine_files:
+                    merged.write(part.read_bytes())
         total += count
     return total
 
@@ -231,8 +251,8 @@ def mix_sources(sources: list[TokenizedSource], recipe: Recipe) -> Mix:
 
 
 def split_layout(recipe: Recipe, mixed: Mix):
-    """(split name, samples, max_seq_len, over-length policy, stage name, bucket edges) for
-    every split to write."""
+    """(split name, samples, max_seq_len, over-length policy, stage name, bucket edges): the
+    arguments of ``plan_split`` for every split to write."""
     stages = recipe.packing.stages or (None,)
     for stage in stages:
         max_len = stage.max_seq_len if stage else recipe.packing.max_seq_len
@@ -245,41 +265,72 @@ def split_layout(recipe: Recipe, mixed: Mix):
                 yield f"{prefix}{split}", samples, max_len, overlength, stage.name if stage else None, edges
 
 
-def pack_split(name: str, samples: SampleList, caches: list[TokenCache], recipe: Recipe, max_len: int,
-               overlength: str, stage: str | None, edges: list[int], out_root: Path,
-               progress: Progress) -> SplitResult:
+@dataclass
+class SplitPlan:
+    """One split packed on lengths alone: which pieces go in which row of which bucket."""
+
+    name: str
+    max_len: int
+    stage: str | None
+    samples: SampleList
+    pieces: packing.Pieces
+    plan: packing.Plan
+    buckets: np.ndarray
+    edges: list[int]
+    counts: dict[str, Any]
+
+    def bucket_rows(self) -> list[tuple[str, np.ndarray]]:
+        """(stream name, row indices) for every bucket that holds rows."""
+        named = zip(packing.bucket_names(self.edges), range(len(self.edges)))
+        return [(name, rows) for name, b in named if len(rows := np.flatnonzero(self.buckets == b))]
+
+    def result(self, streams: list[StreamStats]) -> SplitResult:
+        total_tokens = sum(s.tokens for s in streams)
+        for stream in streams:
+            stream.proportion = stream.tokens / total_tokens if total_tokens else 0.0
+        stats = packing.packing_stats(self.plan, self.pieces.length, self.max_len).as_dict()
+        return SplitResult(self.name, self.max_len, self.stage, len(self.samples), self.counts, stats, streams)
+
+
+def plan_split(name: str, samples: SampleList, max_len: int, overlength: str, stage: str | None,
+               edges: list[int], caches: list, recipe: Recipe) -> SplitPlan:
     pieces = packing.fit_to_length(samples.length, max_len, overlength)
     pieces, no_target = _drop_targetless_cuts(pieces, samples, caches)
     plan = packing.plan(pieces.length, max_len, algorithm=recipe.packing.algorithm, seed=recipe.seed)
     buckets = packing.assign_buckets(plan.row_max_item_lengths(pieces.length), edges)
-    assembler = RowAssembler(pieces, samples, caches)
-    task = progress.add_task(f"write {name}", total=len(plan), rate="")
-    streams = []
-    for bucket, bucket_name in enumerate(packing.bucket_names(edges)):
-        rows = np.flatnonzero(buckets == bucket)
-        if not len(rows):
-            continue
-        rel_path = f"{name}/{bucket_name}"
+    counts = {"policy": overlength, "truncated": pieces.truncated, "dropped": pieces.dropped,
+              "split": pieces.split, "empty": pieces.empty, "no_target_after_cut": no_target}
+    return SplitPlan(name, max_len, stage, samples, pieces, plan, buckets, edges, counts)
 
-        def bucket_rows(rows=rows):
+
+def write_split(split: SplitPlan, caches: list, recipe: Recipe, out_root: Path, progress: Progress,
+                share: tuple[int, int] = (0, 1)) -> list[StreamStats]:
+    """Write each bucket's rows as an MDS stream; with ``share=(i, n)`` only the i-th of n
+    contiguous slices of every stream, into ``<stream>/part-<i>`` (joined later by merge)."""
+    worker, workers = share
+    assembler = RowAssembler(split.pieces, split.samples, caches)
+    bucket_rows = [(name, rows[worker * len(rows) // workers:(worker + 1) * len(rows) // workers])
+                   for name, rows in split.bucket_rows()]
+    task = progress.add_task(f"write {split.name}", total=sum(len(r) for _, r in bucket_rows), rate="")
+    streams = []
+    for bucket_name, rows in bucket_rows:
+        rel_path = f"{split.name}/{bucket_name}"
+        destination = out_root / rel_path / (f"part-{worker:05d}" if workers > 1 else "")
+        shutil.rmtree(destination, ignore_errors=True)  # a re-run worker replaces its own part
+
+        def assembled(rows=rows):
             for row in rows.tolist():
-                yield assembler.row(plan[row])
+                yield assembler.row(split.plan[row])
                 progress.advance(task)
 
-        streams.append(write_stream(bucket_rows(), out_root / rel_path, name=bucket_name, rel_path=rel_path,
+        streams.append(write_stream(assembled(), destination, name=bucket_name, rel_path=rel_path,
                                     compression=recipe.output.compression,
                                     size_limit=recipe.output.shard_size_limit))
-    total_tokens = sum(s.tokens for s in streams)
-    for stream in streams:
-        stream.proportion = stream.tokens / total_tokens if total_tokens else 0.0
-    counts = {"truncated": pieces.truncated, "dropped": pieces.dropped, "split": pieces.split,
-              "empty": pieces.empty, "no_target_after_cut": no_target}
-    return SplitResult(name, max_len, stage, len(samples), {"policy": overlength, **counts},
-                       packing.packing_stats(plan, pieces.length, max_len).as_dict(), streams)
+    return streams
 
 
 def _drop_targetless_cuts(pieces: packing.Pieces, samples: SampleList,
-                          caches: list[TokenCache]) -> tuple[packing.Pieces, int]:
+                          caches: list) -> tuple[packing.Pieces, int]:
     """A truncated or split-off piece may hold no assistant token at all; it would cost compute
     and teach nothing, so it is removed and counted."""
     cut = np.flatnonzero((pieces.start > 0) | (pieces.length < samples.length[pieces.sample]))

@@ -49,6 +49,10 @@ def build(
     out: Optional[Path] = typer.Option(None, "--out", help="Output directory (default: the recipe's output.dir)."),
     overrides: Optional[List[str]] = SetOption,
     strict: bool = typer.Option(False, "--strict", help="Fail if any source row had to be quarantined."),
+    workers: int = typer.Option(1, "--workers", min=1,
+                                help="Split the build across N workers sharing cache_dir and the output "
+                                     "directory (a shared filesystem); then run `longdata merge`."),
+    worker_index: int = typer.Option(0, "--worker-index", min=0, help="This worker's index in [0, N)."),
 ) -> None:
     """Build MDS shards, a manifest and a data card from a recipe.
 
@@ -61,8 +65,31 @@ def build(
 
     loaded = _load(recipe, overrides)
     try:
+        if workers > 1:
+            from longdata.partition import build_worker
+
+            report = build_worker(loaded, workers=workers, worker_index=worker_index, out=out, console=console)
+            console.print(f"[green]worker {worker_index} of {workers} done[/green] ({report}); when all "
+                          f"are, run: longdata merge {out or loaded.output.dir}")
+            return
         result = run_build(loaded, out=out, strict=strict, console=console)
     except (BuildError, TemplateError, FileNotFoundError) as exc:
+        console.print(f"[red]error[/red] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    _print_summary(result)
+
+
+@app.command()
+def merge(out: Path = typer.Argument(..., help="The output directory the workers built into.")) -> None:
+    """Join a partitioned build (`longdata build --workers N --worker-index I`, run for every I)
+    into one dataset: each bucket stream's parts are merged with streaming's merge_index, and the
+    manifest and card are written as a single-process build writes them."""
+    from longdata.build import BuildError
+    from longdata.partition import merge as run_merge
+
+    try:
+        result = run_merge(out, console=console)
+    except BuildError as exc:
         console.print(f"[red]error[/red] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
     _print_summary(result)

@@ -24,12 +24,14 @@ class Conversation:
     """One training sample: an ordered chat with at least one assistant turn.
 
     ``location`` says where the row came from (``file:line`` or ``dataset[index]``) so that every
-    count in the manifest can be traced back to input rows.
+    count in the manifest can be traced back to input rows; ``position`` is the row's ordinal in
+    its source, which orders samples identically however a build is partitioned.
     """
 
     messages: tuple[Message, ...]
     location: str
     meta: dict[str, str] = field(default_factory=dict)
+    position: int = 0
 
 
 @dataclass(frozen=True, slots=True)

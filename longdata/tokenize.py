@@ -35,6 +35,7 @@ SCHEMA = pa.schema([
     ("lang", pa.string()),
     ("text_hash", pa.uint64()),
     ("location", pa.string()),
+    ("position", pa.int64()),
 ])
 BATCH_CHARS = 4_000_000
 BATCH_RECORDS = 512
@@ -153,7 +154,7 @@ def _to_arrow(batch: list[Conversation], rendered: list[RenderedChat], encodings
     # All ids of the batch go into one C array: ``array.extend`` converts the Python ints of
     # ``encoding.ids`` several times faster than ``np.asarray`` does, and no concatenate follows.
     ids = array.array(_UINT32_TYPECODE)
-    lengths, masks, targets, langs, hashes, locations = [], [], [], [], [], []
+    lengths, masks, targets, langs, hashes, locations, positions = [], [], [], [], [], [], []
     for conversation, chat, encoding in zip(batch, rendered, encodings):
         n_tokens = len(encoding)
         mask = assistant_mask(encoding, chat.assistant_spans, n_tokens)
@@ -172,6 +173,7 @@ def _to_arrow(batch: list[Conversation], rendered: list[RenderedChat], encodings
         hashes.append(int.from_bytes(hashlib.blake2b(chat.text.encode("utf-8", "surrogatepass"),
                                                      digest_size=8).digest(), "little"))
         locations.append(conversation.location)
+        positions.append(conversation.position)
         stats.samples += 1
         stats.tokens += n_tokens
         stats.target_tokens += target_tokens
@@ -183,6 +185,7 @@ def _to_arrow(batch: list[Conversation], rendered: list[RenderedChat], encodings
         "lang": pa.array(langs, pa.string()),
         "text_hash": pa.array(hashes, pa.uint64()),
         "location": pa.array(locations, pa.string()),
+        "position": pa.array(positions, pa.int64()),
     }, schema=SCHEMA)
 
 
@@ -213,8 +216,9 @@ class TokenCache:
         self.target_tokens = table.column("target_tokens").to_numpy().astype(np.int64)
         self.lang = np.asarray(table.column("lang").to_pylist(), dtype=object)
         self.text_hash = table.column("text_hash").to_numpy()
+        self.position = table.column("position").to_numpy()
         self.stats = TokenizeStats(**json.loads((entry_dir / STATS_FILE).read_text()))
-        self.quarantine_file = entry_dir / QUARANTINE_FILE
+        self.quarantine_files = [entry_dir / QUARANTINE_FILE]
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -232,3 +236,29 @@ class TokenCache:
         offsets, ids, mask = self._chunks[chunk]
         begin = int(offsets[sample - self._chunk_starts[chunk]]) + start
         return ids[begin : begin + length], mask[begin : begin + length]
+
+
+class PartitionedCache:
+    """The caches of one source's shares (a partitioned build) seen as one cache, samples in
+    source position order: exactly the order a single-process build of the source has."""
+
+    def __init__(self, parts: list[TokenCache]):
+        self._parts = parts
+        order = np.argsort(np.concatenate([p.position for p in parts]), kind="stable")
+        self._part = np.concatenate([np.full(len(p), i, dtype=np.int64) for i, p in enumerate(parts)])[order]
+        self._local = np.concatenate([np.arange(len(p), dtype=np.int64) for p in parts])[order]
+        for name in ("lengths", "target_tokens", "lang", "text_hash", "position"):
+            setattr(self, name, np.concatenate([getattr(p, name) for p in parts])[order])
+        totals = {f: sum(getattr(p.stats, f) for p in parts) for f in TokenizeStats.__dataclass_fields__}
+        self.stats = TokenizeStats(**totals)
+        self.quarantine_files = [f for p in parts for f in p.quarantine_files]
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def release_pages(self) -> None:
+        for part in self._parts:
+            part.release_pages()
+
+    def tokens(self, sample: int, start: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+        return self._parts[self._part[sample]].tokens(int(self._local[sample]), start, length)

@@ -59,53 +59,63 @@ def verify_build(build_dir: str | Path) -> VerifyReport:
 
 def _verify_stream(stream_dir: Path, max_seq_len: int, n_sources: int, scratch: Path,
                    report: VerifyReport) -> dict[str, int]:
-    from streaming.base.compression import decompress
-    from streaming.base.format import reader_from_json
-    from streaming.base.hashing import get_hash
-
     counted = {"rows": 0, "tokens": 0, "target_tokens": 0, "samples": 0}
-    index_path = stream_dir / "index.json"
-    if not index_path.exists():
-        report.problems.append(f"{index_path}: missing")
-        return counted
-    for shard in json.loads(index_path.read_text())["shards"]:
-        report.shards += 1
-        stored = shard["zip_data"] or shard["raw_data"]
-        where = stream_dir / stored["basename"]
-        if not where.exists():
-            report.problems.append(f"{where}: missing shard file")
-            continue
-        data = where.read_bytes()
-        if not _matches(data, stored, where, report, get_hash):
-            continue
-        if shard["zip_data"]:
-            data = decompress(shard["compression"], data)
-            if not _matches(data, shard["raw_data"], where, report, get_hash):
-                continue
-        raw_path = scratch / shard["raw_data"]["basename"]
-        raw_path.write_bytes(data)
-        reader = reader_from_json(str(scratch), None, {**shard, "zip_data": None, "compression": None})
-        for index in range(shard["samples"]):
-            row = reader.get_item(index)
-            problem = check_row(row, max_seq_len, n_sources)
-            if problem:
-                report.problems.append(f"{where} row {index}: {problem}")
-            counted["rows"] += 1
-            counted["samples"] += len(row["seq_lens"])
-            counted["tokens"] += len(row["input_ids"])
-            counted["target_tokens"] += int(row["loss_mask"].sum())
-        raw_path.unlink()
+    for where, index, row in iter_stream_rows(stream_dir, scratch, report.problems):
+        if index == 0:
+            report.shards += 1
+        problem = check_row(row, max_seq_len, n_sources)
+        if problem:
+            report.problems.append(f"{where} row {index}: {problem}")
+        counted["rows"] += 1
+        counted["samples"] += len(row["seq_lens"])
+        counted["tokens"] += len(row["input_ids"])
+        counted["target_tokens"] += int(row["loss_mask"].sum())
     report.rows += counted["rows"]
     report.tokens += counted["tokens"]
     return counted
 
 
-def _matches(data: bytes, expected: dict, where: Path, report: VerifyReport, get_hash) -> bool:
+def iter_stream_rows(stream_dir: Path, scratch: Path, problems: list[str]):
+    """(shard path, row index in shard, row) for every row of an MDS stream, in order, after
+    checking each shard's size and hashes against the index (failures go to ``problems``)."""
+    from streaming.base.compression import decompress
+    from streaming.base.format import reader_from_json
+    from streaming.base.hashing import get_hash
+
+    index_path = stream_dir / "index.json"
+    if not index_path.exists():
+        problems.append(f"{index_path}: missing")
+        return
+    for shard in json.loads(index_path.read_text())["shards"]:
+        stored = shard["zip_data"] or shard["raw_data"]
+        where = stream_dir / stored["basename"]
+        if not where.exists():
+            problems.append(f"{where}: missing shard file")
+            continue
+        data = where.read_bytes()
+        if not _matches(data, stored, where, problems, get_hash):
+            continue
+        if shard["zip_data"]:
+            data = decompress(shard["compression"], data)
+            if not _matches(data, shard["raw_data"], where, problems, get_hash):
+                continue
+        # Merged streams name shards "part-00000/shard..."; the scratch copy is flat.
+        raw_name = Path(shard["raw_data"]["basename"]).name
+        (scratch / raw_name).write_bytes(data)
+        flat = {**shard, "zip_data": None, "compression": None,
+                "raw_data": {**shard["raw_data"], "basename": raw_name}}
+        reader = reader_from_json(str(scratch), None, flat)
+        for index in range(shard["samples"]):
+            yield where, index, reader.get_item(index)
+        (scratch / raw_name).unlink()
+
+
+def _matches(data: bytes, expected: dict, where: Path, problems: list[str], get_hash) -> bool:
     if len(data) != expected["bytes"]:
-        report.problems.append(f"{where}: {len(data)} bytes, index says {expected['bytes']}")
+        problems.append(f"{where}: {len(data)} bytes, index says {expected['bytes']}")
         return False
     for algorithm, digest in (expected.get("hashes") or {}).items():
         if get_hash(algorithm, data) != digest:
-            report.problems.append(f"{where}: {algorithm} hash mismatch (corrupted shard)")
+            problems.append(f"{where}: {algorithm} hash mismatch (corrupted shard)")
             return False
     return True

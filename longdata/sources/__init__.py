@@ -6,6 +6,7 @@ takes either (or ShareGPT) by its ``format``; ``antihaystack`` is generated, not
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Callable, Iterator, Union
 
@@ -24,18 +25,24 @@ def schema_of(source: FileSource) -> str:
     return "alpaca" if isinstance(source, LongAlpacaSource) else "messages"
 
 
-def read_source(source, *, cache_dir: Path, count_tokens: Callable[[str], int]) -> Iterator[Record]:
-    """All records of one recipe source, in a deterministic order."""
+def read_source(source, *, cache_dir: Path, count_tokens: Callable[[str], int],
+                share: tuple[int, int] = (0, 1)) -> Iterator[Record]:
+    """All records of one recipe source in a deterministic order, or with ``share=(i, n)`` the
+    rows whose position is ``i`` modulo ``n`` (worker ``i`` of ``n`` in a partitioned build)."""
+    worker, workers = share
     if isinstance(source, AntiHaystackSource):
         from longdata.sources import antihaystack
 
         yield from antihaystack.generate(
             count=source.count, min_tokens=source.length_range[0], max_tokens=source.length_range[1],
             depth_range=source.depth_range, needles=source.needles, tasks=source.tasks,
-            zh_fraction=source.zh_fraction, seed=source.seed, count_tokens=count_tokens)
+            zh_fraction=source.zh_fraction, seed=source.seed, count_tokens=count_tokens,
+            indices=range(worker, source.count, workers))
         return
     parse = PARSERS[schema_of(source)]
-    for item in iter_rows(resolve_path(source, cache_dir), source.split):
+    for position, item in enumerate(iter_rows(resolve_path(source, cache_dir), source.split)):
+        if position % workers != worker:
+            continue
         if isinstance(item, Quarantined):
             yield item
             continue
@@ -45,7 +52,7 @@ def read_source(source, *, cache_dir: Path, count_tokens: Callable[[str], int]) 
         except RowError as exc:
             yield Quarantined(location, str(exc), _preview(row))
             continue
-        yield Conversation(messages, location)
+        yield Conversation(messages, location, position=position)
 
 
 def resolve_path(source: FileSource, cache_dir: Path) -> str:
@@ -64,7 +71,8 @@ def resolve_path(source: FileSource, cache_dir: Path) -> str:
         f"{schema}-n{spec.rows}-c{spec.min_chars}-{spec.max_chars}-zh{spec.zh_fraction}-s{spec.seed}{suffix}")
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(target.name + ".partial")
+        # Workers of a partitioned build may race to make the same file: each writes its own.
+        partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
         writer(partial, spec.rows, seed=spec.seed, min_chars=spec.min_chars,
                max_chars=spec.max_chars, zh_fraction=spec.zh_fraction)
         partial.replace(target)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import bisect
 import math
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from longdata import synthetic
@@ -268,10 +268,13 @@ def generate(
     zh_fraction: float = 0.1,
     seed: int,
     count_tokens: CountTokens,
+    indices: Iterable[int] | None = None,
 ) -> Iterator[Conversation]:
     """Yield ``count`` retrieval conversations (user prompt, assistant answer).
 
     ``zh_fraction`` applies when both languages are allowed; with one, every item uses it.
+    ``indices`` (a subset of ``range(count)``) generates only those items, e.g. one worker's share:
+    item ``i`` depends on ``(seed, i)`` alone.
     """
     if not 0 < min_tokens <= max_tokens:
         raise ValueError(f"need 0 < min_tokens <= max_tokens, got {min_tokens}, {max_tokens}")
@@ -284,7 +287,7 @@ def generate(
     if not languages or set(languages) - set(synthetic.LANGS):
         raise ValueError(f"languages must be a non-empty subset of {synthetic.LANGS}")
     chars_per_token = {lang: _chars_per_token(seed, lang, count_tokens) for lang in languages}
-    for index in range(count):
+    for index in range(count) if indices is None else indices:
         rng = random.Random(f"{seed}:{index}")
         if len(languages) == 1:
             lang = languages[0]
@@ -301,6 +304,7 @@ def generate(
         yield Conversation(
             messages=(Message("user", rendered.prompt), Message("assistant", rendered.answer)),
             location=f"antihaystack[{index}]",
+            position=index,
             meta={
                 "task": kind,
                 "lang": lang,

@@ -23,7 +23,7 @@ def write_card(manifest: dict[str, Any], mixed: Mix, out_dir: Path) -> Path:
         f"Tokenizer `{manifest['tokenizer']['name']}` (vocab {manifest['tokenizer']['vocab_size']:,}, "
         f"sha256 `{manifest['tokenizer']['sha256'][:12]}`), seed {manifest['recipe']['seed']}, "
         f"packing `{manifest['recipe']['packing']['algorithm']}`, over-length policy "
-        f"`{manifest['recipe']['packing']['overlength']}`.",
+        f"`{manifest['recipe']['packing']['overlength']}` (stages may override it).",
         "",
         "## Sources",
         "",
@@ -83,13 +83,21 @@ def _length_summary(lengths: pl.DataFrame) -> str:
 
 
 def _splits_table(manifest: dict[str, Any]) -> str:
-    lines = ["| split | stream | rows | tokens | target tokens | proportion | fill |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    lines = ["| split | max_seq_len | over-length policy | samples | rows | fill | rows/bound | "
+             "truncated | dropped | split | no target after cut |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, split in manifest["splits"].items():
+        cut, packed = split["overlength"], split["packing"]
+        lines.append(f"| {name} | {split['max_seq_len']:,} | {cut['policy']} | {split['samples']:,} | "
+                     f"{split['rows']:,} | {packed['fill']:.2%} | {packed['rows_over_bound']:.3f} | "
+                     f"{cut['truncated']:,} | {cut['dropped']:,} | {cut['split']:,} | "
+                     f"{cut['no_target_after_cut']:,} |")
+    lines += ["", "| split | stream | rows | tokens | target tokens | proportion |",
+              "|---|---|---:|---:|---:|---:|"]
     for name, split in manifest["splits"].items():
         for stream in split["streams"]:
             lines.append(f"| {name} | {stream['name']} | {stream['rows']:,} | {stream['tokens']:,} | "
-                         f"{stream['target_tokens']:,} | {stream['proportion']:.3f} | "
-                         f"{split['packing']['fill']:.2%} |")
+                         f"{stream['target_tokens']:,} | {stream['proportion']:.3f} |")
     return "\n".join(lines)
 
 

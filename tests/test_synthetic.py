@@ -102,7 +102,8 @@ def test_longalign_rows_match_the_public_schema(tmp_path):
         assert roles in (["user", "assistant"], ["user", "assistant"] * 2)
         assert all(set(m) == {"role", "content"} for m in row["messages"])
         long_turn = next(m for m in row["messages"] if m["role"] == "user")["content"]
-        assert len(long_turn) >= 1_000
+        # Sizes are in English characters; Chinese documents hold about a third as many.
+        assert len(long_turn) >= (350 if CJK.search(long_turn) else 1_000)
     assert any(r["messages"][0]["role"] == "system" for r in rows)
     assert any(len(r["messages"]) >= 4 for r in rows)
     zh_rows = [r for r in rows if CJK.search(r["messages"][-1]["content"])]

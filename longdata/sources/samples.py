@@ -68,8 +68,15 @@ def _log_uniform(rng: random.Random, low: int, high: int) -> int:
     return round(math.exp(rng.uniform(math.log(low), math.log(high))))
 
 
+# Sizes are given in English characters. A Chinese character carries about three English
+# characters' worth of text (and tokens), so a zh document of the same size has a third of them.
+_CHARS_PER_ENGLISH_CHAR = {"en": 1.0, "zh": 0.35}
+
+
 def _text(rng: random.Random, lang: Lang, min_chars: int, max_chars: int) -> str:
-    return "\n\n".join(synthetic.document(rng, lang, _log_uniform(rng, min_chars, max_chars)))
+    scale = _CHARS_PER_ENGLISH_CHAR[lang]
+    n_chars = _log_uniform(rng, max(1, int(min_chars * scale)), max(1, int(max_chars * scale)))
+    return "\n\n".join(synthetic.document(rng, lang, n_chars))
 
 
 def _answer(rng: random.Random, lang: Lang) -> str:

@@ -25,7 +25,7 @@ def _resolve_build(build_or_recipe: Path) -> Path:
             raise typer.BadParameter(
                 f"{build_or_recipe} is a recipe, but longdata.build is not available ({error})"
             ) from error
-        return Path(build(build_or_recipe))
+        return build(build_or_recipe).out_dir
     return build_or_recipe
 
 

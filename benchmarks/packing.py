@@ -30,10 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-
 from longdata.packing import ALGORITHMS, packing_stats, plan
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 FIRST_FIT_TIMEOUT_S = 30
 # Arrow's default allocator (jemalloc/mimalloc) keeps freed pages resident, which would let one

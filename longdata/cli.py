@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 from rich.console import Console
@@ -24,7 +23,7 @@ SetOption = typer.Option(
          "Values are parsed as YAML. Repeatable.")
 
 
-def _load(recipe: Path, overrides: Optional[List[str]]):
+def _load(recipe: Path, overrides: list[str] | None):
     from longdata.recipe import RecipeError, load_recipe
 
     try:
@@ -36,7 +35,7 @@ def _load(recipe: Path, overrides: Optional[List[str]]):
 
 
 @app.command()
-def validate(recipe: Path = RecipeArg, overrides: Optional[List[str]] = SetOption) -> None:
+def validate(recipe: Path = RecipeArg, overrides: list[str] | None = SetOption) -> None:
     """Check a recipe without doing any work: every wrong key is reported with its path, exit code 2."""
     loaded = _load(recipe, overrides)
     console.print(f"[green]ok[/green] {recipe}: recipe '{loaded.name}' with {len(loaded.sources)} sources, "
@@ -46,8 +45,8 @@ def validate(recipe: Path = RecipeArg, overrides: Optional[List[str]] = SetOptio
 @app.command()
 def build(
     recipe: Path = RecipeArg,
-    out: Optional[Path] = typer.Option(None, "--out", help="Output directory (default: the recipe's output.dir)."),
-    overrides: Optional[List[str]] = SetOption,
+    out: Path | None = typer.Option(None, "--out", help="Output directory (default: the recipe's output.dir)."),
+    overrides: list[str] | None = SetOption,
     strict: bool = typer.Option(False, "--strict", help="Fail if any source row had to be quarantined."),
     workers: int = typer.Option(1, "--workers", min=1,
                                 help="Split the build across N workers sharing cache_dir and the output "
@@ -60,7 +59,8 @@ def build(
     The build appears at its output directory only once complete; malformed input rows are
     written to <out>/quarantine/<source>.jsonl with their location and reason.
     """
-    from longdata.build import BuildError, build as run_build
+    from longdata.build import BuildError
+    from longdata.build import build as run_build
     from longdata.templates import TemplateError
 
     loaded = _load(recipe, overrides)

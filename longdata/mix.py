@@ -9,8 +9,8 @@ is over its share. Everything is deterministic from the recipe seed.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Sequence
 
 import numpy as np
 

@@ -23,8 +23,19 @@ from pathlib import Path
 
 from rich.console import Console
 
-from longdata.build import (BuildError, BuildResult, TokenizedSource, _progress, cache_entry, finish_build,
-                            mix_sources, plan_split, split_layout, tokenize_source, write_split)
+from longdata.build import (
+    BuildError,
+    BuildResult,
+    TokenizedSource,
+    _progress,
+    cache_entry,
+    finish_build,
+    mix_sources,
+    plan_split,
+    split_layout,
+    tokenize_source,
+    write_split,
+)
 from longdata.recipe import Recipe, validate_recipe
 from longdata.shards import StreamStats
 from longdata.templates import load_tokenizer

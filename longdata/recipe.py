@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -102,7 +102,7 @@ class AntiHaystackSource(SourceBase):
 
 
 Source = Annotated[
-    Union[LongAlignSource, LongAlpacaSource, GenericSource, AntiHaystackSource],
+    LongAlignSource | LongAlpacaSource | GenericSource | AntiHaystackSource,
     Field(discriminator="kind"),
 ]
 SOURCE_KINDS = ("longalign", "longalpaca", "generic", "antihaystack")

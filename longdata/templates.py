@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
-from longdata.records import Message
 from longdata.recipe import TokenizerConfig
+from longdata.records import Message
 
 BUILTIN_TOKENIZERS = {"builtin:quickstart": Path(__file__).parent / "assets" / "quickstart_tokenizer"}
 

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 from longdata.build import build
 from longdata.recipe import validate_recipe

@@ -14,7 +14,6 @@ import yaml
 
 from longdata.build import build
 from longdata.recipe import validate_recipe
-
 from tests.test_build import small_recipe
 
 pytestmark = pytest.mark.slow

@@ -4,8 +4,8 @@ templates without {% generation %} tags."""
 import numpy as np
 import pytest
 
-from longdata.records import Message
 from longdata.recipe import TokenizerConfig
+from longdata.records import Message
 from longdata.templates import ChatRenderer, TemplateError, assistant_mask, load_tokenizer
 
 CHATML = ("{% for m in messages %}<|start_header_id|>{{ m['role'] }}\n{{ m['content'] }}<|eot_id|>\n"

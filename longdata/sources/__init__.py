@@ -7,15 +7,15 @@ takes either (or ShareGPT) by its ``format``; ``antihaystack`` is generated, not
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator, Union
 
-from longdata.records import Conversation, Quarantined, RowError
 from longdata.recipe import AntiHaystackSource, FileSource, GenericSource, LongAlpacaSource
+from longdata.records import Conversation, Quarantined, RowError
 from longdata.sources.readers import iter_rows
 from longdata.sources.schemas import PARSERS
 
-Record = Union[Conversation, Quarantined]
+Record = Conversation | Quarantined
 SAMPLE_PREFIX = "builtin:sample/"
 
 

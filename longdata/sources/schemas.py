@@ -5,7 +5,8 @@ A parser raises ``RowError`` with a reason a person can act on; the reader quara
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from longdata.records import ROLES, Message, RowError, validate_messages
 

@@ -7,7 +7,6 @@ starting a rank (importing torch and transformers) costs more than the tiny mode
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,7 @@ import pytest
 import torch
 
 from tests.builders import make_row, write_build
-from tests.multiprocess import run_on_ranks, run_torchrun
+from tests.multiprocess import run_on_ranks
 from trainer.distributed import kv_replication
 
 VOCAB = 256
@@ -77,9 +76,7 @@ def _sequence_parallel_rank(result_path: str) -> None:
                 summed_loss = loss.detach().clone()
                 dist.all_reduce(summed_loss, group=context.sp_group)
                 grad_error = 0.0
-                for mine, theirs in zip(
-                    parallel.parameters(), reference.parameters(), strict=True
-                ):
+                for mine, theirs in zip(parallel.parameters(), reference.parameters(), strict=True):
                     dist.all_reduce(mine.grad, group=context.sp_group)
                     grad_error = max(grad_error, float((mine.grad - theirs.grad).abs().max()))
 
@@ -111,3 +108,128 @@ def test_sequence_parallel_equals_single_process(tmp_path: Path) -> None:
                 case,
                 error,
             )
+
+
+# ---------------------------------------------------------------------------------------------
+# Data parallelism: rows, DDP, FSDP
+
+
+@pytest.fixture(scope="module")
+def build(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """16 rows in two buckets, every row distinct (random tokens)."""
+    rng = np.random.default_rng(0)
+    short = [make_row(rng.integers(2, 12, 4).tolist(), rng, VOCAB) for _ in range(10)]
+    long = [make_row(rng.integers(10, 30, 2).tolist(), rng, VOCAB) for _ in range(6)]
+    return write_build(
+        tmp_path_factory.mktemp("build"), {"le_0048": short, "le_0064": long}, VOCAB, 64
+    )
+
+
+def _row_key(row: dict) -> str:
+    return row["input_ids"].tobytes().hex()
+
+
+def _rows_seen_rank(build_dir: str, result_path: str) -> None:
+    """One epoch's rows on this rank, without and with replication=2."""
+    import torch.distributed as dist
+
+    from trainer.data import Manifest, make_dataset, release_streaming_resources
+
+    dist.init_process_group("gloo")
+    seen = {}
+    for replication in (1, 2):
+        dataset = make_dataset(Manifest.read(build_dir), "train", 2, replication=replication)
+        seen[replication] = [_row_key(row) for row in dataset]
+        del dataset
+        release_streaming_resources()
+    Path(f"{result_path}.{dist.get_rank()}").write_text(json.dumps(seen))
+    dist.destroy_process_group()
+
+
+def test_ranks_see_disjoint_rows_or_replicated_rows(build: Path, tmp_path: Path) -> None:
+    from trainer.data import Manifest, make_dataset, release_streaming_resources
+
+    # One process's epoch. (Streams are mixed by token proportion, so an epoch may repeat a
+    # row of one bucket and skip one of another: compare with it, not with the build's rows.)
+    dataset = make_dataset(Manifest.read(build), "train", 2)
+    one_process = [_row_key(row) for row in dataset]
+    del dataset
+    release_streaming_resources()
+
+    result_path = str(tmp_path / "rows.json")
+    run_on_ranks(_rows_seen_rank, 2, str(build), result_path)
+    rank0, rank1 = (json.loads(Path(f"{result_path}.{r}").read_text()) for r in range(2))
+    # Data parallel: each rank half of that epoch; together exactly its rows, none extra.
+    assert len(rank0["1"]) == len(rank1["1"]) == len(one_process) // 2
+    assert sorted(rank0["1"] + rank1["1"]) == sorted(one_process)
+    repeated = {row for row in one_process if one_process.count(row) > 1}
+    assert not (set(rank0["1"]) & set(rank1["1"])) - repeated
+    # replication=2 (one SP group of 2 ranks): both ranks read the same rows in the same order.
+    assert rank0["2"] == rank1["2"] and sorted(rank0["2"]) == sorted(one_process)
+
+
+def _training_rank(build_dir: str, out_root: str) -> None:
+    """Three short runs on 2 ranks: DDP and FSDP (2 rows per step), DDP with SP=2 (1 row)."""
+    import torch.distributed as dist
+
+    from trainer.loop import train
+
+    dist.init_process_group("gloo")
+    for name, settings in {
+        "ddp": {"parallel": "ddp"},
+        "fsdp": {"parallel": "fsdp", "checkpoint_every": 2, "save": "merged"},
+        "sp2": {"parallel": "ddp", "sp": 2},
+    }.items():
+        result = train(_train_config(build_dir, f"{out_root}/{name}", batch_size=1, **settings))
+        losses = [metrics.loss for metrics in result.metrics]
+        Path(f"{out_root}/{name}.losses.{dist.get_rank()}").write_text(json.dumps(losses))
+    dist.destroy_process_group()
+
+
+def _train_config(build_dir: str, out_dir: str, **overrides: object):
+    from trainer.loop import TrainConfig
+
+    settings = {
+        "build_dir": build_dir,
+        "out_dir": out_dir,
+        "steps": 3,
+        "lr": 1e-2,
+        "warmup_steps": 1,
+        "save": "none",
+        "progress": False,
+        "attention": "sdpa_varlen",
+    }
+    return TrainConfig(**{**settings, **overrides})
+
+
+def test_ddp_fsdp_and_sp_match_one_process(build: Path, tmp_path: Path) -> None:
+    """Streaming gives the world the same global batches whatever the number of ranks, and the
+    loss is normalised over all ranks, so 2 ranks x 1 row must equal 1 process x 2 rows."""
+    from trainer.loop import train
+
+    one_process = {
+        rows: [
+            m.loss
+            for m in train(
+                _train_config(str(build), str(tmp_path / f"one{rows}"), batch_size=rows)
+            ).metrics
+        ]
+        for rows in (1, 2)
+    }
+    run_on_ranks(_training_rank, 2, str(build), str(tmp_path))
+    for name, rows in (("ddp", 2), ("fsdp", 2), ("sp2", 1)):
+        for rank in range(2):
+            losses = json.loads((tmp_path / f"{name}.losses.{rank}").read_text())
+            assert np.allclose(losses, one_process[rows], rtol=0, atol=LOSS_TOLERANCE), (
+                name,
+                losses,
+                one_process[rows],
+            )
+    # Rank 0 alone writes: one metrics line per step, an FSDP checkpoint with whole weights.
+    assert (tmp_path / "ddp" / "metrics.jsonl").read_text().count("\n") == 3
+    checkpoint = torch.load(
+        tmp_path / "fsdp" / "checkpoints" / "step_0000002.pt", weights_only=False
+    )
+    assert checkpoint["model"]["model.embed_tokens.weight"].shape == (VOCAB, 128)
+    assert len(checkpoint["rng"]) == 2
+    assert (tmp_path / "fsdp" / "final" / "config.json").is_file()

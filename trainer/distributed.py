@@ -57,12 +57,13 @@ NEXT_TOKEN_KEYS = ("next_labels", "next_sample_ids", "next_source_ids")
 class ParallelContext:
     """Where this process sits in the DP x SP mesh (all sizes 1 in a single process)."""
 
+    device: torch.device
     rank: int = 0
     world_size: int = 1
     sp_size: int = 1
-    device: torch.device = torch.device("cpu")
     dp_group: dist.ProcessGroup | None = None
     sp_group: dist.ProcessGroup | None = None
+    owns_process_group: bool = False  # init_parallel started it, so shutdown_parallel ends it
 
     @property
     def distributed(self) -> bool:
@@ -112,12 +113,13 @@ def init_parallel(sp_size: int = 1, device: str = "auto") -> ParallelContext:
             raise ValueError(f"sp={sp_size} needs several processes: launch with torchrun")
         return ParallelContext(device=torch.device(device))
     if device.startswith("cuda"):
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local_rank)
         torch_device = torch.device("cuda", local_rank)
     else:
         torch_device = torch.device(device)
-    if not dist.is_initialized():
+    owns_process_group = not dist.is_initialized()
+    if owns_process_group:
         backend = "nccl" if torch_device.type == "cuda" else "gloo"
         dist.init_process_group(backend, init_method="env://", timeout=COLLECTIVE_TIMEOUT)
     world_size = dist.get_world_size()
@@ -135,11 +137,13 @@ def init_parallel(sp_size: int = 1, device: str = "auto") -> ParallelContext:
         device=torch_device,
         dp_group=mesh.get_group("dp"),
         sp_group=mesh.get_group("sp"),
+        owns_process_group=owns_process_group,
     )
 
 
 def shutdown_parallel(context: ParallelContext) -> None:
-    if context.distributed and dist.is_initialized():
+    """Leave the process group if `init_parallel` joined it (a caller's own group stays)."""
+    if context.owns_process_group and dist.is_initialized():
         dist.destroy_process_group()
 
 
@@ -225,9 +229,7 @@ def _exchange(tensor: torch.Tensor, scatter_dim: int, gather_dim: int, group: An
     return torch.cat(incoming.unbind(0), dim=gather_dim)
 
 
-def all_to_all(
-    tensor: torch.Tensor, scatter_dim: int, gather_dim: int, group: Any
-) -> torch.Tensor:
+def all_to_all(tensor: torch.Tensor, scatter_dim: int, gather_dim: int, group: Any) -> torch.Tensor:
     """Differentiable all-to-all over `group` (gloo supports all_to_all_single in torch 2.14)."""
     return _AllToAll.apply(tensor, scatter_dim, gather_dim, group)
 
@@ -270,7 +272,9 @@ def enable_sequence_parallel(model: nn.Module, backend: str, group: Any) -> None
     from transformers import AttentionInterface
 
     config = model.config
-    kv_replication(config.num_attention_heads, config.num_key_value_heads, dist.get_world_size(group))
+    kv_replication(
+        config.num_attention_heads, config.num_key_value_heads, dist.get_world_size(group)
+    )
     inner = auto_attention if backend == "auto" else BACKEND_FUNCTIONS[backend]
     name = implementation_name(backend).replace("longdata_", "longdata_ulysses_", 1)
     AttentionInterface.register(name, partial(ulysses_attention, inner=inner, group=group))

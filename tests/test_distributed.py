@@ -7,6 +7,7 @@ starting a rank (importing torch and transformers) costs more than the tiny mode
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 from tests.builders import make_row, write_build
-from tests.multiprocess import run_on_ranks
+from tests.multiprocess import run_on_ranks, run_torchrun
 from trainer.distributed import kv_replication
 
 VOCAB = 256
@@ -233,3 +234,26 @@ def test_ddp_fsdp_and_sp_match_one_process(build: Path, tmp_path: Path) -> None:
     assert checkpoint["model"]["model.embed_tokens.weight"].shape == (VOCAB, 128)
     assert len(checkpoint["rng"]) == 2
     assert (tmp_path / "fsdp" / "final" / "config.json").is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end
+
+
+def test_torchrun_cli_trains_and_resumes_exactly(build: Path, tmp_path: Path) -> None:
+    """`torchrun -m longdata.cli train` on 2 ranks; a resume redoes step 3 with the same loss."""
+    out = tmp_path / "run"
+    arguments = ["-m", "longdata.cli", "train", str(build), "--out", str(out), "--steps", "3"]
+    arguments += ["--parallel", "ddp", "--checkpoint-every", "2", "--attention", "sdpa_varlen"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
+    first = run_torchrun(2, arguments, cwd=tmp_path, env=env)
+    assert first.returncode == 0, first.stdout
+    assert first.stdout.count("saved ") == 1  # rank 0 alone reports and saves
+    assert (out / "final" / "config.json").is_file()
+
+    resumed = run_torchrun(2, [*arguments, "--resume"], cwd=tmp_path, env=env)
+    assert resumed.returncode == 0, resumed.stdout
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == [1, 2, 3, 3]
+    assert steps[3]["loss"] == steps[2]["loss"]
+    assert steps[0]["tokens"] > 0 and steps[0]["loss_per_source"]

@@ -118,7 +118,7 @@ def measure(sp: int, length: int, args: argparse.Namespace) -> list[dict] | None
             command = [sys.executable, "-m", "torch.distributed.run"]
             command += [f"--nproc-per-node={sp}", script, *options]
         env = {**os.environ, "PYTHONPATH": str(REPOSITORY), "OMP_NUM_THREADS": "1"}
-        completed = subprocess.run(command, env=env, capture_output=True, text=True)
+        completed = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
         if completed.returncode != 0:
             print(f"sp={sp} length={length} failed:\n{completed.stderr[-2000:]}", file=sys.stderr)
             return None
@@ -130,8 +130,8 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=8192, help="row length for the overhead")
     parser.add_argument("--sample-len", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--budget-mb", type=float, default=1200.0)
-    parser.add_argument("--start-length", type=int, default=8192)
+    parser.add_argument("--budget-mb", type=float, default=2048.0)
+    parser.add_argument("--start-length", type=int, default=4096)
     parser.add_argument("--max-length", type=int, default=131_072)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--sp", type=int, default=1, help=argparse.SUPPRESS)
@@ -147,7 +147,9 @@ def main() -> None:
         f"1 thread per rank, median of {args.repeats} fwd+bwd steps after a warm-up\n"
     )
     print(f"Overhead at {args.length:,} tokens per row:\n")
-    print("| SP | ranks | s / step | tokens/s | total rank-seconds vs SP=1 | peak RSS MB per rank |")
+    print(
+        "| SP | ranks | s / step | tokens/s | total rank-seconds vs SP=1 | peak RSS MB per rank |"
+    )
     print("|---|---|---|---|---|---|")
     baseline = None
     for sp in (1, 2):
@@ -174,8 +176,10 @@ def main() -> None:
                 break
             peak = max(r["peak_mb"] for r in ranks)
             growth = max(r["peak_mb"] - r["before_mb"] for r in ranks)
-            print(f"| {sp} | {length:,} | {max(r['step_s'] for r in ranks):.2f} | "
-                  f"{peak:,.0f} | {growth:,.0f} |")
+            print(
+                f"| {sp} | {length:,} | {max(r['step_s'] for r in ranks):.2f} | "
+                f"{peak:,.0f} | {growth:,.0f} |"
+            )
             if peak > args.budget_mb:
                 break
             fitted = length

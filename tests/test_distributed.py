@@ -169,18 +169,14 @@ def test_ranks_see_disjoint_rows_or_replicated_rows(build: Path, tmp_path: Path)
     assert rank0["2"] == rank1["2"] and sorted(rank0["2"]) == sorted(one_process)
 
 
-def _training_rank(build_dir: str, out_root: str) -> None:
-    """Three short runs on 2 ranks: DDP and FSDP (2 rows per step), DDP with SP=2 (1 row)."""
+def _training_rank(build_dir: str, out_root: str, runs: dict[str, dict]) -> None:
+    """Short training runs on this rank (each with 1 row per DP rank and step)."""
     import torch.distributed as dist
 
     from trainer.loop import train
 
     dist.init_process_group("gloo")
-    for name, settings in {
-        "ddp": {"parallel": "ddp"},
-        "fsdp": {"parallel": "fsdp", "checkpoint_every": 2, "save": "merged"},
-        "sp2": {"parallel": "ddp", "sp": 2},
-    }.items():
+    for name, settings in runs.items():
         result = train(_train_config(build_dir, f"{out_root}/{name}", batch_size=1, **settings))
         losses = [metrics.loss for metrics in result.metrics]
         Path(f"{out_root}/{name}.losses.{dist.get_rank()}").write_text(json.dumps(losses))
@@ -203,29 +199,43 @@ def _train_config(build_dir: str, out_dir: str, **overrides: object):
     return TrainConfig(**{**settings, **overrides})
 
 
-def test_ddp_fsdp_and_sp_match_one_process(build: Path, tmp_path: Path) -> None:
-    """Streaming gives the world the same global batches whatever the number of ranks, and the
-    loss is normalised over all ranks, so 2 ranks x 1 row must equal 1 process x 2 rows."""
+@pytest.fixture(scope="module")
+def one_process_losses(build: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Per-step losses of one process reading 1 or 2 rows per step."""
     from trainer.loop import train
 
-    one_process = {
+    out_root = tmp_path_factory.mktemp("one_process")
+    return {
         rows: [
             m.loss
             for m in train(
-                _train_config(str(build), str(tmp_path / f"one{rows}"), batch_size=rows)
+                _train_config(str(build), str(out_root / str(rows)), batch_size=rows)
             ).metrics
         ]
         for rows in (1, 2)
     }
-    run_on_ranks(_training_rank, 2, str(build), str(tmp_path))
+
+
+def _assert_losses_match(out_root: Path, name: str, ranks: int, expected: list[float]) -> None:
+    for rank in range(ranks):
+        losses = json.loads((out_root / f"{name}.losses.{rank}").read_text())
+        assert np.allclose(losses, expected, rtol=0, atol=LOSS_TOLERANCE), (name, losses, expected)
+
+
+def test_ddp_fsdp_and_sp_match_one_process(
+    build: Path, tmp_path: Path, one_process_losses: dict
+) -> None:
+    """Streaming gives the world the same global batches whatever the number of ranks, and the
+    loss is normalised over all ranks, so 2 DP ranks x 1 row must equal 1 process x 2 rows,
+    and one SP group of 2 ranks x 1 row must equal 1 process x 1 row."""
+    runs = {
+        "ddp": {"parallel": "ddp"},
+        "fsdp": {"parallel": "fsdp", "checkpoint_every": 2, "save": "merged"},
+        "sp2": {"parallel": "ddp", "sp": 2},
+    }
+    run_on_ranks(_training_rank, 2, str(build), str(tmp_path), runs)
     for name, rows in (("ddp", 2), ("fsdp", 2), ("sp2", 1)):
-        for rank in range(2):
-            losses = json.loads((tmp_path / f"{name}.losses.{rank}").read_text())
-            assert np.allclose(losses, one_process[rows], rtol=0, atol=LOSS_TOLERANCE), (
-                name,
-                losses,
-                one_process[rows],
-            )
+        _assert_losses_match(tmp_path, name, 2, one_process_losses[rows])
     # Rank 0 alone writes: one metrics line per step, an FSDP checkpoint with whole weights.
     assert (tmp_path / "ddp" / "metrics.jsonl").read_text().count("\n") == 3
     checkpoint = torch.load(
@@ -234,6 +244,16 @@ def test_ddp_fsdp_and_sp_match_one_process(build: Path, tmp_path: Path) -> None:
     assert checkpoint["model"]["model.embed_tokens.weight"].shape == (VOCAB, 128)
     assert len(checkpoint["rng"]) == 2
     assert (tmp_path / "fsdp" / "final" / "config.json").is_file()
+
+
+def test_fsdp_with_two_dp_by_two_sp_ranks_matches_one_process(
+    build: Path, tmp_path: Path, one_process_losses: dict
+) -> None:
+    """4 ranks as a 2 x 2 DP x SP mesh: rows go to the right SP groups, shards to the right
+    ranks, and the step equals one process reading 2 rows."""
+    runs = {"fsdp_dp2_sp2": {"parallel": "fsdp", "sp": 2}}
+    run_on_ranks(_training_rank, 4, str(build), str(tmp_path), runs)
+    _assert_losses_match(tmp_path, "fsdp_dp2_sp2", 4, one_process_losses[2])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -39,7 +39,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from trainer.attention import BACKEND_FUNCTIONS, auto_attention, implementation_name
+from trainer.attention import (
+    BACKEND_FUNCTIONS,
+    IMPLEMENTATION_PREFIX,
+    auto_attention,
+    implementation_name,
+)
 from trainer.loss import next_token_targets
 
 PARALLEL_MODES = ("ddp", "fsdp")
@@ -73,10 +78,6 @@ class ParallelContext:
     def is_main(self) -> bool:
         """Rank 0 alone logs, writes metrics and saves checkpoints."""
         return self.rank == 0
-
-    @property
-    def dp_size(self) -> int:
-        return self.world_size // self.sp_size
 
     @property
     def sp_rank(self) -> int:
@@ -275,8 +276,9 @@ def enable_sequence_parallel(model: nn.Module, backend: str, group: Any) -> None
     kv_replication(
         config.num_attention_heads, config.num_key_value_heads, dist.get_world_size(group)
     )
+    implementation_name(backend)  # rejects an unknown backend
     inner = auto_attention if backend == "auto" else BACKEND_FUNCTIONS[backend]
-    name = implementation_name(backend).replace("longdata_", "longdata_ulysses_", 1)
+    name = f"{IMPLEMENTATION_PREFIX}ulysses_{backend}"
     AttentionInterface.register(name, partial(ulysses_attention, inner=inner, group=group))
     model.set_attn_implementation(name)
 

@@ -189,7 +189,8 @@ def _training_rank(build_dir: str, out_root: str, runs: dict[str, dict]) -> None
 
     dist.init_process_group("gloo")
     for name, settings in runs.items():
-        result = train(_train_config(build_dir, f"{out_root}/{name}", batch_size=1, **settings))
+        out_dir = f"{out_root}/{settings.pop('out_dir', name)}"
+        result = train(_train_config(build_dir, out_dir, batch_size=1, **settings))
         losses = [metrics.loss for metrics in result.metrics]
         Path(f"{out_root}/{name}.losses.{dist.get_rank()}").write_text(json.dumps(losses))
     dist.destroy_process_group()
@@ -243,11 +244,14 @@ def test_ddp_fsdp_and_sp_match_one_process(
     runs = {
         "ddp": {"parallel": "ddp"},
         "fsdp": {"parallel": "fsdp", "checkpoint_every": 2, "save": "merged"},
+        # Resumes from the step-2 checkpoint of "fsdp" and redoes its step 3.
+        "fsdp_resumed": {"parallel": "fsdp", "resume": True, "out_dir": "fsdp"},
         "sp2": {"parallel": "ddp", "sp": 2},
     }
     run_on_ranks(_training_rank, 2, str(build), str(tmp_path), runs)
     for name, rows in (("ddp", 2), ("fsdp", 2), ("sp2", 1)):
         _assert_losses_match(tmp_path, name, 2, one_process_losses[rows])
+    _assert_losses_match(tmp_path, "fsdp_resumed", 2, one_process_losses[2][2:])
     # Rank 0 alone writes: one metrics line per step, an FSDP checkpoint with whole weights.
     assert (tmp_path / "ddp" / "metrics.jsonl").read_text().count("\n") == 3
     checkpoint = torch.load(

@@ -5,6 +5,7 @@ torch and transformers are imported inside the functions so `longdata --help` st
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -104,6 +105,20 @@ def train(
     threads: Annotated[
         int | None, typer.Option(help="torch intra-op CPU threads (default: torch's choice).")
     ] = None,
+    parallel: Annotated[
+        str,
+        typer.Option(
+            help="Under torchrun: ddp (every rank holds the whole model) or fsdp (FSDP2: weights, "
+            "gradients and optimizer state sharded across ranks). Ignored in one process.",
+        ),
+    ] = "ddp",
+    sp: Annotated[
+        int,
+        typer.Option(
+            help="Sequence parallelism (Ulysses): split every row along the sequence across "
+            "this many ranks; must divide the number of ranks and the model's attention heads.",
+        ),
+    ] = 1,
 ) -> None:
     """Train a causal LM on a longdata build without cross-sample attention.
 
@@ -111,6 +126,10 @@ def train(
     target tokens/s, loss per source and peak memory (OUT/metrics.jsonl), checkpoints so a
     killed run resumes exactly (--checkpoint-every, --resume) and saves a Hugging Face
     checkpoint in OUT/final. With no --model, a tiny random Llama trains on CPU in minutes.
+
+    Multi-GPU / multi-node: launch the same command with torchrun, e.g.
+    `torchrun --nproc-per-node 8 -m longdata.cli train BUILD --parallel fsdp --sp 2`;
+    --batch-size is then per data-parallel rank and rank 0 alone writes OUT.
     """
     import torch
 
@@ -145,8 +164,12 @@ def train(
         save=save,
         seed=seed,
         remote=remote,
+        parallel=parallel,
+        sp=sp,
     )
     result = run_training(config)
+    if os.environ.get("RANK", "0") != "0":
+        return  # under torchrun rank 0 reports for all
     last = result.metrics[-1] if result.metrics else None
     if last is not None:
         typer.echo(

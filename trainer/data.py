@@ -63,8 +63,13 @@ def make_dataset(
     remote: str | None = None,
     cache_dir: str | Path | None = None,
     predownload: int | None = None,
+    replication: int = 1,
 ) -> Any:
     """A StreamingDataset over every stream of `split`, weighted by the manifest's proportions.
+
+    Under torchrun, streaming reads the ranks from the environment and gives each rank disjoint
+    rows; with `replication=N`, each group of N consecutive ranks (a sequence-parallel group)
+    gets the same rows.
 
     With `remote` (e.g. `s3://bucket/builds/quickstart`), each stream is read from
     `<remote>/<stream path>` and cached under `cache_dir` (default: the build directory);
@@ -91,6 +96,7 @@ def make_dataset(
         shuffle_seed=shuffle_seed,
         batching_method=batching_method,
         predownload=predownload,
+        replication=replication if replication > 1 else None,
     )
 
 

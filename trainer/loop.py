@@ -1,5 +1,9 @@
 """The training loop: stream packed rows, step AdamW, checkpoint so a killed run resumes exactly.
 
+Under torchrun the same loop runs on every rank (see `trainer.distributed`): each DP rank
+streams its own rows, each SP group its own rows split along the sequence, the step's loss is
+normalised over all ranks, and rank 0 alone logs and writes files.
+
 Read top to bottom: `TrainConfig` says what can be set; `train` builds the model, data and
 optimizer, then runs steps. A step draws `grad_accum` micro-batches first, so the loss can be
 normalised by the whole step's target tokens (or samples), then runs forward and backward on
@@ -24,10 +28,27 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel
 
 from trainer.data import Manifest, make_dataloader, make_dataset, release_streaming_resources
-from trainer.loss import LOSS_MODES, micro_batch_loss, model_token_losses, step_denominator
+from trainer.distributed import (
+    PARALLEL_MODES,
+    ParallelContext,
+    enable_sequence_parallel,
+    init_parallel,
+    shard_batch,
+    shutdown_parallel,
+    wrap_model,
+)
+from trainer.loss import (
+    LOSS_MODES,
+    TargetScorer,
+    TokenLosses,
+    micro_batch_loss,
+    step_denominator,
+)
 from trainer.model import load_model
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -44,7 +65,7 @@ class TrainConfig:
     attention: str = "auto"
     split: str = "train"
     steps: int = 100
-    batch_size: int = 1  # packed rows per micro-batch
+    batch_size: int = 1  # packed rows per micro-batch (per DP rank under torchrun)
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 3e-4
     warmup_steps: int = 10
@@ -73,6 +94,8 @@ class TrainConfig:
     resume: bool = False
     device: str = "auto"
     progress: bool = True
+    parallel: str = "ddp"  # under torchrun: ddp (replicated weights) or fsdp (FSDP2, sharded)
+    sp: int = 1  # sequence-parallel group size: ranks that split each row along the sequence
 
     def validate(self) -> None:
         if self.loss not in LOSS_MODES:
@@ -83,8 +106,12 @@ class TrainConfig:
             raise ValueError(f"save must be one of {SAVE_FORMATS}, not {self.save!r}")
         if self.save == "adapter" and not self.lora:
             raise ValueError("save='adapter' needs lora=True")
-        if min(self.steps, self.batch_size, self.grad_accum) < 1:
-            raise ValueError("steps, batch_size and grad_accum must be >= 1")
+        if min(self.steps, self.batch_size, self.grad_accum, self.sp) < 1:
+            raise ValueError("steps, batch_size, grad_accum and sp must be >= 1")
+        if self.parallel not in PARALLEL_MODES:
+            raise ValueError(f"parallel must be one of {PARALLEL_MODES}, not {self.parallel!r}")
+        if self.parallel == "fsdp" and self.lora:
+            raise ValueError("lora with parallel='fsdp' is not supported; use parallel='ddp'")
 
 
 @dataclass(frozen=True)
@@ -112,12 +139,6 @@ class TrainResult:
 
 # ---------------------------------------------------------------------------------------------
 # Setup
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def _autocast(precision: str, device: torch.device) -> Any:
@@ -184,9 +205,35 @@ def _optimizer(model: PreTrainedModel, config: TrainConfig) -> torch.optim.AdamW
 # Checkpoints
 
 
-def _trainable_state(model: PreTrainedModel) -> dict[str, torch.Tensor]:
-    """Only trainable weights: the frozen rest is rebuilt from the model spec and seed."""
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+def _full_state(
+    model: PreTrainedModel, optimizer: torch.optim.Optimizer
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Whole (unsharded) trainable weights and optimizer state, on CPU, keyed by name.
+
+    A collective under FSDP (every rank must call it; the shards are gathered). Only trainable
+    weights are kept: the frozen rest (LoRA's base) is rebuilt from the model spec and seed.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state, optimizer_state = get_state_dict(model, optimizer, options=options)
+    return {k: v for k, v in model_state.items() if k in trainable}, optimizer_state
+
+
+def _load_full_state(
+    model: PreTrainedModel, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+) -> None:
+    """Load `_full_state`'s output on every rank (FSDP keeps each rank's shard of it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=state["model"],
+        optim_state_dict=state["optimizer"],
+        options=StateDictOptions(full_state_dict=True, strict=False),
+    )
 
 
 def _rng_state() -> dict[str, Any]:
@@ -208,6 +255,15 @@ def _restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _every_rank_rng(context: ParallelContext) -> list[dict[str, Any]]:
+    """Every rank's RNG state, in rank order (a collective under torchrun)."""
+    if not context.distributed:
+        return [_rng_state()]
+    states: list[Any] = [None] * context.world_size
+    dist.all_gather_object(states, _rng_state())
+    return states
+
+
 def _save_checkpoint(
     path: Path,
     step: int,
@@ -216,20 +272,55 @@ def _save_checkpoint(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     loader: Any,
     config: TrainConfig,
+    context: ParallelContext,
 ) -> None:
+    """Rank 0 writes one file holding the whole state and every rank's RNG.
+
+    Every rank calls this (gathering sharded weights and RNG states are collectives). The data
+    position needs no gathering: streaming's loader state counts the samples the whole world
+    has consumed, which is the same number on every rank.
+    """
+    model_state, optimizer_state = _full_state(model, optimizer)
+    rng_states = _every_rank_rng(context)
+    if not context.is_main:
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {
         "step": step,
-        "model": _trainable_state(model),
-        "optimizer": optimizer.state_dict(),
+        "model": model_state,
+        "optimizer": optimizer_state,
         "scheduler": scheduler.state_dict(),
-        "rng": _rng_state(),
+        "rng": rng_states,
         "dataloader": loader.state_dict(),
+        "world_size": context.world_size,
         "config": asdict(config),
     }
     partial = path.with_suffix(".partial")
     torch.save(state, partial)
     partial.replace(path)  # atomic: a kill mid-save leaves the previous checkpoint intact
+
+
+def _resume(
+    path: Path,
+    model: PreTrainedModel,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    loader: Any,
+    context: ParallelContext,
+) -> int:
+    """Restore a checkpoint on every rank (the run directory must be readable by all of them);
+    returns its step."""
+    state = torch.load(path, weights_only=False)
+    if state.get("world_size", 1) != context.world_size:
+        raise ValueError(
+            f"{path} was written by {state.get('world_size', 1)} ranks; resume it with the "
+            f"same number (this run has {context.world_size})"
+        )
+    _load_full_state(model, optimizer, state)
+    scheduler.load_state_dict(state["scheduler"])
+    loader.load_state_dict(state["dataloader"])
+    _restore_rng(state["rng"][context.rank])
+    return state["step"]
 
 
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
@@ -268,12 +359,26 @@ def _peak_memory_mb(device: torch.device) -> float:
 
 
 def train(config: TrainConfig, on_step: Callable[[StepMetrics], None] | None = None) -> TrainResult:
-    """Train on a longdata build; returns the per-step metrics and the final checkpoint dir."""
+    """Train on a longdata build; returns the per-step metrics and the final checkpoint dir.
+
+    Under torchrun, call it on every rank: it joins the process group and leaves it at the end.
+    """
     config.validate()
-    device = _device(config.device)
+    context = init_parallel(config.sp, config.device)
+    try:
+        return _train(config, context, on_step)
+    finally:
+        shutdown_parallel(context)
+
+
+def _train(
+    config: TrainConfig, context: ParallelContext, on_step: Callable[[StepMetrics], None] | None
+) -> TrainResult:
+    device = context.device
     out_dir = Path(config.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
+    if context.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
     manifest = Manifest.read(config.build_dir)
     sources = manifest.source_names
 
@@ -281,6 +386,11 @@ def train(config: TrainConfig, on_step: Callable[[StepMetrics], None] | None = N
     np.random.seed(config.seed)
     torch.manual_seed(config.seed)
     model = _build_model(config, manifest.vocab_size, device)
+    if context.sp_size > 1:
+        enable_sequence_parallel(model, config.attention, context.sp_group)
+    # DDP / FSDP wrap the module whose forward computes the losses; the optimizer is built after
+    # wrapping because FSDP replaces the parameters with sharded ones.
+    scorer = wrap_model(TargetScorer(model), config.parallel, context)
     optimizer = _optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_schedule(config))
     dataset = make_dataset(
@@ -291,22 +401,19 @@ def train(config: TrainConfig, on_step: Callable[[StepMetrics], None] | None = N
         shuffle_seed=config.seed,
         batching_method=config.batching_method,
         remote=config.remote,
+        replication=context.sp_size,
     )
-    loader = make_dataloader(dataset, config.batch_size, config.pad_to_multiple_of)
+    # Rows are padded to a multiple of sp so that they split into equal sequence shards.
+    pad_to_multiple_of = math.lcm(config.pad_to_multiple_of or 1, context.sp_size)
+    loader = make_dataloader(dataset, config.batch_size, pad_to_multiple_of)
 
     start_step = 0
     checkpoint = latest_checkpoint(out_dir) if config.resume else None
     if checkpoint is not None:
-        state = torch.load(checkpoint, weights_only=False)
-        model.load_state_dict(state["model"], strict=False)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        loader.load_state_dict(state["dataloader"])
-        _restore_rng(state["rng"])
-        start_step = state["step"]
+        start_step = _resume(checkpoint, model, optimizer, scheduler, loader, context)
 
-    metrics_file = (out_dir / "metrics.jsonl").open("a")
-    progress = _Progress(config, start_step)
+    metrics_file = (out_dir / "metrics.jsonl").open("a") if context.is_main else None
+    progress = _Progress(config, start_step, enabled=context.is_main)
     results: list[StepMetrics] = []
     try:
         batches = _micro_batches(loader)
@@ -314,33 +421,51 @@ def train(config: TrainConfig, on_step: Callable[[StepMetrics], None] | None = N
         for step in range(start_step + 1, config.steps + 1):
             started = time.perf_counter()
             micro_batches = [_to_device(next(batches), device) for _ in range(config.grad_accum)]
-            denominator = step_denominator(config.loss, micro_batches)
-            step_loss = 0.0
+            # Normalised by the whole step's target tokens (or samples) over every DP rank. The
+            # ranks of an SP group hold the same rows, so they are counted once (over DP).
+            denominator = int(
+                context.all_reduce_sum(
+                    torch.tensor(step_denominator(config.loss, micro_batches)), over="dp"
+                )
+            )
+            step_loss = torch.zeros((), dtype=torch.float64)
             source_sums = torch.zeros(len(sources), dtype=torch.float64)
             source_counts = torch.zeros(len(sources), dtype=torch.float64)
             for batch in micro_batches:
+                if context.sp_size > 1:
+                    batch = shard_batch(batch, context.sp_rank, context.sp_size)
                 with _autocast(config.precision, device):
-                    losses = model_token_losses(model, batch)
+                    losses = TokenLosses(*scorer(batch))
                 loss = micro_batch_loss(losses, batch, config.loss, denominator)
-                loss.backward()
+                (loss * context.gradient_scale).backward()
                 step_loss += float(loss.detach())
                 target_sources = losses.source_ids.cpu()
                 source_sums.index_add_(0, target_sources, losses.values.detach().double().cpu())
                 source_counts.index_add_(
                     0, target_sources, torch.ones(len(target_sources)).double()
                 )
+            # Every rank scored different targets: the step's figures are sums over the world.
+            for partial_sum in (step_loss, source_sums, source_counts):
+                context.all_reduce_sum(partial_sum)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+                grad_norm = grad_norm.full_tensor()
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             elapsed = time.perf_counter() - started
 
-            tokens = sum(int((b["sample_ids"] >= 0).sum()) for b in micro_batches)
-            targets = sum(int(b["sample_target_counts"].sum()) for b in micro_batches)
+            counts = torch.tensor(
+                [
+                    sum(int((b["sample_ids"] >= 0).sum()) for b in micro_batches),
+                    sum(int(b["sample_target_counts"].sum()) for b in micro_batches),
+                ]
+            )
+            tokens, targets = context.all_reduce_sum(counts, over="dp").tolist()
             metrics = StepMetrics(
                 step=step,
-                loss=step_loss,
+                loss=float(step_loss),
                 lr=lr,
                 grad_norm=float(grad_norm),
                 tokens=tokens,
@@ -358,27 +483,41 @@ def train(config: TrainConfig, on_step: Callable[[StepMetrics], None] | None = N
             results.append(metrics)
             if config.checkpoint_every and step % config.checkpoint_every == 0:
                 path = out_dir / "checkpoints" / f"step_{step:07d}.pt"
-                _save_checkpoint(path, step, model, optimizer, scheduler, loader, config)
-            if step % config.log_every == 0 or step == config.steps:
+                _save_checkpoint(path, step, model, optimizer, scheduler, loader, config, context)
+            if metrics_file and (step % config.log_every == 0 or step == config.steps):
                 metrics_file.write(json.dumps(asdict(metrics)) + "\n")
                 metrics_file.flush()
             progress.update(metrics)
             if on_step is not None:
                 on_step(metrics)
-        final_dir = _save_final(model, config, out_dir)
+        final_dir = _save_final(model, config, out_dir, context)
     finally:
         progress.close()
-        metrics_file.close()
+        if metrics_file:
+            metrics_file.close()
         del loader, dataset
         release_streaming_resources()
     return TrainResult(metrics=results, final_dir=final_dir)
 
 
-def _save_final(model: PreTrainedModel, config: TrainConfig, out_dir: Path) -> Path | None:
-    """Write an HF checkpoint that `AutoModelForCausalLM.from_pretrained` loads."""
+def _save_final(
+    model: PreTrainedModel, config: TrainConfig, out_dir: Path, context: ParallelContext
+) -> Path | None:
+    """Write an HF checkpoint that `AutoModelForCausalLM.from_pretrained` loads (rank 0)."""
     if config.save == "none":
         return None
     final_dir = out_dir / "final"
+    if isinstance(next(model.parameters()), DTensor):
+        # FSDP: gather the whole weights (a collective), then rank 0 writes them.
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state_dict = get_model_state_dict(model, options=options)
+        if context.is_main:
+            model.save_pretrained(final_dir, state_dict=state_dict)
+        return final_dir
+    if not context.is_main:
+        return final_dir
     if config.lora and config.save == "merged":
         model = model.merge_and_unload()
     model.save_pretrained(final_dir)
@@ -388,10 +527,11 @@ def _save_final(model: PreTrainedModel, config: TrainConfig, out_dir: Path) -> P
 class _Progress:
     """A rich progress bar on a terminal, one plain line per logged step otherwise."""
 
-    def __init__(self, config: TrainConfig, start_step: int) -> None:
+    def __init__(self, config: TrainConfig, start_step: int, enabled: bool = True) -> None:
         self._config = config
+        self._enabled = enabled and config.progress
         self._rich = None
-        if config.progress and sys.stderr.isatty():
+        if self._enabled and sys.stderr.isatty():
             from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
             self._rich = Progress(
@@ -412,7 +552,7 @@ class _Progress:
         )
         if self._rich is not None:
             self._rich.update(self._task, completed=metrics.step, status=status)
-        elif self._config.progress and metrics.step % self._config.log_every == 0:
+        elif self._enabled and metrics.step % self._config.log_every == 0:
             print(f"step {metrics.step}/{self._config.steps}  {status}", file=sys.stderr)
 
     def close(self) -> None:

@@ -32,6 +32,28 @@ class TokenLosses:
     source_ids: torch.Tensor  # [N] source index from the manifest
 
 
+def next_token_targets(
+    batch: Mapping[str, torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For every position, the label, sample and source of the token it predicts (the next one).
+
+    The last position predicts nothing (label -100). A sequence-parallel shard carries these
+    precomputed as `next_labels` / `next_sample_ids` / `next_source_ids`, because its last
+    position predicts a token that lives in the next shard (see `trainer.distributed`).
+    """
+    if "next_labels" in batch:
+        return batch["next_labels"], batch["next_sample_ids"], batch["next_source_ids"]
+
+    def shifted(values: torch.Tensor, fill: int) -> torch.Tensor:
+        return torch.cat([values[:, 1:], values.new_full((values.shape[0], 1), fill)], dim=1)
+
+    return (
+        shifted(batch["labels"], IGNORE_INDEX),
+        shifted(batch["sample_ids"], -1),
+        shifted(batch["source_ids"], -1),
+    )
+
+
 def token_losses(
     outputs: torch.Tensor,
     batch: Mapping[str, torch.Tensor],
@@ -44,15 +66,13 @@ def token_losses(
     few percent of the tokens, and full logits would dominate memory (2 GiB in fp32 for one
     32K-token row at a 16K vocabulary) and the output layer's FLOPs.
     """
-    labels = batch["labels"][:, 1:]
+    labels, sample_ids, source_ids = next_token_targets(batch)
     is_target = labels != IGNORE_INDEX
-    selected = outputs[:, :-1][is_target]
+    selected = outputs[is_target]
     logits = output_layer(selected) if output_layer is not None else selected
     values = F.cross_entropy(logits.float(), labels[is_target], reduction="none")
     return TokenLosses(
-        values=values,
-        sample_ids=batch["sample_ids"][:, 1:][is_target],
-        source_ids=batch["source_ids"][:, 1:][is_target],
+        values=values, sample_ids=sample_ids[is_target], source_ids=source_ids[is_target]
     )
 
 
@@ -65,6 +85,25 @@ def model_token_losses(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]
     inputs = {key: value for key, value in batch.items() if key != "labels"}
     hidden = model.get_decoder()(**inputs).last_hidden_state
     return token_losses(hidden, batch, output_layer=model.get_output_embeddings())
+
+
+class TargetScorer(torch.nn.Module):
+    """`model_token_losses` as a module's forward.
+
+    DDP and FSDP do their work in hooks around the forward of the module they wrap, so the
+    training step calls this wrapper rather than the decoder directly. It returns a plain tuple
+    (values, sample_ids, source_ids) because those wrappers walk a forward's output.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, batch: Mapping[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        losses = model_token_losses(self.model, batch)
+        return losses.values, losses.sample_ids, losses.source_ids
 
 
 def step_denominator(mode: str, micro_batches: list[Mapping[str, torch.Tensor]]) -> int:

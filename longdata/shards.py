@@ -39,23 +39,13 @@ class StreamStats:
         return asdict(self)
 
 
-# Rows gather from anywhere in the memory-mapped caches; after this many tokens the caches' pages
-# are released so the build's RSS stays flat however large the dataset is.
-RELEASE_PAGES_EVERY_TOKENS = 32 << 20
-
-
 class RowAssembler:
     """Gathers the tokens of planned rows from the token caches (zero-copy until the concat)."""
 
     def __init__(self, pieces: Pieces, samples: SampleList, caches: Sequence[TokenCache]):
         self.pieces, self.samples, self.caches = pieces, samples, caches
-        self._tokens_since_release = 0
 
     def row(self, items: np.ndarray) -> dict[str, np.ndarray]:
-        if self._tokens_since_release >= RELEASE_PAGES_EVERY_TOKENS:
-            for cache in self.caches:
-                cache.release_pages()
-            self._tokens_since_release = 0
         ids, masks = [], []
         pieces, samples = self.pieces, self.samples
         sample_of = pieces.sample[items]
@@ -67,7 +57,6 @@ class RowAssembler:
             ids.append(piece_ids)
             masks.append(piece_mask)
         seq_lens = pieces.length[items].astype(np.uint32)
-        self._tokens_since_release += int(seq_lens.sum())
         loss_mask = np.concatenate(masks)
         # Every piece starts a new sequence: its first token is never a target (the first piece
         # of a sample already has 0 there; later pieces of a split sample get it here).

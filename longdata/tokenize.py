@@ -41,6 +41,9 @@ BATCH_CHARS = 4_000_000
 BATCH_RECORDS = 512
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 LANGUAGE_SAMPLE_CHARS = 8_000
+# Readers gather from anywhere in a memory-mapped cache; after serving this many tokens its pages
+# are released, so RSS stays flat however large the dataset is.
+RELEASE_PAGES_EVERY_TOKENS = 8 << 20
 # The array module names C types, not widths: pick the one that is 32 bits here.
 _UINT32_TYPECODE = next(code for code in "IL" if array.array(code).itemsize == 4)
 
@@ -219,6 +222,7 @@ class TokenCache:
         self.position = table.column("position").to_numpy()
         self.stats = TokenizeStats(**json.loads((entry_dir / STATS_FILE).read_text()))
         self.quarantine_files = [entry_dir / QUARANTINE_FILE]
+        self._tokens_since_release = 0
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -234,6 +238,10 @@ class TokenCache:
         """Zero-copy views of ``length`` tokens (and their mask) of ``sample`` from ``start``."""
         chunk = int(np.searchsorted(self._chunk_starts, sample, side="right")) - 1
         offsets, ids, mask = self._chunks[chunk]
+        self._tokens_since_release += length
+        if self._tokens_since_release >= RELEASE_PAGES_EVERY_TOKENS:
+            self.release_pages()  # views handed out earlier stay valid: they just fault back in
+            self._tokens_since_release = 0
         begin = int(offsets[sample - self._chunk_starts[chunk]]) + start
         return ids[begin : begin + length], mask[begin : begin + length]
 

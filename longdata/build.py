@@ -32,6 +32,7 @@ from rich.progress import (
 from longdata import __version__, packing
 from longdata.mix import Mix, SampleList, SourceSamples, mix
 from longdata.recipe import AntiHaystackSource, FileSource, Recipe, load_recipe
+from longdata.sample_index import write_sample_index
 from longdata.shards import RowAssembler, StreamStats, write_stream
 from longdata.sources import read_source, resolve_path
 from longdata.templates import TokenizerInfo, load_tokenizer
@@ -124,6 +125,7 @@ def build(recipe: Recipe | str | Path, *, out: str | Path | None = None, overrid
         for layout in split_layout(recipe, mixed):
             split = plan_split(*layout, caches, recipe)
             splits.append(split.result(write_split(split, caches, recipe, partial, progress)))
+            write_sample_index(split, caches, [s.name for s in sources], partial)
         seconds["pack_write"] = time.perf_counter() - clock
 
     return finish_build(recipe, tokenizer_info, sources, mixed, splits, partial, out_dir, remote,

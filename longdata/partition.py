@@ -37,6 +37,7 @@ from longdata.build import (
     write_split,
 )
 from longdata.recipe import Recipe, validate_recipe
+from longdata.sample_index import write_sample_index
 from longdata.shards import StreamStats
 from longdata.templates import load_tokenizer
 from longdata.tokenize import PartitionedCache, TokenCache
@@ -134,6 +135,7 @@ def merge(out: str | Path, console: Console | None = None) -> BuildResult:
                                        **{k: sum(getattr(p, k) for p in parts)
                                           for k in ("rows", "samples", "tokens", "target_tokens")}))
         splits.append(split.result(streams))
+        write_sample_index(split, [s.cache for s in sources], [s.name for s in sources], partial)
     shutil.rmtree(reports_dir)
     return finish_build(recipe, tokenizer_info, sources, mixed, splits, partial, out_dir, None,
                         seconds, started_at)

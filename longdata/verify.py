@@ -1,7 +1,7 @@
 """``longdata verify``: re-read a whole build and report anything that does not add up.
 
 Checks, per shard: file sizes and hashes against the stream's index.json; every row against the
-row contract; and, per stream and split, the rows/tokens/targets against the manifest. Shards are
+row contract and against the split's sample index (its pieces, in order); and, per stream and split, the rows/tokens/targets against the manifest. Shards are
 decompressed into a private temporary directory, so verifying never leaves decompressed copies
 beside the build (streaming's own readers would).
 """
@@ -13,6 +13,9 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import polars as pl
+
+from longdata.sample_index import INDEX_FILE
 from longdata.shards import check_row
 
 
@@ -41,9 +44,10 @@ def verify_build(build_dir: str | Path) -> VerifyReport:
     with tempfile.TemporaryDirectory(prefix="longdata-verify-") as scratch:
         for split_name, split in manifest["splits"].items():
             split_totals = {"rows": 0, "tokens": 0, "target_tokens": 0}
+            layouts = _indexed_layouts(build_dir, split_name, report)
             for stream in split["streams"]:
                 counted = _verify_stream(build_dir / stream["path"], split["max_seq_len"], n_sources,
-                                         Path(scratch), report)
+                                         Path(scratch), report, layouts.get(stream["name"], {}))
                 for key in ("rows", "tokens", "target_tokens", "samples"):
                     if counted[key] != stream[key]:
                         report.problems.append(f"{stream['path']}: manifest says {key}={stream[key]}, "
@@ -57,8 +61,22 @@ def verify_build(build_dir: str | Path) -> VerifyReport:
     return report
 
 
+def _indexed_layouts(build_dir: Path, split_name: str, report: VerifyReport) -> dict[str, dict]:
+    """{stream: {row: (piece lengths, source ids)}} from the split's sample index."""
+    path = build_dir / split_name / INDEX_FILE
+    if not path.exists():
+        report.problems.append(f"{path}: missing sample index")
+        return {}
+    layouts: dict[str, dict] = {}
+    packed = (pl.read_parquet(path).filter(pl.col("row") >= 0).sort("stream", "row", "slot")
+              .group_by("stream", "row", maintain_order=True).agg("tokens", "source_id"))
+    for stream, row, tokens, sources in packed.iter_rows():
+        layouts.setdefault(stream, {})[row] = (tokens, sources)
+    return layouts
+
+
 def _verify_stream(stream_dir: Path, max_seq_len: int, n_sources: int, scratch: Path,
-                   report: VerifyReport) -> dict[str, int]:
+                   report: VerifyReport, layout: dict[int, tuple[list, list]]) -> dict[str, int]:
     counted = {"rows": 0, "tokens": 0, "target_tokens": 0, "samples": 0}
     for where, index, row in iter_stream_rows(stream_dir, scratch, report.problems):
         if index == 0:
@@ -66,10 +84,18 @@ def _verify_stream(stream_dir: Path, max_seq_len: int, n_sources: int, scratch: 
         problem = check_row(row, max_seq_len, n_sources)
         if problem:
             report.problems.append(f"{where} row {index}: {problem}")
+        indexed = layout.get(counted["rows"])
+        if indexed != (row["seq_lens"].tolist(), row["source_ids"].tolist()):
+            report.problems.append(f"{where} row {index}: the sample index lists {indexed} "
+                                   f"(lengths, sources), the row holds {row['seq_lens'].tolist()}, "
+                                   f"{row['source_ids'].tolist()}")
         counted["rows"] += 1
         counted["samples"] += len(row["seq_lens"])
         counted["tokens"] += len(row["input_ids"])
         counted["target_tokens"] += int(row["loss_mask"].sum())
+    if len(layout) != counted["rows"]:
+        report.problems.append(f"{stream_dir}: the sample index lists {len(layout)} rows, "
+                               f"the shards hold {counted['rows']}")
     report.rows += counted["rows"]
     report.tokens += counted["tokens"]
     return counted

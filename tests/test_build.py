@@ -138,6 +138,32 @@ def test_every_good_sample_is_in_the_shards(built):
         assert m["available"] == m["too_short"] + m["too_long"] + m["duplicates"] + m["validation"] + m["train_unique"]
 
 
+def test_sample_index_places_every_sample_exactly_where_the_rows_hold_it(built, tmp_path):
+    import polars as pl
+
+    from longdata.sample_index import read_sample_index
+    from longdata.verify import iter_stream_rows
+
+    _, result = built
+    manifest = result.manifest
+    index = pl.from_arrow(read_sample_index(result.out_dir, "train"))
+    per_source = dict(index.filter(pl.col("start") == 0).group_by("source").len().iter_rows())
+    assert per_source == {s["name"]: s["mix"]["train_samples"] for s in manifest["sources"]}
+    assert index.filter(pl.col("status") == "whole")["tokens"].equals(
+        index.filter(pl.col("status") == "whole")["sample_tokens"])
+    assert set(index["status"]) <= {"whole", "truncated", "dropped"}
+    for stream in manifest["splits"]["train"]["streams"]:
+        pieces = index.filter(pl.col("stream") == stream["name"]).sort("row", "slot")
+        rows = [row for _, _, row in iter_stream_rows(result.out_dir / stream["path"], tmp_path, [])]
+        assert pieces["row"].max() + 1 == len(rows) == stream["rows"]
+        for piece in pieces.iter_rows(named=True):
+            row = rows[piece["row"]]
+            begin = int(row["seq_lens"][:piece["slot"]].sum())
+            assert row["seq_lens"][piece["slot"]] == piece["tokens"]
+            assert row["source_ids"][piece["slot"]] == piece["source_id"]
+            assert row["loss_mask"][begin:begin + piece["tokens"]].sum() == piece["target_tokens"]
+
+
 def test_verify_passes_then_catches_a_flipped_byte(built, tmp_path):
     _, result = built
     assert verify_build(result.out_dir).ok
@@ -149,6 +175,21 @@ def test_verify_passes_then_catches_a_flipped_byte(built, tmp_path):
     shard.write_bytes(bytes(data))
     report = verify_build(copy)
     assert not report.ok and "hash mismatch" in report.problems[0] and shard.name in report.problems[0]
+
+
+def test_verify_catches_a_sample_index_that_disagrees_with_the_rows(built, tmp_path):
+    import pyarrow.parquet as pq
+
+    _, result = built
+    copy = tmp_path / "copy"
+    shutil.copytree(result.out_dir, copy)
+    path = copy / "train" / "samples.parquet"
+    table = pq.read_table(path)
+    rows = table.column("row").to_numpy().copy()
+    rows[np.flatnonzero(rows >= 0)[0]] += 1  # claim a piece sits one row later than it does
+    pq.write_table(table.set_column(table.schema.get_field_index("row"), "row", [rows]), path)
+    report = verify_build(copy)
+    assert not report.ok and any("the sample index lists" in p for p in report.problems)
 
 
 def test_rebuild_is_byte_identical_and_reuses_the_cache(built, tmp_path):
@@ -178,6 +219,17 @@ def test_split_policy_and_stages(tmp_path):
     assert verify_build(result.out_dir).ok
     long_lengths = np.array([s["tokens"] for s in splits["long/train"]["streams"]])
     assert long_lengths.sum() == splits["long/train"]["tokens"]
+    import polars as pl
+
+    from longdata.sample_index import read_sample_index
+
+    index = pl.from_arrow(read_sample_index(result.out_dir, "short/train"))
+    cut = index.filter(pl.col("status") == "split")
+    cut_away = index.filter((pl.col("status") == "no_target_after_cut") & (pl.col("sample_tokens") > 1024))
+    assert cut["sample"].n_unique() + len(cut_away) == splits["short/train"]["overlength"]["split"]
+    # A split sample is cut every max_seq_len tokens (pieces without a target are left out).
+    assert (cut["start"] % 1024 == 0).all()
+    assert cut["tokens"].equals((cut["sample_tokens"] - cut["start"]).clip(upper_bound=1024))
 
 
 def test_strict_refuses_quarantined_rows_and_publishes_nothing(tmp_path):

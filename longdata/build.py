@@ -30,6 +30,7 @@ from rich.progress import (
 )
 
 from longdata import __version__, packing
+from longdata.card import copy_card, write_card
 from longdata.mix import Mix, SampleList, SourceSamples, mix
 from longdata.recipe import AntiHaystackSource, FileSource, Recipe, load_recipe
 from longdata.sample_index import write_sample_index
@@ -139,9 +140,7 @@ def finish_build(recipe: Recipe, tokenizer_info: TokenizerInfo, sources: list[To
     _publish_quarantine(sources, partial)
     manifest = make_manifest(recipe, tokenizer_info, sources, mixed, splits)
     clock = time.perf_counter()
-    from longdata.card import write_card
-
-    write_card(manifest, mixed, partial / "card")
+    write_card(partial, manifest)
     seconds["card"] = time.perf_counter() - clock
     (partial / "build_info.json").write_text(json.dumps({
         "started_at": started_at, "finished_at": time.time(), "seconds": seconds,
@@ -149,9 +148,7 @@ def finish_build(recipe: Recipe, tokenizer_info: TokenizerInfo, sources: list[To
         "cached_sources": [s.name for s in sources if s.cached]}, indent=1))
     (partial / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
     _publish(partial, out_dir)
-    card_copy = Path(recipe.output.card_dir) / recipe.name
-    shutil.rmtree(card_copy, ignore_errors=True)
-    shutil.copytree(out_dir / "card", card_copy)
+    copy_card(out_dir, Path(recipe.output.card_dir) / recipe.name)
     if remote:
         clock = time.perf_counter()
         upload_build(out_dir, remote)

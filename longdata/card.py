@@ -1,145 +1,455 @@
-"""Data card: what went into a build, in Markdown with plots, written from the manifest."""
+"""The data card: what went into a build and how it was packed, as a Hugging Face style dataset card
+(Markdown with YAML front matter) with matplotlib plots.
+
+Everything is computed with polars from two things a build directory holds, so ``longdata card``
+can regenerate the card of any finished build: ``manifest.json`` and the per-split sample indexes
+(``<split>/samples.parquet``, see docs/ROW_SCHEMA.md).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import polars as pl
+import yaml
 
-from longdata.mix import Mix
+from longdata.sample_index import read_sample_index
 
-
-def write_card(manifest: dict[str, Any], mixed: Mix, out_dir: Path) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    names = [s["name"] for s in manifest["sources"]]
-    lengths = _length_table(names, mixed)
-    _plot_lengths(lengths, names, out_dir / "lengths.png")
-    _plot_mix(manifest, out_dir / "mix.png")
-    text = "\n".join([
-        f"# Data card: {manifest['name']}",
-        "",
-        f"Tokenizer `{manifest['tokenizer']['name']}` (vocab {manifest['tokenizer']['vocab_size']:,}, "
-        f"sha256 `{manifest['tokenizer']['sha256'][:12]}`), seed {manifest['recipe']['seed']}, "
-        f"packing `{manifest['recipe']['packing']['algorithm']}`, over-length policy "
-        f"`{manifest['recipe']['packing']['overlength']}` (stages may override it).",
-        "",
-        "## Sources",
-        "",
-        _sources_table(manifest),
-        "",
-        "## Sample lengths (train, after mixing)",
-        "",
-        _length_summary(lengths),
-        "",
-        "![sample lengths by source](lengths.png)",
-        "",
-        "![token share by source](mix.png)",
-        "",
-        "## Splits and streams",
-        "",
-        _splits_table(manifest),
-        "",
-        "Rows follow the schema in docs/ROW_SCHEMA.md; each stream is a mosaicml-streaming MDS "
-        "directory. `proportion` is the stream's share of its split's tokens.",
-        "",
-    ])
-    (out_dir / "README.md").write_text(text, encoding="utf-8")
-    return out_dir / "README.md"
+CARD_FILE = "README.md"
+PLOTS_DIR = "card"  # inside a build directory; a copy under data_cards/<name>/ keeps plots beside the card
+PLOTS = ("lengths.png", "packing.png", "loss_weight.png", "mix.png")
+LENGTH_BINS_PER_DECADE = 12
 
 
-def _length_table(names: Sequence[str], mixed: Mix) -> pl.DataFrame:
-    return pl.DataFrame({
-        "source": np.asarray(names, dtype=object)[mixed.train.source] if len(mixed.train) else [],
-        "tokens": mixed.train.length,
-    }, schema={"source": pl.Utf8, "tokens": pl.Int64})
+@dataclass
+class CardData:
+    manifest: dict[str, Any]
+    index: dict[str, pl.DataFrame]  # split name -> its sample index
+
+    @classmethod
+    def read(cls, build_dir: Path, manifest: dict[str, Any] | None = None) -> CardData:
+        manifest = manifest or json.loads((build_dir / "manifest.json").read_text())
+        # manifest.json stores keys sorted; the card lists splits in curriculum order instead.
+        stages = [s["name"] for s in manifest["recipe"]["packing"]["stages"] or []]
+        order = {name: (stages.index(name.split("/")[0]) if "/" in name else 0, name.endswith("validation"))
+                 for name in manifest["splits"]}
+        manifest = {**manifest, "splits": {k: manifest["splits"][k] for k in sorted(order, key=order.get)}}
+        index = {name: pl.from_arrow(read_sample_index(build_dir, name)) for name in manifest["splits"]}
+        return cls(manifest, index)
+
+    @property
+    def source_names(self) -> list[str]:
+        return [s["name"] for s in self.manifest["sources"]]
+
+    @property
+    def train_splits(self) -> list[str]:
+        return [name for name in self.manifest["splits"] if name.split("/")[-1] == "train"]
+
+    def samples(self, split: str) -> pl.DataFrame:
+        """One line per sample of ``split`` (a split sample's pieces folded together)."""
+        return (self.index[split].group_by("sample", maintain_order=True)
+                .agg(pl.col("source", "lang", "sample_tokens", "status").first(),
+                     pl.col("target_tokens").sum(), (pl.col("row") >= 0).any().alias("packed")))
+
+    def rows(self, split: str) -> pl.DataFrame:
+        """One line per packed row of ``split``: its stream, tokens and samples."""
+        return (self.index[split].filter(pl.col("row") >= 0)
+                .group_by("stream", "row", maintain_order=True)
+                .agg(pl.col("tokens").sum(), pl.len().alias("samples")))
 
 
-def _sources_table(manifest: dict[str, Any]) -> str:
-    lines = ["| source | kind | weight | rows read | quarantined | samples | duplicates | "
-             "validation | train samples (weighted) | train tokens |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for s in manifest["sources"]:
-        t, m = s["tokenize"], s["mix"]
-        lines.append(f"| {s['name']} | {s['kind']} | {s['weight']:g} | {t['rows_read']:,} | "
-                     f"{t['quarantined']:,} | {t['samples']:,} | {m['duplicates']:,} | "
-                     f"{m['validation']:,} | {m['train_samples']:,} | {m['train_tokens']:,} |")
+def write_card(build_dir: Path, manifest: dict[str, Any] | None = None) -> Path:
+    """Write ``<build_dir>/README.md`` and its plots under ``<build_dir>/card/``."""
+    data = CardData.read(build_dir, manifest)
+    plots = build_dir / PLOTS_DIR
+    plots.mkdir(parents=True, exist_ok=True)
+    _plot_lengths(data, plots / "lengths.png")
+    _plot_packing(data, plots / "packing.png")
+    _plot_loss_weight(data, plots / "loss_weight.png")
+    _plot_mix(data, plots / "mix.png")
+    card = build_dir / CARD_FILE
+    card.write_text(render_card(data, image_prefix=f"{PLOTS_DIR}/"), encoding="utf-8")
+    return card
+
+
+def copy_card(build_dir: Path, destination: Path) -> Path:
+    """The build's card as ``<destination>/README.md`` with its plots beside it (data_cards/)."""
+    shutil.rmtree(destination, ignore_errors=True)
+    destination.mkdir(parents=True)
+    for plot in PLOTS:
+        shutil.copyfile(build_dir / PLOTS_DIR / plot, destination / plot)
+    text = (build_dir / CARD_FILE).read_text(encoding="utf-8")
+    (destination / CARD_FILE).write_text(text.replace(f"]({PLOTS_DIR}/", "]("), encoding="utf-8")
+    return destination / CARD_FILE
+
+
+def render_card(data: CardData, image_prefix: str) -> str:
+    m = data.manifest
+    tokenizer = m["tokenizer"]
+    sections = [
+        _front_matter(data),
+        f"# {m['name']}: a packed long-context SFT build",
+        "",
+        f"Built by longdata {m['versions']['longdata']} from recipe `{m['name']}`: "
+        f"{m['totals']['samples']:,} samples ({m['totals']['tokens']:,} tokens) from "
+        f"{len(m['sources'])} sources, {m['totals']['quarantined']:,} input rows quarantined. "
+        f"Tokenizer `{tokenizer['name']}` (vocabulary {tokenizer['vocab_size']:,}, sha256 "
+        f"`{tokenizer['sha256'][:12]}`), seed {m['recipe']['seed']}, packing "
+        f"`{m['recipe']['packing']['algorithm']}` with sequence boundaries kept per row "
+        "(docs/ROW_SCHEMA.md).",
+        "",
+        "## Sources and mix",
+        "",
+        _sources_table(data),
+        "",
+        f"![token share by source]({image_prefix}mix.png)",
+        "",
+        _kept_table(data),
+        "",
+        "## Languages",
+        "",
+        _languages_table(data),
+        "",
+        "## Sample lengths",
+        "",
+        _lengths_table(data),
+        "",
+        f"![sample lengths by source]({image_prefix}lengths.png)",
+        "",
+        "## Packing",
+        "",
+        _splits_table(data),
+        "",
+        _streams_table(data),
+        "",
+        f"![row fill and samples per row]({image_prefix}packing.png)",
+        "",
+        "## Loss weight: token_mean vs sequence_mean",
+        "",
+        "Under `token_mean` (the trainer's default) every target token weighs the same, so a sample "
+        "weighs as much as its answer is long; under `sequence_mean` (LongAlign's loss weighting) "
+        "every sample with a target weighs the same. The table shows each source's share of the "
+        "loss weight under both, the plot the share by sample length.",
+        "",
+        _loss_weight_table(data),
+        "",
+        f"![loss weight by sample length]({image_prefix}loss_weight.png)",
+        "",
+        "## Reproduce",
+        "",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in sorted(m["versions"].items())) + ".",
+        "",
+        "<details><summary>Recipe (as validated, defaults filled in)</summary>",
+        "",
+        "```yaml",
+        yaml.safe_dump(m["recipe"], sort_keys=True, allow_unicode=True).rstrip(),
+        "```",
+        "",
+        "</details>",
+        "",
+    ]
+    return "\n".join(sections)
+
+
+def _front_matter(data: CardData) -> str:
+    m = data.manifest
+    languages = sorted({lang for frame in data.index.values() for lang in frame["lang"].unique()})
+    samples = m["totals"]["samples"]
+    meta = {
+        "pretty_name": f"longdata {m['name']}",
+        "language": languages,
+        "license": "other",
+        "task_categories": ["text-generation"],
+        "tags": ["long-context", "sft", "packed", "longdata"],
+        "size_categories": [_size_category(samples)],
+        "longdata": {
+            "version": m["versions"]["longdata"],
+            "recipe": m["name"],
+            "tokenizer": m["tokenizer"]["name"],
+            "tokenizer_sha256": m["tokenizer"]["sha256"],
+            "seed": m["recipe"]["seed"],
+            "format": "mosaicml-streaming MDS",
+            "splits": {name: {"max_seq_len": s["max_seq_len"], "rows": s["rows"], "tokens": s["tokens"]}
+                       for name, s in m["splits"].items()},
+        },
+    }
+    return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n"
+
+
+def _size_category(samples: int) -> str:
+    for bound, name in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"),
+                        (1_000_000, "100K<n<1M"), (10_000_000, "1M<n<10M")):
+        if samples < bound:
+            return name
+    return "n>10M"
+
+
+def _table(header: list[str], align: str, rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|"]
+    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
 
 
-def _length_summary(lengths: pl.DataFrame) -> str:
-    if lengths.is_empty():
-        return "No training samples."
-    summary = (lengths.group_by("source", maintain_order=True)
-               .agg(pl.len().alias("samples"), pl.col("tokens").min().alias("min"),
-                    pl.col("tokens").median().alias("median"), pl.col("tokens").max().alias("max"),
-                    pl.col("tokens").sum().alias("tokens")))
-    lines = ["| source | samples | min | median | max | tokens |", "|---|---:|---:|---:|---:|---:|"]
-    for row in summary.iter_rows(named=True):
-        lines.append(f"| {row['source']} | {row['samples']:,} | {row['min']:,} | {row['median']:,.0f} | "
-                     f"{row['max']:,} | {row['tokens']:,} |")
-    return "\n".join(lines)
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.1%}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
 
 
-def _splits_table(manifest: dict[str, Any]) -> str:
-    lines = ["| split | max_seq_len | over-length policy | samples | rows | fill | rows/bound | "
-             "truncated | dropped | split | no target after cut |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for name, split in manifest["splits"].items():
+def _sources_table(data: CardData) -> str:
+    total_tokens = sum(s["mix"]["train_tokens"] for s in data.manifest["sources"]) or 1
+    rows = []
+    for s in data.manifest["sources"]:
+        t, mix = s["tokenize"], s["mix"]
+        rows.append([s["name"], s["kind"], f"{s['weight']:g}", t["rows_read"], t["quarantined"],
+                     t["samples"], t["tokens"], t["target_tokens"], mix["duplicates"],
+                     mix["too_short"] + mix["too_long"], mix["validation"], mix["train_samples"],
+                     mix["train_tokens"], mix["train_tokens"] / total_tokens])
+    return ("`samples`, `tokens` and `target tokens` are after tokenizing (every good row once); "
+            "`train samples` and `train tokens` after de-duplication, length filters, the "
+            "validation hold-out and the weights; `share of mix` is the share of training tokens.\n\n"
+            + _table(["source", "kind", "weight", "rows read", "quarantined", "samples", "tokens",
+                      "target tokens", "duplicates", "length-filtered", "validation", "train samples",
+                      "train tokens", "share of mix"], "llrrrrrrrrrrrr", rows))
+
+
+def _kept_table(data: CardData) -> str:
+    rows = []
+    for split in data.train_splits:
+        samples = data.samples(split)
+        for r in (samples.group_by("source").agg(
+                pl.len().alias("samples"), (pl.col("status") == "whole").sum().alias("whole"),
+                pl.col("status").is_in(["truncated", "split"]).sum().alias("cut"),
+                (pl.col("status") == "dropped").sum().alias("dropped"),
+                (pl.col("status") == "no_target_after_cut").sum().alias("no_target"),
+                pl.col("target_tokens").sum()).sort("source").iter_rows(named=True)):
+            rows.append([split, r["source"], r["samples"], r["whole"], r["cut"], r["dropped"],
+                         r["no_target"], r["target_tokens"]])
+    return ("Per training split: samples packed whole, cut to fit (truncated or split, by the "
+            "split's over-length policy), dropped as too long, or left out because the cut kept no "
+            "target token; `target tokens` are those that reached the rows.\n\n"
+            + _table(["split", "source", "samples", "whole", "cut to fit", "dropped too long",
+                      "no target after cut", "target tokens"], "llrrrrrr", rows))
+
+
+def _languages_table(data: CardData) -> str:
+    if not data.train_splits:
+        return "No training split."
+    samples = data.samples(data.train_splits[0])
+    per_source = samples.group_by("source", "lang").agg(pl.len().alias("samples"),
+                                                          pl.col("sample_tokens").sum().alias("tokens"))
+    overall = per_source.group_by("lang").agg(pl.col("samples", "tokens").sum()).with_columns(
+        pl.lit("all sources").alias("source"))
+    rows = []
+    for frame in (per_source.sort("source", "lang"), overall.sort("lang")):
+        for source, lang, count, tokens in frame.select("source", "lang", "samples", "tokens").iter_rows():
+            of_source = samples if source == "all sources" else samples.filter(pl.col("source") == source)
+            rows.append([source, lang, count, count / len(of_source),
+                         tokens / max(int(of_source["sample_tokens"].sum()), 1)])
+    return (f"Tagged by script (`zh` when at least a quarter of the letters are CJK), training samples of "
+            f"`{data.train_splits[0]}`.\n\n"
+            + _table(["source", "language", "samples", "share of samples", "share of tokens"], "llrrr", rows))
+
+
+def _lengths_table(data: CardData) -> str:
+    if not data.train_splits:
+        return "No training split."
+    samples = data.samples(data.train_splits[0])
+    summary = (samples.group_by("source", maintain_order=True)
+               .agg(pl.len().alias("samples"), pl.col("sample_tokens").min().alias("min"),
+                    pl.col("sample_tokens").quantile(0.5, "nearest").cast(pl.Int64).alias("median"),
+                    pl.col("sample_tokens").quantile(0.9, "nearest").cast(pl.Int64).alias("p90"),
+                    pl.col("sample_tokens").max().alias("max")).sort("source"))
+    return (f"Whole samples (before any cut) of `{data.train_splits[0]}`, in tokens, chat template "
+            "included; repeats from weights above 1 counted.\n\n"
+            + _table(["source", "samples", "min", "median", "p90", "max"], "lrrrrr",
+                     [list(r) for r in summary.iter_rows()]))
+
+
+def _splits_table(data: CardData) -> str:
+    rows = []
+    for name, split in data.manifest["splits"].items():
         cut, packed = split["overlength"], split["packing"]
-        lines.append(f"| {name} | {split['max_seq_len']:,} | {cut['policy']} | {split['samples']:,} | "
-                     f"{split['rows']:,} | {packed['fill']:.2%} | {packed['rows_over_bound']:.3f} | "
-                     f"{cut['truncated']:,} | {cut['dropped']:,} | {cut['split']:,} | "
-                     f"{cut['no_target_after_cut']:,} |")
-    lines += ["", "| split | stream | rows | tokens | target tokens | proportion |",
-              "|---|---|---:|---:|---:|---:|"]
-    for name, split in manifest["splits"].items():
-        for stream in split["streams"]:
-            lines.append(f"| {name} | {stream['name']} | {stream['rows']:,} | {stream['tokens']:,} | "
-                         f"{stream['target_tokens']:,} | {stream['proportion']:.3f} |")
-    return "\n".join(lines)
+        per_row = data.rows(name)["samples"]
+        rows.append([name, split["max_seq_len"], cut["policy"], split["samples"], split["rows"],
+                     f"{per_row.mean():.2f}" if len(per_row) else "-", packed["fill"],
+                     f"{packed['rows_over_bound']:.3f}", cut["truncated"] + cut["split"],
+                     cut["dropped"] + cut["empty"] + cut["no_target_after_cut"]])
+    return _table(["split", "max_seq_len", "over-length", "samples", "rows", "samples/row", "fill",
+                   "rows / lower bound", "cut to fit", "left out"], "lrlrrrrrrr", rows)
 
 
-def _plot_lengths(lengths: pl.DataFrame, names: Sequence[str], path: Path) -> None:
+def _streams_table(data: CardData) -> str:
+    rows = [[name, s["name"], s["rows"], s["samples"], s["tokens"], s["target_tokens"], s["proportion"]]
+            for name, split in data.manifest["splits"].items() for s in split["streams"]]
+    return ("Each length bucket is one MDS stream; a trainer mixes a split's streams by `proportion` "
+            "(their share of its tokens).\n\n"
+            + _table(["split", "stream", "rows", "samples", "tokens", "target tokens", "proportion"],
+                     "llrrrrr", rows))
+
+
+def _loss_weights(pieces: pl.DataFrame) -> pl.DataFrame:
+    """Each packed piece's share of a split's loss under both modes (pieces are what the trainer
+    sees as samples)."""
+    packed = pieces.filter(pl.col("row") >= 0)
+    with_target = (pl.col("target_tokens") > 0).cast(pl.Float64)
+    return packed.with_columns(
+        (pl.col("target_tokens") / pl.col("target_tokens").sum()).alias("token_mean"),
+        (with_target / with_target.sum()).alias("sequence_mean"))
+
+
+def _loss_weight_table(data: CardData) -> str:
+    rows = []
+    for split in data.train_splits:
+        weights = _loss_weights(data.index[split])
+        shares = {source: (token, sequence) for source, token, sequence in weights.group_by("source").agg(
+            pl.col("token_mean").sum(), pl.col("sequence_mean").sum()).iter_rows()}
+        for source in sorted(data.source_names):
+            token, sequence = shares.get(source, (0.0, 0.0))
+            rows.append([split, source, token, sequence, f"{token / sequence:.2f}x" if sequence else "-"])
+        longest = weights.filter(pl.col("tokens") >= pl.col("tokens").quantile(0.9, "nearest"))
+        rows.append([split, "longest 10% of samples", float(longest["token_mean"].sum()),
+                     float(longest["sequence_mean"].sum()),
+                     f"{longest['token_mean'].sum() / max(longest['sequence_mean'].sum(), 1e-12):.2f}x"])
+    return _table(["split", "source", "token_mean share", "sequence_mean share", "skew"], "llrrr", rows)
+
+
+def _no_labels():
+    from matplotlib.ticker import NullFormatter
+
+    return NullFormatter()
+
+
+def _length_ticks(lengths: np.ndarray) -> list[int]:
+    """1x and 1.5x powers of two across the data (8K, 12K, 16K, 24K, ...), thinned to <= 8."""
+    if not len(lengths):
+        return []
+    low, high = max(int(lengths.min()), 1), int(lengths.max())
+    ticks = [m * 2**k for k in range(int(np.log2(low)) - 1, int(np.log2(high)) + 2) for m in (1, 1.5)]
+    ticks = [int(t) for t in ticks if low * 0.9 <= t <= high * 1.1 and t >= 1]
+    return ticks[::-(-len(ticks) // 8)] if ticks else [low, high]
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 3.5), dpi=100)
-    values = lengths["tokens"].to_numpy()
-    if len(values):
-        bins = np.geomspace(max(values.min(), 1), values.max() + 1, 40)
-        stacks = [lengths.filter(pl.col("source") == n)["tokens"].to_numpy() for n in names]
-        ax.hist(stacks, bins=bins, stacked=True, label=list(names))
-        ax.set_xscale("log")
-        ax.legend(fontsize=8)
-    ax.set_xlabel("sample length (tokens)")
-    ax.set_ylabel("samples")
-    ax.set_title("Train sample lengths by source")
+    return plt
+
+
+def _save(fig, path: Path) -> None:
     fig.tight_layout()
-    fig.savefig(path, metadata={"Software": None})
-    plt.close(fig)
+    fig.savefig(path, metadata={"Software": None})  # no version stamp: rebuilds stay byte-identical
+    _pyplot().close(fig)
 
 
-def _plot_mix(manifest: dict[str, Any], path: Path) -> None:
-    import matplotlib
+def _log_bins(values: np.ndarray) -> np.ndarray:
+    low, high = max(int(values.min()), 1), int(values.max()) + 1
+    decades = max(np.log10(high) - np.log10(low), 0.1)
+    return np.geomspace(low, high, max(int(decades * LENGTH_BINS_PER_DECADE), 8) + 1)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    names = [s["name"] for s in manifest["sources"]]
-    before = np.array([s["tokenize"]["tokens"] for s in manifest["sources"]], dtype=float)
-    after = np.array([s["mix"]["train_tokens"] for s in manifest["sources"]], dtype=float)
+def _plot_lengths(data: CardData, path: Path) -> None:
+    plt = _pyplot()
+    names = data.source_names
+    fig, axes = plt.subplots(len(names), 1, figsize=(7, 1.2 + 1.6 * len(names)), dpi=100,
+                             sharex=True, squeeze=False)
+    samples = data.samples(data.train_splits[0]) if data.train_splits else None
+    lengths = samples["sample_tokens"].to_numpy() if samples is not None else np.array([])
+    limits = sorted({s["max_seq_len"] for s in data.manifest["splits"].values()})
+    for ax, name in zip(axes[:, 0], names):
+        own = samples.filter(pl.col("source") == name)["sample_tokens"].to_numpy() if samples is not None else []
+        if len(own):
+            ax.hist(own, bins=_log_bins(lengths))
+        for limit in limits:
+            ax.axvline(limit, color="0.3", linestyle="--", linewidth=1)
+        ax.set_xscale("log")
+        ax.set_xticks(_length_ticks(lengths), [_short(t) for t in _length_ticks(lengths)])
+        ax.xaxis.set_minor_formatter(_no_labels())
+        ax.set_ylabel("samples")
+        ax.set_title(f"{name} ({len(own):,} samples)", fontsize=9, loc="left")
+    axes[-1, 0].set_xlabel("sample length (tokens, log scale); dashed: max_seq_len of each split")
+    fig.suptitle("Training sample lengths by source")
+    _save(fig, path)
+
+
+def _plot_packing(data: CardData, path: Path) -> None:
+    plt = _pyplot()
+    splits = data.train_splits or list(data.manifest["splits"])[:1]
+    fig, axes = plt.subplots(len(splits), 2, figsize=(8, 0.6 + 2.4 * len(splits)), dpi=100, squeeze=False)
+    for (fill_ax, count_ax), split in zip(axes, splits):
+        rows = data.rows(split)
+        max_len = data.manifest["splits"][split]["max_seq_len"]
+        fill = rows["tokens"].to_numpy() / max_len
+        fill_ax.hist(fill, bins=np.linspace(0, 1, 21))
+        fill_ax.set_xlim(0, 1)
+        fill_ax.set_xlabel("row fill (tokens / max_seq_len)")
+        fill_ax.set_ylabel("rows")
+        fill_ax.set_title(f"{split}: {len(rows):,} rows, mean fill {fill.mean() if len(fill) else 0:.1%}",
+                          fontsize=9, loc="left")
+        per_row = rows["samples"].to_numpy()
+        if len(per_row):
+            counts = np.bincount(per_row)
+            count_ax.bar(np.arange(1, len(counts)), counts[1:], 0.8)
+            count_ax.set_xticks(np.arange(1, len(counts)))
+        count_ax.set_xlabel("samples per row")
+        count_ax.set_ylabel("rows")
+        count_ax.set_title(f"max_seq_len {max_len:,}", fontsize=9, loc="left")
+    fig.suptitle("Packed rows")
+    _save(fig, path)
+
+
+def _plot_loss_weight(data: CardData, path: Path) -> None:
+    plt = _pyplot()
+    splits = data.train_splits or list(data.manifest["splits"])[:1]
+    fig, axes = plt.subplots(len(splits), 1, figsize=(7, 0.6 + 2.6 * len(splits)), dpi=100, squeeze=False)
+    for ax, split in zip(axes[:, 0], splits):
+        weights = _loss_weights(data.index[split])
+        if weights.is_empty():
+            continue
+        tokens = weights["tokens"].to_numpy()
+        # Half-octave bins on a category axis: lengths span decades.
+        low, high = np.log2(max(tokens.min(), 1)), np.log2(tokens.max())
+        edges = np.round(2 ** (np.arange(np.floor(2 * low), np.floor(2 * high) + 2) / 2)).astype(np.int64)
+        which = np.clip(np.searchsorted(edges, tokens, side="right") - 1, 0, len(edges) - 2)
+        x = np.arange(len(edges) - 1)
+        for offset, mode in ((-0.2, "token_mean"), (0.2, "sequence_mean")):
+            share = np.bincount(which, weights=weights[mode].to_numpy(), minlength=len(x))
+            ax.bar(x + offset, share, 0.4, label=mode)
+        ax.set_xticks(x, [f"{_short(a)}-{_short(b)}" for a, b in zip(edges[:-1], edges[1:])], fontsize=8)
+        ax.set_ylabel("share of loss weight")
+        ax.set_xlabel("sample length in the row (tokens, half-octave bins)")
+        ax.set_title(split, fontsize=9, loc="left")
+        ax.legend(fontsize=8)
+    fig.suptitle("Who the loss listens to: weight by sample length")
+    _save(fig, path)
+
+
+def _short(tokens: float) -> str:
+    return f"{tokens / 1024:.3g}K" if tokens >= 1024 else f"{tokens:.0f}"
+
+
+def _plot_mix(data: CardData, path: Path) -> None:
+    plt = _pyplot()
+    sources = data.manifest["sources"]
+    names = [s["name"] for s in sources]
+    before = np.array([s["tokenize"]["tokens"] for s in sources], dtype=float)
+    after = np.array([s["mix"]["train_tokens"] for s in sources], dtype=float)
     fig, ax = plt.subplots(figsize=(7, 3), dpi=100)
     x = np.arange(len(names))
     ax.bar(x - 0.2, before / max(before.sum(), 1), 0.4, label="tokenized")
-    ax.bar(x + 0.2, after / max(after.sum(), 1), 0.4, label="train mix (weighted)")
+    ax.bar(x + 0.2, after / max(after.sum(), 1), 0.4, label="training mix (after weights)")
     ax.set_xticks(x, names)
     ax.set_ylabel("share of tokens")
+    ax.set_title("Token share by source")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, metadata={"Software": None})
-    plt.close(fig)
+    _save(fig, path)

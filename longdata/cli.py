@@ -133,6 +133,34 @@ def verify(build_dir: Path = typer.Argument(..., help="A build directory (holds 
                   f"{report.tokens:,} tokens verified")
 
 
+@app.command()
+def card(
+    build_dir: Path = typer.Argument(..., help="A finished build directory (holds manifest.json)."),
+    copy_to: Path | None = typer.Option(
+        None, help="Also write the card here with its plots beside it, e.g. data_cards/<name>. "
+                   "Default: <card_dir>/<name> from the build's recipe, as the build does."),
+    copy: bool = typer.Option(True, help="--no-copy: regenerate only the card inside the build."),
+) -> None:
+    """Regenerate a build's data card (README.md with YAML front matter, plots in card/) from its
+    manifest and sample indexes: sources, mix, languages, lengths, packing, loss-weight skew."""
+    import json
+
+    from longdata.card import copy_card, write_card
+
+    manifest_path = build_dir / "manifest.json"
+    if not manifest_path.exists():
+        console.print(f"[red]error[/red] {manifest_path} is missing: not a finished longdata build",
+                      highlight=False, soft_wrap=True)
+        raise typer.Exit(2)
+    manifest = json.loads(manifest_path.read_text())
+    written = [write_card(build_dir, manifest)]
+    if copy:
+        destination = copy_to or Path(manifest["recipe"]["output"]["card_dir"]) / manifest["name"]
+        written.append(copy_card(build_dir, destination))
+    for path in written:
+        console.print(f"wrote {path}", highlight=False, soft_wrap=True)
+
+
 # The trainer is its own package (it reads only the row schema and manifest); its commands are
 # mounted here so users have one entry point.
 from trainer import cli as trainer_cli  # noqa: E402

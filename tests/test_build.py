@@ -68,7 +68,7 @@ def read_rows_streaming(stream_dir: Path, tmp: Path):
 def test_build_publishes_complete_output(built):
     recipe, result = built
     out = result.out_dir
-    assert (out / "manifest.json").exists() and (out / "card" / "README.md").exists()
+    assert (out / "manifest.json").exists() and (out / "README.md").exists()
     assert (out / "card" / "lengths.png").stat().st_size > 1000
     assert (Path(recipe.output.card_dir) / "small" / "README.md").exists()
     assert not list(out.parent.glob(".out.*")), "no partial or previous directory is left behind"

@@ -3,7 +3,10 @@
 One run, same input and tokenizer for every contender:
 
 1. raw: ``backend_tokenizer.encode_batch`` over the already-rendered chat texts (only the encode
-   calls are timed; the physical limit of any pipeline using this tokenizer);
+   calls are timed), and ``encode_batch_fast`` (the same without character offsets) on the same
+   batches, interleaved: the physical limits of any pipeline using this tokenizer with and
+   without offsets. Ratios are quoted against ``encode_batch``, the issue's reference, and
+   against ``encode_batch_fast``, the lower of the two floors longdata itself uses;
 2. longdata: the whole ``longdata build`` in a child process (read, normalise, render, tokenize,
    mix, pack, write MDS, card) on a cold cache, at the base size and at ``--scale`` times it;
 3. TRL-style: ``datasets.load_dataset("json")`` + batched ``map`` (chat template + tokenize,
@@ -74,7 +77,8 @@ def input_file(workdir: Path, megabytes: float) -> Path:
 
 
 def raw_tokenizer_rate(path: Path) -> dict:
-    """Tokens/s of encode_batch alone over the rendered texts, in the build's batch sizes."""
+    """Seconds of encode_batch and of encode_batch_fast alone over the rendered texts, in the
+    build's batch sizes, alternating per batch so that both see the same machine load."""
     from longdata.recipe import TokenizerConfig
     from longdata.sources.readers import iter_jsonl
     from longdata.sources.schemas import parse_messages
@@ -83,14 +87,17 @@ def raw_tokenizer_rate(path: Path) -> dict:
 
     tokenizer, _ = load_tokenizer(TokenizerConfig(name="builtin:quickstart"))
     renderer, backend = ChatRenderer(tokenizer), tokenizer.backend_tokenizer
-    tokens, seconds, batch, chars = 0, 0.0, [], 0
+    tokens, seconds, batch, chars = 0, {"offsets": 0.0, "fast": 0.0}, [], 0
 
     def encode(texts: list[str]) -> None:
-        nonlocal tokens, seconds
-        started = time.perf_counter()
-        encodings = backend.encode_batch(texts, add_special_tokens=False)
-        seconds += time.perf_counter() - started
-        tokens += sum(len(e) for e in encodings)
+        nonlocal tokens
+        for kind, method in (("offsets", backend.encode_batch), ("fast", backend.encode_batch_fast)):
+            started = time.perf_counter()
+            encodings = method(texts, add_special_tokens=False)
+            counted = sum(len(e) for e in encodings)
+            del encodings  # freeing is part of the cost: offsets make it much slower
+            seconds[kind] += time.perf_counter() - started
+        tokens += counted
 
     for _, row in iter_jsonl(path):
         batch.append(renderer.render(parse_messages(row)).text)
@@ -193,14 +200,16 @@ def main() -> None:
     raw_runs = [raw_tokenizer_rate(data)]
     cold = longdata_build(args.workdir, data, "base")
     raw_runs.append(raw_tokenizer_rate(data))
-    raw = min(raw_runs, key=lambda run: run["seconds"])
-    raw_rate = raw["tokens"] / raw["seconds"]
+    raw = {kind: min(run["seconds"][kind] for run in raw_runs) for kind in ("offsets", "fast")}
+    raw_tokens = raw_runs[0]["tokens"]
+    raw_rate, fast_rate = raw_tokens / raw["offsets"], raw_tokens / raw["fast"]
     incremental = longdata_build(args.workdir, data, "base", cold=False, overrides=(
         "sources[0].weight=1.5", f"packing.max_seq_len={MAX_SEQ_LEN // 2}"))
     assert incremental["cached"] == ["longalign"], "the token cache was not reused"
-    raw_seconds = ", ".join(f"{run['seconds']:.1f}s" for run in raw_runs)
-    print(f"raw encode_batch runs: {raw_seconds}")
-    rows = [("raw tokenizers encode_batch (faster of 2 runs)", raw["tokens"], raw["seconds"], None, None),
+    for kind in ("offsets", "fast"):
+        print(f"raw {kind} runs: " + ", ".join(f"{run['seconds'][kind]:.1f}s" for run in raw_runs))
+    rows = [("raw tokenizers encode_batch (faster of 2 runs)", raw_tokens, raw["offsets"], None, None),
+            ("raw tokenizers encode_batch_fast, no offsets (faster of 2)", raw_tokens, raw["fast"], None, None),
             ("longdata build, cold (build() call)", cold["tokens"], cold["build_seconds"], None, None),
             ("longdata build, cold (whole process)", cold["tokens"], cold["wall"], cold["rss"], None),
             ("longdata rebuild, new weight + max len", incremental["tokens"], incremental["wall"],
@@ -229,8 +238,10 @@ def main() -> None:
         print(f"| {label:<58} | {tokens:>12,} | {seconds:>8.1f} | {rate / 1e6:>7.3f} | "
               f"{100 * rate / raw_rate:>7.0f}% | {memory:>9} | {note:>14} |")
     build_rate = cold["tokens"] / cold["build_seconds"]
-    print(f"\nlongdata build() / raw tokenizers: {build_rate / raw_rate:.2f} (whole process "
+    print(f"\nlongdata build() / raw encode_batch: {build_rate / raw_rate:.2f} (whole process "
           f"{cold['tokens'] / cold['wall'] / raw_rate:.2f})")
+    print(f"longdata build() / raw encode_batch_fast: {build_rate / fast_rate:.2f} (whole process "
+          f"{cold['tokens'] / cold['wall'] / fast_rate:.2f})")
     if not args.skip_trl:
         print(f"longdata (whole process) / TRL-style: "
               f"{cold['tokens'] / cold['wall'] / (trl['tokens'] / trl['seconds']):.2f}x")

@@ -41,7 +41,7 @@ from longdata.tokenize import PartitionedCache, TokenCache, tokenize_records
 
 FORMAT = "longdata/1"
 # Bump when normalisation or tokenization changes what a cached source would contain.
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 
 
 class BuildError(RuntimeError):

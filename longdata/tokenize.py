@@ -18,12 +18,13 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from longdata.records import Conversation, Quarantined
-from longdata.templates import ChatRenderer, RenderedChat, assistant_mask
+from longdata.templates import ByteLevelMasker, ChatRenderer, RenderedChat, assistant_mask
 
 CACHE_FILE = "tokens.arrow"
 QUARANTINE_FILE = "quarantine.jsonl"
@@ -56,6 +57,7 @@ class TokenizeStats:
     tokens: int = 0
     target_tokens: int = 0
     no_target_after_tokenize: int = 0
+    offsets_fallbacks: int = 0  # samples a normaliser rewrote: masked from real offsets
     seconds: float = 0.0
 
 
@@ -87,7 +89,11 @@ def tokenize_records(
     started = time.perf_counter()
     renderer = ChatRenderer(tokenizer)
     backend = tokenizer.backend_tokenizer
+    masker = ByteLevelMasker.for_tokenizer(tokenizer)
+    # Without offsets when the mask can do without them (see ByteLevelMasker): the cost floor.
+    encode_batch = backend.encode_batch_fast if masker else backend.encode_batch
     stats = TokenizeStats()
+    masking = _Masking(backend, masker, stats)
     out_dir.mkdir(parents=True, exist_ok=True)
     with pa.OSFile(str(out_dir / CACHE_FILE), "wb") as sink, \
             pa.ipc.new_file(sink, SCHEMA) as writer, \
@@ -98,7 +104,7 @@ def tokenize_records(
             for record in batch.quarantined:
                 _quarantine(quarantine, record, stats)
             encodings = encoding.result()
-            table = _to_arrow(batch.conversations, rendered, encodings, stats, quarantine)
+            table = _to_arrow(batch.conversations, rendered, encodings, masking, stats, quarantine)
             if table.num_rows:
                 writer.write_table(table)
             on_progress(len(batch.conversations), sum(len(e) for e in encodings))
@@ -106,7 +112,7 @@ def tokenize_records(
         in_flight = None
         for batch in _batches(records, stats, max_samples):
             rendered = [renderer.render(c.messages) for c in batch.conversations]
-            encoding = encoder.submit(backend.encode_batch, [r.text for r in rendered],
+            encoding = encoder.submit(encode_batch, [r.text for r in rendered],
                                       add_special_tokens=False)
             if in_flight:
                 write(*in_flight)
@@ -152,7 +158,24 @@ def _quarantine(handle, record: Quarantined, stats: TokenizeStats) -> None:
                              "raw": record.raw}, ensure_ascii=False) + "\n")
 
 
-def _to_arrow(batch: list[Conversation], rendered: list[RenderedChat], encodings,
+@dataclass
+class _Masking:
+    backend: Any  # tokenizers.Tokenizer
+    masker: ByteLevelMasker | None
+    stats: TokenizeStats
+
+    def mask(self, encoding, ids: np.ndarray, chat: RenderedChat) -> np.ndarray:
+        if self.masker is not None:
+            mask = self.masker.mask(ids, chat.text, chat.assistant_spans)
+            if mask is not None:
+                return mask
+            # A normaliser rewrote this text: only real offsets locate its spans.
+            self.stats.offsets_fallbacks += 1
+            encoding = self.backend.encode(chat.text, add_special_tokens=False)
+        return assistant_mask(encoding, chat.assistant_spans, len(ids))
+
+
+def _to_arrow(batch: list[Conversation], rendered: list[RenderedChat], encodings, masking: _Masking,
               stats: TokenizeStats, quarantine) -> pa.Table:
     # All ids of the batch go into one C array: ``array.extend`` converts the Python ints of
     # ``encoding.ids`` several times faster than ``np.asarray`` does, and no concatenate follows.
@@ -160,15 +183,16 @@ def _to_arrow(batch: list[Conversation], rendered: list[RenderedChat], encodings
     lengths, masks, targets, langs, hashes, locations, positions = [], [], [], [], [], [], []
     for conversation, chat, encoding in zip(batch, rendered, encodings):
         n_tokens = len(encoding)
-        mask = assistant_mask(encoding, chat.assistant_spans, n_tokens)
+        ids.extend(encoding.ids)
+        mask = masking.mask(encoding, np.frombuffer(ids, dtype=np.uint32)[len(ids) - n_tokens:], chat)
         target_tokens = int(mask.sum())
         if target_tokens == 0:
             # Only possible when a template drops assistant text; keep the row visible.
+            del ids[len(ids) - n_tokens:]
             stats.no_target_after_tokenize += 1
             _quarantine(quarantine, Quarantined(conversation.location,
                         "no assistant token left after applying the chat template", chat.text[:2000]), stats)
             continue
-        ids.extend(encoding.ids)
         lengths.append(n_tokens)
         masks.append(mask)
         targets.append(target_tokens)

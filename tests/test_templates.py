@@ -73,3 +73,85 @@ def test_tokenizer_info_is_stable():
     _, first = load_tokenizer(TokenizerConfig(name="builtin:quickstart"))
     _, second = load_tokenizer(TokenizerConfig(name="builtin:quickstart"))
     assert first.sha256 == second.sha256 and first.vocab_size == 16384
+
+
+# --- masks from ids alone (byte-level BPE) -----------------------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from longdata.templates import ByteLevelMasker  # noqa: E402
+
+# Spaces and newlines at the edges of turns, CJK, accents (precomposed and combining), emoji.
+PIECES = [*"ab Z9.,\n\t", "  ", "中文", "段。", "\u00e9", "e\u0301", "\U0001f642", "\u00a0"]
+TEXT = st.lists(st.sampled_from(PIECES), min_size=1, max_size=20).map("".join)
+TURNS = st.lists(st.tuples(TEXT, TEXT), min_size=1, max_size=3)
+
+
+def with_backend(tokenizer, edit):
+    """A copy of ``tokenizer`` whose tokenizer.json was changed by ``edit(spec)``."""
+    import json
+
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    edit(spec)
+    copy = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)))
+    copy.chat_template = tokenizer.chat_template
+    return copy
+
+
+def masks_both_ways(tokenizer, turns):
+    messages = [Message(role, content) for user, answer in turns
+                for role, content in (("user", user), ("assistant", answer))]
+    chat = ChatRenderer(tokenizer).render(messages)
+    backend = tokenizer.backend_tokenizer
+    with_offsets = backend.encode(chat.text, add_special_tokens=False)
+    fast = backend.encode_batch_fast([chat.text], add_special_tokens=False)[0]
+    assert fast.ids == with_offsets.ids
+    masker = ByteLevelMasker.for_tokenizer(tokenizer)
+    from_ids = masker.mask(np.asarray(fast.ids), chat.text, chat.assistant_spans)
+    return from_ids, assistant_mask(with_offsets, chat.assistant_spans, len(with_offsets.ids))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(turns=TURNS)
+def test_mask_from_ids_equals_mask_from_offsets(tokenizer, turns):
+    from_ids, from_offsets = masks_both_ways(tokenizer, turns)
+    assert from_ids is not None
+    np.testing.assert_array_equal(from_ids, from_offsets)
+
+
+def test_nfc_normalising_tokenizer_falls_back_to_offsets_only_where_the_text_changes(tokenizer):
+    nfc = with_backend(tokenizer, lambda spec: spec.update(normalizer={"type": "NFC"}))
+    composed, _ = masks_both_ways(nfc, [("café?", "Oui, café.")])
+    assert composed is not None
+    decomposed, _ = masks_both_ways(nfc, [("cafe\u0301?", "Oui, cafe\u0301.")])
+    assert decomposed is None  # the normaliser rewrote the text: token bytes no longer add up
+
+
+def test_tokenize_records_masks_and_counts_the_fallbacks(tokenizer, tmp_path):
+    from longdata.records import Conversation
+    from longdata.tokenize import TokenCache, tokenize_records
+
+    nfc = with_backend(tokenizer, lambda spec: spec.update(normalizer={"type": "NFC"}))
+    records = [Conversation((Message("user", f"{word} {i}"), Message("assistant", f"{word}!")), f"x[{i}]", position=i)
+               for i, word in enumerate(["café", "cafe\u0301", "plain"])]
+    stats = tokenize_records(records, nfc, tmp_path / "cache")
+    assert stats.offsets_fallbacks == 1 and stats.samples == 3
+    cache = TokenCache(tmp_path / "cache")
+    for i, record in enumerate(records):
+        chat = ChatRenderer(nfc).render(record.messages)
+        encoding = nfc.backend_tokenizer.encode(chat.text, add_special_tokens=False)
+        ids, mask = cache.tokens(i, 0, int(cache.lengths[i]))
+        assert ids.tolist() == encoding.ids
+        np.testing.assert_array_equal(mask, assistant_mask(encoding, chat.assistant_spans, len(encoding.ids)))
+
+
+def test_only_byte_level_bpe_gets_masks_from_ids(tokenizer):
+    assert ByteLevelMasker.for_tokenizer(tokenizer) is not None
+    lowercase = with_backend(tokenizer, lambda spec: spec.update(normalizer={"type": "Lowercase"}))
+    assert ByteLevelMasker.for_tokenizer(lowercase) is None
+    fallback = with_backend(tokenizer, lambda spec: spec["model"].update(byte_fallback=True))
+    assert ByteLevelMasker.for_tokenizer(fallback) is None

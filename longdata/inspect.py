@@ -342,9 +342,9 @@ def target_context(context: int) -> int:
 def segments(ids: np.ndarray, mask: np.ndarray, detok: Detokenizer, context: int = DEFAULT_CONTEXT,
              full: bool = False) -> list[Segment]:
     """The sample's runs of equal mask value, each decoded as a unit; with ``full`` False, a
-    non-target run longer than ``2 * context`` keeps ``context`` tokens at each end and elides
-    the middle (a target run: ``target_context(context)``), unless that would hide fewer than
-    ``MIN_ELIDED`` tokens."""
+    non-target run longer than ``2 * context`` keeps ``context`` tokens at each end (a few more
+    where a character's bytes straddle the cut) and elides the middle (a target run:
+    ``target_context(context)``), unless that would hide fewer than ``MIN_ELIDED`` tokens."""
     out: list[Segment] = []
     if not len(ids):
         return out
@@ -353,16 +353,31 @@ def segments(ids: np.ndarray, mask: np.ndarray, detok: Detokenizer, context: int
     for begin, end in zip(bounds[:-1], bounds[1:]):
         target = bool(mask[begin])
         keep = target_context(context) if target else max(context, 0)
-        n = end - begin
-        if full or n - 2 * keep < MIN_ELIDED:
-            out.append(Segment(n, target, detok.parts(ids[begin:end])))
+        head, tail = begin + keep, end - keep
+        if keep and tail - head >= MIN_ELIDED:
+            head, tail = _whole_characters(ids, begin, head, tail, end, detok)
+        if full or tail - head < MIN_ELIDED:
+            out.append(Segment(end - begin, target, detok.parts(ids[begin:end])))
             continue
-        if keep:
-            out.append(Segment(keep, target, detok.parts(ids[begin:begin + keep])))
-        out.append(Segment(n - 2 * keep, target))
-        if keep:
-            out.append(Segment(keep, target, detok.parts(ids[end - keep:end])))
+        if head > begin:
+            out.append(Segment(head - begin, target, detok.parts(ids[begin:head])))
+        out.append(Segment(tail - head, target))
+        if tail < end:
+            out.append(Segment(end - tail, target, detok.parts(ids[tail:end])))
     return out
+
+
+def _whole_characters(ids: np.ndarray, begin: int, head: int, tail: int, end: int,
+                      detok: Detokenizer) -> tuple[int, int]:
+    """Move the elision's edges by up to 3 tokens so that neither shown end cuts a character
+    whose UTF-8 bytes are spread over several byte-level tokens (it would show as U+FFFD)."""
+    for _ in range(3):
+        if head < tail and detok.decode(ids[begin:head]).endswith("\ufffd"):
+            head += 1
+    for _ in range(3):
+        if tail > head and detok.decode(ids[tail:end]).startswith("\ufffd"):
+            tail -= 1
+    return head, tail
 
 
 # --- the view -----------------------------------------------------------------------------------

@@ -178,20 +178,29 @@ def test_elision_keeps_targets_and_counts_what_it_hides(built, detok, context):
             segs = sample.segments
             assert sum(s.tokens for s in segs) == sample.tokens == len(ids)
             assert sum(s.tokens for s in segs if s.target and not s.elided) == mask.sum()
-            # Rebuild the expected pieces run by run: short runs whole, long ones head/gap/tail.
-            expected = []
+            # Walk the mask's runs: short ones (and every target run here) are shown whole; a
+            # long one keeps `context` tokens at each end (up to 3 more where a character's
+            # bytes straddle the cut) around one elided gap.
+            walk = iter(segs)
             for a, b, target in mask_runs(mask):
-                n = b - a
+                n, seg = b - a, next(walk)
                 if target or n - 2 * context < 16:
-                    expected.append((n, target, detok.decode(ids[a:b])))
-                else:
-                    elided_any = True
-                    if context:
-                        expected.append((context, False, detok.decode(ids[a:a + context])))
-                    expected.append((n - 2 * context, False, None))
-                    if context:
-                        expected.append((context, False, detok.decode(ids[b - context:b])))
-            assert [(s.tokens, s.target, None if s.elided else s.text) for s in segs] == expected
+                    assert (seg.tokens, seg.target, seg.text) == (n, target, detok.decode(ids[a:b]))
+                    continue
+                elided_any = True
+                if context:
+                    assert context <= seg.tokens <= context + 3 and not seg.elided
+                    assert seg.text == detok.decode(ids[a:a + seg.tokens])
+                    a, seg = a + seg.tokens, next(walk)
+                assert seg.elided and not seg.target
+                a += seg.tokens
+                if context:
+                    seg = next(walk)
+                    assert context <= seg.tokens <= context + 3 and not seg.elided
+                    assert seg.text == detok.decode(ids[a:b])
+                    a += seg.tokens
+                assert a == b
+            assert next(walk, None) is None
             text = recorded_plain(view)
             for s in segs:
                 if s.elided:
@@ -227,6 +236,19 @@ def test_a_huge_target_run_is_elided_in_its_middle_and_counted(detok):
         (n - 3100, False, True)]
     assert [(s.tokens, s.target, s.elided) for s in segments(ids, mask, detok, full=True)] == [
         (100, False, False), (3000, True, False), (n - 3100, False, False)]
+
+
+def test_elision_does_not_cut_a_character_spread_over_byte_tokens(detok):
+    ids = np.asarray(detok._tokenizer.encode("龘🎉" * 200).ids, dtype=np.uint32)
+    assert "\ufffd" in detok.decode(ids[:1]), "the test needs characters spread over tokens"
+    for context in range(1, 12):
+        segs = segments(ids, np.zeros(len(ids), dtype=np.uint8), detok, context=context)
+        head, gap, tail = segs
+        assert gap.elided and head.tokens + gap.tokens + tail.tokens == len(ids)
+        assert context <= head.tokens <= context + 3 and context <= tail.tokens <= context + 3
+        assert "\ufffd" not in head.text + tail.text
+        assert head.text == detok.decode(ids[:head.tokens])
+        assert tail.text == detok.decode(ids[len(ids) - tail.tokens:])
 
 
 def first_placements(out: Path, manifest: dict, split: str) -> dict[str, list[dict]]:
@@ -364,3 +386,18 @@ def test_inspect_reads_one_shard_and_imports_neither_torch_nor_transformers(buil
             f"heavy = {{'torch', 'transformers', 'streaming'}} & set(sys.modules); "
             f"assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+
+
+def test_cli_reports_a_corrupted_shard(built, tmp_path):
+    import shutil
+
+    out, _ = built
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    shard = StreamReader(copy / "short/train/le_001024").shard_path(0)
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    result = run_cli(str(copy), "--split", "short/train")
+    assert result.exit_code == 1 and result.stdout == ""
+    assert result.stderr.startswith("corrupt ") and "hash mismatch" in result.stderr

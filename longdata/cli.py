@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 app = typer.Typer(
     help="Build packed long-context fine-tuning datasets and train on them.\n\n"
@@ -159,6 +160,64 @@ def card(
         written.append(copy_card(build_dir, destination))
     for path in written:
         console.print(f"wrote {path}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def inspect(
+    build_dir: Path = typer.Argument(..., help="A build directory (holds manifest.json)."),
+    split: str | None = typer.Option(
+        None, "--split", help="Default: the first train split (of the first curriculum stage)."),
+    stream: str | None = typer.Option(
+        None, "--stream", help="A bucket stream of the split, e.g. le_016384. Default: its first "
+                               "stream with rows (with --sample-id: any stream)."),
+    row: int | None = typer.Option(None, "--row", help="Row number inside the stream (default 0)."),
+    sample_id: str | None = typer.Option(
+        None, "--sample-id", metavar="SOURCE:POSITION",
+        help="Show the row holding this sample (looked up in `<split>/samples.parquet`; with no "
+             "--split, in the first split that packs it, stages in order, train first); says "
+             "why when it was not packed."),
+    context: int = typer.Option(
+        100, "--context", metavar="N",
+        help="Tokens kept at each end of a long non-target run before eliding its middle "
+             "(0: only the targets). Target runs are elided only when huge: they keep 10x as "
+             "many, at least 1,000, at each end."),
+    full: bool = typer.Option(False, "--full", help="Show every token: no elision."),
+    as_json: bool = typer.Option(False, "--json", help="Print the row as JSON (segments per sample)."),
+    plain: bool = typer.Option(
+        False, "--plain", help="No colour: targets wrapped in ⟦…⟧ (also the default when colour "
+                               "is off: a pipe, NO_COLOR)."),
+) -> None:
+    """Show one packed row: each sample's boundaries, id, source, length and status, and its text
+    with target (loss) tokens highlighted and the rest dimmed; long runs are elided in the middle
+    with a count. The fastest way to see a chat-template or loss-mask bug.
+
+    Exit code 2 for a bad build, split, stream, row or sample id; 1 when the sample was not packed
+    (the reason is printed) or a shard is corrupt."""
+    import json as json_module
+
+    from longdata.inspect import InspectError, NotPacked, inspect_row, render, render_not_packed
+    from longdata.mds import ShardError
+
+    out = Console(color_system=None, highlight=False) if plain else Console(highlight=False)
+    try:
+        view = inspect_row(build_dir, split=split, stream=stream, row=row, sample_id=sample_id,
+                           context=context, full=full)
+    except InspectError as exc:  # the message may quote user input: no markup in it
+        console.print(Text.assemble(("error", "red"), f" {exc}"), highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    except NotPacked as exc:
+        if as_json:
+            typer.echo(json_module.dumps(exc.report, ensure_ascii=False, indent=1))
+        else:
+            render_not_packed(exc.report, out)
+        raise typer.Exit(1) from None
+    except ShardError as exc:
+        console.print(Text.assemble(("corrupt", "red"), f" {exc}"), highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    if as_json:
+        typer.echo(json_module.dumps(view.as_dict(), ensure_ascii=False, indent=1))
+        return
+    render(view, out, plain=True if plain else None)
 
 
 # The trainer is its own package (it reads only the row schema and manifest); its commands are

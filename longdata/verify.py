@@ -15,6 +15,7 @@ from pathlib import Path
 
 import polars as pl
 
+from longdata.mds import ShardError, load_shard
 from longdata.sample_index import INDEX_FILE
 from longdata.shards import check_row
 
@@ -103,28 +104,21 @@ def _verify_stream(stream_dir: Path, max_seq_len: int, n_sources: int, scratch: 
 
 def iter_stream_rows(stream_dir: Path, scratch: Path, problems: list[str]):
     """(shard path, row index in shard, row) for every row of an MDS stream, in order, after
-    checking each shard's size and hashes against the index (failures go to ``problems``)."""
-    from streaming.base.compression import decompress
+    checking each shard's size and hashes against the index (failures go to ``problems``).
+    Rows are decoded by streaming's own reader, an independent check of ``longdata.mds``."""
     from streaming.base.format import reader_from_json
-    from streaming.base.hashing import get_hash
 
     index_path = stream_dir / "index.json"
     if not index_path.exists():
         problems.append(f"{index_path}: missing")
         return
     for shard in json.loads(index_path.read_text())["shards"]:
-        stored = shard["zip_data"] or shard["raw_data"]
-        where = stream_dir / stored["basename"]
-        if not where.exists():
-            problems.append(f"{where}: missing shard file")
+        where = stream_dir / (shard["zip_data"] or shard["raw_data"])["basename"]
+        try:
+            data = load_shard(stream_dir, shard)
+        except ShardError as exc:
+            problems.append(str(exc))
             continue
-        data = where.read_bytes()
-        if not _matches(data, stored, where, problems, get_hash):
-            continue
-        if shard["zip_data"]:
-            data = decompress(shard["compression"], data)
-            if not _matches(data, shard["raw_data"], where, problems, get_hash):
-                continue
         # Merged streams name shards "part-00000/shard..."; the scratch copy is flat.
         raw_name = Path(shard["raw_data"]["basename"]).name
         (scratch / raw_name).write_bytes(data)
@@ -134,14 +128,3 @@ def iter_stream_rows(stream_dir: Path, scratch: Path, problems: list[str]):
         for index in range(shard["samples"]):
             yield where, index, reader.get_item(index)
         (scratch / raw_name).unlink()
-
-
-def _matches(data: bytes, expected: dict, where: Path, problems: list[str], get_hash) -> bool:
-    if len(data) != expected["bytes"]:
-        problems.append(f"{where}: {len(data)} bytes, index says {expected['bytes']}")
-        return False
-    for algorithm, digest in (expected.get("hashes") or {}).items():
-        if get_hash(algorithm, data) != digest:
-            problems.append(f"{where}: {algorithm} hash mismatch (corrupted shard)")
-            return False
-    return True

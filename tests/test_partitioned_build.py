@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from longdata.build import build
+from longdata.mds import StreamReader
 from longdata.partition import merge
 from longdata.recipe import validate_recipe
 from longdata.verify import iter_stream_rows, verify_build
@@ -54,6 +55,10 @@ def test_three_workers_then_merge_equal_one_process(tmp_path):
     index = json.loads((merged.out_dir / "train" / "le_004096" / "index.json").read_text())
     assert {s["raw_data"]["basename"].split("/")[0] for s in index["shards"]} <= {"part-00000", "part-00001", "part-00002"}
     assert verify_build(merged.out_dir).ok
+    # longdata.mds (inspect's reader) resolves the merged "part-0000N/shard..." names too.
+    readers = {path: StreamReader(merged.out_dir / path) for path in expected_rows}
+    assert_same_rows({path: [r.row(i) for i in range(r.rows)] for path, r in readers.items()},
+                     expected_rows)
 
 
 def assert_same_rows(got: dict[str, list[dict]], expected: dict[str, list[dict]]) -> None:

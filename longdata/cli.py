@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -31,7 +32,7 @@ def _load(recipe: Path, overrides: list[str] | None):
         return load_recipe(recipe, overrides or [])
     except RecipeError as exc:
         for problem in exc.problems:
-            console.print(f"[red]error[/red] {problem}", highlight=False, soft_wrap=True)
+            console.print(f"[red]error[/red] {escape(problem)}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
 
 
@@ -75,7 +76,7 @@ def build(
             return
         result = run_build(loaded, out=out, strict=strict, console=console)
     except (BuildError, TemplateError, FileNotFoundError) as exc:
-        console.print(f"[red]error[/red] {exc}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
     _print_summary(result)
 
@@ -91,7 +92,7 @@ def merge(out: Path = typer.Argument(..., help="The output directory the workers
     try:
         result = run_merge(out, console=console)
     except BuildError as exc:
-        console.print(f"[red]error[/red] {exc}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
     _print_summary(result)
 
@@ -127,7 +128,7 @@ def verify(build_dir: Path = typer.Argument(..., help="A build directory (holds 
 
     report = verify_build(build_dir)
     for problem in report.problems:
-        console.print(f"[red]corrupt[/red] {problem}", highlight=False, soft_wrap=True)
+        console.print(f"[red]corrupt[/red] {escape(problem)}", highlight=False, soft_wrap=True)
     if not report.ok:
         raise typer.Exit(1)
     console.print(f"[green]ok[/green] {build_dir}: {report.shards} shards, {report.rows:,} rows, "
@@ -150,7 +151,7 @@ def card(
 
     manifest_path = build_dir / "manifest.json"
     if not manifest_path.exists():
-        console.print(f"[red]error[/red] {manifest_path} is missing: not a finished longdata build",
+        console.print(f"[red]error[/red] {escape(str(manifest_path))} is missing: not a finished longdata build",
                       highlight=False, soft_wrap=True)
         raise typer.Exit(2)
     manifest = json.loads(manifest_path.read_text())

@@ -228,29 +228,31 @@ def evaluate_loss(
 
 
 def loss_table(report: LossReport, title: str) -> Any:
-    """A rich table: all, then per source, per stream and per sample length."""
+    """A rich table: all, then per source, per stream and per sample length (loss/token is the
+    token mean, loss/seq the sequence mean, ppl exp(token mean))."""
+    from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=title, title_justify="left")
-    for column in ("group", "", "samples", "target tokens", "token-mean", "seq-mean", "ppl"):
-        table.add_column(column, justify="left" if column in ("group", "") else "right")
+    table = Table(title=escape(title), title_justify="left")
+    for column in ("group", "samples", "targets", "loss/token", "loss/seq", "ppl"):
+        table.add_column(column, justify="left" if column == "group" else "right")
 
-    def add(group: str, name: str, stats: LossStats) -> None:
-        def number(value: float | None, digits: int = 4) -> str:
-            return "-" if value is None else f"{value:.{digits}f}"
+    def number(value: float | None, digits: int = 4) -> str:
+        return "-" if value is None else f"{value:.{digits}f}"
 
+    def add(name: str, stats: LossStats) -> None:
         table.add_row(
-            group, name, f"{stats.samples:,}", f"{stats.target_tokens:,}",
+            escape(name), f"{stats.samples:,}", f"{stats.target_tokens:,}",
             number(stats.token_mean), number(stats.sequence_mean), number(stats.perplexity, 1),
         )
 
-    add("all", "", report.overall())
+    add("all", report.overall())
     for group, stats_by_name in (
         ("source", report.by_source()),
         ("stream", report.by_stream()),
-        ("sample length", report.by_length()),
+        ("length", report.by_length()),
     ):
         table.add_section()
         for name, stats in stats_by_name.items():
-            add(group, name, stats)
+            add(f"{group} {name}", stats)
     return table

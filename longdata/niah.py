@@ -21,6 +21,8 @@ so no recipe can reproduce an eval prompt or its needle by accident.
 
 Sample ``s`` of a grid uses the same needle (subject and code) and the same filler stream in
 every cell, as the classic test does, so cells differ only in length and depth.
+``build_controls`` gives each sample's question over its filler with no needle, the control
+for log-likelihood scoring.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from longdata.sources.antihaystack import (
     Rendered,
     _chars_per_token,
     _extend,
+    _join,
     _shrink,
 )
 from longdata.synthetic import Lang
@@ -66,13 +69,14 @@ class NiahPrompt:
     key: str  # the RNG key of this sample's needle and filler (reproducibility)
     lang: Lang
     prompt_ids: tuple[int, ...] = field(repr=False)
-    measured_depth: float
+    measured_depth: float | None  # None in a control prompt
     subject: str
     code: int
     question: str
     answer: str  # the reference answer: the needle sentence itself
     distractor_codes: tuple[int, ...]  # other codes, as many digits and answer tokens (loglik)
     distractors: tuple[str, ...]  # the answer sentence with each distractor code
+    planted: bool = True  # False: a control prompt without the needle
 
     @property
     def prompt_tokens(self) -> int:
@@ -190,6 +194,22 @@ def distractor_codes(
     return codes
 
 
+@dataclass(frozen=True)
+class _WithoutNeedle:
+    """A needle task's question and answer over its filler alone (the loglik control)."""
+
+    task: NeedleTask
+
+    @property
+    def lang(self) -> Lang:
+        return self.task.lang
+
+    def render(self, paragraphs: list[list[str]]) -> Rendered:
+        planted = self.task.render(paragraphs)
+        document = "\n\n".join(_join(paragraphs, self.lang))
+        return Rendered(document, planted.question, planted.answer, ())
+
+
 def calibrate(tokenizer: Any, seed: int, lang: Lang) -> float:
     """Characters per token of this tokenizer on filler text: the fit's first guess. A prompt
     depends on it, so every prompt of a seed uses the same calibration text."""
@@ -198,7 +218,7 @@ def calibrate(tokenizer: Any, seed: int, lang: Lang) -> float:
 
 
 def _fit_prompt(
-    task: NeedleTask,
+    task: NeedleTask | _WithoutNeedle,
     rng: random.Random,
     length: int,
     chars_per_token: float,
@@ -245,8 +265,14 @@ def build_prompt(
     lang: Lang = "en",
     distractors: int = 4,
     chars_per_token: float | None = None,
+    planted: bool = True,
 ) -> NiahPrompt:
-    """One grid prompt: sample ``sample``'s needle at ``depth`` in a ``length``-token prompt."""
+    """One grid prompt: sample ``sample``'s needle at ``depth`` in a ``length``-token prompt.
+
+    ``planted=False`` makes the control prompt: the same question over filler alone, with no
+    needle (``measured_depth`` None). A model that still prefers the reference answer there
+    does so from its prior over codes, not by retrieval.
+    """
     subject, code = eval_needle(seed, sample, lang)
     task = NeedleTask(lang, (subject,), (code,), (depth,))
     key = f"{EVAL_NAMESPACE}:{seed}:{sample}"
@@ -257,7 +283,8 @@ def build_prompt(
         return encode(tokenizer, generation_prompt(tokenizer, rendered.prompt))
 
     filler = random.Random(f"{key}:filler")
-    rendered, ids = _fit_prompt(task, filler, length, chars_per_token, measure)
+    fitted = task if planted else _WithoutNeedle(task)
+    rendered, ids = _fit_prompt(fitted, filler, length, chars_per_token, measure)
     # Distractor answers as long in tokens as the reference, or a summed log-probability would
     # favour whichever candidate tokenizes shortest.
     answer_tokens = len(encode(tokenizer, rendered.answer))
@@ -272,14 +299,35 @@ def build_prompt(
         key=key,
         lang=lang,
         prompt_ids=tuple(ids),
-        measured_depth=rendered.depths[0],
+        measured_depth=rendered.depths[0] if planted else None,
         subject=subject,
         code=code,
         question=rendered.question,
         answer=rendered.answer,
         distractor_codes=tuple(others),
         distractors=tuple(task._needle(subject, other) for other in others),
+        planted=planted,
     )
+
+
+def build_controls(
+    tokenizer: Any,
+    length: int,
+    samples: int,
+    *,
+    seed: int = 0,
+    lang: Lang = "en",
+    distractors: int = 4,
+) -> list[NiahPrompt]:
+    """One needle-less control prompt per sample, ``length`` tokens long (see ``build_prompt``)."""
+    chars_per_token = calibrate(tokenizer, seed, lang)
+    return [
+        build_prompt(
+            tokenizer, length=length, depth=0.5, sample=sample, seed=seed, lang=lang,
+            distractors=distractors, chars_per_token=chars_per_token, planted=False,
+        )
+        for sample in range(samples)
+    ]
 
 
 def build_grid(

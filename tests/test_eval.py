@@ -126,6 +126,23 @@ def test_grid_prompts_have_the_requested_length_and_depth(tokenizer) -> None:
     assert other_seed.prompt_ids != again.prompt_ids
 
 
+def test_control_prompts_have_no_needle(tokenizer) -> None:
+    grid = niah.build_grid(tokenizer, [1024], [0.5], samples_per_cell=2)
+    controls = niah.build_controls(tokenizer, 1024, 2)
+    for planted, control in zip(grid, controls, strict=True):
+        text = tokenizer.decode(list(control.prompt_ids))
+        assert not control.planted and control.measured_depth is None
+        start = text.index("user<|end_header_id|>\n\n") + len("user<|end_header_id|>\n\n")
+        haystack = text[start:text.index("\n\n" + planted.question)]
+        assert len(haystack) > 2000 and "secret code" not in haystack
+        assert str(control.code) not in text
+        assert text.endswith(
+            f"{planted.question}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+        )
+        assert 1024 - niah.length_slack(1024) <= control.prompt_tokens <= 1024
+        assert (control.answer, control.distractors) == (planted.answer, planted.distractors)
+
+
 def test_too_short_a_length_is_refused(tokenizer) -> None:
     with pytest.raises(ValueError, match="cannot fit"):
         niah.build_prompt(tokenizer, length=20, depth=0.5, sample=0)
@@ -367,6 +384,10 @@ def test_eval_niah_cli_loglik(tmp_path: Path, model_dir: Path) -> None:
     assert result.exit_code == 0, result.output
     results = json.loads((out / "results.json").read_text())
     assert np.array(results["grid"]["mean_answer_logprob"]).shape == (1, 2)
+    control = results["control"]
+    assert len(control["rows"]) == 1 and control["rows"][0]["measured_depth"] is None
+    assert control["accuracy"] == float(control["rows"][0]["correct"])
+    assert "without the needle" in " ".join(result.output.split())
     for row in results["rows"]:
         assert row["answer_logprob"] < 0 and 1 <= row["rank"] <= 4
         assert row["correct"] == (row["answer_logprob"] > row["best_distractor_logprob"])

@@ -330,7 +330,8 @@ def eval_niah(
         typer.Option(
             help="generate: greedy answer, correct iff it contains the needle's code. loglik: "
             "correct iff the reference answer is more likely than every distractor answer "
-            "(same sentence, other codes); also reports its log-probability.",
+            "(same sentence, other codes); also reports its log-probability, and how often "
+            "the reference wins with no needle at all (a control for the model's prior).",
         ),
     ] = "generate",
     max_new_tokens: Annotated[
@@ -382,7 +383,7 @@ def eval_niah(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
-    from longdata.niah import build_grid, parse_depths, parse_lengths
+    from longdata.niah import build_controls, build_grid, parse_depths, parse_lengths
     from trainer.niah import (
         MODES,
         GenerateScorer,
@@ -468,12 +469,21 @@ def eval_niah(
             else "log p(reference answer) > log p(each distractor answer)"
         ),
     }
+    controls = []
+    if mode == "loglik":
+        controls = build_controls(
+            tok, length_list[0], samples_per_cell, seed=seed, lang=lang, distractors=distractors
+        )
     with Progress(*columns, console=err, transient=True) as progress:
-        task = progress.add_task(f"scoring ({mode})", total=len(prompts))
+        task = progress.add_task(f"scoring ({mode})", total=len(prompts) + len(controls))
         report = evaluate(
             prompts, scorer, length_list, depth_list, config,
             on_row=lambda _: progress.advance(task),
         )
+        if controls:
+            report.control_rows = evaluate(
+                controls, scorer, length_list[:1], [0.5], on_row=lambda _: progress.advance(task)
+            ).rows
     finished = time.perf_counter()
     report.config["seconds"] = {
         "build_prompts": round(built - started, 2),

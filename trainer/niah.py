@@ -8,7 +8,9 @@ The prompts come from `longdata.niah.build_grid` (this module only needs their a
   skipped) as a whole number: not preceded or followed by another digit.
 - `loglik`: the log-probability of the reference answer (the needle sentence) given the prompt,
   against the same sentence with each distractor code. Correct iff the reference scores strictly
-  higher than every distractor.
+  higher than every distractor. A model can prefer one code over another without reading the
+  haystack, so the same question is also scored on control prompts with no needle at all
+  (`NiahReport.control_rows`): grid accuracy near the control's is no evidence of retrieval.
 
 Both run one prompt at a time, unpadded. The prompt is prefilled once with packing metadata for
 a single sample, so the attention backend chosen with `load_model(attention=...)` runs it
@@ -282,6 +284,7 @@ class NiahReport:
     depths: list[float]
     rows: list[dict[str, Any]]
     mode: str
+    control_rows: list[dict[str, Any]] | None = None  # loglik: the same questions, no needle
 
     def _cells(self, key: str) -> list[list[list[float]]]:
         cells: list[list[list[float]]] = [[[] for _ in self.depths] for _ in self.lengths]
@@ -301,7 +304,12 @@ class NiahReport:
 
     @property
     def accuracy(self) -> float | None:
-        return sum(r["correct"] for r in self.rows) / len(self.rows) if self.rows else None
+        return _mean([r["correct"] for r in self.rows])
+
+    @property
+    def control_accuracy(self) -> float | None:
+        """How often the reference answer wins with no needle in the prompt at all."""
+        return _mean([r["correct"] for r in self.control_rows or []])
 
     def as_json(self) -> dict[str, Any]:
         grid: dict[str, Any] = {
@@ -312,12 +320,24 @@ class NiahReport:
         }
         if self.mode == "loglik":
             grid["mean_answer_logprob"] = self.grid("answer_logprob")
-        return {
+        result = {
             "config": self.config,
             "accuracy": self.accuracy,
             "grid": grid,
             "rows": self.rows,
         }
+        if self.control_rows is not None:
+            result["control"] = {
+                "what": "each sample's question and candidates over filler with no needle",
+                "accuracy": self.control_accuracy,
+                "mean_answer_logprob": _mean([r["answer_logprob"] for r in self.control_rows]),
+                "rows": self.control_rows,
+            }
+        return result
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
 
 
 def evaluate(
@@ -418,11 +438,15 @@ def heatmap_title(report: NiahReport) -> str:
     per_cell = max((n for row in report.counts() for n in row), default=0)
     accuracy = report.accuracy
     overall = "n/a" if accuracy is None else f"{accuracy:.0%}"
-    chance = report.config.get("chance_accuracy")
-    chance_note = f" (chance {chance:.0%})" if chance else ""
+    notes = []
+    if report.config.get("chance_accuracy"):
+        notes.append(f"chance {report.config['chance_accuracy']:.0%}")
+    if report.control_accuracy is not None:
+        notes.append(f"without needle {report.control_accuracy:.0%}")
+    note = f" ({', '.join(notes)})" if notes else ""
     return (
         f"Needle in a haystack: {name}\n"
-        f"{report.mode}, {per_cell} prompt(s) per cell, overall accuracy {overall}{chance_note}"
+        f"{report.mode}, {per_cell} prompt(s) per cell, overall accuracy {overall}{note}"
     )
 
 
@@ -478,4 +502,11 @@ def grid_table(report: NiahReport) -> Any:
         ]
         table.add_section()
         table.add_row("mean log p(answer)", *(f"{m:.2f}" for m in means))
+    if report.control_rows:
+        table.caption = (
+            f"without the needle the reference answer still wins {report.control_accuracy:.0%} "
+            f"of {len(report.control_rows)} control prompts (chance "
+            f"{report.config.get('chance_accuracy', 0):.0%}): accuracy near that is no retrieval"
+        )
+        table.caption_justify = "left"
     return table

@@ -494,8 +494,9 @@ def eval_niah(
     paths = write_outputs(report, out)
     Console().print(grid_table(report))
     seconds = report.config["seconds"]
+    counted = f"{len(prompts)} prompts" + (f" + {len(controls)} controls" if controls else "")
     typer.echo(
-        f"{len(prompts)} prompts in {seconds['total']:.1f}s (prompts {seconds['build_prompts']:.1f}s, "
+        f"{counted} in {seconds['total']:.1f}s (prompts {seconds['build_prompts']:.1f}s, "
         f"model {seconds['load_model']:.1f}s, scoring {seconds['score']:.1f}s)"
     )
     typer.echo("wrote " + ", ".join(str(p) for p in paths.values()))

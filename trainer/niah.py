@@ -443,7 +443,7 @@ def heatmap_title(report: NiahReport) -> str:
         notes.append(f"chance {report.config['chance_accuracy']:.0%}")
     if report.control_accuracy is not None:
         notes.append(f"without needle {report.control_accuracy:.0%}")
-    note = f" ({', '.join(notes)})" if notes else ""
+    note = f"\n{', '.join(notes)}" if notes else ""
     return (
         f"Needle in a haystack: {name}\n"
         f"{report.mode}, {per_cell} prompt(s) per cell, overall accuracy {overall}{note}"

@@ -413,6 +413,16 @@ def eval_niah(
         raise typer.BadParameter(str(error), param_hint="--tokenizer") from None
 
     err = Console(stderr=True)
+    # The model first: a wrong --model should fail before minutes of prompt building.
+    lm, device_name, dtype_name = _load_eval_model(model, attention, device, dtype)
+    context = getattr(lm.config, "max_position_embeddings", None)
+    if context and max(length_list) > context:
+        err.print(
+            f"[yellow]warning[/yellow] lengths up to {max(length_list):,} tokens exceed the "
+            f"model's max_position_embeddings ({context:,})"
+        )
+    loaded = time.perf_counter()
+
     total = len(length_list) * len(depth_list) * samples_per_cell
     columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=err, transient=True) as progress:
@@ -424,22 +434,13 @@ def eval_niah(
             )
         except ValueError as error:
             raise typer.BadParameter(str(error), param_hint="--lengths") from None
-    built = time.perf_counter()
-
-    lm, device_name, dtype_name = _load_eval_model(model, attention, device, dtype)
     vocab = lm.get_input_embeddings().num_embeddings
     if max(max(p.prompt_ids) for p in prompts) >= vocab:
         raise typer.BadParameter(
             f"the tokenizer produces ids beyond the model's {vocab}-token embedding: wrong "
             "tokenizer for this model", param_hint="--tokenizer",
         )
-    context = getattr(lm.config, "max_position_embeddings", None)
-    if context and max(length_list) > context:
-        err.print(
-            f"[yellow]warning[/yellow] lengths up to {max(length_list):,} tokens exceed the "
-            f"model's max_position_embeddings ({context:,})"
-        )
-    loaded = time.perf_counter()
+    built = time.perf_counter()
 
     if mode == "generate":
         scorer = GenerateScorer(lm, tok, max_new_tokens=max_new_tokens)
@@ -486,18 +487,18 @@ def eval_niah(
             ).rows
     finished = time.perf_counter()
     report.config["seconds"] = {
-        "build_prompts": round(built - started, 2),
-        "load_model": round(loaded - built, 2),
-        "score": round(finished - loaded, 2),
+        "load_model": round(loaded - started, 2),
+        "build_prompts": round(built - loaded, 2),
+        "score": round(finished - built, 2),
         "total": round(finished - started, 2),  # before writing the outputs
     }
     paths = write_outputs(report, out)
     Console().print(grid_table(report))
     seconds = report.config["seconds"]
-    counted = f"{len(prompts)} prompts" + (f" + {len(controls)} controls" if controls else "")
+    counted = f"{len(prompts)} prompt(s)" + (f" + {len(controls)} control(s)" if controls else "")
     typer.echo(
-        f"{counted} in {seconds['total']:.1f}s (prompts {seconds['build_prompts']:.1f}s, "
-        f"model {seconds['load_model']:.1f}s, scoring {seconds['score']:.1f}s)"
+        f"{counted} in {seconds['total']:.1f}s (model {seconds['load_model']:.1f}s, "
+        f"prompts {seconds['build_prompts']:.1f}s, scoring {seconds['score']:.1f}s)"
     )
     typer.echo("wrote " + ", ".join(str(p) for p in paths.values()))
 

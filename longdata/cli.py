@@ -228,6 +228,16 @@ from trainer import cli as trainer_cli  # noqa: E402
 app.command("train")(trainer_cli.train)
 app.command("check-packing")(trainer_cli.check_packing)
 
+eval_app = typer.Typer(
+    help="Evaluate a trained model: `longdata eval niah` (needle-in-a-haystack retrieval over a "
+         "grid of context lengths x needle depths, with a heatmap) and `longdata eval loss` "
+         "(validation loss of a build per source and length bucket). See docs/EVAL.md.",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    rich_markup_mode="markdown")
+eval_app.command("niah")(trainer_cli.eval_niah)
+eval_app.command("loss")(trainer_cli.eval_loss)
+app.add_typer(eval_app, name="eval")
+
 
 def main() -> None:
     app()

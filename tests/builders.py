@@ -63,7 +63,7 @@ def write_build(
                 "rows": len(rows),
                 "tokens": tokens,
                 "target_tokens": int(sum(r["loss_mask"].sum() for r in rows)),
-                "proportion": tokens / total_tokens,
+                "proportion": tokens / total_tokens if total_tokens else 0.0,
             }
         )
     manifest = {

@@ -106,3 +106,24 @@ def test_unavailable_backends_say_what_is_missing(backend: str) -> None:
     assert reason is not None and "CUDA" in reason
     if backend == "flash_attn":
         assert "pip install" in reason
+
+
+@pytest.mark.parametrize("backend", ["sdpa_varlen", "flash_attn"])
+def test_cached_multi_token_continuation_sees_the_cache(
+    model: torch.nn.Module, backend: str
+) -> None:
+    """Without packing metadata, a continuation of several tokens after a KV cache (scoring
+    answers after a shared prompt) gets the logits of one forward pass over the whole text.
+
+    `is_causal` alone would align the causal triangle top-left and hide cached keys."""
+    from transformers import DynamicCache
+
+    set_attention(model, backend)
+    model.eval()
+    tokens = torch.from_numpy(np.random.default_rng(1).integers(5, VOCAB, (1, 23)))
+    with torch.no_grad():
+        whole = model(input_ids=tokens, use_cache=False).logits
+        cache = DynamicCache()
+        first = model(input_ids=tokens[:, :17], past_key_values=cache, use_cache=True).logits
+        rest = model(input_ids=tokens[:, 17:], past_key_values=cache, use_cache=True).logits
+    assert torch.allclose(torch.cat([first, rest], dim=1), whole, atol=TOLERANCE)

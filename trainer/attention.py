@@ -123,7 +123,15 @@ def _unpacked_causal(
     dropout: float,
     scaling: float | None,
 ) -> AttentionOutput:
-    """Plain causal attention over whole rows, for inference without packing metadata."""
+    """Plain causal attention over whole rows, for inference without packing metadata.
+
+    With a KV cache the keys may be longer than the queries (the queries are the last tokens):
+    query i then sees every cached key and the new keys up to its own. SDPA's `is_causal` aligns
+    the triangle to the top-left corner instead, which would hide cached keys from a multi-token
+    continuation, so that case gets an explicit bottom-right-aligned mask. A padded batch is not
+    supported here (the model builds no padding mask for these backends): one prompt per row,
+    unpadded, as in `model.generate` on a single prompt.
+    """
     if module.training:
         raise RuntimeError(
             "packing metadata (cu_seqlens / document_ids from trainer.collate()) did not reach the "
@@ -132,7 +140,14 @@ def _unpacked_causal(
         )
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling)
+    query_length, key_length = query.shape[2], key.shape[2]
+    mask = None
+    if 1 < query_length < key_length:
+        allowed = torch.ones(query_length, key_length, dtype=torch.bool, device=query.device)
+        allowed = allowed.tril(diagonal=key_length - query_length)
+        mask = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device)
+        mask = mask.masked_fill_(~allowed, torch.finfo(query.dtype).min)[None, None]
+    return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling)
 
 
 def _flatten_heads(tensor: torch.Tensor) -> torch.Tensor:

@@ -49,7 +49,7 @@ from trainer.loss import (
     micro_batch_loss,
     step_denominator,
 )
-from trainer.model import load_model
+from trainer.model import PRESETS, load_model
 
 PRECISIONS = ("auto", "fp32", "bf16")
 SAVE_FORMATS = ("merged", "adapter", "none")
@@ -148,10 +148,16 @@ def _autocast(precision: str, device: torch.device) -> Any:
     return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
 
 
-def _build_model(config: TrainConfig, vocab_size: int, device: torch.device) -> PreTrainedModel:
+def _build_model(config: TrainConfig, manifest: Manifest, device: torch.device) -> PreTrainedModel:
     model = load_model(
-        config.model, config.attention, vocab_size=vocab_size, seed=config.seed, device=device
+        config.model,
+        config.attention,
+        vocab_size=manifest.vocab_size,
+        seed=config.seed,
+        device=device,
     )
+    if config.model in PRESETS:
+        _use_build_special_tokens(model, manifest)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if config.lora:
@@ -171,6 +177,17 @@ def _build_model(config: TrainConfig, vocab_size: int, device: torch.device) -> 
     if config.compile:
         model.compile()
     return model
+
+
+def _use_build_special_tokens(model: PreTrainedModel, manifest: Manifest) -> None:
+    """A preset's config carries transformers' default token ids (e.g. Llama's eos 2), which
+    mean nothing in the build's vocabulary; use the build tokenizer's, so the saved checkpoint
+    stops generating at the right token."""
+    tokenizer = manifest.raw.get("tokenizer") or {}
+    for name in ("eos_token_id", "pad_token_id"):
+        setattr(model.config, name, tokenizer.get(name))
+        setattr(model.generation_config, name, tokenizer.get(name))
+    model.config.bos_token_id = model.generation_config.bos_token_id = None
 
 
 def _lr_schedule(config: TrainConfig) -> Callable[[int], float]:
@@ -385,7 +402,7 @@ def _train(
     random.seed(config.seed)
     np.random.seed(config.seed)
     torch.manual_seed(config.seed)
-    model = _build_model(config, manifest.vocab_size, device)
+    model = _build_model(config, manifest, device)
     if context.sp_size > 1:
         enable_sequence_parallel(model, config.attention, context.sp_group)
     # DDP / FSDP wrap the module whose forward computes the losses; the optimizer is built after
@@ -503,7 +520,8 @@ def _train(
 def _save_final(
     model: PreTrainedModel, config: TrainConfig, out_dir: Path, context: ParallelContext
 ) -> Path | None:
-    """Write an HF checkpoint that `AutoModelForCausalLM.from_pretrained` loads (rank 0)."""
+    """Write an HF checkpoint that `AutoModelForCausalLM.from_pretrained` loads (rank 0), with
+    the build's tokenizer beside it (`AutoTokenizer.from_pretrained` loads that)."""
     if config.save == "none":
         return None
     final_dir = out_dir / "final"
@@ -515,13 +533,31 @@ def _save_final(
         state_dict = get_model_state_dict(model, options=options)
         if context.is_main:
             model.save_pretrained(final_dir, state_dict=state_dict)
+            _save_tokenizer(config, final_dir)
         return final_dir
     if not context.is_main:
         return final_dir
     if config.lora and config.save == "merged":
         model = model.merge_and_unload()
     model.save_pretrained(final_dir)
+    _save_tokenizer(config, final_dir)
     return final_dir
+
+
+def _save_tokenizer(config: TrainConfig, final_dir: Path) -> None:
+    """Put the build's tokenizer next to the weights, so the checkpoint is self-contained.
+
+    A missing or mismatched tokenizer must not cost a finished run: it is reported, not raised.
+    """
+    from trainer.tokenizer import save_build_tokenizer
+
+    problem = save_build_tokenizer(config.build_dir, final_dir)
+    if problem:
+        print(
+            f"warning: {final_dir} has no tokenizer ({problem}); pass --tokenizer to "
+            "`longdata eval`, or save one there with AutoTokenizer.save_pretrained",
+            file=sys.stderr,
+        )
 
 
 class _Progress:

@@ -1,0 +1,117 @@
+"""The build's tokenizer, saved next to the trained weights so a checkpoint is self-contained.
+
+A build records its tokenizer in `manifest.json` (`tokenizer.path`: a local directory or hub id,
+and `tokenizer.sha256`, a digest of the vocabulary, merges and special tokens). The trainer
+saves that tokenizer into `OUT/final`, so `AutoTokenizer.from_pretrained(OUT/final)` gives back
+the exact token ids the model was trained on, and `longdata eval` needs nothing else.
+
+The digest is recomputed before saving: a hub tokenizer that changed since the build, or a local
+path that now holds another tokenizer, is refused rather than saved next to a model it does not
+match.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from trainer.data import Manifest
+
+# Any one of these marks a directory that AutoTokenizer can load from.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+class TokenizerUnavailable(RuntimeError):
+    """No tokenizer that matches the model could be found."""
+
+
+def tokenizer_digest(tokenizer: Any) -> str:
+    """The digest `longdata build` writes to manifest.json's `tokenizer.sha256`."""
+    digest = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode())
+    digest.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def _recipe_chat_template(manifest: Manifest) -> str | None:
+    """The chat template the recipe set (inline, or the contents of the file it names)."""
+    value = (manifest.raw.get("recipe", {}).get("tokenizer") or {}).get("chat_template")
+    if not value:
+        return None
+    if "{%" in value or "{{" in value:
+        return value
+    path = Path(value)
+    if not path.is_file():
+        raise TokenizerUnavailable(
+            f"the recipe's tokenizer.chat_template names {value!r}, which is not a file here"
+        )
+    return path.read_text(encoding="utf-8")
+
+
+def load_build_tokenizer(build_dir: str | Path) -> Any:
+    """The tokenizer a build was tokenized with, with the recipe's chat template if it set one.
+
+    Raises `TokenizerUnavailable` if it cannot be loaded or its digest differs from the
+    manifest's.
+    """
+    from transformers import AutoTokenizer
+
+    manifest = Manifest.read(build_dir)
+    info = manifest.raw.get("tokenizer") or {}
+    where = info.get("path") or info.get("name")
+    if not where:
+        raise TokenizerUnavailable(f"{manifest.build_dir}/manifest.json names no tokenizer")
+    revision = (manifest.raw.get("recipe", {}).get("tokenizer") or {}).get("revision")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(where), revision=revision, use_fast=True)
+    except (OSError, ValueError) as error:
+        raise TokenizerUnavailable(f"cannot load the build's tokenizer {where!r}: {error}") from None
+    expected = info.get("sha256")
+    if expected and tokenizer_digest(tokenizer) != expected:
+        raise TokenizerUnavailable(
+            f"the tokenizer at {where!r} is not the one the build used (digest differs from "
+            "manifest.json's tokenizer.sha256)"
+        )
+    template = _recipe_chat_template(manifest)
+    if template:
+        tokenizer.chat_template = template
+    return tokenizer
+
+
+def save_build_tokenizer(build_dir: str | Path, out_dir: str | Path) -> str | None:
+    """Save the build's tokenizer into `out_dir`; return why not if it cannot (never raises)."""
+    try:
+        tokenizer = load_build_tokenizer(build_dir)
+    except (TokenizerUnavailable, FileNotFoundError, ValueError) as error:
+        return str(error)
+    tokenizer.save_pretrained(str(out_dir))
+    return None
+
+
+def load_model_tokenizer(model: str, override: str | None = None) -> Any:
+    """The tokenizer for evaluating `model`: `override` if given, else the model's own.
+
+    `override` may be a tokenizer directory, a hub id, or a build directory (whose manifest
+    names its tokenizer).
+    """
+    from transformers import AutoTokenizer
+
+    where = override or model
+    if (Path(where) / "manifest.json").is_file():
+        return load_build_tokenizer(where)
+    problem = None
+    if Path(where).is_dir() and not any((Path(where) / f).is_file() for f in TOKENIZER_FILES):
+        problem = "no tokenizer files in the directory"
+    else:
+        try:
+            return AutoTokenizer.from_pretrained(str(where), use_fast=True)
+        except (OSError, ValueError, TypeError, AttributeError) as error:
+            problem = f"{type(error).__name__}: {error}"
+    if override:
+        raise TokenizerUnavailable(f"cannot load tokenizer {override!r} ({problem})")
+    raise TokenizerUnavailable(
+        f"{model} has no usable tokenizer ({problem}). Checkpoints saved by `longdata train` "
+        "include the build's tokenizer; for other models pass --tokenizer with a tokenizer "
+        "directory, a hub id, or the build directory the model was trained on."
+    )

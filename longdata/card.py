@@ -50,6 +50,11 @@ class CardData:
     def train_splits(self) -> list[str]:
         return [name for name in self.manifest["splits"] if name.split("/")[-1] == "train"]
 
+    @property
+    def plotted_splits(self) -> list[str]:
+        """The train splits, or the first split of a build without one."""
+        return self.train_splits or list(self.manifest["splits"])[:1]
+
     def samples(self, split: str) -> pl.DataFrame:
         """One line per sample of ``split`` (a split sample's pieces folded together)."""
         return (self.index[split].group_by("sample", maintain_order=True)
@@ -384,7 +389,7 @@ def _plot_lengths(data: CardData, path: Path) -> None:
 
 def _plot_packing(data: CardData, path: Path) -> None:
     plt = _pyplot()
-    splits = data.train_splits or list(data.manifest["splits"])[:1]
+    splits = data.plotted_splits
     fig, axes = plt.subplots(len(splits), 2, figsize=(8, 0.6 + 2.4 * len(splits)), dpi=100, squeeze=False)
     for (fill_ax, count_ax), split in zip(axes, splits):
         rows = data.rows(split)
@@ -410,7 +415,7 @@ def _plot_packing(data: CardData, path: Path) -> None:
 
 def _plot_loss_weight(data: CardData, path: Path) -> None:
     plt = _pyplot()
-    splits = data.train_splits or list(data.manifest["splits"])[:1]
+    splits = data.plotted_splits
     fig, axes = plt.subplots(len(splits), 1, figsize=(7, 0.6 + 2.6 * len(splits)), dpi=100, squeeze=False)
     for ax, split in zip(axes[:, 0], splits):
         weights = _loss_weights(data.index[split])

@@ -10,12 +10,17 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-app = typer.Typer(
-    help="Build packed long-context fine-tuning datasets and train on them.\n\n"
-         "Typical use: `longdata validate recipe.yml`, then `longdata build recipe.yml`, "
-         "then `longdata train build/<name>`.",
-    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-    rich_markup_mode="markdown")
+
+def _typer(help: str) -> typer.Typer:
+    return typer.Typer(help=help, no_args_is_help=True, add_completion=False,
+                       pretty_exceptions_enable=False, rich_markup_mode="markdown")
+
+
+app = _typer(
+    "Build packed long-context fine-tuning datasets and train on them.\n\n"
+    "Typical use: `longdata validate recipe.yml`, `longdata build recipe.yml`, look at the data "
+    "with `longdata inspect build/<name>` and its card (`build/<name>/README.md`), then "
+    "`longdata train build/<name>` and `longdata eval niah --model runs/<run>/final`.")
 console = Console(stderr=True)
 
 RecipeArg = typer.Argument(..., exists=False, help="Path to a recipe YAML file (see recipes/).")
@@ -228,12 +233,10 @@ from trainer import cli as trainer_cli  # noqa: E402
 app.command("train")(trainer_cli.train)
 app.command("check-packing")(trainer_cli.check_packing)
 
-eval_app = typer.Typer(
-    help="Evaluate a trained model: `longdata eval niah` (needle-in-a-haystack retrieval over a "
-         "grid of context lengths x needle depths, with a heatmap) and `longdata eval loss` "
-         "(validation loss of a build per source and length bucket). See docs/EVAL.md.",
-    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-    rich_markup_mode="markdown")
+eval_app = _typer(
+    "Evaluate a trained model: `longdata eval niah` (needle-in-a-haystack retrieval over a "
+    "grid of context lengths x needle depths, with a heatmap) and `longdata eval loss` "
+    "(validation loss of a build per source and length bucket). See docs/EVAL.md.")
 eval_app.command("niah")(trainer_cli.eval_niah)
 eval_app.command("loss")(trainer_cli.eval_loss)
 app.add_typer(eval_app, name="eval")

@@ -55,13 +55,18 @@ def load_tokenizer(config: TokenizerConfig):
     if not template:
         raise TemplateError(f"{config.name} has no chat template; set tokenizer.chat_template in the recipe")
     tokenizer.chat_template = template
-    digest = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode())
-    digest.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True).encode())
     info = TokenizerInfo(
         name=config.name, path=path, vocab_size=len(tokenizer),
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        sha256=digest.hexdigest())
+        sha256=tokenizer_digest(tokenizer))
     return tokenizer, info
+
+
+def tokenizer_digest(tokenizer) -> str:
+    """What manifest.json's ``tokenizer.sha256`` holds: vocabulary, merges and special tokens."""
+    digest = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode())
+    digest.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True).encode())
+    return digest.hexdigest()
 
 
 def resolve_template(value: str | None) -> str | None:

@@ -15,6 +15,7 @@ from transformers import AutoTokenizer
 from typer.testing import CliRunner
 
 from longdata import niah
+from longdata.templates import tokenizer_digest
 from longdata.tokenizer_assets import ASSET_DIR, CHAT_TEMPLATE
 from tests.builders import make_row, write_build
 from trainer import cli, load_model
@@ -28,7 +29,6 @@ from trainer.niah import (
     format_length,
     greedy_generate,
 )
-from trainer.tokenizer import tokenizer_digest
 from trainer.validation_loss import default_split, evaluate_loss, length_bucket
 
 app = typer.Typer()

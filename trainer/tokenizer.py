@@ -12,11 +12,10 @@ match.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
+from longdata.templates import BUILTIN_TOKENIZERS, tokenizer_digest
 from trainer.data import Manifest
 
 # Any one of these marks a directory that AutoTokenizer can load from.
@@ -25,13 +24,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 
 class TokenizerUnavailable(RuntimeError):
     """No tokenizer that matches the model could be found."""
-
-
-def tokenizer_digest(tokenizer: Any) -> str:
-    """The digest `longdata build` writes to manifest.json's `tokenizer.sha256`."""
-    digest = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode())
-    digest.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True).encode())
-    return digest.hexdigest()
 
 
 def _recipe_chat_template(manifest: Manifest) -> str | None:
@@ -59,7 +51,8 @@ def load_build_tokenizer(build_dir: str | Path) -> Any:
 
     manifest = Manifest.read(build_dir)
     info = manifest.raw.get("tokenizer") or {}
-    where = info.get("path") or info.get("name")
+    # A bundled tokenizer is found in this installation, wherever the build was made.
+    where = BUILTIN_TOKENIZERS.get(info.get("name")) or info.get("path") or info.get("name")
     if not where:
         raise TokenizerUnavailable(f"{manifest.build_dir}/manifest.json names no tokenizer")
     revision = (manifest.raw.get("recipe", {}).get("tokenizer") or {}).get("revision")

@@ -295,11 +295,9 @@ class Detokenizer:
     when there is one (fast to load), else ``transformers.AutoTokenizer``."""
 
     def __init__(self, info: dict):
-        path = info.get("path") or info.get("name")
-        if not (path and Path(path).exists()):
-            from longdata.templates import BUILTIN_TOKENIZERS
+        from longdata.templates import tokenizer_location
 
-            path = str(BUILTIN_TOKENIZERS.get(info.get("name"), path))
+        path = tokenizer_location(info)
         self.name = info.get("name") or path
         json_file = Path(path) / "tokenizer.json"
         try:

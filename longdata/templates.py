@@ -56,10 +56,19 @@ def load_tokenizer(config: TokenizerConfig):
         raise TemplateError(f"{config.name} has no chat template; set tokenizer.chat_template in the recipe")
     tokenizer.chat_template = template
     info = TokenizerInfo(
-        name=config.name, path=path, vocab_size=len(tokenizer),
+        # A bundled tokenizer is recorded by name: the manifest must not depend on the checkout.
+        name=config.name, path=config.name if config.name in BUILTIN_TOKENIZERS else path,
+        vocab_size=len(tokenizer),
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
         sha256=tokenizer_digest(tokenizer))
     return tokenizer, info
+
+
+def tokenizer_location(info: dict[str, Any]) -> str:
+    """Where to load the tokenizer a manifest's ``tokenizer`` entry names: a bundled one from
+    this installation, otherwise its recorded local path or hub id."""
+    builtin = BUILTIN_TOKENIZERS.get(info.get("name", ""))
+    return str(builtin) if builtin else info.get("path") or info["name"]
 
 
 def tokenizer_digest(tokenizer) -> str:

@@ -73,6 +73,8 @@ def test_build_publishes_complete_output(built):
     assert (Path(recipe.output.card_dir) / "small" / "README.md").exists()
     assert not list(out.parent.glob(".out.*")), "no partial or previous directory is left behind"
     assert set(result.manifest["splits"]) == {"train", "validation"}
+    # A bundled tokenizer is recorded by name, so the manifest is the same in any checkout.
+    assert result.manifest["tokenizer"]["path"] == "builtin:quickstart"
 
 
 def test_rows_read_back_with_streaming_and_honour_the_contract(built, tmp_path):

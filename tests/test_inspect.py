@@ -30,6 +30,7 @@ from longdata.inspect import (
 )
 from longdata.mds import StreamReader
 from longdata.recipe import validate_recipe
+from longdata.templates import tokenizer_location
 from tests.test_build import small_recipe
 
 ASSISTANT_HEADER = "<|start_header_id|>assistant<|end_header_id|>\n\n"
@@ -56,7 +57,7 @@ def detok(built):
 def tokenizer(built):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(built[1]["tokenizer"]["path"])
+    return AutoTokenizer.from_pretrained(tokenizer_location(built[1]["tokenizer"]))
 
 
 def index(out: Path, split: str) -> pl.DataFrame:

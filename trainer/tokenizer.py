@@ -1,7 +1,8 @@
 """The build's tokenizer, saved next to the trained weights so a checkpoint is self-contained.
 
-A build records its tokenizer in `manifest.json` (`tokenizer.path`: a local directory or hub id,
-and `tokenizer.sha256`, a digest of the vocabulary, merges and special tokens). The trainer
+A build records its tokenizer in `manifest.json` (`tokenizer.path`: a local directory, a hub id
+or, for a bundled tokenizer, its `builtin:` name; and `tokenizer.sha256`, a digest of the
+vocabulary, merges and special tokens). The trainer
 saves that tokenizer into `OUT/final`, so `AutoTokenizer.from_pretrained(OUT/final)` gives back
 the exact token ids the model was trained on, and `longdata eval` needs nothing else.
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from longdata.templates import BUILTIN_TOKENIZERS, tokenizer_digest
+from longdata.templates import tokenizer_digest, tokenizer_location
 from trainer.data import Manifest
 
 # Any one of these marks a directory that AutoTokenizer can load from.
@@ -51,10 +52,9 @@ def load_build_tokenizer(build_dir: str | Path) -> Any:
 
     manifest = Manifest.read(build_dir)
     info = manifest.raw.get("tokenizer") or {}
-    # A bundled tokenizer is found in this installation, wherever the build was made.
-    where = BUILTIN_TOKENIZERS.get(info.get("name")) or info.get("path") or info.get("name")
-    if not where:
+    if not info.get("name") and not info.get("path"):
         raise TokenizerUnavailable(f"{manifest.build_dir}/manifest.json names no tokenizer")
+    where = tokenizer_location(info)
     revision = (manifest.raw.get("recipe", {}).get("tokenizer") or {}).get("revision")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(where), revision=revision, use_fast=True)

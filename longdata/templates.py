@@ -79,10 +79,16 @@ def tokenizer_digest(tokenizer) -> str:
 
 
 def resolve_template(value: str | None) -> str | None:
-    """A template given inline, or the contents of the file it names."""
-    if value and ("{%" not in value and "{{" not in value) and Path(value).is_file():
-        return Path(value).read_text(encoding="utf-8")
-    return value
+    """A template given inline, or the contents of the file it names.
+
+    A value without Jinja syntax must name a file: a mistyped path would otherwise be taken for
+    a template whose output holds no assistant turn, and every row would be quarantined.
+    """
+    if not value or "{%" in value or "{{" in value:
+        return value
+    if not Path(value).is_file():
+        raise TemplateError(f"tokenizer.chat_template {value!r} is neither a Jinja template nor a file")
+    return Path(value).read_text(encoding="utf-8")
 
 
 @dataclass(frozen=True)

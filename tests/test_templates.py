@@ -155,3 +155,12 @@ def test_only_byte_level_bpe_gets_masks_from_ids(tokenizer):
     assert ByteLevelMasker.for_tokenizer(lowercase) is None
     fallback = with_backend(tokenizer, lambda spec: spec["model"].update(byte_fallback=True))
     assert ByteLevelMasker.for_tokenizer(fallback) is None
+
+
+def test_a_chat_template_path_that_is_not_a_file_is_refused(tmp_path):
+    with pytest.raises(TemplateError, match="neither a Jinja template nor a file"):
+        load_tokenizer(TokenizerConfig(name="builtin:quickstart", chat_template=str(tmp_path / "chat.jinja")))
+    (tmp_path / "chat.jinja").write_text(CHATML)
+    tokenizer = load_tokenizer(TokenizerConfig(name="builtin:quickstart",
+                                               chat_template=str(tmp_path / "chat.jinja")))[0]
+    assert tokenizer.chat_template == CHATML

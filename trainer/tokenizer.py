@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from longdata.templates import tokenizer_digest, tokenizer_location
+from longdata.templates import TemplateError, resolve_template, tokenizer_digest, tokenizer_location
 from trainer.data import Manifest
 
 # Any one of these marks a directory that AutoTokenizer can load from.
@@ -30,16 +30,10 @@ class TokenizerUnavailable(RuntimeError):
 def _recipe_chat_template(manifest: Manifest) -> str | None:
     """The chat template the recipe set (inline, or the contents of the file it names)."""
     value = (manifest.raw.get("recipe", {}).get("tokenizer") or {}).get("chat_template")
-    if not value:
-        return None
-    if "{%" in value or "{{" in value:
-        return value
-    path = Path(value)
-    if not path.is_file():
-        raise TokenizerUnavailable(
-            f"the recipe's tokenizer.chat_template names {value!r}, which is not a file here"
-        )
-    return path.read_text(encoding="utf-8")
+    try:
+        return resolve_template(value)
+    except TemplateError as error:
+        raise TokenizerUnavailable(str(error)) from None
 
 
 def load_build_tokenizer(build_dir: str | Path) -> Any:

@@ -28,8 +28,13 @@ LENGTH_BINS_PER_DECADE = 12
 
 @dataclass
 class CardData:
+    """What the card is computed from, each table derived once per split."""
+
     manifest: dict[str, Any]
-    index: dict[str, pl.DataFrame]  # split name -> its sample index
+    index: dict[str, pl.DataFrame]  # split -> its sample index (one line per piece)
+    samples: dict[str, pl.DataFrame]  # split -> one line per sample, its pieces folded together
+    rows: dict[str, pl.DataFrame]  # split -> one line per packed row: stream, tokens, samples
+    loss_weights: dict[str, pl.DataFrame]  # split -> packed pieces with their loss shares
 
     @classmethod
     def read(cls, build_dir: Path, manifest: dict[str, Any] | None = None) -> CardData:
@@ -40,7 +45,10 @@ class CardData:
                  for name in manifest["splits"]}
         manifest = {**manifest, "splits": {k: manifest["splits"][k] for k in sorted(order, key=order.get)}}
         index = {name: pl.from_arrow(read_sample_index(build_dir, name)) for name in manifest["splits"]}
-        return cls(manifest, index)
+        return cls(manifest, index,
+                   samples={name: _per_sample(pieces) for name, pieces in index.items()},
+                   rows={name: _per_row(pieces) for name, pieces in index.items()},
+                   loss_weights={name: _loss_weights(pieces) for name, pieces in index.items()})
 
     @property
     def source_names(self) -> list[str]:
@@ -55,17 +63,16 @@ class CardData:
         """The train splits, or the first split of a build without one."""
         return self.train_splits or list(self.manifest["splits"])[:1]
 
-    def samples(self, split: str) -> pl.DataFrame:
-        """One line per sample of ``split`` (a split sample's pieces folded together)."""
-        return (self.index[split].group_by("sample", maintain_order=True)
-                .agg(pl.col("source", "lang", "sample_tokens", "status").first(),
-                     pl.col("target_tokens").sum(), (pl.col("row") >= 0).any().alias("packed")))
 
-    def rows(self, split: str) -> pl.DataFrame:
-        """One line per packed row of ``split``: its stream, tokens and samples."""
-        return (self.index[split].filter(pl.col("row") >= 0)
-                .group_by("stream", "row", maintain_order=True)
-                .agg(pl.col("tokens").sum(), pl.len().alias("samples")))
+def _per_sample(pieces: pl.DataFrame) -> pl.DataFrame:
+    return (pieces.group_by("sample", maintain_order=True)
+            .agg(pl.col("source", "lang", "sample_tokens", "status").first(),
+                 pl.col("target_tokens").sum(), (pl.col("row") >= 0).any().alias("packed")))
+
+
+def _per_row(pieces: pl.DataFrame) -> pl.DataFrame:
+    return (pieces.filter(pl.col("row") >= 0).group_by("stream", "row", maintain_order=True)
+            .agg(pl.col("tokens").sum(), pl.len().alias("samples")))
 
 
 def write_card(build_dir: Path, manifest: dict[str, Any] | None = None) -> Path:
@@ -228,7 +235,7 @@ def _sources_table(data: CardData) -> str:
 def _kept_table(data: CardData) -> str:
     rows = []
     for split in data.train_splits:
-        samples = data.samples(split)
+        samples = data.samples[split]
         for r in (samples.group_by("source").agg(
                 pl.len().alias("samples"), (pl.col("status") == "whole").sum().alias("whole"),
                 pl.col("status").is_in(["truncated", "split"]).sum().alias("cut"),
@@ -247,7 +254,7 @@ def _kept_table(data: CardData) -> str:
 def _languages_table(data: CardData) -> str:
     if not data.train_splits:
         return "No training split."
-    samples = data.samples(data.train_splits[0])
+    samples = data.samples[data.train_splits[0]]
     per_source = samples.group_by("source", "lang").agg(pl.len().alias("samples"),
                                                           pl.col("sample_tokens").sum().alias("tokens"))
     overall = per_source.group_by("lang").agg(pl.col("samples", "tokens").sum()).with_columns(
@@ -266,7 +273,7 @@ def _languages_table(data: CardData) -> str:
 def _lengths_table(data: CardData) -> str:
     if not data.train_splits:
         return "No training split."
-    samples = data.samples(data.train_splits[0])
+    samples = data.samples[data.train_splits[0]]
     summary = (samples.group_by("source", maintain_order=True)
                .agg(pl.len().alias("samples"), pl.col("sample_tokens").min().alias("min"),
                     pl.col("sample_tokens").quantile(0.5, "nearest").cast(pl.Int64).alias("median"),
@@ -282,7 +289,7 @@ def _splits_table(data: CardData) -> str:
     rows = []
     for name, split in data.manifest["splits"].items():
         cut, packed = split["overlength"], split["packing"]
-        per_row = data.rows(name)["samples"]
+        per_row = data.rows[name]["samples"]
         rows.append([name, split["max_seq_len"], cut["policy"], split["samples"], split["rows"],
                      f"{per_row.mean():.2f}" if len(per_row) else "-", packed["fill"],
                      f"{packed['rows_over_bound']:.3f}", cut["truncated"] + cut["split"],
@@ -313,7 +320,7 @@ def _loss_weights(pieces: pl.DataFrame) -> pl.DataFrame:
 def _loss_weight_table(data: CardData) -> str:
     rows = []
     for split in data.train_splits:
-        weights = _loss_weights(data.index[split])
+        weights = data.loss_weights[split]
         shares = {source: (token, sequence) for source, token, sequence in weights.group_by("source").agg(
             pl.col("token_mean").sum(), pl.col("sequence_mean").sum()).iter_rows()}
         for source in sorted(data.source_names):
@@ -368,7 +375,7 @@ def _plot_lengths(data: CardData, path: Path) -> None:
     names = data.source_names
     fig, axes = plt.subplots(len(names), 1, figsize=(7, 1.2 + 1.6 * len(names)), dpi=100,
                              sharex=True, squeeze=False)
-    samples = data.samples(data.train_splits[0]) if data.train_splits else None
+    samples = data.samples[data.train_splits[0]] if data.train_splits else None
     lengths = samples["sample_tokens"].to_numpy() if samples is not None else np.array([])
     limits = sorted({s["max_seq_len"] for s in data.manifest["splits"].values()})
     for ax, name in zip(axes[:, 0], names):
@@ -392,7 +399,7 @@ def _plot_packing(data: CardData, path: Path) -> None:
     splits = data.plotted_splits
     fig, axes = plt.subplots(len(splits), 2, figsize=(8, 0.6 + 2.4 * len(splits)), dpi=100, squeeze=False)
     for (fill_ax, count_ax), split in zip(axes, splits):
-        rows = data.rows(split)
+        rows = data.rows[split]
         max_len = data.manifest["splits"][split]["max_seq_len"]
         fill = rows["tokens"].to_numpy() / max_len
         fill_ax.hist(fill, bins=np.linspace(0, 1, 21))
@@ -418,7 +425,7 @@ def _plot_loss_weight(data: CardData, path: Path) -> None:
     splits = data.plotted_splits
     fig, axes = plt.subplots(len(splits), 1, figsize=(7, 0.6 + 2.6 * len(splits)), dpi=100, squeeze=False)
     for ax, split in zip(axes[:, 0], splits):
-        weights = _loss_weights(data.index[split])
+        weights = data.loss_weights[split]
         if weights.is_empty():
             continue
         tokens = weights["tokens"].to_numpy()

@@ -82,3 +82,12 @@ def write_build(
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return out
+
+
+def two_bucket_build(out: Path, vocab_size: int, long_lengths: tuple[int, int], max_seq_len: int) -> Path:
+    """16 distinct rows (seeded): 10 of four short samples in bucket le_0048 and 6 of two
+    samples with lengths in ``long_lengths`` in the bucket of ``max_seq_len``."""
+    rng = np.random.default_rng(0)
+    short = [make_row(rng.integers(2, 12, 4).tolist(), rng, vocab_size) for _ in range(10)]
+    long = [make_row(rng.integers(*long_lengths, 2).tolist(), rng, vocab_size) for _ in range(6)]
+    return write_build(out, {"le_0048": short, f"le_{max_seq_len:04d}": long}, vocab_size, max_seq_len)

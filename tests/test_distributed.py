@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.builders import make_row, write_build
+from tests.builders import make_row, two_bucket_build
 from tests.multiprocess import run_on_ranks, run_torchrun
 from trainer.distributed import kv_replication
 
@@ -130,12 +130,7 @@ def test_sequence_parallel_equals_single_process(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def build(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """16 rows in two buckets, every row distinct (random tokens)."""
-    rng = np.random.default_rng(0)
-    short = [make_row(rng.integers(2, 12, 4).tolist(), rng, VOCAB) for _ in range(10)]
-    long = [make_row(rng.integers(10, 30, 2).tolist(), rng, VOCAB) for _ in range(6)]
-    return write_build(
-        tmp_path_factory.mktemp("build"), {"le_0048": short, "le_0064": long}, VOCAB, 64
-    )
+    return two_bucket_build(tmp_path_factory.mktemp("build"), VOCAB, (10, 30), 64)
 
 
 def _row_key(row: dict) -> str:

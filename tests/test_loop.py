@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tests.builders import make_row, write_build
+from tests.builders import make_row, two_bucket_build
 from trainer import collate
 from trainer.loop import StepMetrics, TrainConfig, train
 
@@ -16,12 +16,7 @@ VOCAB = 256
 
 @pytest.fixture(scope="module")
 def build(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    rng = np.random.default_rng(0)
-    short = [make_row(rng.integers(2, 12, 4).tolist(), rng, VOCAB) for _ in range(10)]
-    long = [make_row(rng.integers(10, 40, 2).tolist(), rng, VOCAB) for _ in range(6)]
-    return write_build(
-        tmp_path_factory.mktemp("build"), {"le_0048": short, "le_0080": long}, VOCAB, 80
-    )
+    return two_bucket_build(tmp_path_factory.mktemp("build"), VOCAB, (10, 40), 80)
 
 
 def _config(build: Path, out: Path, **overrides: object) -> TrainConfig:

@@ -240,7 +240,7 @@ def test_ddp_fsdp_and_sp_match_one_process(
         "ddp": {"parallel": "ddp"},
         "fsdp": {"parallel": "fsdp", "checkpoint_every": 2, "save": "merged"},
         # Resumes from the step-2 checkpoint of "fsdp" and redoes its step 3.
-        "fsdp_resumed": {"parallel": "fsdp", "resume": True, "out_dir": "fsdp"},
+        "fsdp_resumed": {"parallel": "fsdp", "resume": f"{out_root}/fsdp", "out_dir": "fsdp"},
         "sp2": {"parallel": "ddp", "sp": 2},
     }
     run_on_ranks(_training_rank, 2, str(build), str(tmp_path), runs)
@@ -250,7 +250,7 @@ def test_ddp_fsdp_and_sp_match_one_process(
     # Rank 0 alone writes: one metrics line per step, an FSDP checkpoint with whole weights.
     assert (tmp_path / "ddp" / "metrics.jsonl").read_text().count("\n") == 3
     checkpoint = torch.load(
-        tmp_path / "fsdp" / "checkpoints" / "step_0000002.pt", weights_only=False
+        tmp_path / "fsdp" / "checkpoints" / "step_0000002" / "state.pt", weights_only=True
     )
     assert checkpoint["model"]["model.embed_tokens.weight"].shape == (VOCAB, 128)
     assert len(checkpoint["rng"]) == 2
@@ -281,10 +281,11 @@ def test_torchrun_cli_trains_and_resumes_exactly(build: Path, tmp_path: Path) ->
     assert first.returncode == 0, first.stdout
     assert first.stdout.count("saved ") == 1  # rank 0 alone reports and saves
     assert (out / "final" / "config.json").is_file()
+    first_steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
-    resumed = run_torchrun(2, [*arguments, "--resume"], cwd=tmp_path, env=env)
+    resumed = run_torchrun(2, [*arguments, "--resume", str(out)], cwd=tmp_path, env=env)
     assert resumed.returncode == 0, resumed.stdout
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [s["step"] for s in steps] == [1, 2, 3, 3]
-    assert steps[3]["loss"] == steps[2]["loss"]
+    assert [s["step"] for s in steps] == [1, 2, 3]  # step 3, redone, is logged once
+    assert steps[2]["loss"] == first_steps[2]["loss"]
     assert steps[0]["tokens"] > 0 and steps[0]["loss_per_source"]

@@ -1,5 +1,6 @@
 """The training loop: exact resume after a kill, LoRA, and loadable final checkpoints."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -54,14 +55,16 @@ def test_resumed_run_matches_uninterrupted(build: Path, tmp_path: Path, loss: st
     # Killed after step 5 finished but before its checkpoint: step 5 is redone on resume.
     with pytest.raises(SimulatedKill):
         train(killed, on_step=_kill_at(5))
-    killed.resume = True
+    killed.resume = killed.out_dir
     resumed = train(killed)
 
     expected = [m.loss for m in uninterrupted.metrics]
     assert [m.step for m in resumed.metrics] == [5, 6, 7]
     assert [m.loss for m in resumed.metrics] == expected[4:]
     assert all(np.isfinite(expected)) and expected[-1] < expected[0]
-    assert (tmp_path / "killed" / "metrics.jsonl").read_text().count("\n") == 5 + 3
+    logged = (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
+    # The killed run logged steps 1-5; the resume cut step 5 (after the checkpoint) away.
+    assert [json.loads(line)["step"] for line in logged] == list(range(1, 8))
     per_source = uninterrupted.metrics[0].loss_per_source
     assert set(per_source) <= {"alpha", "beta"} and per_source
 

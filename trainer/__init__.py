@@ -10,7 +10,7 @@ _EXPORTS = {
     "collate": "trainer.collation",
     "load_model": "trainer.model",
     "train": "trainer.loop",
-    "TrainConfig": "trainer.loop",
+    "TrainConfig": "trainer.config",
     "TrainResult": "trainer.loop",
     "check_backends": "trainer.check",
     "max_packing_error": "trainer.check",

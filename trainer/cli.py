@@ -5,9 +5,10 @@ torch and transformers are imported inside the functions so `longdata --help` st
 
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -30,144 +31,72 @@ def _resolve_build(build_or_recipe: Path) -> Path:
     return build_or_recipe
 
 
-def train(
-    build: Annotated[
-        Path,
-        typer.Argument(
-            help="A build directory (with manifest.json), or a recipe.yml to build first.",
-            exists=True,
-        ),
-    ],
-    model: Annotated[
-        str,
-        typer.Option(
-            help="Preset (tiny-llama, tiny-qwen2: random init, vocab from the build), "
-            "a local Hugging Face checkpoint, or a hub id.",
-        ),
-    ] = "tiny-llama",
-    attention: Annotated[
-        str,
-        typer.Option(
-            help="auto, flash_attn, torch_varlen, flex, sdpa_varlen or sdpa_mask. Every one "
-            "keeps packed samples from attending to each other; auto picks the fastest here.",
-        ),
-    ] = "auto",
-    out: Annotated[
-        Path, typer.Option(help="Run directory: checkpoints, metrics.jsonl, final/.")
-    ] = Path("runs/latest"),
-    split: Annotated[str, typer.Option(help="Split to train on, e.g. train or stage1/train.")] = (
-        "train"
-    ),
-    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 100,
-    batch_size: Annotated[int, typer.Option(help="Packed rows per micro-batch.")] = 1,
-    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = 1,
-    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW).")] = 3e-4,
-    warmup_steps: Annotated[int, typer.Option(help="Linear warmup steps before cosine.")] = 10,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (not on 1-D).")] = 0.0,
-    loss: Annotated[
-        str,
-        typer.Option(
-            help="token_mean: every target token counts equally. sequence_mean: every sample "
-            "counts equally whatever its length (LongAlign loss weighting).",
-        ),
-    ] = "token_mean",
-    lora: Annotated[bool, typer.Option(help="Train LoRA adapters instead of all weights.")] = (
-        False
-    ),
-    lora_rank: Annotated[int, typer.Option(help="LoRA rank.")] = 8,
-    lora_targets: Annotated[
-        str, typer.Option(help="Comma-separated module names LoRA adapts.")
-    ] = "q_proj,k_proj,v_proj,o_proj",
-    train_embeddings_and_norms: Annotated[
-        bool, typer.Option(help="With --lora, also train embeddings and norms (LongLoRA).")
-    ] = False,
-    precision: Annotated[
-        str, typer.Option(help="auto (bf16 autocast on a bf16 GPU, else fp32), fp32 or bf16.")
-    ] = "auto",
-    gradient_checkpointing: Annotated[
-        bool, typer.Option(help="Recompute activations in backward to save memory.")
-    ] = False,
-    compile: Annotated[bool, typer.Option(help="torch.compile the model.")] = False,
-    checkpoint_every: Annotated[
-        int, typer.Option(help="Save a resumable checkpoint every N steps (0: never).")
-    ] = 0,
-    resume: Annotated[
-        bool, typer.Option(help="Continue exactly from the newest checkpoint in --out.")
-    ] = False,
-    save: Annotated[
-        str, typer.Option(help="Final HF checkpoint in OUT/final: merged, adapter or none.")
-    ] = "merged",
-    seed: Annotated[int, typer.Option(help="Seed for init, shuffling and everything else.")] = 0,
-    remote: Annotated[
-        str | None,
-        typer.Option(help="Read shards from this URL root (e.g. s3://b/builds/x), cached locally."),
-    ] = None,
-    threads: Annotated[
-        int | None, typer.Option(help="torch intra-op CPU threads (default: torch's choice).")
-    ] = None,
-    parallel: Annotated[
-        str,
-        typer.Option(
-            help="Under torchrun: ddp (every rank holds the whole model) or fsdp (FSDP2: weights, "
-            "gradients and optimizer state sharded across ranks). Ignored in one process.",
-        ),
-    ] = "ddp",
-    sp: Annotated[
-        int,
-        typer.Option(
-            help="Sequence parallelism (Ulysses): split every row along the sequence across "
-            "this many ranks; must divide the number of ranks and the model's attention heads.",
-        ),
-    ] = 1,
-) -> None:
+def _options_from_config() -> list[inspect.Parameter]:
+    """One `--option` per `TrainConfig` field, defaulting to None ("not given"), so that the
+    config's own default (shown in --help) applies unless the user sets one."""
+    from trainer.config import FIELDS, defaults, value_type
+
+    default_values = defaults()
+    parameters = []
+    for name, config_field in FIELDS.items():
+        flag = config_field.metadata.get("cli", f"--{name.replace('_', '-')}")
+        if flag is None:
+            continue
+        kind, _ = value_type(name)
+        if kind is bool:
+            flag = f"{flag}/--no-{flag[2:]}"
+        default = default_values[name]
+        shown = ",".join(map(str, default)) if isinstance(default, list) else default
+        option = typer.Option(
+            flag,
+            help=config_field.metadata["help"],
+            show_default=False if shown in (None, "") else str(shown),
+        )
+        # A list field is given comma-separated; TrainConfig's coercion splits it.
+        cli_type = kind if kind in (bool, int, float, str) else str
+        parameters.append(
+            inspect.Parameter(
+                name,
+                inspect.Parameter.KEYWORD_ONLY,
+                default=None,
+                annotation=Annotated[cli_type | None, option],
+            )
+        )
+    return parameters
+
+
+def train(**given: Any) -> None:
     """Train a causal LM on a longdata build without cross-sample attention.
 
     Streams the build's packed rows, runs AdamW with warmup and cosine decay, logs tokens/s,
-    target tokens/s, loss per source and peak memory (OUT/metrics.jsonl), checkpoints so a
-    killed run resumes exactly (--checkpoint-every, --resume) and saves a Hugging Face
-    checkpoint in OUT/final. With no --model, a tiny random Llama trains on CPU in minutes.
+    target tokens/s, loss per source, FLOPs, MFU and peak memory (OUT/metrics.jsonl, optionally
+    TensorBoard or W&B), checkpoints so a killed run resumes exactly (--checkpoint-every,
+    --resume) and saves a Hugging Face checkpoint in OUT/final. With no --split, a staged build
+    trains its stages in order (a context-length curriculum). With no --model, a tiny random
+    Llama trains on CPU in minutes.
+
+    Settings layer, later wins: defaults, --config train.yml, --set key=value, options; the
+    resolved config is saved as OUT/config.json (which --config reads back).
 
     Multi-GPU / multi-node: launch the same command with torchrun, e.g.
     `torchrun --nproc-per-node 8 -m longdata.cli train BUILD --parallel fsdp --sp 2`;
     --batch-size is then per data-parallel rank and rank 0 alone writes OUT.
     """
-    import torch
+    from trainer.config import ConfigError, resolve
 
-    from trainer.loop import TrainConfig
-    from trainer.loop import train as run_training
+    build = given.pop("build")
+    config_file = given.pop("config")
+    assignments = given.pop("assignments") or ()
+    if build is not None:
+        given["build_dir"] = str(_resolve_build(build))
+    try:
+        config = resolve(config_file, assignments, given)
+        from trainer.loop import train as run_training
 
-    if threads:
-        torch.set_num_threads(threads)
-    config = TrainConfig(
-        build_dir=str(_resolve_build(build)),
-        out_dir=str(out),
-        model=model,
-        attention=attention,
-        split=split,
-        steps=steps,
-        batch_size=batch_size,
-        grad_accum=grad_accum,
-        lr=lr,
-        warmup_steps=warmup_steps,
-        weight_decay=weight_decay,
-        loss=loss,
-        lora=lora,
-        lora_rank=lora_rank,
-        lora_alpha=2 * lora_rank,
-        lora_targets=[name.strip() for name in lora_targets.split(",") if name.strip()],
-        train_embeddings_and_norms=train_embeddings_and_norms,
-        precision=precision,
-        gradient_checkpointing=gradient_checkpointing,
-        compile=compile,
-        checkpoint_every=checkpoint_every,
-        resume=resume,
-        save=save,
-        seed=seed,
-        remote=remote,
-        parallel=parallel,
-        sp=sp,
-    )
-    result = run_training(config)
+        result = run_training(config)
+    except ConfigError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
     if os.environ.get("RANK", "0") != "0":
         return  # under torchrun rank 0 reports for all
     last = result.metrics[-1] if result.metrics else None
@@ -177,6 +106,54 @@ def train(
         )
     if result.final_dir is not None:
         typer.echo(f"saved {result.final_dir}")
+
+
+train.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+    [
+        inspect.Parameter(
+            "build",
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+            default=None,
+            annotation=Annotated[
+                Path | None,
+                typer.Argument(
+                    help="A build directory (with manifest.json), or a recipe.yml to build "
+                    "first. May come from --config (build_dir) instead.",
+                    exists=True,
+                    show_default=False,
+                ),
+            ],
+        ),
+        inspect.Parameter(
+            "config",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=None,
+            annotation=Annotated[
+                Path | None,
+                typer.Option(
+                    "--config",
+                    help="A YAML (or JSON) file of settings: the field names below with "
+                    "underscores, e.g. `lora_rank: 16`.",
+                    show_default=False,
+                ),
+            ],
+        ),
+        inspect.Parameter(
+            "assignments",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=None,
+            annotation=Annotated[
+                list[str] | None,
+                typer.Option(
+                    "--set",
+                    help="key=value (value read as YAML), over --config; repeatable.",
+                    show_default=False,
+                ),
+            ],
+        ),
+        *_options_from_config(),
+    ]
+)
 
 
 def check_packing(

@@ -14,7 +14,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-BATCHING_METHODS = ("random", "per_stream")
+from trainer.config import BATCHING_METHODS
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,23 @@ class Manifest:
     @property
     def source_names(self) -> list[str]:
         return [source["name"] for source in self.raw.get("sources", [])]
+
+    def training_splits(self) -> list[str]:
+        """The train splits in stage order: a staged build's curriculum, or just `train`.
+
+        manifest.json stores split keys sorted by name; the stage order is the recipe's
+        `packing.stages` order, kept in the manifest's copy of the recipe.
+        """
+        recipe = self.raw.get("recipe") or {}
+        stages = [stage["name"] for stage in (recipe.get("packing") or {}).get("stages") or []]
+        splits = self.raw["splits"]
+        trains = [name for name in splits if name == "train" or name.endswith("/train")]
+
+        def stage_position(name: str) -> int:
+            stage = splits[name].get("stage")
+            return stages.index(stage) if stage in stages else len(stages)
+
+        return sorted(trains, key=lambda name: (stage_position(name), name))
 
     def split(self, name: str) -> dict[str, Any]:
         splits = self.raw["splits"]

@@ -45,9 +45,9 @@ from trainer.attention import (
     auto_attention,
     implementation_name,
 )
+from trainer.config import PARALLEL_MODES
 from trainer.loss import next_token_targets
 
-PARALLEL_MODES = ("ddp", "fsdp")
 # Collectives that do not complete in this time raise instead of hanging the job forever.
 COLLECTIVE_TIMEOUT = timedelta(minutes=10)
 

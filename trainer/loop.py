@@ -4,12 +4,13 @@ Under torchrun the same loop runs on every rank (see `trainer.distributed`): eac
 streams its own rows, each SP group its own rows split along the sequence, the step's loss is
 normalised over all ranks, and rank 0 alone logs and writes files.
 
-Read top to bottom: `TrainConfig` says what can be set; `train` builds the model, data and
-optimizer, then runs steps. A step draws `grad_accum` micro-batches first, so the loss can be
-normalised by the whole step's target tokens (or samples), then runs forward and backward on
-each. Every `checkpoint_every` steps, `<out_dir>/checkpoints/step_<N>.pt` captures the trainable
-weights, optimizer, scheduler, RNG states and the dataloader's position; `resume=True` continues
-from the newest one and reproduces the uninterrupted run step for step.
+Read top to bottom: `train` builds the model, optimizer and schedule once, then runs the steps
+of each stage (`trainer.curriculum`: one split, or a staged build's training splits in order).
+A step draws `grad_accum` micro-batches first, so the loss can be normalised by the whole
+step's target tokens (or samples), then runs forward and backward on each. Every
+`checkpoint_every` steps a checkpoint (`trainer.checkpoint`) captures the trainable weights,
+optimizer, scheduler, RNG states and the dataloader's position; `resume` continues from one and
+reproduces the uninterrupted run step for step, across stage boundaries too.
 """
 
 from __future__ import annotations
@@ -22,19 +23,28 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel
 
+from trainer.checkpoint import (
+    CheckpointError,
+    CheckpointMeta,
+    find_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    read_meta,
+    save_checkpoint,
+)
+from trainer.config import TrainConfig
+from trainer.curriculum import Stage, plan_stages, validation_split
 from trainer.data import Manifest, make_dataloader, make_dataset, release_streaming_resources
 from trainer.distributed import (
-    PARALLEL_MODES,
     ParallelContext,
     enable_sequence_parallel,
     init_parallel,
@@ -42,76 +52,13 @@ from trainer.distributed import (
     shutdown_parallel,
     wrap_model,
 )
-from trainer.loss import (
-    LOSS_MODES,
-    TargetScorer,
-    TokenLosses,
-    micro_batch_loss,
-    step_denominator,
-)
+from trainer.flops import FlopShape, device_peak_tflops, squared_sample_lengths, training_flops
+from trainer.loss import TargetScorer, TokenLosses, micro_batch_loss, step_denominator
 from trainer.model import PRESETS, load_model
+from trainer.reporting import MetricsLog
+from trainer.validation_loss import evaluate_loss
 
-PRECISIONS = ("auto", "fp32", "bf16")
-SAVE_FORMATS = ("merged", "adapter", "none")
-
-
-@dataclass
-class TrainConfig:
-    """Everything a run needs; saved in every checkpoint and in `<out_dir>/config.json`."""
-
-    build_dir: str
-    out_dir: str = "runs/latest"
-    model: str = "tiny-llama"  # preset, local HF checkpoint or hub id
-    attention: str = "auto"
-    split: str = "train"
-    steps: int = 100
-    batch_size: int = 1  # packed rows per micro-batch (per DP rank under torchrun)
-    grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 3e-4
-    warmup_steps: int = 10
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    loss: str = "token_mean"
-    lora: bool = False
-    lora_rank: int = 8
-    lora_alpha: int = 16
-    lora_targets: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
-    )
-    train_embeddings_and_norms: bool = False  # with LoRA, as LongLoRA does
-    precision: str = "auto"  # bf16 autocast on CUDA with bf16 support, else fp32
-    gradient_checkpointing: bool = False
-    compile: bool = False
-    pad_to_multiple_of: int | None = None
-    shuffle: bool = True
-    batching_method: str = "random"
-    remote: str | None = None  # read streams from <remote>/<path>, caching in the build dir
-    seed: int = 0
-    checkpoint_every: int = 0  # 0: no intermediate checkpoints
-    log_every: int = 1
-    save: str = "merged"  # final HF checkpoint: merged weights, LoRA adapter only, or none
-    resume: bool = False
-    device: str = "auto"
-    progress: bool = True
-    parallel: str = "ddp"  # under torchrun: ddp (replicated weights) or fsdp (FSDP2, sharded)
-    sp: int = 1  # sequence-parallel group size: ranks that split each row along the sequence
-
-    def validate(self) -> None:
-        if self.loss not in LOSS_MODES:
-            raise ValueError(f"loss must be one of {LOSS_MODES}, not {self.loss!r}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, not {self.precision!r}")
-        if self.save not in SAVE_FORMATS:
-            raise ValueError(f"save must be one of {SAVE_FORMATS}, not {self.save!r}")
-        if self.save == "adapter" and not self.lora:
-            raise ValueError("save='adapter' needs lora=True")
-        if min(self.steps, self.batch_size, self.grad_accum, self.sp) < 1:
-            raise ValueError("steps, batch_size, grad_accum and sp must be >= 1")
-        if self.parallel not in PARALLEL_MODES:
-            raise ValueError(f"parallel must be one of {PARALLEL_MODES}, not {self.parallel!r}")
-        if self.parallel == "fsdp" and self.lora:
-            raise ValueError("lora with parallel='fsdp' is not supported; use parallel='ddp'")
+__all__ = ["StepMetrics", "TrainConfig", "TrainResult", "train"]
 
 
 @dataclass(frozen=True)
@@ -119,6 +66,7 @@ class StepMetrics:
     """What one optimizer step did; also written as one JSONL line."""
 
     step: int
+    split: str  # the split (curriculum stage) this step trained on
     loss: float
     lr: float
     grad_norm: float
@@ -129,6 +77,10 @@ class StepMetrics:
     loss_per_source: dict[str, float]
     peak_memory_mb: float
     elapsed_s: float
+    model_flops: float  # forward + backward, see trainer.flops
+    model_tflops_per_s: float
+    mfu: float | None  # None where no peak FLOP/s is known (CPU; set peak_tflops)
+    validation: dict[str, Any] | None = None  # with eval_every: the validation split's loss
 
 
 @dataclass
@@ -141,11 +93,16 @@ class TrainResult:
 # Setup
 
 
-def _autocast(precision: str, device: torch.device) -> Any:
-    use_bf16 = precision == "bf16" or (
+def _uses_bf16(precision: str, device: torch.device) -> bool:
+    return precision == "bf16" or (
         precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
     )
-    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+
+
+def _autocast(precision: str, device: torch.device) -> Any:
+    if _uses_bf16(precision, device):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
 
 
 def _build_model(config: TrainConfig, manifest: Manifest, device: torch.device) -> PreTrainedModel:
@@ -219,149 +176,62 @@ def _optimizer(model: PreTrainedModel, config: TrainConfig) -> torch.optim.AdamW
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def _full_state(
-    model: PreTrainedModel, optimizer: torch.optim.Optimizer
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Whole (unsharded) trainable weights and optimizer state, on CPU, keyed by name.
-
-    A collective under FSDP (every rank must call it; the shards are gathered). Only trainable
-    weights are kept: the frozen rest (LoRA's base) is rebuilt from the model spec and seed.
-    """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_state, optimizer_state = get_state_dict(model, optimizer, options=options)
-    return {k: v for k, v in model_state.items() if k in trainable}, optimizer_state
-
-
-def _load_full_state(
-    model: PreTrainedModel, optimizer: torch.optim.Optimizer, state: dict[str, Any]
-) -> None:
-    """Load `_full_state`'s output on every rank (FSDP keeps each rank's shard of it)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-    set_state_dict(
-        model,
-        optimizer,
-        model_state_dict=state["model"],
-        optim_state_dict=state["optimizer"],
-        options=StateDictOptions(full_state_dict=True, strict=False),
-    )
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _restore_rng(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _every_rank_rng(context: ParallelContext) -> list[dict[str, Any]]:
-    """Every rank's RNG state, in rank order (a collective under torchrun)."""
-    if not context.distributed:
-        return [_rng_state()]
-    states: list[Any] = [None] * context.world_size
-    dist.all_gather_object(states, _rng_state())
-    return states
-
-
-def _save_checkpoint(
-    path: Path,
-    step: int,
-    model: PreTrainedModel,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    loader: Any,
-    config: TrainConfig,
-    context: ParallelContext,
-) -> None:
-    """Rank 0 writes one file holding the whole state and every rank's RNG.
-
-    Every rank calls this (gathering sharded weights and RNG states are collectives). The data
-    position needs no gathering: streaming's loader state counts the samples the whole world
-    has consumed, which is the same number on every rank.
-    """
-    model_state, optimizer_state = _full_state(model, optimizer)
-    rng_states = _every_rank_rng(context)
-    if not context.is_main:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {
-        "step": step,
-        "model": model_state,
-        "optimizer": optimizer_state,
-        "scheduler": scheduler.state_dict(),
-        "rng": rng_states,
-        "dataloader": loader.state_dict(),
-        "world_size": context.world_size,
-        "config": asdict(config),
-    }
-    partial = path.with_suffix(".partial")
-    torch.save(state, partial)
-    partial.replace(path)  # atomic: a kill mid-save leaves the previous checkpoint intact
-
-
-def _resume(
-    path: Path,
-    model: PreTrainedModel,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    loader: Any,
-    context: ParallelContext,
-) -> int:
-    """Restore a checkpoint on every rank (the run directory must be readable by all of them);
-    returns its step."""
-    state = torch.load(path, weights_only=False)
-    if state.get("world_size", 1) != context.world_size:
-        raise ValueError(
-            f"{path} was written by {state.get('world_size', 1)} ranks; resume it with the "
-            f"same number (this run has {context.world_size})"
-        )
-    _load_full_state(model, optimizer, state)
-    scheduler.load_state_dict(state["scheduler"])
-    loader.load_state_dict(state["dataloader"])
-    _restore_rng(state["rng"][context.rank])
-    return state["step"]
-
-
-def latest_checkpoint(out_dir: str | Path) -> Path | None:
-    checkpoints = sorted((Path(out_dir) / "checkpoints").glob("step_*.pt"))
-    return checkpoints[-1] if checkpoints else None
-
-
-# ---------------------------------------------------------------------------------------------
 # The loop
 
 
-def _micro_batches(loader: Any) -> Iterator[dict[str, Any]]:
-    """Batches forever, epoch after epoch (streaming reshuffles each epoch).
+class _SplitStream:
+    """Batches of one split forever, epoch after epoch (streaming reshuffles each epoch), from a
+    saved dataloader position if given.
 
     A run resumed exactly at the end of an epoch first sees that epoch's empty remainder, so
     only two empty epochs in a row mean the split has no rows.
     """
-    empty_epochs = 0
-    while empty_epochs < 2:
-        empty_epochs += 1
-        for batch in loader:
-            empty_epochs = 0
-            yield batch
-    raise ValueError("the training split has no rows")
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        split: str,
+        config: TrainConfig,
+        context: ParallelContext,
+        position: dict[str, Any] | None = None,
+    ) -> None:
+        self.split = split
+        self._dataset = make_dataset(
+            manifest,
+            split,
+            config.batch_size,
+            shuffle=config.shuffle,
+            shuffle_seed=config.seed,
+            batching_method=config.batching_method,
+            remote=config.remote,
+            replication=context.sp_size,
+        )
+        # Rows are padded to a multiple of sp so that they split into equal sequence shards.
+        pad_to_multiple_of = math.lcm(config.pad_to_multiple_of or 1, context.sp_size)
+        self._loader = make_dataloader(self._dataset, config.batch_size, pad_to_multiple_of)
+        if position is not None:
+            self._loader.load_state_dict(position)
+        self._batches = self._forever()
+
+    def _forever(self) -> Iterator[dict[str, Any]]:
+        empty_epochs = 0
+        while empty_epochs < 2:
+            empty_epochs += 1
+            for batch in self._loader:
+                empty_epochs = 0
+                yield batch
+        raise ValueError(f"the training split {self.split} has no rows")
+
+    def next(self) -> dict[str, Any]:
+        return next(self._batches)
+
+    def position(self) -> dict[str, Any]:
+        return self._loader.state_dict()
+
+    def close(self) -> None:
+        self._batches.close()
+        del self._loader, self._dataset
+        release_streaming_resources()
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -375,12 +245,31 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _validation(
+    model: PreTrainedModel, manifest: Manifest, split: str, config: TrainConfig, device: torch.device
+) -> dict[str, Any]:
+    """The validation loss on `split` (every rank computes it: FSDP's forward is collective)."""
+    with _autocast(config.precision, device):
+        overall = evaluate_loss(model, manifest, split, batch_size=config.batch_size).overall()
+    model.train()
+    return {
+        "split": split,
+        "token_mean": overall.token_mean,
+        "sequence_mean": overall.sequence_mean,
+        "perplexity": overall.perplexity,
+        "target_tokens": overall.target_tokens,
+    }
+
+
 def train(config: TrainConfig, on_step: Callable[[StepMetrics], None] | None = None) -> TrainResult:
     """Train on a longdata build; returns the per-step metrics and the final checkpoint dir.
 
     Under torchrun, call it on every rank: it joins the process group and leaves it at the end.
+    A setting or `resume` path that cannot work raises `trainer.config.ConfigError`.
     """
     config.validate()
+    if config.threads:
+        torch.set_num_threads(config.threads)
     context = init_parallel(config.sp, config.device)
     try:
         return _train(config, context, on_step)
@@ -393,11 +282,15 @@ def _train(
 ) -> TrainResult:
     device = context.device
     out_dir = Path(config.out_dir)
+    manifest = Manifest.read(config.build_dir)
+    sources = manifest.source_names
+    stages = plan_stages(manifest, config)
+    checkpoint = find_checkpoint(config.resume) if config.resume else None
+    start_step = read_meta(checkpoint).step if checkpoint else 0
     if context.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
-    manifest = Manifest.read(config.build_dir)
-    sources = manifest.source_names
+    log = MetricsLog(config, start_step, enabled=context.is_main)
 
     random.seed(config.seed)
     np.random.seed(config.seed)
@@ -410,111 +303,156 @@ def _train(
     scorer = wrap_model(TargetScorer(model), config.parallel, context)
     optimizer = _optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_schedule(config))
-    dataset = make_dataset(
-        manifest,
-        config.split,
-        config.batch_size,
-        shuffle=config.shuffle,
-        shuffle_seed=config.seed,
-        batching_method=config.batching_method,
-        remote=config.remote,
-        replication=context.sp_size,
+    resumed = load_checkpoint(checkpoint, model, optimizer, scheduler, context) if checkpoint else None
+    flop_shape = FlopShape.of(model)
+    peak_tflops = config.peak_tflops or device_peak_tflops(
+        device, _uses_bf16(config.precision, device)
     )
-    # Rows are padded to a multiple of sp so that they split into equal sequence shards.
-    pad_to_multiple_of = math.lcm(config.pad_to_multiple_of or 1, context.sp_size)
-    loader = make_dataloader(dataset, config.batch_size, pad_to_multiple_of)
 
-    start_step = 0
-    checkpoint = latest_checkpoint(out_dir) if config.resume else None
-    if checkpoint is not None:
-        start_step = _resume(checkpoint, model, optimizer, scheduler, loader, context)
-
-    metrics_file = (out_dir / "metrics.jsonl").open("a") if context.is_main else None
     progress = _Progress(config, start_step, enabled=context.is_main)
     results: list[StepMetrics] = []
+    stream: _SplitStream | None = None
     try:
-        batches = _micro_batches(loader)
         model.train()
-        for step in range(start_step + 1, config.steps + 1):
-            started = time.perf_counter()
-            micro_batches = [_to_device(next(batches), device) for _ in range(config.grad_accum)]
-            # Normalised by the whole step's target tokens (or samples) over every DP rank. The
-            # ranks of an SP group hold the same rows, so they are counted once (over DP).
-            denominator = int(
-                context.all_reduce_sum(
-                    torch.tensor(step_denominator(config.loss, micro_batches)), over="dp"
+        for stage in stages:
+            if stage.last_step <= start_step:
+                continue
+            position = None
+            if resumed is not None and stage.first_step <= start_step:
+                position = _resumed_position(resumed, stage, checkpoint)
+            stream = _SplitStream(manifest, stage.split, config, context, position)
+            for step in range(max(stage.first_step, start_step + 1), stage.last_step + 1):
+                metrics = _step(
+                    step, stream, scorer, model, optimizer, scheduler, config, context, sources,
+                    flop_shape, peak_tflops,
                 )
-            )
-            step_loss = torch.zeros((), dtype=torch.float64)
-            source_sums = torch.zeros(len(sources), dtype=torch.float64)
-            source_counts = torch.zeros(len(sources), dtype=torch.float64)
-            for batch in micro_batches:
-                if context.sp_size > 1:
-                    batch = shard_batch(batch, context.sp_rank, context.sp_size)
-                with _autocast(config.precision, device):
-                    losses = TokenLosses(*scorer(batch))
-                loss = micro_batch_loss(losses, batch, config.loss, denominator)
-                (loss * context.gradient_scale).backward()
-                step_loss += float(loss.detach())
-                target_sources = losses.source_ids.cpu()
-                source_sums.index_add_(0, target_sources, losses.values.detach().double().cpu())
-                source_counts.index_add_(
-                    0, target_sources, torch.ones(len(target_sources)).double()
-                )
-            # Every rank scored different targets: the step's figures are sums over the world.
-            for partial_sum in (step_loss, source_sums, source_counts):
-                context.all_reduce_sum(partial_sum)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-            if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
-                grad_norm = grad_norm.full_tensor()
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            elapsed = time.perf_counter() - started
-
-            counts = torch.tensor(
-                [
-                    sum(int((b["sample_ids"] >= 0).sum()) for b in micro_batches),
-                    sum(int(b["sample_target_counts"].sum()) for b in micro_batches),
-                ]
-            )
-            tokens, targets = context.all_reduce_sum(counts, over="dp").tolist()
-            metrics = StepMetrics(
-                step=step,
-                loss=float(step_loss),
-                lr=lr,
-                grad_norm=float(grad_norm),
-                tokens=tokens,
-                target_tokens=targets,
-                tokens_per_s=tokens / elapsed,
-                target_tokens_per_s=targets / elapsed,
-                loss_per_source={
-                    name: float(source_sums[i] / source_counts[i])
-                    for i, name in enumerate(sources)
-                    if source_counts[i] > 0
-                },
-                peak_memory_mb=_peak_memory_mb(device),
-                elapsed_s=elapsed,
-            )
-            results.append(metrics)
-            if config.checkpoint_every and step % config.checkpoint_every == 0:
-                path = out_dir / "checkpoints" / f"step_{step:07d}.pt"
-                _save_checkpoint(path, step, model, optimizer, scheduler, loader, config, context)
-            if metrics_file and (step % config.log_every == 0 or step == config.steps):
-                metrics_file.write(json.dumps(asdict(metrics)) + "\n")
-                metrics_file.flush()
-            progress.update(metrics)
-            if on_step is not None:
-                on_step(metrics)
+                if config.eval_every and step % config.eval_every == 0:
+                    # streaming keeps one dataset's shared memory safe at a time: set the
+                    # training stream aside and reopen it at the same position afterwards.
+                    saved = stream.position()
+                    stream.close()
+                    eval_split = validation_split(manifest, config, stage.split)
+                    if eval_split is not None:
+                        validation = _validation(model, manifest, eval_split, config, device)
+                        metrics = replace(metrics, validation=validation)
+                    stream = _SplitStream(manifest, stage.split, config, context, saved)
+                results.append(metrics)
+                if config.checkpoint_every and step % config.checkpoint_every == 0:
+                    save_checkpoint(
+                        out_dir, step, stage.split, model, optimizer, scheduler,
+                        stream.position(), config, context,
+                    )
+                    if context.is_main:
+                        prune_checkpoints(out_dir, config.keep_checkpoints)
+                if step % config.log_every == 0 or step == config.steps or metrics.validation:
+                    log.write(asdict(metrics))
+                progress.update(metrics)
+                if on_step is not None:
+                    on_step(metrics)
+            stream.close()
+            stream = None
         final_dir = _save_final(model, config, out_dir, context)
     finally:
         progress.close()
-        if metrics_file:
-            metrics_file.close()
-        del loader, dataset
+        log.close()
+        if stream is not None:
+            stream.close()
         release_streaming_resources()
     return TrainResult(metrics=results, final_dir=final_dir)
+
+
+def _resumed_position(resumed: CheckpointMeta, stage: Stage, checkpoint: Path) -> dict[str, Any]:
+    """The dataloader position to resume `stage` from: the checkpoint's, if it was taken in it."""
+    if resumed.split != stage.split:
+        raise CheckpointError(
+            f"{checkpoint} was training split {resumed.split} at step {resumed.step}, but this "
+            f"run's step {resumed.step} trains {stage.split}: resume with the same split, "
+            "steps and stage_steps"
+        )
+    return resumed.dataloader
+
+
+def _step(
+    step: int,
+    stream: _SplitStream,
+    scorer: torch.nn.Module,
+    model: PreTrainedModel,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    config: TrainConfig,
+    context: ParallelContext,
+    sources: list[str],
+    flop_shape: FlopShape,
+    peak_tflops: float | None,
+) -> StepMetrics:
+    """One optimizer step over `grad_accum` micro-batches of `stream`."""
+    device = context.device
+    started = time.perf_counter()
+    micro_batches = [_to_device(stream.next(), device) for _ in range(config.grad_accum)]
+    # Normalised by the whole step's target tokens (or samples) over every DP rank. The
+    # ranks of an SP group hold the same rows, so they are counted once (over DP).
+    denominator = int(
+        context.all_reduce_sum(
+            torch.tensor(step_denominator(config.loss, micro_batches)), over="dp"
+        )
+    )
+    step_loss = torch.zeros((), dtype=torch.float64)
+    source_sums = torch.zeros(len(sources), dtype=torch.float64)
+    source_counts = torch.zeros(len(sources), dtype=torch.float64)
+    for batch in micro_batches:
+        if context.sp_size > 1:
+            batch = shard_batch(batch, context.sp_rank, context.sp_size)
+        with _autocast(config.precision, device):
+            losses = TokenLosses(*scorer(batch))
+        loss = micro_batch_loss(losses, batch, config.loss, denominator)
+        (loss * context.gradient_scale).backward()
+        step_loss += float(loss.detach())
+        target_sources = losses.source_ids.cpu()
+        source_sums.index_add_(0, target_sources, losses.values.detach().double().cpu())
+        source_counts.index_add_(0, target_sources, torch.ones(len(target_sources)).double())
+    # Every rank scored different targets: the step's figures are sums over the world.
+    for partial_sum in (step_loss, source_sums, source_counts):
+        context.all_reduce_sum(partial_sum)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+    if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+        grad_norm = grad_norm.full_tensor()
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    elapsed = time.perf_counter() - started
+
+    counts = torch.tensor(
+        [
+            sum(int((b["sample_ids"] >= 0).sum()) for b in micro_batches),
+            sum(int(b["sample_target_counts"].sum()) for b in micro_batches),
+            sum(squared_sample_lengths(b) for b in micro_batches),
+        ]
+    )
+    tokens, targets, squared_lengths = context.all_reduce_sum(counts, over="dp").tolist()
+    flops = training_flops(flop_shape, tokens, targets, squared_lengths)
+    achieved = flops / elapsed
+    return StepMetrics(
+        step=step,
+        split=stream.split,
+        loss=float(step_loss),
+        lr=lr,
+        grad_norm=float(grad_norm),
+        tokens=tokens,
+        target_tokens=targets,
+        tokens_per_s=tokens / elapsed,
+        target_tokens_per_s=targets / elapsed,
+        loss_per_source={
+            name: float(source_sums[i] / source_counts[i])
+            for i, name in enumerate(sources)
+            if source_counts[i] > 0
+        },
+        peak_memory_mb=_peak_memory_mb(device),
+        elapsed_s=elapsed,
+        model_flops=flops,
+        model_tflops_per_s=achieved / 1e12,
+        mfu=achieved / (peak_tflops * 1e12 * context.world_size) if peak_tflops else None,
+    )
 
 
 def _save_final(

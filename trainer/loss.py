@@ -19,8 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from trainer.collation import IGNORE_INDEX
-
-LOSS_MODES = ("token_mean", "sequence_mean")
+from trainer.config import LOSS_MODES
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,281 @@
+"""Resumable checkpoints that hold tensors and plain data only, so loading one runs no code.
+
+A checkpoint is a directory `<out_dir>/checkpoints/step_<N>/` (seven digits) with:
+
+- `state.pt`: trainable weights, optimizer and scheduler state and every rank's RNG state, all
+  tensors, numbers, strings and lists/dicts of them, read back with
+  `torch.load(weights_only=True)`: a pickle that names any other Python object is refused;
+- `meta.json`: the step, the split being trained, the dataloader position (streaming's state
+  dict: plain numbers), the world size and the run's config.
+
+Only directories with that name holding this trainer's `meta.json` format are ever read as the
+newest checkpoint, replaced or pruned (`keep_checkpoints`).
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import random
+import re
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from transformers import PreTrainedModel
+
+from trainer.config import ConfigError, TrainConfig
+from trainer.distributed import ParallelContext
+
+CHECKPOINT_FORMAT = "longdata-trainer-checkpoint/1"
+CHECKPOINT_NAME = re.compile(r"step_(\d{7})")
+STATE_FILE = "state.pt"
+META_FILE = "meta.json"
+
+
+class CheckpointError(ConfigError):
+    """A `--resume` path that is not a checkpoint this trainer can load safely."""
+
+
+@dataclass(frozen=True)
+class CheckpointMeta:
+    step: int
+    split: str  # the split the dataloader position belongs to
+    dataloader: dict[str, Any]
+    world_size: int
+
+
+def checkpoint_dir(out_dir: str | Path, step: int) -> Path:
+    return Path(out_dir) / "checkpoints" / f"step_{step:07d}"
+
+
+def read_meta(path: Path) -> CheckpointMeta:
+    meta_file = path / META_FILE
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (OSError, ValueError):
+        raise CheckpointError(
+            f"{path}: no readable {META_FILE}; not a checkpoint of this trainer"
+        ) from None
+    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{meta_file}: not a {CHECKPOINT_FORMAT} checkpoint")
+    try:
+        return CheckpointMeta(
+            int(meta["step"]), str(meta["split"]), dict(meta["dataloader"]), int(meta["world_size"])
+        )
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError(f"{meta_file}: missing or malformed step/split/dataloader") from None
+
+
+def _is_ours(path: Path) -> bool:
+    """A checkpoint directory this trainer wrote (by name and meta format), not a link."""
+    if path.is_symlink() or not path.is_dir() or not CHECKPOINT_NAME.fullmatch(path.name):
+        return False
+    try:
+        read_meta(path)
+    except CheckpointError:
+        return False
+    return True
+
+
+def _checkpoints(out_dir: Path) -> list[Path]:
+    """This trainer's checkpoints in `<out_dir>/checkpoints`, oldest first."""
+    root = out_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(path for path in root.iterdir() if _is_ours(path))
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """`path` itself if it is a checkpoint directory, else the newest checkpoint of the run
+    directory `path`."""
+    path = Path(path)
+    if (path / META_FILE).is_file():
+        read_meta(path)
+        return path
+    if (path / "checkpoints").is_dir():
+        found = _checkpoints(path)
+        if not found:
+            raise CheckpointError(f"--resume {path}: no checkpoint in {path / 'checkpoints'}")
+        return found[-1]
+    raise CheckpointError(
+        f"--resume {path}: neither a checkpoint directory (with {META_FILE}) nor a run "
+        "directory (with checkpoints/)"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# State
+
+
+def _full_state(
+    model: PreTrainedModel, optimizer: torch.optim.Optimizer
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Whole (unsharded) trainable weights and optimizer state, on CPU, keyed by name.
+
+    A collective under FSDP (every rank must call it; the shards are gathered). Only trainable
+    weights are kept: the frozen rest (LoRA's base) is rebuilt from the model spec and seed.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state, optimizer_state = get_state_dict(model, optimizer, options=options)
+    return {k: v for k, v in model_state.items() if k in trainable}, optimizer_state
+
+
+def _load_full_state(
+    model: PreTrainedModel, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+) -> None:
+    """Load `_full_state`'s output on every rank (FSDP keeps each rank's shard of it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=state["model"],
+        optim_state_dict=state["optimizer"],
+        options=StateDictOptions(full_state_dict=True, strict=False),
+    )
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states as tensors and numbers (what `weights_only` loads)."""
+    python_version, python_keys, python_gauss = random.getstate()
+    numpy_name, numpy_keys, numpy_pos, numpy_has_gauss, numpy_gauss = np.random.get_state()
+    state = {
+        "python_version": python_version,
+        "python_keys": torch.tensor(python_keys, dtype=torch.int64),
+        "python_gauss": python_gauss,
+        "numpy_name": numpy_name,
+        "numpy_keys": torch.from_numpy(numpy_keys.astype(np.int64)),
+        "numpy_pos": int(numpy_pos),
+        "numpy_has_gauss": int(numpy_has_gauss),
+        "numpy_gauss": float(numpy_gauss),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    random.setstate(
+        (state["python_version"], tuple(state["python_keys"].tolist()), state["python_gauss"])
+    )
+    np.random.set_state(
+        (
+            state["numpy_name"],
+            state["numpy_keys"].numpy().astype(np.uint32),
+            state["numpy_pos"],
+            state["numpy_has_gauss"],
+            state["numpy_gauss"],
+        )
+    )
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _every_rank_rng(context: ParallelContext) -> list[dict[str, Any]]:
+    """Every rank's RNG state, in rank order (a collective under torchrun)."""
+    if not context.distributed:
+        return [rng_state()]
+    states: list[Any] = [None] * context.world_size
+    dist.all_gather_object(states, rng_state())
+    return states
+
+
+# ---------------------------------------------------------------------------------------------
+# Save, load, prune
+
+
+def save_checkpoint(
+    out_dir: Path,
+    step: int,
+    split: str,
+    model: PreTrainedModel,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    loader_state: dict[str, Any],
+    config: TrainConfig,
+    context: ParallelContext,
+) -> Path:
+    """Rank 0 writes `checkpoint_dir(out_dir, step)`; every rank must call this (gathering
+    sharded weights and RNG states are collectives). The data position needs no gathering:
+    streaming's loader state counts the samples the whole world has consumed, which is the
+    same number on every rank."""
+    model_state, optimizer_state = _full_state(model, optimizer)
+    rng_states = _every_rank_rng(context)
+    path = checkpoint_dir(out_dir, step)
+    if not context.is_main:
+        return path
+    partial = path.with_name(path.name + ".partial")
+    if partial.is_dir() and not partial.is_symlink():
+        shutil.rmtree(partial)  # our own leftover from a save that was killed
+    partial.mkdir(parents=True)
+    state = {
+        "model": model_state,
+        "optimizer": optimizer_state,
+        "scheduler": scheduler.state_dict(),
+        "rng": rng_states,
+    }
+    torch.save(state, partial / STATE_FILE)
+    meta = {
+        "format": CHECKPOINT_FORMAT,
+        "step": step,
+        "split": split,
+        "dataloader": loader_state,
+        "world_size": context.world_size,
+        "config": asdict(config),
+    }
+    (partial / META_FILE).write_text(json.dumps(meta, indent=2))
+    if _is_ours(path):
+        shutil.rmtree(path)  # a step redone after resuming from an older checkpoint
+    partial.replace(path)  # a kill mid-save leaves the previous checkpoints intact
+    return path
+
+
+def load_checkpoint(
+    path: Path,
+    model: PreTrainedModel,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    context: ParallelContext,
+) -> CheckpointMeta:
+    """Restore weights, optimizer, scheduler and this rank's RNG on every rank (the checkpoint
+    must be readable by all of them); the dataloader position is in the returned meta."""
+    meta = read_meta(path)
+    if meta.world_size != context.world_size:
+        raise CheckpointError(
+            f"{path} was written by {meta.world_size} ranks; resume it with the same number "
+            f"(this run has {context.world_size})"
+        )
+    state_file = path / STATE_FILE
+    try:
+        state = torch.load(state_file, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError:
+        raise CheckpointError(
+            f"{state_file}: refused: it holds Python objects, not only tensors and plain data "
+            "(not written by this trainer, or tampered with); nothing in it was run"
+        ) from None
+    except (OSError, RuntimeError, EOFError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise CheckpointError(f"{state_file}: not a readable checkpoint ({reason})") from None
+    _load_full_state(model, optimizer, state)
+    scheduler.load_state_dict(state["scheduler"])
+    restore_rng(state["rng"][context.rank])
+    return meta
+
+
+def prune_checkpoints(out_dir: Path, keep: int) -> list[Path]:
+    """Remove all but the newest `keep` of this trainer's checkpoints in `<out_dir>/checkpoints`
+    (anything else there is left alone); returns what was removed."""
+    removed = _checkpoints(out_dir)[:-keep] if keep > 0 else []
+    for path in removed:
+        shutil.rmtree(path)
+    return removed

@@ -1,0 +1,340 @@
+"""`TrainConfig`: every setting of a training run, its default and its help, in one place.
+
+`longdata train` builds its options from these fields (see `trainer.cli`), so a default is
+written once, here. A run's settings are layered, later wins: the defaults, a `--config` YAML
+(or JSON) file, `--set key=value` pairs, then the command's options. The resolved config is
+saved as `<out_dir>/config.json`, which `--config` reads back.
+
+Kept free of torch so that the CLI (and `longdata --help`) imports fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+LOSS_MODES = ("token_mean", "sequence_mean")
+PRECISIONS = ("auto", "fp32", "bf16")
+SAVE_FORMATS = ("merged", "adapter", "none")
+PARALLEL_MODES = ("ddp", "fsdp")
+BATCHING_METHODS = ("random", "per_stream")
+REPORTERS = ("tensorboard", "wandb")
+MAX_CONFIG_BYTES = 1 << 20  # a training config is a few hundred bytes; refuse anything huge
+
+
+class ConfigError(ValueError):
+    """A setting the user gave is wrong; the message is one line that says which and why."""
+
+
+def _setting(default: Any, help: str, **extra: Any) -> Any:
+    """A field with its CLI help (and, in `extra`, e.g. the option name `cli`)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **extra})
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; saved in every checkpoint and in `<out_dir>/config.json`."""
+
+    build_dir: str | None = _setting(None, "A build directory (with manifest.json).", cli=None)
+    out_dir: str = _setting(
+        "runs/latest", "Run directory: checkpoints, metrics.jsonl, config.json, final/.",
+        cli="--out",
+    )
+    model: str = _setting(
+        "tiny-llama",
+        "Preset (tiny-llama, tiny-qwen2: random init, vocab from the build), a local Hugging "
+        "Face checkpoint, or a hub id.",
+    )
+    attention: str = _setting(
+        "auto",
+        "auto, flash_attn, torch_varlen, flex, sdpa_varlen or sdpa_mask. Every one keeps packed "
+        "samples from attending to each other; auto picks the fastest here.",
+    )
+    split: str | None = _setting(
+        None,
+        "Split to train on, e.g. train or ctx16k/train. Unset: every training split in stage "
+        "order (a staged build's curriculum), steps shared out by stage tokens.",
+    )
+    steps: int = _setting(100, "Optimizer steps in all (over every stage).")
+    stage_steps: list[int] | None = _setting(
+        None, "Steps per curriculum stage, comma-separated (e.g. 80,20); they sum to --steps."
+    )
+    batch_size: int = _setting(1, "Packed rows per micro-batch (per DP rank under torchrun).")
+    grad_accum: int = _setting(1, "Micro-batches per optimizer step.")
+    lr: float = _setting(3e-4, "Peak learning rate (AdamW).")
+    warmup_steps: int = _setting(10, "Linear warmup steps before the cosine decay.")
+    min_lr_ratio: float = _setting(0.1, "The cosine decays to lr * min-lr-ratio at the last step.")
+    weight_decay: float = _setting(0.0, "AdamW weight decay (never on 1-D parameters).")
+    max_grad_norm: float = _setting(1.0, "Clip the gradient norm to this.")
+    loss: str = _setting(
+        "token_mean",
+        "token_mean: every target token counts equally. sequence_mean: every sample counts "
+        "equally whatever its length (LongAlign loss weighting).",
+    )
+    lora: bool = _setting(False, "Train LoRA adapters instead of all weights.")
+    lora_rank: int = _setting(8, "LoRA rank.")
+    lora_alpha: int = _setting(16, "LoRA alpha (the adapter's scale is alpha / rank).")
+    lora_targets: list[str] = _setting(
+        ["q_proj", "k_proj", "v_proj", "o_proj"], "Comma-separated module names LoRA adapts."
+    )
+    train_embeddings_and_norms: bool = _setting(
+        False, "With --lora, also train embeddings and norms (LongLoRA)."
+    )
+    precision: str = _setting("auto", "auto (bf16 autocast on a bf16 GPU, else fp32), fp32 or bf16.")
+    gradient_checkpointing: bool = _setting(
+        False, "Recompute activations in backward to save memory."
+    )
+    compile: bool = _setting(False, "torch.compile the model.")
+    pad_to_multiple_of: int | None = _setting(None, "Pad every batch to a multiple of this length.")
+    shuffle: bool = _setting(True, "Shuffle rows (streaming reshuffles every epoch).")
+    batching_method: str = _setting(
+        "random", "random: batches mix streams; per_stream: each batch from one length bucket."
+    )
+    remote: str | None = _setting(
+        None, "Read shards from this URL root (e.g. s3://b/builds/x), cached locally."
+    )
+    seed: int = _setting(0, "Seed for init, shuffling and everything else.")
+    checkpoint_every: int = _setting(0, "Save a resumable checkpoint every N steps (0: never).")
+    keep_checkpoints: int = _setting(
+        0, "Keep only the newest N checkpoints in OUT/checkpoints (0: keep all)."
+    )
+    resume: str | None = _setting(
+        None,
+        "Continue exactly from a checkpoint: a checkpoint directory, or a run directory (its "
+        "newest checkpoint).",
+    )
+    log_every: int = _setting(1, "Write metrics (and a progress line) every N steps.")
+    report_to: list[str] = _setting(
+        [], "Also log metrics to: tensorboard (OUT/tensorboard), wandb; comma-separated."
+    )
+    eval_every: int = _setting(
+        0, "Every N steps, the validation loss on the stage's validation split (0: never)."
+    )
+    eval_split: str | None = _setting(
+        None, "Split --eval-every evaluates (default: the current stage's validation split)."
+    )
+    peak_tflops: float | None = _setting(
+        None,
+        "Peak dense TFLOP/s of one device, for MFU (default: known for bf16 on A100, H100, H200; "
+        "else MFU is not reported).",
+    )
+    save: str = _setting(
+        "merged", "Final HF checkpoint in OUT/final: merged, adapter (LoRA only) or none."
+    )
+    device: str = _setting("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
+    threads: int | None = _setting(None, "torch intra-op CPU threads (default: torch's choice).")
+    progress: bool = _setting(True, "Show a progress bar (or a line per logged step).")
+    parallel: str = _setting(
+        "ddp",
+        "Under torchrun: ddp (every rank holds the whole model) or fsdp (FSDP2: weights, "
+        "gradients and optimizer state sharded across ranks). Ignored in one process.",
+    )
+    sp: int = _setting(
+        1,
+        "Sequence parallelism (Ulysses): split every row along the sequence across this many "
+        "ranks; must divide the number of ranks and the model's attention heads.",
+    )
+
+    def validate(self) -> None:
+        """Raise `ConfigError` for a value no run can use (the build is not read here)."""
+        if not self.build_dir:
+            raise ConfigError("no build: pass BUILD or set build_dir in the --config file")
+        for name, choices in (
+            ("loss", LOSS_MODES),
+            ("precision", PRECISIONS),
+            ("save", SAVE_FORMATS),
+            ("parallel", PARALLEL_MODES),
+            ("batching_method", BATCHING_METHODS),
+        ):
+            if getattr(self, name) not in choices:
+                raise ConfigError(
+                    f"{name} must be one of {', '.join(choices)}, not {getattr(self, name)!r}"
+                )
+        unknown = [name for name in self.report_to if name not in REPORTERS]
+        if unknown:
+            raise ConfigError(f"report_to: unknown {unknown[0]!r}; choose from {', '.join(REPORTERS)}")
+        if self.save == "adapter" and not self.lora:
+            raise ConfigError("save: adapter needs lora")
+        if self.parallel == "fsdp" and self.lora:
+            raise ConfigError("lora with parallel fsdp is not supported; use parallel ddp")
+        for name in ("steps", "batch_size", "grad_accum", "sp", "log_every", "lora_rank"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, not {getattr(self, name)}")
+        for name in ("warmup_steps", "checkpoint_every", "keep_checkpoints", "eval_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, not {getattr(self, name)}")
+        if self.stage_steps is not None:
+            if self.split is not None:
+                raise ConfigError("stage_steps is for a curriculum: leave split unset")
+            if min(self.stage_steps, default=0) < 1 or sum(self.stage_steps) != self.steps:
+                raise ConfigError(
+                    f"stage_steps {self.stage_steps} must be >= 1 each and sum to steps "
+                    f"({self.steps})"
+                )
+        if self.peak_tflops is not None and self.peak_tflops <= 0:
+            raise ConfigError(f"peak_tflops must be > 0, not {self.peak_tflops}")
+        if self.eval_every and self.sp > 1:
+            raise ConfigError("eval_every with sp > 1 is not supported (evaluate afterwards "
+                              "with `longdata eval loss`)")
+
+
+FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TrainConfig)}
+FIELD_TYPES: dict[str, Any] = typing.get_type_hints(TrainConfig)
+
+
+def defaults() -> dict[str, Any]:
+    """Every field's default (build_dir None)."""
+    return dataclasses.asdict(TrainConfig())
+
+
+def value_type(name: str) -> tuple[Any, bool]:
+    """(the field's type without `| None`, whether None is allowed)."""
+    annotation = FIELD_TYPES[name]
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        members = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return members[0], True
+    return annotation, False
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def coerce(name: str, value: Any) -> Any:
+    """`value` (from YAML, `--set` or an option) as field `name`'s type, or `ConfigError`.
+
+    A list field also takes a comma-separated string, so `--set lora_targets=q_proj,v_proj`
+    and `--lora-targets q_proj,v_proj` mean the same.
+    """
+    kind, optional = value_type(name)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{name} cannot be null")
+    wrong = ConfigError(f"{name} must be {_type_name(kind)}, not {_short(value)}")
+    if typing.get_origin(kind) is list:
+        (item,) = typing.get_args(kind)
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if not isinstance(value, list):
+            raise wrong
+        try:
+            return [_scalar(item, part) for part in value]
+        except ValueError:
+            raise wrong from None
+    try:
+        return _scalar(kind, value)
+    except ValueError:
+        raise wrong from None
+
+
+def _scalar(kind: type, value: Any) -> Any:
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError
+    if kind is int:
+        if isinstance(value, bool):
+            raise ValueError
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            return int(value)
+        raise ValueError
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            raise ValueError
+        number = float(value)
+        if number != number or number in (float("inf"), float("-inf")):
+            raise ValueError
+        return number
+    if kind is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)  # e.g. `--set split=2` or a numeric run name
+        raise ValueError
+    raise TypeError(f"no coercion for {kind}")
+
+
+def _type_name(kind: Any) -> str:
+    if typing.get_origin(kind) is list:
+        return f"a list of {_type_name(typing.get_args(kind)[0])}"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[kind]
+
+
+def _check_key(name: str, where: str) -> None:
+    if name not in FIELDS:
+        raise ConfigError(
+            f"unknown training setting {name!r} ({where}); allowed: {', '.join(FIELDS)}"
+        )
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A YAML (or JSON) mapping of settings, parsed safely, keys checked."""
+    import yaml
+
+    path = Path(path)
+    try:
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes; not a training config")
+        data = yaml.safe_load(path.read_text())
+    except OSError as error:
+        raise ConfigError(f"cannot read {path}: {error.strerror or error}") from None
+    except yaml.YAMLError as error:
+        where = getattr(error, "problem_mark", None)
+        line = f" line {where.line + 1}" if where is not None else ""
+        raise ConfigError(f"{path}{line}: not valid YAML") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a training config is a mapping of settings")
+    for name in data:
+        _check_key(str(name), str(path))
+    return dict(data)
+
+
+def parse_set(assignment: str) -> tuple[str, Any]:
+    """`key=value`, the value read as YAML (`steps=5` is 5, `lora=true` is True)."""
+    import yaml
+
+    name, equals, text = assignment.partition("=")
+    name = name.strip()
+    if not equals or not name:
+        raise ConfigError(f"--set {assignment!r}: expected key=value")
+    _check_key(name, "--set")
+    try:
+        return name, yaml.safe_load(text) if text.strip() else text
+    except yaml.YAMLError:
+        return name, text
+
+
+def resolve(
+    config_file: str | Path | None = None,
+    assignments: typing.Sequence[str] = (),
+    options: dict[str, Any] | None = None,
+) -> TrainConfig:
+    """The run's config: defaults, then the file, then `--set`, then options that were given
+    (None means not given); checked. With `stage_steps` and no `steps` anywhere, `steps` is
+    their sum."""
+    layered: dict[str, Any] = {}
+    if config_file is not None:
+        layered.update(read_config_file(config_file))
+    layered.update(parse_set(assignment) for assignment in assignments)
+    for name, value in (options or {}).items():
+        _check_key(name, "options")
+        if value is not None:
+            layered[name] = value
+    settings = {name: coerce(name, value) for name, value in layered.items()}
+    if settings.get("stage_steps") and "steps" not in settings:
+        settings["steps"] = sum(settings["stage_steps"])
+    config = TrainConfig(**settings)
+    config.validate()
+    return config

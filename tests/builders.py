@@ -38,14 +38,10 @@ def make_row(
     }
 
 
-def write_build(
-    out: Path,
-    rows_per_stream: dict[str, list[dict[str, np.ndarray]]],
-    vocab_size: int = 512,
-    max_seq_len: int = 256,
-    split: str = "train",
-) -> Path:
-    """Write MDS streams (one per bucket name) and a manifest.json like `longdata build`."""
+def _write_split(
+    out: Path, split: str, rows_per_stream: dict[str, list[dict[str, np.ndarray]]]
+) -> list[dict]:
+    """Write one split's MDS streams (one per bucket name); returns their manifest entries."""
     from streaming import MDSWriter
 
     streams = []
@@ -66,6 +62,10 @@ def write_build(
                 "proportion": tokens / total_tokens if total_tokens else 0.0,
             }
         )
+    return streams
+
+
+def _write_manifest(out: Path, vocab_size: int, splits: dict, **extra: object) -> Path:
     manifest = {
         "format": "longdata/1",
         "name": "test",
@@ -78,10 +78,47 @@ def write_build(
             "sha256": "0" * 64,
         },
         "sources": [{"name": "alpha"}, {"name": "beta"}],
-        "splits": {split: {"max_seq_len": max_seq_len, "streams": streams}},
+        "splits": splits,
+        **extra,
     }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
     return out
+
+
+def write_build(
+    out: Path,
+    rows_per_stream: dict[str, list[dict[str, np.ndarray]]],
+    vocab_size: int = 512,
+    max_seq_len: int = 256,
+    split: str = "train",
+) -> Path:
+    """Write MDS streams (one per bucket name) and a manifest.json like `longdata build`."""
+    streams = _write_split(out, split, rows_per_stream)
+    return _write_manifest(
+        out, vocab_size, {split: {"max_seq_len": max_seq_len, "streams": streams}}
+    )
+
+
+def staged_build(
+    out: Path,
+    stages: dict[str, tuple[int, dict[str, list[dict[str, np.ndarray]]]]],
+    vocab_size: int = 512,
+) -> Path:
+    """A curriculum build like `longdata build` with `packing.stages`: per stage (in the given
+    order) its max_seq_len and split -> {bucket: rows}, as splits `<stage>/<split>`. Like the
+    real manifest, the split keys are stored sorted by name, not in stage order."""
+    splits = {}
+    for stage, (max_seq_len, split_rows) in stages.items():
+        for split, rows_per_stream in split_rows.items():
+            name = f"{stage}/{split}"
+            streams = _write_split(out, name, rows_per_stream)
+            splits[name] = {"max_seq_len": max_seq_len, "stage": stage, "streams": streams}
+    recipe = {
+        "packing": {
+            "stages": [{"name": name, "max_seq_len": length} for name, (length, _) in stages.items()]
+        }
+    }
+    return _write_manifest(out, vocab_size, splits, recipe=recipe)
 
 
 def two_bucket_build(out: Path, vocab_size: int, long_lengths: tuple[int, int], max_seq_len: int) -> Path:

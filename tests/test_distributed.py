@@ -240,7 +240,7 @@ def test_ddp_fsdp_and_sp_match_one_process(
         "ddp": {"parallel": "ddp"},
         "fsdp": {"parallel": "fsdp", "checkpoint_every": 2, "save": "merged"},
         # Resumes from the step-2 checkpoint of "fsdp" and redoes its step 3.
-        "fsdp_resumed": {"parallel": "fsdp", "resume": f"{out_root}/fsdp", "out_dir": "fsdp"},
+        "fsdp_resumed": {"parallel": "fsdp", "resume": str(tmp_path / "fsdp"), "out_dir": "fsdp"},
         "sp2": {"parallel": "ddp", "sp": 2},
     }
     run_on_ranks(_training_rank, 2, str(build), str(tmp_path), runs)

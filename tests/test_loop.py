@@ -8,8 +8,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tests.builders import make_row, two_bucket_build
+from tests.builders import make_row, staged_build, two_bucket_build
 from trainer import collate
+from trainer.checkpoint import CheckpointError
+from trainer.config import ConfigError
+from trainer.curriculum import plan_stages, share_steps
+from trainer.data import Manifest
+from trainer.flops import FlopShape, squared_sample_lengths, training_flops
 from trainer.loop import StepMetrics, TrainConfig, train
 
 VOCAB = 256
@@ -91,3 +96,240 @@ def test_lora_with_trainable_embeddings_saves_loadable_checkpoints(
         merged_logits = loaded(input_ids=batch["input_ids"][:, :5]).logits
         adapter_logits = with_adapter(**batch).logits[:, :5]
     assert torch.allclose(merged_logits, adapter_logits, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Curriculum: a staged build's training splits in stage order
+
+
+@pytest.fixture(scope="module")
+def staged(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Stages `short` (rows of 4 short samples) then `long` (2 long samples): stage order is
+    not the sorted order of the split names, which is how manifest.json stores them."""
+    rng = np.random.default_rng(3)
+
+    def rows(count: int, samples: int, lengths: tuple[int, int]) -> list[dict]:
+        return [make_row(rng.integers(*lengths, samples).tolist(), rng, VOCAB) for _ in range(count)]
+
+    return staged_build(
+        tmp_path_factory.mktemp("staged"),
+        {
+            "short": (48, {"train": {"le_0048": rows(8, 4, (2, 12))},
+                           "validation": {"le_0048": rows(2, 4, (2, 12))}}),
+            "long": (80, {"train": {"le_0080": rows(6, 2, (15, 40))},
+                          "validation": {"le_0080": rows(2, 2, (15, 40))}}),
+        },
+        VOCAB,
+    )
+
+
+def test_share_steps_by_hand() -> None:
+    assert share_steps([1, 3], 8) == [2, 6]
+    assert share_steps([1, 1, 1], 10) == [4, 3, 3]  # the remainder to the first
+    assert share_steps([1, 1000], 3) == [1, 2]  # every stage with tokens trains
+    assert share_steps([0, 5], 4) == [0, 4]
+    with pytest.raises(ConfigError, match="fewer than the 2 curriculum stages"):
+        share_steps([1, 1], 1)
+
+
+def test_curriculum_trains_stages_in_order_with_token_shares(staged: Path, tmp_path: Path) -> None:
+    manifest = Manifest.read(staged)
+    assert list(manifest.raw["splits"])[0] == "long/train"  # stored sorted
+    assert manifest.training_splits() == ["short/train", "long/train"]
+    tokens = [
+        sum(s["tokens"] for s in manifest.split(name)["streams"]) for name in manifest.training_splits()
+    ]
+    config = _config(staged, tmp_path / "run", steps=6, batch_size=1, grad_accum=1)
+    stages = plan_stages(manifest, config)
+    assert [(s.split, s.steps) for s in stages] == list(
+        zip(["short/train", "long/train"], share_steps(tokens, 6), strict=True)
+    )
+    assert stages[0].steps != stages[1].steps  # the share follows tokens, not an even split
+
+    result = train(config)
+    expected = [split for stage in stages for split in [stage.split] * stage.steps]
+    assert [m.split for m in result.metrics] == expected
+    assert max(m.tokens for m in result.metrics[: stages[0].steps]) <= 48
+    assert min(m.tokens for m in result.metrics[stages[0].steps :]) > 48
+    lrs = [m.lr for m in result.metrics]  # one warmup + cosine over all stages, no restart
+    assert lrs[:3] == pytest.approx([5e-3, 1e-2, 1e-2])
+    assert all(later < earlier for earlier, later in zip(lrs[2:], lrs[3:]))
+
+
+def _final_weights(run: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(run / "final" / "model.safetensors")
+
+
+@pytest.mark.parametrize(("checkpoint_every", "killed_after"), [(2, 3), (3, 4), (4, 5)])
+def test_resume_across_a_stage_boundary_is_exact(
+    staged: Path, tmp_path: Path, checkpoint_every: int, killed_after: int
+) -> None:
+    """stage_steps 3 + 4. Resumed from step 2: trains through the boundary; from step 3 (the
+    boundary itself, killed just after it): starts stage 2 afresh; from step 4: restores stage
+    2's dataloader position."""
+    settings = {"stage_steps": [3, 4], "steps": 7, "save": "merged", "eval_every": 4}
+    uninterrupted = train(_config(staged, tmp_path / "full", **settings))
+    killed = _config(staged, tmp_path / "killed", checkpoint_every=checkpoint_every, **settings)
+    with pytest.raises(SimulatedKill):
+        train(killed, on_step=_kill_at(killed_after))
+    killed.resume = str(tmp_path / "killed")
+    resumed = train(killed)
+
+    first_resumed = checkpoint_every + 1
+    assert [m.step for m in resumed.metrics] == list(range(first_resumed, 8))
+    for got, want in zip(resumed.metrics, uninterrupted.metrics[first_resumed - 1 :], strict=True):
+        assert (got.split, got.loss, got.grad_norm, got.validation) == (
+            want.split, want.loss, want.grad_norm, want.validation
+        )
+    full, again = _final_weights(tmp_path / "full"), _final_weights(tmp_path / "killed")
+    assert all(torch.equal(full[name], again[name]) for name in full)
+    logged = [json.loads(line) for line in (tmp_path / "killed" / "metrics.jsonl").open()]
+    assert [line["step"] for line in logged] == list(range(1, 8))
+
+
+def test_eval_every_logs_the_stage_validation_loss_and_changes_no_step(
+    staged: Path, tmp_path: Path
+) -> None:
+    settings = {"stage_steps": [2, 3], "steps": 5, "batch_size": 1, "grad_accum": 1}
+    plain = train(_config(staged, tmp_path / "plain", **settings))
+    evaluated = train(_config(staged, tmp_path / "eval", eval_every=2, **settings))
+
+    assert [m.loss for m in evaluated.metrics] == [m.loss for m in plain.metrics]
+    logged = {
+        line["step"]: line.get("validation")
+        for line in map(json.loads, (tmp_path / "eval" / "metrics.jsonl").open())
+    }
+    assert [step for step, v in logged.items() if v] == [2, 4]
+    assert logged[2]["split"] == "short/validation" and logged[4]["split"] == "long/validation"
+    # The long validation rows are two samples of >= 15 tokens each, about 70% targets.
+    assert logged[4]["target_tokens"] > 2 * 2 * 8 and np.isfinite(logged[4]["token_mean"])
+    assert logged[4]["token_mean"] == evaluated.metrics[3].validation["token_mean"]
+
+
+def test_a_missing_split_is_one_line_listing_the_builds_splits(staged: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from longdata.cli import app
+
+    result = CliRunner().invoke(app, ["train", str(staged), "--split", "train", "--out", str(tmp_path)])
+    assert result.exit_code == 2
+    assert result.stderr.count("\n") == 1
+    for split in ("long/train", "long/validation", "short/train", "short/validation"):
+        assert split in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: plain data only, pruned by name, never unpickled
+
+
+class _Planted:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_planted_pickle_is_refused_and_never_runs(build: Path, tmp_path: Path) -> None:
+    import pickle
+
+    run = tmp_path / "run"
+    config = _config(build, run, steps=2, checkpoint_every=1)
+    train(config)
+    checkpoint = run / "checkpoints" / "step_0000002"
+    marker = tmp_path / "the_pickle_ran"
+    (checkpoint / "state.pt").write_bytes(pickle.dumps({"model": _Planted(marker)}))
+    # The old single-file layout, planted beside it: never even considered.
+    (run / "checkpoints" / "step_0000003.pt").write_bytes(pickle.dumps(_Planted(marker)))
+
+    config.resume = str(run)
+    with pytest.raises(CheckpointError, match="refused") as refused:
+        train(config)
+    assert "\n" not in str(refused.value)
+    assert not marker.exists()
+
+    from typer.testing import CliRunner
+
+    from longdata.cli import app
+
+    cli = CliRunner().invoke(app, ["train", str(build), "--out", str(run), "--resume", str(checkpoint)])
+    assert cli.exit_code == 2 and cli.stderr.count("\n") == 1 and "refused" in cli.stderr
+    assert not marker.exists()
+
+
+def test_checkpoints_hold_only_tensors_and_plain_data(build: Path, tmp_path: Path) -> None:
+    train(_config(build, tmp_path / "run", steps=1, checkpoint_every=1))
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_0000001"
+    state = torch.load(checkpoint / "state.pt", weights_only=True)
+    assert set(state) == {"model", "optimizer", "scheduler", "rng"}
+    meta = json.loads((checkpoint / "meta.json").read_text())
+    assert meta["step"] == 1 and meta["split"] == "train" and meta["dataloader"]["sample_in_epoch"] == 4
+
+
+def test_keep_checkpoints_prunes_only_its_own(build: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    foreign = [run / "checkpoints" / "step_9999999", run / "checkpoints" / "best"]
+    for path in foreign:
+        path.mkdir(parents=True)
+        (path / "weights.bin").write_text("not ours")
+    train(_config(build, run, steps=5, checkpoint_every=1, keep_checkpoints=2))
+    kept = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert kept == ["best", "step_0000004", "step_0000005", "step_9999999"]
+    assert all((path / "weights.bin").read_text() == "not ours" for path in foreign)
+
+
+def test_resume_of_a_path_without_checkpoints_is_one_line(build: Path, tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="neither a checkpoint directory"):
+        train(_config(build, tmp_path / "run", resume=str(tmp_path)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics: FLOPs, MFU, TensorBoard, W&B
+
+
+def test_training_flops_by_hand() -> None:
+    shape = FlopShape(body_params=1000, head_params=100, layers=2, attention_width=8)
+    # Samples of 3 and 5 tokens packed in one row of 8, 4 targets:
+    # forward = 2*1000*8 + 2*100*4 + 4*2*8*(3^2 + 5^2) = 16000 + 800 + 2176.
+    assert training_flops(shape, 8, 4, 3**2 + 5**2) == 3 * 18976
+    batch = collate([make_row([3, 5], np.random.default_rng(0), VOCAB)], pad_to_multiple_of=16)
+    assert squared_sample_lengths(batch) == 34  # not 8^2 (one row) nor 16^2 (padded)
+
+
+def test_flop_shape_of_tiny_llama() -> None:
+    from trainer import load_model
+
+    shape = FlopShape.of(load_model("tiny-llama", "sdpa_varlen", vocab_size=VOCAB, seed=0))
+    hidden, inter, head_dim = 128, 384, 32
+    attention = hidden * 4 * head_dim * 2 + hidden * 2 * head_dim * 2  # q, o; k, v (2 kv heads)
+    assert shape == FlopShape(2 * (attention + 3 * hidden * inter), VOCAB * hidden, 2, 128)
+
+
+def test_step_metrics_carry_flops_and_mfu_against_a_given_peak(build: Path, tmp_path: Path) -> None:
+    cpu = train(_config(build, tmp_path / "cpu", steps=1))
+    assert cpu.metrics[0].mfu is None  # no known peak on a CPU
+    given = train(_config(build, tmp_path / "given", steps=1, peak_tflops=0.5))
+    metrics = given.metrics[0]
+    assert metrics.model_flops == cpu.metrics[0].model_flops > 0
+    assert metrics.mfu == pytest.approx(metrics.model_flops / metrics.elapsed_s / 0.5e12)
+
+
+def test_tensorboard_gets_the_step_scalars(build: Path, tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    result = train(_config(build, tmp_path / "run", steps=2, report_to=["tensorboard"]))
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    losses = [(e.step, e.value) for e in events.Scalars("loss")]
+    assert losses == [(m.step, pytest.approx(m.loss)) for m in result.metrics]
+    assert "loss_per_source/alpha" in events.Tags()["scalars"]
+
+
+def test_wandb_offline_run(build: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    train(_config(build, tmp_path / "run", steps=1, report_to=["wandb"]))
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))

@@ -38,7 +38,6 @@ from trainer.checkpoint import (
     find_checkpoint,
     load_checkpoint,
     prune_checkpoints,
-    read_meta,
     save_checkpoint,
 )
 from trainer.config import TrainConfig
@@ -229,8 +228,10 @@ class _SplitStream:
         return self._loader.state_dict()
 
     def close(self) -> None:
+        if self._loader is None:
+            return
         self._batches.close()
-        del self._loader, self._dataset
+        self._loader = self._dataset = None
         release_streaming_resources()
 
 
@@ -286,11 +287,9 @@ def _train(
     sources = manifest.source_names
     stages = plan_stages(manifest, config)
     checkpoint = find_checkpoint(config.resume) if config.resume else None
-    start_step = read_meta(checkpoint).step if checkpoint else 0
     if context.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
-    log = MetricsLog(config, start_step, enabled=context.is_main)
 
     random.seed(config.seed)
     np.random.seed(config.seed)
@@ -304,6 +303,8 @@ def _train(
     optimizer = _optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_schedule(config))
     resumed = load_checkpoint(checkpoint, model, optimizer, scheduler, context) if checkpoint else None
+    start_step = resumed.step if resumed else 0
+    log = MetricsLog(config, start_step, enabled=context.is_main)
     flop_shape = FlopShape.of(model)
     peak_tflops = config.peak_tflops or device_peak_tflops(
         device, _uses_bf16(config.precision, device)
@@ -350,14 +351,12 @@ def _train(
                 if on_step is not None:
                     on_step(metrics)
             stream.close()
-            stream = None
         final_dir = _save_final(model, config, out_dir, context)
     finally:
         progress.close()
         log.close()
         if stream is not None:
             stream.close()
-        release_streaming_resources()
     return TrainResult(metrics=results, final_dir=final_dir)
 
 

@@ -11,10 +11,15 @@ from transformers import AutoModelForCausalLM
 from tests.builders import make_row, staged_build, two_bucket_build
 from trainer import collate
 from trainer.checkpoint import CheckpointError
-from trainer.config import ConfigError
+from trainer.config import ConfigError, resolve
 from trainer.curriculum import plan_stages, share_steps
 from trainer.data import Manifest
-from trainer.flops import FlopShape, squared_sample_lengths, training_flops
+from trainer.flops import (
+    FlopShape,
+    device_peak_tflops,
+    squared_sample_lengths,
+    training_flops,
+)
 from trainer.loop import StepMetrics, TrainConfig, train
 
 VOCAB = 256
@@ -260,7 +265,9 @@ def test_a_planted_pickle_is_refused_and_never_runs(build: Path, tmp_path: Path)
 
 
 def test_checkpoints_hold_only_tensors_and_plain_data(build: Path, tmp_path: Path) -> None:
-    train(_config(build, tmp_path / "run", steps=1, checkpoint_every=1))
+    config = _config(build, tmp_path / "run", steps=1, checkpoint_every=1)
+    train(config)
+    assert resolve(tmp_path / "run" / "config.json") == config  # the run's config, saved
     checkpoint = tmp_path / "run" / "checkpoints" / "step_0000001"
     state = torch.load(checkpoint / "state.pt", weights_only=True)
     assert set(state) == {"model", "optimizer", "scheduler", "rng"}
@@ -314,6 +321,16 @@ def test_step_metrics_carry_flops_and_mfu_against_a_given_peak(build: Path, tmp_
     metrics = given.metrics[0]
     assert metrics.model_flops == cpu.metrics[0].model_flops > 0
     assert metrics.mfu == pytest.approx(metrics.model_flops / metrics.elapsed_s / 0.5e12)
+
+
+def test_peak_flops_known_for_bf16_on_named_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    cuda = torch.device("cuda")
+    for name, peak in (("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0),
+                       ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA GeForce GTX 1080", None)):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
+        assert device_peak_tflops(cuda, bf16=True) == peak
+    assert device_peak_tflops(cuda, bf16=False) is None  # fp32 peaks are not tabled
+    assert device_peak_tflops(torch.device("cpu"), bf16=True) is None
 
 
 def test_tensorboard_gets_the_step_scalars(build: Path, tmp_path: Path) -> None:

@@ -350,3 +350,15 @@ def test_wandb_offline_run(build: Path, tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setenv("WANDB_MODE", "offline")
     train(_config(build, tmp_path / "run", steps=1, report_to=["wandb"]))
     assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+
+
+def test_metrics_are_cut_back_to_the_resumed_step(tmp_path: Path) -> None:
+    from trainer.reporting import keep_steps_up_to
+
+    metrics = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"step": step, "loss": 1.0}) for step in (1, 2, 3, 4)]
+    metrics.write_text("\n".join(lines) + '\n{"step": 5, "lo')  # killed mid-line
+    keep_steps_up_to(metrics, 2)
+    assert metrics.read_text() == "\n".join(lines[:2]) + "\n"
+    keep_steps_up_to(metrics, 0)  # a fresh run into the same directory starts a new log
+    assert metrics.read_text() == ""

@@ -35,7 +35,7 @@ from longdata.mix import Mix, SampleList, SourceSamples, mix
 from longdata.recipe import AntiHaystackSource, FileSource, Recipe, load_recipe
 from longdata.sample_index import write_sample_index
 from longdata.shards import RowAssembler, StreamStats, write_stream
-from longdata.sources import read_source, resolve_path
+from longdata.sources import haystack_paths, read_source, resolve_path
 from longdata.templates import TokenizerInfo, load_tokenizer
 from longdata.tokenize import PartitionedCache, TokenCache, tokenize_records
 
@@ -103,7 +103,7 @@ def build(recipe: Recipe | str | Path, *, out: str | Path | None = None, overrid
     started_at = time.time()
 
     clock = time.perf_counter()
-    tokenizer, tokenizer_info = load_tokenizer(recipe.tokenizer)
+    tokenizer, tokenizer_info = load_tokenizer(recipe.tokenizer, recipe.has_chat_sources)
     seconds["load_tokenizer"] = time.perf_counter() - clock
 
     with _progress(console) as progress:
@@ -175,6 +175,9 @@ def cache_key(source, recipe: Recipe, tokenizer_info: TokenizerInfo, template: s
         digest.update(_content_fingerprint(resolve_path(source, Path(recipe.cache_dir))).encode())
     else:
         digest.update(__version__.encode())  # generated data changes with the generator
+        for path, named in haystack_paths(source.haystack or (), Path(recipe.cache_dir), recipe.text_sources):
+            digest.update(_content_fingerprint(path).encode())
+            digest.update(json.dumps(named.model_dump(mode="json") if named else None).encode())
     return digest.hexdigest()[:16]
 
 
@@ -217,7 +220,8 @@ def tokenize_source(source, recipe: Recipe, tokenizer, tokenizer_info: Tokenizer
 
         backend = tokenizer.backend_tokenizer
         records = read_source(source, cache_dir=Path(recipe.cache_dir), share=share,
-                              count_tokens=lambda text: len(backend.encode(text, add_special_tokens=False)))
+                              count_tokens=lambda text: len(backend.encode(text, add_special_tokens=False)),
+                              text_sources=recipe.text_sources)
         staging = entry.with_name(entry.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
         tokenize_records(records, tokenizer, staging, max_samples=source.max_samples, on_progress=advance)

@@ -149,6 +149,7 @@ def test_sample_registry_names_and_suffixes():
         "sharegpt": ".jsonl",
         "alpaca": ".jsonl",
         "messages_parquet": ".parquet",
+        "text": ".jsonl",
     }
 
 

@@ -11,7 +11,13 @@ import os
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
-from longdata.recipe import AntiHaystackSource, FileSource, GenericSource, LongAlpacaSource, TextSource
+from longdata.recipe import (
+    AntiHaystackSource,
+    FileSource,
+    GenericSource,
+    LongAlpacaSource,
+    TextSource,
+)
 from longdata.records import Conversation, Document, Quarantined, RowError
 from longdata.sources import text
 from longdata.sources.readers import iter_rows

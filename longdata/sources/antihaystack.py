@@ -355,9 +355,10 @@ def chars_per_token(seed: int | str, lang: Lang, count_tokens: CountTokens,
     if haystack is None:
         sample = "\n\n".join(synthetic.document(rng, lang, CALIBRATION_CHARS))
     else:
-        filler, sentences = haystack.filler(rng, lang), []
-        while sum(map(len, sentences)) < CALIBRATION_CHARS and len(sentences) < len(filler.sentences):
+        filler, sentences, chars = haystack.filler(rng, lang), [], 0
+        while chars < CALIBRATION_CHARS and len(sentences) < len(filler.sentences):
             sentences.append(filler.next_sentence())
+            chars += len(sentences[-1])
         sample = synthetic.sentence_separator(lang).join(sentences)
     return len(sample) / count_tokens(sample)
 

@@ -219,3 +219,35 @@ def test_builtin_text_sample_is_deterministic_and_mirrors_earlier_documents(tmp_
     mirrors = [r["text"] for r in rows if r["meta"]["collection"] == "synthetic-mirror"]
     assert mirrors and all(any(o in m and o != m for o in originals) for m in mirrors)
     assert len(np.unique([r["text"] for r in rows])) == len(rows)  # near, never exact, copies
+
+
+def haystack_recipe(tmp_path, haystack):
+    return validate_recipe({
+        "name": "h", "tokenizer": {"name": "builtin:quickstart"}, "output": {"dir": "out"},
+        "packing": {"max_seq_len": 1024}, "cache_dir": str(tmp_path / "cache"),
+        "sources": [{"name": "chat", "kind": "longalign", "path": "builtin:sample/longalign"},
+                    {"name": "books", "kind": "text", "path": "builtin:sample/text"},
+                    {"name": "needles", "kind": "antihaystack", "count": 2, "length_range": [100, 200],
+                     "haystack": haystack}]})
+
+
+def test_haystack_entries_are_paths_or_text_sources(tmp_path):
+    from longdata.recipe import RecipeError
+
+    assert haystack_recipe(tmp_path, "books").sources[2].haystack == ("books",)
+    assert haystack_recipe(tmp_path, ["books", "essays/"]).sources[2].haystack == ("books", "essays/")
+    with pytest.raises(RecipeError, match="haystack 'chat' names a longalign source"):
+        haystack_recipe(tmp_path, "chat")
+
+
+def test_changing_the_haystack_file_changes_the_cache_key(tmp_path):
+    from longdata.build import cache_key
+    from longdata.templates import load_tokenizer
+
+    essay = tmp_path / "essay.txt"
+    essay.write_text("First version of the essay.")
+    recipe = haystack_recipe(tmp_path, str(essay))
+    _, info = load_tokenizer(recipe.tokenizer)
+    before = cache_key(recipe.sources[2], recipe, info, "template")
+    essay.write_text("Second version of the essay.")
+    assert cache_key(recipe.sources[2], recipe, info, "template") != before

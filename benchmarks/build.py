@@ -13,7 +13,10 @@ One run, same input and tokenizer for every contender:
    ``num_proc``) + ``trl.data_utils.pack_dataset(strategy="bfd")``, in a child process;
 4. peak RSS of each child (``os.wait4`` rusage: the child's own high-water mark, which counts
    resident pages of the memory-mapped token cache it touched, not the kernel's page cache);
-5. incremental rebuild: mix weight and max length changed with ``--set``; the token cache is reused.
+5. incremental rebuild: mix weight and max length changed with ``--set``; the token cache is reused;
+6. with ``--near-dedup``: two more warm rebuilds, exact dedup only and with ``dedup.near``
+   (threshold 0.8, 128 permutations, 5-token shingles), whose mix-stage seconds differ by the cost
+   of near-duplicate search over every cached token.
 
     python benchmarks/build.py --mb 100 --scale 10
 """
@@ -149,7 +152,8 @@ def longdata_build(workdir: Path, data: Path, name: str, overrides: tuple[str, .
     info = json.loads((out / "build_info.json").read_text())
     return {"tokens": manifest["totals"]["tokens"], "wall": wall, "rss": rss,
             "build_seconds": info["finished_at"] - info["started_at"], "stages": info["seconds"],
-            "cached": info["cached_sources"]}
+            "cached": info["cached_sources"],
+            "near_duplicates": sum(s["mix"].get("near_duplicates", 0) for s in manifest["sources"])}
 
 
 def trl_pipeline(path: str, num_proc: int) -> None:
@@ -186,6 +190,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=ROOT / "build" / "bench-build")
     parser.add_argument("--num-proc", type=int, default=os.cpu_count(), help="TRL map workers")
     parser.add_argument("--skip-trl", action="store_true")
+    parser.add_argument("--near-dedup", action="store_true", help="also time dedup.near on the cache")
     parser.add_argument("--trl-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.trl_child:
@@ -220,6 +225,12 @@ def main() -> None:
         trl = json.loads(stdout.strip().splitlines()[-1])
         rows.append((f"TRL-style datasets.map + pack_dataset (num_proc={args.num_proc})", trl["tokens"],
                      trl["seconds"], trl_rss, None))
+    if args.near_dedup:
+        exact = longdata_build(args.workdir, data, "base", cold=False)
+        near = longdata_build(args.workdir, data, "base", cold=False, overrides=("dedup.near.threshold=0.8",))
+        rows.append(("longdata rebuild, exact dedup only", exact["tokens"], exact["wall"], exact["rss"], None))
+        rows.append(("longdata rebuild, + dedup.near (0.8, 128 perm, 5-gram)", near["tokens"], near["wall"],
+                     near["rss"], None))
     if args.scale:
         large = longdata_build(args.workdir, input_file(args.workdir, args.mb * args.scale), "large")
         rows.append((f"longdata build, cold, {args.scale:g}x input (whole process)", large["tokens"],
@@ -248,6 +259,12 @@ def main() -> None:
     if args.scale:
         print(f"peak RSS {args.scale:g}x input / 1x input: {large['rss'] / cold['rss']:.2f}")
     print(f"stage seconds (cold, 1x): {json.dumps({k: round(v, 1) for k, v in cold['stages'].items()})}")
+    if args.near_dedup:
+        extra = near["stages"]["mix"] - exact["stages"]["mix"]
+        print(f"near-dedup: mix stage {near['stages']['mix']:.1f}s vs {exact['stages']['mix']:.1f}s exact only "
+              f"(+{extra:.1f}s, {near['tokens'] / max(extra, 1e-9) / 1e6:.1f} M tokens/s; "
+              f"{100 * extra / cold['wall']:.0f}% of the cold build); near duplicates found: "
+              f"{near['near_duplicates']}")
 
 
 if __name__ == "__main__":

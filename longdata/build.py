@@ -32,10 +32,11 @@ from rich.progress import (
 from longdata import __version__, packing
 from longdata.card import copy_card, write_card
 from longdata.mix import Mix, SampleList, SourceSamples, mix
+from longdata.near_dedup import NearDuplicateFilter
 from longdata.recipe import AntiHaystackSource, FileSource, Recipe, load_recipe
 from longdata.sample_index import write_sample_index
 from longdata.shards import RowAssembler, StreamStats, write_stream
-from longdata.sources import read_source, resolve_path
+from longdata.sources import haystack_paths, read_source, resolve_path
 from longdata.templates import TokenizerInfo, load_tokenizer
 from longdata.tokenize import PartitionedCache, TokenCache, tokenize_records
 
@@ -103,7 +104,7 @@ def build(recipe: Recipe | str | Path, *, out: str | Path | None = None, overrid
     started_at = time.time()
 
     clock = time.perf_counter()
-    tokenizer, tokenizer_info = load_tokenizer(recipe.tokenizer)
+    tokenizer, tokenizer_info = load_tokenizer(recipe.tokenizer, recipe.has_chat_sources)
     seconds["load_tokenizer"] = time.perf_counter() - clock
 
     with _progress(console) as progress:
@@ -117,7 +118,7 @@ def build(recipe: Recipe | str | Path, *, out: str | Path | None = None, overrid
                              f"quarantine files under {recipe.cache_dir}/tokenized/")
 
         clock = time.perf_counter()
-        mixed = mix_sources(sources, recipe)
+        mixed = mix_sources(sources, recipe, console)
         seconds["mix"] = time.perf_counter() - clock
 
         clock = time.perf_counter()
@@ -175,6 +176,9 @@ def cache_key(source, recipe: Recipe, tokenizer_info: TokenizerInfo, template: s
         digest.update(_content_fingerprint(resolve_path(source, Path(recipe.cache_dir))).encode())
     else:
         digest.update(__version__.encode())  # generated data changes with the generator
+        for path, named in haystack_paths(source.haystack or (), Path(recipe.cache_dir), recipe.text_sources):
+            digest.update(_content_fingerprint(path).encode())
+            digest.update(json.dumps(named.model_dump(mode="json") if named else None).encode())
     return digest.hexdigest()[:16]
 
 
@@ -217,7 +221,8 @@ def tokenize_source(source, recipe: Recipe, tokenizer, tokenizer_info: Tokenizer
 
         backend = tokenizer.backend_tokenizer
         records = read_source(source, cache_dir=Path(recipe.cache_dir), share=share,
-                              count_tokens=lambda text: len(backend.encode(text, add_special_tokens=False)))
+                              count_tokens=lambda text: len(backend.encode(text, add_special_tokens=False)),
+                              text_sources=recipe.text_sources)
         staging = entry.with_name(entry.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
         tokenize_records(records, tokenizer, staging, max_samples=source.max_samples, on_progress=advance)
@@ -243,14 +248,28 @@ def _publish_quarantine(sources: list[TokenizedSource], out_dir: Path) -> int:
 # --- stage: mix ------------------------------------------------------------------------------
 
 
-def mix_sources(sources: list[TokenizedSource], recipe: Recipe) -> Mix:
+def mix_sources(sources: list[TokenizedSource], recipe: Recipe, console: Console | None = None) -> Mix:
+    """The mix of the tokenized sources; language_share warnings go to ``console``."""
     inputs = [SourceSamples(name=s.name, weight=s.weight, lengths=s.cache.lengths,
                             text_hash=s.cache.text_hash, lang=s.cache.lang, min_tokens=config.min_tokens,
-                            max_tokens=config.max_tokens)
+                            max_tokens=config.max_tokens, tokens=_sample_tokens(s.cache))
               for s, config in zip(sources, recipe.sources)]
-    return mix(inputs, seed=recipe.seed, validation_fraction=recipe.validation.fraction,
-               validation_max=recipe.validation.max_samples, dedup=recipe.dedup == "exact",
-               shuffle=recipe.packing.algorithm != "next_fit", language_share=recipe.language_share)
+    near = recipe.dedup.near
+    mixed = mix(inputs, seed=recipe.seed, validation_fraction=recipe.validation.fraction,
+                validation_max=recipe.validation.max_samples, dedup=recipe.dedup.exact,
+                shuffle=recipe.packing.algorithm != "next_fit", language_share=recipe.language_share,
+                language_share_mode=recipe.language_share_mode,
+                near_duplicates=NearDuplicateFilter(near.threshold, near.num_perm, near.ngram) if near else None)
+    if console is not None and mixed.language is not None:
+        for line in mixed.language.warnings(recipe.language_share_warn):
+            console.print(f"[yellow]warning[/yellow] {line}", highlight=False)
+    return mixed
+
+
+def _sample_tokens(cache):
+    def tokens(sample: int) -> np.ndarray:
+        return cache.tokens(sample, 0, int(cache.lengths[sample]))[0]
+    return tokens
 
 
 # --- stage: pack + write ---------------------------------------------------------------------
@@ -371,6 +390,7 @@ def make_manifest(recipe: Recipe, tokenizer_info: TokenizerInfo, sources: list[T
         "recipe": recipe.model_dump(mode="json", exclude={"cache_dir"}),
         "tokenizer": tokenizer_info.as_dict(),
         "sources": source_entries,
+        "language_balance": mixed.language.as_dict() if mixed.language else None,
         "splits": split_entries,
         "totals": {
             "quarantined": sum(s.cache.stats.quarantined for s in sources),

@@ -127,6 +127,7 @@ def render_card(data: CardData, image_prefix: str) -> str:
         "",
         _languages_table(data),
         "",
+        _language_balance(data),
         "## Sample lengths",
         "",
         _lengths_table(data),
@@ -222,14 +223,16 @@ def _sources_table(data: CardData) -> str:
         t, mix = s["tokenize"], s["mix"]
         rows.append([s["name"], s["kind"], f"{s['weight']:g}", t["rows_read"], t["quarantined"],
                      t["samples"], t["tokens"], t["target_tokens"], mix["duplicates"],
-                     mix["too_short"] + mix["too_long"], mix["validation"], mix["train_samples"],
+                     mix.get("near_duplicates", 0), mix["too_short"] + mix["too_long"], mix["validation"], mix["train_samples"],
                      mix["train_tokens"], mix["train_tokens"] / total_tokens])
     return ("`samples`, `tokens` and `target tokens` are after tokenizing (every good row once); "
             "`train samples` and `train tokens` after de-duplication, length filters, the "
-            "validation hold-out and the weights; `share of mix` is the share of training tokens.\n\n"
+            "validation hold-out and the weights; `share of mix` is the share of training tokens; "
+            "`duplicates` counts exact and near duplicates, `of which near` those found by "
+            "MinHash-LSH (recipe `dedup.near`).\n\n"
             + _table(["source", "kind", "weight", "rows read", "quarantined", "samples", "tokens",
-                      "target tokens", "duplicates", "length-filtered", "validation", "train samples",
-                      "train tokens", "share of mix"], "llrrrrrrrrrrrr", rows))
+                      "target tokens", "duplicates", "of which near", "length-filtered", "validation",
+                      "train samples", "train tokens", "share of mix"], "llrrrrrrrrrrrrr", rows))
 
 
 def _kept_table(data: CardData) -> str:
@@ -268,6 +271,20 @@ def _languages_table(data: CardData) -> str:
     return (f"Tagged by script (`zh` when at least a quarter of the letters are CJK), training samples of "
             f"`{data.train_splits[0]}`.\n\n"
             + _table(["source", "language", "samples", "share of samples", "share of tokens"], "llrrr", rows))
+
+
+def _language_balance(data: CardData) -> str:
+    """What meeting the recipe's language_share did, or nothing without one."""
+    balance = data.manifest.get("language_balance")
+    if not balance:
+        return ""
+    rows = [[lang, balance["share"][lang], balance["tokens_before"][lang], balance["tokens_after"][lang],
+             -balance["discarded"][lang] if balance["discarded"][lang] else balance["added"][lang]]
+            for lang in sorted(balance["tokens_before"])]
+    return (f"`language_share` met by `{balance['mode']}`: weighted training tokens per language "
+            "before and after (change: negative = discarded, positive = repeated).\n\n"
+            + _table(["language", "wanted share", "tokens before", "tokens after", "change"], "lrrrr", rows)
+            + "\n")
 
 
 def _lengths_table(data: CardData) -> str:

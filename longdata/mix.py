@@ -1,18 +1,26 @@
 """Mix stage: per-source sample metadata -> the train and validation sample lists.
 
-Works on lengths and hashes only. In order: length filters, exact deduplication across sources
-(first occurrence in recipe order wins), a seeded validation hold-out, then recipe weights in
-tokens (weight 2.0 = the source contributes twice its tokens: whole repeats, then a seeded sample
-for the fraction), and last an optional language ratio, met by down-sampling whichever language
-is over its share. Everything is deterministic from the recipe seed.
+Works on lengths and hashes (and, for near-duplicates only, the cached tokens). In order:
+length filters, exact deduplication across sources (first occurrence in recipe order wins), near
+deduplication (MinHash-LSH, longdata/near_dedup.py; again the first in recipe then source order
+is kept), a seeded validation hold-out, then recipe weights in tokens (weight 2.0 = the source
+contributes twice its tokens: whole repeats, then a seeded sample for the fraction), and last an
+optional language ratio, met by down-sampling whichever language is over its share (``trim``)
+or by repeating whichever is under it (``upsample``). Everything is deterministic from the
+recipe seed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
+
+from longdata.near_dedup import NearDuplicateFilter
+
+LANGUAGE_SHARE_MODES = ("trim", "upsample")
+_FLOAT_SLACK = 1e-9  # token budgets are products of float shares: equal within this is equal
 
 
 @dataclass(frozen=True)
@@ -26,6 +34,7 @@ class SourceSamples:
     lang: np.ndarray  # language tag per sample ("en", "zh")
     min_tokens: int = 1
     max_tokens: int | None = None
+    tokens: Callable[[int], np.ndarray] | None = None  # a sample's token ids (near dedup only)
 
 
 @dataclass(frozen=True)
@@ -45,10 +54,12 @@ class SourceMixStats:
     available: int = 0
     too_short: int = 0
     too_long: int = 0
-    duplicates: int = 0
+    duplicates: int = 0  # exact and near duplicates together
+    near_duplicates: int = 0  # of which found by MinHash-LSH
     validation: int = 0
     train_unique: int = 0
     language_trimmed: int = 0  # weighted samples removed to meet the language ratio
+    language_upsampled: int = 0  # weighted samples repeated to meet it (language_share_mode: upsample)
     train_samples: int = 0  # after weighting, repeats counted
     train_tokens: int = 0
 
@@ -56,21 +67,61 @@ class SourceMixStats:
         return asdict(self)
 
 
+@dataclass
+class LanguageBalance:
+    """What meeting ``language_share`` did to the weighted training tokens of each language."""
+
+    mode: str
+    share: dict[str, float]  # the share each present language was balanced to
+    tokens_before: dict[str, int]
+    tokens_after: dict[str, int]
+    discarded: dict[str, float] = field(init=False)  # share of a language's tokens removed
+    added: dict[str, float] = field(init=False)  # tokens repeated, as a share of what it had
+
+    def __post_init__(self) -> None:
+        ratio = {lang: self.tokens_after[lang] / have if have else 1.0
+                 for lang, have in self.tokens_before.items()}
+        self.discarded = {lang: max(0.0, 1 - r) for lang, r in ratio.items()}
+        self.added = {lang: max(0.0, r - 1) for lang, r in ratio.items()}
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def warnings(self, above: float) -> list[str]:
+        """One line per language that lost more than ``above`` of its tokens."""
+        lines = []
+        for lang, lost in self.discarded.items():
+            if lost > above:
+                others = ", ".join(f"{o} {self.share[o]:.0%}" for o in self.share if o != lang)
+                hint = (" Set language_share_mode: upsample to repeat the other languages instead."
+                        if self.mode == "trim" and self.share[lang] > 0 else "")
+                lines.append(f"language_share: meeting {others} (mode {self.mode}) discarded {lost:.0%} "
+                             f"of the {lang} training tokens ({self.tokens_before[lang]:,} -> "
+                             f"{self.tokens_after[lang]:,}).{hint}")
+        return lines
+
+
 @dataclass(frozen=True)
 class Mix:
     train: SampleList
     validation: SampleList
     stats: list[SourceMixStats]
+    language: LanguageBalance | None = None
 
 
 def mix(sources: Sequence[SourceSamples], *, seed: int, validation_fraction: float,
         validation_max: int, dedup: bool, shuffle: bool = True,
-        language_share: dict[str, float] | None = None) -> Mix:
+        language_share: dict[str, float] | None = None, language_share_mode: str = "trim",
+        near_duplicates: NearDuplicateFilter | None = None) -> Mix:
     """``shuffle=False`` keeps recipe source order then input order (for order-preserving packing).
-    ``language_share`` maps a language tag to its wanted share of train tokens (e.g. zh: 0.1)."""
+    ``language_share`` maps a language tag to its wanted share of train tokens (e.g. zh: 0.1),
+    met as ``language_share_mode`` says. ``near_duplicates`` removes samples too similar to one
+    kept before it (every source needs ``tokens``)."""
+    if language_share_mode not in LANGUAGE_SHARE_MODES:
+        raise ValueError(f"language_share_mode must be one of {LANGUAGE_SHARE_MODES}, got {language_share_mode!r}")
     rng = np.random.default_rng(seed)
     seen: set[int] = set()
-    keep = [_filtered(s, seen if dedup else None) for s in sources]
+    keep = [_filtered(s, i, seen if dedup else None, near_duplicates) for i, s in enumerate(sources)]
     holdout = _validation_counts([len(k[0]) for k in keep], validation_fraction, validation_max)
     weighted, validation_parts, stats = [], [], []
     for source_index, (source, (kept, source_stats), n_validation) in enumerate(zip(sources, keep, holdout)):
@@ -81,8 +132,10 @@ def mix(sources: Sequence[SourceSamples], *, seed: int, validation_fraction: flo
         weighted.append(_weighted(train, source.lengths, source.weight, rng))
         validation_parts.append((source_index, validation, source.lengths[validation]))
         stats.append(source_stats)
+    balance = None
     if language_share:
-        weighted = _balance_languages(weighted, sources, language_share, stats, rng)
+        weighted, balance = _balance_languages(weighted, sources, language_share, language_share_mode,
+                                               stats, rng)
     train_parts = []
     for source_index, (source, chosen, source_stats) in enumerate(zip(sources, weighted, stats)):
         source_stats.train_samples = len(chosen)
@@ -94,13 +147,16 @@ def mix(sources: Sequence[SourceSamples], *, seed: int, validation_fraction: flo
         train=SampleList(train.source[order], train.index[order], train.length[order]),
         validation=_concat(validation_parts),
         stats=stats,
+        language=balance,
     )
 
 
-def _balance_languages(weighted: list[np.ndarray], sources: Sequence[SourceSamples],
-                       share: dict[str, float], stats: list[SourceMixStats], rng) -> list[np.ndarray]:
-    """Down-sample each language whose token share exceeds its target, uniformly across sources
-    (seeded), so the others reach their shares without repeating any sample."""
+def _balance_languages(weighted: list[np.ndarray], sources: Sequence[SourceSamples], share: dict[str, float],
+                       mode: str, stats: list[SourceMixStats], rng) -> tuple[list[np.ndarray], LanguageBalance]:
+    """``trim``: down-sample each language whose token share exceeds its target, uniformly across
+    sources (seeded), so the others reach their shares without repeating any sample.
+    ``upsample``: repeat each language under its target instead (whole repeats, then a seeded
+    sample, as weights do), so no sample is lost; a language wanted at 0 is still removed."""
     langs = np.concatenate([s.lang[w] for s, w in zip(sources, weighted)]) if weighted else np.zeros(0)
     lengths = np.concatenate([s.lengths[w] for s, w in zip(sources, weighted)]).astype(np.int64)
     tokens = {lang: int(lengths[langs == lang].sum()) for lang in np.unique(langs)}
@@ -108,41 +164,58 @@ def _balance_languages(weighted: list[np.ndarray], sources: Sequence[SourceSampl
     rest = [lang for lang in tokens if lang not in share]
     for lang in rest:  # languages the recipe does not name split what the named ones leave
         shares[lang] = max(0.0, 1.0 - sum(share.values())) * tokens[lang] / max(sum(tokens[r] for r in rest), 1)
-    # The largest total every language can support at its share without up-sampling any.
-    total = min((tokens[lang] / shares[lang] for lang in tokens if shares[lang] > 0), default=0.0)
-    keep = np.ones(len(lengths), dtype=bool)
+    # trim: the largest total every language can support at its share without up-sampling any;
+    # upsample: the smallest total in which no language needs down-sampling.
+    supported = [tokens[lang] / shares[lang] for lang in tokens if shares[lang] > 0]
+    total = (max if mode == "upsample" else min)(supported, default=0.0)
+    copies = np.ones(len(lengths), dtype=np.int64)  # how often each weighted sample is trained on
     for lang, have in tokens.items():
         budget = shares[lang] * total
-        if have <= budget:
-            continue
-        members = rng.permutation(np.flatnonzero(langs == lang))
-        covered = np.cumsum(lengths[members])
-        keep[members[np.searchsorted(covered, budget, side="right"):]] = False
+        if have > budget * (1 + _FLOAT_SLACK):
+            members = rng.permutation(np.flatnonzero(langs == lang))
+            covered = np.cumsum(lengths[members])
+            copies[members[np.searchsorted(covered, budget, side="right"):]] = 0
+        elif mode == "upsample" and have * (1 + _FLOAT_SLACK) < budget:
+            members = np.flatnonzero(langs == lang)
+            chosen = _weighted(members, lengths, budget / have, rng)
+            copies[members] = np.bincount(chosen, minlength=len(lengths))[members]
     result = []
     start = 0
     for index, chosen in enumerate(weighted):
-        mask = keep[start:start + len(chosen)]
-        stats[index].language_trimmed = int((~mask).sum())
-        result.append(chosen[mask])
+        own = copies[start:start + len(chosen)]
+        stats[index].language_trimmed = int((own == 0).sum())
+        stats[index].language_upsampled = int(np.maximum(own - 1, 0).sum())
+        result.append(np.repeat(chosen, own))
         start += len(chosen)
-    return result
+    after = {lang: int((lengths * copies)[langs == lang].sum()) for lang in tokens}
+    return result, LanguageBalance(mode, {lang: float(v) for lang, v in shares.items()},
+                                   {lang: int(v) for lang, v in tokens.items()}, after)
 
 
-def _filtered(source: SourceSamples, seen: set[int] | None) -> tuple[np.ndarray, SourceMixStats]:
+def _filtered(source: SourceSamples, source_index: int, seen: set[int] | None,
+              near: NearDuplicateFilter | None) -> tuple[np.ndarray, SourceMixStats]:
     stats = SourceMixStats(available=len(source.lengths))
     short = source.lengths < source.min_tokens
     long = source.lengths > source.max_tokens if source.max_tokens else np.zeros_like(short)
     stats.too_short, stats.too_long = int(short.sum()), int((long & ~short).sum())
     kept = np.flatnonzero(~short & ~long)
-    if seen is None:
-        return kept, stats
-    unique = []
-    for index, digest in zip(kept.tolist(), source.text_hash[kept].tolist()):
-        if digest not in seen:
-            seen.add(digest)
-            unique.append(index)
-    stats.duplicates = len(kept) - len(unique)
-    return np.asarray(unique, dtype=np.int64), stats
+    if seen is not None:
+        unique = []
+        for index, digest in zip(kept.tolist(), source.text_hash[kept].tolist()):
+            if digest not in seen:
+                seen.add(digest)
+                unique.append(index)
+        stats.duplicates = len(kept) - len(unique)
+        kept = np.asarray(unique, dtype=np.int64)
+    if near is not None:
+        if source.tokens is None:
+            raise ValueError(f"source {source.name}: near-duplicate removal needs its tokens")
+        distinct = [index for index in kept.tolist()
+                    if near.keep(f"{source_index}:{index}", source.tokens(index))]
+        stats.near_duplicates = len(kept) - len(distinct)
+        stats.duplicates += stats.near_duplicates
+        kept = np.asarray(distinct, dtype=np.int64)
+    return kept, stats
 
 
 def _validation_counts(sizes: list[int], fraction: float, cap: int) -> list[int]:

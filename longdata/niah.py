@@ -20,7 +20,9 @@ theirs as ``"<seed>:<index>"`` with an integer seed (the recipe schema accepts o
 so no recipe can reproduce an eval prompt or its needle by accident.
 
 Sample ``s`` of a grid uses the same needle (subject and code) and the same filler stream in
-every cell, as the classic test does, so cells differ only in length and depth.
+every cell, as the classic test does, so cells differ only in length and depth. The filler is
+generated prose, or with ``haystack`` (an ``antihaystack.Haystack``: essays, books, code) the
+haystack's own sentences from a start drawn from the same key.
 ``build_controls`` gives each sample's question over its filler with no needle, the control
 for log-likelihood scoring.
 """
@@ -35,12 +37,15 @@ from typing import Any
 
 from longdata import synthetic
 from longdata.sources.antihaystack import (
+    Filler,
+    Haystack,
     NeedleTask,
     Rendered,
-    _chars_per_token,
+    SyntheticFiller,
     _extend,
     _join,
     _shrink,
+    chars_per_token,
 )
 from longdata.synthetic import Lang
 
@@ -210,16 +215,16 @@ class _WithoutNeedle:
         return Rendered(document, planted.question, planted.answer, ())
 
 
-def calibrate(tokenizer: Any, seed: int, lang: Lang) -> float:
+def calibrate(tokenizer: Any, seed: int, lang: Lang, haystack: Haystack | None = None) -> float:
     """Characters per token of this tokenizer on filler text: the fit's first guess. A prompt
     depends on it, so every prompt of a seed uses the same calibration text."""
     count = lambda text: len(encode(tokenizer, text))  # noqa: E731
-    return _chars_per_token(f"{EVAL_NAMESPACE}:{seed}", lang, count)
+    return chars_per_token(f"{EVAL_NAMESPACE}:{seed}", lang, count, haystack)
 
 
 def _fit_prompt(
     task: NeedleTask | _WithoutNeedle,
-    rng: random.Random,
+    filler: Filler,
     length: int,
     chars_per_token: float,
     measure: Callable[[Rendered], list[int]],
@@ -236,7 +241,7 @@ def _fit_prompt(
     best: tuple[Rendered, list[int]] | None = None
     for _ in range(MAX_FIT_ROUNDS):
         if deficit_chars > 0:
-            _extend(paragraphs, rng, task.lang, deficit_chars)
+            _extend(paragraphs, filler, deficit_chars)
         elif paragraphs:
             _shrink(paragraphs, -deficit_chars)
         rendered = task.render(paragraphs)
@@ -266,23 +271,26 @@ def build_prompt(
     distractors: int = 4,
     chars_per_token: float | None = None,
     planted: bool = True,
+    haystack: Haystack | None = None,
 ) -> NiahPrompt:
     """One grid prompt: sample ``sample``'s needle at ``depth`` in a ``length``-token prompt.
 
     ``planted=False`` makes the control prompt: the same question over filler alone, with no
     needle (``measured_depth`` None). A model that still prefers the reference answer there
-    does so from its prior over codes, not by retrieval.
+    does so from its prior over codes, not by retrieval. ``haystack`` is real filler text in
+    place of generated prose.
     """
     subject, code = eval_needle(seed, sample, lang)
     task = NeedleTask(lang, (subject,), (code,), (depth,))
     key = f"{EVAL_NAMESPACE}:{seed}:{sample}"
     if chars_per_token is None:
-        chars_per_token = calibrate(tokenizer, seed, lang)
+        chars_per_token = calibrate(tokenizer, seed, lang, haystack)
 
     def measure(rendered: Rendered) -> list[int]:
         return encode(tokenizer, generation_prompt(tokenizer, rendered.prompt))
 
-    filler = random.Random(f"{key}:filler")
+    rng = random.Random(f"{key}:filler")
+    filler = haystack.filler(rng, lang) if haystack else SyntheticFiller(rng, lang)
     fitted = task if planted else _WithoutNeedle(task)
     rendered, ids = _fit_prompt(fitted, filler, length, chars_per_token, measure)
     # Distractor answers as long in tokens as the reference, or a summed log-probability would
@@ -318,13 +326,15 @@ def build_controls(
     seed: int = 0,
     lang: Lang = "en",
     distractors: int = 4,
+    haystack: Haystack | None = None,
 ) -> list[NiahPrompt]:
     """One needle-less control prompt per sample, ``length`` tokens long (see ``build_prompt``)."""
-    chars_per_token = calibrate(tokenizer, seed, lang)
+    chars_per_token = calibrate(tokenizer, seed, lang, haystack)
     return [
         build_prompt(
             tokenizer, length=length, depth=0.5, sample=sample, seed=seed, lang=lang,
             distractors=distractors, chars_per_token=chars_per_token, planted=False,
+            haystack=haystack,
         )
         for sample in range(samples)
     ]
@@ -340,11 +350,12 @@ def build_grid(
     lang: Lang = "en",
     distractors: int = 4,
     on_prompt: Callable[[NiahPrompt], None] | None = None,
+    haystack: Haystack | None = None,
 ) -> list[NiahPrompt]:
     """Every (length, depth, sample) prompt, lengths outermost; ``on_prompt`` sees each one."""
     if samples_per_cell < 1:
         raise ValueError("samples_per_cell must be >= 1")
-    chars_per_token = calibrate(tokenizer, seed, lang)
+    chars_per_token = calibrate(tokenizer, seed, lang, haystack)
     prompts = []
     for length in lengths:
         for depth in depths:
@@ -358,6 +369,7 @@ def build_grid(
                     lang=lang,
                     distractors=distractors,
                     chars_per_token=chars_per_token,
+                    haystack=haystack,
                 )
                 if on_prompt is not None:
                     on_prompt(prompt)

@@ -66,7 +66,7 @@ def build_worker(recipe: Recipe, *, workers: int, worker_index: int, out: str | 
     reports = partial / WORKERS_DIR
     reports.mkdir(parents=True, exist_ok=True)
     (reports / "recipe.json").write_text(json.dumps(recipe.model_dump(mode="json"), sort_keys=True))
-    tokenizer, tokenizer_info = load_tokenizer(recipe.tokenizer)
+    tokenizer, tokenizer_info = load_tokenizer(recipe.tokenizer, recipe.has_chat_sources)
     template = tokenizer.chat_template
     with _progress(console) as progress:
         own = [tokenize_source(s, recipe, tokenizer, tokenizer_info, progress, share=(worker_index, workers))
@@ -115,7 +115,7 @@ def merge(out: str | Path, console: Console | None = None) -> BuildResult:
     if not reports or len(reports) != workers:
         raise BuildError(f"{len(reports)} of {workers or '?'} workers have finished; merge after all of them")
     started_at, seconds = time.time(), {}
-    tokenizer, tokenizer_info = load_tokenizer(recipe.tokenizer)
+    tokenizer, tokenizer_info = load_tokenizer(recipe.tokenizer, recipe.has_chat_sources)
     sources = [
         TokenizedSource(s.name, s.kind, s.weight, PartitionedCache(
             [TokenCache(cache_entry(s, recipe, tokenizer_info, tokenizer.chat_template, (j, workers)))

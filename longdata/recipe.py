@@ -80,6 +80,17 @@ class GenericSource(FileSource):
     format: Literal[GENERIC_FORMATS]
 
 
+class TextSource(FileSource):
+    """Raw documents for continued pretraining: every token is a target, no chat template."""
+
+    kind: Literal["text"]
+    text_field: str = Field(default="text", min_length=1,
+                            description="the field holding the document in JSONL/Parquet rows")
+    glob: str | None = Field(
+        default=None, description="read a directory as text files matching this pattern (one "
+        "document per file, sorted by path); without it a directory is read as JSONL/Parquet rows")
+
+
 class AntiHaystackSource(SourceBase):
     kind: Literal["antihaystack"]
     count: int = Field(gt=0)
@@ -89,6 +100,14 @@ class AntiHaystackSource(SourceBase):
     tasks: tuple[Literal["needle", "paragraph"], ...] = ("needle", "paragraph")
     zh_fraction: float = Field(default=0.1, ge=0, le=1)
     seed: int = 0
+    haystack: tuple[str, ...] | None = Field(
+        default=None, description="real filler text instead of generated prose: text files, "
+        "directories of them, JSONL/Parquet with a text field, or names of kind: text sources")
+
+    @field_validator("haystack", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _ranges_ordered(self) -> AntiHaystackSource:
@@ -102,10 +121,24 @@ class AntiHaystackSource(SourceBase):
 
 
 Source = Annotated[
-    LongAlignSource | LongAlpacaSource | GenericSource | AntiHaystackSource,
+    LongAlignSource | LongAlpacaSource | GenericSource | TextSource | AntiHaystackSource,
     Field(discriminator="kind"),
 ]
-SOURCE_KINDS = ("longalign", "longalpaca", "generic", "antihaystack")
+SOURCE_KINDS = ("longalign", "longalpaca", "generic", "text", "antihaystack")
+
+
+class NearDedup(Strict):
+    """MinHash-LSH near-duplicate removal on token shingles (see longdata/near_dedup.py)."""
+
+    threshold: float = Field(default=0.8, gt=0, le=1, description="estimated Jaccard similarity "
+                             "of token n-gram sets at or above which a later sample is a duplicate")
+    num_perm: int = Field(default=128, ge=16, le=1024, description="MinHash permutations")
+    ngram: int = Field(default=5, ge=1, le=64, description="shingle length in tokens")
+
+
+class DedupConfig(Strict):
+    exact: bool = Field(default=True, description="drop samples whose rendered text repeats")
+    near: NearDedup | None = None
 
 
 class Stage(Strict):
@@ -185,15 +218,44 @@ class Recipe(Strict):
     packing: PackingConfig
     validation: ValidationSplit = ValidationSplit()
     output: OutputConfig
-    dedup: Literal["exact", "none"] = "exact"
+    dedup: DedupConfig = Field(default=DedupConfig(), description="exact, none, or "
+                               "{exact: bool, near: {threshold, num_perm, ngram}}")
     language_share: dict[Literal["en", "zh"], float] | None = Field(
         default=None, description="wanted share of train tokens per language, e.g. {zh: 0.1}")
+    language_share_mode: Literal["trim", "upsample"] = Field(
+        default="trim", description="trim: down-sample languages over their share; upsample: "
+        "repeat languages under their share instead (a share of 0 still trims)")
+    language_share_warn: float = Field(
+        default=0.25, ge=0, le=1, description="warn when trimming discards more than this "
+        "share of a language's tokens")
     cache_dir: str = ".longdata_cache"
+
+    @property
+    def has_chat_sources(self) -> bool:
+        """Whether any source is rendered with the chat template (all but ``kind: text``)."""
+        return any(source.kind != "text" for source in self.sources)
+
+    @property
+    def text_sources(self) -> dict[str, TextSource]:
+        """The ``kind: text`` sources by name (what an anti-haystack ``haystack`` may name)."""
+        return {source.name: source for source in self.sources if isinstance(source, TextSource)}
 
     @property
     def longest_seq_len(self) -> int:
         stages = self.packing.stages
         return stages[-1].max_seq_len if stages else self.packing.max_seq_len
+
+    @field_validator("dedup", mode="before")
+    @classmethod
+    def _dedup_shorthand(cls, value: Any) -> Any:
+        """``exact`` and ``none`` (the original spellings) stand for the exact-only settings."""
+        if value == "exact":
+            return {"exact": True}
+        if value == "none":
+            return {"exact": False}
+        if isinstance(value, str):
+            raise ValueError(f"must be exact, none or a mapping with exact/near, got {value!r}")
+        return value
 
     @field_validator("language_share")
     @classmethod
@@ -208,6 +270,17 @@ class Recipe(Strict):
         duplicated = sorted({n for n in names if names.count(n) > 1})
         if duplicated:
             raise ValueError(f"source names must be unique, repeated: {', '.join(duplicated)}")
+        return self
+
+    @model_validator(mode="after")
+    def _haystacks_name_text_sources(self) -> Recipe:
+        """A haystack entry that names another source must name a ``kind: text`` one."""
+        kinds = {s.name: s.kind for s in self.sources}
+        for source in self.sources:
+            for entry in getattr(source, "haystack", None) or ():
+                if kinds.get(entry, "text") != "text":
+                    raise ValueError(f"source {source.name}: haystack {entry!r} names a "
+                                     f"{kinds[entry]} source; only kind: text sources can be haystacks")
         return self
 
 
@@ -310,7 +383,8 @@ def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
             continue
         if part in SOURCE_KINDS:
             model = {"longalign": LongAlignSource, "longalpaca": LongAlpacaSource,
-                     "generic": GenericSource, "antihaystack": AntiHaystackSource}[part]
+                     "generic": GenericSource, "text": TextSource,
+                     "antihaystack": AntiHaystackSource}[part]
             continue
         field = model.model_fields.get(part) if isinstance(model, type) else None
         if field is None:

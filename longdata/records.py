@@ -1,7 +1,7 @@
 """The normalised records every source yields, and the quarantine record for rows it cannot use.
 
-Sources produce ``Conversation`` or ``Quarantined`` values; nothing downstream ever sees a
-source's raw schema.
+Sources produce ``Conversation``, ``Document`` or ``Quarantined`` values; nothing downstream
+ever sees a source's raw schema.
 """
 
 from __future__ import annotations
@@ -29,6 +29,17 @@ class Conversation:
     """
 
     messages: tuple[Message, ...]
+    location: str
+    meta: dict[str, str] = field(default_factory=dict)
+    position: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Document:
+    """One raw document for continued pretraining (a ``kind: text`` source): no chat template,
+    every token a target. ``location`` and ``position`` mean what they do for a Conversation."""
+
+    text: str
     location: str
     meta: dict[str, str] = field(default_factory=dict)
     position: int = 0

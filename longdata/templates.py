@@ -43,8 +43,9 @@ class TokenizerInfo:
         return dict(self.__dict__)
 
 
-def load_tokenizer(config: TokenizerConfig):
-    """The fast tokenizer named by the recipe, and facts about it for the manifest and cache keys."""
+def load_tokenizer(config: TokenizerConfig, require_chat_template: bool = True):
+    """The fast tokenizer named by the recipe, and facts about it for the manifest and cache keys.
+    A recipe of ``kind: text`` sources only needs no chat template (a base model has none)."""
     from transformers import AutoTokenizer
 
     path = str(BUILTIN_TOKENIZERS.get(config.name, config.name))
@@ -52,7 +53,7 @@ def load_tokenizer(config: TokenizerConfig):
     if not tokenizer.is_fast:
         raise TemplateError(f"{config.name}: a fast (Rust) tokenizer is required for offsets")
     template = resolve_template(config.chat_template) or tokenizer.chat_template
-    if not template:
+    if not template and require_chat_template:
         raise TemplateError(f"{config.name} has no chat template; set tokenizer.chat_template in the recipe")
     tokenizer.chat_template = template
     info = TokenizerInfo(

@@ -1,4 +1,12 @@
-"""Tokenize stage: conversations -> an on-disk Arrow cache of (tokens, loss mask, length, ...).
+"""Tokenize stage: conversations and documents -> an on-disk Arrow cache of (tokens, loss mask,
+length, ...).
+
+A conversation is rendered with the chat template and only assistant tokens are targets. A raw
+document (``kind: text``) has no template: its tokens are the tokenizer's BOS id (when it has a
+BOS token), the document's own tokens, then its EOS id (when it has an EOS token; for an
+instruct tokenizer that is the end-of-turn token, e.g. Llama 3.1's ``<|eot_id|>``), and every
+token but the first is a target. Special ids are added as ids, so a tokenizer whose encoding
+adds no BOS of its own still frames every document the same way.
 
 The cache is an Arrow IPC file read back memory-mapped, so later stages hold only lengths in
 memory and gather a row's tokens straight from the page cache. One cache entry per source,
@@ -23,7 +31,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from longdata.records import Conversation, Quarantined
+from longdata.records import Conversation, Document, Quarantined
 from longdata.templates import ByteLevelMasker, ChatRenderer, RenderedChat, assistant_mask
 
 CACHE_FILE = "tokens.arrow"
@@ -63,7 +71,11 @@ class TokenizeStats:
 
 def detect_language(messages) -> str:
     """``zh`` when CJK characters dominate a sample of the conversation's text, else ``en``."""
-    text = "".join(m.content for m in messages)
+    return detect_text_language("".join(m.content for m in messages))
+
+
+def detect_text_language(text: str) -> str:
+    """``zh`` when CJK characters dominate a sample of ``text``, else ``en``."""
     if len(text) > 2 * LANGUAGE_SAMPLE_CHARS:
         middle = len(text) // 2
         text = text[:LANGUAGE_SAMPLE_CHARS] + text[middle : middle + LANGUAGE_SAMPLE_CHARS]
@@ -73,7 +85,7 @@ def detect_language(messages) -> str:
 
 
 def tokenize_records(
-    records: Iterable[Conversation | Quarantined],
+    records: Iterable[Conversation | Document | Quarantined],
     tokenizer,
     out_dir: Path,
     *,
@@ -90,10 +102,8 @@ def tokenize_records(
     renderer = ChatRenderer(tokenizer)
     backend = tokenizer.backend_tokenizer
     masker = ByteLevelMasker.for_tokenizer(tokenizer)
-    # Without offsets when the mask can do without them (see ByteLevelMasker): the cost floor.
-    encode_batch = backend.encode_batch_fast if masker else backend.encode_batch
     stats = TokenizeStats()
-    masking = _Masking(backend, masker, stats)
+    masking = _Masking(backend, masker, stats, DocumentFraming.for_tokenizer(tokenizer))
     out_dir.mkdir(parents=True, exist_ok=True)
     with pa.OSFile(str(out_dir / CACHE_FILE), "wb") as sink, \
             pa.ipc.new_file(sink, SCHEMA) as writer, \
@@ -111,7 +121,12 @@ def tokenize_records(
 
         in_flight = None
         for batch in _batches(records, stats, max_samples):
-            rendered = [renderer.render(c.messages) for c in batch.conversations]
+            rendered = [r if isinstance(r, Document) else renderer.render(r.messages)
+                        for r in batch.conversations]
+            # Without offsets when the mask can do without them (documents never need them;
+            # chats with a ByteLevelMasker): the cost floor.
+            fast = masker or all(isinstance(r, Document) for r in rendered)
+            encode_batch = backend.encode_batch_fast if fast else backend.encode_batch
             encoding = encoder.submit(encode_batch, [r.text for r in rendered],
                                       add_special_tokens=False)
             if in_flight:
@@ -126,7 +141,7 @@ def tokenize_records(
 
 @dataclass
 class _Batch:
-    conversations: list[Conversation] = field(default_factory=list)
+    conversations: list[Conversation | Document] = field(default_factory=list)
     # Rows the reader quarantined while this batch filled, written before the batch's own.
     quarantined: list[Quarantined] = field(default_factory=list)
 
@@ -144,7 +159,7 @@ def _batches(records, stats: TokenizeStats, max_samples) -> Iterator[_Batch]:
         stats.rows_read += 1
         taken += 1
         batch.conversations.append(record)
-        chars += sum(len(m.content) for m in record.messages)
+        chars += len(record.text) if isinstance(record, Document) else sum(len(m.content) for m in record.messages)
         if chars >= BATCH_CHARS or len(batch.conversations) >= BATCH_RECORDS:
             yield batch
             batch, chars = _Batch(), 0
@@ -158,11 +173,25 @@ def _quarantine(handle, record: Quarantined, stats: TokenizeStats) -> None:
                              "raw": record.raw}, ensure_ascii=False) + "\n")
 
 
+@dataclass(frozen=True)
+class DocumentFraming:
+    """The special ids around every raw document: BOS before, EOS after, each if defined."""
+
+    prefix: tuple[int, ...]
+    suffix: tuple[int, ...]
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer) -> DocumentFraming:
+        bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+        return cls(() if bos is None else (bos,), () if eos is None else (eos,))
+
+
 @dataclass
 class _Masking:
     backend: Any  # tokenizers.Tokenizer
     masker: ByteLevelMasker | None
     stats: TokenizeStats
+    framing: DocumentFraming
 
     def mask(self, encoding, ids: np.ndarray, chat: RenderedChat) -> np.ndarray:
         if self.masker is not None:
@@ -175,28 +204,40 @@ class _Masking:
         return assistant_mask(encoding, chat.assistant_spans, len(ids))
 
 
-def _to_arrow(batch: list[Conversation], rendered: list[RenderedChat], encodings, masking: _Masking,
-              stats: TokenizeStats, quarantine) -> pa.Table:
+def _to_arrow(batch: list[Conversation | Document], rendered: list[RenderedChat | Document], encodings,
+              masking: _Masking, stats: TokenizeStats, quarantine) -> pa.Table:
     # All ids of the batch go into one C array: ``array.extend`` converts the Python ints of
     # ``encoding.ids`` several times faster than ``np.asarray`` does, and no concatenate follows.
     ids = array.array(_UINT32_TYPECODE)
     lengths, masks, targets, langs, hashes, locations, positions = [], [], [], [], [], [], []
     for conversation, chat, encoding in zip(batch, rendered, encodings):
-        n_tokens = len(encoding)
-        ids.extend(encoding.ids)
-        mask = masking.mask(encoding, np.frombuffer(ids, dtype=np.uint32)[len(ids) - n_tokens:], chat)
+        document = isinstance(conversation, Document)
+        if document:
+            framing = masking.framing
+            n_tokens = len(framing.prefix) + len(encoding) + len(framing.suffix)
+            ids.extend(framing.prefix)
+            ids.extend(encoding.ids)
+            ids.extend(framing.suffix)
+            mask = np.ones(n_tokens, dtype=np.uint8)
+            mask[:1] = 0  # nothing precedes the first token
+        else:
+            n_tokens = len(encoding)
+            ids.extend(encoding.ids)
+            mask = masking.mask(encoding, np.frombuffer(ids, dtype=np.uint32)[len(ids) - n_tokens:], chat)
         target_tokens = int(mask.sum())
         if target_tokens == 0:
-            # Only possible when a template drops assistant text; keep the row visible.
+            # A template that drops assistant text, or a one-token document; keep the row visible.
             del ids[len(ids) - n_tokens:]
             stats.no_target_after_tokenize += 1
-            _quarantine(quarantine, Quarantined(conversation.location,
-                        "no assistant token left after applying the chat template", chat.text[:2000]), stats)
+            reason = ("a one-token document has no target token" if document
+                      else "no assistant token left after applying the chat template")
+            _quarantine(quarantine, Quarantined(conversation.location, reason, chat.text[:2000]), stats)
             continue
         lengths.append(n_tokens)
         masks.append(mask)
         targets.append(target_tokens)
-        langs.append(detect_language(conversation.messages))
+        langs.append(detect_text_language(conversation.text) if document
+                     else detect_language(conversation.messages))
         hashes.append(int.from_bytes(hashlib.blake2b(chat.text.encode("utf-8", "surrogatepass"),
                                                      digest_size=8).digest(), "little"))
         locations.append(conversation.location)

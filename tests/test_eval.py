@@ -561,3 +561,24 @@ def test_trainer_refuses_a_tokenizer_that_is_not_the_builds(tmp_path: Path, toke
     assert (out / "final" / "model.safetensors").is_file()
     assert not (out / "final" / "tokenizer.json").exists()
     assert "not the one the build used" in result.output
+
+
+def test_eval_niah_cli_with_a_real_haystack(tmp_path: Path, model_dir: Path) -> None:
+    essay = tmp_path / "essays"
+    essay.mkdir()
+    (essay / "one.txt").write_text(" ".join(
+        f"In essay {i} the author argues that founders should talk to users." for i in range(400)))
+    out = tmp_path / "haystack"
+    result = CliRunner().invoke(app, [
+        "eval", "niah", "--model", str(model_dir), "--lengths", "256", "--depths", "0.5",
+        "--max-new-tokens", "2", "--haystack", str(essay), "--out", str(out),
+    ])
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["haystack"] == [str(essay)]
+    missing = CliRunner().invoke(app, ["eval", "niah", "--model", str(model_dir), "--haystack",
+                                       str(tmp_path / "nope.txt"), "--out", str(out)])
+    assert missing.exit_code == 2 and "such file" in missing.output, missing.output
+    chinese = CliRunner().invoke(app, ["eval", "niah", "--model", str(model_dir), "--haystack",
+                                       str(essay), "--lang", "zh", "--out", str(out)])
+    assert chinese.exit_code == 2 and "no zh text" in chinese.output, chinese.output

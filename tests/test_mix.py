@@ -86,3 +86,52 @@ def test_language_share_is_met_by_down_sampling(wanted):
     share = train_lengths[train_langs == "zh"].sum() / train_lengths.sum()
     assert share == pytest.approx(wanted, abs=0.01)
     assert sum(s.language_trimmed for s in result.stats) > 0
+
+
+def two_language_sources(rng):
+    lengths = rng.integers(100, 300, 2000)
+    langs = np.where(rng.random(2000) < 0.05, "zh", "en")
+    return lengths, langs, [source("a", lengths[:1000], langs=langs[:1000]),
+                            source("b", lengths[1000:], langs=langs[1000:])]
+
+
+def train_tokens_by_language(result, lengths, langs):
+    index = result.train.index + 1000 * result.train.source
+    return {lang: int(lengths[index][langs[index] == lang].sum()) for lang in ("en", "zh")}
+
+
+def test_trimming_more_than_the_warning_share_warns_with_the_numbers():
+    lengths, langs, sources = two_language_sources(np.random.default_rng(4))
+    result = run(sources, language_share={"zh": 0.5})
+    balance = result.language
+    before = {lang: int(lengths[langs == lang].sum()) for lang in ("en", "zh")}
+    assert balance.tokens_before == before
+    assert balance.tokens_after == train_tokens_by_language(result, lengths, langs)
+    assert balance.discarded["en"] > 0.8 and balance.discarded["zh"] == 0
+    [warning] = balance.warnings(0.25)
+    assert "discarded" in warning and f"{before['en']:,}" in warning and "en" in warning
+    assert "language_share_mode: upsample" in warning
+    assert balance.warnings(0.99) == []
+    mild = run(sources, language_share={"zh": 0.06}).language
+    assert 0 < mild.discarded["en"] < 0.25 and mild.warnings(0.25) == []
+
+
+def test_upsampling_repeats_the_short_language_and_drops_nothing():
+    lengths, langs, sources = two_language_sources(np.random.default_rng(5))
+    result = run(sources, language_share={"zh": 0.3}, language_share_mode="upsample")
+    tokens = train_tokens_by_language(result, lengths, langs)
+    assert tokens["en"] == int(lengths[langs == "en"].sum())  # every English sample, once
+    assert tokens["zh"] / (tokens["en"] + tokens["zh"]) == pytest.approx(0.3, abs=0.01)
+    assert sum(s.language_trimmed for s in result.stats) == 0
+    assert sum(s.language_upsampled for s in result.stats) > 0
+    assert result.language.added["zh"] > 1 and result.language.warnings(0.25) == []
+    again = run(sources, language_share={"zh": 0.3}, language_share_mode="upsample")
+    assert np.array_equal(again.train.index, result.train.index)
+
+
+def test_upsampling_still_removes_a_language_wanted_at_zero():
+    lengths, langs, sources = two_language_sources(np.random.default_rng(6))
+    result = run(sources, language_share={"zh": 0.0}, language_share_mode="upsample")
+    assert train_tokens_by_language(result, lengths, langs)["zh"] == 0
+    assert result.language.discarded["zh"] == 1.0
+    assert "discarded 100% of the zh" in result.language.warnings(0.25)[0]

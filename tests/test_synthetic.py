@@ -149,6 +149,7 @@ def test_sample_registry_names_and_suffixes():
         "sharegpt": ".jsonl",
         "alpaca": ".jsonl",
         "messages_parquet": ".parquet",
+        "text": ".jsonl",
     }
 
 
@@ -315,3 +316,115 @@ def test_chat_template_renders_llama3_style(tokenizer):
     ids = tokenizer(rendered)["input_ids"]
     assert ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.bos_token_id) == 1
     assert tokenizer("plain text")["input_ids"][0] != tokenizer.bos_token_id
+
+
+# --- real-text haystacks --------------------------------------------------------------------
+
+ESSAY_TEMPLATES = (
+    "In essay {i} the author argues that founders should talk to users every week.",
+    "Draft {i} was rewritten because the second paragraph wandered off topic!",
+    "Why does chapter {i} keep returning to the question of taste?",
+    "The notes for lecture {i} describe how programmers learn by building things.",
+    "Reader letter {i} asked whether ambition can be taught at all.",
+)
+
+
+def essay_text(paragraphs: int = 60) -> str:
+    """Prose in a vocabulary the generator never uses, so filler provenance can be checked."""
+    lines, i = [], 0
+    for p in range(paragraphs):
+        sentences = []
+        for _ in range(3 + p % 4):
+            sentences.append(ESSAY_TEMPLATES[i % len(ESSAY_TEMPLATES)].format(i=i))
+            i += 1
+        lines.append(" ".join(sentences))
+    return "\n\n".join(lines)
+
+
+@pytest.fixture(scope="module")
+def essay(tmp_path_factory):
+    path = tmp_path_factory.mktemp("haystack") / "essays.txt"
+    path.write_text(essay_text(), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def real_haystack(essay):
+    return antihaystack.Haystack.from_paths([essay])
+
+
+REAL = {"min_tokens": 800, "max_tokens": 3_000, "tasks": ("needle",), "needles": (1, 2)}
+
+
+def test_haystack_filler_comes_from_the_haystack_file(real_haystack, count_tokens):
+    essay_sentences = set(real_haystack.sentences["en"])
+    for conversation in antihaystack.generate(count=6, seed=5, count_tokens=count_tokens,
+                                              haystack=real_haystack, **REAL):
+        user, answer = (m.content for m in conversation.messages)
+        document = user.rsplit("\n\n", 1)[0]
+        needles = {m.group(0) for m in NEEDLE_EN.finditer(answer)}
+        sentences = [s for p in document.split("\n\n") for s in re.split(r"(?<=[.!?]) ", p)]
+        filler = [s for s in sentences if s not in needles]
+        assert needles and filler and all(s in essay_sentences for s in filler)
+        assert conversation.meta["lang"] == "en"  # the haystack has no Chinese text
+
+
+def test_haystack_needles_sit_at_the_requested_token_depth(real_haystack, count_tokens):
+    items = list(antihaystack.generate(count=8, seed=6, count_tokens=count_tokens,
+                                       haystack=real_haystack, **REAL))
+    for conversation in items:
+        user, answer = (m.content for m in conversation.messages)
+        document = user.rsplit("\n\n", 1)[0]
+        target = int(conversation.meta["target_tokens"])
+        assert abs(count_tokens(user) + count_tokens(answer) - target) <= 0.03 * target
+        total = count_tokens(document)
+        requested = [float(d) for d in conversation.meta["requested_depths"].split(",")]
+        for match, depth in zip(NEEDLE_EN.finditer(answer), requested):
+            assert document.count(match.group(0)) == 1
+            token_depth = count_tokens(document[: document.index(match.group(0))]) / total
+            assert abs(token_depth - depth) < 0.05, (token_depth, depth)
+
+
+def test_haystack_items_are_deterministic_by_seed(real_haystack, count_tokens):
+    def items(seed):
+        return [c.messages for c in antihaystack.generate(count=3, seed=seed, count_tokens=count_tokens,
+                                                          haystack=real_haystack, **REAL)]
+    assert items(7) == items(7)
+    assert items(7) != items(8)
+
+
+def test_marker_phrases_the_haystack_contains_are_never_planted(count_tokens):
+    every_phrase = [f"{a} {n}" for a in synthetic.MARKER_ADJECTIVES_EN for n in synthetic.MARKER_NOUNS_EN]
+    taken = every_phrase[:-3]  # the haystack mentions all but three marker phrases
+    text = essay_text(20) + "\n\n" + " ".join(f"We saw the {p} today." for p in taken)
+    haystack = antihaystack.Haystack.from_texts([text])
+    for conversation in antihaystack.generate(count=10, seed=1, count_tokens=count_tokens, haystack=haystack,
+                                              min_tokens=300, max_tokens=600, tasks=antihaystack.TASKS):
+        question = conversation.messages[0].content.rsplit("\n\n", 1)[1]
+        assert not any(p in question for p in taken)
+        assert any(p in question for p in every_phrase[-3:])
+
+
+def test_haystack_without_text_or_language_is_refused(count_tokens, tmp_path):
+    with pytest.raises(ValueError, match="no text"):
+        antihaystack.Haystack.from_texts(["   \n\n  "])
+    english = antihaystack.Haystack.from_texts([essay_text(3)])
+    with pytest.raises(ValueError, match="no text in any allowed language"):
+        next(antihaystack.generate(count=1, min_tokens=100, max_tokens=200, languages=("zh",), seed=0,
+                                   count_tokens=count_tokens, haystack=english))
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        antihaystack.Haystack.from_paths([tmp_path / "missing.txt"])
+
+
+def test_niah_prompts_over_a_haystack(tokenizer, real_haystack):
+    from longdata import niah
+
+    prompt = niah.build_prompt(tokenizer, length=1024, depth=0.5, sample=0, haystack=real_haystack)
+    assert 1024 - niah.length_slack(1024) <= prompt.prompt_tokens <= 1024
+    text = tokenizer.decode(prompt.prompt_ids)
+    assert prompt.answer in text and "In essay" in text
+    assert abs(prompt.measured_depth - 0.5) < 0.05
+    again = niah.build_prompt(tokenizer, length=1024, depth=0.5, sample=0, haystack=real_haystack)
+    assert again.prompt_ids == prompt.prompt_ids
+    generated = niah.build_prompt(tokenizer, length=1024, depth=0.5, sample=0)
+    assert "In essay" not in tokenizer.decode(generated.prompt_ids)

@@ -325,6 +325,14 @@ def eval_niah(
         ),
     ] = None,
     lang: Annotated[str, typer.Option(help="Haystack and question language: en or zh.")] = "en",
+    haystack: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="Real filler text instead of generated prose (repeatable): a text file, a "
+            "directory of them, or JSONL/Parquet with a text field; read in order from a "
+            "seeded start, needles still planted at the requested depth.",
+        ),
+    ] = None,
     seed: Annotated[
         int,
         typer.Option(
@@ -384,6 +392,16 @@ def eval_niah(
         raise typer.BadParameter(f"choose from {', '.join(MODES)}", param_hint="--mode")
     if lang not in ("en", "zh"):
         raise typer.BadParameter("choose en or zh", param_hint="--lang")
+    filler = None
+    if haystack:
+        from longdata.sources.antihaystack import Haystack
+
+        try:
+            filler = Haystack.from_paths(haystack)
+        except (FileNotFoundError, ValueError) as error:
+            raise typer.BadParameter(str(error), param_hint="--haystack") from None
+        if lang not in filler.languages:
+            raise typer.BadParameter(f"it has no {lang} text", param_hint="--haystack")
     try:
         tok = load_model_tokenizer(model, tokenizer)
     except TokenizerUnavailable as error:
@@ -408,6 +426,7 @@ def eval_niah(
             prompts = build_grid(
                 tok, length_list, depth_list, samples_per_cell, seed=seed, lang=lang,
                 distractors=distractors, on_prompt=lambda _: progress.advance(task),
+                haystack=filler,
             )
         except ValueError as error:
             raise typer.BadParameter(str(error), param_hint="--lengths") from None
@@ -433,6 +452,7 @@ def eval_niah(
         "seed": seed,
         "seed_namespace": f"longdata-eval-niah:{seed}",
         "lang": lang,
+        "haystack": [str(path) for path in haystack] if haystack else None,
         "max_new_tokens": max_new_tokens if mode == "generate" else None,
         "distractors": distractors if mode == "loglik" else None,
         "chance_accuracy": 1 / (1 + distractors) if mode == "loglik" else None,
@@ -450,7 +470,8 @@ def eval_niah(
     controls = []
     if mode == "loglik":
         controls = build_controls(
-            tok, length_list[0], samples_per_cell, seed=seed, lang=lang, distractors=distractors
+            tok, length_list[0], samples_per_cell, seed=seed, lang=lang, distractors=distractors,
+            haystack=filler,
         )
     with Progress(*columns, console=err, transient=True) as progress:
         task = progress.add_task(f"scoring ({mode})", total=len(prompts) + len(controls))

@@ -1,21 +1,29 @@
-"""Sources: every recipe source kind becomes one stream of ``Conversation | Quarantined``.
+"""Sources: every recipe source kind becomes one stream of ``Conversation | Document | Quarantined``.
 
 ``longalign`` rows use the messages schema and ``longalpaca`` rows the Alpaca schema; ``generic``
-takes either (or ShareGPT) by its ``format``; ``antihaystack`` is generated, not read.
+takes either (or ShareGPT) by its ``format``; ``text`` yields raw documents; ``antihaystack`` is
+generated, not read (over generated prose or a real-text haystack).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
-from longdata.recipe import AntiHaystackSource, FileSource, GenericSource, LongAlpacaSource
-from longdata.records import Conversation, Quarantined, RowError
+from longdata.recipe import (
+    AntiHaystackSource,
+    FileSource,
+    GenericSource,
+    LongAlpacaSource,
+    TextSource,
+)
+from longdata.records import Conversation, Document, Quarantined, RowError
+from longdata.sources import text
 from longdata.sources.readers import iter_rows
 from longdata.sources.schemas import PARSERS
 
-Record = Conversation | Quarantined
+Record = Conversation | Document | Quarantined
 SAMPLE_PREFIX = "builtin:sample/"
 
 
@@ -26,21 +34,35 @@ def schema_of(source: FileSource) -> str:
 
 
 def read_source(source, *, cache_dir: Path, count_tokens: Callable[[str], int],
-                share: tuple[int, int] = (0, 1)) -> Iterator[Record]:
+                share: tuple[int, int] = (0, 1),
+                text_sources: Mapping[str, TextSource] = {}) -> Iterator[Record]:
     """All records of one recipe source in a deterministic order, or with ``share=(i, n)`` the
-    rows whose position is ``i`` modulo ``n`` (worker ``i`` of ``n`` in a partitioned build)."""
+    rows whose position is ``i`` modulo ``n`` (worker ``i`` of ``n`` in a partitioned build).
+    ``text_sources`` are the recipe's ``kind: text`` sources by name, which an anti-haystack
+    ``haystack`` entry may name."""
     worker, workers = share
     if isinstance(source, AntiHaystackSource):
         from longdata.sources import antihaystack
 
+        haystack = load_haystack(source.haystack, cache_dir, text_sources) if source.haystack else None
         yield from antihaystack.generate(
             count=source.count, min_tokens=source.length_range[0], max_tokens=source.length_range[1],
             depth_range=source.depth_range, needles=source.needles, tasks=source.tasks,
             zh_fraction=source.zh_fraction, seed=source.seed, count_tokens=count_tokens,
-            indices=range(worker, source.count, workers))
+            indices=range(worker, source.count, workers), haystack=haystack)
         return
-    parse = PARSERS[schema_of(source)]
-    for position, item in enumerate(iter_rows(resolve_path(source, cache_dir), source.split)):
+    if isinstance(source, TextSource):
+        items = text.iter_items(resolve_path(source, cache_dir), glob=source.glob, split=source.split)
+
+        def make(row, location: str, position: int) -> Record:
+            return text.make_document(row, location, position, source.text_field)
+    else:
+        items = iter_rows(resolve_path(source, cache_dir), source.split)
+        parse = PARSERS[schema_of(source)]
+
+        def make(row, location: str, position: int) -> Record:
+            return Conversation(parse(row), location, position=position)
+    for position, item in enumerate(items):
         if position % workers != worker:
             continue
         if isinstance(item, Quarantined):
@@ -48,11 +70,36 @@ def read_source(source, *, cache_dir: Path, count_tokens: Callable[[str], int],
             continue
         location, row = item
         try:
-            messages = parse(row)
+            record = make(row, location, position)
         except RowError as exc:
             yield Quarantined(location, str(exc), _preview(row))
             continue
-        yield Conversation(messages, location, position=position)
+        yield record
+
+
+def haystack_paths(entries: tuple[str, ...], cache_dir: Path,
+                   text_sources: Mapping[str, TextSource]) -> list[tuple[str, TextSource | None]]:
+    """Each haystack entry as (path to read, the text source it names or None for a plain path)."""
+    resolved = []
+    for entry in entries:
+        named = text_sources.get(entry)
+        resolved.append((resolve_path(named, cache_dir), named) if named else (entry, None))
+    return resolved
+
+
+def load_haystack(entries: tuple[str, ...], cache_dir: Path, text_sources: Mapping[str, TextSource]):
+    """The filler of an anti-haystack source: its entries' documents in the order given."""
+    from longdata.sources.antihaystack import Haystack
+
+    documents = []
+    for path, named in haystack_paths(entries, cache_dir, text_sources):
+        if named is None:
+            documents.extend(d.text for d in text.haystack_documents(path))
+        else:
+            documents.extend(r.text for r in text.read_documents(
+                path, text_field=named.text_field, glob=named.glob, split=named.split)
+                if isinstance(r, Document))
+    return Haystack.from_texts(documents, source=", ".join(entries))
 
 
 def resolve_path(source: FileSource, cache_dir: Path) -> str:

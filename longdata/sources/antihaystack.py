@@ -11,6 +11,11 @@ Each conversation's length (user text plus answer, without chat-template tokens)
 target drawn log-uniformly from ``[min_tokens, max_tokens]`` with the caller's ``count_tokens``.
 Filler and planted words come from disjoint vocabularies (``synthetic.MARKER_*``), so the
 planted phrases occur exactly once. Item ``i`` depends only on ``(seed, i)``.
+
+The filler is generated prose by default. With a ``Haystack`` (real essays, books, code) it is
+consecutive sentences of the haystack from a seeded start instead, wrapping around at the end;
+the same fitting then grows or cuts it, and a marker phrase the haystack happens to contain is
+never used, so planted phrases stay unique.
 """
 
 from __future__ import annotations
@@ -18,8 +23,10 @@ from __future__ import annotations
 import bisect
 import math
 import random
-from collections.abc import Callable, Iterable, Iterator
+import re
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from longdata import synthetic
 from longdata.records import Conversation, Message
@@ -156,13 +163,99 @@ class ParagraphTask:
 Task = NeedleTask | ParagraphTask
 
 
+class SyntheticFiller:
+    """Generated prose, one fresh sentence at a time."""
+
+    def __init__(self, rng: random.Random, lang: Lang):
+        self.rng, self.lang = rng, lang
+
+    def next_sentence(self) -> str:
+        return synthetic.sentence(self.rng, self.lang)
+
+    def starts_paragraph(self) -> bool:
+        """Whether the sentence just taken opens a new paragraph."""
+        return self.rng.random() < PARAGRAPH_BREAK_PROBABILITY
+
+
+class HaystackFiller:
+    """Consecutive sentences of a haystack, keeping its paragraph breaks."""
+
+    def __init__(self, sentences: Sequence[str], paragraph_starts: Sequence[bool], start: int, lang: Lang):
+        self.sentences, self.paragraph_starts, self.lang = sentences, paragraph_starts, lang
+        self.cursor, self._opens = start, False
+
+    def next_sentence(self) -> str:
+        sentence, self._opens = self.sentences[self.cursor], self.paragraph_starts[self.cursor]
+        self.cursor = (self.cursor + 1) % len(self.sentences)
+        return sentence
+
+    def starts_paragraph(self) -> bool:
+        return self._opens
+
+
+Filler = SyntheticFiller | HaystackFiller
+_PARAGRAPH_BREAK = re.compile(r"\n\s*\n")
+_SENTENCE_END = {"en": re.compile(r"(?<=[.!?])\s+"), "zh": re.compile(r"(?<=[。！？])")}
+
+
+@dataclass(frozen=True)
+class Haystack:
+    """Real filler text, split into sentences per language (each document tagged by script)."""
+
+    sentences: dict[str, tuple[str, ...]]
+    paragraph_starts: dict[str, tuple[bool, ...]]
+    text: dict[str, str]  # every sentence of a language joined: where marker phrases are looked up
+    source: str
+
+    @classmethod
+    def from_texts(cls, documents: Iterable[str], source: str = "haystack") -> Haystack:
+        from longdata.tokenize import detect_text_language
+
+        sentences: dict[str, list[str]] = {}
+        starts: dict[str, list[bool]] = {}
+        for document in documents:
+            lang = detect_text_language(document)
+            for paragraph in _PARAGRAPH_BREAK.split(document):
+                split = [s.strip() for s in _SENTENCE_END[lang].split(" ".join(paragraph.split()))]
+                split = [s for s in split if s]
+                sentences.setdefault(lang, []).extend(split)
+                starts.setdefault(lang, []).extend(i == 0 for i in range(len(split)))
+        sentences = {lang: found for lang, found in sentences.items() if found}
+        if not sentences:
+            raise ValueError(f"haystack {source}: no text to use as filler")
+        return cls({lang: tuple(found) for lang, found in sentences.items()},
+                   {lang: tuple(starts[lang]) for lang in sentences},
+                   {lang: "\n".join(found).lower() for lang, found in sentences.items()}, source)
+
+    @classmethod
+    def from_paths(cls, paths: Sequence[str | Path]) -> Haystack:
+        """Text files, directories of them, or JSONL/Parquet with a ``text`` field."""
+        from longdata.sources.text import haystack_documents
+
+        documents = [d.text for path in paths for d in haystack_documents(str(path))]
+        return cls.from_texts(documents, source=", ".join(map(str, paths)))
+
+    @property
+    def languages(self) -> tuple[Lang, ...]:
+        return tuple(lang for lang in synthetic.LANGS if lang in self.sentences)
+
+    def filler(self, rng: random.Random, lang: Lang) -> HaystackFiller:
+        if lang not in self.sentences:
+            raise ValueError(f"haystack {self.source} has no {lang} text")
+        start = rng.randrange(len(self.sentences[lang]))
+        return HaystackFiller(self.sentences[lang], self.paragraph_starts[lang], start, lang)
+
+    def contains(self, phrase: str) -> bool:
+        return phrase.lower() in self.text.get("zh" if re.search(r"[\u4e00-\u9fff]", phrase) else "en", "")
+
+
 def _count(rendered: Rendered, count_tokens: CountTokens) -> int:
     return count_tokens(rendered.prompt) + count_tokens(rendered.answer)
 
 
 def _fit(
     task: Task,
-    rng: random.Random,
+    filler: Filler,
     target_tokens: int,
     chars_per_token: float,
     count_tokens: CountTokens,
@@ -173,13 +266,12 @@ def _fit(
     that text's own chars/token, so a couple of rounds suffice even for 100k-token documents.
     Tiny targets can only get within about half a short sentence.
     """
-    lang = task.lang
     paragraphs: Paragraphs = []
     deficit_chars = target_tokens * chars_per_token
     best: tuple[Rendered, int] | None = None
     for _ in range(MAX_FIT_ROUNDS):
         if deficit_chars > 0:
-            _extend(paragraphs, rng, lang, deficit_chars)
+            _extend(paragraphs, filler, deficit_chars)
         else:
             _shrink(paragraphs, -deficit_chars)
         rendered = task.render(paragraphs)
@@ -194,18 +286,18 @@ def _fit(
     return best
 
 
-def _extend(paragraphs: Paragraphs, rng: random.Random, lang: Lang, n_chars: float) -> None:
-    """Append about ``n_chars`` of sentences. Near the goal, sentences that would overshoot by
-    more than half their length are skipped in favour of shorter ones, which gets small targets
-    closer than whole run-on sentences could."""
+def _extend(paragraphs: Paragraphs, filler: Filler, n_chars: float) -> None:
+    """Append about ``n_chars`` of the filler's sentences. Near the goal, sentences that would
+    overshoot by more than half their length are skipped in favour of shorter ones, which gets
+    small targets closer than whole run-on sentences could."""
     added = 0
     skipped = 0
     while skipped < MAX_SKIPPED_SENTENCES:
-        sentence = synthetic.sentence(rng, lang)
+        sentence = filler.next_sentence()
         if paragraphs and added + len(sentence) / 2 > n_chars:
             skipped += 1
             continue
-        if not paragraphs or rng.random() < PARAGRAPH_BREAK_PROBABILITY:
+        if not paragraphs or filler.starts_paragraph():
             paragraphs.append([])
         paragraphs[-1].append(sentence)
         added += len(sentence)
@@ -234,25 +326,40 @@ def _make_task(
     lang: Lang,
     depth_range: tuple[float, float],
     needles: tuple[int, int],
+    haystack: Haystack | None = None,
 ) -> Task:
+    def unused(phrase: str) -> bool:
+        return haystack is None or not haystack.contains(phrase)
+
     if kind == "needle":
         n = rng.randint(*needles)
         subjects: list[str] = []
         while len(subjects) < n:  # distinct subjects, or the question would be ambiguous
             phrase = synthetic.marker_phrase(rng, lang)
-            if phrase not in subjects:
+            if phrase not in subjects and unused(phrase):
                 subjects.append(phrase)
         codes = rng.sample(range(1_000, 1_000_000), n)
         depths = tuple(rng.uniform(*depth_range) for _ in range(n))
         return NeedleTask(lang, tuple(subjects), tuple(codes), depths)
     template = rng.choice(_MENTION_TEMPLATES[lang])
     phrase = synthetic.marker_phrase(rng, lang)
+    while not unused(phrase):
+        phrase = synthetic.marker_phrase(rng, lang)
     return ParagraphTask(lang, phrase, template, rng.uniform(*depth_range))
 
 
-def _chars_per_token(seed: int, lang: Lang, count_tokens: CountTokens) -> float:
+def chars_per_token(seed: int | str, lang: Lang, count_tokens: CountTokens,
+                    haystack: Haystack | None = None) -> float:
+    """Characters per token of the filler (generated or the haystack's): the fit's first guess."""
     rng = random.Random(f"{seed}:calibration:{lang}")
-    sample = "\n\n".join(synthetic.document(rng, lang, CALIBRATION_CHARS))
+    if haystack is None:
+        sample = "\n\n".join(synthetic.document(rng, lang, CALIBRATION_CHARS))
+    else:
+        filler, sentences, chars = haystack.filler(rng, lang), [], 0
+        while chars < CALIBRATION_CHARS and len(sentences) < len(filler.sentences):
+            sentences.append(filler.next_sentence())
+            chars += len(sentences[-1])
+        sample = synthetic.sentence_separator(lang).join(sentences)
     return len(sample) / count_tokens(sample)
 
 
@@ -269,12 +376,14 @@ def generate(
     seed: int,
     count_tokens: CountTokens,
     indices: Iterable[int] | None = None,
+    haystack: Haystack | None = None,
 ) -> Iterator[Conversation]:
     """Yield ``count`` retrieval conversations (user prompt, assistant answer).
 
     ``zh_fraction`` applies when both languages are allowed; with one, every item uses it.
     ``indices`` (a subset of ``range(count)``) generates only those items, e.g. one worker's share:
-    item ``i`` depends on ``(seed, i)`` alone.
+    item ``i`` depends on ``(seed, i)`` alone. ``haystack`` replaces the generated filler with
+    real text; only the languages it has text in are used.
     """
     if not 0 < min_tokens <= max_tokens:
         raise ValueError(f"need 0 < min_tokens <= max_tokens, got {min_tokens}, {max_tokens}")
@@ -286,7 +395,11 @@ def generate(
         raise ValueError(f"tasks must be a non-empty subset of {TASKS}, got {tasks}")
     if not languages or set(languages) - set(synthetic.LANGS):
         raise ValueError(f"languages must be a non-empty subset of {synthetic.LANGS}")
-    chars_per_token = {lang: _chars_per_token(seed, lang, count_tokens) for lang in languages}
+    if haystack is not None:
+        languages = tuple(lang for lang in languages if lang in haystack.languages)
+        if not languages:
+            raise ValueError(f"haystack {haystack.source} has no text in any allowed language")
+    calibration = {lang: chars_per_token(seed, lang, count_tokens, haystack) for lang in languages}
     for index in range(count) if indices is None else indices:
         rng = random.Random(f"{seed}:{index}")
         if len(languages) == 1:
@@ -295,8 +408,9 @@ def generate(
             lang = "zh" if rng.random() < zh_fraction else "en"
         kind = rng.choice(tasks)
         target = _log_uniform(rng, min_tokens, max_tokens)
-        task = _make_task(rng, kind, lang, depth_range, needles)
-        rendered, tokens = _fit(task, rng, target, chars_per_token[lang], count_tokens)
+        task = _make_task(rng, kind, lang, depth_range, needles, haystack)
+        filler = haystack.filler(rng, lang) if haystack else SyntheticFiller(rng, lang)
+        rendered, tokens = _fit(task, filler, target, calibration[lang], count_tokens)
         if isinstance(task, NeedleTask):
             requested = task.requested_depths
         else:

@@ -284,6 +284,44 @@ def write_messages_parquet(
     return out
 
 
+_TEXT_COLLECTIONS = ("synthetic-books", "synthetic-papers", "synthetic-code-docs", "synthetic-web")
+_REPOST_NOTES = {"en": ("Reposted from the archive.", "Mirror copy; the original is linked below."),
+                 "zh": ("转载自档案馆。", "镜像副本，原文链接见下。")}
+NEAR_DUPLICATE_FRACTION = 0.12
+
+
+def write_text(
+    path: str | Path,
+    n: int,
+    *,
+    seed: int,
+    min_chars: int = 4_000,
+    max_chars: int = 40_000,
+    zh_fraction: float = 0.1,
+) -> Path:
+    """Pretraining-corpus layout (RedPajama / Dolma style): JSONL of ``{"text", "id", "meta"}``,
+    one titled long document per row. Like crawled corpora, about ``NEAR_DUPLICATE_FRACTION`` of
+    the rows re-publish an earlier document with a note added before and after it (a mirror):
+    near duplicates, not exact ones, for the near-duplicate filter to find."""
+    rng = random.Random(seed)
+
+    def rows() -> Iterable[Row]:
+        published: list[tuple[Lang, str]] = []
+        for i in range(n):
+            if published and rng.random() < NEAR_DUPLICATE_FRACTION:
+                lang, original = rng.choice(published)
+                before, after = _REPOST_NOTES[lang]
+                text, collection = f"{before}\n\n{original}\n\n{after}", "synthetic-mirror"
+            else:
+                lang = _pick_lang(rng, zh_fraction)
+                text = f"{synthetic.topic_title(rng, lang)}\n\n{_text(rng, lang, min_chars, max_chars)}"
+                collection = rng.choice(_TEXT_COLLECTIONS)
+                published.append((lang, text))
+            yield {"text": text, "id": f"doc-{i:05d}", "meta": {"collection": collection, "lang": lang}}
+
+    return _write_jsonl(Path(path), rows())
+
+
 class SampleSchema(NamedTuple):
     writer: Callable[..., Path]
     suffix: str
@@ -296,4 +334,5 @@ SAMPLE_SCHEMAS: dict[str, SampleSchema] = {
     "sharegpt": SampleSchema(write_sharegpt, ".jsonl"),
     "alpaca": SampleSchema(write_alpaca, ".jsonl"),
     "messages_parquet": SampleSchema(write_messages_parquet, ".parquet"),
+    "text": SampleSchema(write_text, ".jsonl"),
 }

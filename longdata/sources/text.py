@@ -1,0 +1,116 @@
+"""Raw documents: ``kind: text`` sources and the real-text haystacks of anti-haystack sources.
+
+A document comes from one of two layouts:
+
+- rows of JSONL/JSON/Parquet files (a local file, a directory of them, or a hub dataset), the
+  document in ``text_field`` (``text`` in most pretraining corpora), read with the same
+  streaming readers as chat sources;
+- a directory of plain text files matched by ``glob``, one document per file, in sorted path
+  order. A file that is not UTF-8 is quarantined with its reason, never decoded with
+  replacement characters.
+
+Documents are kept as written except that CRLF becomes LF; an empty one is quarantined.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from longdata.records import Document, Quarantined, RowError
+from longdata.sources.readers import LOCAL_SUFFIXES, Row, iter_rows
+
+PREVIEW_CHARS = 2000
+
+
+def iter_items(path: str, *, glob: str | None, split: str = "train") -> Iterator[Row]:
+    """``(location, row)`` or ``Quarantined`` per document: a row is a str (a text file) or the
+    JSON object holding the text."""
+    local = Path(path)
+    if glob is not None:
+        if not local.is_dir():
+            raise FileNotFoundError(f"{path}: glob {glob!r} is given but this is not a directory")
+        yield from iter_text_files(local, glob)
+    else:
+        yield from iter_rows(path, split)
+
+
+def iter_text_files(directory: Path, glob: str) -> Iterator[Row]:
+    root = directory.resolve()
+    files = sorted(p for p in directory.glob(glob) if p.is_file())
+    if not files:
+        raise FileNotFoundError(f"{directory}: no files match glob {glob!r}")
+    for file in files:
+        if not file.resolve().is_relative_to(root):
+            raise FileNotFoundError(f"{file}: glob {glob!r} reaches outside {directory}")
+        yield read_text_file(file, file.relative_to(directory).as_posix())
+
+
+def read_text_file(file: Path, location: str) -> Row:
+    raw = file.read_bytes()
+    try:
+        return location, raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        return Quarantined(location, f"not UTF-8: {exc.reason} at byte {exc.start}",
+                           raw[:PREVIEW_CHARS].decode("utf-8", "replace"))
+
+
+def document_text(row: Any, text_field: str) -> str:
+    """The document of one row (a str for a text file), normalised; RowError if unusable."""
+    if isinstance(row, str):
+        text = row
+    elif isinstance(row, dict):
+        if text_field not in row:
+            raise RowError(f"no {text_field!r} field (fields: {', '.join(sorted(map(str, row)))})")
+        text = row[text_field]
+        if not isinstance(text, str):
+            raise RowError(f"{text_field} must be a string, got {type(text).__name__}")
+    else:
+        raise RowError(f"row must be a JSON object, got {type(row).__name__}")
+    text = text.replace("\r\n", "\n")
+    if not text.strip():
+        raise RowError("empty document")
+    return text
+
+
+def make_document(row: Any, location: str, position: int, text_field: str) -> Document:
+    return Document(document_text(row, text_field), location, position=position)
+
+
+def read_documents(path: str, *, text_field: str = "text", glob: str | None = None,
+                   split: str = "train") -> Iterator[Document | Quarantined]:
+    """Every document under ``path`` in order, bad ones quarantined."""
+    yield from _documents(iter_items(path, glob=glob, split=split), text_field)
+
+
+def _documents(items: Iterator[Row], text_field: str) -> Iterator[Document | Quarantined]:
+    for position, item in enumerate(items):
+        if isinstance(item, Quarantined):
+            yield item
+            continue
+        location, row = item
+        try:
+            document = make_document(row, location, position, text_field)
+        except RowError as exc:
+            yield Quarantined(location, str(exc), repr(row)[:PREVIEW_CHARS])
+            continue
+        yield document
+
+
+def haystack_documents(path: str) -> Iterator[Document]:
+    """The documents of one haystack path: a data file (or a directory of them) by its ``text``
+    field, any other file as one plain-text document, a directory of such files in sorted
+    order. Unusable documents are skipped: a haystack is filler, not training data to account for."""
+    local = Path(path)
+    if not local.exists():
+        raise FileNotFoundError(f"haystack {path}: no such file or directory")
+    if local.is_file() and local.suffix not in LOCAL_SUFFIXES:
+        records = _documents(iter([read_text_file(local, local.name)]), "text")
+    elif local.is_dir() and not any(p.suffix in LOCAL_SUFFIXES for p in local.rglob("*")):
+        records = read_documents(path, glob="**/*")
+    else:
+        records = read_documents(path)
+    for record in records:
+        if isinstance(record, Document):
+            yield record

@@ -231,7 +231,13 @@ def validate_recipe(data: dict[str, Any]) -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
-        raise RecipeError([describe_error(err) for err in exc.errors()]) from None
+        errors = exc.errors()
+        # A list whose only item failed is also reported as too short; that second line would
+        # blame the list for its item, so it is left out.
+        errors = [err for err in errors if not (err["type"] == "too_short" and any(
+            len(other["loc"]) > len(err["loc"]) and other["loc"][:len(err["loc"])] == err["loc"]
+            for other in errors))]
+        raise RecipeError([describe_error(err) for err in errors]) from None
 
 
 def apply_override(data: dict[str, Any], assignment: str) -> None:

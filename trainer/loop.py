@@ -397,6 +397,7 @@ def _train(
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
     manifest = Manifest.read(config.build_dir)
+    manifest.split(config.split)  # an unknown split fails here, before the model loads
     sources = manifest.source_names
 
     random.seed(config.seed)

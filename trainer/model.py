@@ -94,9 +94,17 @@ def load_model(
         str(name_or_path_or_config) not in PRESETS
     )
     if is_checkpoint:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(name_or_path_or_config), attn_implementation=attn_implementation, dtype=dtype
-        )
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                str(name_or_path_or_config), attn_implementation=attn_implementation, dtype=dtype
+            )
+        except OSError as error:
+            # transformers explains a failed hub lookup over many lines; one is enough here.
+            reason = next((line for line in str(error).splitlines() if line.strip()), "")
+            raise ValueError(
+                f"model {str(name_or_path_or_config)!r} is not a preset ({', '.join(PRESETS)}), "
+                f"a local checkpoint directory, or a hub id that loads here ({reason})"
+            ) from None
     else:
         config = model_config(name_or_path_or_config, vocab_size)
         model = AutoModelForCausalLM.from_config(

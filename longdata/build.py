@@ -40,7 +40,7 @@ from longdata.sample_index import write_sample_index
 from longdata.shards import RowAssembler, StreamStats, write_stream
 from longdata.sources import read_source, resolve_path
 from longdata.templates import TokenizerInfo, load_tokenizer
-from longdata.tokenize import PartitionedCache, TokenCache, tokenize_records
+from longdata.tokenize import PartitionedCache, TokenCache, entry_problem, tokenize_records
 
 # Bump when normalisation or tokenization changes what a cached source would contain.
 CACHE_VERSION = 3
@@ -223,6 +223,11 @@ def tokenize_source(source, recipe: Recipe, tokenizer, tokenizer_info: Tokenizer
                     progress: Progress, share: tuple[int, int] = (0, 1)) -> TokenizedSource:
     entry = cache_entry(source, recipe, tokenizer_info, tokenizer.chat_template, share)
     cached = entry.exists()
+    if cached and (problem := entry_problem(entry)):
+        progress.console.print(f"[yellow]note[/yellow] cached tokens of source {source.name} "
+                               f"({entry.name}): {problem}; tokenizing the source again", highlight=False)
+        shutil.rmtree(entry)
+        cached = False
     if not cached:
         total = source.count if isinstance(source, AntiHaystackSource) else source.max_samples
         task = progress.add_task(f"tokenize {source.name}", total=total, rate="")

@@ -111,7 +111,7 @@ def _wait_for(entry: Path, timeout: float) -> TokenCache:
         if time.monotonic() > deadline:
             raise BuildError(f"timed out waiting for another worker's cache entry {entry}")
         time.sleep(POLL_SECONDS)
-    return TokenCache(entry)
+    return TokenCache.open_checked(entry)
 
 
 def merge(out: str | Path, console: Console | None = None, overwrite: bool = False) -> BuildResult:
@@ -138,7 +138,8 @@ def _merge(out_dir: Path, overwrite: bool) -> BuildResult:
     tokenizer, tokenizer_info = load_tokenizer(recipe.tokenizer)
     sources = [
         TokenizedSource(s.name, s.kind, s.weight, PartitionedCache(
-            [TokenCache(cache_entry(s, recipe, tokenizer_info, tokenizer.chat_template, (j, workers)))
+            [TokenCache.open_checked(cache_entry(s, recipe, tokenizer_info, tokenizer.chat_template,
+                                                 (j, workers)))
              for j in range(workers)]), True)
         for s in recipe.sources]
     mixed = mix_sources(sources, recipe)

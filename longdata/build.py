@@ -34,7 +34,7 @@ from longdata import __version__, packing
 from longdata.card import card_destination, copy_card, write_card
 from longdata.format import FORMAT, Manifest, inside, write_manifest
 from longdata.mix import Mix, SampleList, SourceSamples, mix
-from longdata.output import claim_output, output_lock, publish, start_partial
+from longdata.output import claim_output, discard_partial, output_lock, publish, start_partial
 from longdata.recipe import AntiHaystackSource, FileSource, Recipe, load_recipe
 from longdata.sample_index import write_sample_index
 from longdata.shards import RowAssembler, StreamStats, write_stream
@@ -103,9 +103,13 @@ def build(recipe: Recipe | str | Path, *, out: str | Path | None = None, overrid
     remote = target if "://" in target else None
     # A remote build is assembled and published locally first, then uploaded manifest-last.
     out_dir = Path(recipe.cache_dir) / "staging" / recipe.name if remote else Path(target)
+    claim_output(out_dir, overwrite=overwrite, keep=needed_paths(recipe))
     with output_lock(out_dir):
-        claim_output(out_dir, overwrite=overwrite, keep=needed_paths(recipe))
-        return _run_build(recipe, out_dir, remote, strict, console)
+        try:
+            return _run_build(recipe, out_dir, remote, strict, console)
+        except BaseException:
+            discard_partial(out_dir)
+            raise
 
 
 def needed_paths(recipe: Recipe) -> list[Path]:
@@ -225,7 +229,8 @@ def tokenize_source(source, recipe: Recipe, tokenizer, tokenizer_info: Tokenizer
     cached = entry.exists()
     if cached and (problem := entry_problem(entry)):
         progress.console.print(f"[yellow]note[/yellow] cached tokens of source {source.name} "
-                               f"({entry.name}): {problem}; tokenizing the source again", highlight=False)
+                               f"({entry.name}): {problem}; tokenizing the source again", highlight=False,
+                               soft_wrap=True)
         shutil.rmtree(entry)
         cached = False
     if not cached:

@@ -46,6 +46,8 @@ def claim_output(out_dir: Path, *, overwrite: bool, keep: Iterable[str | Path] =
     ``keep`` are paths the build needs (recipe, cache, card directory): ``out_dir`` may never be
     one of them or hold one, even with ``overwrite``.
     """
+    if out_dir.name in ("", ".", ".."):
+        raise NotOursError(f"--out {out_dir} must name a directory of its own, not . or ..")
     if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
         raise NotOursError(f"--out {out_dir} exists and is not a directory; refusing to replace it")
     if not out_dir.exists() or is_ours(out_dir, "build") or not any(out_dir.iterdir()):
@@ -82,6 +84,13 @@ def remove_ours(path: Path, *kinds: str) -> None:
         raise NotOursError(f"{path} exists and was not written by longdata; remove it yourself or "
                            "choose another --out")
     shutil.rmtree(path)
+
+
+def discard_partial(out_dir: Path) -> None:
+    """Remove what a failed build assembled (only if it is longdata's partial build)."""
+    partial = partial_dir(out_dir)
+    if is_ours(partial, "partial"):
+        shutil.rmtree(partial)
 
 
 def publish(partial: Path, out_dir: Path) -> None:

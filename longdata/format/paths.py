@@ -41,7 +41,8 @@ def inside(base: str | Path, relative: str) -> Path:
     parts = PurePosixPath(relative).parts if isinstance(relative, str) else ()
     if not relative or not isinstance(relative, str) or relative.startswith(("/", "\\")) \
             or ".." in parts or "\\" in relative or re.match(r"^[A-Za-z]:", relative):
-        raise UnsafePathError(f"path {relative!r} must be relative to {base} and stay inside it")
+        raise UnsafePathError(f"path {relative!r} leads outside {base}: it must be relative, "
+                              "without '..'")
     root = Path(base).resolve()
     joined = root.joinpath(*parts)
     resolved = joined.resolve()

@@ -58,15 +58,28 @@ class _Commands(TyperGroup):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except (typer.Exit, typer.Abort, click.exceptions.Exit, click.ClickException,
-                click.exceptions.Abort):
+        except (typer.Exit, typer.Abort, click.exceptions.Exit, click.exceptions.Abort):
             raise
-        except Exception as error:
-            if ctx.meta.get("debug") or os.environ.get("LONGDATA_DEBUG", "") not in ("", "0"):
+        except click.ClickException as error:  # a bad option or argument: click's usage errors
+            if _debugging(ctx):
                 raise
-            console.print(Text.assemble(("error", "red"), " ", error_line(error)),
-                          highlight=False, soft_wrap=True)
+            where = f" (see {error.ctx.command_path} --help)" if getattr(error, "ctx", None) else ""
+            _report(f"{error.format_message()}{where}")
+            raise typer.Exit(error.exit_code) from None
+        except Exception as error:
+            if _debugging(ctx):
+                raise
+            _report(error_line(error))
             raise typer.Exit(exit_code_for(error)) from None
+
+
+def _debugging(ctx: click.Context) -> bool:
+    return bool(ctx.meta.get("debug")) or os.environ.get("LONGDATA_DEBUG", "") not in ("", "0")
+
+
+def _report(line: str) -> None:
+    console.print(Text.assemble(("error", "red"), " ", " ".join(line.split())), highlight=False,
+                  soft_wrap=True)
 
 
 def _typer(help: str, **kwargs) -> typer.Typer:

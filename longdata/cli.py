@@ -18,6 +18,12 @@ from rich.table import Table
 from rich.text import Text
 from typer.core import TyperGroup
 
+try:  # typer 0.2x vendors click: its usage errors are not click's own classes
+    from typer._click.exceptions import ClickException as _VendoredClickException
+except ImportError:
+    _VendoredClickException = click.ClickException
+USAGE_ERRORS = (click.ClickException, _VendoredClickException)
+
 DEBUG_FLAG = "--debug"
 MAX_ERROR_CHARS = 2000  # a message quoting huge input stays a readable line
 
@@ -60,7 +66,7 @@ class _Commands(TyperGroup):
             return super().invoke(ctx)
         except (typer.Exit, typer.Abort, click.exceptions.Exit, click.exceptions.Abort):
             raise
-        except click.ClickException as error:  # a bad option or argument: click's usage errors
+        except USAGE_ERRORS as error:  # a bad option or argument
             if _debugging(ctx):
                 raise
             where = f" (see {error.ctx.command_path} --help)" if getattr(error, "ctx", None) else ""

@@ -153,7 +153,8 @@ class OutputConfig(Strict):
     dir: str
     shard_size_limit: str | int = "64MB"
     compression: str | None = "zstd"
-    card_dir: str = "data_cards"
+    card_dir: str = Field(default="data_cards", description="the card is copied to <card_dir>/<name>; "
+                          "a relative path is relative to the working directory, like dir")
 
     @field_validator("compression")
     @classmethod

@@ -419,6 +419,21 @@ def test_bad_train_options_are_one_line(tmp_path, options, needle):
     assert_one_line(invoke("train", build_dir, "--out", tmp_path / "run", *options), 2, needle)
 
 
+@pytest.mark.parametrize("args,needle", [
+    (["train", "no/such/build"], "does not exist"),
+    (["inspect", ".", "--bogus"], "No such option"),
+    (["build"], "Missing argument"),
+])
+def test_usage_errors_are_one_line(args, needle):
+    assert_one_line(invoke(*args), 2, needle, "--help")
+
+
+def test_check_packing_on_a_missing_split_is_one_line(tmp_path):
+    build_dir = fake_build(tmp_path / "build")
+    assert_one_line(invoke("check-packing", build_dir, "--split", "stage9/train"), 2,
+                    "no split 'stage9/train'", "its splits: train")
+
+
 def test_a_bad_source_is_reported_once(tmp_path):
     data = recipe_data(tmp_path, sources=[{"name": "a", "kind": "generic", "format": "bogus",
                                            "path": "x.jsonl"}])

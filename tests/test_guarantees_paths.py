@@ -373,6 +373,30 @@ def test_training_on_a_flipped_shard_fails_naming_it(tmp_path):
     assert_one_line(result, 1, str(shard), "hash mismatch")
 
 
+def test_a_flipped_decompressed_shard_left_by_an_earlier_run_is_caught(tmp_path):
+    """streaming decompresses shards beside the build and later reads those, unchecked."""
+    build_dir = fake_build(tmp_path / "build")
+    first = invoke("train", build_dir, "--steps", "1", "--out", tmp_path / "a", "--save", "none")
+    assert first.exit_code == 0, first.output
+    raw = build_dir / "train" / "le_0064" / "shard.00000.mds"
+    assert raw.is_file(), "streaming no longer leaves the raw shard: this test checks nothing"
+    _flip_middle_byte(raw)
+    result = invoke("train", build_dir, "--steps", "1", "--out", tmp_path / "b", "--save", "none")
+    assert_one_line(result, 1, str(raw), "hash mismatch")
+
+
+def test_validation_loss_checks_shards_too(tmp_path):
+    from longdata.format import ShardError
+    from trainer.validation_loss import iter_rows
+
+    rng = np.random.default_rng(1)
+    rows = [make_row([5, 7], rng, 300) for _ in range(3)]
+    build_dir = write_build(tmp_path / "build", {"le_0064": rows}, 300, 64, split="validation")
+    _flip_middle_byte(StreamReader(build_dir / "validation" / "le_0064").shard_path(0))
+    with pytest.raises(ShardError, match="hash mismatch"):
+        next(iter_rows(Manifest.read(build_dir), "validation"))
+
+
 def test_training_on_a_shard_without_a_recorded_hash_is_refused(tmp_path):
     build_dir = fake_build(tmp_path / "build")
     index = build_dir / "train" / "le_0064" / "index.json"

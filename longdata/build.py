@@ -104,6 +104,7 @@ def build(recipe: Recipe | str | Path, *, out: str | Path | None = None, overrid
     # A remote build is assembled and published locally first, then uploaded manifest-last.
     out_dir = Path(recipe.cache_dir) / "staging" / recipe.name if remote else Path(target)
     claim_output(out_dir, overwrite=overwrite, keep=needed_paths(recipe))
+    card_destination(recipe.output.card_dir, recipe.name)  # an unsafe name fails before any work
     with output_lock(out_dir):
         try:
             return _run_build(recipe, out_dir, remote, strict, console)

@@ -256,6 +256,19 @@ def test_card_named_dot_or_dotdot_deletes_nothing(real_build, tmp_path, name):
     assert after == before
 
 
+@pytest.mark.parametrize("name", ["..", "."])
+def test_a_recipe_named_dot_or_dotdot_fails_before_any_work(real_build, tmp_path, name):
+    _, data, _ = real_build
+    work = tmp_path / "work"
+    _precious(work / "cards" / "other_recipe")
+    data = {**data, "name": name, "output": {**data["output"], "dir": str(work / "out"),
+                                             "card_dir": str(work / "cards")}}
+    recipe = write_recipe(work / "r.yml", data)
+    before = files_under(tmp_path)
+    assert_one_line(invoke("build", recipe), 2, "not a safe name")
+    assert files_under(tmp_path) == before and not (work / "out").exists()
+
+
 @pytest.mark.parametrize("card_dir", ["absolute", "relative ../"])
 def test_card_dir_naming_a_foreign_directory_is_refused(real_build, tmp_path, monkeypatch, card_dir):
     _, _, out = real_build

@@ -3,6 +3,7 @@
 Each stage is a function of typed inputs with its own stats. The output is assembled in a hidden
 ``.<name>.partial`` directory beside the target and moved into place only once complete, with
 ``manifest.json`` written last, so an interrupted build never leaves output that looks finished.
+What a build may write, replace and lock is decided in ``longdata.output``.
 """
 
 from __future__ import annotations
@@ -30,23 +31,26 @@ from rich.progress import (
 )
 
 from longdata import __version__, packing
-from longdata.card import copy_card, write_card
+from longdata.card import card_destination, copy_card, write_card
+from longdata.format import FORMAT, Manifest, inside, write_manifest
 from longdata.mix import Mix, SampleList, SourceSamples, mix
 from longdata.near_dedup import NearDuplicateFilter
+from longdata.output import claim_output, discard_partial, output_lock, publish, start_partial
 from longdata.recipe import AntiHaystackSource, FileSource, Recipe, load_recipe
 from longdata.sample_index import write_sample_index
 from longdata.shards import RowAssembler, StreamStats, write_stream
 from longdata.sources import haystack_paths, read_source, resolve_path
 from longdata.templates import TokenizerInfo, load_tokenizer
-from longdata.tokenize import PartitionedCache, TokenCache, tokenize_records
+from longdata.tokenize import PartitionedCache, TokenCache, entry_problem, tokenize_records
 
-FORMAT = "longdata/1"
 # Bump when normalisation or tokenization changes what a cached source would contain.
 CACHE_VERSION = 3
 
 
 class BuildError(RuntimeError):
     """A build that must stop (e.g. ``--strict`` with quarantined rows); nothing is published."""
+
+    exit_code = 1
 
 
 @dataclass
@@ -88,8 +92,11 @@ class BuildResult:
 
 
 def build(recipe: Recipe | str | Path, *, out: str | Path | None = None, overrides: Sequence[str] = (),
-          strict: bool = False, console: Console | None = None) -> BuildResult:
-    """Run every stage of ``recipe`` and publish the build directory atomically."""
+          strict: bool = False, overwrite: bool = False, console: Console | None = None) -> BuildResult:
+    """Run every stage of ``recipe`` and publish the build directory atomically.
+
+    ``overwrite`` allows replacing an existing output directory that is not a longdata build
+    (see ``longdata.output.claim_output`` for what is never replaced)."""
     console = console or Console(stderr=True)
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, list(overrides))
@@ -97,9 +104,26 @@ def build(recipe: Recipe | str | Path, *, out: str | Path | None = None, overrid
     remote = target if "://" in target else None
     # A remote build is assembled and published locally first, then uploaded manifest-last.
     out_dir = Path(recipe.cache_dir) / "staging" / recipe.name if remote else Path(target)
-    partial = out_dir.parent / f".{out_dir.name}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
+    claim_output(out_dir, overwrite=overwrite, keep=needed_paths(recipe))
+    card_destination(recipe.output.card_dir, recipe.name)  # an unsafe name fails before any work
+    with output_lock(out_dir):
+        try:
+            return _run_build(recipe, out_dir, remote, strict, console)
+        except BaseException:
+            discard_partial(out_dir)
+            raise
+
+
+def needed_paths(recipe: Recipe) -> list[Path]:
+    """What an output directory must never swallow: the cache, the card directory, local sources."""
+    local_sources = [Path(s.path) for s in recipe.sources
+                     if isinstance(s, FileSource) and Path(s.path).exists()]
+    return [Path(recipe.cache_dir), Path(recipe.output.card_dir), *local_sources]
+
+
+def _run_build(recipe: Recipe, out_dir: Path, remote: str | None, strict: bool,
+               console: Console) -> BuildResult:
+    partial = start_partial(out_dir)
     seconds: dict[str, float] = {}
     started_at = time.time()
 
@@ -141,15 +165,15 @@ def finish_build(recipe: Recipe, tokenizer_info: TokenizerInfo, sources: list[To
     _publish_quarantine(sources, partial)
     manifest = make_manifest(recipe, tokenizer_info, sources, mixed, splits)
     clock = time.perf_counter()
-    write_card(partial, manifest)
+    write_card(partial, Manifest.parse(partial, manifest))
     seconds["card"] = time.perf_counter() - clock
     (partial / "build_info.json").write_text(json.dumps({
         "started_at": started_at, "finished_at": time.time(), "seconds": seconds,
         "cache_dir": str(Path(recipe.cache_dir).resolve()),
         "cached_sources": [s.name for s in sources if s.cached]}, indent=1))
-    (partial / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    _publish(partial, out_dir)
-    copy_card(out_dir, Path(recipe.output.card_dir) / recipe.name)
+    write_manifest(partial, manifest)
+    publish(partial, out_dir)
+    copy_card(out_dir, card_destination(recipe.output.card_dir, recipe.name))
     if remote:
         clock = time.perf_counter()
         upload_build(out_dir, remote)
@@ -208,6 +232,12 @@ def tokenize_source(source, recipe: Recipe, tokenizer, tokenizer_info: Tokenizer
                     progress: Progress, share: tuple[int, int] = (0, 1)) -> TokenizedSource:
     entry = cache_entry(source, recipe, tokenizer_info, tokenizer.chat_template, share)
     cached = entry.exists()
+    if cached and (problem := entry_problem(entry)):
+        progress.console.print(f"[yellow]note[/yellow] cached tokens of source {source.name} "
+                               f"({entry.name}): {problem}; tokenizing the source again", highlight=False,
+                               soft_wrap=True)
+        shutil.rmtree(entry)
+        cached = False
     if not cached:
         total = source.count if isinstance(source, AntiHaystackSource) else source.max_samples
         task = progress.add_task(f"tokenize {source.name}", total=total, rate="")
@@ -340,7 +370,7 @@ def write_split(split: SplitPlan, caches: list, recipe: Recipe, out_root: Path, 
     streams = []
     for bucket_name, rows in bucket_rows:
         rel_path = f"{split.name}/{bucket_name}"
-        destination = out_root / rel_path / (f"part-{worker:05d}" if workers > 1 else "")
+        destination = inside(out_root, rel_path) / (f"part-{worker:05d}" if workers > 1 else "")
         shutil.rmtree(destination, ignore_errors=True)  # a re-run worker replaces its own part
 
         def assembled(rows=rows):
@@ -392,6 +422,7 @@ def make_manifest(recipe: Recipe, tokenizer_info: TokenizerInfo, sources: list[T
         "sources": source_entries,
         "language_balance": mixed.language.as_dict() if mixed.language else None,
         "splits": split_entries,
+        "split_order": list(split_entries),  # stage order; the JSON's keys are sorted
         "totals": {
             "quarantined": sum(s.cache.stats.quarantined for s in sources),
             "samples": sum(s.cache.stats.samples for s in sources),
@@ -424,13 +455,3 @@ def upload_build(local: Path, remote: str) -> None:
     files.remove("manifest.json")
     for name in [*files, "manifest.json"]:
         uploader.upload_file(name)
-
-
-def _publish(partial: Path, out_dir: Path) -> None:
-    """Swap the finished build into place; the old one is removed only after the swap."""
-    previous = out_dir.parent / f".{out_dir.name}.previous"
-    shutil.rmtree(previous, ignore_errors=True)
-    if out_dir.exists():
-        out_dir.rename(previous)
-    partial.rename(out_dir)
-    shutil.rmtree(previous, ignore_errors=True)

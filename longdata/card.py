@@ -8,7 +8,6 @@ can regenerate the card of any finished build: ``manifest.json`` and the per-spl
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,8 @@ import numpy as np
 import polars as pl
 import yaml
 
+from longdata.format import BuildFormatError, Manifest, check_slug, inside, is_ours, mark_ours
+from longdata.format.paths import MARKER_FILE, NotOursError
 from longdata.sample_index import read_sample_index
 
 CARD_FILE = "README.md"
@@ -37,13 +38,10 @@ class CardData:
     loss_weights: dict[str, pl.DataFrame]  # split -> packed pieces with their loss shares
 
     @classmethod
-    def read(cls, build_dir: Path, manifest: dict[str, Any] | None = None) -> CardData:
-        manifest = manifest or json.loads((build_dir / "manifest.json").read_text())
-        # manifest.json stores keys sorted; the card lists splits in curriculum order instead.
-        stages = [s["name"] for s in manifest["recipe"]["packing"]["stages"] or []]
-        order = {name: (stages.index(name.split("/")[0]) if "/" in name else 0, name.endswith("validation"))
-                 for name in manifest["splits"]}
-        manifest = {**manifest, "splits": {k: manifest["splits"][k] for k in sorted(order, key=order.get)}}
+    def read(cls, build_dir: Path, checked: Manifest | None = None) -> CardData:
+        checked = checked or Manifest.read(build_dir)
+        # The card lists splits in stage (curriculum) order, as the Manifest gives them.
+        manifest = {**checked.raw, "splits": {name: checked.raw["splits"][name] for name in checked.splits}}
         index = {name: pl.from_arrow(read_sample_index(build_dir, name)) for name in manifest["splits"]}
         return cls(manifest, index,
                    samples={name: _per_sample(pieces) for name, pieces in index.items()},
@@ -75,10 +73,10 @@ def _per_row(pieces: pl.DataFrame) -> pl.DataFrame:
             .agg(pl.col("tokens").sum(), pl.len().alias("samples")))
 
 
-def write_card(build_dir: Path, manifest: dict[str, Any] | None = None) -> Path:
+def write_card(build_dir: Path, manifest: Manifest | None = None) -> Path:
     """Write ``<build_dir>/README.md`` and its plots under ``<build_dir>/card/``."""
     data = CardData.read(build_dir, manifest)
-    plots = build_dir / PLOTS_DIR
+    plots = inside(build_dir, PLOTS_DIR)
     plots.mkdir(parents=True, exist_ok=True)
     _plot_lengths(data, plots / "lengths.png")
     _plot_packing(data, plots / "packing.png")
@@ -89,15 +87,58 @@ def write_card(build_dir: Path, manifest: dict[str, Any] | None = None) -> Path:
     return card
 
 
+def card_destination(card_dir: str | Path, name: str) -> Path:
+    """Where a build's card is copied: ``<card_dir>/<name>``. A relative ``card_dir`` is relative
+    to the working directory (like ``output.dir`` and ``cache_dir``); ``name`` must be a slug."""
+    return Path(card_dir) / check_slug(name, "recipe name")
+
+
+def _is_card_copy(directory: Path) -> bool:
+    """A card directory longdata wrote: its marker, or (cards copied before markers existed)
+    nothing in it but the files a card copy consists of."""
+    if is_ours(directory, "card"):
+        return True
+    if directory.is_symlink() or not directory.is_dir():
+        return False
+    allowed = {CARD_FILE, MARKER_FILE, *PLOTS}
+    return all(entry.name in allowed and entry.is_file() and not entry.is_symlink()
+               for entry in directory.iterdir())
+
+
 def copy_card(build_dir: Path, destination: Path) -> Path:
-    """The build's card as ``<destination>/README.md`` with its plots beside it (data_cards/)."""
-    shutil.rmtree(destination, ignore_errors=True)
-    destination.mkdir(parents=True)
+    """The build's card as ``<destination>/README.md`` with its plots beside it (data_cards/).
+
+    Only the card's own files are written; nothing is removed. ``destination`` must be new or a
+    card directory longdata wrote, and may not be the build or lie inside it."""
+    build = Path(build_dir).resolve()
+    target = destination.resolve()
+    if target == build or build in target.parents:
+        raise NotOursError(f"card directory {destination} is inside the build {build_dir}")
+    if destination.exists() or destination.is_symlink():
+        if not _is_card_copy(destination):
+            raise NotOursError(f"{destination} exists and is not a data card longdata wrote; refusing "
+                               "to write into it (remove it or set output.card_dir elsewhere)")
+    destination.mkdir(parents=True, exist_ok=True)
+    mark_ours(destination, "card")
     for plot in PLOTS:
         shutil.copyfile(build_dir / PLOTS_DIR / plot, destination / plot)
     text = (build_dir / CARD_FILE).read_text(encoding="utf-8")
     (destination / CARD_FILE).write_text(text.replace(f"]({PLOTS_DIR}/", "]("), encoding="utf-8")
     return destination / CARD_FILE
+
+
+def regenerate_card(build_dir: Path, copy_to: Path | None = None, copy: bool = True) -> list[Path]:
+    """``longdata card``: rewrite the card inside the build and, with ``copy``, copy it to
+    ``copy_to`` or to ``<card_dir>/<name>`` as the build's recipe recorded them."""
+    manifest = Manifest.read(build_dir)
+    written = [write_card(build_dir, manifest)]
+    if copy:
+        card_dir = manifest.recipe_value("output", "card_dir")
+        if copy_to is None and not isinstance(card_dir, str):
+            raise BuildFormatError(f"{build_dir}/manifest.json records no recipe.output.card_dir; "
+                                   "pass --copy-to DIR or --no-copy")
+        written.append(copy_card(build_dir, copy_to or card_destination(card_dir, manifest.name)))
+    return written
 
 
 def render_card(data: CardData, image_prefix: str) -> str:

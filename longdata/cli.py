@@ -1,26 +1,106 @@
-"""The ``longdata`` command line: parse, call one function per command, print."""
+"""The ``longdata`` command line: parse, call one function per command, print.
+
+Every command runs inside one error boundary (``_Commands.invoke``): an exception becomes one
+line on stderr and an exit code (2: the input was wrong; 1: something failed at run time), and
+``--debug`` anywhere on the command line, or ``LONGDATA_DEBUG=1``, shows the traceback instead.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+import click
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
+from typer.core import TyperGroup
+
+try:  # typer 0.2x vendors click: its usage errors are not click's own classes
+    from typer._click.exceptions import ClickException as _VendoredClickException
+except ImportError:
+    _VendoredClickException = click.ClickException
+USAGE_ERRORS = (click.ClickException, _VendoredClickException)
+
+DEBUG_FLAG = "--debug"
+MAX_ERROR_CHARS = 2000  # a message quoting huge input stays a readable line
 
 
-def _typer(help: str) -> typer.Typer:
+def exit_code_for(error: BaseException) -> int:
+    """2 for input the user can fix, 1 for a failure while running. An error type says which
+    with an ``exit_code`` attribute; otherwise a ValueError or a path that does not exist is the
+    user's, anything else (disk full, read-only, a bug) a runtime failure."""
+    code = getattr(error, "exit_code", None)
+    if isinstance(code, int):
+        return code
+    if isinstance(error, FileNotFoundError | NotADirectoryError | IsADirectoryError | ValueError):
+        return 2
+    return 1
+
+
+def error_line(error: BaseException) -> str:
+    """The error as one line: its message's lines joined, bounded in length; the type is named
+    when it is not one longdata raises on purpose."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = "; ".join(lines) or type(error).__name__
+    if not (hasattr(error, "exit_code") or isinstance(error, ValueError | OSError)):
+        text = f"{type(error).__name__}: {text} (unexpected: run with {DEBUG_FLAG} for the traceback)"
+    if len(text) > MAX_ERROR_CHARS:
+        text = f"{text[:MAX_ERROR_CHARS]}… ({len(text) - MAX_ERROR_CHARS:,} more characters)"
+    return text
+
+
+class _Commands(TyperGroup):
+    """The root command group, and the one place failures of every command are reported."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if DEBUG_FLAG in args:
+            ctx.meta["debug"] = True
+            args = [arg for arg in args if arg != DEBUG_FLAG]
+        return super().parse_args(ctx, args)
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (typer.Exit, typer.Abort, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except USAGE_ERRORS as error:  # a bad option or argument
+            if _debugging(ctx):
+                raise
+            where = f" (see {error.ctx.command_path} --help)" if getattr(error, "ctx", None) else ""
+            _report(f"{error.format_message()}{where}")
+            raise typer.Exit(error.exit_code) from None
+        except Exception as error:
+            if _debugging(ctx):
+                raise
+            _report(error_line(error))
+            raise typer.Exit(exit_code_for(error)) from None
+
+
+def _debugging(ctx: click.Context) -> bool:
+    return bool(ctx.meta.get("debug")) or os.environ.get("LONGDATA_DEBUG", "") not in ("", "0")
+
+
+def _report(line: str) -> None:
+    console.print(Text.assemble(("error", "red"), " ", " ".join(line.split())), highlight=False,
+                  soft_wrap=True)
+
+
+def _typer(help: str, **kwargs) -> typer.Typer:
     return typer.Typer(help=help, no_args_is_help=True, add_completion=False,
-                       pretty_exceptions_enable=False, rich_markup_mode="markdown")
+                       pretty_exceptions_enable=False, rich_markup_mode="markdown", **kwargs)
 
 
 app = _typer(
     "Build packed long-context fine-tuning datasets and train on them.\n\n"
     "Typical use: `longdata validate recipe.yml`, `longdata build recipe.yml`, look at the data "
     "with `longdata inspect build/<name>` and its card (`build/<name>/README.md`), then "
-    "`longdata train build/<name>` and `longdata eval niah --model runs/<run>/final`.")
+    "`longdata train build/<name>` and `longdata eval niah --model runs/<run>/final`.\n\n"
+    f"A failure prints one line (exit code 2: fix the input; 1: it failed while running); add "
+    f"`{DEBUG_FLAG}` to any command, or set LONGDATA_DEBUG=1, to see the traceback.",
+    cls=_Commands)
 console = Console(stderr=True)
 
 RecipeArg = typer.Argument(..., exists=False, help="Path to a recipe YAML file (see recipes/).")
@@ -55,6 +135,11 @@ def build(
     out: Path | None = typer.Option(None, "--out", help="Output directory (default: the recipe's output.dir)."),
     overrides: list[str] | None = SetOption,
     strict: bool = typer.Option(False, "--strict", help="Fail if any source row had to be quarantined."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite",
+        help="Replace an existing output directory that is not a longdata build (refused "
+             "otherwise). Never the working directory, a parent of it, the home directory, or a "
+             "directory holding the recipe's sources, cache or card directory."),
     workers: int = typer.Option(1, "--workers", min=1,
                                 help="Split the build across N workers sharing cache_dir and the output "
                                      "directory (a shared filesystem); then run `longdata merge`."),
@@ -66,40 +151,32 @@ def build(
     The build appears at its output directory only once complete; malformed input rows are
     written to <out>/quarantine/<source>.jsonl with their location and reason.
     """
-    from longdata.build import BuildError
     from longdata.build import build as run_build
-    from longdata.templates import TemplateError
 
     loaded = _load(recipe, overrides)
-    try:
-        if workers > 1:
-            from longdata.partition import build_worker
+    if workers > 1:
+        from longdata.partition import build_worker
 
-            report = build_worker(loaded, workers=workers, worker_index=worker_index, out=out, console=console)
-            console.print(f"[green]worker {worker_index} of {workers} done[/green] ({report}); when all "
-                          f"are, run: longdata merge {out or loaded.output.dir}")
-            return
-        result = run_build(loaded, out=out, strict=strict, console=console)
-    except (BuildError, TemplateError, FileNotFoundError) as exc:
-        console.print(f"[red]error[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from None
-    _print_summary(result)
+        report = build_worker(loaded, workers=workers, worker_index=worker_index, out=out,
+                              overwrite=overwrite, console=console)
+        console.print(f"[green]worker {worker_index} of {workers} done[/green] ({report}); when all "
+                      f"are, run: longdata merge {out or loaded.output.dir}")
+        return
+    _print_summary(run_build(loaded, out=out, strict=strict, overwrite=overwrite, console=console))
 
 
 @app.command()
-def merge(out: Path = typer.Argument(..., help="The output directory the workers built into.")) -> None:
+def merge(
+    out: Path = typer.Argument(..., help="The output directory the workers built into."),
+    overwrite: bool = typer.Option(False, "--overwrite",
+                                   help="As for build: replace an OUT that is not a longdata build."),
+) -> None:
     """Join a partitioned build (`longdata build --workers N --worker-index I`, run for every I)
     into one dataset: each bucket stream's parts are merged with streaming's merge_index, and the
     manifest and card are written as a single-process build writes them."""
-    from longdata.build import BuildError
     from longdata.partition import merge as run_merge
 
-    try:
-        result = run_merge(out, console=console)
-    except BuildError as exc:
-        console.print(f"[red]error[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from None
-    _print_summary(result)
+    _print_summary(run_merge(out, console=console, overwrite=overwrite))
 
 
 def _print_summary(result) -> None:
@@ -149,22 +226,11 @@ def card(
     copy: bool = typer.Option(True, help="--no-copy: regenerate only the card inside the build."),
 ) -> None:
     """Regenerate a build's data card (README.md with YAML front matter, plots in card/) from its
-    manifest and sample indexes: sources, mix, languages, lengths, packing, loss-weight skew."""
-    import json
+    manifest and sample indexes: sources, mix, languages, lengths, packing, loss-weight skew.
+    The copy goes only into a new directory or a card directory longdata wrote."""
+    from longdata.card import regenerate_card
 
-    from longdata.card import copy_card, write_card
-
-    manifest_path = build_dir / "manifest.json"
-    if not manifest_path.exists():
-        console.print(f"[red]error[/red] {escape(str(manifest_path))} is missing: not a finished longdata build",
-                      highlight=False, soft_wrap=True)
-        raise typer.Exit(2)
-    manifest = json.loads(manifest_path.read_text())
-    written = [write_card(build_dir, manifest)]
-    if copy:
-        destination = copy_to or Path(manifest["recipe"]["output"]["card_dir"]) / manifest["name"]
-        written.append(copy_card(build_dir, destination))
-    for path in written:
+    for path in regenerate_card(build_dir, copy_to=copy_to, copy=copy):
         console.print(f"wrote {path}", highlight=False, soft_wrap=True)
 
 
@@ -201,8 +267,8 @@ def inspect(
     (the reason is printed) or a shard is corrupt."""
     import json as json_module
 
+    from longdata.format import ShardError
     from longdata.inspect import InspectError, NotPacked, inspect_row, render, render_not_packed
-    from longdata.mds import ShardError
 
     out = Console(color_system=None, highlight=False) if plain else Console(highlight=False)
     try:

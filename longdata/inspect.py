@@ -9,19 +9,18 @@ than twice ``target_context(context)`` (10x the context, at least 1,000 tokens).
 NO_COLOR) targets are wrapped in ``⟦…⟧`` instead, so the mask reads in plain text too.
 
 The rows do not store sample ids; the split's sample index (``samples.parquet``) does, joined on
-(stream, row, slot). Only the shard holding the row is opened (``longdata.mds``).
+(stream, row, slot). Only the shard holding the row is opened (``longdata.format.mds``).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from longdata.mds import StreamReader
+from longdata.format import Manifest, NotABuildError, StreamReader, inside, tokenizer_location
 from longdata.sample_index import INDEX_FILE
 
 DEFAULT_CONTEXT = 100
@@ -123,19 +122,17 @@ class RowView:
 # --- locating the row ---------------------------------------------------------------------------
 
 def load_manifest(build_dir: Path) -> dict:
-    path = Path(build_dir) / "manifest.json"
-    if not path.is_file():
-        why = "no such directory" if not Path(build_dir).is_dir() else "no manifest.json in it"
-        raise InspectError(f"{build_dir}: not a complete longdata build ({why})")
-    return json.loads(path.read_text())
+    """The build's manifest as checked by ``longdata.format.Manifest``, splits in stage order."""
+    try:
+        manifest = Manifest.read(build_dir)
+    except NotABuildError as exc:
+        raise InspectError(str(exc)) from None
+    return {**manifest.raw, "splits": {name: manifest.raw["splits"][name] for name in manifest.splits}}
 
 
 def ordered_splits(manifest: dict) -> list[str]:
-    """Curriculum order: by stage length (stages strictly increase), train before validation.
-    (manifest.json's keys are sorted by name, which is not that order.)"""
-    splits = manifest["splits"]
-    return sorted(splits, key=lambda name: (splits[name].get("max_seq_len", 0),
-                                           not (name == "train" or name.endswith("/train")), name))
+    """Curriculum order: stages in order, train before validation (as ``load_manifest`` lists them)."""
+    return list(manifest["splits"])
 
 
 def choose_split(manifest: dict, split: str | None) -> str:
@@ -295,8 +292,6 @@ class Detokenizer:
     when there is one (fast to load), else ``transformers.AutoTokenizer``."""
 
     def __init__(self, info: dict):
-        from longdata.templates import tokenizer_location
-
         path = tokenizer_location(info)
         self.name = info.get("name") or path
         json_file = Path(path) / "tokenizer.json"
@@ -408,7 +403,7 @@ def inspect_row(build_dir: str | Path, *, split: str | None = None, stream: str 
     split = choose_split(manifest, split)
     stream_info = choose_stream(manifest, split, stream)
     row = 0 if row is None else row
-    reader = StreamReader(build_dir / stream_info["path"])
+    reader = StreamReader(inside(build_dir, stream_info["path"]))
     if not 0 <= row < reader.rows:
         raise InspectError(f"--row {row} out of range: stream {stream_info['name']} of split {split} "
                            f"has {_rows(reader.rows)} (0..{reader.rows - 1})")

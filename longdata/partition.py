@@ -31,11 +31,15 @@ from longdata.build import (
     cache_entry,
     finish_build,
     mix_sources,
+    needed_paths,
     plan_split,
     split_layout,
     tokenize_source,
     write_split,
 )
+from longdata.format import inside, is_ours, mark_ours
+from longdata.format.paths import NotOursError
+from longdata.output import claim_output, output_lock, partial_dir
 from longdata.recipe import Recipe, validate_recipe
 from longdata.sample_index import write_sample_index
 from longdata.shards import StreamStats
@@ -46,23 +50,34 @@ WORKERS_DIR = ".workers"  # inside the shared partial output: each worker's repo
 POLL_SECONDS = 2.0
 
 
-def _partial_dir(recipe: Recipe, out: str | Path | None) -> tuple[Path, Path]:
+def _shared_partial(recipe: Recipe, out: str | Path | None, overwrite: bool) -> tuple[Path, Path]:
+    """The output directory and the partial build all workers share (made by the first)."""
     out_dir = Path(out or recipe.output.dir)
     if "://" in str(out_dir):
         raise BuildError("a partitioned build writes to a shared filesystem; upload the merged build")
-    return out_dir, out_dir.parent / f".{out_dir.name}.partial"
+    claim_output(out_dir, overwrite=overwrite, keep=needed_paths(recipe))
+    partial = partial_dir(out_dir)
+    if not partial.exists():
+        partial.mkdir(parents=True, exist_ok=True)
+        mark_ours(partial, "partial")
+    elif not is_ours(partial, "partial"):
+        raise NotOursError(f"{partial} exists and was not written by longdata; remove it yourself "
+                           "or choose another --out")
+    return out_dir, partial
 
 
 def build_worker(recipe: Recipe, *, workers: int, worker_index: int, out: str | Path | None = None,
-                 console: Console | None = None, timeout: float = 24 * 3600) -> Path:
-    """Run phases 1-3 for one worker; returns the report file ``merge`` reads."""
+                 overwrite: bool = False, console: Console | None = None,
+                 timeout: float = 24 * 3600) -> Path:
+    """Run phases 1-3 for one worker; returns the report file ``merge`` reads. Workers share the
+    partial build by design, so they take no lock; ``merge`` does."""
     if not 0 <= worker_index < workers:
         raise BuildError(f"--worker-index must be in [0, {workers}), got {worker_index}")
     if any(getattr(s, "max_samples", None) for s in recipe.sources):
         raise BuildError("max_samples counts a source's rows in order, which a partitioned build "
                          "cannot do; remove it or build in one process")
     console = console or Console(stderr=True)
-    out_dir, partial = _partial_dir(recipe, out)
+    out_dir, partial = _shared_partial(recipe, out, overwrite)
     reports = partial / WORKERS_DIR
     reports.mkdir(parents=True, exist_ok=True)
     (reports / "recipe.json").write_text(json.dumps(recipe.model_dump(mode="json"), sort_keys=True))
@@ -96,20 +111,25 @@ def _wait_for(entry: Path, timeout: float) -> TokenCache:
         if time.monotonic() > deadline:
             raise BuildError(f"timed out waiting for another worker's cache entry {entry}")
         time.sleep(POLL_SECONDS)
-    return TokenCache(entry)
+    return TokenCache.open_checked(entry)
 
 
-def merge(out: str | Path, console: Console | None = None) -> BuildResult:
+def merge(out: str | Path, console: Console | None = None, overwrite: bool = False) -> BuildResult:
     """Join the workers' parts of the build at ``out`` and publish it."""
+    out_dir = Path(out)
+    with output_lock(out_dir):
+        return _merge(out_dir, overwrite)
+
+
+def _merge(out_dir: Path, overwrite: bool) -> BuildResult:
     from streaming.base.util import merge_index
 
-    console = console or Console(stderr=True)
-    out_dir = Path(out)
-    partial = out_dir.parent / f".{out_dir.name}.partial"
+    partial = partial_dir(out_dir)
     reports_dir = partial / WORKERS_DIR
-    if not (reports_dir / "recipe.json").exists():
+    if not is_ours(partial, "partial") or not (reports_dir / "recipe.json").exists():
         raise BuildError(f"{partial}: no partitioned build in progress for {out_dir}")
     recipe = validate_recipe(json.loads((reports_dir / "recipe.json").read_text()))
+    claim_output(out_dir, overwrite=overwrite, keep=needed_paths(recipe))
     reports = [json.loads(p.read_text()) for p in sorted(reports_dir.glob("worker-*.json"))]
     workers = reports[0]["workers"] if reports else 0
     if not reports or len(reports) != workers:
@@ -118,7 +138,8 @@ def merge(out: str | Path, console: Console | None = None) -> BuildResult:
     tokenizer, tokenizer_info = load_tokenizer(recipe.tokenizer, recipe.has_chat_sources)
     sources = [
         TokenizedSource(s.name, s.kind, s.weight, PartitionedCache(
-            [TokenCache(cache_entry(s, recipe, tokenizer_info, tokenizer.chat_template, (j, workers)))
+            [TokenCache.open_checked(cache_entry(s, recipe, tokenizer_info, tokenizer.chat_template,
+                                                 (j, workers)))
              for j in range(workers)]), True)
         for s in recipe.sources]
     mixed = mix_sources(sources, recipe)
@@ -128,7 +149,7 @@ def merge(out: str | Path, console: Console | None = None) -> BuildResult:
         streams = []
         for index, (bucket, _) in enumerate(split.bucket_rows()):
             parts = [StreamStats(**report["streams"][split.name][index]) for report in reports]
-            stream_dir = partial / parts[0].path
+            stream_dir = inside(partial, parts[0].path)
             merge_index([str(stream_dir / f"part-{w:05d}" / "index.json") for w in range(workers)],
                         str(stream_dir))
             streams.append(StreamStats(name=bucket, path=parts[0].path,

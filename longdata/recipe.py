@@ -186,7 +186,8 @@ class OutputConfig(Strict):
     dir: str
     shard_size_limit: str | int = "64MB"
     compression: str | None = "zstd"
-    card_dir: str = "data_cards"
+    card_dir: str = Field(default="data_cards", description="the card is copied to <card_dir>/<name>; "
+                          "a relative path is relative to the working directory, like dir")
 
     @field_validator("compression")
     @classmethod
@@ -304,7 +305,13 @@ def validate_recipe(data: dict[str, Any]) -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
-        raise RecipeError([describe_error(err) for err in exc.errors()]) from None
+        errors = exc.errors()
+        # A list whose only item failed is also reported as too short; that second line would
+        # blame the list for its item, so it is left out.
+        errors = [err for err in errors if not (err["type"] == "too_short" and any(
+            len(other["loc"]) > len(err["loc"]) and other["loc"][:len(err["loc"])] == err["loc"]
+            for other in errors))]
+        raise RecipeError([describe_error(err) for err in errors]) from None
 
 
 def apply_override(data: dict[str, Any], assignment: str) -> None:

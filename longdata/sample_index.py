@@ -16,6 +16,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from longdata.format import inside
+
 INDEX_FILE = "samples.parquet"
 NOT_PACKED = -1  # ``row`` and ``slot`` of a sample that is in no row
 
@@ -107,11 +109,11 @@ def _gather(caches: Sequence, column: str, source: np.ndarray, index: np.ndarray
 
 
 def write_sample_index(split, caches: Sequence, source_names: Sequence[str], out_root: Path) -> Path:
-    path = out_root / split.name / INDEX_FILE
+    path = inside(out_root, f"{split.name}/{INDEX_FILE}")
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(sample_index(split, caches, source_names), path, compression="zstd")
     return path
 
 
 def read_sample_index(build_dir: Path, split_name: str) -> pa.Table:
-    return pq.read_table(Path(build_dir) / split_name / INDEX_FILE)
+    return pq.read_table(inside(build_dir, f"{split_name}/{INDEX_FILE}"))

@@ -1,8 +1,4 @@
-"""Rows -> MDS streams, and the checks that a written build honours the row contract.
-
-The row schema (docs/ROW_SCHEMA.md) is the only thing the trainer relies on; ``check_row`` is
-its executable form, shared by the writer's tests and ``longdata verify``.
-"""
+"""Rows -> MDS streams, in the row schema of ``longdata.format.rows`` (docs/ROW_SCHEMA.md)."""
 
 from __future__ import annotations
 
@@ -12,17 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
+from longdata.format.rows import COLUMNS, SHARD_HASHES
 from longdata.mix import SampleList
 from longdata.packing import Pieces
 from longdata.tokenize import TokenCache
-
-COLUMNS = {
-    "input_ids": "ndarray:uint32",
-    "loss_mask": "ndarray:uint8",
-    "seq_lens": "ndarray:uint32",
-    "source_ids": "ndarray:uint16",
-}
-SHARD_HASHES = ["xxh64"]
 
 
 @dataclass
@@ -83,31 +72,3 @@ def write_stream(rows: Iterable[dict[str, np.ndarray]], out_dir: Path, *, name: 
             stats.tokens += len(row["input_ids"])
             stats.target_tokens += int(row["loss_mask"].sum())
     return stats
-
-
-def check_row(row: dict[str, np.ndarray], max_seq_len: int, n_sources: int) -> str | None:
-    """Why ``row`` breaks the row contract, or None when it honours it."""
-    dtypes = {"input_ids": np.uint32, "loss_mask": np.uint8, "seq_lens": np.uint32, "source_ids": np.uint16}
-    for column, dtype in dtypes.items():
-        if column not in row:
-            return f"missing column {column}"
-        if row[column].dtype != dtype:
-            return f"{column} has dtype {row[column].dtype}, expected {np.dtype(dtype)}"
-    ids, mask, seq_lens, sources = (row[c] for c in dtypes)
-    total = int(seq_lens.sum(dtype=np.int64))
-    if len(seq_lens) == 0 or (seq_lens == 0).any():
-        return "seq_lens must be non-empty with every length >= 1"
-    if not len(ids) == len(mask) == total:
-        return f"len(input_ids)={len(ids)}, len(loss_mask)={len(mask)}, sum(seq_lens)={total} differ"
-    if total > max_seq_len:
-        return f"row has {total} tokens, more than max_seq_len {max_seq_len}"
-    if len(sources) != len(seq_lens):
-        return f"{len(sources)} source_ids for {len(seq_lens)} samples"
-    if (sources >= n_sources).any():
-        return f"source id {int(sources.max())} out of range ({n_sources} sources)"
-    if mask.max(initial=0) > 1:
-        return "loss_mask holds values other than 0 and 1"
-    starts = np.concatenate(([0], np.cumsum(seq_lens[:-1], dtype=np.int64)))
-    if mask[starts].any():
-        return "a sample's first token has loss_mask 1"
-    return None

@@ -10,24 +10,22 @@ text and its end-of-turn token and nothing the user or system wrote.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from longdata.format.tokenizer import (  # noqa: F401 - also imported from here
+    BUILTIN_TOKENIZERS,
+    TemplateError,
+    resolve_template,
+    tokenizer_digest,
+)
 from longdata.recipe import TokenizerConfig
 from longdata.records import Message
-
-BUILTIN_TOKENIZERS = {"builtin:quickstart": Path(__file__).parent / "assets" / "quickstart_tokenizer"}
-
-
-class TemplateError(ValueError):
-    """The chat template cannot give a reliable assistant mask (a build-level, not row-level, fault)."""
 
 
 @dataclass(frozen=True)
@@ -63,33 +61,6 @@ def load_tokenizer(config: TokenizerConfig, require_chat_template: bool = True):
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
         sha256=tokenizer_digest(tokenizer))
     return tokenizer, info
-
-
-def tokenizer_location(info: dict[str, Any]) -> str:
-    """Where to load the tokenizer a manifest's ``tokenizer`` entry names: a bundled one from
-    this installation, otherwise its recorded local path or hub id."""
-    builtin = BUILTIN_TOKENIZERS.get(info.get("name", ""))
-    return str(builtin) if builtin else info.get("path") or info["name"]
-
-
-def tokenizer_digest(tokenizer) -> str:
-    """What manifest.json's ``tokenizer.sha256`` holds: vocabulary, merges and special tokens."""
-    digest = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode())
-    digest.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True).encode())
-    return digest.hexdigest()
-
-
-def resolve_template(value: str | None) -> str | None:
-    """A template given inline, or the contents of the file it names.
-
-    A value without Jinja syntax must name a file: a mistyped path would otherwise be taken for
-    a template whose output holds no assistant turn, and every row would be quarantined.
-    """
-    if not value or "{%" in value or "{{" in value:
-        return value
-    if not Path(value).is_file():
-        raise TemplateError(f"tokenizer.chat_template {value!r} is neither a Jinja template nor a file")
-    return Path(value).read_text(encoding="utf-8")
 
 
 @dataclass(frozen=True)

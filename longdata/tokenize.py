@@ -11,7 +11,8 @@ adds no BOS of its own still frames every document the same way.
 The cache is an Arrow IPC file read back memory-mapped, so later stages hold only lengths in
 memory and gather a row's tokens straight from the page cache. One cache entry per source,
 keyed by everything that changes its tokens (see ``longdata.build.cache_key``), so changing mix
-weights, buckets or max length never re-tokenizes.
+weights, buckets or max length never re-tokenizes. Each entry records an xxh64 checksum of its
+files (``checksums.json``); an entry that no longer matches is not reused.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ from longdata.templates import ByteLevelMasker, ChatRenderer, RenderedChat, assi
 CACHE_FILE = "tokens.arrow"
 QUARANTINE_FILE = "quarantine.jsonl"
 STATS_FILE = "stats.json"
+CHECKSUM_FILE = "checksums.json"
+CHECKED_FILES = (CACHE_FILE, STATS_FILE, QUARANTINE_FILE)
 SCHEMA = pa.schema([
     ("input_ids", pa.list_(pa.uint32())),
     ("loss_mask", pa.list_(pa.uint8())),
@@ -136,7 +139,41 @@ def tokenize_records(
             write(*in_flight)
     stats.seconds = time.perf_counter() - started
     (out_dir / STATS_FILE).write_text(json.dumps(asdict(stats), indent=1))
+    (out_dir / CHECKSUM_FILE).write_text(json.dumps(
+        {name: _xxh64(out_dir / name) for name in CHECKED_FILES}, indent=1))
     return stats
+
+
+class CacheEntryError(RuntimeError):
+    """A cache entry whose files no longer match their recorded checksums."""
+
+    exit_code = 1
+
+
+def _xxh64(path: Path) -> str:
+    import xxhash
+
+    digest = xxhash.xxh64()
+    with path.open("rb") as handle:
+        while chunk := handle.read(8 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def entry_problem(entry_dir: Path) -> str | None:
+    """Why a cache entry cannot be trusted (a file changed, is missing, or no checksums were
+    recorded: an entry older than checksums), or None when every file matches."""
+    try:
+        recorded = json.loads((entry_dir / CHECKSUM_FILE).read_text())
+    except (OSError, ValueError):
+        return "no readable checksums"
+    for name in CHECKED_FILES:
+        path = entry_dir / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if not isinstance(recorded, dict) or recorded.get(name) != _xxh64(path):
+            return f"{name} does not match its checksum"
+    return None
 
 
 @dataclass
@@ -265,6 +302,14 @@ def _list_array(values: np.ndarray, lengths: list[int], value_type: pa.DataType)
 
 class TokenCache:
     """Read side of one cache entry: per-sample metadata in memory, tokens memory-mapped."""
+
+    @classmethod
+    def open_checked(cls, entry_dir: Path) -> TokenCache:
+        """The entry, after checking its files against their checksums (CacheEntryError)."""
+        problem = entry_problem(entry_dir)
+        if problem:
+            raise CacheEntryError(f"token cache entry {entry_dir}: {problem}; delete it to rebuild it")
+        return cls(entry_dir)
 
     def __init__(self, entry_dir: Path):
         # Mapped with the mmap module rather than pa.memory_map so release_pages can madvise it.

@@ -8,16 +8,15 @@ beside the build (streaming's own readers would).
 
 from __future__ import annotations
 
-import json
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
 
-from longdata.mds import ShardError, load_shard
+from longdata.format import BuildFormatError, Manifest, ShardError, check_row, inside, load_shard
+from longdata.format.mds import read_index, shard_file
 from longdata.sample_index import INDEX_FILE
-from longdata.shards import check_row
 
 
 @dataclass
@@ -36,35 +35,37 @@ class VerifyReport:
 def verify_build(build_dir: str | Path) -> VerifyReport:
     build_dir = Path(build_dir)
     report = VerifyReport(build_dir)
-    manifest_path = build_dir / "manifest.json"
-    if not manifest_path.exists():
-        report.problems.append(f"{manifest_path}: missing: the build is incomplete or not a longdata build")
+    try:
+        manifest = Manifest.read(build_dir)
+    except BuildFormatError as exc:
+        report.problems.append(str(exc))
         return report
-    manifest = json.loads(manifest_path.read_text())
-    n_sources = len(manifest["sources"])
+    n_sources = len(manifest.source_names)
     with tempfile.TemporaryDirectory(prefix="longdata-verify-") as scratch:
-        for split_name, split in manifest["splits"].items():
+        for split_name, split in manifest.splits.items():
             split_totals = {"rows": 0, "tokens": 0, "target_tokens": 0}
             layouts = _indexed_layouts(build_dir, split_name, report)
-            for stream in split["streams"]:
-                counted = _verify_stream(build_dir / stream["path"], split["max_seq_len"], n_sources,
-                                         Path(scratch), report, layouts.get(stream["name"], {}))
+            for stream in split.streams:
+                counted = _verify_stream(manifest.stream_dir(stream), split.max_seq_len, n_sources,
+                                         Path(scratch), report, layouts.get(stream.name, {}))
                 for key in ("rows", "tokens", "target_tokens", "samples"):
-                    if counted[key] != stream[key]:
-                        report.problems.append(f"{stream['path']}: manifest says {key}={stream[key]}, "
+                    recorded = getattr(stream, key)
+                    if recorded is not None and counted[key] != recorded:
+                        report.problems.append(f"{stream.path}: manifest says {key}={recorded}, "
                                                f"shards hold {counted[key]}")
                 for key in split_totals:
                     split_totals[key] += counted[key]
+            recorded_totals = manifest.raw["splits"][split_name]
             for key, value in split_totals.items():
-                if split[key] != value:
-                    report.problems.append(f"split {split_name}: manifest says {key}={split[key]}, "
-                                           f"streams add up to {value}")
+                if recorded_totals.get(key, value) != value:
+                    report.problems.append(f"split {split_name}: manifest says "
+                                           f"{key}={recorded_totals[key]}, streams add up to {value}")
     return report
 
 
 def _indexed_layouts(build_dir: Path, split_name: str, report: VerifyReport) -> dict[str, dict]:
     """{stream: {row: (piece lengths, source ids)}} from the split's sample index."""
-    path = build_dir / split_name / INDEX_FILE
+    path = inside(build_dir, f"{split_name}/{INDEX_FILE}")
     if not path.exists():
         report.problems.append(f"{path}: missing sample index")
         return {}
@@ -108,13 +109,14 @@ def iter_stream_rows(stream_dir: Path, scratch: Path, problems: list[str]):
     Rows are decoded by streaming's own reader, an independent check of ``longdata.mds``."""
     from streaming.base.format import reader_from_json
 
-    index_path = stream_dir / "index.json"
-    if not index_path.exists():
-        problems.append(f"{index_path}: missing")
+    try:
+        shards = read_index(stream_dir)
+    except ShardError as exc:
+        problems.append(str(exc))
         return
-    for shard in json.loads(index_path.read_text())["shards"]:
-        where = stream_dir / (shard["zip_data"] or shard["raw_data"])["basename"]
+    for shard in shards:
         try:
+            where = shard_file(stream_dir, shard["zip_data"] or shard["raw_data"])
             data = load_shard(stream_dir, shard)
         except ShardError as exc:
             problems.append(str(exc))

@@ -8,12 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-MDS_COLUMNS = {
-    "input_ids": "ndarray:uint32",
-    "loss_mask": "ndarray:uint8",
-    "seq_lens": "ndarray:uint32",
-    "source_ids": "ndarray:uint16",
-}
+from longdata.format import COLUMNS, FORMAT, SHARD_HASHES
 
 
 def make_row(
@@ -48,7 +43,8 @@ def _write_split(
     total_tokens = sum(len(r["input_ids"]) for rows in rows_per_stream.values() for r in rows)
     for name, rows in rows_per_stream.items():
         relative = f"{split}/{name}"
-        with MDSWriter(out=str(out / relative), columns=MDS_COLUMNS, compression="zstd") as writer:
+        with MDSWriter(out=str(out / relative), columns=COLUMNS, compression="zstd",
+                       hashes=SHARD_HASHES) as writer:
             for row in rows:
                 writer.write(row)
         tokens = sum(len(r["input_ids"]) for r in rows)
@@ -67,7 +63,7 @@ def _write_split(
 
 def _write_manifest(out: Path, vocab_size: int, splits: dict, **extra: object) -> Path:
     manifest = {
-        "format": "longdata/1",
+        "format": FORMAT,
         "name": "test",
         "tokenizer": {
             "name": "builtin:test",

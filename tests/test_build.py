@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 
 from longdata.build import build
+from longdata.format import BUILTIN_TOKENIZERS, check_row
 from longdata.recipe import validate_recipe
-from longdata.shards import check_row
-from longdata.templates import BUILTIN_TOKENIZERS
 from longdata.verify import verify_build
 
 

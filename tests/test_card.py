@@ -111,4 +111,4 @@ def test_card_command_regenerates_the_same_card(built, tmp_path):
 
 def test_card_command_on_a_directory_that_is_not_a_build(tmp_path):
     out = CliRunner().invoke(app, ["card", str(tmp_path)])
-    assert out.exit_code == 2 and "not a finished longdata build" in out.output
+    assert out.exit_code == 2 and "not a complete longdata build" in out.output

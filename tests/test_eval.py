@@ -15,7 +15,7 @@ from transformers import AutoTokenizer
 from typer.testing import CliRunner
 
 from longdata import niah
-from longdata.templates import tokenizer_digest
+from longdata.format import FORMAT, tokenizer_digest
 from longdata.tokenizer_assets import ASSET_DIR, CHAT_TEMPLATE
 from tests.builders import make_row, write_build
 from trainer import cli, load_model
@@ -483,7 +483,9 @@ def test_length_buckets() -> None:
 
 def test_default_split() -> None:
     def manifest(*splits):
-        return Manifest(Path("."), {"splits": {s: {} for s in splits}})
+        return Manifest.parse(Path("."), {
+            "format": FORMAT, "tokenizer": {"name": "t", "vocab_size": 8}, "sources": [],
+            "splits": {s: {"max_seq_len": 8, "streams": []} for s in splits}})
 
     assert default_split(manifest("train", "validation")) == "validation"
     assert default_split(manifest("a/train", "a/validation", "b/train", "b/validation")) == (

@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 from longdata.build import build
 from longdata.cli import app
+from longdata.format import StreamReader, tokenizer_location
 from longdata.inspect import (
     TARGET_CLOSE,
     TARGET_OPEN,
@@ -28,9 +29,7 @@ from longdata.inspect import (
     segments,
     theme,
 )
-from longdata.mds import StreamReader
 from longdata.recipe import validate_recipe
-from longdata.templates import tokenizer_location
 from tests.test_build import small_recipe
 
 ASSISTANT_HEADER = "<|start_header_id|>assistant<|end_header_id|>\n\n"

@@ -142,7 +142,7 @@ def test_curriculum_trains_stages_in_order_with_token_shares(staged: Path, tmp_p
     assert list(manifest.raw["splits"])[0] == "long/train"  # stored sorted
     assert manifest.training_splits() == ["short/train", "long/train"]
     tokens = [
-        sum(s["tokens"] for s in manifest.split(name)["streams"]) for name in manifest.training_splits()
+        sum(s.tokens for s in manifest.split(name).streams) for name in manifest.training_splits()
     ]
     config = _config(staged, tmp_path / "run", steps=6, batch_size=1, grad_accum=1)
     stages = plan_stages(manifest, config)

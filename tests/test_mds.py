@@ -1,12 +1,11 @@
-"""longdata.mds reads rows exactly as streaming's own reader does, one shard at a time."""
+"""longdata.format.mds reads rows exactly as streaming's own reader does, one shard at a time."""
 
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from longdata.mds import ShardError, StreamReader
-from longdata.shards import COLUMNS, SHARD_HASHES
+from longdata.format import COLUMNS, SHARD_HASHES, ShardError, StreamReader
 from longdata.verify import iter_stream_rows
 from tests.builders import make_row
 

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from longdata.build import build
-from longdata.mds import StreamReader
+from longdata.format import StreamReader
 from longdata.partition import merge
 from longdata.recipe import validate_recipe
 from longdata.verify import iter_stream_rows, verify_build

@@ -546,7 +546,7 @@ def eval_loss(
         manifest = Manifest.read(build)
     except (FileNotFoundError, ValueError) as error:
         raise typer.BadParameter(str(error), param_hint="BUILD") from None
-    splits = list(manifest.raw["splits"])
+    splits = manifest.split_names
     if split is None:
         split = default_split(manifest)
         if split is None:

@@ -30,6 +30,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
+from longdata.format import row_structure_problem
+
 IGNORE_INDEX = -100
 PADDING_SOURCE = -1
 
@@ -80,7 +82,10 @@ def collate(
     for row_index, row in enumerate(rows):
         seq_lens = [int(length) for length in row["seq_lens"]]
         row_length = row_lengths[row_index]
-        _check_row(row, seq_lens, row_length)
+        # A silent mismatch would leak attention across samples: fail loudly instead.
+        problem = row_structure_problem(row)
+        if problem:
+            raise ValueError(problem)
         # MDS hands back unsigned arrays; nn.Embedding and the loss want int64.
         tokens = torch.from_numpy(np.asarray(row["input_ids"], dtype=np.int64))
         is_target = torch.from_numpy(np.asarray(row["loss_mask"], dtype=bool))
@@ -125,14 +130,3 @@ def collate(
         "sample_target_counts": sample_target_counts,
         "sample_source_ids": torch.tensor(sample_source_ids, dtype=torch.int64),
     }
-
-
-def _check_row(row: Mapping[str, np.ndarray], seq_lens: list[int], row_length: int) -> None:
-    """Fail loudly on a row that breaks the schema: a silent mismatch would leak attention."""
-    if sum(seq_lens) != row_length or len(row["loss_mask"]) != row_length:
-        raise ValueError(
-            f"row is inconsistent: {row_length} input_ids, {len(row['loss_mask'])} loss_mask "
-            f"entries, seq_lens summing to {sum(seq_lens)}"
-        )
-    if len(seq_lens) != len(row["source_ids"]) or min(seq_lens, default=0) < 1:
-        raise ValueError(f"row has bad seq_lens {seq_lens} for source_ids {row['source_ids']}")

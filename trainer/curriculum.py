@@ -48,14 +48,14 @@ def share_steps(weights: list[int], steps: int) -> list[int]:
 
 
 def _split_tokens(manifest: Manifest, split: str) -> int:
-    return sum(int(stream.get("tokens", 0)) for stream in manifest.split(split)["streams"])
+    return sum(stream.tokens for stream in manifest.split(split).streams)
 
 
 def _check_split(manifest: Manifest, split: str, setting: str) -> None:
-    if split not in manifest.raw["splits"]:
+    if split not in manifest.splits:
         raise ConfigError(
             f"{setting} {split!r} is not in {manifest.build_dir}; its splits: "
-            f"{', '.join(sorted(manifest.raw['splits']))}"
+            f"{', '.join(manifest.split_names)}"
         )
 
 
@@ -70,7 +70,7 @@ def plan_stages(manifest: Manifest, config: TrainConfig) -> list[Stage]:
         if not splits:
             raise ConfigError(
                 f"{manifest.build_dir} has no training split (train or <stage>/train); its "
-                f"splits: {', '.join(sorted(manifest.raw['splits']))}; pass --split"
+                f"splits: {', '.join(manifest.split_names)}; pass --split"
             )
         if config.stage_steps is not None:
             if len(config.stage_steps) != len(splits):
@@ -98,4 +98,4 @@ def validation_split(manifest: Manifest, config: TrainConfig, train_split: str) 
         return config.eval_split
     prefix, _, _ = train_split.rpartition("train")
     own = f"{prefix}validation"
-    return own if own in manifest.raw["splits"] else default_split(manifest)
+    return own if own in manifest.splits else default_split(manifest)

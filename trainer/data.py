@@ -1,72 +1,24 @@
 """Stream a longdata build's packed rows with mosaicml-streaming.
 
-The only things read from a build are its `manifest.json` and the MDS streams it lists (see
-docs/ROW_SCHEMA.md): one `streaming.Stream` per length bucket, mixed by the manifest's
-proportions. `StreamingDataLoader.state_dict()` records how far into the epoch training got, so
-a resumed run sees exactly the rows it would have seen.
+The only things read from a build are its `manifest.json` (through `longdata.format.Manifest`,
+the build contract) and the MDS streams it lists (see docs/ROW_SCHEMA.md): one
+`streaming.Stream` per length bucket, mixed by the manifest's proportions. Every shard is
+checked against the hash its index.json records before training reads it, so a damaged shard
+stops the run with one line naming the file instead of training on wrong tokens.
+`StreamingDataLoader.state_dict()` records how far into the epoch training got, so a resumed
+run sees exactly the rows it would have seen.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+from longdata.format import SHARD_HASHES, Manifest, check_stream_files, inside
 from trainer.config import BATCHING_METHODS
 
-
-@dataclass(frozen=True)
-class Manifest:
-    """The parts of a build's manifest.json the trainer uses."""
-
-    build_dir: Path
-    raw: dict[str, Any]
-
-    @classmethod
-    def read(cls, build_dir: str | Path) -> Manifest:
-        build_dir = Path(build_dir)
-        path = build_dir / "manifest.json"
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"{path} not found: not a finished longdata build (manifest.json is written last)"
-            )
-        raw = json.loads(path.read_text())
-        if raw.get("format") != "longdata/1":
-            raise ValueError(f"{path}: unsupported manifest format {raw.get('format')!r}")
-        return cls(build_dir, raw)
-
-    @property
-    def vocab_size(self) -> int:
-        return int(self.raw["tokenizer"]["vocab_size"])
-
-    @property
-    def source_names(self) -> list[str]:
-        return [source["name"] for source in self.raw.get("sources", [])]
-
-    def training_splits(self) -> list[str]:
-        """The train splits in stage order: a staged build's curriculum, or just `train`.
-
-        manifest.json stores split keys sorted by name; the stage order is the recipe's
-        `packing.stages` order, kept in the manifest's copy of the recipe.
-        """
-        recipe = self.raw.get("recipe") or {}
-        stages = [stage["name"] for stage in (recipe.get("packing") or {}).get("stages") or []]
-        splits = self.raw["splits"]
-        trains = [name for name in splits if name == "train" or name.endswith("/train")]
-
-        def stage_position(name: str) -> int:
-            stage = splits[name].get("stage")
-            return stages.index(stage) if stage in stages else len(stages)
-
-        return sorted(trains, key=lambda name: (stage_position(name), name))
-
-    def split(self, name: str) -> dict[str, Any]:
-        splits = self.raw["splits"]
-        if name not in splits:
-            raise KeyError(f"split {name!r} not in the build; it has {sorted(splits)}")
-        return splits[name]
+__all__ = ["Manifest", "make_dataloader", "make_dataset", "release_streaming_resources"]
 
 
 def make_dataset(
@@ -90,22 +42,28 @@ def make_dataset(
 
     With `remote` (e.g. `s3://bucket/builds/quickstart`), each stream is read from
     `<remote>/<stream path>` and cached under `cache_dir` (default: the build directory);
-    otherwise the shards are read in place from the build directory.
+    otherwise the shards are read in place from the build directory. Local shards are
+    hash-checked here, before any is read; downloaded ones by streaming as they arrive
+    (`validate_hash`).
     """
     from streaming import Stream, StreamingDataset
 
     if batching_method not in BATCHING_METHODS:
         raise ValueError(f"batching_method must be one of {BATCHING_METHODS}")
-    local_root = Path(cache_dir) if cache_dir is not None else manifest.build_dir
-    streams = [
-        Stream(
-            remote=f"{remote.rstrip('/')}/{entry['path']}" if remote else None,
-            local=str(local_root / entry["path"]),
-            proportion=entry["proportion"],
-        )
-        for entry in manifest.split(split)["streams"]
-        if entry["rows"] > 0
-    ]
+    entries = [entry for entry in manifest.split(split).streams if entry.rows > 0]
+    if remote:
+        local_root = Path(cache_dir) if cache_dir is not None else manifest.build_dir
+        streams = [
+            Stream(remote=f"{remote.rstrip('/')}/{entry.path}", local=str(inside(local_root, entry.path)),
+                   proportion=entry.proportion, validate_hash=SHARD_HASHES[0])
+            for entry in entries
+        ]
+    else:
+        streams = []
+        for entry in entries:
+            stream_dir = manifest.stream_dir(entry)
+            check_stream_files(stream_dir)
+            streams.append(Stream(local=str(stream_dir), proportion=entry.proportion))
     return StreamingDataset(
         streams=streams,
         batch_size=batch_size,

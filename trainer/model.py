@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 
 import torch
@@ -94,9 +95,23 @@ def load_model(
         str(name_or_path_or_config) not in PRESETS
     )
     if is_checkpoint:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(name_or_path_or_config), attn_implementation=attn_implementation, dtype=dtype
-        )
+        name = str(name_or_path_or_config)
+        # A near-miss of a preset name is a typo, not a hub id to spend retries looking up.
+        near = difflib.get_close_matches(name, PRESETS, n=1, cutoff=0.75)
+        if near and not Path(name).exists():
+            raise ValueError(f"model {name!r} is not a preset ({', '.join(PRESETS)}); did you mean "
+                             f"{near[0]!r}?")
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                name, attn_implementation=attn_implementation, dtype=dtype
+            )
+        except OSError as error:
+            # transformers explains a failed hub lookup over many lines; one is enough here.
+            reason = next((line for line in str(error).splitlines() if line.strip()), "")
+            raise ValueError(
+                f"model {name!r} is not a preset ({', '.join(PRESETS)}), "
+                f"a local checkpoint directory, or a hub id that loads here ({reason})"
+            ) from None
     else:
         config = model_config(name_or_path_or_config, vocab_size)
         model = AutoModelForCausalLM.from_config(

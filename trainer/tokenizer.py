@@ -16,8 +16,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from longdata.templates import TemplateError, resolve_template, tokenizer_digest, tokenizer_location
-from trainer.data import Manifest
+from longdata.format import (
+    Manifest,
+    TemplateError,
+    resolve_template,
+    tokenizer_digest,
+    tokenizer_location,
+)
 
 # Any one of these marks a directory that AutoTokenizer can load from.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -29,7 +34,7 @@ class TokenizerUnavailable(RuntimeError):
 
 def _recipe_chat_template(manifest: Manifest) -> str | None:
     """The chat template the recipe set (inline, or the contents of the file it names)."""
-    value = (manifest.raw.get("recipe", {}).get("tokenizer") or {}).get("chat_template")
+    value = manifest.recipe_value("tokenizer", "chat_template")
     try:
         return resolve_template(value)
     except TemplateError as error:
@@ -45,16 +50,14 @@ def load_build_tokenizer(build_dir: str | Path) -> Any:
     from transformers import AutoTokenizer
 
     manifest = Manifest.read(build_dir)
-    info = manifest.raw.get("tokenizer") or {}
-    if not info.get("name") and not info.get("path"):
-        raise TokenizerUnavailable(f"{manifest.build_dir}/manifest.json names no tokenizer")
-    where = tokenizer_location(info)
-    revision = (manifest.raw.get("recipe", {}).get("tokenizer") or {}).get("revision")
+    info = manifest.tokenizer
+    where = tokenizer_location({"name": info.name, "path": info.path})
+    revision = manifest.recipe_value("tokenizer", "revision")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(where), revision=revision, use_fast=True)
     except (OSError, ValueError) as error:
         raise TokenizerUnavailable(f"cannot load the build's tokenizer {where!r}: {error}") from None
-    expected = info.get("sha256")
+    expected = info.sha256
     if expected and tokenizer_digest(tokenizer) != expected:
         raise TokenizerUnavailable(
             f"the tokenizer at {where!r} is not the one the build used (digest differs from "
@@ -70,7 +73,7 @@ def save_build_tokenizer(build_dir: str | Path, out_dir: str | Path) -> str | No
     """Save the build's tokenizer into `out_dir`; return why not if it cannot (never raises)."""
     try:
         tokenizer = load_build_tokenizer(build_dir)
-    except (TokenizerUnavailable, FileNotFoundError, ValueError) as error:
+    except (TokenizerUnavailable, OSError, ValueError) as error:
         return str(error)
     tokenizer.save_pretrained(str(out_dir))
     return None

@@ -25,8 +25,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from longdata.format import Manifest, check_stream_files
 from trainer.collation import collate
-from trainer.data import Manifest, release_streaming_resources
+from trainer.data import release_streaming_resources
 from trainer.loss import model_token_losses
 
 MIN_LENGTH_BUCKET = 1024
@@ -148,7 +149,7 @@ class LossReport:
 
 def default_split(manifest: Manifest) -> str | None:
     """`validation`, or the first stage's `<stage>/validation`; None if the build has none."""
-    splits = list(manifest.raw["splits"])
+    splits = manifest.split_names
     if "validation" in splits:
         return "validation"
     staged = [name for name in splits if name.endswith("/validation")]
@@ -156,24 +157,26 @@ def default_split(manifest: Manifest) -> str | None:
 
 
 def split_rows(manifest: Manifest, split: str) -> int:
-    return sum(int(stream["rows"]) for stream in manifest.split(split)["streams"])
+    return manifest.split(split).rows
 
 
 def iter_rows(manifest: Manifest, split: str) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
     """(stream name, row) for every row of every stream of `split`, each exactly once."""
     from streaming import Stream, StreamingDataset
 
-    for entry in manifest.split(split)["streams"]:
-        if int(entry["rows"]) == 0:
+    for entry in manifest.split(split).streams:
+        if entry.rows == 0:
             continue
+        stream_dir = manifest.stream_dir(entry)
+        check_stream_files(stream_dir)
         dataset = StreamingDataset(
-            streams=[Stream(local=str(manifest.build_dir / entry["path"]))],
+            streams=[Stream(local=str(stream_dir))],
             batch_size=1,
             shuffle=False,
         )
         try:
             for index in range(dataset.num_samples):
-                yield entry["name"], dataset[index]
+                yield entry.name, dataset[index]
         finally:
             del dataset
             release_streaming_resources()

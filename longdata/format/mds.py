@@ -1,10 +1,14 @@
-"""Read rows of one MDS stream directly, without importing ``streaming`` (which imports torch,
-seconds on a laptop) and without leaving decompressed shards beside the build (streaming's own
-readers do).
+"""The one MDS reader for tools: rows of one stream, read directly, without importing
+``streaming`` (which imports torch, seconds on a laptop) and without leaving decompressed shards
+beside the build (streaming's own readers do).
 
 ``StreamReader(stream_dir).row(n)`` opens only the shard holding row ``n`` (found from the
 ``samples`` counts in index.json); ``load_shard`` checks a shard's size and hashes against the
-index before and after decompression. The decoding covers what ``longdata build`` writes
+index before and after decompression; ``check_stream_files`` checks every shard file a reader
+would open (the trainer calls it before training). Shard names from index.json are joined to the
+stream directory through ``inside``, so an edited index cannot point a reader elsewhere.
+
+The decoding covers what ``longdata build`` writes
 (``ndarray:<dtype>`` columns, MDS format version 2); ``longdata verify`` decodes rows with
 streaming's own reader instead, and the tests check both agree.
 """
@@ -18,9 +22,36 @@ from pathlib import Path
 
 import numpy as np
 
+from longdata.format.manifest import BuildFormatError
+from longdata.format.paths import UnsafePathError, inside
 
-class ShardError(ValueError):
+INDEX_FILE = "index.json"
+
+
+class ShardError(BuildFormatError):
     """A stream or shard that cannot be read as its index.json describes it."""
+
+
+def read_index(stream_dir: Path) -> list[dict]:
+    """The shard entries of ``stream_dir/index.json``; ShardError if it is missing or damaged."""
+    path = Path(stream_dir) / INDEX_FILE
+    if not path.is_file():
+        raise ShardError(f"{path}: missing")
+    try:
+        shards = json.loads(path.read_text())["shards"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ShardError(f"{path}: not a readable MDS index ({error})") from None
+    if not isinstance(shards, list) or not all(isinstance(s, dict) for s in shards):
+        raise ShardError(f"{path}: 'shards' must be a list of objects")
+    return shards
+
+
+def shard_file(stream_dir: Path, info: dict) -> Path:
+    """The file one ``raw_data`` / ``zip_data`` entry names, checked to be inside the stream."""
+    try:
+        return inside(stream_dir, info["basename"])
+    except (UnsafePathError, KeyError, TypeError) as error:
+        raise ShardError(f"{stream_dir}/{INDEX_FILE}: bad shard name ({error})") from None
 
 
 def _decompress(compression: str, data: bytes) -> bytes:
@@ -56,19 +87,44 @@ def _hash(algorithm: str, data: bytes) -> str:
     return hashlib.new(algorithm, data).hexdigest()
 
 
-def _check(data: bytes, expected: dict, where: Path) -> None:
+def _check(data: bytes, expected: dict, where: Path, require_hash: bool = False) -> None:
     if len(data) != expected["bytes"]:
         raise ShardError(f"{where}: {len(data)} bytes, index says {expected['bytes']}")
-    for algorithm, digest in (expected.get("hashes") or {}).items():
+    hashes = expected.get("hashes") or {}
+    if require_hash and not hashes:
+        raise ShardError(f"{where}: index.json records no hash for this shard, so it cannot be "
+                         "checked (longdata builds record xxh64)")
+    for algorithm, digest in hashes.items():
         if _hash(algorithm, data) != digest:
             raise ShardError(f"{where}: {algorithm} hash mismatch (corrupted shard)")
+
+
+def check_stream_files(stream_dir: Path) -> int:
+    """Check the size and recorded hash of every shard file of a stream that a reader would
+    open: the raw shard where one lies beside the build (streaming reads it first), else the
+    compressed one. Returns the number of shards; ShardError names the first bad file."""
+    shards = read_index(stream_dir)
+    for shard in shards:
+        raw = shard_file(stream_dir, shard["raw_data"])
+        stored = shard.get("zip_data")
+        if raw.is_file() or not stored:
+            if not raw.is_file():
+                raise ShardError(f"{raw}: missing shard file")
+            _check(raw.read_bytes(), shard["raw_data"], raw, require_hash=True)
+        if stored:
+            packed = shard_file(stream_dir, stored)
+            if packed.is_file():
+                _check(packed.read_bytes(), stored, packed, require_hash=True)
+            elif not raw.is_file():
+                raise ShardError(f"{packed}: missing shard file")
+    return len(shards)
 
 
 def load_shard(stream_dir: Path, shard: dict) -> bytes:
     """The raw (decompressed) bytes of one shard of ``index.json``, checked against its sizes
     and hashes; ``ShardError`` names the file and what is wrong."""
     stored = shard["zip_data"] or shard["raw_data"]
-    where = Path(stream_dir) / stored["basename"]
+    where = shard_file(Path(stream_dir), stored)
     if not where.exists():
         raise ShardError(f"{where}: missing shard file")
     data = where.read_bytes()
@@ -118,10 +174,7 @@ class StreamReader:
 
     def __init__(self, stream_dir: str | Path):
         self.stream_dir = Path(stream_dir)
-        index_path = self.stream_dir / "index.json"
-        if not index_path.exists():
-            raise ShardError(f"{index_path}: missing")
-        self.shards: list[dict] = json.loads(index_path.read_text())["shards"]
+        self.shards: list[dict] = read_index(self.stream_dir)
         self._ends = np.cumsum([shard["samples"] for shard in self.shards]).tolist()
         self._cached: tuple[int, bytes] | None = None
 
@@ -144,4 +197,4 @@ class StreamReader:
 
     def shard_path(self, row: int) -> Path:
         shard = self.shards[self.locate(row)[0]]
-        return self.stream_dir / (shard["zip_data"] or shard["raw_data"])["basename"]
+        return shard_file(self.stream_dir, shard["zip_data"] or shard["raw_data"])

@@ -1,0 +1,54 @@
+"""The build contract: what a longdata build directory holds and how to read it safely.
+
+Both the builder (``longdata``) and the trainer (``trainer``) import this package, and it is the
+only part of ``longdata`` the trainer imports. It needs numpy and the standard library only (no
+torch, pydantic or numba):
+
+- ``manifest``: the typed, versioned ``Manifest`` (read, validate, write ``manifest.json``);
+- ``rows``: the row schema and ``check_row``;
+- ``mds``: the one MDS row reader for tools, and the shard hash checks;
+- ``paths``: safe names (``check_slug``), paths kept inside their base (``inside``), and the
+  marker that says a directory was written by longdata (``is_ours``);
+- ``tokenizer``: the tokenizer identity a manifest records and where to load it from.
+"""
+
+from longdata.format.manifest import (
+    FORMAT,
+    MANIFEST_FILE,
+    SUPPORTED_FORMATS,
+    BuildFormatError,
+    Manifest,
+    NotABuildError,
+    SplitEntry,
+    StreamEntry,
+    TokenizerEntry,
+    UnknownSplitError,
+    write_manifest,
+)
+from longdata.format.mds import ShardError, StreamReader, check_stream_files, load_shard, read_index
+from longdata.format.paths import (
+    MARKER_FILE,
+    UnsafePathError,
+    check_slug,
+    inside,
+    is_ours,
+    mark_ours,
+    marker_kind,
+)
+from longdata.format.rows import COLUMNS, SHARD_HASHES, check_row, row_structure_problem
+from longdata.format.tokenizer import (
+    BUILTIN_TOKENIZERS,
+    TemplateError,
+    resolve_template,
+    tokenizer_digest,
+    tokenizer_location,
+)
+
+__all__ = [
+    "BUILTIN_TOKENIZERS", "COLUMNS", "FORMAT", "MANIFEST_FILE", "MARKER_FILE", "SHARD_HASHES",
+    "SUPPORTED_FORMATS", "BuildFormatError", "Manifest", "NotABuildError", "ShardError",
+    "SplitEntry", "StreamEntry", "StreamReader", "TemplateError", "TokenizerEntry",
+    "UnknownSplitError", "UnsafePathError", "check_row", "check_slug", "check_stream_files",
+    "inside", "is_ours", "load_shard", "mark_ours", "marker_kind", "read_index", "resolve_template",
+    "row_structure_problem", "tokenizer_digest", "tokenizer_location", "write_manifest",
+]

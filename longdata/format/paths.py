@@ -1,0 +1,99 @@
+"""Names that become path parts, paths read from a build, and "did longdata write this?".
+
+Three rules keep longdata from touching what it does not own:
+
+- a name that becomes one path part (recipe, stage, source, bucket) is a *slug*: letters,
+  digits, ``_ . -``, not ``.`` or ``..``, no leading dot, at most 100 characters (``check_slug``);
+- a relative path read from a manifest or an index is joined to its base only through
+  ``inside``, which resolves symlinks and refuses anything that lands outside the base;
+- a directory is replaced or removed only when it carries longdata's marker file
+  (``mark_ours`` / ``is_ours``), or is a finished build of a longdata format.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path, PurePosixPath
+
+MARKER_FILE = ".longdata"
+SLUG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}$")
+# What a marker says the directory is; `is_ours(path, kind)` checks it.
+KINDS = ("build", "partial", "card")
+
+
+class UnsafePathError(ValueError):
+    """A name or a path that would reach outside the directory it belongs to."""
+
+
+def check_slug(name: str, what: str = "name") -> str:
+    """``name`` unchanged if it is safe as one path part, else ValueError with one line."""
+    if not isinstance(name, str) or not SLUG.match(name) or name in (".", ".."):
+        raise UnsafePathError(
+            f"{what} {name!r} is not a safe name: use letters, digits, '_', '.', '-' (at most 100, "
+            "not starting with '.' or '-')")
+    return name
+
+
+def inside(base: str | Path, relative: str) -> Path:
+    """``base / relative``, refusing a relative part that is absolute, climbs with ``..``, or
+    resolves (through symlinks) outside ``base``."""
+    parts = PurePosixPath(relative).parts if isinstance(relative, str) else ()
+    if not relative or not isinstance(relative, str) or relative.startswith(("/", "\\")) \
+            or ".." in parts or "\\" in relative or re.match(r"^[A-Za-z]:", relative):
+        raise UnsafePathError(f"path {relative!r} leads outside {base}: it must be relative, "
+                              "without '..'")
+    root = Path(base).resolve()
+    joined = root.joinpath(*parts)
+    resolved = joined.resolve()
+    if resolved != root and root not in resolved.parents:
+        raise UnsafePathError(f"path {relative!r} resolves to {resolved}, outside {root}")
+    return joined
+
+
+def mark_ours(directory: Path, kind: str) -> None:
+    """Record that longdata made ``directory`` (a build, a build being assembled, or a card)."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}")
+    (directory / MARKER_FILE).write_text(json.dumps({"written_by": "longdata", "kind": kind}) + "\n")
+
+
+def marker_kind(directory: Path) -> str | None:
+    """The kind recorded by ``mark_ours`` in ``directory``, or None when there is no marker."""
+    marker = Path(directory) / MARKER_FILE
+    if marker.is_symlink() or not marker.is_file():
+        return None
+    try:
+        data = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("written_by") != "longdata":
+        return None
+    return data.get("kind") if data.get("kind") in KINDS else None
+
+
+def is_ours(path: str | Path, *kinds: str) -> bool:
+    """True when ``path`` is a real directory (not a symlink) that longdata wrote: it holds
+    longdata's marker (of one of ``kinds``, when given), or it is a finished build written
+    before markers existed (a ``manifest.json`` of a known format)."""
+    from longdata.format.manifest import SUPPORTED_FORMATS
+
+    path = Path(path)
+    if path.is_symlink() or not path.is_dir():
+        return False
+    kind = marker_kind(path)
+    if kind is not None:
+        return not kinds or kind in kinds
+    if kinds and "build" not in kinds:
+        return False
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") in SUPPORTED_FORMATS
+
+
+class NotOursError(ValueError):
+    """A directory longdata would replace or remove, but did not write."""
+
+    exit_code = 2

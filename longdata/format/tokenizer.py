@@ -1,0 +1,51 @@
+"""The tokenizer identity a manifest records, and how a consumer finds that tokenizer again.
+
+``tokenizer.sha256`` in manifest.json is ``tokenizer_digest`` of the tokenizer the build used;
+``tokenizer_location`` turns a manifest's ``tokenizer`` entry back into something
+``AutoTokenizer.from_pretrained`` loads (a bundled tokenizer is recorded by its ``builtin:``
+name, so a manifest does not depend on where longdata is installed); ``resolve_template`` reads
+the recipe's ``chat_template`` value (inline Jinja, or a file it names) the same way for the
+builder and the trainer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+BUILTIN_TOKENIZERS = {
+    "builtin:quickstart": Path(__file__).resolve().parent.parent / "assets" / "quickstart_tokenizer",
+}
+
+
+class TemplateError(ValueError):
+    """A chat template that cannot be used (a build-level, not row-level, fault)."""
+
+
+def tokenizer_location(info: dict[str, Any]) -> str:
+    """Where to load the tokenizer a manifest's ``tokenizer`` entry names: a bundled one from
+    this installation, otherwise its recorded local path or hub id."""
+    builtin = BUILTIN_TOKENIZERS.get(info.get("name", ""))
+    return str(builtin) if builtin else info.get("path") or info["name"]
+
+
+def tokenizer_digest(tokenizer) -> str:
+    """What manifest.json's ``tokenizer.sha256`` holds: vocabulary, merges and special tokens."""
+    digest = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode())
+    digest.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def resolve_template(value: str | None) -> str | None:
+    """A template given inline, or the contents of the file it names.
+
+    A value without Jinja syntax must name a file: a mistyped path would otherwise be taken for
+    a template whose output holds no assistant turn, and every row would be quarantined.
+    """
+    if not value or "{%" in value or "{{" in value:
+        return value
+    if not Path(value).is_file():
+        raise TemplateError(f"tokenizer.chat_template {value!r} is neither a Jinja template nor a file")
+    return Path(value).read_text(encoding="utf-8")

@@ -41,7 +41,7 @@ from longdata.tokenize import PartitionedCache, TokenCache, tokenize_records
 
 FORMAT = "longdata/1"
 # Bump when normalisation or tokenization changes what a cached source would contain.
-CACHE_VERSION = 3
+CACHE_VERSION = 4
 
 
 class BuildError(RuntimeError):
@@ -166,11 +166,12 @@ def _progress(console: Console) -> Progress:
 
 
 def cache_key(source, recipe: Recipe, tokenizer_info: TokenizerInfo, template: str) -> str:
-    """Everything that changes a source's tokens; weights, filters and packing are not in it."""
+    """Everything that changes a source's tokens; weights, filters and packing are not in it.
+    ``template`` is the chat template with the recipe's chat_template_kwargs bound into it."""
     digest = hashlib.sha256()
     config = source.model_dump(mode="json", exclude={"weight", "min_tokens", "max_tokens", "name"})
-    digest.update(json.dumps([CACHE_VERSION, config, tokenizer_info.sha256, template],
-                             sort_keys=True).encode())
+    digest.update(json.dumps([CACHE_VERSION, config, tokenizer_info.sha256, template,
+                              recipe.tokenizer.multi_turn], sort_keys=True).encode())
     if isinstance(source, FileSource):
         digest.update(_content_fingerprint(resolve_path(source, Path(recipe.cache_dir))).encode())
     else:
@@ -220,7 +221,8 @@ def tokenize_source(source, recipe: Recipe, tokenizer, tokenizer_info: Tokenizer
                               count_tokens=lambda text: len(backend.encode(text, add_special_tokens=False)))
         staging = entry.with_name(entry.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
-        tokenize_records(records, tokenizer, staging, max_samples=source.max_samples, on_progress=advance)
+        tokenize_records(records, tokenizer, staging, multi_turn=recipe.tokenizer.multi_turn,
+                         max_samples=source.max_samples, on_progress=advance)
         staging.rename(entry)
         progress.update(task, total=progress.tasks[task].completed)
     return TokenizedSource(source.name, source.kind, source.weight, TokenCache(entry), cached)

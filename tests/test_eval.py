@@ -148,14 +148,16 @@ def test_too_short_a_length_is_refused(tokenizer) -> None:
         niah.build_prompt(tokenizer, length=20, depth=0.5, sample=0)
 
 
-def test_generation_prompt_for_a_template_without_one(tokenizer) -> None:
-    """A template that ignores add_generation_prompt still gets the assistant header."""
+def test_prompt_and_answer_split_where_training_splits_them(tokenizer) -> None:
+    """The prompt ends with the generation prompt; a template that ignores add_generation_prompt
+    trains its assistant header as target, so the scored answer starts with the header."""
     user = "Hello there."
     expected = tokenizer.apply_chat_template(
         [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
     )
     assert niah.generation_prompt(tokenizer, user) == expected
     assert expected.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert niah.answer_frame(tokenizer, user) == ("", "<|eot_id|>")
 
     plain = AutoTokenizer.from_pretrained(str(ASSET_DIR))
     plain.chat_template = CHAT_TEMPLATE.split("{%- if add_generation_prompt %}")[0]
@@ -163,12 +165,13 @@ def test_generation_prompt_for_a_template_without_one(tokenizer) -> None:
         [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
     )
     assert not rendered.endswith("assistant<|end_header_id|>\n\n")  # the flag is ignored
-    assert niah.generation_prompt(plain, user) == expected
+    assert niah.generation_prompt(plain, user) == rendered
+    assert niah.answer_frame(plain, user) == ("<|start_header_id|>assistant<|end_header_id|>\n\n", "<|eot_id|>")
 
     broken = AutoTokenizer.from_pretrained(str(ASSET_DIR))
     broken.chat_template = "{% for m in messages %}{{ m['content'] | lower }}{% endfor %}"
     with pytest.raises(ValueError, match="cannot tell where the answer starts"):
-        niah.generation_prompt(broken, user)
+        niah.answer_frame(broken, user)
 
 
 NEEDLE_PATTERNS = (

@@ -181,8 +181,8 @@ class ChatRenderer:
         prompt = self.generation_prompt(messages[:index])
         text = self._render(turns, add_generation_prompt=False)
         if not text.startswith(prompt):
-            raise RowError(f"the chat template renders assistant turn {index} so that the generation "
-                           "prompt is not a prefix of it: cannot tell where the answer starts")
+            raise RowError(f"the chat template renders the assistant turn (message {index}) so that the "
+                           "generation prompt is not a prefix of it: cannot tell where the answer starts")
         end = len(prompt) + len(text[len(prompt):].rstrip())
         spans = ((len(prompt), end),) if end > len(prompt) else ()
         return RenderedChat(text, spans, _longest_user_span(text, messages[: index + 1]))

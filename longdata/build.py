@@ -33,8 +33,8 @@ from longdata import __version__, packing
 from longdata.card import copy_card, write_card
 from longdata.mix import Mix, SampleList, SourceSamples, mix
 from longdata.recipe import AntiHaystackSource, FileSource, Recipe, load_recipe
-from longdata.sample_index import write_sample_index
-from longdata.shards import RowAssembler, StreamStats, write_stream
+from longdata.sample_index import gather_column, write_sample_index
+from longdata.shards import RowAssembler, StreamStats, piece_mask, write_stream
 from longdata.sources import read_source, resolve_path
 from longdata.templates import TokenizerInfo, load_tokenizer
 from longdata.tokenize import PartitionedCache, TokenCache, tokenize_records
@@ -302,12 +302,16 @@ class SplitPlan:
 
 def plan_split(name: str, samples: SampleList, max_len: int, overlength: str, stage: str | None,
                edges: list[int], caches: list, recipe: Recipe) -> SplitPlan:
-    pieces = packing.fit_to_length(samples.length, max_len, overlength)
+    cuttable = (gather_column(caches, "user_start", samples.source, samples.index),
+                gather_column(caches, "user_end", samples.source, samples.index)) \
+        if overlength == "truncate_middle" else None
+    pieces = packing.fit_to_length(samples.length, max_len, overlength, cuttable)
     pieces, no_target = _drop_targetless_cuts(pieces, samples, caches)
     plan = packing.plan(pieces.length, max_len, algorithm=recipe.packing.algorithm, seed=recipe.seed)
     buckets = packing.assign_buckets(plan.row_max_item_lengths(pieces.length), edges)
     counts = {"policy": overlength, "truncated": pieces.truncated, "dropped": pieces.dropped,
-              "split": pieces.split, "empty": pieces.empty, "no_target_after_cut": no_target}
+              "split": pieces.split, "middle_cut": pieces.middle_cut, "empty": pieces.empty,
+              "no_target_after_cut": no_target}
     return SplitPlan(name, max_len, stage, samples, pieces, plan, buckets, edges, counts)
 
 
@@ -342,15 +346,12 @@ def _drop_targetless_cuts(pieces: packing.Pieces, samples: SampleList,
     """A truncated or split-off piece may hold no assistant token at all; it would cost compute
     and teach nothing, so it is removed and counted."""
     cut = np.flatnonzero((pieces.start > 0) | (pieces.length < samples.length[pieces.sample]))
-    empty = [i for i in cut.tolist()
-             if not caches[samples.source[pieces.sample[i]]].tokens(
-                 int(samples.index[pieces.sample[i]]), int(pieces.start[i]), int(pieces.length[i]))[1].any()]
+    empty = [i for i in cut.tolist() if not piece_mask(pieces, i, samples, caches).any()]
     if not empty:
         return pieces, 0
     keep = np.ones(len(pieces), dtype=bool)
     keep[empty] = False
-    return dataclasses.replace(pieces, sample=pieces.sample[keep], start=pieces.start[keep],
-                               length=pieces.length[keep]), len(empty)
+    return pieces.select(keep), len(empty)
 
 
 # --- manifest and publishing -----------------------------------------------------------------

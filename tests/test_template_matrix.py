@@ -201,3 +201,34 @@ def test_niah_prompt_and_answer_are_the_training_sample(shape, tmp_path, monkeyp
     for sentence, distractor in zip(item.distractors, item.distractor_ids):
         assert tokenizer.decode(list(distractor)) == shape.target(sentence)
         assert len(distractor) == len(answer)
+
+
+@pytest.mark.parametrize("thinking", [True, False], ids=["thinking", "enable_thinking-false"])
+def test_a_two_turn_qwen3_conversation_builds(thinking, tmp_path):
+    """Through the recipe and the whole build: no row lost, the expansion counted, each turn's
+    target as the template renders it when the conversation ends there."""
+    from longdata.build import build
+    from longdata.recipe import validate_recipe
+    from longdata.verify import iter_stream_rows
+
+    data = tmp_path / "chats.jsonl"
+    turns = CONVERSATIONS["multi"]
+    data.write_text(json.dumps({"messages": [{"role": m.role, "content": m.content} for m in turns]}) + "\n")
+    kwargs = {} if thinking else {"enable_thinking": False}
+    result = build(validate_recipe({
+        "name": "qwen3", "tokenizer": {"name": "builtin:quickstart", "chat_template": str(TEMPLATES / "qwen3.jinja"),
+                                       "chat_template_kwargs": kwargs},
+        "sources": [{"name": "chats", "kind": "generic", "format": "messages", "path": str(data)}],
+        "packing": {"max_seq_len": 512, "algorithm": "next_fit"}, "validation": {"fraction": 0.0},
+        "output": {"dir": str(tmp_path / "out"), "card_dir": str(tmp_path / "cards")},
+        "cache_dir": str(tmp_path / "cache"),
+    }))
+    stats = result.manifest["sources"][0]["tokenize"]
+    assert (stats["rows_read"], stats["quarantined"], stats["samples"]) == (1, 0, 2)
+    assert (stats["split_conversations"], stats["turn_samples"]) == (1, 2)
+
+    tokenizer, _ = load_tokenizer(TokenizerConfig(name="builtin:quickstart"))
+    [(_, _, row)] = list(iter_stream_rows(next((result.out_dir / "train").glob("le_*")), tmp_path, []))
+    prefix = EMPTY_THINK if thinking else ""
+    assert target_runs(tokenizer, row["input_ids"], row["loss_mask"]) == [
+        prefix + "The needle is in paragraph 12.<|im_end|>", prefix + "Paragraph 40, after the lake.<|im_end|>"]

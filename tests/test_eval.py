@@ -564,3 +564,21 @@ def test_trainer_refuses_a_tokenizer_that_is_not_the_builds(tmp_path: Path, toke
     assert (out / "final" / "model.safetensors").is_file()
     assert not (out / "final" / "tokenizer.json").exists()
     assert "not the one the build used" in result.output
+
+
+def test_the_saved_tokenizer_renders_with_the_recipes_template_kwargs(tmp_path: Path, tokenizer) -> None:
+    """A checkpoint renders prompts as its build did: eval niah and any other tool loading it get
+    the recipe's chat_template_kwargs without being told."""
+    from trainer.tokenizer import save_build_tokenizer
+
+    build = _build_with_tokenizer(tmp_path, tokenizer)
+    manifest = json.loads((build / "manifest.json").read_text())
+    qwen3 = Path(__file__).parent / "templates" / "qwen3.jinja"
+    manifest.setdefault("recipe", {})["tokenizer"] = {
+        "name": "builtin:quickstart", "chat_template": str(qwen3),
+        "chat_template_kwargs": {"enable_thinking": False}}
+    (build / "manifest.json").write_text(json.dumps(manifest))
+    assert save_build_tokenizer(build, tmp_path / "saved") is None
+    saved = AutoTokenizer.from_pretrained(str(tmp_path / "saved"))
+    prompt = niah.generation_prompt(saved, "Where?")
+    assert prompt == "<|im_start|>user\nWhere?<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"

@@ -273,9 +273,11 @@ class ByteLevelMasker:
 
     def mask(self, ids: np.ndarray, text: str, spans: Sequence[tuple[int, int]]) -> np.ndarray | None:
         ends = self.token_ends(ids, text)
-        if ends is None:
-            return None
-        mask = np.zeros(len(ids), dtype=np.uint8)
+        return None if ends is None else self.mask_from_ends(ends, text, spans)
+
+    @staticmethod
+    def mask_from_ends(ends: np.ndarray, text: str, spans: Sequence[tuple[int, int]]) -> np.ndarray:
+        mask = np.zeros(len(ends), dtype=np.uint8)
         for start, end in spans:
             first = int(np.searchsorted(ends, _byte_offset(text, start), side="right"))
             last = int(np.searchsorted(ends, _byte_offset(text, end) - 1, side="right"))

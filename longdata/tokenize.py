@@ -24,7 +24,13 @@ import numpy as np
 import pyarrow as pa
 
 from longdata.records import Conversation, Quarantined
-from longdata.templates import ByteLevelMasker, ChatRenderer, RenderedChat, assistant_mask, inner_tokens
+from longdata.templates import (
+    ByteLevelMasker,
+    ChatRenderer,
+    RenderedChat,
+    assistant_mask,
+    inner_tokens,
+)
 
 CACHE_FILE = "tokens.arrow"
 QUARANTINE_FILE = "quarantine.jsonl"
@@ -187,12 +193,12 @@ class _Masking:
     masker: ByteLevelMasker | None
     stats: TokenizeStats
 
-    def mask(self, encoding, ids: np.ndarray, chat: RenderedChat) -> tuple[np.ndarray, tuple[int, int]]:
+    def mask_and_user_tokens(self, encoding, ids: np.ndarray, chat: RenderedChat) -> tuple[np.ndarray, tuple[int, int]]:
         """The loss mask and the token range of the sample's cuttable user turn (or (0, 0))."""
         if self.masker is not None:
             ends = self.masker.token_ends(ids, chat.text)
             if ends is not None:
-                mask = self.masker.mask(ids, chat.text, chat.assistant_spans)
+                mask = self.masker.mask_from_ends(ends, chat.text, chat.assistant_spans)
                 user = self.masker.inner_tokens(ids, ends, chat.text, chat.user_span) if chat.user_span else (0, 0)
                 return mask, _untargeted(user, mask)
             # A normaliser rewrote this text: only real offsets locate its spans.
@@ -217,7 +223,9 @@ def _to_arrow(samples: list[tuple[Conversation, RenderedChat]], encodings, maski
     for (conversation, chat), encoding in zip(samples, encodings):
         n_tokens = len(encoding)
         ids.extend(encoding.ids)
-        mask, user = masking.mask(encoding, np.frombuffer(ids, dtype=np.uint32)[len(ids) - n_tokens:], chat)
+        # The view of the batch array must not outlive this call: the array grows next.
+        mask, user = masking.mask_and_user_tokens(
+            encoding, np.frombuffer(ids, dtype=np.uint32)[len(ids) - n_tokens:], chat)
         target_tokens = int(mask.sum())
         if target_tokens == 0:
             # Only possible when a template drops assistant text; keep the row visible.

@@ -295,7 +295,7 @@ def test_loglik_scoring_ranks_the_candidates(tokenizer, small_grid) -> None:
 
             # Candidates differ in token count, so only the last token carries the score.
             return [[0.0] * (len(c) - 1) + [value(tokenizer.decode(c))] for c in continuations]
-        return LoglikScorer(None, tokenizer, score=score)
+        return LoglikScorer(None, score=score)
 
     right = evaluate(small_grid, stub(lambda p: p.code), [256, 512], [0.0, 0.5, 1.0])
     assert right.accuracy == 1.0
@@ -309,7 +309,7 @@ def test_loglik_scoring_ranks_the_candidates(tokenizer, small_grid) -> None:
     assert [r["chosen"] for r in wrong.rows] == [p.distractor_codes[2] for p in small_grid]
     assert wrong.as_json()["grid"]["mean_answer_logprob"][0][0] < 0
     # A tie is not a win.
-    tie = LoglikScorer(None, tokenizer, score=lambda p, conts: [[-1.0] for _ in conts])
+    tie = LoglikScorer(None, score=lambda p, conts: [[-1.0] for _ in conts])
     assert tie(small_grid[0])["correct"] is False
 
 

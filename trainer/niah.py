@@ -232,10 +232,10 @@ class LoglikScorer:
     def __init__(
         self,
         model: torch.nn.Module | None,
-        tokenizer: Any,
         score: Callable[[Sequence[int], Sequence[Sequence[int]]], list[list[float]]] | None = None,
     ) -> None:
-        self.tokenizer = tokenizer
+        # The candidates come tokenized with the prompt (NiahItem.answer_ids), as training
+        # tokenized them; no tokenizer is needed here.
         self._score = score or (lambda prompt, conts: continuation_logprobs(model, prompt, conts))
 
     def __call__(self, item: NiahItem) -> dict[str, Any]:

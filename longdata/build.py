@@ -248,7 +248,7 @@ def _publish_quarantine(sources: list[TokenizedSource], out_dir: Path) -> int:
 def mix_sources(sources: list[TokenizedSource], recipe: Recipe) -> Mix:
     inputs = [SourceSamples(name=s.name, weight=s.weight, lengths=s.cache.lengths,
                             text_hash=s.cache.text_hash, lang=s.cache.lang, min_tokens=config.min_tokens,
-                            max_tokens=config.max_tokens)
+                            max_tokens=config.max_tokens, row=s.cache.position)
               for s, config in zip(sources, recipe.sources)]
     return mix(inputs, seed=recipe.seed, validation_fraction=recipe.validation.fraction,
                validation_max=recipe.validation.max_samples, dedup=recipe.dedup == "exact",

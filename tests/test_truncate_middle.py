@@ -120,3 +120,16 @@ def test_recipe_lists_the_policies_when_one_is_unknown():
     with pytest.raises(RecipeError, match="truncate_middle") as error:
         validate_recipe(recipe)
     assert "packing.overlength" in str(error.value) and "'split'" in str(error.value)
+
+
+def test_inspect_shows_the_two_kept_spans(built):
+    from longdata.inspect import inspect_row, sample_title
+
+    _, result = built
+    index = pl.from_arrow(read_sample_index(result.out_dir, "train"))
+    line = index.filter(pl.col("status") == "middle_cut").row(0, named=True)
+    view = inspect_row(result.out_dir, sample_id=line["sample_id"])
+    [sample] = [s for s in view.samples if s.sample_id == line["sample_id"]]
+    kept_head, resumes = line["gap_start"], line["gap_start"] + line["gap_tokens"]
+    assert (f"middle_cut (tokens 0..{kept_head:,} + {resumes:,}..{line['sample_tokens']:,} "
+            f"of {line['sample_tokens']:,})") in sample_title(view, sample)

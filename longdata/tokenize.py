@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from longdata.records import Conversation, Quarantined
+from longdata.records import Conversation, Quarantined, RowError
 from longdata.templates import (
     ByteLevelMasker,
     ChatRenderer,
@@ -126,7 +126,7 @@ def tokenize_records(
 
         in_flight = None
         for batch in _batches(records, stats, max_samples):
-            samples = _render(batch.conversations, renderer, stats)
+            samples = _render(batch, renderer, stats)
             encoding = encoder.submit(encode_batch, [chat.text for _, chat in samples],
                                       add_special_tokens=False)
             if in_flight:
@@ -167,13 +167,19 @@ def _batches(records, stats: TokenizeStats, max_samples) -> Iterator[_Batch]:
         yield batch
 
 
-def _render(conversations: list[Conversation], renderer: ChatRenderer,
-            stats: TokenizeStats) -> list[tuple[Conversation, RenderedChat]]:
+def _render(batch: _Batch, renderer: ChatRenderer, stats: TokenizeStats) -> list[tuple[Conversation, RenderedChat]]:
     """Every sample of the batch with the conversation it came from (several per conversation
-    where the multi-turn policy gives each assistant turn its own sample)."""
+    where the multi-turn policy gives each assistant turn its own sample). A conversation whose
+    turns the template renders unlocatably joins the batch's quarantined rows."""
     samples = []
-    for conversation in conversations:
-        chats = renderer.samples(conversation.messages)
+    for conversation in batch.conversations:
+        try:
+            chats = renderer.samples(conversation.messages)
+        except RowError as error:
+            raw = json.dumps([{"role": m.role, "content": m.content} for m in conversation.messages],
+                             ensure_ascii=False)
+            batch.quarantined.append(Quarantined(conversation.location, str(error), raw[:2000]))
+            continue
         if len(chats) > 1:
             stats.split_conversations += 1
             stats.turn_samples += len(chats)

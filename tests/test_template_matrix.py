@@ -161,9 +161,9 @@ def test_last_turn_keeps_a_rewriting_template_to_one_sample(tmp_path):
     assert stats.samples == 1 and stats.split_conversations == 0
 
 
-def test_reasoning_under_enable_thinking_false_is_a_row_error_with_its_reason():
+def test_reasoning_under_enable_thinking_false_is_a_row_error_with_its_reason(tmp_path):
     """The pre-filled empty think block contradicts a turn that carries reasoning: the turn's
-    start cannot be found, and the row (not the build) fails with the reason."""
+    start cannot be found, and the row (not the build) is quarantined with the reason."""
     from longdata.records import RowError
     from longdata.templates import ChatRenderer
 
@@ -171,6 +171,10 @@ def test_reasoning_under_enable_thinking_false_is_a_row_error_with_its_reason():
     messages = (Message("user", "Where?"), Message("assistant", REASONING + "Here."))
     with pytest.raises(RowError, match="generation prompt is not a prefix"):
         ChatRenderer(tokenizer).samples(messages)
+    stats, cache, _ = build(tokenizer, [messages, CONVERSATIONS["single"]], tmp_path)
+    assert (stats.rows_read, stats.quarantined, stats.samples) == (2, 1, 1)
+    [line] = (tmp_path / "cache" / "quarantine.jsonl").read_text().splitlines()
+    assert json.loads(line)["location"] == "row[0]" and "not a prefix" in json.loads(line)["reason"]
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=[s.name for s in SHAPES])

@@ -282,7 +282,8 @@ def test_fit_to_length_examples():
 @relaxed
 def test_fit_then_plan_round_trip(case, policy):
     lengths, max_len = case
-    pieces = fit_to_length(lengths, max_len, policy)
+    spans = (lengths // 3, lengths - lengths // 5) if policy == "truncate_middle" else None
+    pieces = fit_to_length(lengths, max_len, policy, spans)
     result = plan(pieces.length, max_len)
     assert np.all(result.row_lengths(pieces.length) <= max_len)
     assert len(result.item_index) == len(pieces)

@@ -37,14 +37,14 @@ from longdata.mix import Mix, SampleList, SourceSamples, mix
 from longdata.near_dedup import NearDuplicateFilter
 from longdata.output import claim_output, discard_partial, output_lock, publish, start_partial
 from longdata.recipe import AntiHaystackSource, FileSource, Recipe, load_recipe
-from longdata.sample_index import write_sample_index
-from longdata.shards import RowAssembler, StreamStats, write_stream
+from longdata.sample_index import gather_column, write_sample_index
+from longdata.shards import RowAssembler, StreamStats, piece_mask, write_stream
 from longdata.sources import haystack_paths, read_source, resolve_path
 from longdata.templates import TokenizerInfo, load_tokenizer
 from longdata.tokenize import PartitionedCache, TokenCache, entry_problem, tokenize_records
 
 # Bump when normalisation or tokenization changes what a cached source would contain.
-CACHE_VERSION = 3
+CACHE_VERSION = 4
 
 
 class BuildError(RuntimeError):
@@ -191,11 +191,12 @@ def _progress(console: Console) -> Progress:
 
 
 def cache_key(source, recipe: Recipe, tokenizer_info: TokenizerInfo, template: str) -> str:
-    """Everything that changes a source's tokens; weights, filters and packing are not in it."""
+    """Everything that changes a source's tokens; weights, filters and packing are not in it.
+    ``template`` is the chat template with the recipe's chat_template_kwargs bound into it."""
     digest = hashlib.sha256()
     config = source.model_dump(mode="json", exclude={"weight", "min_tokens", "max_tokens", "name"})
-    digest.update(json.dumps([CACHE_VERSION, config, tokenizer_info.sha256, template],
-                             sort_keys=True).encode())
+    digest.update(json.dumps([CACHE_VERSION, config, tokenizer_info.sha256, template,
+                              recipe.tokenizer.multi_turn], sort_keys=True).encode())
     if isinstance(source, FileSource):
         digest.update(_content_fingerprint(resolve_path(source, Path(recipe.cache_dir))).encode())
     else:
@@ -255,7 +256,8 @@ def tokenize_source(source, recipe: Recipe, tokenizer, tokenizer_info: Tokenizer
                               text_sources=recipe.text_sources)
         staging = entry.with_name(entry.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
-        tokenize_records(records, tokenizer, staging, max_samples=source.max_samples, on_progress=advance)
+        tokenize_records(records, tokenizer, staging, multi_turn=recipe.tokenizer.multi_turn,
+                         max_samples=source.max_samples, on_progress=advance)
         staging.rename(entry)
         progress.update(task, total=progress.tasks[task].completed)
     return TokenizedSource(source.name, source.kind, source.weight, TokenCache(entry), cached)
@@ -282,7 +284,8 @@ def mix_sources(sources: list[TokenizedSource], recipe: Recipe, console: Console
     """The mix of the tokenized sources; language_share warnings go to ``console``."""
     inputs = [SourceSamples(name=s.name, weight=s.weight, lengths=s.cache.lengths,
                             text_hash=s.cache.text_hash, lang=s.cache.lang, min_tokens=config.min_tokens,
-                            max_tokens=config.max_tokens, tokens=_sample_tokens(s.cache))
+                            max_tokens=config.max_tokens, tokens=_sample_tokens(s.cache),
+                            row=s.cache.position)
               for s, config in zip(sources, recipe.sources)]
     near = recipe.dedup.near
     mixed = mix(inputs, seed=recipe.seed, validation_fraction=recipe.validation.fraction,
@@ -349,12 +352,16 @@ class SplitPlan:
 
 def plan_split(name: str, samples: SampleList, max_len: int, overlength: str, stage: str | None,
                edges: list[int], caches: list, recipe: Recipe) -> SplitPlan:
-    pieces = packing.fit_to_length(samples.length, max_len, overlength)
+    cuttable = (gather_column(caches, "user_start", samples.source, samples.index),
+                gather_column(caches, "user_end", samples.source, samples.index)) \
+        if overlength == "truncate_middle" else None
+    pieces = packing.fit_to_length(samples.length, max_len, overlength, cuttable)
     pieces, no_target = _drop_targetless_cuts(pieces, samples, caches)
     plan = packing.plan(pieces.length, max_len, algorithm=recipe.packing.algorithm, seed=recipe.seed)
     buckets = packing.assign_buckets(plan.row_max_item_lengths(pieces.length), edges)
     counts = {"policy": overlength, "truncated": pieces.truncated, "dropped": pieces.dropped,
-              "split": pieces.split, "empty": pieces.empty, "no_target_after_cut": no_target}
+              "split": pieces.split, "middle_cut": pieces.middle_cut, "empty": pieces.empty,
+              "no_target_after_cut": no_target}
     return SplitPlan(name, max_len, stage, samples, pieces, plan, buckets, edges, counts)
 
 
@@ -389,15 +396,12 @@ def _drop_targetless_cuts(pieces: packing.Pieces, samples: SampleList,
     """A truncated or split-off piece may hold no assistant token at all; it would cost compute
     and teach nothing, so it is removed and counted."""
     cut = np.flatnonzero((pieces.start > 0) | (pieces.length < samples.length[pieces.sample]))
-    empty = [i for i in cut.tolist()
-             if not caches[samples.source[pieces.sample[i]]].tokens(
-                 int(samples.index[pieces.sample[i]]), int(pieces.start[i]), int(pieces.length[i]))[1].any()]
+    empty = [i for i in cut.tolist() if not piece_mask(pieces, i, samples, caches).any()]
     if not empty:
         return pieces, 0
     keep = np.ones(len(pieces), dtype=bool)
     keep[empty] = False
-    return dataclasses.replace(pieces, sample=pieces.sample[keep], start=pieces.start[keep],
-                               length=pieces.length[keep]), len(empty)
+    return pieces.select(keep), len(empty)
 
 
 # --- manifest and publishing -----------------------------------------------------------------

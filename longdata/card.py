@@ -283,16 +283,18 @@ def _kept_table(data: CardData) -> str:
         for r in (samples.group_by("source").agg(
                 pl.len().alias("samples"), (pl.col("status") == "whole").sum().alias("whole"),
                 pl.col("status").is_in(["truncated", "split"]).sum().alias("cut"),
+                (pl.col("status") == "middle_cut").sum().alias("middle_cut"),
                 (pl.col("status") == "dropped").sum().alias("dropped"),
                 (pl.col("status") == "no_target_after_cut").sum().alias("no_target"),
                 pl.col("target_tokens").sum()).sort("source").iter_rows(named=True)):
-            rows.append([split, r["source"], r["samples"], r["whole"], r["cut"], r["dropped"],
-                         r["no_target"], r["target_tokens"]])
+            rows.append([split, r["source"], r["samples"], r["whole"], r["cut"], r["middle_cut"],
+                         r["dropped"], r["no_target"], r["target_tokens"]])
     return ("Per training split: samples packed whole, cut to fit (truncated or split, by the "
-            "split's over-length policy), dropped as too long, or left out because the cut kept no "
-            "target token; `target tokens` are those that reached the rows.\n\n"
-            + _table(["split", "source", "samples", "whole", "cut to fit", "dropped too long",
-                      "no target after cut", "target tokens"], "llrrrrrr", rows))
+            "split's over-length policy), cut in the middle of their longest user turn "
+            "(`truncate_middle`: head and tail kept), dropped as too long, or left out because the "
+            "cut kept no target token; `target tokens` are those that reached the rows.\n\n"
+            + _table(["split", "source", "samples", "whole", "cut to fit", "middle cut", "dropped too long",
+                      "no target after cut", "target tokens"], "llrrrrrrr", rows))
 
 
 def _languages_table(data: CardData) -> str:
@@ -350,7 +352,8 @@ def _splits_table(data: CardData) -> str:
         per_row = data.rows[name]["samples"]
         rows.append([name, split["max_seq_len"], cut["policy"], split["samples"], split["rows"],
                      f"{per_row.mean():.2f}" if len(per_row) else "-", packed["fill"],
-                     f"{packed['rows_over_bound']:.3f}", cut["truncated"] + cut["split"],
+                     f"{packed['rows_over_bound']:.3f}",
+                     cut["truncated"] + cut["split"] + cut.get("middle_cut", 0),
                      cut["dropped"] + cut["empty"] + cut["no_target_after_cut"]])
     return _table(["split", "max_seq_len", "over-length", "samples", "rows", "samples/row", "fill",
                    "rows / lower bound", "cut to fit", "left out"], "lrlrrrrrrr", rows)

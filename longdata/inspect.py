@@ -88,6 +88,8 @@ class SampleView:
     lang: str | None = None
     start: int | None = None  # the piece's first token inside its whole sample
     sample_tokens: int | None = None
+    gap_start: int = 0  # a middle cut leaves out gap_tokens tokens of the sample from here
+    gap_tokens: int = 0
     segments: list[Segment] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -399,7 +401,8 @@ def inspect_row(build_dir: str | Path, *, split: str | None = None, stream: str 
         stream, row = placement["stream"], placement["row"]
         focus = {"sample_id": sample_id, "slot": placement["slot"],
                  "placements": [{k: p[k] for k in ("stream", "row", "slot", "start", "tokens",
-                                                   "status")} for p in placements]}
+                                                   "gap_start", "gap_tokens", "status") if k in p}
+                                for p in placements]}
     split = choose_split(manifest, split)
     stream_info = choose_stream(manifest, split, stream)
     row = 0 if row is None else row
@@ -436,6 +439,7 @@ def inspect_row(build_dir: str | Path, *, split: str | None = None, stream: str 
             line = indexed[slot]
             view.sample_id, view.status, view.lang = line["sample_id"], line["status"], line["lang"]
             view.start, view.sample_tokens = line["start"], line["sample_tokens"]
+            view.gap_start, view.gap_tokens = line.get("gap_start", 0), line.get("gap_tokens", 0)
         samples.append(view)
         offset += length
     return RowView(build_dir=str(build_dir), name=manifest.get("name", ""), split=split,
@@ -464,8 +468,8 @@ def sample_title(view: RowView, sample: SampleView) -> str:
     parts = [f"{'▶ ' if focused else ''}slot {sample.slot}", sample.sample_id or "?", sample.source,
              f"{sample.tokens:,} tokens", f"{sample.target_tokens:,} target"]
     if sample.status and sample.status != "whole":
-        parts.append(f"{sample.status} (tokens {sample.start:,}..{sample.start + sample.tokens:,} "
-                     f"of {sample.sample_tokens:,})")
+        span = _token_span(sample.start, sample.tokens, sample.gap_start, sample.gap_tokens)
+        parts.append(f"{sample.status} (tokens {span} of {sample.sample_tokens:,})")
     elif sample.status:
         parts.append(sample.status)
     return " · ".join(parts)
@@ -497,8 +501,16 @@ def sample_text(sample: SampleView, plain: bool):
 def _piece(placement: dict) -> str:
     if placement["status"] == "whole":
         return ""
-    start = placement["start"]
-    return f" (tokens {start:,}..{start + placement['tokens']:,})"
+    span = _token_span(placement["start"], placement["tokens"], placement.get("gap_start", 0),
+                       placement.get("gap_tokens", 0))
+    return f" (tokens {span})"
+
+
+def _token_span(start: int, tokens: int, gap_start: int, gap_tokens: int) -> str:
+    """``0..4,096``, or ``0..1,200 + 9,000..11,896`` for a piece with its middle cut out."""
+    if not gap_tokens:
+        return f"{start:,}..{start + tokens:,}"
+    return f"{start:,}..{gap_start:,} + {gap_start + gap_tokens:,}..{start + tokens + gap_tokens:,}"
 
 
 def header(view: RowView, plain: bool):

@@ -3,7 +3,7 @@
 Works on lengths and hashes (and, for near-duplicates only, the cached tokens). In order:
 length filters, exact deduplication across sources (first occurrence in recipe order wins), near
 deduplication (MinHash-LSH, longdata/near_dedup.py; again the first in recipe then source order
-is kept), a seeded validation hold-out, then recipe weights in tokens (weight 2.0 = the source
+is kept), a seeded validation hold-out of whole input rows, then recipe weights in tokens (weight 2.0 = the source
 contributes twice its tokens: whole repeats, then a seeded sample for the fraction), and last an
 optional language ratio, met by down-sampling whichever language is over its share (``trim``)
 or by repeating whichever is under it (``upsample``). Everything is deterministic from the
@@ -35,6 +35,9 @@ class SourceSamples:
     min_tokens: int = 1
     max_tokens: int | None = None
     tokens: Callable[[int], np.ndarray] | None = None  # a sample's token ids (near dedup only)
+    # The input row each sample came from (samples of one conversation made per assistant turn
+    # share it): the validation hold-out takes whole rows, so no row is on both sides.
+    row: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -126,7 +129,8 @@ def mix(sources: Sequence[SourceSamples], *, seed: int, validation_fraction: flo
     weighted, validation_parts, stats = [], [], []
     for source_index, (source, (kept, source_stats), n_validation) in enumerate(zip(sources, keep, holdout)):
         order = rng.permutation(kept)
-        validation, train = np.sort(order[:n_validation]), np.sort(order[n_validation:])
+        held_out = _whole_rows(order, source.row, n_validation)
+        validation, train = np.sort(order[held_out]), np.sort(order[~held_out])
         source_stats.validation = len(validation)
         source_stats.train_unique = len(train)
         weighted.append(_weighted(train, source.lengths, source.weight, rng))
@@ -226,6 +230,24 @@ def _validation_counts(sizes: list[int], fraction: float, cap: int) -> list[int]
     if total > cap:
         counts = [c * cap // total for c in counts]
     return counts
+
+
+def _whole_rows(order: np.ndarray, row: np.ndarray | None, count: int) -> np.ndarray:
+    """Which samples of the shuffled ``order`` to hold out: the first ``count``, widened to
+    whole input rows (rows taken in order of their first sample), never every row. With one
+    sample per row that is exactly ``order[:count]``."""
+    held_out = np.zeros(len(order), dtype=bool)
+    if row is None or count == 0:
+        held_out[:count] = True
+        return held_out
+    rows = row[order]
+    distinct, first = np.unique(rows, return_index=True)
+    rank = np.empty(len(distinct), dtype=np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(len(distinct))
+    sample_rank = rank[np.searchsorted(distinct, rows)]
+    per_rank = np.cumsum(np.bincount(sample_rank, minlength=len(distinct)))
+    taken = min(int(np.searchsorted(per_rank, count, side="left")) + 1, len(distinct) - 1)
+    return sample_rank < taken
 
 
 def _weighted(train: np.ndarray, lengths: np.ndarray, weight: float, rng) -> np.ndarray:

@@ -7,7 +7,7 @@ depths are drawn at random, each grid cell fixes both:
 
 - **context length** = the number of tokens of the whole prompt the model reads: the chat
   template's tokens (BOS, headers, any default system text), the haystack with the needle, the
-  question, and the assistant header that opens the answer. The filler is grown or cut sentence
+  question, and the generation prompt that opens the answer. The filler is grown or cut sentence
   by sentence until ``length - tolerance <= tokens <= length`` (see ``length_slack``), so a
   "128K" prompt never exceeds 131,072 tokens.
 - **depth** = where the needle starts in the haystack, as a fraction of the haystack's
@@ -18,6 +18,13 @@ Held-out seeds: every random choice here comes from ``random.Random`` keyed by s
 ``EVAL_NAMESPACE`` (``"longdata-eval-niah:<seed>:..."``). Recipes' anti-haystack sources key
 theirs as ``"<seed>:<index>"`` with an integer seed (the recipe schema accepts only integers),
 so no recipe can reproduce an eval prompt or its needle by accident.
+
+Prompt and answer are rendered by the function training uses (``ChatRenderer``, with the
+recipe's ``chat_template_kwargs`` bound into the template): the prompt is the conversation's
+generation prompt, and the scored answer is the target training would learn for it, with the
+template's text around the needle sentence (Qwen3's empty ``<think>`` block without
+``enable_thinking: false``, the end-of-turn token). So ``prompt_ids + answer_ids`` are the
+tokens of the training sample [user: prompt, assistant: needle sentence].
 
 Sample ``s`` of a grid uses the same needle (subject and code) and the same filler stream in
 every cell, as the classic test does, so cells differ only in length and depth. The filler is
@@ -36,6 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from longdata import synthetic
+from longdata.records import Message
 from longdata.sources.antihaystack import (
     Filler,
     Haystack,
@@ -48,6 +56,7 @@ from longdata.sources.antihaystack import (
     chars_per_token,
 )
 from longdata.synthetic import Lang
+from longdata.templates import ChatRenderer
 
 EVAL_NAMESPACE = "longdata-eval-niah"
 CODE_RANGE = (1_000, 1_000_000)  # as in training items: 4- to 6-digit codes
@@ -82,6 +91,9 @@ class NiahPrompt:
     distractor_codes: tuple[int, ...]  # other codes, as many digits and answer tokens (loglik)
     distractors: tuple[str, ...]  # the answer sentence with each distractor code
     planted: bool = True  # False: a control prompt without the needle
+    # The answer and each distractor as the training target renders them (see the module doc).
+    answer_ids: tuple[int, ...] = field(default=(), repr=False)
+    distractor_ids: tuple[tuple[int, ...], ...] = field(default=(), repr=False)
 
     @property
     def prompt_tokens(self) -> int:
@@ -134,30 +146,27 @@ def _parts(text: str) -> list[str]:
 
 
 def generation_prompt(tokenizer: Any, user_text: str) -> str:
-    """The chat-templated text of one user turn followed by the assistant's opening header.
+    """The chat-templated text of one user turn followed by the generation prompt, exactly the
+    prompt part of the training sample [user, assistant]. A template that ignores
+    ``add_generation_prompt`` trains its assistant header as part of the target, so the
+    prompt ends before it and the scored answer starts with it."""
+    return ChatRenderer(tokenizer).generation_prompt([Message("user", user_text)])
 
-    Uses ``add_generation_prompt=True``. A template that ignores that flag renders the same text
-    either way; the assistant header is then taken from a conversation rendered with a
-    placeholder answer (everything before the placeholder), which works for any template that
-    inserts message content verbatim.
-    """
-    user = [{"role": "user", "content": user_text}]
-    plain = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=False)
-    prompted = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
-    if prompted != plain:
-        return prompted
-    answered = tokenizer.apply_chat_template(
-        [*user, {"role": "assistant", "content": ANSWER_SENTINEL}],
-        tokenize=False,
-        add_generation_prompt=False,
-    )
-    prefix, found, _ = answered.partition(ANSWER_SENTINEL)
-    if not found or not prefix.startswith(plain):
+
+def answer_frame(tokenizer: Any, user_text: str) -> tuple[str, str]:
+    """(before, after): the template's text around an answer in the target training renders for
+    [user: ``user_text``, assistant: answer], e.g. ``("<think>\n\n</think>\n\n", "<|im_end|>")``.
+    Found with a placeholder answer, so it holds for templates that insert content verbatim."""
+    messages = (Message("user", user_text), Message("assistant", ANSWER_SENTINEL))
+    chat = ChatRenderer(tokenizer).render_turn(messages, 1)
+    start, end = chat.assistant_spans[0] if chat.assistant_spans else (0, 0)
+    before, found, after = chat.text[start:end].partition(ANSWER_SENTINEL)
+    if not found:
         raise ValueError(
-            "the chat template has no generation prompt and does not render an assistant turn "
-            "after the user turn verbatim; cannot tell where the answer starts"
+            "the chat template does not render the assistant's answer verbatim after the "
+            "generation prompt; cannot tell where the answer starts"
         )
-    return prefix
+    return before, after
 
 
 def encode(tokenizer: Any, text: str) -> list[int]:
@@ -293,12 +302,14 @@ def build_prompt(
     filler = haystack.filler(rng, lang) if haystack else SyntheticFiller(rng, lang)
     fitted = task if planted else _WithoutNeedle(task)
     rendered, ids = _fit_prompt(fitted, filler, length, chars_per_token, measure)
+    before, after = answer_frame(tokenizer, rendered.prompt)
+    target_ids = lambda sentence: tuple(encode(tokenizer, before + sentence + after))  # noqa: E731
+    answer_ids = target_ids(rendered.answer)
     # Distractor answers as long in tokens as the reference, or a summed log-probability would
     # favour whichever candidate tokenizes shortest.
-    answer_tokens = len(encode(tokenizer, rendered.answer))
     others = distractor_codes(
         seed, sample, lang, code, distractors,
-        accept=lambda other: len(encode(tokenizer, task._needle(subject, other))) == answer_tokens,
+        accept=lambda other: len(target_ids(task._needle(subject, other))) == len(answer_ids),
     )
     return NiahPrompt(
         length=length,
@@ -315,6 +326,8 @@ def build_prompt(
         distractor_codes=tuple(others),
         distractors=tuple(task._needle(subject, other) for other in others),
         planted=planted,
+        answer_ids=answer_ids,
+        distractor_ids=tuple(target_ids(task._needle(subject, other)) for other in others),
     )
 
 

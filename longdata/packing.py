@@ -41,6 +41,11 @@ Over-length policies
 --------------------
 ``truncate`` keeps the first ``max_len`` tokens, ``drop`` removes the sample, ``split`` cuts it
 into ``ceil(L / max_len)`` consecutive pieces starting at ``0, max_len, 2 * max_len, ...``.
+``truncate_middle`` keeps the head and the tail and removes the ``L - max_len`` tokens from the
+middle of a *cuttable* span (the tokenizer stage records the longest user turn's content, none
+of it a target), so the instruction, the question and every answer survive; a sample whose
+span cannot absorb the cut (too short, or none: its targets alone need the room) falls back to
+``truncate`` and is counted as truncated.
 Only the first piece of a split sample keeps the prompt, and with it the prompt's masking
 semantics; later pieces are continuation text whose loss mask is whatever their tokens carried,
 except that the materialiser gives every piece's first token loss 0 (as for any sample start),
@@ -49,6 +54,7 @@ so no piece is trained to predict its first token from a different piece or samp
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 
@@ -56,7 +62,7 @@ import numba
 import numpy as np
 
 ALGORITHMS = ("bfd", "ffd", "next_fit")
-OVERLENGTH_POLICIES = ("truncate", "drop", "split")
+OVERLENGTH_POLICIES = ("truncate", "drop", "split", "truncate_middle")
 
 
 def _fields_equal(a, b) -> bool:
@@ -76,22 +82,45 @@ def _frozen_int64(values: np.ndarray) -> np.ndarray:
 class Pieces:
     """What actually gets packed once the over-length policy has been applied.
 
-    Pieces are ordered by sample, then by start.
+    Pieces are ordered by sample, then by start. A piece is the sample's tokens from ``start``
+    on, ``length`` of them, leaving out the ``gap_length`` tokens from ``gap_start`` (a middle
+    cut; ``gap_length`` 0 for a contiguous piece): see :meth:`ranges`.
     """
 
     sample: np.ndarray  # int64: index of the input sample each piece comes from
     start: np.ndarray  # int64: token offset of the piece inside its sample
     length: np.ndarray  # int64: piece length, 1 <= length <= max_len
-    truncated: int  # samples cut to max_len (policy truncate)
+    truncated: int  # samples cut to max_len (policy truncate, or truncate_middle's fallback)
     dropped: int  # samples removed (policy drop)
     split: int  # samples cut into several pieces (policy split)
     empty: int  # length-0 samples removed (any policy): nothing to train on
+    gap_start: np.ndarray | None = None  # int64: token offset in the sample where a middle cut begins
+    gap_length: np.ndarray | None = None  # int64: tokens the middle cut removes
+    middle_cut: int = 0  # samples cut in the middle (policy truncate_middle)
+
+    def __post_init__(self) -> None:
+        for name in ("gap_start", "gap_length"):
+            value = getattr(self, name)
+            object.__setattr__(self, name, _frozen_int64(np.zeros(len(self.length)) if value is None else value))
 
     def __eq__(self, other: object) -> bool:
         return _fields_equal(self, other)
 
     def __len__(self) -> int:
         return len(self.length)
+
+    def ranges(self, piece: int) -> list[tuple[int, int]]:
+        """(start, length) of each contiguous token range of ``piece`` inside its sample."""
+        start, length, gap = int(self.start[piece]), int(self.length[piece]), int(self.gap_length[piece])
+        if not gap:
+            return [(start, length)]
+        head = int(self.gap_start[piece]) - start
+        return [(start, head), (start + head + gap, length - head)]
+
+    def select(self, keep: np.ndarray) -> Pieces:
+        """The pieces where the boolean ``keep`` is true, counts unchanged."""
+        return dataclasses.replace(self, sample=self.sample[keep], start=self.start[keep], length=self.length[keep],
+                                   gap_start=self.gap_start[keep], gap_length=self.gap_length[keep])
 
 
 def _as_int_array(values, name: str) -> np.ndarray:
@@ -111,8 +140,12 @@ def _check_max_len(max_len: int) -> int:
     return int(max_len)
 
 
-def fit_to_length(lengths, max_len: int, policy: str = "truncate") -> Pieces:
-    """Apply the over-length ``policy`` to sample ``lengths`` and drop empty samples."""
+def fit_to_length(lengths, max_len: int, policy: str = "truncate", cuttable=None) -> Pieces:
+    """Apply the over-length ``policy`` to sample ``lengths`` and drop empty samples.
+
+    ``truncate_middle`` needs ``cuttable``: (span starts, span ends), one ``[start, end)`` token
+    span per sample that may be cut from ((0, 0) where none).
+    """
     lengths = _as_int_array(lengths, "lengths")
     max_len = _check_max_len(max_len)
     if policy not in OVERLENGTH_POLICIES:
@@ -126,6 +159,8 @@ def fit_to_length(lengths, max_len: int, policy: str = "truncate") -> Pieces:
     overlong = lengths > max_len
     n_overlong = int(overlong.sum())
     counts = {"truncated": 0, "dropped": 0, "split": 0, "empty": int((~nonempty).sum())}
+    if policy == "truncate_middle":
+        return _cut_middle(lengths, max_len, cuttable, nonempty, overlong, counts)
 
     if policy == "split":
         sample = np.flatnonzero(nonempty)
@@ -149,6 +184,27 @@ def fit_to_length(lengths, max_len: int, policy: str = "truncate") -> Pieces:
         length=_frozen_int64(length),
         **counts,
     )
+
+
+def _cut_middle(lengths: np.ndarray, max_len: int, cuttable, nonempty: np.ndarray, overlong: np.ndarray,
+                counts: dict[str, int]) -> Pieces:
+    """``truncate_middle``: the excess is removed from the centre of each overlong sample's
+    cuttable span, which keeps at least one of its tokens; where it cannot, ``truncate``."""
+    if cuttable is None:
+        raise ValueError("the truncate_middle policy needs each sample's cuttable span")
+    span_start, span_end = (_as_int_array(c, "cuttable") for c in cuttable)
+    if not len(span_start) == len(span_end) == len(lengths):
+        raise ValueError("cuttable spans must be given for every sample")
+    sample = np.flatnonzero(nonempty)
+    excess = np.maximum(lengths[sample] - max_len, 0)
+    room = span_end[sample] - span_start[sample]
+    cut = overlong[sample] & (room > excess)
+    gap_length = np.where(cut, excess, 0)
+    gap_start = np.where(cut, span_start[sample] + (room - excess) // 2, 0)
+    counts["truncated"] = int((overlong[sample] & ~cut).sum())
+    return Pieces(sample=_frozen_int64(sample), start=_frozen_int64(np.zeros(sample.size)),
+                  length=_frozen_int64(np.minimum(lengths[sample], max_len)), gap_start=gap_start,
+                  gap_length=gap_length, middle_cut=int(cut.sum()), **counts)
 
 
 @dataclass(frozen=True, eq=False)

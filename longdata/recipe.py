@@ -16,6 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from longdata.packing import ALGORITHMS, OVERLENGTH_POLICIES
 
+MULTI_TURN_POLICIES = ("auto", "per_turn", "last_turn")
+# Variables longdata itself passes to every rendering.
+RESERVED_TEMPLATE_VARIABLES = ("messages", "add_generation_prompt")
+
 GENERIC_FORMATS = ("messages", "sharegpt", "alpaca")
 COMPRESSION = re.compile(r"^(zstd|br|gz|snappy)(:\d+)?$")
 SIZE = re.compile(r"^(\d+)\s*(b|kb|mb|gb)?$", re.IGNORECASE)
@@ -41,6 +45,26 @@ class TokenizerConfig(Strict):
         default=None,
         description="Jinja template text or a path to a .jinja file; default: the tokenizer's own",
     )
+    chat_template_kwargs: dict[str, bool | int | float | str | None] = Field(
+        default_factory=dict,
+        description="template variables, e.g. {enable_thinking: false}; bound into the template "
+                    "so the build, NIAH prompts and the saved checkpoint render alike",
+    )
+    multi_turn: Literal[MULTI_TURN_POLICIES] = Field(
+        default="auto",
+        description="auto: one sample per conversation, or one per assistant turn where the "
+                    "template rewrites earlier turns; per_turn: always one per assistant turn; "
+                    "last_turn: only the final assistant turn is trained (docs/TEMPLATES.md)",
+    )
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _template_variable_names(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for name in value:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) or name in RESERVED_TEMPLATE_VARIABLES:
+                raise ValueError(f"{name!r} cannot be set: keys must be template variable names other "
+                                 f"than {', '.join(RESERVED_TEMPLATE_VARIABLES)}")
+        return value
 
 
 class SampleSpec(Strict):

@@ -17,12 +17,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from longdata.format import inside
+from longdata.shards import piece_mask
 
 INDEX_FILE = "samples.parquet"
 NOT_PACKED = -1  # ``row`` and ``slot`` of a sample that is in no row
 
 # What happened to a sample (``status``): kept whole, or cut to fit, or left out and why.
-STATUSES = ("whole", "truncated", "split", "dropped", "empty", "no_target_after_cut")
+STATUSES = ("whole", "truncated", "split", "middle_cut", "dropped", "empty", "no_target_after_cut")
 
 SCHEMA = pa.schema([
     ("sample", pa.int64()),  # the sample's number in the split's mixed order; repeats differ
@@ -39,6 +40,9 @@ SCHEMA = pa.schema([
     ("start", pa.int64()),
     ("tokens", pa.int64()),
     ("target_tokens", pa.int64()),
+    # A middle cut (truncate_middle): the piece leaves out gap_tokens tokens from gap_start.
+    ("gap_start", pa.int64()),
+    ("gap_tokens", pa.int64()),
 ])
 
 
@@ -60,14 +64,14 @@ def sample_index(split, caches: Sequence, source_names: Sequence[str]) -> pa.Tab
     source = samples.source[pieces.sample]
     index = samples.index[pieces.sample]
     sample_tokens = samples.length[pieces.sample]
-    target = _gather(caches, "target_tokens", source, index).astype(np.int64)
+    target = gather_column(caches, "target_tokens", source, index).astype(np.int64)
     cut = np.flatnonzero((pieces.start > 0) | (pieces.length < sample_tokens))
     for p in cut.tolist():  # only cut pieces need their mask read; whole ones use the cached count
-        mask = caches[source[p]].tokens(int(index[p]), int(pieces.start[p]), int(pieces.length[p]))[1]
-        target[p] = int(mask.sum())
+        target[p] = int(piece_mask(pieces, p, samples, caches).sum())
     pieces_per_sample = np.bincount(pieces.sample, minlength=len(samples))
     cut_status = "split" if split.counts["policy"] == "split" else "truncated"
-    status = np.where(pieces.length < sample_tokens, cut_status, "whole").astype(object)
+    status = np.where(pieces.gap_length > 0, "middle_cut",
+                      np.where(pieces.length < sample_tokens, cut_status, "whole")).astype(object)
 
     missing = np.flatnonzero(pieces_per_sample == 0)
     dropped_by_policy = (samples.length[missing] > split.max_len) & (split.counts["policy"] == "drop")
@@ -76,7 +80,7 @@ def sample_index(split, caches: Sequence, source_names: Sequence[str]) -> pa.Tab
     all_samples = np.concatenate([pieces.sample, missing])
     all_source = samples.source[all_samples]
     all_index = samples.index[all_samples]
-    position = _gather(caches, "position", all_source, all_index).astype(np.int64)
+    position = gather_column(caches, "position", all_source, all_index).astype(np.int64)
     names = np.asarray(source_names, dtype=object)
     empty_stream = np.full(len(missing), None, dtype=object)
     columns = {
@@ -85,7 +89,7 @@ def sample_index(split, caches: Sequence, source_names: Sequence[str]) -> pa.Tab
         "source": names[all_source],
         "source_id": all_source.astype(np.uint16),
         "position": position,
-        "lang": _gather(caches, "lang", all_source, all_index),
+        "lang": gather_column(caches, "lang", all_source, all_index),
         "sample_tokens": samples.length[all_samples],
         "status": np.concatenate([status, missing_status]),
         "stream": np.concatenate([stream_of, empty_stream]),
@@ -94,11 +98,13 @@ def sample_index(split, caches: Sequence, source_names: Sequence[str]) -> pa.Tab
         "start": np.concatenate([pieces.start, np.zeros(len(missing), dtype=np.int64)]),
         "tokens": np.concatenate([pieces.length, np.zeros(len(missing), dtype=np.int64)]),
         "target_tokens": np.concatenate([target, np.zeros(len(missing), dtype=np.int64)]),
+        "gap_start": np.concatenate([pieces.gap_start, np.zeros(len(missing), dtype=np.int64)]),
+        "gap_tokens": np.concatenate([pieces.gap_length, np.zeros(len(missing), dtype=np.int64)]),
     }
     return pa.table({name: pa.array(columns[name], type=SCHEMA.field(name).type) for name in SCHEMA.names})
 
 
-def _gather(caches: Sequence, column: str, source: np.ndarray, index: np.ndarray) -> np.ndarray:
+def gather_column(caches: Sequence, column: str, source: np.ndarray, index: np.ndarray) -> np.ndarray:
     """``caches[source[i]].<column>[index[i]]`` for every i, one numpy gather per source."""
     first = getattr(caches[0], column)
     out = np.empty(len(source), dtype=first.dtype)

@@ -39,12 +39,11 @@ class RowAssembler:
         pieces, samples = self.pieces, self.samples
         sample_of = pieces.sample[items]
         sources = samples.source[sample_of]
-        for source, index, start, length in zip(
-                sources.tolist(), samples.index[sample_of].tolist(),
-                pieces.start[items].tolist(), pieces.length[items].tolist()):
-            piece_ids, piece_mask = self.caches[source].tokens(index, start, length)
-            ids.append(piece_ids)
-            masks.append(piece_mask)
+        for item, source, index in zip(items.tolist(), sources.tolist(), samples.index[sample_of].tolist()):
+            for start, length in pieces.ranges(item):  # two ranges where the middle was cut out
+                range_ids, range_mask = self.caches[source].tokens(index, start, length)
+                ids.append(range_ids)
+                masks.append(range_mask)
         seq_lens = pieces.length[items].astype(np.uint32)
         loss_mask = np.concatenate(masks)
         # Every piece starts a new sequence: its first token is never a target (the first piece
@@ -56,6 +55,13 @@ class RowAssembler:
             "seq_lens": seq_lens,
             "source_ids": sources.astype(np.uint16),
         }
+
+
+def piece_mask(pieces: Pieces, piece: int, samples: SampleList, caches: Sequence[TokenCache]) -> np.ndarray:
+    """The cached loss mask of one piece's tokens (as its sample had them, before any row rule)."""
+    sample = pieces.sample[piece]
+    cache, index = caches[samples.source[sample]], int(samples.index[sample])
+    return np.concatenate([cache.tokens(index, start, length)[1] for start, length in pieces.ranges(piece)])
 
 
 def write_stream(rows: Iterable[dict[str, np.ndarray]], out_dir: Path, *, name: str, rel_path: str,

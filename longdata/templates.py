@@ -6,6 +6,12 @@ mask is built from character offsets instead: an assistant turn spans from the e
 conversation rendered up to it *with* the generation prompt to the end of the conversation
 rendered *including* it. Tokens overlapping such a span are targets; this covers the assistant's
 text and its end-of-turn token and nothing the user or system wrote.
+
+Some templates rewrite earlier turns (Qwen3 drops the ``<think>`` block of every assistant turn
+before the last user turn), so a rendered prefix is not a prefix of the whole conversation. An
+assistant turn's target is always what the template renders for it when the conversation ends
+there, which is what the model produces at inference; ``ChatRenderer.samples`` turns such a
+conversation into one sample per assistant turn (docs/TEMPLATES.md).
 """
 
 from __future__ import annotations
@@ -21,11 +27,16 @@ import numpy as np
 from longdata.format.tokenizer import (  # noqa: F401 - also imported from here
     BUILTIN_TOKENIZERS,
     TemplateError,
+    bind_template_kwargs,
     resolve_template,
     tokenizer_digest,
 )
 from longdata.recipe import TokenizerConfig
-from longdata.records import Message
+from longdata.records import Message, RowError
+
+
+class NotPrefixStable(TemplateError):
+    """This conversation's earlier turns render differently once later turns follow."""
 
 
 @dataclass(frozen=True)
@@ -53,7 +64,8 @@ def load_tokenizer(config: TokenizerConfig, require_chat_template: bool = True):
     template = resolve_template(config.chat_template) or tokenizer.chat_template
     if not template and require_chat_template:
         raise TemplateError(f"{config.name} has no chat template; set tokenizer.chat_template in the recipe")
-    tokenizer.chat_template = template
+    if template:  # a text-only recipe may use a tokenizer without one
+        tokenizer.chat_template = bind_template_kwargs(template, config.chat_template_kwargs)
     info = TokenizerInfo(
         # A bundled tokenizer is recorded by name: the manifest must not depend on the checkout.
         name=config.name, path=config.name if config.name in BUILTIN_TOKENIZERS else path,
@@ -65,13 +77,19 @@ def load_tokenizer(config: TokenizerConfig, require_chat_template: bool = True):
 
 @dataclass(frozen=True)
 class RenderedChat:
+    """One sample's text and where its targets are. A record without a template (raw text,
+    every token a target) is ``RenderedChat(text, ((0, len(text)),))``."""
+
     text: str
     assistant_spans: tuple[tuple[int, int], ...]  # [start, end) character ranges of targets
+    # [start, end) characters of the longest user turn's content: what truncate_middle may cut.
+    user_span: tuple[int, int] | None = None
 
 
 class ChatRenderer:
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, multi_turn: str = "auto"):
         self.tokenizer = tokenizer
+        self.multi_turn = multi_turn
 
     def _render(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool) -> str:
         return self.tokenizer.apply_chat_template(
@@ -90,16 +108,69 @@ class ChatRenderer:
             end = start + len(text[start:end].rstrip())
             if end > start:
                 spans.append((start, end))
-        return RenderedChat(text, tuple(spans))
+        return RenderedChat(text, tuple(spans), _longest_user_span(text, messages))
+
+    def samples(self, messages: Sequence[Message]) -> list[RenderedChat]:
+        """The samples one conversation becomes under the ``multi_turn`` policy (see
+        docs/TEMPLATES.md): under ``auto`` one sample when the template renders the conversation
+        prefix-stably, else one per assistant turn (``per_turn``); ``last_turn`` trains only the
+        final assistant turn. Every target is the turn as rendered when the conversation ends
+        there, so no policy trains a form the template would not produce at inference."""
+        assistant = [i for i, m in enumerate(messages) if m.role == "assistant"]
+        if self.multi_turn == "last_turn":
+            return [self.render_turn(messages, assistant[-1])]
+        if self.multi_turn == "auto":
+            try:
+                return [self.render(messages)]
+            except NotPrefixStable:
+                pass
+        per_turn = [self.render_turn(messages, index) for index in assistant]
+        # A turn whose target renders empty teaches nothing; keep one sample so that a
+        # conversation left with no target at all is still reported.
+        return [chat for chat in per_turn if chat.assistant_spans] or per_turn[-1:]
+
+    def render_turn(self, messages: Sequence[Message], index: int) -> RenderedChat:
+        """The conversation up to assistant turn ``index``, ending there, that turn the only target."""
+        turns = [{"role": m.role, "content": m.content} for m in messages[: index + 1]]
+        prompt = self.generation_prompt(messages[:index])
+        text = self._render(turns, add_generation_prompt=False)
+        if not text.startswith(prompt):
+            raise RowError(f"the chat template renders the assistant turn (message {index}) so that the "
+                           "generation prompt is not a prefix of it: cannot tell where the answer starts")
+        end = len(prompt) + len(text[len(prompt):].rstrip())
+        spans = ((len(prompt), end),) if end > len(prompt) else ()
+        return RenderedChat(text, spans, _longest_user_span(text, messages[: index + 1]))
+
+    def generation_prompt(self, messages: Sequence[Message]) -> str:
+        """What the model reads before it writes the next assistant turn (the inference prompt)."""
+        return self._render([{"role": m.role, "content": m.content} for m in messages], add_generation_prompt=True)
 
     def _prefix(self, turns: list[dict[str, str]], full: str, add_generation_prompt: bool) -> str:
         prefix = self._render(turns, add_generation_prompt) if turns or add_generation_prompt else ""
         if not full.startswith(prefix):
-            raise TemplateError(
+            raise NotPrefixStable(
                 "the chat template renders a conversation prefix that is not a prefix of the whole "
-                "conversation (it rewrites earlier turns), so assistant spans cannot be located; "
-                "set tokenizer.chat_template to a prefix-stable template")
+                "conversation (it rewrites earlier turns), so this conversation cannot be one sample; "
+                "ChatRenderer.samples renders it one assistant turn at a time")
         return prefix
+
+
+def _longest_user_span(text: str, messages: Sequence[Message]) -> tuple[int, int] | None:
+    """Where the longest user turn's content lies in ``text``, or None if it is not there verbatim.
+
+    Message contents appear in ``text`` in conversation order; each is looked for after the
+    previous one found. A template may trim content (Llama 3.1) or rewrite it (Qwen3's earlier
+    assistant turns), so contents are matched stripped and a missing one is skipped.
+    """
+    position, found = 0, {}
+    for index, message in enumerate(messages):
+        content = message.content.strip()
+        at = text.find(content, position) if content else -1
+        if at >= 0:
+            found[index] = (at, at + len(content))
+            position = at + len(content)
+    users = [found[i] for i, m in enumerate(messages) if m.role == "user" and i in found]
+    return max(users, key=lambda span: span[1] - span[0]) if users else None
 
 
 def _byte_level_alphabet() -> set[str]:
@@ -144,21 +215,40 @@ class ByteLevelMasker:
             token_bytes[token_id] = len(added.content.encode("utf-8"))  # matched on the raw text
         return cls(token_bytes, nfc=normalizer == "NFC")
 
-    def mask(self, ids: np.ndarray, text: str, spans: Sequence[tuple[int, int]]) -> np.ndarray | None:
+    def token_ends(self, ids: np.ndarray, text: str) -> np.ndarray | None:
+        """The UTF-8 byte offset where each token ends, or None when the tokens do not spell
+        ``text`` byte for byte (a normaliser rewrote it)."""
         if self.nfc and not unicodedata.is_normalized("NFC", text):
             return None
         ends = np.cumsum(self.token_bytes[ids])
         if not len(ends) or ends[-1] != len(text.encode("utf-8", "surrogatepass")):
             return None
-        mask = np.zeros(len(ids), dtype=np.uint8)
+        return ends
+
+    def mask(self, ids: np.ndarray, text: str, spans: Sequence[tuple[int, int]]) -> np.ndarray | None:
+        ends = self.token_ends(ids, text)
+        return None if ends is None else self.mask_from_ends(ends, text, spans)
+
+    @staticmethod
+    def mask_from_ends(ends: np.ndarray, text: str, spans: Sequence[tuple[int, int]]) -> np.ndarray:
+        mask = np.zeros(len(ends), dtype=np.uint8)
         for start, end in spans:
-            byte_start = len(text[:start].encode("utf-8", "surrogatepass"))
-            byte_end = len(text[:end].encode("utf-8", "surrogatepass"))
-            first = int(np.searchsorted(ends, byte_start, side="right"))
-            last = int(np.searchsorted(ends, byte_end - 1, side="right"))
+            first = int(np.searchsorted(ends, _byte_offset(text, start), side="right"))
+            last = int(np.searchsorted(ends, _byte_offset(text, end) - 1, side="right"))
             mask[first : last + 1] = 1
         mask[:1] = 0  # the first token of a sample is never a target (nothing precedes it)
         return mask
+
+    def inner_tokens(self, ids: np.ndarray, ends: np.ndarray, text: str, span: tuple[int, int]) -> tuple[int, int]:
+        """[first, last) of the tokens lying wholly inside the character ``span``."""
+        starts = ends - self.token_bytes[ids]
+        first = int(np.searchsorted(starts, _byte_offset(text, span[0]), side="left"))
+        last = int(np.searchsorted(ends, _byte_offset(text, span[1]), side="right"))
+        return (first, last) if last > first else (0, 0)
+
+
+def _byte_offset(text: str, char: int) -> int:
+    return len(text[:char].encode("utf-8", "surrogatepass"))
 
 
 def assistant_mask(encoding, spans: Sequence[tuple[int, int]], n_tokens: int) -> np.ndarray:
@@ -171,6 +261,18 @@ def assistant_mask(encoding, spans: Sequence[tuple[int, int]], n_tokens: int) ->
             mask[first : last + 1] = 1
     mask[:1] = 0  # the first token of a sample is never a target (nothing precedes it)
     return mask
+
+
+def inner_tokens(encoding, span: tuple[int, int]) -> tuple[int, int]:
+    """[first, last) of the tokens lying wholly inside the character ``span``, from offsets."""
+    start, end = span
+    first = _token_near(encoding, start, end, step=1)
+    last = _token_near(encoding, end - 1, start - 1, step=-1)
+    if first is None or last is None:
+        return 0, 0
+    first += encoding.token_to_chars(first)[0] < start
+    last -= encoding.token_to_chars(last)[1] > end
+    return (first, last + 1) if last >= first else (0, 0)
 
 
 def _token_near(encoding, position: int, stop: int, step: int) -> int | None:

@@ -32,8 +32,14 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from longdata.records import Conversation, Document, Quarantined
-from longdata.templates import ByteLevelMasker, ChatRenderer, RenderedChat, assistant_mask
+from longdata.records import Conversation, Document, Quarantined, RowError
+from longdata.templates import (
+    ByteLevelMasker,
+    ChatRenderer,
+    RenderedChat,
+    assistant_mask,
+    inner_tokens,
+)
 
 CACHE_FILE = "tokens.arrow"
 QUARANTINE_FILE = "quarantine.jsonl"
@@ -48,6 +54,10 @@ SCHEMA = pa.schema([
     ("text_hash", pa.uint64()),
     ("location", pa.string()),
     ("position", pa.int64()),
+    # [user_start, user_end): tokens of the longest user turn's content, none of them a target;
+    # what truncate_middle cuts from (0, 0 when the sample has none).
+    ("user_start", pa.int32()),
+    ("user_end", pa.int32()),
 ])
 BATCH_CHARS = 4_000_000
 BATCH_RECORDS = 512
@@ -69,6 +79,10 @@ class TokenizeStats:
     target_tokens: int = 0
     no_target_after_tokenize: int = 0
     offsets_fallbacks: int = 0  # samples a normaliser rewrote: masked from real offsets
+    # Conversations made into one sample per assistant turn (multi_turn; docs/TEMPLATES.md),
+    # and the samples they made: rows_read - quarantined rows = samples - turn_samples + split_conversations.
+    split_conversations: int = 0
+    turn_samples: int = 0
     seconds: float = 0.0
 
 
@@ -92,6 +106,7 @@ def tokenize_records(
     tokenizer,
     out_dir: Path,
     *,
+    multi_turn: str = "auto",
     max_samples: int | None = None,
     on_progress: Callable[[int, int], None] = lambda records, tokens: None,
 ) -> TokenizeStats:
@@ -102,7 +117,7 @@ def tokenize_records(
     are still written strictly in input order, so the cache is identical to a sequential run.
     """
     started = time.perf_counter()
-    renderer = ChatRenderer(tokenizer)
+    renderer = ChatRenderer(tokenizer, multi_turn)
     backend = tokenizer.backend_tokenizer
     masker = ByteLevelMasker.for_tokenizer(tokenizer)
     stats = TokenizeStats()
@@ -113,28 +128,27 @@ def tokenize_records(
             (out_dir / QUARANTINE_FILE).open("w", encoding="utf-8") as quarantine, \
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode") as encoder:
 
-        def write(batch: _Batch, rendered: list[RenderedChat], encoding: Future) -> None:
+        def write(batch: _Batch, samples: list[tuple[Conversation, RenderedChat]], encoding: Future) -> None:
             for record in batch.quarantined:
                 _quarantine(quarantine, record, stats)
             encodings = encoding.result()
-            table = _to_arrow(batch.conversations, rendered, encodings, masking, stats, quarantine)
+            table = _to_arrow(samples, encodings, masking, stats, quarantine)
             if table.num_rows:
                 writer.write_table(table)
             on_progress(len(batch.conversations), sum(len(e) for e in encodings))
 
         in_flight = None
         for batch in _batches(records, stats, max_samples):
-            rendered = [r if isinstance(r, Document) else renderer.render(r.messages)
-                        for r in batch.conversations]
+            samples = _render(batch, renderer, stats)
             # Without offsets when the mask can do without them (documents never need them;
             # chats with a ByteLevelMasker): the cost floor.
-            fast = masker or all(isinstance(r, Document) for r in rendered)
+            fast = masker or all(isinstance(chat, Document) for _, chat in samples)
             encode_batch = backend.encode_batch_fast if fast else backend.encode_batch
-            encoding = encoder.submit(encode_batch, [r.text for r in rendered],
+            encoding = encoder.submit(encode_batch, [chat.text for _, chat in samples],
                                       add_special_tokens=False)
             if in_flight:
                 write(*in_flight)
-            in_flight = batch, rendered, encoding
+            in_flight = batch, samples, encoding
         if in_flight:
             write(*in_flight)
     stats.seconds = time.perf_counter() - started
@@ -204,6 +218,29 @@ def _batches(records, stats: TokenizeStats, max_samples) -> Iterator[_Batch]:
         yield batch
 
 
+def _render(batch: _Batch, renderer: ChatRenderer, stats: TokenizeStats) -> list[tuple[Conversation, RenderedChat]]:
+    """Every sample of the batch with the conversation it came from (several per conversation
+    where the multi-turn policy gives each assistant turn its own sample). A conversation whose
+    turns the template renders unlocatably joins the batch's quarantined rows."""
+    samples = []
+    for conversation in batch.conversations:
+        if isinstance(conversation, Document):
+            samples.append((conversation, conversation))
+            continue
+        try:
+            chats = renderer.samples(conversation.messages)
+        except RowError as error:
+            raw = json.dumps([{"role": m.role, "content": m.content} for m in conversation.messages],
+                             ensure_ascii=False)
+            batch.quarantined.append(Quarantined(conversation.location, str(error), raw[:2000]))
+            continue
+        if len(chats) > 1:
+            stats.split_conversations += 1
+            stats.turn_samples += len(chats)
+        samples.extend((conversation, chat) for chat in chats)
+    return samples
+
+
 def _quarantine(handle, record: Quarantined, stats: TokenizeStats) -> None:
     stats.quarantined += 1
     handle.write(json.dumps({"location": record.location, "reason": record.reason,
@@ -230,24 +267,34 @@ class _Masking:
     stats: TokenizeStats
     framing: DocumentFraming
 
-    def mask(self, encoding, ids: np.ndarray, chat: RenderedChat) -> np.ndarray:
+    def mask_and_user_tokens(self, encoding, ids: np.ndarray, chat: RenderedChat) -> tuple[np.ndarray, tuple[int, int]]:
+        """The loss mask and the token range of the sample's cuttable user turn (or (0, 0))."""
         if self.masker is not None:
-            mask = self.masker.mask(ids, chat.text, chat.assistant_spans)
-            if mask is not None:
-                return mask
+            ends = self.masker.token_ends(ids, chat.text)
+            if ends is not None:
+                mask = self.masker.mask_from_ends(ends, chat.text, chat.assistant_spans)
+                user = self.masker.inner_tokens(ids, ends, chat.text, chat.user_span) if chat.user_span else (0, 0)
+                return mask, _untargeted(user, mask)
             # A normaliser rewrote this text: only real offsets locate its spans.
             self.stats.offsets_fallbacks += 1
             encoding = self.backend.encode(chat.text, add_special_tokens=False)
-        return assistant_mask(encoding, chat.assistant_spans, len(ids))
+        mask = assistant_mask(encoding, chat.assistant_spans, len(ids))
+        user = inner_tokens(encoding, chat.user_span) if chat.user_span else (0, 0)
+        return mask, _untargeted(user, mask)
 
 
-def _to_arrow(batch: list[Conversation | Document], rendered: list[RenderedChat | Document], encodings,
+def _untargeted(tokens: tuple[int, int], mask: np.ndarray) -> tuple[int, int]:
+    """``tokens`` if none of them is a target, else (0, 0): a cut there could remove a target."""
+    return (0, 0) if mask[tokens[0]:tokens[1]].any() else tokens
+
+
+def _to_arrow(samples: list[tuple[Conversation | Document, RenderedChat | Document]], encodings,
               masking: _Masking, stats: TokenizeStats, quarantine) -> pa.Table:
     # All ids of the batch go into one C array: ``array.extend`` converts the Python ints of
     # ``encoding.ids`` several times faster than ``np.asarray`` does, and no concatenate follows.
     ids = array.array(_UINT32_TYPECODE)
-    lengths, masks, targets, langs, hashes, locations, positions = [], [], [], [], [], [], []
-    for conversation, chat, encoding in zip(batch, rendered, encodings):
+    lengths, masks, targets, langs, hashes, locations, positions, users = [], [], [], [], [], [], [], []
+    for (conversation, chat), encoding in zip(samples, encodings):
         document = isinstance(conversation, Document)
         if document:
             framing = masking.framing
@@ -257,10 +304,13 @@ def _to_arrow(batch: list[Conversation | Document], rendered: list[RenderedChat 
             ids.extend(framing.suffix)
             mask = np.ones(n_tokens, dtype=np.uint8)
             mask[:1] = 0  # nothing precedes the first token
+            user = (0, 0)  # a document has no user turn for truncate_middle to cut
         else:
             n_tokens = len(encoding)
             ids.extend(encoding.ids)
-            mask = masking.mask(encoding, np.frombuffer(ids, dtype=np.uint32)[len(ids) - n_tokens:], chat)
+            # The view of the batch array must not outlive this call: the array grows next.
+            mask, user = masking.mask_and_user_tokens(
+                encoding, np.frombuffer(ids, dtype=np.uint32)[len(ids) - n_tokens:], chat)
         target_tokens = int(mask.sum())
         if target_tokens == 0:
             # A template that drops assistant text, or a one-token document; keep the row visible.
@@ -279,6 +329,7 @@ def _to_arrow(batch: list[Conversation | Document], rendered: list[RenderedChat 
                                                      digest_size=8).digest(), "little"))
         locations.append(conversation.location)
         positions.append(conversation.position)
+        users.append(user)
         stats.samples += 1
         stats.tokens += n_tokens
         stats.target_tokens += target_tokens
@@ -291,6 +342,8 @@ def _to_arrow(batch: list[Conversation | Document], rendered: list[RenderedChat 
         "text_hash": pa.array(hashes, pa.uint64()),
         "location": pa.array(locations, pa.string()),
         "position": pa.array(positions, pa.int64()),
+        "user_start": pa.array([u[0] for u in users], pa.int32()),
+        "user_end": pa.array([u[1] for u in users], pa.int32()),
     }, schema=SCHEMA)
 
 
@@ -330,6 +383,8 @@ class TokenCache:
         self.lang = np.asarray(table.column("lang").to_pylist(), dtype=object)
         self.text_hash = table.column("text_hash").to_numpy()
         self.position = table.column("position").to_numpy()
+        self.user_start = table.column("user_start").to_numpy().astype(np.int64)
+        self.user_end = table.column("user_end").to_numpy().astype(np.int64)
         self.stats = TokenizeStats(**json.loads((entry_dir / STATS_FILE).read_text()))
         self.quarantine_files = [entry_dir / QUARANTINE_FILE]
         self._tokens_since_release = 0
@@ -365,7 +420,7 @@ class PartitionedCache:
         order = np.argsort(np.concatenate([p.position for p in parts]), kind="stable")
         self._part = np.concatenate([np.full(len(p), i, dtype=np.int64) for i, p in enumerate(parts)])[order]
         self._local = np.concatenate([np.arange(len(p), dtype=np.int64) for p in parts])[order]
-        for name in ("lengths", "target_tokens", "lang", "text_hash", "position"):
+        for name in ("lengths", "target_tokens", "lang", "text_hash", "position", "user_start", "user_end"):
             setattr(self, name, np.concatenate([getattr(p, name) for p in parts])[order])
         totals = {f: sum(getattr(p.stats, f) for p in parts) for f in TokenizeStats.__dataclass_fields__}
         self.stats = TokenizeStats(**totals)

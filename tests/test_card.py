@@ -85,13 +85,14 @@ def test_card_counts_agree_with_the_rows(built, tmp_path):
                 start += length
         for name in names:
             line = kept[(split, name)]
-            # whole + cut to fit = the samples the rows hold (no split policy here: one piece each)
-            assert int(line[3].replace(",", "")) + int(line[4].replace(",", "")) == samples[name]
-            assert int(line[7].replace(",", "")) == targets[name]
+            # whole + cut to fit + middle cut = the samples the rows hold (no split policy here:
+            # one piece each)
+            assert sum(int(line[i].replace(",", "")) for i in (3, 4, 5)) == samples[name]
+            assert int(line[8].replace(",", "")) == targets[name]
             token_share, sequence_share = weights[(split, name)][2:4]
             assert token_share == f"{targets[name] / sum(targets.values()):.1%}"
             assert sequence_share == f"{with_target[name] / sum(with_target.values()):.1%}"
-    dropped = sum(int(r[5].replace(",", "")) for k, r in kept.items() if k[0] == "short/train")
+    dropped = sum(int(r[6].replace(",", "")) for k, r in kept.items() if k[0] == "short/train")
     assert dropped == manifest["splits"]["short/train"]["overlength"]["dropped"] > 0
 
 

@@ -148,14 +148,16 @@ def test_too_short_a_length_is_refused(tokenizer) -> None:
         niah.build_prompt(tokenizer, length=20, depth=0.5, sample=0)
 
 
-def test_generation_prompt_for_a_template_without_one(tokenizer) -> None:
-    """A template that ignores add_generation_prompt still gets the assistant header."""
+def test_prompt_and_answer_split_where_training_splits_them(tokenizer) -> None:
+    """The prompt ends with the generation prompt; a template that ignores add_generation_prompt
+    trains its assistant header as target, so the scored answer starts with the header."""
     user = "Hello there."
     expected = tokenizer.apply_chat_template(
         [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
     )
     assert niah.generation_prompt(tokenizer, user) == expected
     assert expected.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert niah.answer_frame(tokenizer, user) == ("", "<|eot_id|>")
 
     plain = AutoTokenizer.from_pretrained(str(ASSET_DIR))
     plain.chat_template = CHAT_TEMPLATE.split("{%- if add_generation_prompt %}")[0]
@@ -163,12 +165,13 @@ def test_generation_prompt_for_a_template_without_one(tokenizer) -> None:
         [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
     )
     assert not rendered.endswith("assistant<|end_header_id|>\n\n")  # the flag is ignored
-    assert niah.generation_prompt(plain, user) == expected
+    assert niah.generation_prompt(plain, user) == rendered
+    assert niah.answer_frame(plain, user) == ("<|start_header_id|>assistant<|end_header_id|>\n\n", "<|eot_id|>")
 
     broken = AutoTokenizer.from_pretrained(str(ASSET_DIR))
     broken.chat_template = "{% for m in messages %}{{ m['content'] | lower }}{% endfor %}"
     with pytest.raises(ValueError, match="cannot tell where the answer starts"):
-        niah.generation_prompt(broken, user)
+        niah.answer_frame(broken, user)
 
 
 NEEDLE_PATTERNS = (
@@ -292,7 +295,7 @@ def test_loglik_scoring_ranks_the_candidates(tokenizer, small_grid) -> None:
 
             # Candidates differ in token count, so only the last token carries the score.
             return [[0.0] * (len(c) - 1) + [value(tokenizer.decode(c))] for c in continuations]
-        return LoglikScorer(None, tokenizer, score=score)
+        return LoglikScorer(None, score=score)
 
     right = evaluate(small_grid, stub(lambda p: p.code), [256, 512], [0.0, 0.5, 1.0])
     assert right.accuracy == 1.0
@@ -306,7 +309,7 @@ def test_loglik_scoring_ranks_the_candidates(tokenizer, small_grid) -> None:
     assert [r["chosen"] for r in wrong.rows] == [p.distractor_codes[2] for p in small_grid]
     assert wrong.as_json()["grid"]["mean_answer_logprob"][0][0] < 0
     # A tie is not a win.
-    tie = LoglikScorer(None, tokenizer, score=lambda p, conts: [[-1.0] for _ in conts])
+    tie = LoglikScorer(None, score=lambda p, conts: [[-1.0] for _ in conts])
     assert tie(small_grid[0])["correct"] is False
 
 
@@ -584,3 +587,19 @@ def test_eval_niah_cli_with_a_real_haystack(tmp_path: Path, model_dir: Path) -> 
     chinese = CliRunner().invoke(app, ["eval", "niah", "--model", str(model_dir), "--haystack",
                                        str(essay), "--lang", "zh", "--out", str(out)])
     assert chinese.exit_code == 2 and "no zh text" in chinese.output, chinese.output
+def test_the_saved_tokenizer_renders_with_the_recipes_template_kwargs(tmp_path: Path, tokenizer) -> None:
+    """A checkpoint renders prompts as its build did: eval niah and any other tool loading it get
+    the recipe's chat_template_kwargs without being told."""
+    from trainer.tokenizer import save_build_tokenizer
+
+    build = _build_with_tokenizer(tmp_path, tokenizer)
+    manifest = json.loads((build / "manifest.json").read_text())
+    qwen3 = Path(__file__).parent / "templates" / "qwen3.jinja"
+    manifest.setdefault("recipe", {})["tokenizer"] = {
+        "name": "builtin:quickstart", "chat_template": str(qwen3),
+        "chat_template_kwargs": {"enable_thinking": False}}
+    (build / "manifest.json").write_text(json.dumps(manifest))
+    assert save_build_tokenizer(build, tmp_path / "saved") is None
+    saved = AutoTokenizer.from_pretrained(str(tmp_path / "saved"))
+    prompt = niah.generation_prompt(saved, "Where?")
+    assert prompt == "<|im_start|>user\nWhere?<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"

@@ -135,3 +135,17 @@ def test_upsampling_still_removes_a_language_wanted_at_zero():
     assert train_tokens_by_language(result, lengths, langs)["zh"] == 0
     assert result.language.discarded["zh"] == 1.0
     assert "discarded 100% of the zh" in result.language.warnings(0.25)[0]
+def test_holdout_takes_whole_rows():
+    """The per-turn samples of one conversation (one input row) are never on both sides."""
+    lengths = np.full(300, 50)
+    rows = np.repeat(np.arange(100), 3)  # three samples per row
+    result = run([source("a", lengths, row=rows)], validation_fraction=0.1, validation_max=1000)
+    held_out = set(rows[result.validation.index].tolist())
+    trained = set(rows[result.train.index].tolist())
+    assert held_out and not held_out & trained
+    assert len(result.validation) == 3 * len(held_out) >= 30
+    # With one sample per row the hold-out is the same as without rows.
+    unique = run([source("a", lengths, row=np.arange(300))], validation_fraction=0.1, validation_max=1000)
+    plain = run([source("a", lengths)], validation_fraction=0.1, validation_max=1000)
+    np.testing.assert_array_equal(unique.validation.index, plain.validation.index)
+    np.testing.assert_array_equal(unique.train.index, plain.train.index)

@@ -205,7 +205,9 @@ def test_plan_is_a_sequence_of_arrays():
 @relaxed
 def test_fit_to_length_accounts_for_every_sample(policy, case):
     lengths, max_len = case
-    pieces = fit_to_length(lengths, max_len, policy)
+    # Some spans can absorb a cut and some cannot.
+    spans = (lengths // 3, lengths - lengths // 5)
+    pieces = fit_to_length(lengths, max_len, policy, spans if policy == "truncate_middle" else None)
     overlong = int((lengths > max_len).sum())
     kept = np.unique(pieces.sample)
 
@@ -214,11 +216,27 @@ def test_fit_to_length_accounts_for_every_sample(policy, case):
     assert pieces.empty == int((lengths == 0).sum())
     assert not np.isin(kept, np.flatnonzero(lengths == 0)).any()
     assert np.all(np.diff(pieces.sample) >= 0), "pieces are ordered by sample"
-    assert (pieces.truncated, pieces.dropped, pieces.split) == {
+    assert (pieces.truncated + pieces.middle_cut, pieces.dropped, pieces.split) == {
         "truncate": (overlong, 0, 0),
         "drop": (0, overlong, 0),
         "split": (0, 0, overlong),
+        "truncate_middle": (overlong, 0, 0),
     }[policy]
+    assert pieces.middle_cut == int((pieces.gap_length > 0).sum())
+    if policy == "truncate_middle":
+        cut = pieces.gap_length > 0
+        sample = pieces.sample[cut]
+        gap_end = pieces.gap_start[cut] + pieces.gap_length[cut]
+        assert np.array_equal(pieces.length[cut] + pieces.gap_length[cut], lengths[sample])
+        assert np.all((spans[0][sample] < pieces.gap_start[cut]) | (gap_end < spans[1][sample])), \
+            "the cut keeps part of its span"
+        assert np.all((spans[0][sample] <= pieces.gap_start[cut]) & (gap_end <= spans[1][sample]))
+        # Where the span cannot take the whole excess, the sample is truncated instead.
+        room = (spans[1] - spans[0])[pieces.sample[~cut]]
+        assert np.all(room[lengths[pieces.sample[~cut]] > max_len] <= (lengths - max_len)[pieces.sample[~cut]][
+            lengths[pieces.sample[~cut]] > max_len])
+    else:
+        assert not pieces.gap_length.any()
 
     if policy == "split":
         for sample in range(len(lengths)):
@@ -246,6 +264,16 @@ def test_fit_to_length_examples():
     assert len(empty) == 0 and empty.sample.dtype == np.int64
     with pytest.raises(ValueError, match="policy"):
         fit_to_length([1], 10, "wrap")
+    # 30 tokens, 10 allowed: the 20 extra come out of the middle of span [4, 28) (2 of its tokens
+    # kept on each side); a span of 20 tokens cannot lose 20 and the sample is truncated.
+    middle = fit_to_length([30, 30, 8], 10, "truncate_middle", ([4, 5, 0], [28, 25, 0]))
+    assert (middle.middle_cut, middle.truncated) == (1, 1)
+    assert middle.length.tolist() == [10, 10, 8]
+    assert middle.ranges(0) == [(0, 6), (26, 4)]
+    assert middle.ranges(1) == [(0, 10)] and middle.ranges(2) == [(0, 8)]
+    assert middle.select(np.array([True, False, True])).ranges(0) == [(0, 6), (26, 4)]
+    with pytest.raises(ValueError, match="cuttable"):
+        fit_to_length([30], 10, "truncate_middle")
     with pytest.raises(ValueError, match=">= 0"):
         fit_to_length([-1], 10)
 
@@ -254,7 +282,8 @@ def test_fit_to_length_examples():
 @relaxed
 def test_fit_then_plan_round_trip(case, policy):
     lengths, max_len = case
-    pieces = fit_to_length(lengths, max_len, policy)
+    spans = (lengths // 3, lengths - lengths // 5) if policy == "truncate_middle" else None
+    pieces = fit_to_length(lengths, max_len, policy, spans)
     result = plan(pieces.length, max_len)
     assert np.all(result.row_lengths(pieces.length) <= max_len)
     assert len(result.item_index) == len(pieces)

@@ -1,12 +1,21 @@
 """The assistant mask covers exactly the assistant text (and its end-of-turn token), for
 templates without {% generation %} tags."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from longdata.recipe import TokenizerConfig
 from longdata.records import Message
-from longdata.templates import ChatRenderer, TemplateError, assistant_mask, load_tokenizer
+from longdata.templates import (
+    ChatRenderer,
+    NotPrefixStable,
+    TemplateError,
+    assistant_mask,
+    bind_template_kwargs,
+    load_tokenizer,
+)
 
 CHATML = ("{% for m in messages %}<|start_header_id|>{{ m['role'] }}\n{{ m['content'] }}<|eot_id|>\n"
           "{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant\n{% endif %}")
@@ -61,12 +70,48 @@ def test_assistant_text_equal_to_user_text_is_still_located_by_position(tokenize
     assert runs == ["echo<|eot_id|>", "echo<|eot_id|>"]
 
 
-def test_template_that_rewrites_history_is_refused():
-    rewriting = ("{% for m in messages %}{% if loop.last %}[LAST]{% endif %}{{ m['role'] }}: "
-                 "{{ m['content'] }}\n{% endfor %}")
+def test_template_that_rewrites_history_becomes_one_sample_per_turn():
+    rewriting = ("{% for m in messages %}{% if loop.last and m['role'] == 'assistant' %}[LAST]{% endif %}"
+                 "{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
     tokenizer, _ = load_tokenizer(TokenizerConfig(name="builtin:quickstart", chat_template=rewriting))
-    with pytest.raises(TemplateError, match="not a prefix"):
-        ChatRenderer(tokenizer).render(CONVERSATION[1:3])
+    renderer = ChatRenderer(tokenizer)
+    with pytest.raises(NotPrefixStable, match="not a prefix"):
+        renderer.render(CONVERSATION)
+    samples = renderer.samples(CONVERSATION)
+    assert [[chat.text[a:b] for a, b in chat.assistant_spans] for chat in samples] == [
+        ["[LAST]assistant: The needle is in paragraph 12."], ["[LAST]assistant: 第十二段。 Both languages work."]]
+    assert samples[1].text.endswith("user: 和中文呢？\n[LAST]assistant: 第十二段。 Both languages work.\n")
+
+
+def test_chat_template_kwargs_are_bound_into_the_template():
+    qwen3 = str(Path(__file__).parent / "templates" / "qwen3.jinja")
+    config = TokenizerConfig(name="builtin:quickstart", chat_template=qwen3,
+                             chat_template_kwargs={"enable_thinking": False})
+    tokenizer, _ = load_tokenizer(config)
+    user = [{"role": "user", "content": "Hi"}]
+    assert tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True).endswith(
+        "<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    # Bound, not defaulted: a checkpoint's saved template renders as it was trained.
+    assert tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True,
+                                         enable_thinking=True).endswith("</think>\n\n")
+    values = {"text": 'say "hi"\n\\ 🙂 é', "count": 3, "ratio": 0.25, "flag": True, "nothing": None}
+    probe = bind_template_kwargs("{{ text }}|{{ count + 1 }}|{{ ratio * 2 }}|{{ flag is true }}|{{ nothing is none }}",
+                                 values)
+    tokenizer.chat_template = probe
+    assert tokenizer.apply_chat_template(user, tokenize=False) == 'say "hi"\n\\ 🙂 é|4|0.5|True|True'
+
+
+def test_template_variables_longdata_sets_cannot_be_bound():
+    from longdata.recipe import RecipeError, validate_recipe
+
+    recipe = {"name": "r", "tokenizer": {"name": "builtin:quickstart", "chat_template_kwargs": {"messages": []}},
+              "sources": [{"name": "a", "kind": "antihaystack", "count": 1, "length_range": [10, 20]}],
+              "packing": {"max_seq_len": 64}, "output": {"dir": "out"}}
+    with pytest.raises(RecipeError, match="tokenizer.chat_template_kwargs"):
+        validate_recipe(recipe)
+    recipe["tokenizer"]["chat_template_kwargs"] = {"add_generation_prompt": True}
+    with pytest.raises(RecipeError, match="cannot be set"):
+        validate_recipe(recipe)
 
 
 def test_tokenizer_info_is_stable():

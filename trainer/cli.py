@@ -441,7 +441,7 @@ def eval_niah(
     if mode == "generate":
         scorer = GenerateScorer(lm, tok, max_new_tokens=max_new_tokens)
     else:
-        scorer = LoglikScorer(lm, tok)
+        scorer = LoglikScorer(lm)
     config = {
         "model": model,
         "tokenizer": tokenizer or model,

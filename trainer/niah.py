@@ -6,8 +6,9 @@ The prompts come from `longdata.niah.build_grid` (this module only needs their a
 - `generate`: greedy decoding of at most `max_new_tokens` tokens, stopping at an end-of-turn /
   end-of-text token. Correct iff every expected code appears in the decoded text (special tokens
   skipped) as a whole number: not preceded or followed by another digit.
-- `loglik`: the log-probability of the reference answer (the needle sentence) given the prompt,
-  against the same sentence with each distractor code. Correct iff the reference scores strictly
+- `loglik`: the log-probability of the reference answer (the needle sentence, in the form the
+  training target renders it: the template's text around it and the end-of-turn token
+  included) given the prompt, against the same sentence with each distractor code. Correct iff the reference scores strictly
   higher than every distractor. A model can prefer one code over another without reading the
   haystack, so the same question is also scored on control prompts with no needle at all
   (`NiahReport.control_rows`): grid accuracy near the control's is no evidence of retrieval.
@@ -49,6 +50,8 @@ class NiahItem(Protocol):
     answer: str
     distractor_codes: tuple[int, ...]
     distractors: tuple[str, ...]
+    answer_ids: tuple[int, ...]  # the answer as the training target renders it
+    distractor_ids: tuple[tuple[int, ...], ...]
 
     @property
     def expected(self) -> tuple[str, ...]: ...
@@ -185,10 +188,6 @@ def stop_token_ids(tokenizer: Any, model: torch.nn.Module | None = None) -> list
     return sorted(ids)
 
 
-def encode_text(tokenizer: Any, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
 class GenerateScorer:
     """`--mode generate`: greedy answer, correct iff it contains the expected code(s)."""
 
@@ -233,18 +232,17 @@ class LoglikScorer:
     def __init__(
         self,
         model: torch.nn.Module | None,
-        tokenizer: Any,
         score: Callable[[Sequence[int], Sequence[Sequence[int]]], list[list[float]]] | None = None,
     ) -> None:
-        self.tokenizer = tokenizer
+        # The candidates come tokenized with the prompt (NiahItem.answer_ids), as training
+        # tokenized them; no tokenizer is needed here.
         self._score = score or (lambda prompt, conts: continuation_logprobs(model, prompt, conts))
 
     def __call__(self, item: NiahItem) -> dict[str, Any]:
         if not item.distractors:
             raise ValueError("loglik scoring needs at least one distractor answer")
-        texts = [item.answer, *item.distractors]
         codes = [item.code, *item.distractor_codes]
-        token_ids = [encode_text(self.tokenizer, text) for text in texts]
+        token_ids = [list(item.answer_ids), *(list(ids) for ids in item.distractor_ids)]
         totals = [sum(values) for values in self._score(item.prompt_ids, token_ids)]
         answer, others = totals[0], totals[1:]
         # Ties go against the reference, as `correct` does.

@@ -19,6 +19,7 @@ from typing import Any
 from longdata.format import (
     Manifest,
     TemplateError,
+    bind_template_kwargs,
     resolve_template,
     tokenizer_digest,
     tokenizer_location,
@@ -32,17 +33,21 @@ class TokenizerUnavailable(RuntimeError):
     """No tokenizer that matches the model could be found."""
 
 
-def _recipe_chat_template(manifest: Manifest) -> str | None:
-    """The chat template the recipe set (inline, or the contents of the file it names)."""
-    value = manifest.recipe_value("tokenizer", "chat_template")
+def _recipe_chat_template(manifest: Manifest, default: str | None) -> str | None:
+    """The chat template the build rendered with: the recipe's (inline, or the contents of the
+    file it names) or ``default``, with the recipe's chat_template_kwargs bound into it."""
+    config = manifest.recipe_value("tokenizer") or {}
     try:
-        return resolve_template(value)
+        template = resolve_template(config.get("chat_template")) or default
     except TemplateError as error:
         raise TokenizerUnavailable(str(error)) from None
+    kwargs = config.get("chat_template_kwargs") or {}
+    return bind_template_kwargs(template, kwargs) if template and kwargs else template
 
 
 def load_build_tokenizer(build_dir: str | Path) -> Any:
-    """The tokenizer a build was tokenized with, with the recipe's chat template if it set one.
+    """The tokenizer a build was tokenized with, with the recipe's chat template if it set one
+    and its chat_template_kwargs bound in (so a saved checkpoint renders as it was trained).
 
     Raises `TokenizerUnavailable` if it cannot be loaded or its digest differs from the
     manifest's.
@@ -63,7 +68,7 @@ def load_build_tokenizer(build_dir: str | Path) -> Any:
             f"the tokenizer at {where!r} is not the one the build used (digest differs from "
             "manifest.json's tokenizer.sha256)"
         )
-    template = _recipe_chat_template(manifest)
+    template = _recipe_chat_template(manifest, tokenizer.chat_template)
     if template:
         tokenizer.chat_template = template
     return tokenizer

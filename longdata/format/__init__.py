@@ -39,6 +39,7 @@ from longdata.format.rows import COLUMNS, SHARD_HASHES, check_row, row_structure
 from longdata.format.tokenizer import (
     BUILTIN_TOKENIZERS,
     TemplateError,
+    bind_template_kwargs,
     resolve_template,
     tokenizer_digest,
     tokenizer_location,
@@ -48,7 +49,7 @@ __all__ = [
     "BUILTIN_TOKENIZERS", "COLUMNS", "FORMAT", "MANIFEST_FILE", "MARKER_FILE", "SHARD_HASHES",
     "SUPPORTED_FORMATS", "BuildFormatError", "Manifest", "NotABuildError", "ShardError",
     "SplitEntry", "StreamEntry", "StreamReader", "TemplateError", "TokenizerEntry",
-    "UnknownSplitError", "UnsafePathError", "check_row", "check_slug", "check_stream_files",
+    "UnknownSplitError", "UnsafePathError", "bind_template_kwargs", "check_row", "check_slug", "check_stream_files",
     "inside", "is_ours", "load_shard", "mark_ours", "marker_kind", "read_index", "resolve_template",
     "row_structure_problem", "tokenizer_digest", "tokenizer_location", "write_manifest",
 ]

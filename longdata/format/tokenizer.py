@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -49,3 +50,23 @@ def resolve_template(value: str | None) -> str | None:
     if not Path(value).is_file():
         raise TemplateError(f"tokenizer.chat_template {value!r} is neither a Jinja template nor a file")
     return Path(value).read_text(encoding="utf-8")
+
+
+def bind_template_kwargs(template: str, kwargs: Mapping[str, bool | int | float | str | None]) -> str:
+    """``template`` with ``kwargs`` set as template variables at its top (``{%- set k = v %}``).
+
+    Binding them into the template text, rather than passing them to each
+    ``apply_chat_template`` call, makes every rendering agree: the build, NIAH prompts, and any
+    tool that loads the checkpoint's saved tokenizer. A top-level ``set`` takes precedence over
+    a variable passed at render time, so the checkpoint renders as it was trained.
+    """
+    bindings = "".join(f"{{%- set {name} = {_jinja_literal(value)} %}}" for name, value in sorted(kwargs.items()))
+    return bindings + template
+
+
+def _jinja_literal(value: bool | int | float | str | None) -> str:
+    if value is None or isinstance(value, bool):
+        return {None: "none", True: "true", False: "false"}[value]
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)  # Jinja decodes string escapes like Python
+    return repr(value)

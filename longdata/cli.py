@@ -36,15 +36,28 @@ def _load(recipe: Path, overrides: list[str] | None):
     try:
         return load_recipe(recipe, overrides or [])
     except RecipeError as exc:
-        for problem in exc.problems:
-            console.print(f"[red]error[/red] {escape(problem)}", highlight=False, soft_wrap=True)
+        _print_problems(exc)
         raise typer.Exit(2) from None
+
+
+def _print_problems(exc) -> None:
+    for problem in exc.problems:
+        console.print(f"[red]error[/red] {escape(problem)}", highlight=False, soft_wrap=True)
 
 
 @app.command()
 def validate(recipe: Path = RecipeArg, overrides: list[str] | None = SetOption) -> None:
-    """Check a recipe without doing any work: every wrong key is reported with its path, exit code 2."""
+    """Check a recipe without doing any work: every wrong key is reported with its path, exit code 2.
+    Everything build would refuse is checked here, the tokenizer's template overhead included when
+    the tokenizer is local."""
+    from longdata.recipe import RecipeError, check_against_tokenizer
+
     loaded = _load(recipe, overrides)
+    try:
+        check_against_tokenizer(loaded)
+    except RecipeError as exc:
+        _print_problems(exc)
+        raise typer.Exit(2) from None
     console.print(f"[green]ok[/green] {recipe}: recipe '{loaded.name}' with {len(loaded.sources)} sources, "
                   f"rows up to {loaded.longest_seq_len:,} tokens, output {loaded.output.dir}")
 
@@ -55,6 +68,8 @@ def build(
     out: Path | None = typer.Option(None, "--out", help="Output directory (default: the recipe's output.dir)."),
     overrides: list[str] | None = SetOption,
     strict: bool = typer.Option(False, "--strict", help="Fail if any source row had to be quarantined."),
+    allow_empty: bool = typer.Option(False, "--allow-empty",
+                                     help="Publish a build that holds no training row (by default it fails)."),
     workers: int = typer.Option(1, "--workers", min=1,
                                 help="Split the build across N workers sharing cache_dir and the output "
                                      "directory (a shared filesystem); then run `longdata merge`."),
@@ -68,6 +83,7 @@ def build(
     """
     from longdata.build import BuildError
     from longdata.build import build as run_build
+    from longdata.recipe import RecipeError
     from longdata.templates import TemplateError
 
     loaded = _load(recipe, overrides)
@@ -79,7 +95,10 @@ def build(
             console.print(f"[green]worker {worker_index} of {workers} done[/green] ({report}); when all "
                           f"are, run: longdata merge {out or loaded.output.dir}")
             return
-        result = run_build(loaded, out=out, strict=strict, console=console)
+        result = run_build(loaded, out=out, strict=strict, allow_empty=allow_empty, console=console)
+    except RecipeError as exc:
+        _print_problems(exc)
+        raise typer.Exit(2) from None
     except (BuildError, TemplateError, FileNotFoundError) as exc:
         console.print(f"[red]error[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None

@@ -95,6 +95,9 @@ def resolve_template(value: str | None) -> str | None:
 class RenderedChat:
     text: str
     assistant_spans: tuple[tuple[int, int], ...]  # [start, end) character ranges of targets
+    # [start, end) ranges where message text spells a special token: encoded as text, not control
+    # tokens (see longdata.control_tokens); empty for nearly every conversation.
+    spelled_special: tuple[tuple[int, int], ...] = ()
 
 
 class ChatRenderer:
@@ -128,6 +131,13 @@ class ChatRenderer:
                 "conversation (it rewrites earlier turns), so assistant spans cannot be located; "
                 "set tokenizer.chat_template to a prefix-stable template")
         return prefix
+
+
+def template_overhead(tokenizer) -> int:
+    """Tokens the chat template itself adds to the shortest trainable conversation (an empty
+    user turn and a one-character answer): a row shorter than this holds no whole sample."""
+    text = ChatRenderer(tokenizer).render((Message("user", ""), Message("assistant", "x"))).text
+    return len(tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)) - 1
 
 
 def _byte_level_alphabet() -> set[str]:

@@ -9,6 +9,7 @@ weights, buckets or max length never re-tokenizes.
 from __future__ import annotations
 
 import array
+import dataclasses
 import hashlib
 import json
 import mmap
@@ -23,6 +24,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from longdata.control_tokens import SpecialTokenText
 from longdata.records import Conversation, Quarantined
 from longdata.templates import ByteLevelMasker, ChatRenderer, RenderedChat, assistant_mask
 
@@ -42,11 +44,16 @@ BATCH_CHARS = 4_000_000
 BATCH_RECORDS = 512
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 LANGUAGE_SAMPLE_CHARS = 8_000
+_SURROGATE = re.compile("[\ud800-\udfff]")
 # Readers gather from anywhere in a memory-mapped cache; after serving this many tokens its pages
 # are released, so RSS stays flat however large the dataset is.
 RELEASE_PAGES_EVERY_TOKENS = 8 << 20
 # The array module names C types, not widths: pick the one that is 32 bits here.
 _UINT32_TYPECODE = next(code for code in "IL" if array.array(code).itemsize == 4)
+
+
+# Per source file: every row read is a sample or quarantined (rows_read == samples + quarantined).
+FILE_COUNTS = ("rows_read", "quarantined", "samples")
 
 
 @dataclass
@@ -58,7 +65,25 @@ class TokenizeStats:
     target_tokens: int = 0
     no_target_after_tokenize: int = 0
     offsets_fallbacks: int = 0  # samples a normaliser rewrote: masked from real offsets
+    special_token_text_rows: int = 0  # samples whose text spells a special token
     seconds: float = 0.0
+    files: dict[str, dict[str, int]] = field(default_factory=dict)  # file -> FILE_COUNTS
+
+    def count_file(self, file: str, what: str) -> None:
+        if file:  # generated sources have no files
+            counts = self.files.setdefault(file, dict.fromkeys(FILE_COUNTS, 0))
+            counts[what] += 1
+
+    @classmethod
+    def total(cls, parts: list[TokenizeStats]) -> TokenizeStats:
+        totals = cls(**{f: sum(getattr(p, f) for p in parts) for f in cls.__dataclass_fields__ if f != "files"})
+        for part in parts:
+            for file, counts in part.files.items():
+                mine = totals.files.setdefault(file, dict.fromkeys(FILE_COUNTS, 0))
+                for what in FILE_COUNTS:
+                    mine[what] += counts[what]
+        totals.files = dict(sorted(totals.files.items()))
+        return totals
 
 
 def detect_language(messages) -> str:
@@ -79,25 +104,32 @@ def tokenize_records(
     *,
     max_samples: int | None = None,
     on_progress: Callable[[int, int], None] = lambda records, tokens: None,
+    special_tokens_in_text: str = "encode_as_text",
 ) -> TokenizeStats:
     """Tokenize every record into ``out_dir`` (cache file, quarantine file, stats).
 
     ``encode_batch`` runs in a worker thread: it releases the GIL and spreads over every core, so
     reading and rendering the next batch and converting the previous one overlap with it. Batches
     are still written strictly in input order, so the cache is identical to a sequential run.
+
+    Whatever one row raises while it is rendered, encoded or masked quarantines that row alone
+    with the error as its reason. A text spelling a special token is encoded as text unless
+    ``special_tokens_in_text`` is ``allow`` (see ``longdata.control_tokens``).
     """
     started = time.perf_counter()
     renderer = ChatRenderer(tokenizer)
     backend = tokenizer.backend_tokenizer
     masker = ByteLevelMasker.for_tokenizer(tokenizer)
+    special = SpecialTokenText(backend)
     # Without offsets when the mask can do without them (see ByteLevelMasker): the cost floor.
     encode_batch = backend.encode_batch_fast if masker else backend.encode_batch
     stats = TokenizeStats()
-    masking = _Masking(backend, masker, stats)
+    masking = _Masking(backend, masker, stats, special)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # backslashreplace: a lone surrogate in a quarantined row's text is written as its JSON escape.
     with pa.OSFile(str(out_dir / CACHE_FILE), "wb") as sink, \
             pa.ipc.new_file(sink, SCHEMA) as writer, \
-            (out_dir / QUARANTINE_FILE).open("w", encoding="utf-8") as quarantine, \
+            (out_dir / QUARANTINE_FILE).open("w", encoding="utf-8", errors="backslashreplace") as quarantine, \
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode") as encoder:
 
         def write(batch: _Batch, rendered: list[RenderedChat], encoding: Future) -> None:
@@ -107,13 +139,12 @@ def tokenize_records(
             table = _to_arrow(batch.conversations, rendered, encodings, masking, stats, quarantine)
             if table.num_rows:
                 writer.write_table(table)
-            on_progress(len(batch.conversations), sum(len(e) for e in encodings))
+            on_progress(len(batch.conversations), sum(len(e) for e in encodings if not isinstance(e, Exception)))
 
         in_flight = None
         for batch in _batches(records, stats, max_samples):
-            rendered = [renderer.render(c.messages) for c in batch.conversations]
-            encoding = encoder.submit(encode_batch, [r.text for r in rendered],
-                                      add_special_tokens=False)
+            rendered = _render_batch(batch, renderer, special, stats, encode_as_text=special_tokens_in_text != "allow")
+            encoding = encoder.submit(_encode_batch, encode_batch, special, rendered)
             if in_flight:
                 write(*in_flight)
             in_flight = batch, rendered, encoding
@@ -122,6 +153,61 @@ def tokenize_records(
     stats.seconds = time.perf_counter() - started
     (out_dir / STATS_FILE).write_text(json.dumps(asdict(stats), indent=1))
     return stats
+
+
+def _render_batch(batch: _Batch, renderer: ChatRenderer, special: SpecialTokenText, stats: TokenizeStats,
+                  encode_as_text: bool) -> list[RenderedChat]:
+    """Each conversation of the batch rendered; one that cannot be moves to the batch's quarantine."""
+    rendered, kept = [], []
+    for conversation in batch.conversations:
+        try:
+            chat = renderer.render(conversation.messages)
+            if special.spelled_in(conversation.messages):
+                if encode_as_text:
+                    spans = special.locate(conversation.messages, chat.text, lambda m: renderer.render(m).text)
+                    chat = dataclasses.replace(chat, spelled_special=spans)
+                stats.special_token_text_rows += 1
+        except Exception as exc:  # a template or a row can fail in many ways; each is one row's fault
+            batch.quarantined.append(Quarantined(conversation.location, _row_error("chat template", exc),
+                                                 _preview_messages(conversation), conversation.file))
+            continue
+        rendered.append(chat)
+        kept.append(conversation)
+    batch.conversations = kept
+    return rendered
+
+
+def _encode_batch(encode_batch, special: SpecialTokenText, rendered: list[RenderedChat]) -> list:
+    """The batch's encodings, one per chat, or the exception a chat's encoding raised in its place.
+    The whole batch is encoded at once; only when that fails is each chat encoded alone."""
+    texts = [chat.text for chat in rendered]
+    try:
+        encodings = encode_batch(texts, add_special_tokens=False)
+    except Exception:  # e.g. TypeError for a lone surrogate: find the row(s) responsible
+        encodings = [_encode_one(encode_batch, text) for text in texts]
+    for index, chat in enumerate(rendered):
+        if chat.spelled_special and not isinstance(encodings[index], Exception):
+            try:
+                encodings[index] = special.encode(chat.text, chat.spelled_special)
+            except Exception as exc:
+                encodings[index] = exc
+    return encodings
+
+
+def _encode_one(encode_batch, text: str):
+    try:
+        return encode_batch([text], add_special_tokens=False)[0]
+    except Exception as exc:
+        return exc
+
+
+def _row_error(stage: str, exc: BaseException) -> str:
+    return f"{stage} failed on this row: {type(exc).__name__}: {str(exc)[:500]}"
+
+
+def _preview_messages(conversation: Conversation, limit: int = 2000) -> str:
+    return json.dumps([{"role": m.role, "content": m.content[:limit]} for m in conversation.messages],
+                      ensure_ascii=False)[:limit]
 
 
 @dataclass
@@ -137,11 +223,13 @@ def _batches(records, stats: TokenizeStats, max_samples) -> Iterator[_Batch]:
     for record in records:
         if isinstance(record, Quarantined):
             stats.rows_read += 1
+            stats.count_file(record.file, "rows_read")
             batch.quarantined.append(record)
             continue
         if max_samples is not None and taken >= max_samples:
             break
         stats.rows_read += 1
+        stats.count_file(record.file, "rows_read")
         taken += 1
         batch.conversations.append(record)
         chars += sum(len(m.content) for m in record.messages)
@@ -154,6 +242,7 @@ def _batches(records, stats: TokenizeStats, max_samples) -> Iterator[_Batch]:
 
 def _quarantine(handle, record: Quarantined, stats: TokenizeStats) -> None:
     stats.quarantined += 1
+    stats.count_file(record.file, "quarantined")
     handle.write(json.dumps({"location": record.location, "reason": record.reason,
                              "raw": record.raw}, ensure_ascii=False) + "\n")
 
@@ -163,6 +252,7 @@ class _Masking:
     backend: Any  # tokenizers.Tokenizer
     masker: ByteLevelMasker | None
     stats: TokenizeStats
+    special: SpecialTokenText
 
     def mask(self, encoding, ids: np.ndarray, chat: RenderedChat) -> np.ndarray:
         if self.masker is not None:
@@ -171,7 +261,8 @@ class _Masking:
                 return mask
             # A normaliser rewrote this text: only real offsets locate its spans.
             self.stats.offsets_fallbacks += 1
-            encoding = self.backend.encode(chat.text, add_special_tokens=False)
+            encoding = (self.special.encode(chat.text, chat.spelled_special) if chat.spelled_special
+                        else self.backend.encode(chat.text, add_special_tokens=False))
         return assistant_mask(encoding, chat.assistant_spans, len(ids))
 
 
@@ -182,16 +273,30 @@ def _to_arrow(batch: list[Conversation], rendered: list[RenderedChat], encodings
     ids = array.array(_UINT32_TYPECODE)
     lengths, masks, targets, langs, hashes, locations, positions = [], [], [], [], [], [], []
     for conversation, chat, encoding in zip(batch, rendered, encodings):
+        if isinstance(encoding, Exception):
+            reason = _row_error("tokenizing", encoding)
+            if _SURROGATE.search(chat.text):
+                reason = f"text holds a lone UTF-16 surrogate, which is not a character ({reason})"
+            _quarantine(quarantine, Quarantined(conversation.location, reason,
+                                                chat.text[:2000], conversation.file), stats)
+            continue
         n_tokens = len(encoding)
         ids.extend(encoding.ids)
-        mask = masking.mask(encoding, np.frombuffer(ids, dtype=np.uint32)[len(ids) - n_tokens:], chat)
+        try:
+            mask = masking.mask(encoding, np.frombuffer(ids, dtype=np.uint32)[len(ids) - n_tokens:], chat)
+        except Exception as exc:
+            del ids[len(ids) - n_tokens:]
+            _quarantine(quarantine, Quarantined(conversation.location, _row_error("loss masking", exc),
+                                                chat.text[:2000], conversation.file), stats)
+            continue
         target_tokens = int(mask.sum())
         if target_tokens == 0:
             # Only possible when a template drops assistant text; keep the row visible.
             del ids[len(ids) - n_tokens:]
             stats.no_target_after_tokenize += 1
             _quarantine(quarantine, Quarantined(conversation.location,
-                        "no assistant token left after applying the chat template", chat.text[:2000]), stats)
+                        "no assistant token left after applying the chat template", chat.text[:2000],
+                        conversation.file), stats)
             continue
         lengths.append(n_tokens)
         masks.append(mask)
@@ -202,6 +307,7 @@ def _to_arrow(batch: list[Conversation], rendered: list[RenderedChat], encodings
         locations.append(conversation.location)
         positions.append(conversation.position)
         stats.samples += 1
+        stats.count_file(conversation.file, "samples")
         stats.tokens += n_tokens
         stats.target_tokens += target_tokens
     return pa.table({
@@ -244,7 +350,8 @@ class TokenCache:
         self.lang = np.asarray(table.column("lang").to_pylist(), dtype=object)
         self.text_hash = table.column("text_hash").to_numpy()
         self.position = table.column("position").to_numpy()
-        self.stats = TokenizeStats(**json.loads((entry_dir / STATS_FILE).read_text()))
+        # Through ``total`` so that the files are listed in a fixed (sorted) order.
+        self.stats = TokenizeStats.total([TokenizeStats(**json.loads((entry_dir / STATS_FILE).read_text()))])
         self.quarantine_files = [entry_dir / QUARANTINE_FILE]
         self._tokens_since_release = 0
 
@@ -281,8 +388,7 @@ class PartitionedCache:
         self._local = np.concatenate([np.arange(len(p), dtype=np.int64) for p in parts])[order]
         for name in ("lengths", "target_tokens", "lang", "text_hash", "position"):
             setattr(self, name, np.concatenate([getattr(p, name) for p in parts])[order])
-        totals = {f: sum(getattr(p.stats, f) for p in parts) for f in TokenizeStats.__dataclass_fields__}
-        self.stats = TokenizeStats(**totals)
+        self.stats = TokenizeStats.total([p.stats for p in parts])
         self.quarantine_files = [f for p in parts for f in p.quarantine_files]
 
     def __len__(self) -> int:

@@ -6,13 +6,14 @@ takes either (or ShareGPT) by its ``format``; ``antihaystack`` is generated, not
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from longdata.recipe import AntiHaystackSource, FileSource, GenericSource, LongAlpacaSource
 from longdata.records import Conversation, Quarantined, RowError
-from longdata.sources.readers import iter_rows
+from longdata.sources.readers import iter_source_files
 from longdata.sources.schemas import PARSERS
 
 Record = Conversation | Quarantined
@@ -40,19 +41,26 @@ def read_source(source, *, cache_dir: Path, count_tokens: Callable[[str], int],
             indices=range(worker, source.count, workers))
         return
     parse = PARSERS[schema_of(source)]
-    for position, item in enumerate(iter_rows(resolve_path(source, cache_dir), source.split)):
-        if position % workers != worker:
-            continue
-        if isinstance(item, Quarantined):
-            yield item
-            continue
-        location, row = item
-        try:
-            messages = parse(row)
-        except RowError as exc:
-            yield Quarantined(location, str(exc), _preview(row))
-            continue
-        yield Conversation(messages, location, position=position)
+    position = -1
+    for file, rows in iter_source_files(resolve_path(source, cache_dir), source.split):
+        for item in rows:
+            position += 1
+            if position % workers != worker:
+                continue
+            if isinstance(item, Quarantined):
+                yield dataclasses.replace(item, file=file)
+                continue
+            location, row = item
+            try:
+                messages = parse(row)
+            except RowError as exc:
+                yield Quarantined(location, str(exc), _preview(row), file)
+                continue
+            except Exception as exc:  # one row must never stop the build: it is quarantined
+                yield Quarantined(location, f"cannot normalise this row: {type(exc).__name__}: "
+                                  f"{str(exc)[:500]}", _preview(row), file)
+                continue
+            yield Conversation(messages, location, position=position, file=file)
 
 
 def resolve_path(source: FileSource, cache_dir: Path) -> str:
@@ -81,9 +89,10 @@ def resolve_path(source: FileSource, cache_dir: Path) -> str:
 
 def _preview(row: object, limit: int = 2000) -> str:
     import json
+    import reprlib
 
     try:
         text = json.dumps(row, ensure_ascii=False, default=str)
-    except (TypeError, ValueError):
-        text = repr(row)
+    except (TypeError, ValueError, RecursionError):
+        text = reprlib.repr(row)
     return text[:limit]

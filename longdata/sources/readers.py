@@ -125,8 +125,9 @@ class _Window:
     def element_end(self) -> int | None:
         """Where the JSON value starting at ``position`` ends: the first ``,`` or ``]`` outside
         strings and brackets, reading ahead as needed; None when the file ends first or the value
-        runs past MAX_ELEMENT_CHARS. A string is taken to end at a raw newline (JSON forbids
-        them inside strings), so one missing quote cannot swallow the rest of a pretty-printed file."""
+        runs past MAX_ELEMENT_CHARS. JSON forbids raw newlines inside strings, so a string still
+        open at a newline began at a stray quote: scanning resumes after it as structure, and
+        one missing quote cannot swallow the rest of a file laid out one element per line."""
         while True:
             end = _scan_element(self.text, self.position)
             if end is not None or len(self.text) - self.position >= MAX_ELEMENT_CHARS or not self.read_more():
@@ -134,28 +135,37 @@ class _Window:
 
 
 def _scan_element(text: str, start: int) -> int | None:
-    depth, in_string, skip_at = 0, False, -1
-    for match in _STRUCTURE.finditer(text, start):
-        at = match.start()
-        if at == skip_at:
-            continue  # the character after a backslash inside a string
-        char = match.group()
-        if in_string:
-            if char == "\\":
-                skip_at = at + 1
-            elif char in '"\n':
-                in_string = False
-        elif char == '"':
-            in_string = True
-        elif char in "[{":
-            depth += 1
-        elif char in "]}":
-            if depth == 0 and char == "]":
+    open_brackets: list[str] = []
+    position = start
+    while True:
+        in_string, skip_at, string_start = False, -1, 0
+        for match in _STRUCTURE.finditer(text, position):
+            at = match.start()
+            if at == skip_at:
+                continue  # the character after a backslash inside a string
+            char = match.group()
+            if in_string:
+                if char == "\\":
+                    skip_at = at + 1
+                elif char == '"':
+                    in_string = False
+                elif char == "\n":
+                    break  # an unterminated string: its opening quote was a stray one
+            elif char == '"':
+                in_string, string_start = True, at
+            elif char in "[{":
+                open_brackets.append(char)
+            elif char in "]}":
+                opener = "[" if char == "]" else "{"
+                if opener in open_brackets:  # a mismatched closer also closes what it skips over
+                    del open_brackets[len(open_brackets) - 1 - open_brackets[::-1].index(opener):]
+                elif char == "]":
+                    return at  # the end of the array
+            elif char == "," and not open_brackets:
                 return at
-            depth = max(depth - 1, 0)
-        elif char == "," and depth == 0:
-            return at
-    return None
+        else:
+            return None
+        position = string_start + 1  # rescan what followed the stray quote as structure
 
 
 def iter_json_array(path: Path) -> Iterator[Row]:

@@ -33,7 +33,13 @@ from longdata import __version__, packing
 from longdata.accounting import row_accounting
 from longdata.card import copy_card, write_card
 from longdata.mix import Mix, SampleList, SourceSamples, mix
-from longdata.recipe import AntiHaystackSource, FileSource, Recipe, check_against_tokenizer, load_recipe
+from longdata.recipe import (
+    AntiHaystackSource,
+    FileSource,
+    Recipe,
+    check_against_tokenizer,
+    load_recipe,
+)
 from longdata.sample_index import write_sample_index
 from longdata.shards import RowAssembler, StreamStats, write_stream
 from longdata.sources import read_source, resolve_path

@@ -18,7 +18,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from longdata.control_tokens import SPECIAL_TOKENS_IN_TEXT
 from longdata.format.paths import check_slug
@@ -54,8 +62,8 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
-def _slug(value: str) -> str:
-    return check_slug(value, "name")
+# A name that becomes a path part (build, card, stage and cache directories, quarantine files).
+SafeName = Annotated[str, AfterValidator(lambda value: check_slug(value, "name"))]
 
 
 def _looks_local(path: str) -> bool:
@@ -117,13 +125,11 @@ class SampleSpec(Strict):
 
 
 class SourceBase(Strict):
-    name: str
+    name: SafeName
     weight: float = Field(default=1.0, gt=0, description="multiplies the source's token count")
     max_samples: int | None = Field(default=None, gt=0)
     min_tokens: int = Field(default=1, ge=1, le=MAX_SEQ_LEN, description="drop samples shorter than this")
     max_tokens: int | None = Field(default=None, gt=0, description="drop samples longer than this")
-
-    _safe_name = field_validator("name")(classmethod(lambda cls, value: _slug(value)))
 
     @model_validator(mode="after")
     def _token_range_ordered(self) -> SourceBase:
@@ -191,13 +197,11 @@ SOURCE_KINDS = ("longalign", "longalpaca", "generic", "antihaystack")
 class Stage(Strict):
     """One step of a context-length curriculum: the whole mix packed to this stage's length."""
 
-    name: str
+    name: SafeName
     max_seq_len: int = Field(ge=16, le=MAX_SEQ_LEN)
     buckets: tuple[Annotated[int, Field(gt=0, le=MAX_SEQ_LEN)], ...] | None = None
     overlength: Literal[OVERLENGTH_POLICIES] | None = Field(
         default=None, description="this stage's over-length policy (default: packing.overlength)")
-
-    _safe_name = field_validator("name")(classmethod(lambda cls, value: _slug(value)))
 
 
 class PackingConfig(Strict):
@@ -261,7 +265,7 @@ class OutputConfig(Strict):
 class Recipe(Strict):
     """One build. ``longest_seq_len`` is the longest row any split may hold."""
 
-    name: str
+    name: SafeName
     seed: int = 0
     tokenizer: TokenizerConfig
     sources: tuple[Source, ...] = Field(min_length=1)
@@ -272,8 +276,6 @@ class Recipe(Strict):
     language_share: dict[Literal["en", "zh"], float] | None = Field(
         default=None, description="wanted share of train tokens per language, e.g. {zh: 0.1}")
     cache_dir: str = ".longdata_cache"
-
-    _safe_name = field_validator("name")(classmethod(lambda cls, value: _slug(value)))
 
     @property
     def shortest_seq_len(self) -> int:
@@ -358,7 +360,7 @@ def check_against_tokenizer(recipe: Recipe, tokenizer=None) -> None:
         tokenizer, _ = load_tokenizer(recipe.tokenizer)
     overhead = template_overhead(tokenizer)
     if recipe.shortest_seq_len <= overhead:
-        key = f"packing.stages[0].max_seq_len" if recipe.packing.stages else "packing.max_seq_len"
+        key = "packing.stages[0].max_seq_len" if recipe.packing.stages else "packing.max_seq_len"
         raise RecipeError([f"{key}: {recipe.shortest_seq_len} cannot hold one conversation: the chat "
                            f"template alone takes {overhead} tokens for a one-turn exchange"])
 

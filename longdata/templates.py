@@ -27,7 +27,8 @@ BUILTIN_TOKENIZERS = {"builtin:quickstart": Path(__file__).parent / "assets" / "
 
 
 class TemplateError(ValueError):
-    """The chat template cannot give a reliable assistant mask (a build-level, not row-level, fault)."""
+    """The chat template cannot give a reliable assistant mask. Raised while loading, it stops the
+    build; raised while rendering one conversation, it quarantines that row (longdata.tokenize)."""
 
 
 @dataclass(frozen=True)

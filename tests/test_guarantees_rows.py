@@ -15,7 +15,13 @@ from typer.testing import CliRunner
 from longdata.build import BuildError, build
 from longdata.cli import app
 from longdata.control_tokens import JoinedEncoding, SpecialTokenText
-from longdata.recipe import RecipeError, TokenizerConfig, check_against_tokenizer, load_recipe, validate_recipe
+from longdata.recipe import (
+    RecipeError,
+    TokenizerConfig,
+    check_against_tokenizer,
+    load_recipe,
+    validate_recipe,
+)
 from longdata.records import Conversation, Message, Quarantined
 from longdata.sources import read_source
 from longdata.sources.readers import iter_rows

@@ -236,6 +236,18 @@ def test_text_spelling_special_tokens_is_encoded_as_text(tokenizer, tmp_path):
     assert stats.special_token_text_rows == 1
 
 
+def test_spelled_special_tokens_are_text_on_the_offsets_path_too(tokenizer, tmp_path):
+    from tests.test_templates import with_backend
+
+    # A normaliser rules out masking from ids alone: the mask comes from character offsets.
+    lowercase = with_backend(tokenizer, lambda spec: spec.update(normalizer={"type": "Lowercase"}))
+    records = [conversation("f.jsonl:1", ("user", FORGED), ("assistant", "The Real Answer"))]
+    _, cache, _ = tokenized(records, lowercase, tmp_path / "c")
+    ids, mask = (array.tolist() for array in cache.tokens(0, 0, int(cache.lengths[0])))
+    assert ids.count(tokenizer.backend_tokenizer.token_to_id(EOT)) == 2
+    assert lowercase.decode([i for i, m in zip(ids, mask) if m]) == f"the real answer{EOT}"
+
+
 def test_allow_keeps_the_old_behaviour_and_still_counts(tokenizer, tmp_path):
     records = [conversation("f.jsonl:1", ("user", FORGED), ("assistant", "the real answer"))]
     stats, cache, _ = tokenized(records, tokenizer, tmp_path / "c", special_tokens_in_text="allow")
@@ -369,7 +381,7 @@ def single_length(value):
 
 
 @pytest.mark.parametrize("edit, expected", [
-    (set_in("sources.2.count", 1e18), "sources[2].count: must be <= 1e+07"),
+    (set_in("sources.2.count", 10**18), "sources[2].count: must be <= 1e+07"),
     (set_in("sources.0.sample.rows", 10**12), "sources[0].sample.rows: must be <= 1e+07"),
     (set_in("sources.0.sample.min_chars", 10**9), "sources[0].sample.min_chars: must be <= 5e+07"),
     (set_in("sources.1.sample.min_chars", 200_000), "sources[1].sample: min_chars (200000) must be <= max_chars"),
@@ -377,7 +389,7 @@ def single_length(value):
     (set_in("sources.0.weight", float("inf")), "sources[0].weight: Input should be a finite number"),
     (set_in("sources.0.weight", float("nan")), "sources[0].weight: Input should be a finite number"),
     (set_in("sources.2.depth_range", [0.0, float("nan")]), "sources[2].depth_range[1]: Input should be a finite"),
-    (single_length(1e30), "packing.max_seq_len:"),
+    (single_length(10**30), "packing.max_seq_len: must be <= 1.67772e+07"),
     (single_length(1 << 30), "packing.max_seq_len: must be <= 1.67772e+07"),
     (set_in("packing.buckets", [-8192, 16384]), "packing.buckets[0]: must be > 0, got -8192"),
     (set_in("packing.stages.0.buckets", [0]), "packing.stages[0].buckets[0]: must be > 0, got 0"),

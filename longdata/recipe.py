@@ -328,7 +328,13 @@ def validate_recipe(data: dict[str, Any]) -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
-        raise RecipeError([describe_error(err) for err in exc.errors()]) from None
+        errors = exc.errors()
+        # A list whose items failed also fails its length check (they are not counted): that
+        # second line would be about items the user did write.
+        raise RecipeError([describe_error(err) for err in errors
+                           if not (err["type"] == "too_short" and any(
+                               other["loc"][:len(err["loc"])] == err["loc"] and len(other["loc"]) > len(err["loc"])
+                               for other in errors))]) from None
 
 
 def _check_size(data: Any) -> None:
@@ -415,6 +421,8 @@ def describe_error(err: dict[str, Any]) -> str:
     if kind in comparisons:
         bound = next(iter(ctx.values()))
         return f"{path}: must be {comparisons[kind]} {bound:g}, got {_short(given)}"
+    if kind == "too_short":
+        return f"{path}: needs at least {ctx.get('min_length')} item(s), got {_short(given)}"
     if kind == "literal_error":
         return f"{path}: must be one of {ctx.get('expected')}, got {_short(given)}"
     message = err["msg"].removeprefix("Value error, ")

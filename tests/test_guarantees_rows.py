@@ -395,7 +395,8 @@ def single_length(value):
     (set_in("packing.stages.0.buckets", [0]), "packing.stages[0].buckets[0]: must be > 0, got 0"),
     (set_in("sources.2.needles", [5, 1]), "sources[2]: needles must satisfy 1 <= min <= max <= 64, got [5, 1]"),
     (set_in("sources.2.needles", [0, 1]), "sources[2]: needles must satisfy"),
-    (set_in("sources.2.tasks", []), "sources[2].tasks: Tuple should have at least 1 item"),
+    (set_in("sources.2.tasks", []), "sources[2].tasks: needs at least 1 item(s), got []"),
+    (set_in("sources", []), "sources: needs at least 1 item(s), got []"),
     (set_in("sources.0.path", "data/LongAlign-10k.jsonl"), "sources[0].path: no such file or directory"),
     (set_in("sources.0.path", "./not/here"), "sources[0].path: no such file or directory"),
     (set_in("tokenizer.name", "./tokenizers/missing"), "tokenizer.name: tokenizer directory"),
@@ -415,6 +416,14 @@ def test_validation_refuses_in_one_line(edit, expected):
     problem = refused(edit)
     assert problem.startswith(expected), problem
     assert len(problem) <= 310
+
+
+def test_a_bad_source_is_one_line_not_two():
+    data = quickstart()
+    data["sources"] = [data["sources"][2] | {"count": 0}]
+    with pytest.raises(RecipeError) as caught:
+        validate_recipe(data)
+    assert caught.value.problems == ["sources[0].count: must be > 0, got 0"]
 
 
 def test_min_tokens_above_max_tokens_is_refused():

@@ -89,6 +89,14 @@ def test_json_array_resynchronises_after_a_bad_element(tmp_path, broken, indent,
     assert "cut short" not in element.reason
 
 
+def test_files_of_a_directory_are_located_by_their_path_inside_it(tmp_path):
+    for folder in ("x", "y"):
+        (tmp_path / "data" / folder).mkdir(parents=True)
+        (tmp_path / "data" / folder / "part.jsonl").write_text(json.dumps(chat(0)) + "\n{broken\n")
+    _, bad = read(tmp_path / "data")
+    assert [q.location for q in bad] == ["x/part.jsonl:2", "y/part.jsonl:2"]
+
+
 def test_two_concatenated_arrays_quarantine_the_second(tmp_path):
     path = tmp_path / "two.json"
     path.write_text(json.dumps([alpaca(0), alpaca(1)]) + json.dumps([alpaca(2)]))

@@ -51,32 +51,35 @@ def iter_source_files(path: str, split: str = "train") -> Iterator[tuple[str, It
         if not files:
             raise FileNotFoundError(f"{path}: directory holds no {', '.join(LOCAL_SUFFIXES)} files")
         for file in files:
-            yield file.relative_to(local).as_posix(), iter_file_rows(file)
+            label = file.relative_to(local).as_posix()
+            yield label, iter_file_rows(file, label)
     elif local.exists():
         yield local.name, iter_file_rows(local)
     else:
         yield path, iter_hub_rows(path, split)
 
 
-def iter_file_rows(path: Path) -> Iterator[Row]:
+def iter_file_rows(path: Path, label: str | None = None) -> Iterator[Row]:
+    """Rows of one file; locations start with ``label`` (default: the file's name)."""
     if path.suffix == ".parquet":
-        yield from iter_parquet(path)
+        yield from iter_parquet(path, label)
     elif path.suffix == ".jsonl":
-        yield from iter_jsonl(path)
+        yield from iter_jsonl(path, label)
     else:
         with path.open("rb") as handle:
             head = handle.read(4096).removeprefix(BOM.encode()).lstrip()
-        yield from iter_json_array(path) if head.startswith(b"[") else iter_jsonl(path)
+        yield from iter_json_array(path, label) if head.startswith(b"[") else iter_jsonl(path, label)
 
 
-def iter_jsonl(path: Path) -> Iterator[Row]:
+def iter_jsonl(path: Path, label: str | None = None) -> Iterator[Row]:
+    name = label or path.name
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
             if number == 1:
                 raw = raw.removeprefix(BOM.encode())
             if not raw.strip():
                 continue
-            location = f"{path.name}:{number}"
+            location = f"{name}:{number}"
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
@@ -168,15 +171,16 @@ def _scan_element(text: str, start: int) -> int | None:
         position = string_start + 1  # rescan what followed the stray quote as structure
 
 
-def iter_json_array(path: Path) -> Iterator[Row]:
+def iter_json_array(path: Path, label: str | None = None) -> Iterator[Row]:
     """Elements of one top-level JSON array (the LongAlpaca-12k layout), decoded incrementally.
 
     A malformed element is quarantined alone and reading resumes at the next element boundary;
     anything after the closing bracket (a second array, stray text) is quarantined as one row."""
+    name = label or path.name
     with path.open("rb") as handle:
         window = _Window(handle)
         if window.skip(" \t\r\n") != "[":
-            yield Quarantined(path.name, "not a JSON array", window.text[:PREVIEW_CHARS])
+            yield Quarantined(name, "not a JSON array", window.text[:PREVIEW_CHARS])
             return
         window.position += 1
         index = 0
@@ -184,11 +188,11 @@ def iter_json_array(path: Path) -> Iterator[Row]:
             head = window.skip(" \t\r\n,")
             if head == "]":
                 window.position += 1
-                yield from _trailing_content(path, window)
+                yield from _trailing_content(name, window)
                 return
             if head == "":
                 return  # cut short exactly between elements: nothing is lost, the tail was empty
-            location = f"{path.name}[{index}]"
+            location = f"{name}[{index}]"
             index += 1
             try:
                 element, end = _decoder.raw_decode(window.text, window.position)
@@ -224,11 +228,11 @@ def _bad_element(location: str, window: _Window, end: int, reason: str) -> Quara
     return Quarantined(location, f"{reason}; reading resumed after this element", _readable(text)[:PREVIEW_CHARS])
 
 
-def _trailing_content(path: Path, window: _Window) -> Iterator[Quarantined]:
+def _trailing_content(name: str, window: _Window) -> Iterator[Quarantined]:
     if window.skip(" \t\r\n") == "":
         return
     preview = window.text[window.position:window.position + PREVIEW_CHARS]
-    yield Quarantined(f"{path.name}[after the array]",
+    yield Quarantined(f"{name}[after the array]",
                       "content after the end of the JSON array (a second array or trailing text); "
                       "a .json file holds one array", _readable(preview))
 
@@ -242,21 +246,21 @@ def _has_undecodable_bytes(text: str) -> bool:
     return not text.isascii() and _UNDECODABLE_BYTE.search(text) is not None
 
 
-def iter_parquet(path: Path) -> Iterator[Row]:
+def iter_parquet(path: Path, label: str | None = None) -> Iterator[Row]:
     """Rows of a Parquet file. A file pyarrow cannot read (corrupt, truncated) is quarantined as
     one row from where reading stopped: its remaining row count may be unknowable."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    index = 0
+    name, index = label or path.name, 0
     try:
         for batch in pq.ParquetFile(path).iter_batches(batch_size=256):
             for row in batch.to_pylist():
-                yield f"{path.name}[{index}]", row
+                yield f"{name}[{index}]", row
                 index += 1
     except (pa.ArrowException, OSError) as exc:
         where = "the whole file" if index == 0 else f"rows from {index} on"
-        yield Quarantined(f"{path.name}[{index}:]", f"unreadable Parquet ({type(exc).__name__}: "
+        yield Quarantined(f"{name}[{index}:]", f"unreadable Parquet ({type(exc).__name__}: "
                           f"{str(exc)[:300]}); {where} quarantined", "")
 
 

@@ -31,12 +31,19 @@ from rich.progress import (
 )
 
 from longdata import __version__, packing
+from longdata.accounting import row_accounting
 from longdata.card import card_destination, copy_card, write_card
 from longdata.format import FORMAT, Manifest, inside, write_manifest
 from longdata.mix import Mix, SampleList, SourceSamples, mix
 from longdata.near_dedup import NearDuplicateFilter
 from longdata.output import claim_output, discard_partial, output_lock, publish, start_partial
-from longdata.recipe import AntiHaystackSource, FileSource, Recipe, load_recipe
+from longdata.recipe import (
+    AntiHaystackSource,
+    FileSource,
+    Recipe,
+    check_against_tokenizer,
+    load_recipe,
+)
 from longdata.sample_index import gather_column, write_sample_index
 from longdata.shards import RowAssembler, StreamStats, piece_mask, write_stream
 from longdata.sources import haystack_paths, read_source, resolve_path
@@ -92,11 +99,13 @@ class BuildResult:
 
 
 def build(recipe: Recipe | str | Path, *, out: str | Path | None = None, overrides: Sequence[str] = (),
-          strict: bool = False, overwrite: bool = False, console: Console | None = None) -> BuildResult:
+          strict: bool = False, overwrite: bool = False, allow_empty: bool = False,
+          console: Console | None = None) -> BuildResult:
     """Run every stage of ``recipe`` and publish the build directory atomically.
 
     ``overwrite`` allows replacing an existing output directory that is not a longdata build
-    (see ``longdata.output.claim_output`` for what is never replaced)."""
+    (see ``longdata.output.claim_output`` for what is never replaced). A build without a single
+    training row fails (BuildError) unless ``allow_empty``."""
     console = console or Console(stderr=True)
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, list(overrides))
@@ -108,7 +117,7 @@ def build(recipe: Recipe | str | Path, *, out: str | Path | None = None, overrid
     card_destination(recipe.output.card_dir, recipe.name)  # an unsafe name fails before any work
     with output_lock(out_dir):
         try:
-            return _run_build(recipe, out_dir, remote, strict, console)
+            return _run_build(recipe, out_dir, remote, strict, allow_empty, console)
         except BaseException:
             discard_partial(out_dir)
             raise
@@ -121,7 +130,7 @@ def needed_paths(recipe: Recipe) -> list[Path]:
     return [Path(recipe.cache_dir), Path(recipe.output.card_dir), *local_sources]
 
 
-def _run_build(recipe: Recipe, out_dir: Path, remote: str | None, strict: bool,
+def _run_build(recipe: Recipe, out_dir: Path, remote: str | None, strict: bool, allow_empty: bool,
                console: Console) -> BuildResult:
     partial = start_partial(out_dir)
     seconds: dict[str, float] = {}
@@ -129,6 +138,7 @@ def _run_build(recipe: Recipe, out_dir: Path, remote: str | None, strict: bool,
 
     clock = time.perf_counter()
     tokenizer, tokenizer_info = load_tokenizer(recipe.tokenizer, recipe.has_chat_sources)
+    check_against_tokenizer(recipe, tokenizer)
     seconds["load_tokenizer"] = time.perf_counter() - clock
 
     with _progress(console) as progress:
@@ -155,13 +165,16 @@ def _run_build(recipe: Recipe, out_dir: Path, remote: str | None, strict: bool,
         seconds["pack_write"] = time.perf_counter() - clock
 
     return finish_build(recipe, tokenizer_info, sources, mixed, splits, partial, out_dir, remote,
-                        seconds, started_at)
+                        seconds, started_at, allow_empty=allow_empty)
 
 
 def finish_build(recipe: Recipe, tokenizer_info: TokenizerInfo, sources: list[TokenizedSource], mixed: Mix,
                  splits: list[SplitResult], partial: Path, out_dir: Path, remote: str | None,
-                 seconds: dict[str, float], started_at: float) -> BuildResult:
+                 seconds: dict[str, float], started_at: float, allow_empty: bool = False) -> BuildResult:
     """Manifest, card and build info into ``partial``, then publish (and upload) it."""
+    if not allow_empty and not sum(s.as_dict()["rows"] for s in splits if s.name.endswith("train")):
+        shutil.rmtree(partial, ignore_errors=True)
+        raise BuildError(_empty_build_reason(recipe, sources, mixed, splits))
     _publish_quarantine(sources, partial)
     manifest = make_manifest(recipe, tokenizer_info, sources, mixed, splits)
     clock = time.perf_counter()
@@ -181,6 +194,19 @@ def finish_build(recipe: Recipe, tokenizer_info: TokenizerInfo, sources: list[To
     return BuildResult(out_dir, manifest, seconds, remote)
 
 
+def _empty_build_reason(recipe: Recipe, sources: list[TokenizedSource], mixed: Mix,
+                        splits: list[SplitResult]) -> str:
+    read = sum(s.cache.stats.rows_read for s in sources)
+    quarantined = sum(s.cache.stats.quarantined for s in sources)
+    filtered = sum(m.too_short + m.too_long for m in mixed.stats)
+    left_out = sum(s.overlength["dropped"] + s.overlength["empty"] + s.overlength["no_target_after_cut"]
+                   for s in splits if s.name.endswith("train"))
+    return (f"the build has no training rows: {read} rows read, {quarantined} quarantined (see "
+            f"{recipe.cache_dir}/tokenized/*/quarantine.jsonl), {filtered} length-filtered, "
+            f"{len(mixed.train)} training samples, {left_out} left out by packing at max_seq_len "
+            f"{recipe.shortest_seq_len}; pass --allow-empty to publish it anyway")
+
+
 def _progress(console: Console) -> Progress:
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
@@ -196,7 +222,8 @@ def cache_key(source, recipe: Recipe, tokenizer_info: TokenizerInfo, template: s
     digest = hashlib.sha256()
     config = source.model_dump(mode="json", exclude={"weight", "min_tokens", "max_tokens", "name"})
     digest.update(json.dumps([CACHE_VERSION, config, tokenizer_info.sha256, template,
-                              recipe.tokenizer.multi_turn], sort_keys=True).encode())
+                              recipe.tokenizer.multi_turn, recipe.tokenizer.special_tokens_in_text],
+                             sort_keys=True).encode())
     if isinstance(source, FileSource):
         digest.update(_content_fingerprint(resolve_path(source, Path(recipe.cache_dir))).encode())
     else:
@@ -257,7 +284,8 @@ def tokenize_source(source, recipe: Recipe, tokenizer, tokenizer_info: Tokenizer
         staging = entry.with_name(entry.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
         tokenize_records(records, tokenizer, staging, multi_turn=recipe.tokenizer.multi_turn,
-                         max_samples=source.max_samples, on_progress=advance)
+                         max_samples=source.max_samples, on_progress=advance,
+                         special_tokens_in_text=recipe.tokenizer.special_tokens_in_text)
         staging.rename(entry)
         progress.update(task, total=progress.tasks[task].completed)
     return TokenizedSource(source.name, source.kind, source.weight, TokenCache(entry), cached)
@@ -414,7 +442,8 @@ def make_manifest(recipe: Recipe, tokenizer_info: TokenizerInfo, sources: list[T
         tokenize_stats = dataclasses.asdict(source.cache.stats)
         tokenize_stats.pop("seconds")
         source_entries.append({"name": source.name, "kind": source.kind, "weight": source.weight,
-                               "tokenize": tokenize_stats, "mix": mix_stats.as_dict()})
+                               "tokenize": tokenize_stats, "mix": mix_stats.as_dict(),
+                               "rows": row_accounting(tokenize_stats, mix_stats.as_dict())})
     split_entries = {s.name: s.as_dict() for s in splits}
     train = [s for s in splits if s.name.endswith("train")]
     return {

@@ -17,6 +17,7 @@ import numpy as np
 import polars as pl
 import yaml
 
+from longdata.accounting import ROW_FATES, accounting_problems
 from longdata.format import BuildFormatError, Manifest, check_slug, inside, is_ours, mark_ours
 from longdata.format.paths import MARKER_FILE, NotOursError
 from longdata.sample_index import read_sample_index
@@ -160,6 +161,8 @@ def render_card(data: CardData, image_prefix: str) -> str:
         "",
         _sources_table(data),
         "",
+        _rows_table(data),
+        "",
         f"![token share by source]({image_prefix}mix.png)",
         "",
         _kept_table(data),
@@ -274,6 +277,30 @@ def _sources_table(data: CardData) -> str:
             + _table(["source", "kind", "weight", "rows read", "quarantined", "samples", "tokens",
                       "target tokens", "duplicates", "of which near", "length-filtered", "validation",
                       "train samples", "train tokens", "share of mix"], "llrrrrrrrrrrrrr", rows))
+
+
+def _rows_table(data: CardData) -> str:
+    """Every source row's fate; the last column says whether they add up (longdata verify checks it)."""
+    rows, files = [], []
+    for s in data.manifest["sources"]:
+        accounted = "yes" if not accounting_problems(s) else "NO"
+        rows.append([s["name"], s["rows"]["rows_read"], s["rows"].get("turn_samples_added", 0),
+                     *(s["rows"][f] for f in ROW_FATES), accounted])
+        for file, counts in s["tokenize"].get("files", {}).items():
+            files.append([s["name"], file, counts["rows_read"], counts.get("turn_samples_added", 0),
+                          counts["quarantined"], counts["samples"]])
+    text = ("Where every row read went: each is quarantined (`quarantine/<source>.jsonl` says why), "
+            "length-filtered, a duplicate, held out for validation or kept for training "
+            "(docs/ARCHITECTURE.md, row accounting).\n\n"
+            + "`+ per-turn samples`: samples beyond one per row, from conversations made into one "
+              "sample per assistant turn (docs/TEMPLATES.md).\n\n"
+            + _table(["source", "rows read", "+ per-turn samples", "quarantined", "too short", "too long",
+                      "duplicates", "validation", "train", "accounted"], "lrrrrrrrrl", rows))
+    if files:
+        text += ("\n\nPer source file (`rows read` + `per-turn samples` = `quarantined` + `samples`):\n\n"
+                 + _table(["source", "file", "rows read", "+ per-turn samples", "quarantined", "samples"],
+                          "llrrrr", files))
+    return text
 
 
 def _kept_table(data: CardData) -> str:
@@ -455,9 +482,21 @@ def _plot_lengths(data: CardData, path: Path) -> None:
     _save(fig, path)
 
 
+def _plot_nothing(path: Path, title: str) -> None:
+    """The plot of a build with no split (every row quarantined, built with --allow-empty)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 1.6), dpi=100)
+    ax.text(0.5, 0.5, "no packed rows in this build", ha="center", va="center")
+    ax.set_axis_off()
+    fig.suptitle(title)
+    _save(fig, path)
+
+
 def _plot_packing(data: CardData, path: Path) -> None:
     plt = _pyplot()
     splits = data.plotted_splits
+    if not splits:
+        return _plot_nothing(path, "Packed rows")
     fig, axes = plt.subplots(len(splits), 2, figsize=(8, 0.6 + 2.4 * len(splits)), dpi=100, squeeze=False)
     for (fill_ax, count_ax), split in zip(axes, splits):
         rows = data.rows[split]
@@ -484,6 +523,8 @@ def _plot_packing(data: CardData, path: Path) -> None:
 def _plot_loss_weight(data: CardData, path: Path) -> None:
     plt = _pyplot()
     splits = data.plotted_splits
+    if not splits:
+        return _plot_nothing(path, "Who the loss listens to: weight by sample length")
     fig, axes = plt.subplots(len(splits), 1, figsize=(7, 0.6 + 2.6 * len(splits)), dpi=100, squeeze=False)
     for ax, split in zip(axes[:, 0], splits):
         weights = data.loss_weights[split]

@@ -116,15 +116,28 @@ def _load(recipe: Path, overrides: list[str] | None):
     try:
         return load_recipe(recipe, overrides or [])
     except RecipeError as exc:
-        for problem in exc.problems:
-            console.print(f"[red]error[/red] {escape(problem)}", highlight=False, soft_wrap=True)
+        _print_problems(exc)
         raise typer.Exit(2) from None
+
+
+def _print_problems(exc) -> None:
+    for problem in exc.problems:
+        console.print(f"[red]error[/red] {escape(problem)}", highlight=False, soft_wrap=True)
 
 
 @app.command()
 def validate(recipe: Path = RecipeArg, overrides: list[str] | None = SetOption) -> None:
-    """Check a recipe without doing any work: every wrong key is reported with its path, exit code 2."""
+    """Check a recipe without doing any work: every wrong key is reported with its path, exit code 2.
+    Everything build would refuse is checked here, the tokenizer's template overhead included when
+    the tokenizer is local."""
+    from longdata.recipe import RecipeError, check_against_tokenizer
+
     loaded = _load(recipe, overrides)
+    try:
+        check_against_tokenizer(loaded)
+    except RecipeError as exc:
+        _print_problems(exc)
+        raise typer.Exit(2) from None
     console.print(f"[green]ok[/green] {recipe}: recipe '{loaded.name}' with {len(loaded.sources)} sources, "
                   f"rows up to {loaded.longest_seq_len:,} tokens, output {loaded.output.dir}")
 
@@ -140,6 +153,8 @@ def build(
         help="Replace an existing output directory that is not a longdata build (refused "
              "otherwise). Never the working directory, a parent of it, the home directory, or a "
              "directory holding the recipe's sources, cache or card directory."),
+    allow_empty: bool = typer.Option(False, "--allow-empty",
+                                     help="Publish a build that holds no training row (by default it fails)."),
     workers: int = typer.Option(1, "--workers", min=1,
                                 help="Split the build across N workers sharing cache_dir and the output "
                                      "directory (a shared filesystem); then run `longdata merge`."),
@@ -162,7 +177,8 @@ def build(
         console.print(f"[green]worker {worker_index} of {workers} done[/green] ({report}); when all "
                       f"are, run: longdata merge {out or loaded.output.dir}")
         return
-    _print_summary(run_build(loaded, out=out, strict=strict, overwrite=overwrite, console=console))
+    _print_summary(run_build(loaded, out=out, strict=strict, overwrite=overwrite, allow_empty=allow_empty,
+                             console=console))
 
 
 @app.command()

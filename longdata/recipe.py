@@ -3,17 +3,33 @@
 Loading goes YAML -> plain dict -> ``--set`` overrides -> pydantic models. Every validation
 problem becomes one line naming the key path (``sources[1].weight: must be > 0, got -1``), so a
 user fixes a recipe without reading a traceback.
+
+Validation bounds the work before any starts: the YAML's size and its expansion (aliases), every
+generator count and length, finite numbers only, ordered ranges, names that are safe path parts,
+and local files (sources, tokenizer, chat template) that exist. ``check_against_tokenizer`` adds
+what needs the tokenizer: a ``max_seq_len`` that holds at least the template's own tokens.
 """
 
 from __future__ import annotations
 
 import re
+import reprlib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from longdata.control_tokens import SPECIAL_TOKENS_IN_TEXT
+from longdata.format.paths import check_slug
 from longdata.packing import ALGORITHMS, OVERLENGTH_POLICIES
 
 MULTI_TURN_POLICIES = ("auto", "per_turn", "last_turn")
@@ -24,18 +40,41 @@ GENERIC_FORMATS = ("messages", "sharegpt", "alpaca")
 COMPRESSION = re.compile(r"^(zstd|br|gz|snappy)(:\d+)?$")
 SIZE = re.compile(r"^(\d+)\s*(b|kb|mb|gb)?$", re.IGNORECASE)
 SIZE_UNITS = {"b": 1, "kb": 1 << 10, "mb": 1 << 20, "gb": 1 << 30}
+# Bounds on the work a recipe can ask for, checked before any starts.
+MAX_RECIPE_BYTES = 1 << 20
+MAX_RECIPE_NODES = 100_000  # scalars, lists and mappings after expanding YAML aliases
+MAX_GENERATED_ROWS = 10_000_000
+MAX_SEQ_LEN = 1 << 24  # tokens in one row: far beyond any model's context
+MAX_SAMPLE_CHARS = 50_000_000
+MAX_NEEDLES = 64
+MAX_PROBLEM_CHARS = 300
+# A source path that looks like a file system path must exist; anything else may be a hub id.
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
 class RecipeError(ValueError):
     """A recipe that cannot be used; ``problems`` holds one line per wrong key."""
 
     def __init__(self, problems: list[str]):
+        # A problem may quote user input: each is kept to one short line.
+        problems = [p if len(p) <= MAX_PROBLEM_CHARS else p[:MAX_PROBLEM_CHARS] + " ..." for p in problems]
         super().__init__("\n".join(problems))
         self.problems = problems
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+# A name that becomes a path part (build, card, stage and cache directories, quarantine files).
+SafeName = Annotated[str, AfterValidator(lambda value: check_slug(value, "name"))]
+
+
+def _looks_local(path: str) -> bool:
+    """A path a hub id cannot be: absolute, relative with ./ or ~, a data file, or deeper than
+    ``owner/name``."""
+    return (path.startswith(("/", "./", "../", "~", ".\\")) or path.endswith(DATA_SUFFIXES)
+            or path.count("/") > 1)
 
 
 class TokenizerConfig(Strict):
@@ -66,29 +105,75 @@ class TokenizerConfig(Strict):
                                  f"than {', '.join(RESERVED_TEMPLATE_VARIABLES)}")
         return value
 
+    special_tokens_in_text: Literal[SPECIAL_TOKENS_IN_TEXT] = Field(
+        default="encode_as_text",
+        description="text that spells a special token: encoded as text (default) or, with allow, "
+                    "as the control token itself")
+
+    @field_validator("name")
+    @classmethod
+    def _tokenizer_exists(cls, value: str) -> str:
+        from longdata.templates import BUILTIN_TOKENIZERS
+
+        if value.startswith("builtin:") and value not in BUILTIN_TOKENIZERS:
+            raise ValueError(f"unknown bundled tokenizer {value!r}; available: {', '.join(BUILTIN_TOKENIZERS)}")
+        if _looks_local(value) and not Path(value).expanduser().is_dir():
+            raise ValueError(f"tokenizer directory {value!r} does not exist")
+        return value
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template_exists(cls, value: str | None) -> str | None:
+        from longdata.templates import TemplateError, resolve_template
+
+        try:
+            resolve_template(value)
+        except TemplateError as exc:
+            raise ValueError(str(exc).removeprefix("tokenizer.chat_template ")) from None
+        return value
+
 
 class SampleSpec(Strict):
     """How to generate a ``builtin:sample/<schema>`` file (offline stand-in for a real dataset)."""
 
-    rows: int = Field(default=32, gt=0)
-    min_chars: int = Field(default=20_000, gt=0)
-    max_chars: int = Field(default=80_000, gt=0)
+    rows: int = Field(default=32, gt=0, le=MAX_GENERATED_ROWS)
+    min_chars: int = Field(default=20_000, gt=0, le=MAX_SAMPLE_CHARS)
+    max_chars: int = Field(default=80_000, gt=0, le=MAX_SAMPLE_CHARS)
     zh_fraction: float = Field(default=0.1, ge=0, le=1)
     seed: int = 0
 
+    @model_validator(mode="after")
+    def _chars_ordered(self) -> SampleSpec:
+        if self.min_chars > self.max_chars:
+            raise ValueError(f"min_chars ({self.min_chars}) must be <= max_chars ({self.max_chars})")
+        return self
+
 
 class SourceBase(Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: SafeName
     weight: float = Field(default=1.0, gt=0, description="multiplies the source's token count")
     max_samples: int | None = Field(default=None, gt=0)
-    min_tokens: int = Field(default=1, ge=1, description="drop samples shorter than this")
+    min_tokens: int = Field(default=1, ge=1, le=MAX_SEQ_LEN, description="drop samples shorter than this")
     max_tokens: int | None = Field(default=None, gt=0, description="drop samples longer than this")
+
+    @model_validator(mode="after")
+    def _token_range_ordered(self) -> SourceBase:
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
+        return self
 
 
 class FileSource(SourceBase):
     path: str = Field(description="local file or directory, hub dataset id, or builtin:sample/<schema>")
     split: str = "train"
     sample: SampleSpec = SampleSpec()
+
+    @field_validator("path")
+    @classmethod
+    def _local_path_exists(cls, value: str) -> str:
+        if not value.startswith("builtin:") and _looks_local(value) and not Path(value).expanduser().exists():
+            raise ValueError(f"no such file or directory: {value!r}")
+        return value
 
 
 class LongAlignSource(FileSource):
@@ -117,11 +202,11 @@ class TextSource(FileSource):
 
 class AntiHaystackSource(SourceBase):
     kind: Literal["antihaystack"]
-    count: int = Field(gt=0)
+    count: int = Field(gt=0, le=MAX_GENERATED_ROWS)
     length_range: tuple[int, int] = Field(description="[min, max] document tokens")
     depth_range: tuple[float, float] = (0.0, 1.0)
     needles: tuple[int, int] = (1, 3)
-    tasks: tuple[Literal["needle", "paragraph"], ...] = ("needle", "paragraph")
+    tasks: tuple[Literal["needle", "paragraph"], ...] = Field(default=("needle", "paragraph"), min_length=1)
     zh_fraction: float = Field(default=0.1, ge=0, le=1)
     seed: int = 0
     haystack: tuple[str, ...] | None = Field(
@@ -136,8 +221,10 @@ class AntiHaystackSource(SourceBase):
     @model_validator(mode="after")
     def _ranges_ordered(self) -> AntiHaystackSource:
         lo, hi = self.length_range
-        if not 0 < lo <= hi:
-            raise ValueError(f"length_range must satisfy 0 < min <= max, got {list(self.length_range)}")
+        if not 0 < lo <= hi <= MAX_SEQ_LEN:
+            raise ValueError(f"length_range must satisfy 0 < min <= max <= {MAX_SEQ_LEN:,}, got {list(self.length_range)}")
+        if not 1 <= self.needles[0] <= self.needles[1] <= MAX_NEEDLES:
+            raise ValueError(f"needles must satisfy 1 <= min <= max <= {MAX_NEEDLES}, got {list(self.needles)}")
         dlo, dhi = self.depth_range
         if not 0.0 <= dlo <= dhi <= 1.0:
             raise ValueError(f"depth_range must lie within [0, 1] and be ordered, got {[dlo, dhi]}")
@@ -168,18 +255,19 @@ class DedupConfig(Strict):
 class Stage(Strict):
     """One step of a context-length curriculum: the whole mix packed to this stage's length."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    max_seq_len: int = Field(ge=16)
-    buckets: tuple[int, ...] | None = None
+    name: SafeName
+    max_seq_len: int = Field(ge=16, le=MAX_SEQ_LEN)
+    buckets: tuple[Annotated[int, Field(gt=0, le=MAX_SEQ_LEN)], ...] | None = None
     overlength: Literal[OVERLENGTH_POLICIES] | None = Field(
         default=None, description="this stage's over-length policy (default: packing.overlength)")
 
 
 class PackingConfig(Strict):
-    max_seq_len: int | None = Field(default=None, ge=16, description="required unless stages are given")
+    max_seq_len: int | None = Field(default=None, ge=16, le=MAX_SEQ_LEN,
+                                    description="required unless stages are given")
     algorithm: Literal[ALGORITHMS] = "bfd"
     overlength: Literal[OVERLENGTH_POLICIES] = "truncate"
-    buckets: tuple[int, ...] | None = Field(
+    buckets: tuple[Annotated[int, Field(gt=0, le=MAX_SEQ_LEN)], ...] | None = Field(
         default=None, description="row-length bucket edges; each bucket is its own MDS stream"
     )
     stages: tuple[Stage, ...] | None = None
@@ -236,7 +324,7 @@ class OutputConfig(Strict):
 class Recipe(Strict):
     """One build. ``longest_seq_len`` is the longest row any split may hold."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: SafeName
     seed: int = 0
     tokenizer: TokenizerConfig
     sources: tuple[Source, ...] = Field(min_length=1)
@@ -264,6 +352,11 @@ class Recipe(Strict):
     def text_sources(self) -> dict[str, TextSource]:
         """The ``kind: text`` sources by name (what an anti-haystack ``haystack`` may name)."""
         return {source.name: source for source in self.sources if isinstance(source, TextSource)}
+
+    @property
+    def shortest_seq_len(self) -> int:
+        stages = self.packing.stages
+        return stages[0].max_seq_len if stages else self.packing.max_seq_len
 
     @property
     def longest_seq_len(self) -> int:
@@ -313,11 +406,15 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     """Read, override and validate a recipe; raise RecipeError listing every problem."""
     path = Path(path)
     try:
+        if path.stat().st_size > MAX_RECIPE_BYTES:
+            raise RecipeError([f"{path}: {path.stat().st_size:,} bytes; a recipe is at most {MAX_RECIPE_BYTES:,}"])
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise RecipeError([f"{path}: no such recipe file"]) from None
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise RecipeError([f"{path}: not valid YAML: {exc}"]) from None
+    except RecursionError:
+        raise RecipeError([f"{path}: nested too deeply to be a recipe"]) from None
     if not isinstance(data, dict):
         raise RecipeError([f"{path}: a recipe must be a YAML mapping, got {type(data).__name__}"])
     for override in overrides:
@@ -326,16 +423,53 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
 
 
 def validate_recipe(data: dict[str, Any]) -> Recipe:
+    _check_size(data)
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
         errors = exc.errors()
-        # A list whose only item failed is also reported as too short; that second line would
-        # blame the list for its item, so it is left out.
-        errors = [err for err in errors if not (err["type"] == "too_short" and any(
-            len(other["loc"]) > len(err["loc"]) and other["loc"][:len(err["loc"])] == err["loc"]
-            for other in errors))]
-        raise RecipeError([describe_error(err) for err in errors]) from None
+        # A list whose items failed also fails its length check (they are not counted): that
+        # second line would be about items the user did write.
+        raise RecipeError([describe_error(err) for err in errors
+                           if not (err["type"] == "too_short" and any(
+                               other["loc"][:len(err["loc"])] == err["loc"] and len(other["loc"]) > len(err["loc"])
+                               for other in errors))]) from None
+
+
+def _check_size(data: Any) -> None:
+    """Refuse a recipe that expands to more than MAX_RECIPE_NODES values: YAML aliases let a few
+    hundred bytes stand for billions (an alias bomb). Walked with a budget, so refusing is fast."""
+    stack, seen = [data], 0
+    while stack:
+        node = stack.pop()
+        seen += 1
+        if seen > MAX_RECIPE_NODES:
+            raise RecipeError([f"recipe: expands to more than {MAX_RECIPE_NODES:,} values (YAML aliases?); "
+                               "a recipe is a short list of settings"])
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list | tuple):
+            stack.extend(node)
+
+
+def check_against_tokenizer(recipe: Recipe, tokenizer=None) -> None:
+    """The checks that need the tokenizer: each ``max_seq_len`` must hold more than the template's
+    own tokens for a one-turn conversation. ``tokenizer`` is loaded here when not given, but only
+    from the package or a local directory: a hub tokenizer is checked when ``build`` loads it."""
+    from longdata.templates import BUILTIN_TOKENIZERS, load_tokenizer, template_overhead
+
+    if not recipe.has_chat_sources:  # documents carry no template overhead
+        return
+    if tokenizer is None:
+        if recipe.tokenizer.name not in BUILTIN_TOKENIZERS and not Path(recipe.tokenizer.name).is_dir():
+            return
+        tokenizer, _ = load_tokenizer(recipe.tokenizer)
+    overhead = template_overhead(tokenizer)
+    if recipe.shortest_seq_len <= overhead:
+        key = "packing.stages[0].max_seq_len" if recipe.packing.stages else "packing.max_seq_len"
+        raise RecipeError([f"{key}: {recipe.shortest_seq_len} cannot hold one conversation: the chat "
+                           f"template alone takes {overhead} tokens for a one-turn exchange"])
 
 
 def apply_override(data: dict[str, Any], assignment: str) -> None:
@@ -387,11 +521,23 @@ def describe_error(err: dict[str, Any]) -> str:
     comparisons = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
     if kind in comparisons:
         bound = next(iter(ctx.values()))
-        return f"{path}: must be {comparisons[kind]} {bound:g}, got {given!r}"
+        return f"{path}: must be {comparisons[kind]} {bound:g}, got {_short(given)}"
+    if kind == "too_short":
+        return f"{path}: needs at least {ctx.get('min_length')} item(s), got {_short(given)}"
     if kind == "literal_error":
-        return f"{path}: must be one of {ctx.get('expected')}, got {given!r}"
+        return f"{path}: must be one of {ctx.get('expected')}, got {_short(given)}"
     message = err["msg"].removeprefix("Value error, ")
-    return f"{path}: {message}" + ("" if kind == "value_error" else f", got {given!r}")
+    return f"{path}: {message}" + ("" if kind == "value_error" else f", got {_short(given)}")
+
+
+def _short(value: Any) -> str:
+    """A bounded repr: the input may be huge or deeply nested."""
+    return _SHORT_REPR.repr(value)
+
+
+_SHORT_REPR = reprlib.Repr()
+_SHORT_REPR.maxstring = _SHORT_REPR.maxother = 80
+_SHORT_REPR.maxlevel = 3
 
 
 def _key_path(loc: tuple[Any, ...]) -> str:

@@ -25,13 +25,15 @@ class Conversation:
 
     ``location`` says where the row came from (``file:line`` or ``dataset[index]``) so that every
     count in the manifest can be traced back to input rows; ``position`` is the row's ordinal in
-    its source, which orders samples identically however a build is partitioned.
+    its source, which orders samples identically however a build is partitioned; ``file`` is the
+    source file it came from (its path inside the source), for the per-file row accounting.
     """
 
     messages: tuple[Message, ...]
     location: str
     meta: dict[str, str] = field(default_factory=dict)
     position: int = 0
+    file: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +45,7 @@ class Document:
     location: str
     meta: dict[str, str] = field(default_factory=dict)
     position: int = 0
+    file: str = ""  # the source file it came from, for the per-file row accounting
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +55,7 @@ class Quarantined:
     location: str
     reason: str
     raw: str
+    file: str = ""
 
 
 class RowError(ValueError):

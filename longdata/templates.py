@@ -84,6 +84,9 @@ class RenderedChat:
     assistant_spans: tuple[tuple[int, int], ...]  # [start, end) character ranges of targets
     # [start, end) characters of the longest user turn's content: what truncate_middle may cut.
     user_span: tuple[int, int] | None = None
+    # [start, end) ranges where message text spells a special token: encoded as text, not control
+    # tokens (see longdata.control_tokens); empty for nearly every conversation.
+    spelled_special: tuple[tuple[int, int], ...] = ()
 
 
 class ChatRenderer:
@@ -171,6 +174,11 @@ def _longest_user_span(text: str, messages: Sequence[Message]) -> tuple[int, int
             position = at + len(content)
     users = [found[i] for i, m in enumerate(messages) if m.role == "user" and i in found]
     return max(users, key=lambda span: span[1] - span[0]) if users else None
+def template_overhead(tokenizer) -> int:
+    """Tokens the chat template itself adds to the shortest trainable conversation (an empty
+    user turn and a one-character answer): a row shorter than this holds no whole sample."""
+    text = ChatRenderer(tokenizer).render((Message("user", ""), Message("assistant", "x"))).text
+    return len(tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)) - 1
 
 
 def _byte_level_alphabet() -> set[str]:

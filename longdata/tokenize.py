@@ -18,6 +18,7 @@ files (``checksums.json``); an entry that no longer matches is not reused.
 from __future__ import annotations
 
 import array
+import dataclasses
 import hashlib
 import json
 import mmap
@@ -32,7 +33,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from longdata.records import Conversation, Document, Quarantined, RowError
+from longdata.control_tokens import SpecialTokenText
+from longdata.records import Conversation, Document, Quarantined
 from longdata.templates import (
     ByteLevelMasker,
     ChatRenderer,
@@ -63,11 +65,18 @@ BATCH_CHARS = 4_000_000
 BATCH_RECORDS = 512
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 LANGUAGE_SAMPLE_CHARS = 8_000
+_SURROGATE = re.compile("[\ud800-\udfff]")
 # Readers gather from anywhere in a memory-mapped cache; after serving this many tokens its pages
 # are released, so RSS stays flat however large the dataset is.
 RELEASE_PAGES_EVERY_TOKENS = 8 << 20
 # The array module names C types, not widths: pick the one that is 32 bits here.
 _UINT32_TYPECODE = next(code for code in "IL" if array.array(code).itemsize == 4)
+
+
+# Per source file: every row read is a sample or quarantined, once a conversation made into one
+# sample per assistant turn counts as its samples (rows_read + turn_samples_added == samples +
+# quarantined).
+FILE_COUNTS = ("rows_read", "turn_samples_added", "quarantined", "samples")
 
 
 @dataclass
@@ -79,11 +88,29 @@ class TokenizeStats:
     target_tokens: int = 0
     no_target_after_tokenize: int = 0
     offsets_fallbacks: int = 0  # samples a normaliser rewrote: masked from real offsets
-    # Conversations made into one sample per assistant turn (multi_turn; docs/TEMPLATES.md),
-    # and the samples they made: rows_read - quarantined rows = samples - turn_samples + split_conversations.
+    # Conversations made into one sample per assistant turn (multi_turn; docs/TEMPLATES.md), and
+    # the samples they made: rows_read + turn_samples - split_conversations = samples + quarantined.
     split_conversations: int = 0
     turn_samples: int = 0
+    special_token_text_rows: int = 0  # samples whose text spells a special token
     seconds: float = 0.0
+    files: dict[str, dict[str, int]] = field(default_factory=dict)  # file -> FILE_COUNTS
+
+    def count_file(self, file: str, what: str, amount: int = 1) -> None:
+        if file:  # generated sources have no files
+            counts = self.files.setdefault(file, dict.fromkeys(FILE_COUNTS, 0))
+            counts[what] += amount
+
+    @classmethod
+    def total(cls, parts: list[TokenizeStats]) -> TokenizeStats:
+        totals = cls(**{f: sum(getattr(p, f) for p in parts) for f in cls.__dataclass_fields__ if f != "files"})
+        for part in parts:
+            for file, counts in part.files.items():
+                mine = totals.files.setdefault(file, dict.fromkeys(FILE_COUNTS, 0))
+                for what in FILE_COUNTS:
+                    mine[what] += counts[what]
+        totals.files = dict(sorted(totals.files.items()))
+        return totals
 
 
 def detect_language(messages) -> str:
@@ -109,43 +136,50 @@ def tokenize_records(
     multi_turn: str = "auto",
     max_samples: int | None = None,
     on_progress: Callable[[int, int], None] = lambda records, tokens: None,
+    special_tokens_in_text: str = "encode_as_text",
 ) -> TokenizeStats:
     """Tokenize every record into ``out_dir`` (cache file, quarantine file, stats).
 
     ``encode_batch`` runs in a worker thread: it releases the GIL and spreads over every core, so
     reading and rendering the next batch and converting the previous one overlap with it. Batches
     are still written strictly in input order, so the cache is identical to a sequential run.
+
+    Whatever one row raises while it is rendered, encoded or masked quarantines that row alone
+    with the error as its reason. A text spelling a special token is encoded as text unless
+    ``special_tokens_in_text`` is ``allow`` (see ``longdata.control_tokens``).
     """
     started = time.perf_counter()
     renderer = ChatRenderer(tokenizer, multi_turn)
     backend = tokenizer.backend_tokenizer
     masker = ByteLevelMasker.for_tokenizer(tokenizer)
+    special = SpecialTokenText(backend)
     stats = TokenizeStats()
-    masking = _Masking(backend, masker, stats, DocumentFraming.for_tokenizer(tokenizer))
+    masking = _Masking(backend, masker, stats, DocumentFraming.for_tokenizer(tokenizer), special)
+    encode_as_text = special_tokens_in_text != "allow"
     out_dir.mkdir(parents=True, exist_ok=True)
+    # backslashreplace: a lone surrogate in a quarantined row's text is written as its JSON escape.
     with pa.OSFile(str(out_dir / CACHE_FILE), "wb") as sink, \
             pa.ipc.new_file(sink, SCHEMA) as writer, \
-            (out_dir / QUARANTINE_FILE).open("w", encoding="utf-8") as quarantine, \
+            (out_dir / QUARANTINE_FILE).open("w", encoding="utf-8", errors="backslashreplace") as quarantine, \
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode") as encoder:
 
-        def write(batch: _Batch, samples: list[tuple[Conversation, RenderedChat]], encoding: Future) -> None:
+        def write(batch: _Batch, samples: list[_Sample], encoding: Future) -> None:
             for record in batch.quarantined:
                 _quarantine(quarantine, record, stats)
             encodings = encoding.result()
             table = _to_arrow(samples, encodings, masking, stats, quarantine)
             if table.num_rows:
                 writer.write_table(table)
-            on_progress(len(batch.conversations), sum(len(e) for e in encodings))
+            on_progress(len(batch.conversations), sum(len(e) for e in encodings if not isinstance(e, Exception)))
 
         in_flight = None
         for batch in _batches(records, stats, max_samples):
-            samples = _render(batch, renderer, stats)
+            samples = _render(batch, renderer, special, stats, encode_as_text)
             # Without offsets when the mask can do without them (documents never need them;
             # chats with a ByteLevelMasker): the cost floor.
             fast = masker or all(isinstance(chat, Document) for _, chat in samples)
             encode_batch = backend.encode_batch_fast if fast else backend.encode_batch
-            encoding = encoder.submit(encode_batch, [chat.text for _, chat in samples],
-                                      add_special_tokens=False)
+            encoding = encoder.submit(_encode_batch, encode_batch, special, [chat for _, chat in samples])
             if in_flight:
                 write(*in_flight)
             in_flight = batch, samples, encoding
@@ -190,6 +224,73 @@ def entry_problem(entry_dir: Path) -> str | None:
     return None
 
 
+# One sample to encode: the record it came from and its text (a Document is its own text).
+_Sample = tuple[Conversation | Document, RenderedChat | Document]
+
+
+def _render(batch: _Batch, renderer: ChatRenderer, special: SpecialTokenText, stats: TokenizeStats,
+            encode_as_text: bool) -> list[_Sample]:
+    """Every sample of the batch with the record it came from: several per conversation where the
+    multi-turn policy gives each assistant turn its own sample. A conversation that cannot be
+    rendered joins the batch's quarantined rows, with the error as its reason."""
+    samples: list[_Sample] = []
+    for conversation in batch.conversations:
+        if isinstance(conversation, Document):
+            samples.append((conversation, conversation))
+            continue
+        try:
+            chats = renderer.samples(conversation.messages)
+            if special.spelled_in(conversation.messages):
+                if encode_as_text:
+                    chats = [dataclasses.replace(chat, spelled_special=special.locate(
+                        conversation.messages, chat.text, lambda m, turn=turn: renderer.samples(m)[turn].text))
+                        for turn, chat in enumerate(chats)]
+                stats.special_token_text_rows += 1
+        except Exception as exc:  # a template or a row can fail in many ways; each is one row's fault
+            batch.quarantined.append(Quarantined(conversation.location, _row_error("chat template", exc),
+                                                 _preview_messages(conversation), conversation.file))
+            continue
+        if len(chats) > 1:
+            stats.split_conversations += 1
+            stats.turn_samples += len(chats)
+            stats.count_file(conversation.file, "turn_samples_added", len(chats) - 1)
+        samples.extend((conversation, chat) for chat in chats)
+    return samples
+
+
+def _encode_batch(encode_batch, special: SpecialTokenText, chats: list[RenderedChat | Document]) -> list:
+    """The batch's encodings, one per chat, or the exception a chat's encoding raised in its place.
+    The whole batch is encoded at once; only when that fails is each chat encoded alone."""
+    texts = [chat.text for chat in chats]
+    try:
+        encodings = encode_batch(texts, add_special_tokens=False)
+    except Exception:  # e.g. TypeError for a lone surrogate: find the row(s) responsible
+        encodings = [_encode_one(encode_batch, text) for text in texts]
+    for index, chat in enumerate(chats):
+        if getattr(chat, "spelled_special", ()) and not isinstance(encodings[index], Exception):
+            try:
+                encodings[index] = special.encode(chat.text, chat.spelled_special)
+            except Exception as exc:
+                encodings[index] = exc
+    return encodings
+
+
+def _encode_one(encode_batch, text: str):
+    try:
+        return encode_batch([text], add_special_tokens=False)[0]
+    except Exception as exc:
+        return exc
+
+
+def _row_error(stage: str, exc: BaseException) -> str:
+    return f"{stage} failed on this row: {type(exc).__name__}: {str(exc)[:500]}"
+
+
+def _preview_messages(conversation: Conversation, limit: int = 2000) -> str:
+    return json.dumps([{"role": m.role, "content": m.content[:limit]} for m in conversation.messages],
+                      ensure_ascii=False)[:limit]
+
+
 @dataclass
 class _Batch:
     conversations: list[Conversation | Document] = field(default_factory=list)
@@ -203,11 +304,13 @@ def _batches(records, stats: TokenizeStats, max_samples) -> Iterator[_Batch]:
     for record in records:
         if isinstance(record, Quarantined):
             stats.rows_read += 1
+            stats.count_file(record.file, "rows_read")
             batch.quarantined.append(record)
             continue
         if max_samples is not None and taken >= max_samples:
             break
         stats.rows_read += 1
+        stats.count_file(record.file, "rows_read")
         taken += 1
         batch.conversations.append(record)
         chars += len(record.text) if isinstance(record, Document) else sum(len(m.content) for m in record.messages)
@@ -218,31 +321,9 @@ def _batches(records, stats: TokenizeStats, max_samples) -> Iterator[_Batch]:
         yield batch
 
 
-def _render(batch: _Batch, renderer: ChatRenderer, stats: TokenizeStats) -> list[tuple[Conversation, RenderedChat]]:
-    """Every sample of the batch with the conversation it came from (several per conversation
-    where the multi-turn policy gives each assistant turn its own sample). A conversation whose
-    turns the template renders unlocatably joins the batch's quarantined rows."""
-    samples = []
-    for conversation in batch.conversations:
-        if isinstance(conversation, Document):
-            samples.append((conversation, conversation))
-            continue
-        try:
-            chats = renderer.samples(conversation.messages)
-        except RowError as error:
-            raw = json.dumps([{"role": m.role, "content": m.content} for m in conversation.messages],
-                             ensure_ascii=False)
-            batch.quarantined.append(Quarantined(conversation.location, str(error), raw[:2000]))
-            continue
-        if len(chats) > 1:
-            stats.split_conversations += 1
-            stats.turn_samples += len(chats)
-        samples.extend((conversation, chat) for chat in chats)
-    return samples
-
-
 def _quarantine(handle, record: Quarantined, stats: TokenizeStats) -> None:
     stats.quarantined += 1
+    stats.count_file(record.file, "quarantined")
     handle.write(json.dumps({"location": record.location, "reason": record.reason,
                              "raw": record.raw}, ensure_ascii=False) + "\n")
 
@@ -266,6 +347,7 @@ class _Masking:
     masker: ByteLevelMasker | None
     stats: TokenizeStats
     framing: DocumentFraming
+    special: SpecialTokenText
 
     def mask_and_user_tokens(self, encoding, ids: np.ndarray, chat: RenderedChat) -> tuple[np.ndarray, tuple[int, int]]:
         """The loss mask and the token range of the sample's cuttable user turn (or (0, 0))."""
@@ -277,7 +359,8 @@ class _Masking:
                 return mask, _untargeted(user, mask)
             # A normaliser rewrote this text: only real offsets locate its spans.
             self.stats.offsets_fallbacks += 1
-            encoding = self.backend.encode(chat.text, add_special_tokens=False)
+            encoding = (self.special.encode(chat.text, chat.spelled_special) if chat.spelled_special
+                        else self.backend.encode(chat.text, add_special_tokens=False))
         mask = assistant_mask(encoding, chat.assistant_spans, len(ids))
         user = inner_tokens(encoding, chat.user_span) if chat.user_span else (0, 0)
         return mask, _untargeted(user, mask)
@@ -288,14 +371,20 @@ def _untargeted(tokens: tuple[int, int], mask: np.ndarray) -> tuple[int, int]:
     return (0, 0) if mask[tokens[0]:tokens[1]].any() else tokens
 
 
-def _to_arrow(samples: list[tuple[Conversation | Document, RenderedChat | Document]], encodings,
-              masking: _Masking, stats: TokenizeStats, quarantine) -> pa.Table:
+def _to_arrow(samples: list[_Sample], encodings, masking: _Masking, stats: TokenizeStats,
+              quarantine) -> pa.Table:
     # All ids of the batch go into one C array: ``array.extend`` converts the Python ints of
     # ``encoding.ids`` several times faster than ``np.asarray`` does, and no concatenate follows.
     ids = array.array(_UINT32_TYPECODE)
     lengths, masks, targets, langs, hashes, locations, positions, users = [], [], [], [], [], [], [], []
-    for (conversation, chat), encoding in zip(samples, encodings):
-        document = isinstance(conversation, Document)
+    for (record, chat), encoding in zip(samples, encodings):
+        if isinstance(encoding, Exception):
+            reason = _row_error("tokenizing", encoding)
+            if _SURROGATE.search(chat.text):
+                reason = f"text holds a lone UTF-16 surrogate, which is not a character ({reason})"
+            _quarantine(quarantine, Quarantined(record.location, reason, chat.text[:2000], record.file), stats)
+            continue
+        document = isinstance(record, Document)
         if document:
             framing = masking.framing
             n_tokens = len(framing.prefix) + len(encoding) + len(framing.suffix)
@@ -308,9 +397,18 @@ def _to_arrow(samples: list[tuple[Conversation | Document, RenderedChat | Docume
         else:
             n_tokens = len(encoding)
             ids.extend(encoding.ids)
-            # The view of the batch array must not outlive this call: the array grows next.
-            mask, user = masking.mask_and_user_tokens(
-                encoding, np.frombuffer(ids, dtype=np.uint32)[len(ids) - n_tokens:], chat)
+            failure = None
+            try:
+                mask, user = masking.mask_and_user_tokens(
+                    encoding, np.frombuffer(ids, dtype=np.uint32)[len(ids) - n_tokens:], chat)
+            except Exception as exc:
+                failure = _row_error("loss masking", exc)
+            # Past the except block its traceback, which holds the view of the batch array, is
+            # gone: only now can the array shrink (or grow for the next sample).
+            if failure is not None:
+                del ids[len(ids) - n_tokens:]
+                _quarantine(quarantine, Quarantined(record.location, failure, chat.text[:2000], record.file), stats)
+                continue
         target_tokens = int(mask.sum())
         if target_tokens == 0:
             # A template that drops assistant text, or a one-token document; keep the row visible.
@@ -318,19 +416,19 @@ def _to_arrow(samples: list[tuple[Conversation | Document, RenderedChat | Docume
             stats.no_target_after_tokenize += 1
             reason = ("a one-token document has no target token" if document
                       else "no assistant token left after applying the chat template")
-            _quarantine(quarantine, Quarantined(conversation.location, reason, chat.text[:2000]), stats)
+            _quarantine(quarantine, Quarantined(record.location, reason, chat.text[:2000], record.file), stats)
             continue
         lengths.append(n_tokens)
         masks.append(mask)
         targets.append(target_tokens)
-        langs.append(detect_text_language(conversation.text) if document
-                     else detect_language(conversation.messages))
+        langs.append(detect_text_language(record.text) if document else detect_language(record.messages))
         hashes.append(int.from_bytes(hashlib.blake2b(chat.text.encode("utf-8", "surrogatepass"),
                                                      digest_size=8).digest(), "little"))
-        locations.append(conversation.location)
-        positions.append(conversation.position)
+        locations.append(record.location)
+        positions.append(record.position)
         users.append(user)
         stats.samples += 1
+        stats.count_file(record.file, "samples")
         stats.tokens += n_tokens
         stats.target_tokens += target_tokens
     return pa.table({
@@ -385,7 +483,8 @@ class TokenCache:
         self.position = table.column("position").to_numpy()
         self.user_start = table.column("user_start").to_numpy().astype(np.int64)
         self.user_end = table.column("user_end").to_numpy().astype(np.int64)
-        self.stats = TokenizeStats(**json.loads((entry_dir / STATS_FILE).read_text()))
+        # Through ``total`` so that the files are listed in a fixed (sorted) order.
+        self.stats = TokenizeStats.total([TokenizeStats(**json.loads((entry_dir / STATS_FILE).read_text()))])
         self.quarantine_files = [entry_dir / QUARANTINE_FILE]
         self._tokens_since_release = 0
 
@@ -422,8 +521,7 @@ class PartitionedCache:
         self._local = np.concatenate([np.arange(len(p), dtype=np.int64) for p in parts])[order]
         for name in ("lengths", "target_tokens", "lang", "text_hash", "position", "user_start", "user_end"):
             setattr(self, name, np.concatenate([getattr(p, name) for p in parts])[order])
-        totals = {f: sum(getattr(p.stats, f) for p in parts) for f in TokenizeStats.__dataclass_fields__}
-        self.stats = TokenizeStats(**totals)
+        self.stats = TokenizeStats.total([p.stats for p in parts])
         self.quarantine_files = [f for p in parts for f in p.quarantine_files]
 
     def __len__(self) -> int:

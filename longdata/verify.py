@@ -1,7 +1,9 @@
 """``longdata verify``: re-read a whole build and report anything that does not add up.
 
 Checks, per shard: file sizes and hashes against the stream's index.json; every row against the
-row contract and against the split's sample index (its pieces, in order); and, per stream and split, the rows/tokens/targets against the manifest. Shards are
+row contract and against the split's sample index (its pieces, in order); per stream and split,
+the rows/tokens/targets against the manifest; and per source, that every row read is accounted
+for (``longdata.accounting``) and that the split indexes hold the samples the accounting says. Shards are
 decompressed into a private temporary directory, so verifying never leaves decompressed copies
 beside the build (streaming's own readers would).
 """
@@ -14,6 +16,7 @@ from pathlib import Path
 
 import polars as pl
 
+from longdata.accounting import accounting_problems
 from longdata.format import BuildFormatError, Manifest, ShardError, check_row, inside, load_shard
 from longdata.format.mds import read_index, shard_file
 from longdata.sample_index import INDEX_FILE
@@ -60,7 +63,33 @@ def verify_build(build_dir: str | Path) -> VerifyReport:
                 if recorded_totals.get(key, value) != value:
                     report.problems.append(f"split {split_name}: manifest says "
                                            f"{key}={recorded_totals[key]}, streams add up to {value}")
+    report.problems.extend(row_accounting_problems(build_dir, manifest.raw))
     return report
+
+
+def row_accounting_problems(build_dir: Path, manifest: dict) -> list[str]:
+    """Each source's row identity, and its held-out and training samples against every split's
+    sample index (a validation split holds each held-out sample once; a train split each weighted
+    training sample once)."""
+    problems = [p for source in manifest["sources"] for p in accounting_problems(source)]
+    if any("mix" not in source for source in manifest["sources"]):
+        return problems  # no mix stats to hold the sample indexes against (already reported)
+    names = [s["name"] for s in manifest["sources"]]
+    for prefix in sorted({name.rpartition("/")[0] for name in manifest["splits"]}):
+        for split, expected in (("validation", {s["name"]: s["mix"]["validation"] for s in manifest["sources"]}),
+                                ("train", {s["name"]: s["mix"]["train_samples"] for s in manifest["sources"]})):
+            split_name = f"{prefix}/{split}" if prefix else split
+            held = dict.fromkeys(names, 0)
+            index = inside(build_dir, f"{split_name}/{INDEX_FILE}")
+            if index.exists():
+                counts = pl.read_parquet(index, columns=["sample", "source"]) \
+                    .unique("sample").group_by("source").len()
+                held.update(dict(counts.iter_rows()))
+            for name in names:
+                if held[name] != expected[name]:
+                    problems.append(f"split {split_name}: the sample index holds {held[name]} samples of "
+                                    f"source {name}, the manifest's mix {expected[name]}")
+    return problems
 
 
 def _indexed_layouts(build_dir: Path, split_name: str, report: VerifyReport) -> dict[str, dict]:

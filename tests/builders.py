@@ -124,3 +124,14 @@ def two_bucket_build(out: Path, vocab_size: int, long_lengths: tuple[int, int], 
     short = [make_row(rng.integers(2, 12, 4).tolist(), rng, vocab_size) for _ in range(10)]
     long = [make_row(rng.integers(*long_lengths, 2).tolist(), rng, vocab_size) for _ in range(6)]
     return write_build(out, {"le_0048": short, f"le_{max_seq_len:04d}": long}, vocab_size, max_seq_len)
+
+
+def assert_rows_accounted(manifest: dict) -> None:
+    """Every source row of a real build is accounted for (longdata.accounting): the identity per
+    source and per file, as ``longdata verify`` checks it."""
+    from longdata.accounting import ROW_FATES, accounting_problems
+
+    for source in manifest["sources"]:
+        assert not accounting_problems(source), accounting_problems(source)
+        rows = source["rows"]
+        assert rows["rows_read"] + rows["turn_samples_added"] == sum(rows[fate] for fate in ROW_FATES)

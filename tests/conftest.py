@@ -29,6 +29,25 @@ def _isolated_streaming(tmp_path_factory: pytest.TempPathFactory) -> None:
     tempfile.tempdir = None
 
 
+@pytest.fixture(autouse=True)
+def _every_build_accounts_for_its_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever a test builds (single-process or merged), its manifest must account for every
+    source row: checked on the manifest each finished build returns."""
+    import longdata.build
+    import longdata.partition
+    from tests.builders import assert_rows_accounted
+
+    finish = longdata.build.finish_build
+
+    def checked(*args, **kwargs):
+        result = finish(*args, **kwargs)
+        assert_rows_accounted(result.manifest)
+        return result
+
+    monkeypatch.setattr(longdata.build, "finish_build", checked)
+    monkeypatch.setattr(longdata.partition, "finish_build", checked)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _one_thread() -> None:
     """The test machine's 2 cores are shared: one intra-op thread avoids spinning contention."""

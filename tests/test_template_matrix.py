@@ -27,6 +27,7 @@ from longdata.tokenize import TokenCache, tokenize_records
 
 TEMPLATES = Path(__file__).parent / "templates"
 EMPTY_THINK = "<think>\n\n</think>\n\n"
+THINK_TAGS = ("<think>", "</think>")
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,11 @@ def shaped_tokenizer(shape: Shape, path: str):
         spec["model"]["byte_fallback"] = True
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
                                         bos_token=base.bos_token, eos_token=base.eos_token)
-    tokenizer.add_special_tokens({"additional_special_tokens": list(shape.special_tokens)})
+    # Qwen3's own tokenizer adds <think> and </think> as plain (special: false) tokens: assistant
+    # text holds them, and the template reads them there.
+    tokenizer.add_special_tokens({"additional_special_tokens": [t for t in shape.special_tokens
+                                                                if t not in THINK_TAGS]})
+    tokenizer.add_tokens([t for t in shape.special_tokens if t in THINK_TAGS])
     template = (TEMPLATES / shape.template).read_text(encoding="utf-8")
     tokenizer.chat_template = bind_template_kwargs(template, dict(shape.kwargs))
     assert (ByteLevelMasker.for_tokenizer(tokenizer) is None) == (path == "offsets")

@@ -203,8 +203,13 @@ def test_only_byte_level_bpe_gets_masks_from_ids(tokenizer):
 
 
 def test_a_chat_template_path_that_is_not_a_file_is_refused(tmp_path):
+    # Refused by recipe validation already (a pydantic ValueError), and by load_tokenizer too.
+    with pytest.raises(ValueError, match="neither a Jinja template nor a file"):
+        TokenizerConfig(name="builtin:quickstart", chat_template=str(tmp_path / "chat.jinja"))
+    unchecked = TokenizerConfig.model_construct(name="builtin:quickstart", revision=None,
+                                                chat_template=str(tmp_path / "chat.jinja"))
     with pytest.raises(TemplateError, match="neither a Jinja template nor a file"):
-        load_tokenizer(TokenizerConfig(name="builtin:quickstart", chat_template=str(tmp_path / "chat.jinja")))
+        load_tokenizer(unchecked)
     (tmp_path / "chat.jinja").write_text(CHATML)
     tokenizer = load_tokenizer(TokenizerConfig(name="builtin:quickstart",
                                                chat_template=str(tmp_path / "chat.jinja")))[0]

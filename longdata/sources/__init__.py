@@ -7,6 +7,7 @@ generated, not read (over generated prose or a real-text haystack).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -20,7 +21,7 @@ from longdata.recipe import (
 )
 from longdata.records import Conversation, Document, Quarantined, RowError
 from longdata.sources import text
-from longdata.sources.readers import iter_rows
+from longdata.sources.readers import iter_source_files
 from longdata.sources.schemas import PARSERS
 
 Record = Conversation | Document | Quarantined
@@ -52,29 +53,36 @@ def read_source(source, *, cache_dir: Path, count_tokens: Callable[[str], int],
             indices=range(worker, source.count, workers), haystack=haystack)
         return
     if isinstance(source, TextSource):
-        items = text.iter_items(resolve_path(source, cache_dir), glob=source.glob, split=source.split)
+        files = text.iter_files(resolve_path(source, cache_dir), glob=source.glob, split=source.split)
 
-        def make(row, location: str, position: int) -> Record:
-            return text.make_document(row, location, position, source.text_field)
+        def make(row, location: str, position: int, file: str) -> Record:
+            return text.make_document(row, location, position, source.text_field, file)
     else:
-        items = iter_rows(resolve_path(source, cache_dir), source.split)
+        files = iter_source_files(resolve_path(source, cache_dir), source.split)
         parse = PARSERS[schema_of(source)]
 
-        def make(row, location: str, position: int) -> Record:
-            return Conversation(parse(row), location, position=position)
-    for position, item in enumerate(items):
-        if position % workers != worker:
-            continue
-        if isinstance(item, Quarantined):
-            yield item
-            continue
-        location, row = item
-        try:
-            record = make(row, location, position)
-        except RowError as exc:
-            yield Quarantined(location, str(exc), _preview(row))
-            continue
-        yield record
+        def make(row, location: str, position: int, file: str) -> Record:
+            return Conversation(parse(row), location, position=position, file=file)
+    position = -1
+    for file, rows in files:
+        for item in rows:
+            position += 1
+            if position % workers != worker:
+                continue
+            if isinstance(item, Quarantined):
+                yield dataclasses.replace(item, file=file)
+                continue
+            location, row = item
+            try:
+                record = make(row, location, position, file)
+            except RowError as exc:
+                yield Quarantined(location, str(exc), _preview(row), file)
+                continue
+            except Exception as exc:  # one row must never stop the build: it is quarantined
+                yield Quarantined(location, f"cannot normalise this row: {type(exc).__name__}: "
+                                  f"{str(exc)[:500]}", _preview(row), file)
+                continue
+            yield record
 
 
 def haystack_paths(entries: tuple[str, ...], cache_dir: Path,
@@ -128,9 +136,10 @@ def resolve_path(source: FileSource, cache_dir: Path) -> str:
 
 def _preview(row: object, limit: int = 2000) -> str:
     import json
+    import reprlib
 
     try:
         text = json.dumps(row, ensure_ascii=False, default=str)
-    except (TypeError, ValueError):
-        text = repr(row)
+    except (TypeError, ValueError, RecursionError):
+        text = reprlib.repr(row)
     return text[:limit]

@@ -1,9 +1,14 @@
 """Streaming row readers for local files and hub datasets.
 
 Each reader yields ``(location, row)`` for rows it could decode and ``Quarantined`` for bytes it
-could not, never holding a whole file in memory. Local JSON/JSONL is read here rather than with
-``datasets.load_dataset("json")`` because that loader fails a whole file on one bad line and
-materialises JSON arrays in memory; hub ids go through ``datasets`` in streaming mode.
+could not, never holding a whole file in memory, and never dropping bytes without a record: every
+part of a file ends up in a decoded row or in a quarantined one. Local JSON/JSONL is read here
+rather than with ``datasets.load_dataset("json")`` because that loader fails a whole file on one
+bad line and materialises JSON arrays in memory; hub ids go through ``datasets`` in streaming mode.
+
+A file's layout comes from its name, never from its first line: ``.jsonl`` is one JSON value per
+line; ``.json`` (or no known suffix) is one top-level array when it opens with ``[`` and JSON lines
+otherwise; ``.parquet`` is Parquet.
 """
 
 from __future__ import annotations
@@ -19,128 +24,244 @@ from longdata.records import Quarantined
 Row = tuple[str, Any] | Quarantined
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 READ_CHUNK = 8 << 20
-# An element that is still not decodable with this much text after it is malformed, not cut by
-# the chunk boundary: beyond it we stop reading ahead and quarantine the remainder.
+# A bad element with no element boundary within this many characters after it swallows the rest
+# of the array into one quarantined row instead of growing the buffer without bound.
 MAX_ELEMENT_CHARS = 256 << 20
+PREVIEW_CHARS = 2000
+BOM = "\ufeff"
 _decoder = json.JSONDecoder()
 # What ``surrogateescape`` turns each undecodable byte into.
 _UNDECODABLE_BYTE = re.compile("[\udc80-\udcff]")
+# The characters that decide where a JSON value ends: the scanner looks at nothing else.
+_STRUCTURE = re.compile(r'["\\\[\]{},\n]')
 
 
 def iter_rows(path: str, split: str = "train") -> Iterator[Row]:
     """Rows of a local file, every data file of a local directory, or a hub dataset."""
+    for _, rows in iter_source_files(path, split):
+        yield from rows
+
+
+def iter_source_files(path: str, split: str = "train") -> Iterator[tuple[str, Iterator[Row]]]:
+    """(file label, its rows) for each file of a source, in a fixed order. A file is labelled by
+    its path inside the source directory (its name for a single file, the id for a hub dataset)."""
     local = Path(path)
     if local.is_dir():
-        files = sorted(p for p in local.rglob("*") if p.suffix in LOCAL_SUFFIXES)
+        files = sorted(p for p in local.rglob("*") if p.suffix in LOCAL_SUFFIXES and p.is_file())
         if not files:
             raise FileNotFoundError(f"{path}: directory holds no {', '.join(LOCAL_SUFFIXES)} files")
         for file in files:
-            yield from iter_file_rows(file)
+            label = file.relative_to(local).as_posix()
+            yield label, iter_file_rows(file, label)
     elif local.exists():
-        yield from iter_file_rows(local)
+        yield local.name, iter_file_rows(local)
     else:
-        yield from iter_hub_rows(path, split)
+        yield path, iter_hub_rows(path, split)
 
 
-def iter_file_rows(path: Path) -> Iterator[Row]:
+def iter_file_rows(path: Path, label: str | None = None) -> Iterator[Row]:
+    """Rows of one file; locations start with ``label`` (default: the file's name)."""
     if path.suffix == ".parquet":
-        yield from iter_parquet(path)
-        return
-    with path.open("rb") as handle:
-        head = handle.read(4096).lstrip()
-    if head.startswith(b"["):
-        yield from iter_json_array(path)
+        yield from iter_parquet(path, label)
+    elif path.suffix == ".jsonl":
+        yield from iter_jsonl(path, label)
     else:
-        yield from iter_jsonl(path)
+        with path.open("rb") as handle:
+            head = handle.read(4096).removeprefix(BOM.encode()).lstrip()
+        yield from iter_json_array(path, label) if head.startswith(b"[") else iter_jsonl(path, label)
 
 
-def iter_jsonl(path: Path) -> Iterator[Row]:
+def iter_jsonl(path: Path, label: str | None = None) -> Iterator[Row]:
+    name = label or path.name
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
+            if number == 1:
+                raw = raw.removeprefix(BOM.encode())
             if not raw.strip():
                 continue
-            location = f"{path.name}:{number}"
+            location = f"{name}:{number}"
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
                 yield Quarantined(location, f"not UTF-8: {exc.reason} at byte {exc.start}",
-                                  raw.decode("utf-8", "replace"))
+                                  raw.decode("utf-8", "replace")[:PREVIEW_CHARS])
                 continue
             try:
                 yield location, json.loads(text)
             except json.JSONDecodeError as exc:
-                yield Quarantined(location, f"invalid JSON: {exc.msg} at column {exc.colno}", text)
+                yield Quarantined(location, f"invalid JSON: {exc.msg} at column {exc.colno}", text[:PREVIEW_CHARS])
+            except RecursionError:
+                yield Quarantined(location, "JSON nested too deeply to decode", text[:PREVIEW_CHARS])
 
 
-def iter_json_array(path: Path) -> Iterator[Row]:
-    """Elements of one top-level JSON array (the LongAlpaca-12k layout), decoded incrementally."""
-    with path.open("rb") as handle:
-        buffer, position, index, at_eof = "", 0, 0, False
+class _Window:
+    """The undecoded rest of a file as text, read in chunks; ``text[position:]`` is still to read."""
 
-        def read_more() -> bool:
-            nonlocal buffer, position, at_eof
-            chunk = handle.read(READ_CHUNK)
-            if not chunk:
-                at_eof = True
-                return False
-            # surrogateescape keeps undecodable bytes as lone surrogates, so one bad element is
-            # found and quarantined instead of failing the whole array.
-            buffer = buffer[position:] + chunk.decode("utf-8", "surrogateescape")
-            position = 0
-            return True
+    def __init__(self, handle):
+        self.handle, self.text, self.position, self.at_eof = handle, "", 0, False
+        self.first = True
 
-        def skip(chars: str) -> str:
-            nonlocal position
-            while True:
-                while position < len(buffer) and buffer[position] in chars:
-                    position += 1
-                if position < len(buffer) or not read_more():
-                    return buffer[position] if position < len(buffer) else ""
+    def read_more(self) -> bool:
+        chunk = self.handle.read(READ_CHUNK)
+        if not chunk:
+            self.at_eof = True
+            return False
+        # surrogateescape keeps undecodable bytes as lone surrogates, so one bad element is
+        # found and quarantined instead of failing the whole array.
+        decoded = chunk.decode("utf-8", "surrogateescape")
+        if self.first:
+            decoded, self.first = decoded.removeprefix(BOM), False
+        self.text = self.text[self.position:] + decoded
+        self.position = 0
+        return True
 
-        if skip(" \t\r\n") != "[":
-            yield Quarantined(f"{path.name}", "not a JSON array", buffer[:200])
-            return
-        position += 1
+    def skip(self, chars: str) -> str:
+        """Move past ``chars``; the next character, or "" at the end of the file."""
         while True:
-            head = skip(" \t\r\n,")
+            text, position = self.text, self.position
+            while position < len(text) and text[position] in chars:
+                position += 1
+            self.position = position
+            if position < len(text) or not self.read_more():
+                return self.text[self.position] if self.position < len(self.text) else ""
+
+    def element_end(self) -> int | None:
+        """Where the JSON value starting at ``position`` ends: the first ``,`` or ``]`` outside
+        strings and brackets, reading ahead as needed; None when the file ends first or the value
+        runs past MAX_ELEMENT_CHARS. JSON forbids raw newlines inside strings, so a string still
+        open at a newline began at a stray quote: scanning resumes after it as structure, and
+        one missing quote cannot swallow the rest of a file laid out one element per line."""
+        while True:
+            end = _scan_element(self.text, self.position)
+            if end is not None or len(self.text) - self.position >= MAX_ELEMENT_CHARS or not self.read_more():
+                return end
+
+
+def _scan_element(text: str, start: int) -> int | None:
+    open_brackets: list[str] = []
+    position = start
+    while True:
+        in_string, skip_at, string_start = False, -1, 0
+        for match in _STRUCTURE.finditer(text, position):
+            at = match.start()
+            if at == skip_at:
+                continue  # the character after a backslash inside a string
+            char = match.group()
+            if in_string:
+                if char == "\\":
+                    skip_at = at + 1
+                elif char == '"':
+                    in_string = False
+                elif char == "\n":
+                    break  # an unterminated string: its opening quote was a stray one
+            elif char == '"':
+                in_string, string_start = True, at
+            elif char in "[{":
+                open_brackets.append(char)
+            elif char in "]}":
+                opener = "[" if char == "]" else "{"
+                if opener in open_brackets:  # a mismatched closer also closes what it skips over
+                    del open_brackets[len(open_brackets) - 1 - open_brackets[::-1].index(opener):]
+                elif char == "]":
+                    return at  # the end of the array
+            elif char == "," and not open_brackets:
+                return at
+        else:
+            return None
+        position = string_start + 1  # rescan what followed the stray quote as structure
+
+
+def iter_json_array(path: Path, label: str | None = None) -> Iterator[Row]:
+    """Elements of one top-level JSON array (the LongAlpaca-12k layout), decoded incrementally.
+
+    A malformed element is quarantined alone and reading resumes at the next element boundary;
+    anything after the closing bracket (a second array, stray text) is quarantined as one row."""
+    name = label or path.name
+    with path.open("rb") as handle:
+        window = _Window(handle)
+        if window.skip(" \t\r\n") != "[":
+            yield Quarantined(name, "not a JSON array", window.text[:PREVIEW_CHARS])
+            return
+        window.position += 1
+        index = 0
+        while True:
+            head = window.skip(" \t\r\n,")
             if head == "]":
+                window.position += 1
+                yield from _trailing_content(name, window)
                 return
             if head == "":
                 return  # cut short exactly between elements: nothing is lost, the tail was empty
-            location = f"{path.name}[{index}]"
-            while True:
-                try:
-                    element, end = _decoder.raw_decode(buffer, position)
-                    break
-                except json.JSONDecodeError as exc:
-                    if len(buffer) - position < MAX_ELEMENT_CHARS and read_more():
-                        continue
-                    reason = ("JSON array cut short inside this element" if at_eof
-                              else f"invalid JSON: {exc.msg}; the rest of the array cannot be re-synchronised")
-                    yield Quarantined(location, reason, buffer[position:position + 2000])
-                    return
-            text = buffer[position:end]
-            position = end
+            location = f"{name}[{index}]"
             index += 1
+            try:
+                element, end = _decoder.raw_decode(window.text, window.position)
+            except (json.JSONDecodeError, RecursionError):
+                # The element may only be cut by the chunk boundary: find its end, then decode again.
+                element_end = window.element_end()
+                if element_end is None:
+                    reason = ("JSON array cut short inside this element" if window.at_eof else
+                              f"no JSON element boundary within {MAX_ELEMENT_CHARS:,} characters: "
+                              "the rest of the array is quarantined as this one row")
+                    yield Quarantined(location, reason, window.text[window.position:window.position + PREVIEW_CHARS])
+                    return
+                try:
+                    element, end = _decoder.raw_decode(window.text[:element_end], window.position)
+                except json.JSONDecodeError as exc:
+                    yield _bad_element(location, window, element_end, f"invalid JSON: {exc.msg}")
+                    continue
+                except RecursionError:
+                    yield _bad_element(location, window, element_end, "JSON nested too deeply to decode")
+                    continue
+            text = window.text[window.position:end]
+            window.position = end
             if _has_undecodable_bytes(text):
                 yield Quarantined(location, "not UTF-8: undecodable bytes in this element",
-                                  text.encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
+                                  _readable(text)[:PREVIEW_CHARS])
             else:
                 yield location, element
+
+
+def _bad_element(location: str, window: _Window, end: int, reason: str) -> Quarantined:
+    text = window.text[window.position:end]
+    window.position = end
+    return Quarantined(location, f"{reason}; reading resumed after this element", _readable(text)[:PREVIEW_CHARS])
+
+
+def _trailing_content(name: str, window: _Window) -> Iterator[Quarantined]:
+    if window.skip(" \t\r\n") == "":
+        return
+    preview = window.text[window.position:window.position + PREVIEW_CHARS]
+    yield Quarantined(f"{name}[after the array]",
+                      "content after the end of the JSON array (a second array or trailing text); "
+                      "a .json file holds one array", _readable(preview))
+
+
+def _readable(text: str) -> str:
+    """Text with the bytes surrogateescape kept put back and shown as replacement characters."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def _has_undecodable_bytes(text: str) -> bool:
     return not text.isascii() and _UNDECODABLE_BYTE.search(text) is not None
 
 
-def iter_parquet(path: Path) -> Iterator[Row]:
+def iter_parquet(path: Path, label: str | None = None) -> Iterator[Row]:
+    """Rows of a Parquet file. A file pyarrow cannot read (corrupt, truncated) is quarantined as
+    one row from where reading stopped: its remaining row count may be unknowable."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    index = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=256):
-        for row in batch.to_pylist():
-            yield f"{path.name}[{index}]", row
-            index += 1
+    name, index = label or path.name, 0
+    try:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=256):
+            for row in batch.to_pylist():
+                yield f"{name}[{index}]", row
+                index += 1
+    except (pa.ArrowException, OSError) as exc:
+        where = "the whole file" if index == 0 else f"rows from {index} on"
+        yield Quarantined(f"{name}[{index}:]", f"unreadable Parquet ({type(exc).__name__}: "
+                          f"{str(exc)[:300]}); {where} quarantined", "")
 
 
 def iter_hub_rows(dataset_id: str, split: str) -> Iterator[Row]:

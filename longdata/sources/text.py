@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from longdata.records import Document, Quarantined, RowError
-from longdata.sources.readers import LOCAL_SUFFIXES, Row, iter_rows
+from longdata.sources.readers import LOCAL_SUFFIXES, Row, iter_source_files
 
 PREVIEW_CHARS = 2000
 
@@ -27,24 +27,27 @@ PREVIEW_CHARS = 2000
 def iter_items(path: str, *, glob: str | None, split: str = "train") -> Iterator[Row]:
     """``(location, row)`` or ``Quarantined`` per document: a row is a str (a text file) or the
     JSON object holding the text."""
+    for _, rows in iter_files(path, glob=glob, split=split):
+        yield from rows
+
+
+def iter_files(path: str, *, glob: str | None, split: str = "train") -> Iterator[tuple[str, Iterator[Row]]]:
+    """(file label, its documents) per file of a text source, for the per-file row accounting."""
     local = Path(path)
-    if glob is not None:
-        if not local.is_dir():
-            raise FileNotFoundError(f"{path}: glob {glob!r} is given but this is not a directory")
-        yield from iter_text_files(local, glob)
-    else:
-        yield from iter_rows(path, split)
-
-
-def iter_text_files(directory: Path, glob: str) -> Iterator[Row]:
-    root = directory.resolve()
-    files = sorted(p for p in directory.glob(glob) if p.is_file())
+    if glob is None:
+        yield from iter_source_files(path, split)
+        return
+    if not local.is_dir():
+        raise FileNotFoundError(f"{path}: glob {glob!r} is given but this is not a directory")
+    root = local.resolve()
+    files = sorted(p for p in local.glob(glob) if p.is_file())
     if not files:
-        raise FileNotFoundError(f"{directory}: no files match glob {glob!r}")
+        raise FileNotFoundError(f"{local}: no files match glob {glob!r}")
     for file in files:
         if not file.resolve().is_relative_to(root):
-            raise FileNotFoundError(f"{file}: glob {glob!r} reaches outside {directory}")
-        yield read_text_file(file, file.relative_to(directory).as_posix())
+            raise FileNotFoundError(f"{file}: glob {glob!r} reaches outside {local}")
+        label = file.relative_to(local).as_posix()
+        yield label, iter([read_text_file(file, label)])
 
 
 def read_text_file(file: Path, location: str) -> Row:
@@ -74,8 +77,8 @@ def document_text(row: Any, text_field: str) -> str:
     return text
 
 
-def make_document(row: Any, location: str, position: int, text_field: str) -> Document:
-    return Document(document_text(row, text_field), location, position=position)
+def make_document(row: Any, location: str, position: int, text_field: str, file: str = "") -> Document:
+    return Document(document_text(row, text_field), location, position=position, file=file)
 
 
 def read_documents(path: str, *, text_field: str = "text", glob: str | None = None,

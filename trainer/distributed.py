@@ -46,6 +46,7 @@ from trainer.attention import (
     implementation_name,
 )
 from trainer.loss import next_token_targets
+from trainer.model import decoder_layers
 
 PARALLEL_MODES = ("ddp", "fsdp")
 # Collectives that do not complete in this time raise instead of hanging the job forever.
@@ -166,18 +167,10 @@ def wrap_model(module: nn.Module, parallel: str, context: ParallelContext) -> nn
         return DistributedDataParallel(module, device_ids=device_ids)
     from torch.distributed.fsdp import fully_shard
 
-    for layer in _decoder_layers(module):
+    for layer in decoder_layers(module):
         fully_shard(layer)
     fully_shard(module)
     return module
-
-
-def _decoder_layers(module: nn.Module) -> list[nn.Module]:
-    """The transformer blocks: the repeated children of the model's `layers` ModuleList."""
-    for name, child in module.named_modules():
-        if name.endswith("layers") and isinstance(child, nn.ModuleList):
-            return list(child)
-    raise ValueError("found no decoder `layers` ModuleList to shard")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -42,14 +42,15 @@ from trainer.distributed import (
     shutdown_parallel,
     wrap_model,
 )
-from trainer.loss import (
-    LOSS_MODES,
-    TargetScorer,
-    TokenLosses,
-    micro_batch_loss,
-    step_denominator,
+from trainer.loss import LOSS_MODES, TargetScorer, step_denominator
+from trainer.memory import (
+    DEFAULT_LOSS_CHUNK_TOKENS,
+    DEFAULT_MLP_CHUNK_TOKENS,
+    enable_activation_offload,
+    enable_tiled_mlp,
 )
 from trainer.model import PRESETS, load_model
+from trainer.step import micro_step
 
 PRECISIONS = ("auto", "fp32", "bf16")
 SAVE_FORMATS = ("merged", "adapter", "none")
@@ -82,6 +83,12 @@ class TrainConfig:
     train_embeddings_and_norms: bool = False  # with LoRA, as LongLoRA does
     precision: str = "auto"  # bf16 autocast on CUDA with bf16 support, else fp32
     gradient_checkpointing: bool = False
+    # Memory techniques for long rows (trainer.memory); none changes the values or gradients.
+    tiled_loss: bool = True  # output layer + cross-entropy over chunks of targets
+    loss_chunk_tokens: int = DEFAULT_LOSS_CHUNK_TOKENS
+    tiled_mlp: bool = False  # each layer's MLP over chunks of tokens
+    mlp_chunk_tokens: int = DEFAULT_MLP_CHUNK_TOKENS
+    offload_activations: bool = False  # checkpointed hidden states to host memory
     compile: bool = False
     pad_to_multiple_of: int | None = None
     shuffle: bool = True
@@ -112,6 +119,13 @@ class TrainConfig:
             raise ValueError(f"parallel must be one of {PARALLEL_MODES}, not {self.parallel!r}")
         if self.parallel == "fsdp" and self.lora:
             raise ValueError("lora with parallel='fsdp' is not supported; use parallel='ddp'")
+        if min(self.loss_chunk_tokens, self.mlp_chunk_tokens) < 1:
+            raise ValueError("loss_chunk_tokens and mlp_chunk_tokens must be >= 1")
+        if self.offload_activations and not self.gradient_checkpointing:
+            raise ValueError(
+                "offload_activations moves the checkpointed hidden states to the host: it "
+                "needs gradient_checkpointing"
+            )
 
 
 @dataclass(frozen=True)
@@ -174,6 +188,10 @@ def _build_model(config: TrainConfig, manifest: Manifest, device: torch.device) 
             task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, lora_config)
+    if config.tiled_mlp:
+        enable_tiled_mlp(model, config.mlp_chunk_tokens)
+    if config.offload_activations:
+        enable_activation_offload(model)
     if config.compile:
         model.compile()
     return model
@@ -407,7 +425,8 @@ def _train(
         enable_sequence_parallel(model, config.attention, context.sp_group)
     # DDP / FSDP wrap the module whose forward computes the losses; the optimizer is built after
     # wrapping because FSDP replaces the parameters with sharded ones.
-    scorer = wrap_model(TargetScorer(model), config.parallel, context)
+    loss_chunk_tokens = config.loss_chunk_tokens if config.tiled_loss else 0
+    scorer = wrap_model(TargetScorer(model, loss_chunk_tokens), config.parallel, context)
     optimizer = _optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_schedule(config))
     dataset = make_dataset(
@@ -451,13 +470,17 @@ def _train(
             for batch in micro_batches:
                 if context.sp_size > 1:
                     batch = shard_batch(batch, context.sp_rank, context.sp_size)
-                with _autocast(config.precision, device):
-                    losses = TokenLosses(*scorer(batch))
-                loss = micro_batch_loss(losses, batch, config.loss, denominator)
-                (loss * context.gradient_scale).backward()
-                step_loss += float(loss.detach())
-                target_sources = losses.source_ids.cpu()
-                source_sums.index_add_(0, target_sources, losses.values.detach().double().cpu())
+                done = micro_step(
+                    scorer,
+                    batch,
+                    config.loss,
+                    denominator,
+                    precision=_autocast(config.precision, device),
+                    gradient_scale=context.gradient_scale,
+                )
+                step_loss += done.loss
+                target_sources = done.losses.source_ids.cpu()
+                source_sums.index_add_(0, target_sources, done.losses.values.double().cpu())
                 source_counts.index_add_(
                     0, target_sources, torch.ones(len(target_sources)).double()
                 )

@@ -87,6 +87,30 @@ def train(
     gradient_checkpointing: Annotated[
         bool, typer.Option(help="Recompute activations in backward to save memory.")
     ] = False,
+    tiled_loss: Annotated[
+        bool | None,
+        typer.Option(
+            help="Output layer + cross-entropy over chunks of targets, recomputed in backward "
+            "(exact; on by default).",
+        ),
+    ] = None,
+    loss_chunk_tokens: Annotated[
+        int | None, typer.Option(help="Targets per tiled-loss chunk (default 2048).")
+    ] = None,
+    tiled_mlp: Annotated[
+        bool | None,
+        typer.Option(help="Run each layer's MLP over chunks of tokens, recomputed (exact)."),
+    ] = None,
+    mlp_chunk_tokens: Annotated[
+        int | None, typer.Option(help="Tokens per tiled-MLP chunk (default 8192).")
+    ] = None,
+    offload_activations: Annotated[
+        bool | None,
+        typer.Option(
+            help="Keep the checkpointed hidden states in host memory (needs "
+            "--gradient-checkpointing).",
+        ),
+    ] = None,
     compile: Annotated[bool, typer.Option(help="torch.compile the model.")] = False,
     checkpoint_every: Annotated[
         int, typer.Option(help="Save a resumable checkpoint every N steps (0: never).")
@@ -138,6 +162,18 @@ def train(
 
     if threads:
         torch.set_num_threads(threads)
+    # Memory switches left unset keep TrainConfig's defaults.
+    memory_settings = {
+        name: value
+        for name, value in {
+            "tiled_loss": tiled_loss,
+            "loss_chunk_tokens": loss_chunk_tokens,
+            "tiled_mlp": tiled_mlp,
+            "mlp_chunk_tokens": mlp_chunk_tokens,
+            "offload_activations": offload_activations,
+        }.items()
+        if value is not None
+    }
     config = TrainConfig(
         build_dir=str(_resolve_build(build)),
         out_dir=str(out),
@@ -166,6 +202,7 @@ def train(
         remote=remote,
         parallel=parallel,
         sp=sp,
+        **memory_settings,
     )
     result = run_training(config)
     if os.environ.get("RANK", "0") != "0":
@@ -189,7 +226,7 @@ def check_packing(
     rows: Annotated[int, typer.Option(help="How many rows of the build to check.")] = 2,
     split: Annotated[str, typer.Option(help="Split to read rows from.")] = "train",
     max_tokens: Annotated[
-        int, typer.Option(help="Skip rows longer than this (the reference runs eager attention).")
+        int, typer.Option(help="Skip rows longer than this (every sample is also run alone).")
     ] = 4096,
     seed: Annotated[int, typer.Option(help="Seed for a preset model's random init.")] = 0,
 ) -> None:

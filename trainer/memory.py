@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 
 from trainer.model import decoder_layers
@@ -121,15 +122,17 @@ class HostOffload(torch.autograd.graph.saved_tensors_hooks):
     """Saved tensors go to (pinned) host memory and come back to their device when unpacked.
 
     A tensor already on the CPU is kept as it is: on a CPU run there is nowhere to offload to,
-    and a copy would only double it. `offloaded_bytes` counts what is held on the host now.
+    and a copy would only double it. `host_bytes` counts the saved tensors held in host memory
+    now (offloaded copies and CPU tensors alike).
     """
 
     def __init__(self) -> None:
-        self.offloaded_bytes = 0
+        self.host_bytes = 0
         super().__init__(self._pack, self._unpack)
 
     def _pack(self, tensor: torch.Tensor) -> Any:
         if tensor.device.type == "cpu":
+            self._count(tensor)
             return tensor
         host = torch.empty(
             tensor.size(),
@@ -139,9 +142,7 @@ class HostOffload(torch.autograd.graph.saved_tensors_hooks):
         )
         # Safe without a sync: the copy back to the device is queued on the same stream.
         host.copy_(tensor, non_blocking=True)
-        size = host.numel() * host.element_size()
-        self.offloaded_bytes += size
-        weakref.finalize(host, self._released, size)
+        self._count(host)
         return tensor.device, host
 
     def _unpack(self, packed: Any) -> torch.Tensor:
@@ -150,8 +151,13 @@ class HostOffload(torch.autograd.graph.saved_tensors_hooks):
         device, host = packed
         return host.to(device, non_blocking=True)
 
+    def _count(self, host: torch.Tensor) -> None:
+        size = host.numel() * host.element_size()
+        self.host_bytes += size
+        weakref.finalize(host, self._released, size)
+
     def _released(self, size: int) -> None:
-        self.offloaded_bytes -= size
+        self.host_bytes -= size
 
 
 class _OffloadingCheckpoint:
@@ -172,7 +178,7 @@ def enable_activation_offload(model: torch.nn.Module) -> HostOffload:
 
     Needs transformers' gradient checkpointing on (`model.gradient_checkpointing_enable()`):
     without it a layer keeps all its intermediate activations, not just its input. Returns the
-    hook, whose `offloaded_bytes` tells how much is on the host.
+    hook, whose `host_bytes` tells how much it holds on the host.
     """
     layers = decoder_layers(model)
     if not all(getattr(layer, "gradient_checkpointing", False) for layer in layers):
@@ -187,3 +193,42 @@ def enable_activation_offload(model: torch.nn.Module) -> HostOffload:
             current = current.checkpoint_function
         layer._gradient_checkpointing_func = _OffloadingCheckpoint(current, offload)
     return offload
+
+
+# ---------------------------------------------------------------------------------------------
+# Measuring
+
+
+class PeakTensorMemory(TorchDispatchMode):
+    """The peak bytes of tensor storage allocated inside the block and alive at once.
+
+    Works on any device, the CPU included (where torch keeps no allocator statistics): every
+    operator's outputs are followed until their storage is freed. Tensors that existed before
+    the block (weights, optimizer state) are not counted; add them. Slows every operator, so
+    it is for measuring small shapes (the planner's test), not for training.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live_bytes = 0
+        self.peak_bytes = 0
+        self._tracked: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        outputs = func(*args, **(kwargs or {}))
+        for value in torch.utils._pytree.tree_leaves(outputs):
+            if isinstance(value, torch.Tensor) and value.device.type != "meta":
+                self._follow(value.untyped_storage())
+        return outputs
+
+    def _follow(self, storage: torch.UntypedStorage) -> None:
+        if storage in self._tracked:
+            return
+        size = storage.nbytes()
+        self._tracked[storage] = size
+        weakref.finalize(storage, self._freed, size)
+        self.live_bytes += size
+        self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+
+    def _freed(self, size: int) -> None:
+        self.live_bytes -= size

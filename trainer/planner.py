@@ -52,6 +52,16 @@ def llama_8b_config() -> PretrainedConfig:
 PLANNER_PRESETS = {"llama-3.1-8b": llama_8b_config}
 
 
+def planner_config(name_or_path: str) -> PretrainedConfig:
+    """A planner preset, a trainer preset (tiny-llama, ...), or a local config.json / checkpoint
+    directory."""
+    if name_or_path in PLANNER_PRESETS:
+        return PLANNER_PRESETS[name_or_path]()
+    from trainer.model import model_config
+
+    return model_config(name_or_path)
+
+
 @dataclass(frozen=True)
 class StepShape:
     """What is trained: the row, the weights that learn, and how the step is run."""
@@ -61,7 +71,8 @@ class StepShape:
     lora: bool = False
     lora_rank: int = 8
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
-    precision: str = "fp32"  # fp32, or bf16 autocast over fp32 weights
+    precision: str = "fp32"  # fp32, or bf16 autocast
+    weights: str = "fp32"  # what longdata train loads; bf16 halves weights and residual stream
     sp: int = 1
     attention: str = "varlen"
     gradient_checkpointing: bool = False
@@ -74,6 +85,8 @@ class StepShape:
     def __post_init__(self) -> None:
         if self.precision not in LOSS_BYTES_PER_LOGIT:
             raise ValueError(f"precision must be fp32 or bf16, not {self.precision!r}")
+        if self.weights not in ("fp32", "bf16"):
+            raise ValueError(f"weights must be fp32 or bf16, not {self.weights!r}")
         if self.attention not in ATTENTION_KINDS:
             raise ValueError(f"attention must be one of {ATTENTION_KINDS}, not {self.attention!r}")
         if self.offload_activations and not self.gradient_checkpointing:
@@ -153,11 +166,13 @@ class _Dims:
 def plan_memory(config: PretrainedConfig, shape: StepShape) -> MemoryPlan:
     """Estimate one training step's device memory, part by part (see the module docstring)."""
     d = _Dims.of(config)
-    act = 2 if shape.precision == "bf16" else FP32  # matmul outputs
+    act = 2 if shape.precision == "bf16" or shape.weights == "bf16" else FP32  # matmul outputs
+    stream = 2 if shape.weights == "bf16" else FP32  # residual stream and norms
     tokens = -(-shape.row_tokens // shape.sp)  # this rank's sequence shard
     targets = tokens if shape.target_tokens is None else -(-shape.target_tokens // shape.sp)
 
-    weights = d.parameters() * FP32
+    weight_bytes = 2 if shape.weights == "bf16" else FP32
+    weights = d.parameters() * weight_bytes
     if shape.lora:
         trainable = d.layers * sum(
             shape.lora_rank * (a + b)
@@ -170,26 +185,30 @@ def plan_memory(config: PretrainedConfig, shape: StepShape) -> MemoryPlan:
     gradients = trainable * FP32
     optimizer = 2 * trainable * FP32  # AdamW's two moments
     # Under bf16 autocast the bf16 copy of every trainable weight is cached for the forward.
-    autocast_copies = trainable * 2 if shape.precision == "bf16" and not shape.lora else 0
+    autocast_copies = (
+        trainable * 2
+        if shape.precision == "bf16" and shape.weights == "fp32" and not shape.lora
+        else 0
+    )
 
     # What one layer saves for backward, per token: two RMSNorms keep their fp32 input and
     # normalised input (and that only if their weight learns); q, k, v, the rotated q and k and
     # the attention output are matmul outputs; the gated MLP keeps gate, silu(gate), up, and
     # their product if down_proj's weight learns. (A frozen weight's input is not saved.)
     norms_learn = not shape.lora
-    attention_saved = FP32 * (2 + 2 * norms_learn) * d.hidden
+    attention_saved = stream * (2 + 2 * norms_learn) * d.hidden
     attention_saved += act * (3 * d.q_width + 3 * d.kv_width)
-    if shape.precision == "bf16":
+    if shape.precision == "bf16" and shape.weights == "fp32":
         attention_saved += act * 2 * d.hidden  # the bf16 casts of the two norm outputs
     down_proj_learns = not shape.lora or "down_proj" in shape.lora_targets
     mlp_saved = act * (3 + down_proj_learns) * d.intermediate
     # Gradients alive while a layer runs backward: of the residual stream, and of two MLP
     # intermediates while the MLP's backward runs.
-    residual_grad = FP32 * d.hidden
+    residual_grad = stream * d.hidden
     mlp_grads = act * 2 * d.intermediate
     mlp_tokens = min(tokens, shape.mlp_chunk_tokens) if shape.tiled_mlp else tokens
 
-    hidden_state = FP32 * d.hidden * tokens
+    hidden_state = stream * d.hidden * tokens
     if shape.gradient_checkpointing:
         kept_layers = d.layers * hidden_state  # each layer's input
         layer_saved = tokens * attention_saved + mlp_tokens * mlp_saved  # recomputed
@@ -201,7 +220,7 @@ def plan_memory(config: PretrainedConfig, shape: StepShape) -> MemoryPlan:
     host = kept_layers if shape.offload_activations else 0
     # The final norm's input and output, and the hidden states of the target positions.
     kept = (0 if shape.offload_activations else kept_layers) + 2 * hidden_state
-    kept += FP32 * d.hidden * targets
+    kept += stream * d.hidden * targets
     # A layer's backward starts with its MLP (everything it saved is alive, recomputed if
     # checkpointed); by the attention's backward the MLP's share has been freed.
     mlp_backward = layer_saved + tokens * residual_grad + mlp_tokens * mlp_grads
@@ -219,7 +238,7 @@ def plan_memory(config: PretrainedConfig, shape: StepShape) -> MemoryPlan:
 
     chunk = min(targets, shape.loss_chunk_tokens) if shape.tiled_loss else targets
     loss_chunk = chunk * d.vocab * LOSS_BYTES_PER_LOGIT[shape.precision]
-    output_layer_grad = 0 if shape.lora else d.vocab * d.hidden * FP32
+    output_layer_grad = 0 if shape.lora else d.vocab * d.hidden * weight_bytes
 
     fixed = weights + optimizer + autocast_copies
     at_loss = kept + loss_chunk + output_layer_grad

@@ -114,7 +114,7 @@ class MemoryPlan:
 
 
 @dataclass(frozen=True)
-class _Dims:
+class ModelDims:
     hidden: int
     intermediate: int
     layers: int
@@ -126,7 +126,7 @@ class _Dims:
     qkv_bias: bool
 
     @classmethod
-    def of(cls, config: PretrainedConfig) -> _Dims:
+    def of(cls, config: PretrainedConfig) -> ModelDims:
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
@@ -165,7 +165,7 @@ class _Dims:
 
 def plan_memory(config: PretrainedConfig, shape: StepShape) -> MemoryPlan:
     """Estimate one training step's device memory, part by part (see the module docstring)."""
-    d = _Dims.of(config)
+    d = ModelDims.of(config)
     act = 2 if shape.precision == "bf16" or shape.weights == "bf16" else FP32  # matmul outputs
     stream = 2 if shape.weights == "bf16" else FP32  # residual stream and norms
     tokens = -(-shape.row_tokens // shape.sp)  # this rank's sequence shard

@@ -166,6 +166,17 @@ def _model_flops(config, seq_lens: list[int]) -> float:
     return dense + attention
 
 
+def _step(scorer, optimizer, batch: dict, denominator: int) -> None:
+    import torch
+
+    from trainer.step import micro_step
+
+    precision = torch.autocast("cuda", dtype=torch.bfloat16)
+    micro_step(scorer, batch, "token_mean", denominator, precision=precision)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def memory_runs(layers: int, lengths: list[int], attention: str) -> list[dict]:
     import torch
 
@@ -173,7 +184,6 @@ def memory_runs(layers: int, lengths: list[int], attention: str) -> list[dict]:
     from trainer.loss import TargetScorer, step_denominator
     from trainer.memory import DEFAULT_LOSS_CHUNK_TOKENS
     from trainer.planner import StepShape, plan_memory
-    from trainer.step import micro_step
 
     config = _slice_config(layers)
     name = torch.cuda.get_device_name()
@@ -202,22 +212,11 @@ def memory_runs(layers: int, lengths: list[int], attention: str) -> list[dict]:
                 scorer = TargetScorer(model, chunk)
                 denominator = step_denominator("token_mean", [batch])
 
-                def step() -> None:
-                    micro_step(
-                        scorer,
-                        batch,
-                        "token_mean",
-                        denominator,
-                        precision=torch.autocast("cuda", dtype=torch.bfloat16),
-                    )
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-
-                step()  # warm-up: kernels, optimizer state
+                _step(scorer, optimizer, batch, denominator)  # warm-up: kernels, optimizer
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
                 started = time.perf_counter()
-                step()
+                _step(scorer, optimizer, batch, denominator)
                 torch.cuda.synchronize()
                 seconds = time.perf_counter() - started
                 entry["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30

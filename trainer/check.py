@@ -19,7 +19,8 @@ from transformers import PreTrainedModel
 
 from trainer.attention import available_backends, unavailable_reason
 from trainer.collation import collate
-from trainer.loss import model_token_losses
+from trainer.loss import TokenLosses, model_token_losses
+from trainer.memory import DEFAULT_LOSS_CHUNK_TOKENS
 from trainer.model import set_attention
 from trainer.step import micro_step
 
@@ -36,7 +37,6 @@ class PackingError:
 # causal kernel. (Stock eager attention would hold a [heads, L, L] score matrix per layer, 1 GiB
 # per layer for one 8K-token sample, for no extra certainty.)
 REFERENCE_ATTENTION = "sdpa"
-CHECK_LOSS_CHUNK_TOKENS = 1024  # logits of at most this many positions exist at once
 ALONE_KEYS = ("input_ids", "labels", "sample_ids", "source_ids")
 
 
@@ -67,7 +67,9 @@ def _max_logit_error(model: PreTrainedModel, packed: torch.Tensor, alone: torch.
     return max(
         float((output_layer(p) - output_layer(a)).abs().max())
         for p, a in zip(
-            packed.split(CHECK_LOSS_CHUNK_TOKENS), alone.split(CHECK_LOSS_CHUNK_TOKENS), strict=True
+            packed.split(DEFAULT_LOSS_CHUNK_TOKENS),
+            alone.split(DEFAULT_LOSS_CHUNK_TOKENS),
+            strict=True,
         )
     )
 
@@ -129,9 +131,8 @@ def _summed_loss_backward(
 ) -> None:
     """Back-propagate the sum of `batch`'s target-token losses (a token mean over 1)."""
 
-    def scorer(scored: Mapping[str, Any]) -> tuple[torch.Tensor, ...]:
-        losses = model_token_losses(model, scored, CHECK_LOSS_CHUNK_TOKENS, inputs=inputs)
-        return losses.values, losses.sample_ids, losses.source_ids
+    def scorer(scored: Mapping[str, Any]) -> TokenLosses:
+        return model_token_losses(model, scored, DEFAULT_LOSS_CHUNK_TOKENS, inputs=inputs)
 
     micro_step(scorer, batch, "token_mean", denominator=1)
 

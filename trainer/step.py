@@ -17,7 +17,10 @@ import torch
 
 from trainer.loss import TokenLosses, micro_batch_loss
 
-Scorer = Callable[[Mapping[str, Any]], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+# A TargetScorer (returning a tuple, as DDP / FSDP need) or any function giving TokenLosses.
+Scorer = Callable[
+    [Mapping[str, Any]], TokenLosses | tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+]
 
 
 @dataclass(frozen=True)
@@ -44,7 +47,8 @@ def micro_step(
     Gradients accumulate in the parameters' `.grad`, as over a step's micro-batches.
     """
     with precision if precision is not None else nullcontext():
-        losses = TokenLosses(*scorer(batch))
+        scored = scorer(batch)
+    losses = scored if isinstance(scored, TokenLosses) else TokenLosses(*scored)
     loss = micro_batch_loss(losses, batch, loss_mode, denominator)
     (loss * gradient_scale).backward()
     return MicroStep(

@@ -273,3 +273,20 @@ def test_longest_row_is_the_longest_that_fits() -> None:
     offloaded = StepShape(**{**shape.__dict__, "tiled_mlp": True, "offload_activations": True})
     assert longest_row(config, offloaded, budget) > longest
     assert longest_row(config, StepShape(**{**shape.__dict__, "sp": 8}), budget) > 4 * longest
+
+
+def test_plan_memory_command() -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    from trainer import cli
+
+    app = typer.Typer()
+    app.command("plan-memory")(cli.plan_memory)
+    app.command("other")(lambda: None)  # two commands: typer then dispatches by name
+    shown = CliRunner().invoke(app, ["plan-memory", "--lora", "--tokens", "131072", "--sp", "8"])
+    assert shown.exit_code == 0, shown.output
+    assert "| kept activations |" in shown.output
+    assert "longest row that fits 80 GiB per device:" in shown.output
+    refused = CliRunner().invoke(app, ["plan-memory", "--precision", "fp16"])
+    assert refused.exit_code == 2 and "precision must be fp32 or bf16" in refused.output

@@ -25,7 +25,8 @@ import torch
 
 from trainer import collate, load_model
 from trainer.attention import best_backend, sdpa_mask_attention, sdpa_varlen_attention
-from trainer.loss import micro_batch_loss, model_token_losses, step_denominator, token_losses
+from trainer.loss import model_token_losses, step_denominator
+from trainer.step import micro_step
 
 
 def _samples(count: int, max_len: int, rng: np.random.Generator) -> list[dict[str, np.ndarray]]:
@@ -83,14 +84,12 @@ def _run(model: torch.nn.Module, batches: list[dict], packed: bool) -> tuple[flo
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step(batch: dict) -> None:
-        # Every layout runs the trainer's loss path: decoder, then the output layer at targets.
-        if packed:
-            losses = model_token_losses(model, batch)
-        else:
-            hidden = model.get_decoder()(**_padded_inputs(batch)).last_hidden_state
-            losses = token_losses(hidden, batch, output_layer=model.get_output_embeddings())
+        # Every layout runs the trainer's micro-step: decoder, then the output layer at targets.
+        inputs = None if packed else _padded_inputs(batch)
         denominator = step_denominator("token_mean", [batch])
-        micro_batch_loss(losses, batch, "token_mean", denominator).backward()
+        micro_step(
+            lambda b: model_token_losses(model, b, inputs=inputs), batch, "token_mean", denominator
+        )
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

@@ -314,6 +314,7 @@ from trainer import cli as trainer_cli  # noqa: E402
 
 app.command("train")(trainer_cli.train)
 app.command("check-packing")(trainer_cli.check_packing)
+app.command("plan-memory")(trainer_cli.plan_memory)
 
 eval_app = _typer(
     "Evaluate a trained model: `longdata eval niah` (needle-in-a-haystack retrieval over a "

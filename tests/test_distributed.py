@@ -28,6 +28,13 @@ LOSS_TOLERANCE = 1e-5
 # Row lengths 29 and 25, padded to 30: the shard boundary at 15 falls inside a sample of
 # each row (7 + 12 and 5 + 17 tokens), so samples straddle the two ranks.
 STRADDLING_ROWS = [[7, 12, 1, 9], [5, 17, 3]]
+MEMORY_TECHNIQUES = {
+    "gradient_checkpointing": True,
+    "loss_chunk_tokens": 4,
+    "tiled_mlp": True,
+    "mlp_chunk_tokens": 8,
+    "offload_activations": True,
+}
 
 
 def test_kv_heads_are_replicated_when_they_do_not_divide() -> None:
@@ -242,9 +249,12 @@ def test_ddp_fsdp_and_sp_match_one_process(
         # Resumes from the step-2 checkpoint of "fsdp" and redoes its step 3.
         "fsdp_resumed": {"parallel": "fsdp", "resume": str(tmp_path / "fsdp"), "out_dir": "fsdp"},
         "sp2": {"parallel": "ddp", "sp": 2},
+        # The memory techniques change no loss under FSDP or SP (chunks small enough to split).
+        "fsdp_memory": {"parallel": "fsdp", **MEMORY_TECHNIQUES},
+        "sp2_memory": {"parallel": "ddp", "sp": 2, **MEMORY_TECHNIQUES},
     }
     run_on_ranks(_training_rank, 2, str(build), str(tmp_path), runs)
-    for name, rows in (("ddp", 2), ("fsdp", 2), ("sp2", 1)):
+    for name, rows in (("ddp", 2), ("fsdp", 2), ("sp2", 1), ("fsdp_memory", 2), ("sp2_memory", 1)):
         _assert_losses_match(tmp_path, name, 2, one_process_losses[rows])
     _assert_losses_match(tmp_path, "fsdp_resumed", 2, one_process_losses[2][2:])
     # Rank 0 alone writes: one metrics line per step, an FSDP checkpoint with whole weights.

@@ -1,7 +1,7 @@
 """The packing invariant: a packed sample behaves exactly as if it were alone.
 
 For every sample of a packed batch, its logits must equal those of running the sample alone
-through the same model with stock (eager) attention, and the gradients of the summed per-sample
+through the same model with stock attention, and the gradients of the summed per-sample
 losses must equal the gradients of the same losses computed sample by sample. Used by the tests
 and by `longdata check-packing` on real rows.
 """
@@ -9,17 +9,20 @@ and by `longdata check-packing` on real rows.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from trainer.attention import available_backends, unavailable_reason
-from trainer.collation import IGNORE_INDEX, collate
+from trainer.collation import collate
+from trainer.config import DEFAULT_LOSS_CHUNK_TOKENS
+from trainer.loss import TokenLosses, model_token_losses
 from trainer.model import set_attention
+from trainer.step import micro_step
 
 
 @dataclass(frozen=True)
@@ -30,14 +33,11 @@ class PackingError:
     grads: float | None  # None when the backward pass was not checked
 
 
-def summed_target_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of next-token cross-entropies over labelled positions (labels shifted by one)."""
-    return F.cross_entropy(
-        logits[..., :-1, :].flatten(0, -2).float(),
-        labels[..., 1:].flatten(),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
+# The reference runs every sample alone with transformers' stock sdpa and no mask: the plain
+# causal kernel. (Stock eager attention would hold a [heads, L, L] score matrix per layer, 1 GiB
+# per layer for one 8K-token sample, for no extra certainty.)
+REFERENCE_ATTENTION = "sdpa"
+ALONE_KEYS = ("input_ids", "labels", "sample_ids", "source_ids")
 
 
 def _gradients(model: PreTrainedModel) -> list[torch.Tensor]:
@@ -46,6 +46,32 @@ def _gradients(model: PreTrainedModel) -> list[torch.Tensor]:
         for p in model.parameters()
         if p.requires_grad
     ]
+
+
+def _alone_batches(batch: Mapping[str, torch.Tensor | int]) -> Iterator[tuple[int, slice, dict]]:
+    """Every sample of the batch as a batch of its own: (row, span in the row, batch)."""
+    length = batch["input_ids"].shape[1]
+    for start, end in itertools.pairwise(batch["cu_seqlens"].tolist()):
+        row, offset = divmod(start, length)
+        span = slice(offset, offset + end - start)
+        if batch["sample_ids"][row, offset] < 0:
+            continue  # a padding segment: not a sample
+        alone = {key: batch[key][row : row + 1, span] for key in ALONE_KEYS}
+        yield row, span, alone
+
+
+@torch.no_grad()
+def _max_logit_error(model: PreTrainedModel, packed: torch.Tensor, alone: torch.Tensor) -> float:
+    """Largest |logit difference| between two hidden-state sequences [L, H], chunk by chunk."""
+    output_layer = model.get_output_embeddings()
+    return max(
+        float((output_layer(p) - output_layer(a)).abs().max())
+        for p, a in zip(
+            packed.split(DEFAULT_LOSS_CHUNK_TOKENS),
+            alone.split(DEFAULT_LOSS_CHUNK_TOKENS),
+            strict=True,
+        )
+    )
 
 
 def max_packing_error(
@@ -57,50 +83,58 @@ def max_packing_error(
     """Compare the model on `batch` (fed as `packed_inputs`, default all of it) to each alone.
 
     The model runs packed with whatever attention it has; the reference runs every sample of
-    every row on its own, with transformers' stock eager attention and no packing metadata.
+    every row on its own, with stock attention and no packing metadata. Logits are compared
+    without gradients; the gradients of the summed target losses come from the training
+    micro-step (tiled loss), packed once and then sample by sample, so memory stays that of one
+    training step on the batch, not of every sample's graph at once.
     """
-    packed_inputs = batch if packed_inputs is None else packed_inputs
+    if packed_inputs is None:
+        packed_inputs = {key: value for key, value in batch.items() if key != "labels"}
     was_training = model.training
     packed_implementation = model.config._attn_implementation
+    decoder = model.get_decoder()
     model.eval()  # no dropout: the comparison must be deterministic
-    with torch.set_grad_enabled(with_grads):
-        model.zero_grad(set_to_none=True)
-        packed_logits = model(**packed_inputs).logits
+    model.zero_grad(set_to_none=True)
+    try:
+        with torch.no_grad():
+            packed_hidden = decoder(**packed_inputs).last_hidden_state
         if with_grads:
-            summed_target_loss(packed_logits, batch["labels"]).backward()
+            _summed_loss_backward(model, batch, packed_inputs)
             packed_grads = _gradients(model)
             model.zero_grad(set_to_none=True)
 
-        model.set_attn_implementation("eager")
-        try:
-            logit_error = 0.0
-            alone_loss = packed_logits.new_zeros(())
-            boundaries = batch["cu_seqlens"].tolist()
-            length = batch["input_ids"].shape[1]
-            for start, end in itertools.pairwise(boundaries):
-                row, offset = divmod(start, length)
-                span = slice(offset, offset + end - start)
-                if batch["sample_ids"][row, offset] < 0:
-                    continue  # a padding segment: not a sample
-                logits = model(input_ids=batch["input_ids"][row : row + 1, span], use_cache=False)
-                difference = (logits.logits[0] - packed_logits[row, span]).abs().max()
-                logit_error = max(logit_error, float(difference.detach()))
-                if with_grads:
-                    alone_loss = alone_loss + summed_target_loss(
-                        logits.logits[0], batch["labels"][row, span]
-                    )
-            grad_error = None
-            if with_grads:
-                alone_loss.backward()
-                grad_error = max(
-                    float((packed - alone).abs().max())
-                    for packed, alone in zip(packed_grads, _gradients(model), strict=True)
-                )
-                model.zero_grad(set_to_none=True)
-        finally:
-            model.set_attn_implementation(packed_implementation)
-            model.train(was_training)
+        model.set_attn_implementation(REFERENCE_ATTENTION)
+        logit_error = 0.0
+        for row, span, alone in _alone_batches(batch):
+            stock_inputs = {"input_ids": alone["input_ids"], "use_cache": False}
+            with torch.no_grad():
+                alone_hidden = decoder(**stock_inputs).last_hidden_state
+            error = _max_logit_error(model, packed_hidden[row, span], alone_hidden[0])
+            logit_error = max(logit_error, error)
+            if with_grads:  # accumulates every sample's gradient in .grad
+                _summed_loss_backward(model, alone, stock_inputs)
+        grad_error = None
+        if with_grads:
+            grad_error = max(
+                float((packed - alone).abs().max())
+                for packed, alone in zip(packed_grads, _gradients(model), strict=True)
+            )
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.set_attn_implementation(packed_implementation)
+        model.train(was_training)
     return PackingError(logits=logit_error, grads=grad_error)
+
+
+def _summed_loss_backward(
+    model: PreTrainedModel, batch: Mapping[str, Any], inputs: Mapping[str, Any]
+) -> None:
+    """Back-propagate the sum of `batch`'s target-token losses (a token mean over 1)."""
+
+    def scorer(scored: Mapping[str, Any]) -> TokenLosses:
+        return model_token_losses(model, scored, DEFAULT_LOSS_CHUNK_TOKENS, inputs=inputs)
+
+    micro_step(scorer, batch, "token_mean", denominator=1)
 
 
 def check_backends(

@@ -166,7 +166,7 @@ def check_packing(
     rows: Annotated[int, typer.Option(help="How many rows of the build to check.")] = 2,
     split: Annotated[str, typer.Option(help="Split to read rows from.")] = "train",
     max_tokens: Annotated[
-        int, typer.Option(help="Skip rows longer than this (the reference runs eager attention).")
+        int, typer.Option(help="Skip rows longer than this (every sample is also run alone).")
     ] = 4096,
     seed: Annotated[int, typer.Option(help="Seed for a preset model's random init.")] = 0,
 ) -> None:
@@ -214,6 +214,80 @@ def check_packing(
         failed |= max(result.logits, result.grads or 0.0) > tolerance
     if failed:
         raise typer.Exit(code=1)
+
+
+def plan_memory(
+    model: Annotated[
+        str,
+        typer.Option(
+            help="llama-3.1-8b (the shape of Llama-3.1-8B), a trainer preset (tiny-llama), or a "
+            "local config.json or checkpoint directory.",
+        ),
+    ] = "llama-3.1-8b",
+    tokens: Annotated[int, typer.Option(help="Row length in tokens.")] = 65_536,
+    targets: Annotated[
+        int | None, typer.Option(help="Target tokens in the row (default: all).")
+    ] = None,
+    lora: Annotated[bool, typer.Option(help="LoRA adapters instead of all weights.")] = False,
+    lora_rank: Annotated[int, typer.Option(help="LoRA rank.")] = 8,
+    precision: Annotated[str, typer.Option(help="fp32, or bf16 autocast.")] = "bf16",
+    weights: Annotated[
+        str,
+        typer.Option(
+            help="fp32 (what longdata train loads today) or bf16 (halves the weights and the "
+            "residual stream, as ArcticTraining runs)."
+        ),
+    ] = "fp32",
+    sp: Annotated[int, typer.Option(help="Sequence-parallel degree (Ulysses).")] = 1,
+    attention: Annotated[
+        str, typer.Option(help="varlen (flash_attn, torch_varlen, sdpa_varlen) or dense.")
+    ] = "varlen",
+    gradient_checkpointing: Annotated[bool, typer.Option(help="Per-layer checkpointing.")] = True,
+    tiled_loss: Annotated[bool, typer.Option(help="Loss over chunks of targets.")] = True,
+    loss_chunk_tokens: Annotated[int, typer.Option(help="Targets per loss chunk.")] = 2048,
+    tiled_mlp: Annotated[bool, typer.Option(help="MLP over chunks of tokens.")] = False,
+    mlp_chunk_tokens: Annotated[int, typer.Option(help="Tokens per MLP chunk.")] = 8192,
+    offload_activations: Annotated[
+        bool, typer.Option(help="Checkpointed hidden states in host memory.")
+    ] = False,
+    device_gib: Annotated[float, typer.Option(help="Device memory to fit, GiB.")] = 80.0,
+) -> None:
+    """Estimate a training step's device memory, part by part, and the longest row that fits.
+
+    Counts weights, gradients, AdamW state, kept activations, one layer's working set, the
+    attention workspace and the loss chunk for one device (of an SP group). Leave a few GiB of
+    --device-gib for the CUDA context and allocator slack.
+    """
+    from dataclasses import replace
+
+    from trainer.planner import StepShape, longest_row, planner_config
+    from trainer.planner import plan_memory as plan
+
+    try:
+        config = planner_config(model)
+        shape = StepShape(
+            row_tokens=tokens,
+            target_tokens=targets,
+            lora=lora,
+            lora_rank=lora_rank,
+            precision=precision,
+            weights=weights,
+            sp=sp,
+            attention=attention,
+            gradient_checkpointing=gradient_checkpointing,
+            tiled_loss=tiled_loss,
+            loss_chunk_tokens=loss_chunk_tokens,
+            tiled_mlp=tiled_mlp,
+            mlp_chunk_tokens=mlp_chunk_tokens,
+            offload_activations=offload_activations,
+        )
+    except (OSError, ValueError) as error:
+        raise typer.BadParameter(str(error)) from None
+    result = plan(config, shape)
+    typer.echo(f"{model}, {tokens:,}-token row, sp {sp}:\n")
+    typer.echo(result.table())
+    fits = longest_row(config, replace(shape, target_tokens=targets), int(device_gib * 2**30))
+    typer.echo(f"\nlongest row that fits {device_gib:g} GiB per device: {fits:,} tokens")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -434,7 +508,8 @@ def eval_niah(
     if max(max(p.prompt_ids) for p in prompts) >= vocab:
         raise typer.BadParameter(
             f"the tokenizer produces ids beyond the model's {vocab}-token embedding: wrong "
-            "tokenizer for this model", param_hint="--tokenizer",
+            "tokenizer for this model",
+            param_hint="--tokenizer",
         )
     built = time.perf_counter()
 
@@ -476,7 +551,11 @@ def eval_niah(
     with Progress(*columns, console=err, transient=True) as progress:
         task = progress.add_task(f"scoring ({mode})", total=len(prompts) + len(controls))
         report = evaluate(
-            prompts, scorer, length_list, depth_list, config,
+            prompts,
+            scorer,
+            length_list,
+            depth_list,
+            config,
             on_row=lambda _: progress.advance(task),
         )
         if controls:
@@ -554,7 +633,8 @@ def eval_loss(
                 f"[red]error[/red] {build} has no validation split (the recipe's validation "
                 "held out nothing, e.g. validation.fraction: 0 or too few samples); pass --split "
                 f"with one of: {', '.join(splits)}",
-                highlight=False, soft_wrap=True,
+                highlight=False,
+                soft_wrap=True,
             )
             raise typer.Exit(1)
         others = [s for s in splits if s.endswith("validation") and s != split]
@@ -566,7 +646,8 @@ def eval_loss(
     if rows == 0:
         err.print(
             f"[red]error[/red] split {split} of {build} has no rows: nothing to evaluate",
-            highlight=False, soft_wrap=True,
+            highlight=False,
+            soft_wrap=True,
         )
         raise typer.Exit(1)
 
@@ -575,13 +656,17 @@ def eval_loss(
     if vocab < manifest.vocab_size:
         raise typer.BadParameter(
             f"the model's embedding has {vocab} tokens but the build's tokenizer has "
-            f"{manifest.vocab_size}: not a model for this build", param_hint="--model",
+            f"{manifest.vocab_size}: not a model for this build",
+            param_hint="--model",
         )
     columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=err, transient=True) as progress:
         task = progress.add_task(f"{split} rows", total=rows)
         report = evaluate_loss(
-            lm, manifest, split, batch_size=batch_size,
+            lm,
+            manifest,
+            split,
+            batch_size=batch_size,
             on_rows=lambda n: progress.advance(task, n),
         )
     seconds = time.perf_counter() - started

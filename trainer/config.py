@@ -26,6 +26,10 @@ REPORTERS = ("tensorboard", "wandb")
 MAX_CONFIG_BYTES = 1 << 20  # a training config is a few hundred bytes; refuse anything huge
 
 
+DEFAULT_LOSS_CHUNK_TOKENS = 2048  # 1 GiB of fp32 logits at Llama 3's 128K vocabulary
+DEFAULT_MLP_CHUNK_TOKENS = 8192
+
+
 class ConfigError(ValueError):
     """A setting the user gave is wrong; the message is one line that says which and why."""
 
@@ -89,6 +93,17 @@ class TrainConfig:
     precision: str = _setting("auto", "auto (bf16 autocast on a bf16 GPU, else fp32), fp32 or bf16.")
     gradient_checkpointing: bool = _setting(
         False, "Recompute activations in backward to save memory."
+    )
+    # Memory techniques for long rows (trainer/memory.py, docs/MEMORY.md): none changes the values
+    # or the gradients.
+    tiled_loss: bool = _setting(
+        True, "Output layer + cross-entropy over chunks of targets, recomputed in backward (exact)."
+    )
+    loss_chunk_tokens: int = _setting(DEFAULT_LOSS_CHUNK_TOKENS, "Targets per tiled-loss chunk.")
+    tiled_mlp: bool = _setting(False, "Run each layer's MLP over chunks of tokens, recomputed (exact).")
+    mlp_chunk_tokens: int = _setting(DEFAULT_MLP_CHUNK_TOKENS, "Tokens per tiled-MLP chunk.")
+    offload_activations: bool = _setting(
+        False, "Keep the checkpointed hidden states in host memory (needs --gradient-checkpointing)."
     )
     compile: bool = _setting(False, "torch.compile the model.")
     pad_to_multiple_of: int | None = _setting(None, "Pad every batch to a multiple of this length.")
@@ -163,7 +178,11 @@ class TrainConfig:
             raise ConfigError("save: adapter needs lora")
         if self.parallel == "fsdp" and self.lora:
             raise ConfigError("lora with parallel fsdp is not supported; use parallel ddp")
-        for name in ("steps", "batch_size", "grad_accum", "sp", "log_every", "lora_rank"):
+        if self.offload_activations and not self.gradient_checkpointing:
+            raise ConfigError("offload_activations moves the checkpointed hidden states to the "
+                              "host: it needs gradient_checkpointing")
+        for name in ("steps", "batch_size", "grad_accum", "sp", "log_every", "lora_rank",
+                     "loss_chunk_tokens", "mlp_chunk_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, not {getattr(self, name)}")
         for name in ("warmup_steps", "checkpoint_every", "keep_checkpoints", "eval_every"):

@@ -47,6 +47,7 @@ from trainer.attention import (
 )
 from trainer.config import PARALLEL_MODES
 from trainer.loss import next_token_targets
+from trainer.model import decoder_layers
 
 # Collectives that do not complete in this time raise instead of hanging the job forever.
 COLLECTIVE_TIMEOUT = timedelta(minutes=10)
@@ -166,18 +167,10 @@ def wrap_model(module: nn.Module, parallel: str, context: ParallelContext) -> nn
         return DistributedDataParallel(module, device_ids=device_ids)
     from torch.distributed.fsdp import fully_shard
 
-    for layer in _decoder_layers(module):
+    for layer in decoder_layers(module):
         fully_shard(layer)
     fully_shard(module)
     return module
-
-
-def _decoder_layers(module: nn.Module) -> list[nn.Module]:
-    """The transformer blocks: the repeated children of the model's `layers` ModuleList."""
-    for name, child in module.named_modules():
-        if name.endswith("layers") and isinstance(child, nn.ModuleList):
-            return list(child)
-    raise ValueError("found no decoder `layers` ModuleList to shard")
 
 
 # ---------------------------------------------------------------------------------------------

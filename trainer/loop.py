@@ -52,9 +52,11 @@ from trainer.distributed import (
     wrap_model,
 )
 from trainer.flops import FlopShape, device_peak_tflops, squared_sample_lengths, training_flops
-from trainer.loss import TargetScorer, TokenLosses, micro_batch_loss, step_denominator
+from trainer.loss import TargetScorer, step_denominator
+from trainer.memory import enable_activation_offload, enable_tiled_mlp
 from trainer.model import PRESETS, load_model
 from trainer.reporting import MetricsLog
+from trainer.step import micro_step
 from trainer.validation_loss import evaluate_loss
 
 __all__ = ["StepMetrics", "TrainConfig", "TrainResult", "train"]
@@ -130,6 +132,10 @@ def _build_model(config: TrainConfig, manifest: Manifest, device: torch.device) 
             task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, lora_config)
+    if config.tiled_mlp:
+        enable_tiled_mlp(model, config.mlp_chunk_tokens)
+    if config.offload_activations:
+        enable_activation_offload(model)
     if config.compile:
         model.compile()
     return model
@@ -299,7 +305,8 @@ def _train(
         enable_sequence_parallel(model, config.attention, context.sp_group)
     # DDP / FSDP wrap the module whose forward computes the losses; the optimizer is built after
     # wrapping because FSDP replaces the parameters with sharded ones.
-    scorer = wrap_model(TargetScorer(model), config.parallel, context)
+    loss_chunk_tokens = config.loss_chunk_tokens if config.tiled_loss else 0
+    scorer = wrap_model(TargetScorer(model, loss_chunk_tokens), config.parallel, context)
     optimizer = _optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_schedule(config))
     resumed = load_checkpoint(checkpoint, model, optimizer, scheduler, context) if checkpoint else None
@@ -401,13 +408,12 @@ def _step(
     for batch in micro_batches:
         if context.sp_size > 1:
             batch = shard_batch(batch, context.sp_rank, context.sp_size)
-        with _autocast(config.precision, device):
-            losses = TokenLosses(*scorer(batch))
-        loss = micro_batch_loss(losses, batch, config.loss, denominator)
-        (loss * context.gradient_scale).backward()
-        step_loss += float(loss.detach())
-        target_sources = losses.source_ids.cpu()
-        source_sums.index_add_(0, target_sources, losses.values.detach().double().cpu())
+        done = micro_step(scorer, batch, config.loss, denominator,
+                          precision=_autocast(config.precision, device),
+                          gradient_scale=context.gradient_scale)
+        step_loss += done.loss
+        target_sources = done.losses.source_ids.cpu()
+        source_sums.index_add_(0, target_sources, done.losses.values.double().cpu())
         source_counts.index_add_(0, target_sources, torch.ones(len(target_sources)).double())
     # Every rank scored different targets: the step's figures are sums over the world.
     for partial_sum in (step_loss, source_sums, source_counts):

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from trainer.collation import IGNORE_INDEX
 from trainer.config import LOSS_MODES
+from trainer.memory import tiled_target_losses
 
 
 @dataclass(frozen=True)
@@ -57,33 +59,45 @@ def token_losses(
     outputs: torch.Tensor,
     batch: Mapping[str, torch.Tensor],
     output_layer: torch.nn.Module | None = None,
+    loss_chunk_tokens: int = 0,
 ) -> TokenLosses:
     """Cross-entropy of every target token, predicted from the position before it.
 
     `outputs` are logits [B, T, V], or hidden states [B, T, H] when `output_layer` is given: then
     only the positions that predict a target go through it. In long-context SFT the targets are a
     few percent of the tokens, and full logits would dominate memory (2 GiB in fp32 for one
-    32K-token row at a 16K vocabulary) and the output layer's FLOPs.
+    32K-token row at a 16K vocabulary) and the output layer's FLOPs. With `loss_chunk_tokens`,
+    the targets go through the output layer that many at a time, recomputed in backward
+    (`trainer.memory.tiled_target_losses`): for rows that are mostly targets.
     """
     labels, sample_ids, source_ids = next_token_targets(batch)
     is_target = labels != IGNORE_INDEX
     selected = outputs[is_target]
-    logits = output_layer(selected) if output_layer is not None else selected
-    values = F.cross_entropy(logits.float(), labels[is_target], reduction="none")
+    if output_layer is None:
+        values = F.cross_entropy(selected.float(), labels[is_target], reduction="none")
+    else:
+        values = tiled_target_losses(selected, labels[is_target], output_layer, loss_chunk_tokens)
     return TokenLosses(
         values=values, sample_ids=sample_ids[is_target], source_ids=source_ids[is_target]
     )
 
 
-def model_token_losses(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> TokenLosses:
+def model_token_losses(
+    model: torch.nn.Module,
+    batch: Mapping[str, torch.Tensor],
+    loss_chunk_tokens: int = 0,
+    inputs: Mapping[str, Any] | None = None,
+) -> TokenLosses:
     """Run a causal LM's decoder on a collated batch and score only the target positions.
 
     `labels` stay out of the forward call: given labels, a transformers model computes its own
-    loss over full logits, which this path exists to avoid.
+    loss over full logits, which this path exists to avoid. `inputs` replace what the decoder is
+    fed (default: the batch without labels); the targets still come from `batch`.
     """
-    inputs = {key: value for key, value in batch.items() if key != "labels"}
+    if inputs is None:
+        inputs = {key: value for key, value in batch.items() if key != "labels"}
     hidden = model.get_decoder()(**inputs).last_hidden_state
-    return token_losses(hidden, batch, output_layer=model.get_output_embeddings())
+    return token_losses(hidden, batch, model.get_output_embeddings(), loss_chunk_tokens)
 
 
 class TargetScorer(torch.nn.Module):
@@ -94,14 +108,15 @@ class TargetScorer(torch.nn.Module):
     (values, sample_ids, source_ids) because those wrappers walk a forward's output.
     """
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, loss_chunk_tokens: int = 0) -> None:
         super().__init__()
         self.model = model
+        self.loss_chunk_tokens = loss_chunk_tokens
 
     def forward(
         self, batch: Mapping[str, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        losses = model_token_losses(self.model, batch)
+        losses = model_token_losses(self.model, batch, self.loss_chunk_tokens)
         return losses.values, losses.sample_ids, losses.source_ids
 
 

@@ -123,6 +123,15 @@ def load_model(
     return model
 
 
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The transformer blocks: the repeated children of the model's `layers` ModuleList (found
+    through any wrapper: peft, DDP, the trainer's loss module)."""
+    for name, child in model.named_modules():
+        if name.endswith("layers") and isinstance(child, torch.nn.ModuleList):
+            return list(child)
+    raise ValueError("found no decoder `layers` ModuleList")
+
+
 def set_attention(model: PreTrainedModel, attention: str) -> None:
     """Switch a loaded model to another packing-aware attention backend."""
     register_attention_functions()

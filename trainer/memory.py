@@ -1,0 +1,232 @@
+"""Memory techniques that let long rows fit: tiled loss, tiled MLP, offloaded checkpoints.
+
+Each one trades a little recomputation (or a host copy) for memory and leaves the values and
+gradients unchanged (tests/test_memory.py holds them to fp32 rounding):
+
+- Tiled loss (`tiled_target_losses`): the output layer and cross-entropy run over chunks of
+  target positions, each chunk under `torch.utils.checkpoint`, so forward keeps only the
+  per-token losses and backward recomputes one chunk's `[chunk x vocab]` logits at a time.
+  Without it one 64K-token all-target row holds 64K x 16K fp32 logits (4 GiB) several times over
+  (logits, log-softmax, their gradients).
+- Tiled MLP (`enable_tiled_mlp`): each decoder layer's MLP runs over chunks of tokens, each
+  under a checkpoint. An MLP is per-token, so chunking the flattened tokens is exact whatever
+  the packing; the `[tokens x intermediate]` activations (3.5 x hidden, three of them, for
+  Llama) exist for one chunk at a time, in forward and in backward.
+- Offloaded checkpoints (`enable_activation_offload`): with activation checkpointing, what a
+  layer keeps between forward and backward is its input hidden state. transformers'
+  checkpointed layers hand that input to `torch.utils.checkpoint`, which saves it as an
+  autograd saved tensor *outside* its own recompute hooks; a saved-tensor hook around that call
+  therefore moves exactly those inputs to host memory (and brings each back when its layer is
+  recomputed), while everything the layer computes inside stays under the checkpoint's control.
+
+The loss function lives here rather than in `trainer.loss` because `trainer.loss` defines what
+is computed (which positions, how normalised) and this module how it is made to fit.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.checkpoint import checkpoint
+
+from trainer.config import DEFAULT_MLP_CHUNK_TOKENS
+from trainer.model import decoder_layers
+
+
+def _target_cross_entropy(
+    output_layer: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
+    return F.cross_entropy(output_layer(hidden).float(), labels, reduction="none")
+
+
+def tiled_target_losses(
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    output_layer: torch.nn.Module,
+    chunk_tokens: int = 0,
+) -> torch.Tensor:
+    """Per-target cross-entropy of `output_layer(hidden)` [N] for hidden [N, H], labels [N].
+
+    With `chunk_tokens` > 0 at most that many targets' logits exist at once, in forward and in
+    backward (each chunk is recomputed when its gradient is needed). 0: all at once.
+    """
+    if chunk_tokens <= 0 or len(labels) <= chunk_tokens:
+        return _target_cross_entropy(output_layer, hidden, labels)
+    score = partial(_target_cross_entropy, output_layer)
+    pieces = [
+        checkpoint(score, hidden_chunk, label_chunk, use_reentrant=False)
+        if torch.is_grad_enabled()
+        else score(hidden_chunk, label_chunk)
+        for hidden_chunk, label_chunk in zip(
+            hidden.split(chunk_tokens), labels.split(chunk_tokens), strict=True
+        )
+    ]
+    return torch.cat(pieces)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiled MLP
+
+
+class _TiledForward:
+    """A module's forward run over chunks of its flattened tokens, each chunk checkpointed."""
+
+    def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], chunk_tokens: int) -> None:
+        self.forward = forward
+        self.chunk_tokens = chunk_tokens
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        tokens = hidden.reshape(-1, hidden.shape[-1])
+        if len(tokens) <= self.chunk_tokens:
+            return self.forward(hidden)
+        pieces = [
+            checkpoint(self.forward, chunk, use_reentrant=False)
+            if torch.is_grad_enabled()
+            else self.forward(chunk)
+            for chunk in tokens.split(self.chunk_tokens)
+        ]
+        return torch.cat(pieces).reshape(*hidden.shape[:-1], -1)
+
+
+def enable_tiled_mlp(model: torch.nn.Module, chunk_tokens: int = DEFAULT_MLP_CHUNK_TOKENS) -> None:
+    """Run every decoder layer's `mlp` over chunks of `chunk_tokens` tokens.
+
+    The MLP's forward is replaced on the instance, so parameter names (checkpoints, LoRA target
+    names, FSDP units) stay as they were. Calling it again changes the chunk size.
+    """
+    if chunk_tokens < 1:
+        raise ValueError(f"mlp_chunk_tokens must be >= 1, not {chunk_tokens}")
+    for layer in decoder_layers(model):
+        mlp = getattr(layer, "mlp", None)
+        if mlp is None:
+            raise ValueError(f"{type(layer).__name__} has no `mlp` to tile")
+        if isinstance(mlp.forward, _TiledForward):
+            mlp.forward.chunk_tokens = chunk_tokens
+        else:
+            mlp.forward = _TiledForward(mlp.forward, chunk_tokens)
+
+
+# ---------------------------------------------------------------------------------------------
+# Offloaded activation checkpoints
+
+
+class HostOffload(torch.autograd.graph.saved_tensors_hooks):
+    """Saved tensors go to (pinned) host memory and come back to their device when unpacked.
+
+    A tensor already on the CPU is kept as it is: on a CPU run there is nowhere to offload to,
+    and a copy would only double it. `host_bytes` counts the saved tensors held in host memory
+    now (offloaded copies and CPU tensors alike).
+    """
+
+    def __init__(self) -> None:
+        self.host_bytes = 0
+        super().__init__(self._pack, self._unpack)
+
+    def _pack(self, tensor: torch.Tensor) -> Any:
+        if tensor.device.type == "cpu":
+            self._count(tensor)
+            return tensor
+        host = torch.empty(
+            tensor.size(),
+            dtype=tensor.dtype,
+            layout=tensor.layout,
+            pin_memory=torch.cuda.is_available(),
+        )
+        # Safe without a sync: the copy back to the device is queued on the same stream.
+        host.copy_(tensor, non_blocking=True)
+        self._count(host)
+        return tensor.device, host
+
+    def _unpack(self, packed: Any) -> torch.Tensor:
+        if isinstance(packed, torch.Tensor):
+            return packed
+        device, host = packed
+        return host.to(device, non_blocking=True)
+
+    def _count(self, host: torch.Tensor) -> None:
+        size = host.numel() * host.element_size()
+        self.host_bytes += size
+        weakref.finalize(host, self._released, size)
+
+    def _released(self, size: int) -> None:
+        self.host_bytes -= size
+
+
+class _OffloadingCheckpoint:
+    """A layer's checkpoint function called under `HostOffload`: the inputs the checkpoint
+    saves (the layer's input hidden state) are held on the host until its recomputation."""
+
+    def __init__(self, checkpoint_function: Callable[..., Any], offload: HostOffload) -> None:
+        self.checkpoint_function = checkpoint_function
+        self.offload = offload
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with self.offload:
+            return self.checkpoint_function(*args, **kwargs)
+
+
+def enable_activation_offload(model: torch.nn.Module) -> HostOffload:
+    """Offload the hidden states that activation checkpointing keeps to host memory.
+
+    Needs transformers' gradient checkpointing on (`model.gradient_checkpointing_enable()`):
+    without it a layer keeps all its intermediate activations, not just its input. Returns the
+    hook, whose `host_bytes` tells how much it holds on the host.
+    """
+    layers = decoder_layers(model)
+    if not all(getattr(layer, "gradient_checkpointing", False) for layer in layers):
+        raise ValueError(
+            "offload_activations moves the checkpointed hidden states to the host: turn on "
+            "gradient_checkpointing as well"
+        )
+    offload = HostOffload()
+    for layer in layers:
+        current = layer._gradient_checkpointing_func
+        if isinstance(current, _OffloadingCheckpoint):
+            current = current.checkpoint_function
+        layer._gradient_checkpointing_func = _OffloadingCheckpoint(current, offload)
+    return offload
+
+
+# ---------------------------------------------------------------------------------------------
+# Measuring
+
+
+class PeakTensorMemory(TorchDispatchMode):
+    """The peak bytes of tensor storage allocated inside the block and alive at once.
+
+    Works on any device, the CPU included (where torch keeps no allocator statistics): every
+    operator's outputs are followed until their storage is freed. Tensors that existed before
+    the block (weights, optimizer state) are not counted; add them. Slows every operator, so
+    it is for measuring small shapes (the planner's test), not for training.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live_bytes = 0
+        self.peak_bytes = 0
+        self._tracked: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        outputs = func(*args, **(kwargs or {}))
+        for value in torch.utils._pytree.tree_leaves(outputs):
+            if isinstance(value, torch.Tensor) and value.device.type != "meta":
+                self._follow(value.untyped_storage())
+        return outputs
+
+    def _follow(self, storage: torch.UntypedStorage) -> None:
+        if storage in self._tracked:
+            return
+        size = storage.nbytes()
+        self._tracked[storage] = size
+        weakref.finalize(storage, self._freed, size)
+        self.live_bytes += size
+        self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+
+    def _freed(self, size: int) -> None:
+        self.live_bytes -= size

@@ -1,0 +1,290 @@
+"""Memory planner: what one training step of a row needs, part by part, before running it.
+
+`plan_memory` estimates the peak tensor memory of one steady-state training step (optimizer
+state already allocated) of this trainer on one device, for a Llama-shaped model config (Llama,
+Qwen2, Mistral: GQA attention, gated MLP, RMSNorm), a row length, LoRA or full weights,
+precision, Ulysses SP degree and the memory techniques of `trainer.memory`.
+`longest_row` searches the longest row that fits a device.
+
+The activation terms count the tensors autograd keeps, per token, as this trainer's models
+save them (fp32 weights, so the residual stream and norms are fp32 even under bf16 autocast;
+matmul outputs are bf16 there). tests/test_memory.py holds the estimate within 15% of peaks
+measured with torch's MemTracker on small CPU shapes. Not counted: the CUDA context and
+allocator fragmentation (leave a few GB), and communication buffers.
+
+The step's peak is the larger of two moments: the loss (all kept activations plus one chunk of
+logits) and one layer's backward (kept activations, every gradient, and the layer's
+recomputed activations with their gradients).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from transformers import PretrainedConfig
+
+GIB = 2**30
+FP32 = 4
+# Per logit element while a chunk is scored: logits, log-softmax, and their two gradients
+# (fp32; under bf16 autocast the bf16 logits come first and are upcast).
+LOSS_BYTES_PER_LOGIT = {"fp32": 13, "bf16": 15}
+OPTIMIZER_STEP_TEMPORARIES = 4
+ATTENTION_KINDS = ("varlen", "dense")  # flash / torch_varlen / sdpa_varlen; sdpa_mask / eager
+
+
+def llama_8b_config() -> PretrainedConfig:
+    """The shape of Llama-3.1-8B (no weights: for planning and GPU benchmarks)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=128_256,
+        hidden_size=4096,
+        intermediate_size=14_336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=131_072,
+        rope_theta=500_000.0,
+        tie_word_embeddings=False,
+    )
+
+
+PLANNER_PRESETS = {"llama-3.1-8b": llama_8b_config}
+
+
+def planner_config(name_or_path: str) -> PretrainedConfig:
+    """A planner preset, a trainer preset (tiny-llama, ...), or a local config.json / checkpoint
+    directory."""
+    if name_or_path in PLANNER_PRESETS:
+        return PLANNER_PRESETS[name_or_path]()
+    from trainer.model import model_config
+
+    return model_config(name_or_path)
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """What is trained: the row, the weights that learn, and how the step is run."""
+
+    row_tokens: int
+    target_tokens: int | None = None  # default: every token is a target
+    lora: bool = False
+    lora_rank: int = 8
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    precision: str = "fp32"  # fp32, or bf16 autocast
+    weights: str = "fp32"  # what longdata train loads; bf16 halves weights and residual stream
+    sp: int = 1
+    attention: str = "varlen"
+    gradient_checkpointing: bool = False
+    tiled_loss: bool = False
+    loss_chunk_tokens: int = 2048
+    tiled_mlp: bool = False
+    mlp_chunk_tokens: int = 8192
+    offload_activations: bool = False
+
+    def __post_init__(self) -> None:
+        if self.precision not in LOSS_BYTES_PER_LOGIT:
+            raise ValueError(f"precision must be fp32 or bf16, not {self.precision!r}")
+        if self.weights not in ("fp32", "bf16"):
+            raise ValueError(f"weights must be fp32 or bf16, not {self.weights!r}")
+        if self.attention not in ATTENTION_KINDS:
+            raise ValueError(f"attention must be one of {ATTENTION_KINDS}, not {self.attention!r}")
+        if self.offload_activations and not self.gradient_checkpointing:
+            raise ValueError("offload_activations needs gradient_checkpointing")
+        if min(self.row_tokens, self.sp, self.loss_chunk_tokens, self.mlp_chunk_tokens) < 1:
+            raise ValueError("row_tokens, sp and chunk sizes must be >= 1")
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Bytes per part on one device (`parts`), their peak combination, and host memory."""
+
+    parts: dict[str, int]
+    peak_bytes: int
+    host_bytes: int  # offloaded hidden states
+    shape: StepShape = field(repr=False)
+
+    def table(self) -> str:
+        lines = ["| part | GiB |", "|---|---:|"]
+        lines += [f"| {name} | {size / GIB:,.2f} |" for name, size in self.parts.items()]
+        lines.append(f"| **peak** | **{self.peak_bytes / GIB:,.2f}** |")
+        if self.host_bytes:
+            lines.append(f"| host (offloaded) | {self.host_bytes / GIB:,.2f} |")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    hidden: int
+    intermediate: int
+    layers: int
+    vocab: int
+    q_width: int
+    kv_width: int
+    heads: int
+    tied: bool
+    qkv_bias: bool
+
+    @classmethod
+    def of(cls, config: PretrainedConfig) -> ModelDims:
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        return cls(
+            hidden=config.hidden_size,
+            intermediate=config.intermediate_size,
+            layers=config.num_hidden_layers,
+            vocab=config.vocab_size,
+            q_width=heads * head_dim,
+            kv_width=kv_heads * head_dim,
+            heads=heads,
+            tied=bool(getattr(config, "tie_word_embeddings", False)),
+            qkv_bias=config.model_type == "qwen2",
+        )
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in, out) of every projection in one decoder layer, by module name."""
+        h, i, q, kv = self.hidden, self.intermediate, self.q_width, self.kv_width
+        return {
+            "q_proj": (h, q),
+            "k_proj": (h, kv),
+            "v_proj": (h, kv),
+            "o_proj": (q, h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
+        }
+
+    def parameters(self) -> int:
+        per_layer = sum(a * b for a, b in self.linear_shapes().values()) + 2 * self.hidden
+        if self.qkv_bias:
+            per_layer += self.q_width + 2 * self.kv_width
+        embeddings = self.vocab * self.hidden * (1 if self.tied else 2)
+        return self.layers * per_layer + embeddings + self.hidden
+
+
+def plan_memory(config: PretrainedConfig, shape: StepShape) -> MemoryPlan:
+    """Estimate one training step's device memory, part by part (see the module docstring)."""
+    d = ModelDims.of(config)
+    act = 2 if shape.precision == "bf16" or shape.weights == "bf16" else FP32  # matmul outputs
+    stream = 2 if shape.weights == "bf16" else FP32  # residual stream and norms
+    tokens = -(-shape.row_tokens // shape.sp)  # this rank's sequence shard
+    targets = tokens if shape.target_tokens is None else -(-shape.target_tokens // shape.sp)
+
+    weight_bytes = 2 if shape.weights == "bf16" else FP32
+    weights = d.parameters() * weight_bytes
+    if shape.lora:
+        trainable = d.layers * sum(
+            shape.lora_rank * (a + b)
+            for name, (a, b) in d.linear_shapes().items()
+            if name in shape.lora_targets
+        )
+    else:
+        trainable = d.parameters()
+    weights += (trainable if shape.lora else 0) * FP32
+    gradients = trainable * FP32
+    optimizer = 2 * trainable * FP32  # AdamW's two moments
+    # Under bf16 autocast the bf16 copy of every trainable weight is cached for the forward.
+    autocast_copies = (
+        trainable * 2
+        if shape.precision == "bf16" and shape.weights == "fp32" and not shape.lora
+        else 0
+    )
+
+    # What one layer saves for backward, per token: two RMSNorms keep their fp32 input and
+    # normalised input (and that only if their weight learns); q, k, v, the rotated q and k and
+    # the attention output are matmul outputs; the gated MLP keeps gate, silu(gate), up, and
+    # their product if down_proj's weight learns. (A frozen weight's input is not saved.)
+    norms_learn = not shape.lora
+    attention_saved = stream * (2 + 2 * norms_learn) * d.hidden
+    attention_saved += act * (3 * d.q_width + 3 * d.kv_width)
+    if shape.precision == "bf16" and shape.weights == "fp32":
+        attention_saved += act * 2 * d.hidden  # the bf16 casts of the two norm outputs
+    down_proj_learns = not shape.lora or "down_proj" in shape.lora_targets
+    mlp_saved = act * (3 + down_proj_learns) * d.intermediate
+    # Gradients alive while a layer runs backward: of the residual stream, and of two MLP
+    # intermediates while the MLP's backward runs.
+    residual_grad = stream * d.hidden
+    mlp_grads = act * 2 * d.intermediate
+    mlp_tokens = min(tokens, shape.mlp_chunk_tokens) if shape.tiled_mlp else tokens
+
+    hidden_state = stream * d.hidden * tokens
+    if shape.gradient_checkpointing:
+        kept_layers = d.layers * hidden_state  # each layer's input
+        layer_saved = tokens * attention_saved + mlp_tokens * mlp_saved  # recomputed
+    else:
+        kept_layers = d.layers * (
+            tokens * attention_saved + (0 if shape.tiled_mlp else tokens * mlp_saved)
+        )
+        layer_saved = mlp_tokens * mlp_saved if shape.tiled_mlp else 0
+    host = kept_layers if shape.offload_activations else 0
+    # The final norm's input and output, and the hidden states of the target positions.
+    kept = (0 if shape.offload_activations else kept_layers) + 2 * hidden_state
+    kept += stream * d.hidden * targets
+    # A layer's backward starts with its MLP (everything it saved is alive, recomputed if
+    # checkpointed); by the attention's backward the MLP's share has been freed.
+    mlp_backward = layer_saved + tokens * residual_grad + mlp_tokens * mlp_grads
+    attention_backward = (
+        tokens * (attention_saved if shape.gradient_checkpointing else 0)
+        + 2 * tokens * residual_grad
+    )
+    layer_working = max(mlp_backward, attention_backward)
+    if shape.attention == "dense":
+        # The [T, T] mask and one layer's [heads, T, T] scores and probabilities (fp32).
+        whole_row = tokens * shape.sp
+        attention_workspace = whole_row**2 * (1 + 2 * FP32 * d.heads // shape.sp)
+    else:
+        attention_workspace = FP32 * d.heads * tokens * 2  # log-sum-exp and its gradient
+
+    chunk = min(targets, shape.loss_chunk_tokens) if shape.tiled_loss else targets
+    loss_chunk = chunk * d.vocab * LOSS_BYTES_PER_LOGIT[shape.precision]
+    output_layer_grad = 0 if shape.lora else d.vocab * d.hidden * weight_bytes
+
+    fixed = weights + optimizer + autocast_copies
+    at_loss = kept + loss_chunk + output_layer_grad
+    at_layer_backward = kept + gradients + layer_working + attention_workspace
+    # AdamW's step allocates temporaries (measured ~4x the trainable weights, torch 2.14).
+    at_optimizer_step = gradients + OPTIMIZER_STEP_TEMPORARIES * trainable * FP32
+    parts = {
+        "weights": weights,
+        "gradients": gradients,
+        "optimizer": optimizer,
+        "autocast weight copies": autocast_copies,
+        "kept activations": kept,
+        "one layer's working set": layer_working,
+        "attention workspace": attention_workspace,
+        "loss chunk": loss_chunk,
+    }
+    return MemoryPlan(
+        parts=parts,
+        peak_bytes=fixed + max(at_loss, at_layer_backward, at_optimizer_step),
+        host_bytes=host,
+        shape=shape,
+    )
+
+
+def longest_row(
+    config: PretrainedConfig, shape: StepShape, device_bytes: int, multiple_of: int = 1024
+) -> int:
+    """The longest row (a multiple of `multiple_of` tokens) whose plan fits `device_bytes`;
+    0 if none does. Targets scale with the row as in `shape` (all, or the same fraction)."""
+
+    def fits(row_tokens: int) -> bool:
+        targets = None
+        if shape.target_tokens is not None:
+            targets = max(1, shape.target_tokens * row_tokens // shape.row_tokens)
+        trial = replace(shape, row_tokens=row_tokens, target_tokens=targets)
+        return plan_memory(config, trial).peak_bytes <= device_bytes
+
+    low, high = 0, multiple_of
+    while fits(high):
+        low, high = high, high * 2
+        if high > 2**32:
+            break
+    while high - low > multiple_of:
+        middle = (low + high) // 2 // multiple_of * multiple_of
+        if fits(middle):
+            low = middle
+        else:
+            high = middle
+    return low

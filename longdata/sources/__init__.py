@@ -12,6 +12,7 @@ from pathlib import Path
 
 from longdata.recipe import AntiHaystackSource, FileSource, GenericSource, LongAlpacaSource
 from longdata.records import Conversation, Quarantined, RowError
+from longdata.sources.partitions import Partition, iter_partition_rows
 from longdata.sources.readers import iter_rows
 from longdata.sources.schemas import PARSERS
 
@@ -26,10 +27,9 @@ def schema_of(source: FileSource) -> str:
 
 
 def read_source(source, *, cache_dir: Path, count_tokens: Callable[[str], int],
-                share: tuple[int, int] = (0, 1)) -> Iterator[Record]:
-    """All records of one recipe source in a deterministic order, or with ``share=(i, n)`` the
-    rows whose position is ``i`` modulo ``n`` (worker ``i`` of ``n`` in a partitioned build)."""
-    worker, workers = share
+                partition: Partition | None = None) -> Iterator[Record]:
+    """All records of one recipe source in a deterministic order, or only those of one of its
+    partitions (``longdata.sources.partitions``), with the positions the whole read gives them."""
     if isinstance(source, AntiHaystackSource):
         from longdata.sources import antihaystack
 
@@ -37,12 +37,14 @@ def read_source(source, *, cache_dir: Path, count_tokens: Callable[[str], int],
             count=source.count, min_tokens=source.length_range[0], max_tokens=source.length_range[1],
             depth_range=source.depth_range, needles=source.needles, tasks=source.tasks,
             zh_fraction=source.zh_fraction, seed=source.seed, count_tokens=count_tokens,
-            indices=range(worker, source.count, workers))
+            indices=range(*partition.span) if partition else None)
         return
+    if partition is None:
+        items, first_position = iter_rows(resolve_path(source, cache_dir), source.split), 0
+    else:
+        items, first_position = iter_partition_rows(partition), partition.first_position
     parse = PARSERS[schema_of(source)]
-    for position, item in enumerate(iter_rows(resolve_path(source, cache_dir), source.split)):
-        if position % workers != worker:
-            continue
+    for position, item in enumerate(items, start=first_position):
         if isinstance(item, Quarantined):
             yield item
             continue
@@ -71,7 +73,7 @@ def resolve_path(source: FileSource, cache_dir: Path) -> str:
         f"{schema}-n{spec.rows}-c{spec.min_chars}-{spec.max_chars}-zh{spec.zh_fraction}-s{spec.seed}{suffix}")
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
-        # Workers of a partitioned build may race to make the same file: each writes its own.
+        # Concurrent builds sharing a cache may race to make the same file: each writes its own.
         partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
         writer(partial, spec.rows, seed=spec.seed, min_chars=spec.min_chars,
                max_chars=spec.max_chars, zh_fraction=spec.zh_fraction)

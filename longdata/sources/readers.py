@@ -29,34 +29,47 @@ _UNDECODABLE_BYTE = re.compile("[\udc80-\udcff]")
 
 def iter_rows(path: str, split: str = "train") -> Iterator[Row]:
     """Rows of a local file, every data file of a local directory, or a hub dataset."""
+    files = local_files(path)
+    if files is None:
+        yield from iter_hub_rows(path, split)
+    for file in files or ():
+        yield from iter_file_rows(file)
+
+
+def local_files(path: str) -> list[Path] | None:
+    """The data files of a local file or directory, in reading order; None for a hub id."""
     local = Path(path)
     if local.is_dir():
         files = sorted(p for p in local.rglob("*") if p.suffix in LOCAL_SUFFIXES)
         if not files:
             raise FileNotFoundError(f"{path}: directory holds no {', '.join(LOCAL_SUFFIXES)} files")
-        for file in files:
-            yield from iter_file_rows(file)
-    elif local.exists():
-        yield from iter_file_rows(local)
-    else:
-        yield from iter_hub_rows(path, split)
+        return files
+    return [local] if local.exists() else None
+
+
+def is_json_array(path: Path) -> bool:
+    with path.open("rb") as handle:
+        return handle.read(4096).lstrip().startswith(b"[")
 
 
 def iter_file_rows(path: Path) -> Iterator[Row]:
     if path.suffix == ".parquet":
         yield from iter_parquet(path)
-        return
-    with path.open("rb") as handle:
-        head = handle.read(4096).lstrip()
-    if head.startswith(b"["):
+    elif is_json_array(path):
         yield from iter_json_array(path)
     else:
         yield from iter_jsonl(path)
 
 
-def iter_jsonl(path: Path) -> Iterator[Row]:
+def iter_jsonl(path: Path, byte_range: tuple[int, int | None] = (0, None),
+               first_line: int = 1) -> Iterator[Row]:
+    """Rows of the lines that start inside ``byte_range`` (a source partition's share: its
+    bounds are line starts), numbered from ``first_line``."""
+    start, stop = byte_range
     with path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
+        handle.seek(start)
+        lines = handle if stop is None else _lines_before(handle, stop - start)
+        for number, raw in enumerate(lines, start=first_line):
             if not raw.strip():
                 continue
             location = f"{path.name}:{number}"
@@ -70,6 +83,16 @@ def iter_jsonl(path: Path) -> Iterator[Row]:
                 yield location, json.loads(text)
             except json.JSONDecodeError as exc:
                 yield Quarantined(location, f"invalid JSON: {exc.msg} at column {exc.colno}", text)
+
+
+def _lines_before(handle, limit: int) -> Iterator[bytes]:
+    """The lines of ``handle`` within its next ``limit`` bytes."""
+    while limit > 0:
+        line = handle.readline()
+        if not line:
+            return
+        limit -= len(line)
+        yield line
 
 
 def iter_json_array(path: Path) -> Iterator[Row]:
@@ -133,24 +156,37 @@ def _has_undecodable_bytes(text: str) -> bool:
     return not text.isascii() and _UNDECODABLE_BYTE.search(text) is not None
 
 
-def iter_parquet(path: Path) -> Iterator[Row]:
+def iter_parquet(path: Path, row_groups: range | None = None) -> Iterator[Row]:
+    """Rows of a Parquet file, or of the row groups ``row_groups`` only (a source partition's
+    share), indexed by their row number in the whole file."""
     import pyarrow.parquet as pq
 
-    index = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=256):
+    file = pq.ParquetFile(path)
+    index = sum(file.metadata.row_group(g).num_rows for g in range(row_groups.start)) if row_groups else 0
+    groups = list(row_groups) if row_groups else None
+    for batch in file.iter_batches(batch_size=256, row_groups=groups):
         for row in batch.to_pylist():
             yield f"{path.name}[{index}]", row
             index += 1
 
 
-def iter_hub_rows(dataset_id: str, split: str) -> Iterator[Row]:
-    """A hub dataset (or anything ``datasets.load_dataset`` accepts), streamed row by row."""
+def open_hub_dataset(dataset_id: str, split: str):
+    """The streaming ``datasets.IterableDataset`` of a hub id (or anything ``load_dataset`` takes)."""
     import datasets
 
     try:
-        rows = datasets.load_dataset(dataset_id, split=split, streaming=True)
+        return datasets.load_dataset(dataset_id, split=split, streaming=True)
     except Exception as exc:  # the hub raises many types; the user needs the id and the reason
         raise FileNotFoundError(f"{dataset_id}: not a local path and not loadable with "
                                 f"datasets.load_dataset ({type(exc).__name__}: {exc})") from exc
-    for index, row in enumerate(rows):
+
+
+def iter_hub_rows(dataset_id: str, split: str, shards: tuple[int, int] | None = None,
+                  first_index: int = 0) -> Iterator[Row]:
+    """A hub dataset streamed row by row; with ``shards=(i, n)`` only the i-th of n contiguous
+    groups of its data files (a source partition's share), indexed from ``first_index``."""
+    rows = open_hub_dataset(dataset_id, split)
+    if shards is not None:
+        rows = rows.shard(num_shards=shards[1], index=shards[0], contiguous=True)
+    for index, row in enumerate(rows, start=first_index):
         yield f"{dataset_id}[{index}]", row

@@ -19,6 +19,8 @@ HALF_PRECISION_TOLERANCE = 5e-2
 
 def _resolve_build(build_or_recipe: Path) -> Path:
     """A build directory as given, or the build a recipe.yml produces."""
+    if not build_or_recipe.exists():
+        raise typer.BadParameter(f"{build_or_recipe} does not exist", param_hint="BUILD")
     if build_or_recipe.suffix in (".yml", ".yaml"):
         try:
             from longdata.build import build
@@ -32,10 +34,11 @@ def _resolve_build(build_or_recipe: Path) -> Path:
 
 def train(
     build: Annotated[
-        Path,
+        str,
         typer.Argument(
-            help="A build directory (with manifest.json), or a recipe.yml to build first.",
-            exists=True,
+            help="A build directory (with manifest.json), a recipe.yml to build first, or a "
+            "build's URL (s3://bucket/path, ...): its manifest is read there and its shards "
+            "stream from there, cached under OUT/remote_build.",
         ),
     ],
     model: Annotated[
@@ -138,8 +141,18 @@ def train(
 
     if threads:
         torch.set_num_threads(threads)
+    if "://" in build:
+        from trainer.data import fetch_remote_manifest
+
+        try:
+            build_dir = fetch_remote_manifest(build, out / "remote_build")
+        except FileNotFoundError as error:
+            raise typer.BadParameter(str(error), param_hint="BUILD") from None
+        remote = remote or build
+    else:
+        build_dir = _resolve_build(Path(build))
     config = TrainConfig(
-        build_dir=str(_resolve_build(build)),
+        build_dir=str(build_dir),
         out_dir=str(out),
         model=model,
         attention=attention,

@@ -9,6 +9,7 @@ a resumed run sees exactly the rows it would have seen.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -50,6 +51,29 @@ class Manifest:
         if name not in splits:
             raise KeyError(f"split {name!r} not in the build; it has {sorted(splits)}")
         return splits[name]
+
+
+def fetch_remote_manifest(url: str, local_dir: str | Path) -> Path:
+    """Download `<url>/manifest.json` (s3://, gs://, ... through streaming's downloaders) into
+    `local_dir`, which then serves as the build directory: the shards stream from `url` and are
+    cached beside it. Returns `local_dir`."""
+    from streaming.base.storage import CloudDownloader
+
+    local_dir = Path(local_dir)
+    local_dir.mkdir(parents=True, exist_ok=True)
+    remote = f"{url.rstrip('/')}/manifest.json"
+    # Every rank of a torchrun job downloads it; each writes its own file, then renames.
+    staging = local_dir / f".manifest.json.{os.getpid()}.partial"
+    try:
+        CloudDownloader.direct_download(remote, str(staging))
+    except Exception as error:  # each store raises its own types; the user needs the URL and why
+        staging.unlink(missing_ok=True)
+        raise FileNotFoundError(
+            f"{remote} cannot be read: not a finished longdata build there? "
+            f"({type(error).__name__}: {error})"
+        ) from None
+    staging.replace(local_dir / "manifest.json")
+    return local_dir
 
 
 def make_dataset(

@@ -21,9 +21,9 @@ directory renamed into place, or a part directory they replace), so a retried ta
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
+import logging
 import shutil
 import time
 import uuid
@@ -107,7 +107,7 @@ def run_stages(recipe: Recipe, executor: Executor, partial: Path, console: Conso
                strict: bool, seconds: dict[str, float]) -> Stages:
     """Every stage up to the manifest, writing the build's shards into ``partial``."""
     clock = time.perf_counter()
-    tokenizer, tokenizer_info = cached_tokenizer(recipe.tokenizer)
+    tokenizer, tokenizer_info = _tokenizers[recipe.tokenizer] = load_tokenizer(recipe.tokenizer)
     seconds["load_tokenizer"] = time.perf_counter() - clock
 
     with _progress(console) as progress:
@@ -141,10 +141,15 @@ def _progress(console: Console) -> Progress:
                     console=console, transient=False)
 
 
-@functools.lru_cache(maxsize=4)
-def cached_tokenizer(config):
-    """``load_tokenizer`` once per process: the driver and every task it runs share it."""
-    return load_tokenizer(config)
+# The tokenizer of each config in this process: the driver loads it afresh for every build, and
+# the tasks it runs in its own process use that one; a worker process elsewhere loads it once.
+_tokenizers: dict = {}
+
+
+def _tokenizer_for(config):
+    if config not in _tokenizers:
+        _tokenizers[config] = load_tokenizer(config)
+    return _tokenizers[config]
 
 
 # --- stage: read + normalise + tokenize (cached per source partition) -------------------------
@@ -256,7 +261,7 @@ def tokenize_task(recipe: Recipe, job: TokenizeJob, progress: Progress | None) -
     if entry.exists():
         return
     source = recipe.sources[job.source]
-    tokenizer, _ = cached_tokenizer(recipe.tokenizer)
+    tokenizer, _ = _tokenizer_for(recipe.tokenizer)
     advance = lambda records, tokens: None  # noqa: E731
     if progress is not None:
         total = job.partition.rows if job.partition else \
@@ -435,8 +440,13 @@ def write_split(split: SplitPlan, sources: list[TokenizedSource], recipe: Recipe
         parts = [next(written) for _ in range(count)]
         if count > 1:
             stream_dir = out_root / rel_path
-            merge_index([str(stream_dir / f"part-{i:05d}" / "index.json") for i in range(count)],
-                        str(stream_dir))
+            # merge_index logs warnings about its temporary folder that tell a user nothing.
+            logging.disable(logging.WARNING)
+            try:
+                merge_index([str(stream_dir / f"part-{i:05d}" / "index.json") for i in range(count)],
+                            str(stream_dir))
+            finally:
+                logging.disable(logging.NOTSET)
         streams.append(StreamStats(name=bucket, path=rel_path,
                                    **{k: sum(getattr(p, k) for p in parts)
                                       for k in ("rows", "samples", "tokens", "target_tokens")}))

@@ -188,9 +188,9 @@ def ray_comparison(workdir: Path, data: Path) -> None:
     local = longdata_build(workdir, data, "local")
     local_manifest = json.loads((workdir / "out-local" / "manifest.json").read_text())
     runs = {workers: ray_build(workdir, data, f"ray{workers}", workers) for workers in (1, 2)}
-    for run in runs.values():
-        same = {k: v for k, v in run["manifest"].items() if k != "name"}
-        assert same == {k: v for k, v in local_manifest.items() if k != "name"}, "Ray build differs"
+    for run in runs.values():  # each build has its own name and directories; the data must agree
+        assert all(run["manifest"][k] == local_manifest[k] for k in ("sources", "splits", "totals")), \
+            "the Ray build differs from the local one"
     print(f"\ninput {data.name}, tokenizer builtin:quickstart, load average now {os.getloadavg()[0]:.2f}")
     print("| engine | workers | build() s | whole process s | read + tokenize s | tokenize M tok/s "
           "| build() vs local |")

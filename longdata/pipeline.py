@@ -201,9 +201,8 @@ class TokenizeJob:
 def tokenize_sources(recipe: Recipe, tokenizer, tokenizer_info: TokenizerInfo, executor: Executor,
                      progress: Progress) -> list[TokenizedSource]:
     """The token cache of every source: its partitions' entries tokenized where missing."""
-    layouts = [source_partitions(source, recipe, cache_key(source, recipe, tokenizer_info,
-                                                           tokenizer.chat_template), executor, progress)
-               for source in recipe.sources]
+    keys = [cache_key(source, recipe, tokenizer_info, tokenizer.chat_template) for source in recipe.sources]
+    layouts = source_partitions(recipe, keys, executor, progress)
     missing = [job for jobs in layouts for job in jobs if not Path(job.entry).exists()]
     executor.map(tokenize_task, missing, recipe, progress, "tokenize")
     sources = []
@@ -214,35 +213,45 @@ def tokenize_sources(recipe: Recipe, tokenizer, tokenizer_info: TokenizerInfo, e
     return sources
 
 
-def source_partitions(source, recipe: Recipe, key: str, executor: Executor,
-                      progress: Progress) -> list[TokenizeJob]:
-    """One job per partition of ``source``; the partitions are planned once and remembered
-    beside the cache entries, so a re-run finds the same entries without re-counting rows."""
-    index = recipe.sources.index(source)
-    whole = [TokenizeJob(index, str(cache_entry(source, recipe, key)))]
-    # max_samples takes a source's first rows, which only a read from the start knows.
-    if executor.parallelism == 1 or getattr(source, "max_samples", None):
-        return whole
-    plan_file = cache_entry(source, recipe, key).with_name(
-        f"{source.name}-{key}-partitions{executor.parallelism}.json")
-    if plan_file.exists():
-        partitions = [Partition(**dict(p, span=tuple(p["span"]))) for p in json.loads(plan_file.read_text())]
-    else:
-        path = None if isinstance(source, AntiHaystackSource) else \
-            _absolute(resolve_path(source, Path(recipe.cache_dir)))
-        planned = plan_partitions(source, path, executor.parallelism)
-        uncounted = [p for p in planned if p.rows is None]
-        counted = iter(executor.map(count_task, uncounted, None, progress, f"count {source.name}"))
+def source_partitions(recipe: Recipe, keys: list[str], executor: Executor,
+                      progress: Progress) -> list[list[TokenizeJob]]:
+    """The tokenize jobs of every source: one per partition, or one for the whole source.
+    Partitions are planned once (rows counted by tasks where only reading tells) and remembered
+    beside the cache entries, so a re-run finds the same entries without counting again."""
+    wanted = executor.parallelism
+    partitions: list[list[Partition] | None] = []
+    plan_files, to_place = [], {}
+    for index, (source, key) in enumerate(zip(recipe.sources, keys)):
+        plan_file = cache_entry(source, recipe, key).with_name(f"{source.name}-{key}-partitions{wanted}.json")
+        plan_files.append(plan_file)
+        # max_samples takes a source's first rows, which only a read from the start knows.
+        if wanted == 1 or getattr(source, "max_samples", None):
+            partitions.append(None)
+        elif plan_file.exists():
+            partitions.append([Partition(**dict(p, span=tuple(p["span"])))
+                               for p in json.loads(plan_file.read_text())])
+        else:
+            path = None if isinstance(source, AntiHaystackSource) else \
+                _absolute(resolve_path(source, Path(recipe.cache_dir)))
+            to_place[index] = plan_partitions(source, path, wanted)
+            partitions.append(None)
+    uncounted = [p for planned in to_place.values() for p in planned if p.rows is None]
+    counted = iter(executor.map(count_task, uncounted, None, progress, "count rows"))
+    for index, planned in to_place.items():
         counts = [(p.rows, 0) if p.rows is not None else next(counted) for p in planned]
-        partitions = place(planned, counts, executor.parallelism)
-        plan_file.parent.mkdir(parents=True, exist_ok=True)
-        staging = plan_file.with_name(f"{plan_file.name}.{uuid.uuid4().hex}.partial")
-        staging.write_text(json.dumps([dataclasses.asdict(p) for p in partitions]))
-        staging.replace(plan_file)
-    if len(partitions) <= 1:
-        return whole
-    return [TokenizeJob(index, str(cache_entry(source, recipe, key, (i, len(partitions)))), partition)
-            for i, partition in enumerate(partitions)]
+        partitions[index] = place(planned, counts, wanted)
+        staging = plan_files[index].with_name(f"{plan_files[index].name}.{uuid.uuid4().hex}.partial")
+        staging.parent.mkdir(parents=True, exist_ok=True)
+        staging.write_text(json.dumps([dataclasses.asdict(p) for p in partitions[index]]))
+        staging.replace(plan_files[index])
+    jobs = []
+    for index, (source, key, parts) in enumerate(zip(recipe.sources, keys, partitions)):
+        if parts is None or len(parts) <= 1:
+            jobs.append([TokenizeJob(index, str(cache_entry(source, recipe, key)))])
+        else:
+            jobs.append([TokenizeJob(index, str(cache_entry(source, recipe, key, (i, len(parts)))), part)
+                         for i, part in enumerate(parts)])
+    return jobs
 
 
 def _absolute(path: str) -> str:

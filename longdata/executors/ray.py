@@ -29,7 +29,10 @@ class RayExecutor:
         self._ray = ray
         self._started = not ray.is_initialized()
         if self._started:
-            # The dashboard is a separate service the build does not use.
+            # The dashboard is a separate service the build does not use. A task holds one CPU,
+            # so its tokenizer's thread pool gets one thread (Rayon would start one per core in
+            # every worker process).
+            init_options.setdefault("runtime_env", {"env_vars": {"RAYON_NUM_THREADS": "1"}})
             ray.init(address=address, include_dashboard=False, log_to_driver=False, **init_options)
         self.max_retries = max_retries
         self.parallelism = parallelism or max(1, int(ray.cluster_resources().get("CPU", 1)))

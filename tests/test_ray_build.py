@@ -203,20 +203,37 @@ def two_nodes():
         cluster.stop()
 
 
-def test_quickstart_on_a_two_node_cluster_equals_the_local_build(tmp_path, two_nodes):
-    # The quickstart with a third of its samples: the whole takes minutes on a shared 2-CPU box.
-    overrides = [f"output.card_dir={tmp_path / 'cards'}", "sources[0].sample.rows=16",
-                 "sources[1].sample.rows=16", "sources[2].count=16"]
-    local = build(load_recipe(ROOT / "recipes" / "quickstart.yml",
-                              [*overrides, f"cache_dir={tmp_path / 'cache-local'}"]), out=tmp_path / "local")
-    expected = build_contents(local.out_dir, tmp_path)
-    sets = [arg for o in [*overrides, f"cache_dir={tmp_path / 'cache-ray'}"] for arg in ("--set", o)]
+# The quickstart with a third of its samples: the whole takes minutes on a shared 2-CPU box.
+QUICKSTART = ROOT / "recipes" / "quickstart.yml"
+SMALLER_QUICKSTART = ["sources[0].sample.rows=16", "sources[1].sample.rows=16", "sources[2].count=16"]
+
+
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory):
+    """The (smaller) quickstart built locally, and the overrides every build of it shares."""
+    tmp = tmp_path_factory.mktemp("quickstart")
+    overrides = [f"output.card_dir={tmp / 'cards'}", *SMALLER_QUICKSTART]
+    local = build(load_recipe(QUICKSTART, [*overrides, f"cache_dir={tmp / 'cache-local'}"]), out=tmp / "local")
+    return tmp, overrides, build_contents(local.out_dir, tmp)
+
+
+def test_quickstart_on_a_ray_instance_equals_the_local_build(quickstart, ray_instance):
+    tmp, overrides, expected = quickstart
+    recipe = load_recipe(QUICKSTART, [*overrides, f"cache_dir={tmp / 'cache-instance'}"])
+    result = build(recipe, out=tmp / "instance", executor=ray_instance)
+    assert_same_build(build_contents(result.out_dir, tmp), expected)
+    assert shard_parts(result.out_dir) == {"part-00000", "part-00001"}
+
+
+def test_quickstart_on_a_two_node_cluster_equals_the_local_build(quickstart, two_nodes):
+    tmp, overrides, expected = quickstart
+    sets = [arg for o in [*overrides, f"cache_dir={tmp / 'cache-two-nodes'}"] for arg in ("--set", o)]
     driver = subprocess.run(
-        [sys.executable, "-m", "longdata.cli", "build", str(ROOT / "recipes" / "quickstart.yml"), *sets,
-         "--engine", "ray", "--ray-address", two_nodes.address, "--out", str(tmp_path / "ray")],
+        [sys.executable, "-m", "longdata.cli", "build", str(QUICKSTART), *sets,
+         "--engine", "ray", "--ray-address", two_nodes.address, "--out", str(tmp / "two-nodes")],
         env=CLUSTER_ENV, capture_output=True, timeout=500)
     assert driver.returncode == 0, driver.stderr.decode()[-3000:]
-    assert_same_build(build_contents(tmp_path / "ray", tmp_path), expected)
-    assert shard_parts(tmp_path / "ray") == {"part-00000", "part-00001"}
+    assert_same_build(build_contents(tmp / "two-nodes", tmp), expected)
+    assert shard_parts(tmp / "two-nodes") == {"part-00000", "part-00001"}
     # Tasks ran on the second node: it started Python workers of its own.
     assert list(two_nodes.temp_dirs[1].glob("session_*/logs/worker-*"))

@@ -71,6 +71,18 @@ def shard_parts(build_dir: Path) -> set[str]:
             for shard in json.loads(index.read_text())["shards"] if "/" in shard["raw_data"]["basename"]}
 
 
+def test_an_address_nothing_answers_at_fails_in_one_line(tmp_path):
+    port = free_port()  # free: nothing listens there
+    driver = subprocess.run(
+        [sys.executable, "-m", "longdata.cli", "build", str(ROOT / "recipes" / "quickstart.yml"),
+         "--engine", "ray", "--ray-address", f"127.0.0.1:{port}", "--out", str(tmp_path / "out")],
+        env={**CLUSTER_ENV, "COLUMNS": "300"}, capture_output=True, timeout=120)
+    assert driver.returncode == 1
+    assert driver.stderr.decode().strip().splitlines() == [
+        f"error no Ray cluster answers at 127.0.0.1:{port} ([Errno 111] Connection refused)"]
+    assert not (tmp_path / "out").exists()
+
+
 # --- a Ray instance started by the tests -------------------------------------------------------
 
 

@@ -9,6 +9,7 @@ output directory at the same path (a shared filesystem), and have longdata insta
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,6 +18,17 @@ from rich.progress import Progress
 from longdata.executors import ExecutorError, Item, Result, Task
 
 MAX_RETRIES = 3
+
+
+def _check_reachable(address: str) -> None:
+    """Fail in seconds on a HOST:PORT nothing listens at (Ray itself retries for minutes)."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not port.isdigit():
+        raise ExecutorError(f"--ray-address must be auto or HOST:PORT, got {address!r}")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=10).close()
+    except OSError as error:
+        raise ExecutorError(f"no Ray cluster answers at {address} ({error})") from None
 
 
 class RayExecutor:
@@ -28,6 +40,8 @@ class RayExecutor:
             raise ExecutorError("--engine ray needs Ray: pip install 'longdata[ray]'") from None
         self._ray = ray
         self._started = not ray.is_initialized()
+        if self._started and address not in (None, "auto"):
+            _check_reachable(address)
         if self._started:
             # The dashboard is a separate service the build does not use. A task holds one CPU,
             # so its tokenizer's thread pool gets one thread (Rayon would start one per core in

@@ -19,6 +19,12 @@ One run, same input and tokenizer for every contender:
    of near-duplicate search over every cached token.
 
     python benchmarks/build.py --mb 100 --scale 10
+
+With ``--engine ray`` it compares instead the same cold build run locally and with the Ray
+executor on a Ray instance of 1 and of 2 worker processes (``num_cpus``): the overhead of Ray
+against the local build and the tokenize stage's throughput per worker count.
+
+    python benchmarks/build.py --engine ray --mb 100
 """
 
 from __future__ import annotations
@@ -156,6 +162,57 @@ def longdata_build(workdir: Path, data: Path, name: str, overrides: tuple[str, .
             "near_duplicates": sum(s["mix"].get("near_duplicates", 0) for s in manifest["sources"])}
 
 
+RAY_CHILD = """
+import sys
+from longdata.build import build
+from longdata.executors.ray import RayExecutor
+executor = RayExecutor(num_cpus=int(sys.argv[2]), object_store_memory=256 << 20)
+try:
+    build(sys.argv[1], executor=executor)
+finally:
+    executor.close()
+"""
+
+
+def ray_build(workdir: Path, data: Path, name: str, workers: int) -> dict:
+    """A cold build with the Ray executor on a fresh Ray instance of ``workers`` CPUs."""
+    recipe = write_recipe(workdir, data, name)
+    shutil.rmtree(workdir / f"cache-{name}", ignore_errors=True)
+    wall, rss, _ = run_child(["-c", RAY_CHILD, str(recipe), str(workers)])
+    out = workdir / f"out-{name}"
+    manifest = json.loads((out / "manifest.json").read_text())
+    info = json.loads((out / "build_info.json").read_text())
+    return {"tokens": manifest["totals"]["tokens"], "wall": wall, "rss": rss,
+            "build_seconds": info["finished_at"] - info["started_at"], "stages": info["seconds"],
+            "manifest": manifest}
+
+
+def ray_comparison(workdir: Path, data: Path) -> None:
+    """Local against Ray (1 and 2 workers) on the same input; the builds must be equal."""
+    local = longdata_build(workdir, data, "local")
+    local_manifest = json.loads((workdir / "out-local" / "manifest.json").read_text())
+    runs = {workers: ray_build(workdir, data, f"ray{workers}", workers) for workers in (1, 2)}
+    for run in runs.values():  # each build has its own name and directories; the data must agree
+        assert all(run["manifest"][k] == local_manifest[k] for k in ("sources", "splits", "totals")), \
+            "the Ray build differs from the local one"
+    print(f"\ninput {data.name}, tokenizer builtin:quickstart, load average now {os.getloadavg()[0]:.2f}")
+    print("| engine | workers | build() s | whole process s | read + tokenize s | tokenize M tok/s "
+          "| build() vs local |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    rows = [("local", 1, local), *(("ray", w, run) for w, run in runs.items())]
+    for engine, workers, run in rows:
+        tokenize = run["stages"]["read_tokenize"]
+        print(f"| {engine} | {workers} | {run['build_seconds']:.1f} | {run['wall']:.1f} | {tokenize:.1f} | "
+              f"{run['tokens'] / tokenize / 1e6:.3f} | {run['build_seconds'] / local['build_seconds']:.2f}x |")
+    print(f"ray overhead against local, both on every core (2 workers): build() "
+          f"{runs[2]['build_seconds'] / local['build_seconds'] - 1:+.1%}, whole process "
+          f"{runs[2]['wall'] / local['wall'] - 1:+.1%}")
+    print(f"ray tokenize throughput 2 workers / 1 worker: "
+          f"{runs[1]['stages']['read_tokenize'] / runs[2]['stages']['read_tokenize']:.2f}x")
+    for engine, workers, run in rows:
+        print(f"stage seconds {engine} x{workers}: {json.dumps({k: round(v, 1) for k, v in run['stages'].items()})}")
+
+
 def trl_pipeline(path: str, num_proc: int) -> None:
     """Child-process body: the TRL-style pipeline; prints its token count and seconds as JSON."""
     import tempfile
@@ -191,6 +248,8 @@ def main() -> None:
     parser.add_argument("--num-proc", type=int, default=os.cpu_count(), help="TRL map workers")
     parser.add_argument("--skip-trl", action="store_true")
     parser.add_argument("--near-dedup", action="store_true", help="also time dedup.near on the cache")
+    parser.add_argument("--engine", choices=("local", "ray"), default="local",
+                        help="ray: compare local and Ray executor builds instead (see above)")
     parser.add_argument("--trl-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.trl_child:
@@ -199,6 +258,9 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     print(f"load average at start: {os.getloadavg()[0]:.2f}", file=sys.stderr)
     data = input_file(args.workdir, args.mb)
+    if args.engine == "ray":
+        ray_comparison(args.workdir, data)
+        return
 
     # The machine is shared: raw is measured before and after the build and the faster run
     # kept, so a load spike during one raw run cannot flatter longdata's ratio.

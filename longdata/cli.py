@@ -145,7 +145,10 @@ def validate(recipe: Path = RecipeArg, overrides: list[str] | None = SetOption) 
 @app.command()
 def build(
     recipe: Path = RecipeArg,
-    out: Path | None = typer.Option(None, "--out", help="Output directory (default: the recipe's output.dir)."),
+    # A string, not a Path: Path("s3://b/x") would collapse the URL to "s3:/b/x".
+    out: str | None = typer.Option(
+        None, "--out", help="Output directory or URL such as s3://bucket/path (default: the "
+                            "recipe's output.dir)."),
     overrides: list[str] | None = SetOption,
     strict: bool = typer.Option(False, "--strict", help="Fail if any source row had to be quarantined."),
     overwrite: bool = typer.Option(
@@ -155,44 +158,36 @@ def build(
              "directory holding the recipe's sources, cache or card directory."),
     allow_empty: bool = typer.Option(False, "--allow-empty",
                                      help="Publish a build that holds no training row (by default it fails)."),
-    workers: int = typer.Option(1, "--workers", min=1,
-                                help="Split the build across N workers sharing cache_dir and the output "
-                                     "directory (a shared filesystem); then run `longdata merge`."),
-    worker_index: int = typer.Option(0, "--worker-index", min=0, help="This worker's index in [0, N)."),
+    engine: str = typer.Option(
+        "local", "--engine", help="local: every stage in this process. ray: tokenize and write "
+                                  "tasks on a Ray cluster (pip install 'longdata[ray]'); the rows, "
+                                  "manifest and card equal a local build's."),
+    ray_address: str | None = typer.Option(
+        None, "--ray-address", metavar="auto|HOST:PORT",
+        help="With --engine ray: the cluster to join (auto: the one `ray start` runs here). "
+             "Default: start a Ray instance on this machine for the build."),
 ) -> None:
     """Build MDS shards, a manifest and a data card from a recipe.
 
-    Stages: read -> normalise -> tokenize (cached per source) -> mix -> pack -> write -> card.
-    The build appears at its output directory only once complete; malformed input rows are
-    written to <out>/quarantine/<source>.jsonl with their location and reason.
+    Stages: read -> normalise -> tokenize (cached per source partition) -> mix -> plan -> write
+    -> merge -> manifest + card. The build appears at its output directory only once complete;
+    malformed input rows are written to <out>/quarantine/<source>.jsonl with their location and
+    reason.
     """
     from longdata.build import build as run_build
+    from longdata.executors import ENGINES, make_executor
 
+    if engine not in ENGINES:
+        raise typer.BadParameter(f"must be one of {', '.join(ENGINES)}, got {engine!r}",
+                                 param_hint="'--engine'")
     loaded = _load(recipe, overrides)
-    if workers > 1:
-        from longdata.partition import build_worker
-
-        report = build_worker(loaded, workers=workers, worker_index=worker_index, out=out,
-                              overwrite=overwrite, console=console)
-        console.print(f"[green]worker {worker_index} of {workers} done[/green] ({report}); when all "
-                      f"are, run: longdata merge {out or loaded.output.dir}")
-        return
-    _print_summary(run_build(loaded, out=out, strict=strict, overwrite=overwrite, allow_empty=allow_empty,
-                             console=console))
-
-
-@app.command()
-def merge(
-    out: Path = typer.Argument(..., help="The output directory the workers built into."),
-    overwrite: bool = typer.Option(False, "--overwrite",
-                                   help="As for build: replace an OUT that is not a longdata build."),
-) -> None:
-    """Join a partitioned build (`longdata build --workers N --worker-index I`, run for every I)
-    into one dataset: each bucket stream's parts are merged with streaming's merge_index, and the
-    manifest and card are written as a single-process build writes them."""
-    from longdata.partition import merge as run_merge
-
-    _print_summary(run_merge(out, console=console, overwrite=overwrite))
+    executor = make_executor(engine, ray_address=ray_address)
+    try:
+        result = run_build(loaded, out=out, strict=strict, overwrite=overwrite, allow_empty=allow_empty,
+                           console=console, executor=executor)
+    finally:
+        executor.close()
+    _print_summary(result)
 
 
 def _print_summary(result) -> None:

@@ -47,7 +47,7 @@ SCHEMA = pa.schema([
 
 
 def sample_index(split, caches: Sequence, source_names: Sequence[str]) -> pa.Table:
-    """The index of a planned split (a ``build.SplitPlan``); rows are numbered per stream in
+    """The index of a planned split (a ``pipeline.SplitPlan``); rows are numbered per stream in
     the order ``write_split`` writes them."""
     samples, pieces = split.samples, split.pieces
     n_pieces = len(pieces)

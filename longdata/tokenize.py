@@ -10,7 +10,7 @@ adds no BOS of its own still frames every document the same way.
 
 The cache is an Arrow IPC file read back memory-mapped, so later stages hold only lengths in
 memory and gather a row's tokens straight from the page cache. One cache entry per source,
-keyed by everything that changes its tokens (see ``longdata.build.cache_key``), so changing mix
+keyed by everything that changes its tokens (see ``longdata.pipeline.cache_key``), so changing mix
 weights, buckets or max length never re-tokenizes. Each entry records an xxh64 checksum of its
 files (``checksums.json``); an entry that no longer matches is not reused.
 """

@@ -31,10 +31,9 @@ def _isolated_streaming(tmp_path_factory: pytest.TempPathFactory) -> None:
 
 @pytest.fixture(autouse=True)
 def _every_build_accounts_for_its_rows(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Whatever a test builds (single-process or merged), its manifest must account for every
-    source row: checked on the manifest each finished build returns."""
+    """Whatever a test builds (with any executor), its manifest must account for every source
+    row: checked on the manifest each finished build returns."""
     import longdata.build
-    import longdata.partition
     from tests.builders import assert_rows_accounted
 
     finish = longdata.build.finish_build
@@ -45,7 +44,6 @@ def _every_build_accounts_for_its_rows(monkeypatch: pytest.MonkeyPatch) -> None:
         return result
 
     monkeypatch.setattr(longdata.build, "finish_build", checked)
-    monkeypatch.setattr(longdata.partition, "finish_build", checked)
 
 
 @pytest.fixture(autouse=True, scope="session")

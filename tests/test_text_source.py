@@ -241,7 +241,7 @@ def test_haystack_entries_are_paths_or_text_sources(tmp_path):
 
 
 def test_changing_the_haystack_file_changes_the_cache_key(tmp_path):
-    from longdata.build import cache_key
+    from longdata.pipeline import cache_key
     from longdata.templates import load_tokenizer
 
     essay = tmp_path / "essay.txt"

@@ -5,6 +5,7 @@ torch and transformers are imported inside the functions so `longdata --help` st
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import os
 from pathlib import Path
@@ -20,6 +21,8 @@ HALF_PRECISION_TOLERANCE = 5e-2
 
 def _resolve_build(build_or_recipe: Path) -> Path:
     """A build directory as given, or the build a recipe.yml produces."""
+    if not build_or_recipe.exists():
+        raise typer.BadParameter(f"{build_or_recipe} does not exist", param_hint="BUILD")
     if build_or_recipe.suffix in (".yml", ".yaml"):
         try:
             from longdata.build import build
@@ -88,9 +91,11 @@ def train(**given: Any) -> None:
     config_file = given.pop("config")
     assignments = given.pop("assignments") or ()
     if build is not None:
-        given["build_dir"] = str(_resolve_build(build))
+        given["build_dir"] = build if "://" in build else str(_resolve_build(Path(build)))
     try:
         config = resolve(config_file, assignments, given)
+        if "://" in config.build_dir:
+            config = _with_remote_build(config)
         from trainer.loop import train as run_training
 
         result = run_training(config)
@@ -108,6 +113,16 @@ def train(**given: Any) -> None:
         typer.echo(f"saved {result.final_dir}")
 
 
+def _with_remote_build(config):
+    """The config of a run on a build's URL: its manifest downloaded into OUT/remote_build (the
+    run's build directory), its shards streamed from the URL and cached there."""
+    from trainer.data import fetch_remote_manifest
+
+    url = config.build_dir
+    manifest = fetch_remote_manifest(url, Path(config.out_dir) / "remote_build")
+    return dataclasses.replace(config, build_dir=str(manifest.build_dir), remote=config.remote or url)
+
+
 train.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
     [
         inspect.Parameter(
@@ -115,11 +130,12 @@ train.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
             inspect.Parameter.POSITIONAL_OR_KEYWORD,
             default=None,
             annotation=Annotated[
-                Path | None,
+                str | None,
                 typer.Argument(
-                    help="A build directory (with manifest.json), or a recipe.yml to build "
-                    "first. May come from --config (build_dir) instead.",
-                    exists=True,
+                    help="A build directory (with manifest.json), a recipe.yml to build first, "
+                    "or a build's URL (s3://bucket/path, ...): its manifest is read there and "
+                    "its shards stream from there, cached under OUT/remote_build. May come from "
+                    "--config (build_dir) instead.",
                     show_default=False,
                 ),
             ],

@@ -45,7 +45,9 @@ def _setting(default: Any, help: str, **extra: Any) -> Any:
 class TrainConfig:
     """Everything a run needs; saved in every checkpoint and in `<out_dir>/config.json`."""
 
-    build_dir: str | None = _setting(None, "A build directory (with manifest.json).", cli=None)
+    build_dir: str | None = _setting(
+        None, "A build directory (with manifest.json), or a build's URL (s3://...).", cli=None
+    )
     out_dir: str = _setting(
         "runs/latest", "Run directory: checkpoints, metrics.jsonl, config.json, final/.",
         cli="--out",

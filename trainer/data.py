@@ -11,6 +11,7 @@ run sees exactly the rows it would have seen.
 
 from __future__ import annotations
 
+import os
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,36 @@ from typing import Any
 from longdata.format import SHARD_HASHES, Manifest, check_stream_files, inside
 from trainer.config import BATCHING_METHODS
 
-__all__ = ["Manifest", "make_dataloader", "make_dataset", "release_streaming_resources"]
+__all__ = [
+    "Manifest",
+    "fetch_remote_manifest",
+    "make_dataloader",
+    "make_dataset",
+    "release_streaming_resources",
+]
+
+
+def fetch_remote_manifest(url: str, local_dir: str | Path) -> Manifest:
+    """Download `<url>/manifest.json` (s3://, gs://, ... through streaming's downloaders) into
+    `local_dir`, which then serves as the build directory: the shards stream from `url` and are
+    cached beside it. Returns the manifest, checked as the build contract says."""
+    from streaming.base.storage import CloudDownloader
+
+    local_dir = Path(local_dir)
+    local_dir.mkdir(parents=True, exist_ok=True)
+    remote = f"{url.rstrip('/')}/manifest.json"
+    # Every rank of a torchrun job downloads it; each writes its own file, then renames.
+    staging = local_dir / f".manifest.json.{os.getpid()}.partial"
+    try:
+        CloudDownloader.direct_download(remote, str(staging))
+    except Exception as error:  # each store raises its own types; the user needs the URL and why
+        staging.unlink(missing_ok=True)
+        raise FileNotFoundError(
+            f"{remote} cannot be read: not a finished longdata build there? "
+            f"({type(error).__name__}: {error})"
+        ) from None
+    staging.replace(local_dir / "manifest.json")
+    return Manifest.read(local_dir)
 
 
 def make_dataset(

@@ -21,6 +21,7 @@ from longdata.recipe import (
 )
 from longdata.records import Conversation, Document, Quarantined, RowError
 from longdata.sources import text
+from longdata.sources.partitions import Partition, iter_partition_rows
 from longdata.sources.readers import iter_source_files
 from longdata.sources.schemas import PARSERS
 
@@ -35,13 +36,12 @@ def schema_of(source: FileSource) -> str:
 
 
 def read_source(source, *, cache_dir: Path, count_tokens: Callable[[str], int],
-                share: tuple[int, int] = (0, 1),
+                partition: Partition | None = None,
                 text_sources: Mapping[str, TextSource] = {}) -> Iterator[Record]:
-    """All records of one recipe source in a deterministic order, or with ``share=(i, n)`` the
-    rows whose position is ``i`` modulo ``n`` (worker ``i`` of ``n`` in a partitioned build).
-    ``text_sources`` are the recipe's ``kind: text`` sources by name, which an anti-haystack
-    ``haystack`` entry may name."""
-    worker, workers = share
+    """All records of one recipe source in a deterministic order, or only those of one of its
+    partitions (``longdata.sources.partitions``), with the positions, locations and file labels
+    the whole read gives them. ``text_sources`` are the recipe's ``kind: text`` sources by name,
+    which an anti-haystack ``haystack`` entry may name."""
     if isinstance(source, AntiHaystackSource):
         from longdata.sources import antihaystack
 
@@ -50,25 +50,27 @@ def read_source(source, *, cache_dir: Path, count_tokens: Callable[[str], int],
             count=source.count, min_tokens=source.length_range[0], max_tokens=source.length_range[1],
             depth_range=source.depth_range, needles=source.needles, tasks=source.tasks,
             zh_fraction=source.zh_fraction, seed=source.seed, count_tokens=count_tokens,
-            indices=range(worker, source.count, workers), haystack=haystack)
+            indices=range(*partition.span) if partition else None, haystack=haystack)
         return
-    if isinstance(source, TextSource):
+    if partition is not None:
+        files = [(partition.label, iter_partition_rows(partition))]
+    elif isinstance(source, TextSource):
         files = text.iter_files(resolve_path(source, cache_dir), glob=source.glob, split=source.split)
+    else:
+        files = iter_source_files(resolve_path(source, cache_dir), source.split)
+    if isinstance(source, TextSource):
 
         def make(row, location: str, position: int, file: str) -> Record:
             return text.make_document(row, location, position, source.text_field, file)
     else:
-        files = iter_source_files(resolve_path(source, cache_dir), source.split)
         parse = PARSERS[schema_of(source)]
 
         def make(row, location: str, position: int, file: str) -> Record:
             return Conversation(parse(row), location, position=position, file=file)
-    position = -1
+    position = (partition.first_position if partition else 0) - 1
     for file, rows in files:
         for item in rows:
             position += 1
-            if position % workers != worker:
-                continue
             if isinstance(item, Quarantined):
                 yield dataclasses.replace(item, file=file)
                 continue
@@ -126,7 +128,7 @@ def resolve_path(source: FileSource, cache_dir: Path) -> str:
         f"{schema}-n{spec.rows}-c{spec.min_chars}-{spec.max_chars}-zh{spec.zh_fraction}-s{spec.seed}{suffix}")
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
-        # Workers of a partitioned build may race to make the same file: each writes its own.
+        # Concurrent builds sharing a cache may race to make the same file: each writes its own.
         partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
         writer(partial, spec.rows, seed=spec.seed, min_chars=spec.min_chars,
                max_chars=spec.max_chars, zh_fraction=spec.zh_fraction)

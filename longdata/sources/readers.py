@@ -9,6 +9,10 @@ bad line and materialises JSON arrays in memory; hub ids go through ``datasets``
 A file's layout comes from its name, never from its first line: ``.jsonl`` is one JSON value per
 line; ``.json`` (or no known suffix) is one top-level array when it opens with ``[`` and JSON lines
 otherwise; ``.parquet`` is Parquet.
+
+Each reader can also read one source partition's share of a file (``longdata.sources.partitions``):
+JSONL a byte range of whole lines, Parquet a range of row groups, a hub dataset a group of its
+data files; locations stay those of the whole read.
 """
 
 from __future__ import annotations
@@ -45,37 +49,52 @@ def iter_rows(path: str, split: str = "train") -> Iterator[Row]:
 def iter_source_files(path: str, split: str = "train") -> Iterator[tuple[str, Iterator[Row]]]:
     """(file label, its rows) for each file of a source, in a fixed order. A file is labelled by
     its path inside the source directory (its name for a single file, the id for a hub dataset)."""
+    files = local_files(path)
+    if files is None:
+        yield path, iter_hub_rows(path, split)
+    for label, file in files or ():
+        yield label, iter_file_rows(file, label)
+
+
+def local_files(path: str) -> list[tuple[str, Path]] | None:
+    """(label, file) for each data file of a local file or directory, in reading order; None
+    for a hub id."""
     local = Path(path)
     if local.is_dir():
         files = sorted(p for p in local.rglob("*") if p.suffix in LOCAL_SUFFIXES and p.is_file())
         if not files:
             raise FileNotFoundError(f"{path}: directory holds no {', '.join(LOCAL_SUFFIXES)} files")
-        for file in files:
-            label = file.relative_to(local).as_posix()
-            yield label, iter_file_rows(file, label)
-    elif local.exists():
-        yield local.name, iter_file_rows(local)
-    else:
-        yield path, iter_hub_rows(path, split)
+        return [(file.relative_to(local).as_posix(), file) for file in files]
+    return [(local.name, local)] if local.exists() else None
+
+
+def file_layout(path: Path) -> str:
+    """``parquet``, ``jsonl`` or ``json_array``: how a local data file is read."""
+    if path.suffix == ".parquet":
+        return "parquet"
+    if path.suffix == ".jsonl":
+        return "jsonl"
+    with path.open("rb") as handle:
+        head = handle.read(4096).removeprefix(BOM.encode()).lstrip()
+    return "json_array" if head.startswith(b"[") else "jsonl"
 
 
 def iter_file_rows(path: Path, label: str | None = None) -> Iterator[Row]:
     """Rows of one file; locations start with ``label`` (default: the file's name)."""
-    if path.suffix == ".parquet":
-        yield from iter_parquet(path, label)
-    elif path.suffix == ".jsonl":
-        yield from iter_jsonl(path, label)
-    else:
-        with path.open("rb") as handle:
-            head = handle.read(4096).removeprefix(BOM.encode()).lstrip()
-        yield from iter_json_array(path, label) if head.startswith(b"[") else iter_jsonl(path, label)
+    readers = {"parquet": iter_parquet, "jsonl": iter_jsonl, "json_array": iter_json_array}
+    yield from readers[file_layout(path)](path, label)
 
 
-def iter_jsonl(path: Path, label: str | None = None) -> Iterator[Row]:
-    name = label or path.name
+def iter_jsonl(path: Path, label: str | None = None, byte_range: tuple[int, int | None] = (0, None),
+               first_line: int = 1) -> Iterator[Row]:
+    """Rows of the lines that start inside ``byte_range`` (a source partition's share: its
+    bounds are line starts), numbered from ``first_line``."""
+    name, (start, stop) = label or path.name, byte_range
     with path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            if number == 1:
+        handle.seek(start)
+        lines = handle if stop is None else _lines_before(handle, stop - start)
+        for number, raw in enumerate(lines, start=first_line):
+            if number == first_line and start == 0:
                 raw = raw.removeprefix(BOM.encode())
             if not raw.strip():
                 continue
@@ -92,6 +111,16 @@ def iter_jsonl(path: Path, label: str | None = None) -> Iterator[Row]:
                 yield Quarantined(location, f"invalid JSON: {exc.msg} at column {exc.colno}", text[:PREVIEW_CHARS])
             except RecursionError:
                 yield Quarantined(location, "JSON nested too deeply to decode", text[:PREVIEW_CHARS])
+
+
+def _lines_before(handle, limit: int) -> Iterator[bytes]:
+    """The lines of ``handle`` within its next ``limit`` bytes."""
+    while limit > 0:
+        line = handle.readline()
+        if not line:
+            return
+        limit -= len(line)
+        yield line
 
 
 class _Window:
@@ -246,15 +275,21 @@ def _has_undecodable_bytes(text: str) -> bool:
     return not text.isascii() and _UNDECODABLE_BYTE.search(text) is not None
 
 
-def iter_parquet(path: Path, label: str | None = None) -> Iterator[Row]:
-    """Rows of a Parquet file. A file pyarrow cannot read (corrupt, truncated) is quarantined as
-    one row from where reading stopped: its remaining row count may be unknowable."""
+def iter_parquet(path: Path, label: str | None = None, row_groups: range | None = None) -> Iterator[Row]:
+    """Rows of a Parquet file, or of the row groups ``row_groups`` only (a source partition's
+    share), indexed by their row number in the whole file. A file pyarrow cannot read (corrupt,
+    truncated) is quarantined as one row from where reading stopped: its remaining row count may
+    be unknowable."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     name, index = label or path.name, 0
     try:
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=256):
+        file = pq.ParquetFile(path)
+        if row_groups is not None:
+            index = sum(file.metadata.row_group(g).num_rows for g in range(row_groups.start))
+        groups = list(row_groups) if row_groups is not None else None
+        for batch in file.iter_batches(batch_size=256, row_groups=groups):
             for row in batch.to_pylist():
                 yield f"{name}[{index}]", row
                 index += 1
@@ -264,14 +299,23 @@ def iter_parquet(path: Path, label: str | None = None) -> Iterator[Row]:
                           f"{str(exc)[:300]}); {where} quarantined", "")
 
 
-def iter_hub_rows(dataset_id: str, split: str) -> Iterator[Row]:
-    """A hub dataset (or anything ``datasets.load_dataset`` accepts), streamed row by row."""
+def open_hub_dataset(dataset_id: str, split: str):
+    """The streaming ``datasets.IterableDataset`` of a hub id (or anything ``load_dataset`` takes)."""
     import datasets
 
     try:
-        rows = datasets.load_dataset(dataset_id, split=split, streaming=True)
+        return datasets.load_dataset(dataset_id, split=split, streaming=True)
     except Exception as exc:  # the hub raises many types; the user needs the id and the reason
         raise FileNotFoundError(f"{dataset_id}: not a local path and not loadable with "
                                 f"datasets.load_dataset ({type(exc).__name__}: {exc})") from exc
-    for index, row in enumerate(rows):
+
+
+def iter_hub_rows(dataset_id: str, split: str, shards: tuple[int, int] | None = None,
+                  first_index: int = 0) -> Iterator[Row]:
+    """A hub dataset streamed row by row; with ``shards=(i, n)`` only the i-th of n contiguous
+    groups of its data files (a source partition's share), indexed from ``first_index``."""
+    rows = open_hub_dataset(dataset_id, split)
+    if shards is not None:
+        rows = rows.shard(num_shards=shards[1], index=shards[0], contiguous=True)
+    for index, row in enumerate(rows, start=first_index):
         yield f"{dataset_id}[{index}]", row

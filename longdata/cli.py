@@ -226,8 +226,9 @@ def inspect(
     render(view, out, plain=True if plain else None)
 
 
-# The trainer is its own package (it reads only the row schema and manifest); its commands are
-# mounted here so users have one entry point.
+# The trainer is its own package (it reads only the row schema and manifest) and the evals sit
+# above both; their commands are mounted here so users have one entry point.
+from evals import cli as evals_cli  # noqa: E402
 from trainer import cli as trainer_cli  # noqa: E402
 
 app.command("train")(trainer_cli.train)
@@ -237,8 +238,8 @@ eval_app = _typer(
     "Evaluate a trained model: `longdata eval niah` (needle-in-a-haystack retrieval over a "
     "grid of context lengths x needle depths, with a heatmap) and `longdata eval loss` "
     "(validation loss of a build per source and length bucket). See docs/EVAL.md.")
-eval_app.command("niah")(trainer_cli.eval_niah)
-eval_app.command("loss")(trainer_cli.eval_loss)
+eval_app.command("niah")(evals_cli.eval_niah)
+eval_app.command("loss")(evals_cli.eval_loss)
 app.add_typer(eval_app, name="eval")
 
 

@@ -41,7 +41,7 @@ def train(
     model: Annotated[
         str,
         typer.Option(
-            help="Preset (tiny-llama, tiny-qwen2: random init, vocab from the build), "
+            help="Preset (tiny-llama, tiny-qwen2, niah-tiny: random init, vocab from the build), "
             "a local Hugging Face checkpoint, or a hub id.",
         ),
     ] = "tiny-llama",

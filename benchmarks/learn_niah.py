@@ -13,12 +13,11 @@ One run, end to end:
    1, plus the no-needle control.
 3. Trains it from scratch with the bundled trainer (per-document masks, token_mean loss) and
    evaluates it again on the same grid, then at 4K, longer than any training sample.
-4. Ablations, each trained from the same init on the same rows for `--ablation-steps`
-   steps and evaluated on the same grid: packing *without* per-document masks (each row is
-   one causal sequence with positions running across samples: samples attend to each
-   other; the loss still scores only each sample's answer), and the `sequence_mean` loss.
-   The main configuration is also trained for `--ablation-steps`, so the ablations compare
-   like with like.
+4. Ablations, each trained from the same init on the same rows for as many steps and
+   evaluated on the same grid: packing *without* per-document masks (each row is one causal
+   sequence with positions running across samples: samples attend to each other; the loss
+   still scores only each sample's answer), and the `sequence_mean` loss. `--jobs 3` trains
+   the three side by side in three processes (each on its own copy of the build).
 
 Writes OUT/summary.md (the tables), OUT/summary.json, and per run OUT/<run>/{before,after,
 longer}/ (results.csv, results.json, heatmap.png). Held-out: eval prompts are drawn in the
@@ -29,8 +28,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import shutil
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from functools import partial
@@ -66,7 +68,8 @@ class Settings:
     short_lengths: tuple[int, int] = (200, 900)
     row_tokens: int = 4096
     steps: int = 1500
-    ablation_steps: int = 600
+    ablations: bool = True
+    jobs: int = 1  # training runs in parallel processes
     batch_size: int = 1
     lr: float = 1e-3
     warmup_steps: int = 50
@@ -152,9 +155,8 @@ def packing_without_masks():
 @dataclass(frozen=True)
 class Run:
     name: str
-    steps: int
     loss: str = "token_mean"
-    masks: bool = True
+    masks: bool = True  # False: packed samples attend to each other
 
 
 def build_data(settings: Settings) -> Path:
@@ -174,7 +176,7 @@ def train_run(settings: Settings, build_dir: Path, run: Run) -> tuple[Path, list
         out_dir=str(Path(settings.out) / run.name),
         model=PRESET,
         attention="sdpa_varlen",
-        steps=run.steps,
+        steps=settings.steps,
         batch_size=settings.batch_size,
         lr=settings.lr,
         warmup_steps=settings.warmup_steps,
@@ -227,56 +229,69 @@ def _summary_row(name: str, report: NiahReport) -> dict[str, Any]:
     }
 
 
+RUNS = (
+    Run("main"),
+    Run("no_masks", masks=False),
+    Run("sequence_mean", loss="sequence_mean"),
+)
+
+
+def train_and_evaluate(settings: Settings, build_dir: Path, run: Run) -> dict[str, Any]:
+    """One training run from the seeded init, then its evals: a summary row."""
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    out = Path(settings.out) / run.name
+    # A private copy: streaming refuses two unrelated readers of one local directory.
+    own_build = out / "build"
+    if not own_build.exists():
+        shutil.copytree(build_dir, own_build)
+    tokenizer = load_build_tokenizer(own_build)
+    print(f"training {run.name} ({settings.steps} steps)", file=sys.stderr)
+    checkpoint, losses, train_seconds = train_run(settings, own_build, run)
+    model = load_model(str(checkpoint), "sdpa_varlen").eval()
+    clock = time.perf_counter()
+    after = evaluate(model, tokenizer, settings, settings.eval_lengths, run.name, out / "after")
+    row = {
+        **asdict(run),
+        **_summary_row(run.name, after),
+        "steps": settings.steps,
+        "final_loss": sum(losses[-50:]) / len(losses[-50:]),
+        "train_seconds": round(train_seconds, 1),
+    }
+    if run.name == "main":
+        longer = evaluate(
+            model, tokenizer, settings, [settings.longer_length], f"{run.name}@longer",
+            out / "longer",
+        )
+        row["longer"] = _summary_row(f"{run.name} at {settings.longer_length}", longer)
+    row["eval_seconds"] = round(time.perf_counter() - clock, 1)
+    return row
+
+
 def experiment(settings: Settings) -> dict[str, Any]:
     if settings.threads:
         torch.set_num_threads(settings.threads)
     out = Path(settings.out)
-    clock = time.perf_counter()
+    started = time.perf_counter()
     build_dir = build_data(settings)
     tokenizer = load_build_tokenizer(build_dir)
-    seconds = {"build": round(time.perf_counter() - clock, 1)}
-    vocab = len(tokenizer)
-
-    before = load_model(PRESET, "sdpa_varlen", vocab_size=vocab, seed=settings.seed).eval()
-    loop._use_build_special_tokens(before, loop.Manifest.read(build_dir))
-    results: dict[str, Any] = {"settings": asdict(settings), "seconds": seconds}
-    print("before training:", file=sys.stderr)
-    clock = time.perf_counter()
-    initial = evaluate(before, tokenizer, settings, settings.eval_lengths, "init", out / "init")
-    seconds["eval_init"] = round(time.perf_counter() - clock, 1)
-    results["before"] = _summary_row("random init", initial)
-
-    runs = [Run("main", settings.steps)]
-    if settings.ablation_steps:
-        runs += [
-            Run("masks_token_mean", settings.ablation_steps),
-            Run("no_masks_token_mean", settings.ablation_steps, masks=False),
-            Run("masks_sequence_mean", settings.ablation_steps, loss="sequence_mean"),
-        ]
-    results["runs"] = []
-    for run in runs:
-        print(f"training {run.name} ({run.steps} steps):", file=sys.stderr)
-        checkpoint, losses, train_seconds = train_run(settings, build_dir, run)
-        model = load_model(str(checkpoint), "sdpa_varlen").eval()
-        clock = time.perf_counter()
-        after = evaluate(
-            model, tokenizer, settings, settings.eval_lengths, run.name, out / run.name / "after"
+    results: dict[str, Any] = {
+        "settings": asdict(settings), "seconds": {"build": round(time.perf_counter() - started, 1)}
+    }
+    runs = list(RUNS if settings.ablations else RUNS[:1])
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max(1, settings.jobs), mp_context=context) as pool:
+        futures = [pool.submit(train_and_evaluate, settings, build_dir, run) for run in runs]
+        # The random init, evaluated while the runs train.
+        before = load_model(PRESET, "sdpa_varlen", vocab_size=len(tokenizer), seed=settings.seed)
+        loop._use_build_special_tokens(before, loop.Manifest.read(build_dir))
+        initial = evaluate(
+            before.eval(), tokenizer, settings, settings.eval_lengths, "init", out / "init"
         )
-        row = {
-            **asdict(run),
-            **_summary_row(run.name, after),
-            "final_loss": sum(losses[-20:]) / len(losses[-20:]),
-            "train_seconds": round(train_seconds, 1),
-        }
-        if run.name == "main":
-            longer = evaluate(
-                model, tokenizer, settings, [settings.longer_length], f"{run.name}@longer",
-                out / run.name / "longer",
-            )
-            row["longer"] = _summary_row(f"{run.name} at {settings.longer_length}", longer)
-        row["eval_seconds"] = round(time.perf_counter() - clock, 1)
-        results["runs"].append(row)
-        (out / "summary.json").write_text(json.dumps(results, indent=2) + "\n")
+        results["before"] = _summary_row("random init", initial)
+        results["runs"] = [future.result() for future in futures]
+    results["seconds"]["total"] = round(time.perf_counter() - started, 1)
+    (out / "summary.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "summary.md").write_text(summary_markdown(results))
     return results
 
@@ -323,8 +338,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", default=defaults.out)
     parser.add_argument("--items", type=int, default=defaults.items)
     parser.add_argument("--steps", type=int, default=defaults.steps)
+    parser.add_argument("--no-ablations", action="store_true", help="train the main run only")
     parser.add_argument(
-        "--ablation-steps", type=int, default=defaults.ablation_steps, help="0: no ablations"
+        "--jobs", type=int, default=defaults.jobs, help="training runs in parallel processes"
     )
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--samples-per-cell", type=int, default=defaults.samples_per_cell)
@@ -340,7 +356,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         out=args.out,
         items=args.items,
         steps=args.steps,
-        ablation_steps=args.ablation_steps,
+        ablations=not args.no_ablations,
+        jobs=args.jobs,
         lr=args.lr,
         samples_per_cell=args.samples_per_cell,
         eval_lengths=tuple(int(n) for n in args.eval_lengths.split(",")),

@@ -5,7 +5,9 @@
         --max-steps 100 --out runs/hf-trainer
 
 `--model tiny-llama` (the default) trains a random 2-layer Llama sized to the build's
-vocabulary, on a CPU in seconds. The build's packed rows are fed as they are: `BuildRows`
+vocabulary, on a CPU in seconds. `--trainer trl` runs TRL's `SFTTrainer` instead (`pip install
+trl`), on the same rows and batches: the rows are already tokenized, templated and packed, so
+its own dataset preparation is skipped. The build's packed rows are fed as they are: `BuildRows`
 reads them and `PackedCollator` concatenates a batch into one padding-free sequence whose
 `position_ids` restart at every sample and whose `cu_seq_lens_*` mark the samples, so no sample
 attends to another (see trainer/hf.py for which attention implementation honours what; use
@@ -38,6 +40,25 @@ def load_causal_lm(name: str, vocab_size: int, attn_implementation: str):
     return AutoModelForCausalLM.from_pretrained(name, attn_implementation=attn_implementation)
 
 
+def trl_trainer(model, args, rows: BuildRows, training_args: dict):
+    """TRL's SFTTrainer on the build's rows: it takes only `datasets` datasets, and a tokenizer
+    (the build's), which with `skip_prepare_dataset` it uses for nothing but special tokens."""
+    import datasets
+    from trl import SFTConfig, SFTTrainer
+
+    from trainer.tokenizer import load_build_tokenizer
+
+    dataset = datasets.IterableDataset.from_generator(rows.__iter__)
+    config = SFTConfig(
+        **training_args, dataset_kwargs={"skip_prepare_dataset": True}, max_length=None,
+        bf16=False,
+    )
+    return SFTTrainer(
+        model=model, args=config, train_dataset=dataset, data_collator=PackedCollator(),
+        processing_class=load_build_tokenizer(args.build),
+    )
+
+
 def main(argv: list[str] | None = None) -> object:
     from transformers import Trainer, TrainingArguments
 
@@ -50,12 +71,13 @@ def main(argv: list[str] | None = None) -> object:
     parser.add_argument("--rows-per-batch", type=int, default=1)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--out", default="runs/hf-trainer")
+    parser.add_argument("--trainer", choices=("transformers", "trl"), default="transformers")
     args = parser.parse_args(argv)
 
     rows = BuildRows(args.build, args.split, shuffle=True)
     model = load_causal_lm(args.model, rows.manifest.vocab_size, args.attn_implementation)
     prepare_for_packed_batches(model)  # no KV cache: sdpa/eager then honour the boundaries
-    training_args = TrainingArguments(
+    training_args = dict(
         output_dir=args.out,
         max_steps=args.max_steps,
         per_device_train_batch_size=args.rows_per_batch,
@@ -69,9 +91,13 @@ def main(argv: list[str] | None = None) -> object:
         dataloader_num_workers=0,
         dataloader_pin_memory=False,  # rows are small; pinning only matters for a GPU copy
     )
-    trainer = Trainer(
-        model=model, args=training_args, train_dataset=rows, data_collator=PackedCollator()
-    )
+    if args.trainer == "trl":
+        trainer = trl_trainer(model, args, rows, training_args)
+    else:
+        trainer = Trainer(
+            model=model, args=TrainingArguments(**training_args), train_dataset=rows,
+            data_collator=PackedCollator(),
+        )
     result = trainer.train()
     trainer.save_model(args.out)
     print(f"{result.global_step} steps, final training loss {result.training_loss:.4f}")

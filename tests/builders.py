@@ -91,3 +91,21 @@ def two_bucket_build(out: Path, vocab_size: int, long_lengths: tuple[int, int], 
     short = [make_row(rng.integers(2, 12, 4).tolist(), rng, vocab_size) for _ in range(10)]
     long = [make_row(rng.integers(*long_lengths, 2).tolist(), rng, vocab_size) for _ in range(6)]
     return write_build(out, {"le_0048": short, f"le_{max_seq_len:04d}": long}, vocab_size, max_seq_len)
+
+
+def use_quickstart_tokenizer(build: Path, sha256: str | None = None) -> Path:
+    """Make the build's manifest name the bundled quickstart tokenizer (its real digest, unless
+    ``sha256`` says otherwise), as a build tokenized with it records."""
+    from transformers import AutoTokenizer
+
+    from longdata.templates import tokenizer_digest
+    from longdata.tokenizer_assets import ASSET_DIR
+
+    tokenizer = AutoTokenizer.from_pretrained(str(ASSET_DIR))
+    manifest = json.loads((build / "manifest.json").read_text())
+    manifest["tokenizer"].update(
+        name="builtin:quickstart", path=str(ASSET_DIR), sha256=sha256 or tokenizer_digest(tokenizer),
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    (build / "manifest.json").write_text(json.dumps(manifest))
+    return build

@@ -21,7 +21,7 @@ from evals.niah.report import format_length
 from evals.niah.scoring import GenerateScorer, LoglikScorer, contains_codes, evaluate
 from longdata.templates import tokenizer_digest
 from longdata.tokenizer_assets import ASSET_DIR, CHAT_TEMPLATE
-from tests.builders import make_row, write_build
+from tests.builders import make_row, use_quickstart_tokenizer, write_build
 from trainer import cli as trainer_cli
 from trainer import load_model
 from trainer.data import Manifest
@@ -530,21 +530,15 @@ def test_eval_loss_without_validation_rows(tmp_path: Path) -> None:
 # The trainer saves the build's tokenizer
 
 
-def _build_with_tokenizer(tmp_path: Path, tokenizer, sha256: str | None = None) -> Path:
+def _build_with_tokenizer(tmp_path: Path, sha256: str | None = None) -> Path:
     rng = np.random.default_rng(0)
     rows = [make_row(rng.integers(2, 20, 3).tolist(), rng, 300) for _ in range(2)]
     build = write_build(tmp_path / "build", {"le_0064": rows}, 16_384, 64)
-    manifest = json.loads((build / "manifest.json").read_text())
-    manifest["tokenizer"].update(
-        name="builtin:quickstart", path=str(ASSET_DIR), sha256=sha256 or tokenizer_digest(
-            tokenizer), eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
-    )
-    (build / "manifest.json").write_text(json.dumps(manifest))
-    return build
+    return use_quickstart_tokenizer(build, sha256)
 
 
 def test_trainer_saves_the_build_tokenizer(tmp_path: Path, tokenizer) -> None:
-    build = _build_with_tokenizer(tmp_path, tokenizer)
+    build = _build_with_tokenizer(tmp_path)
     out = tmp_path / "run"
     result = CliRunner().invoke(app, ["train", str(build), "--steps", "1", "--out", str(out)])
     assert result.exit_code == 0, result.output
@@ -557,7 +551,7 @@ def test_trainer_saves_the_build_tokenizer(tmp_path: Path, tokenizer) -> None:
 
 
 def test_trainer_refuses_a_tokenizer_that_is_not_the_builds(tmp_path: Path, tokenizer) -> None:
-    build = _build_with_tokenizer(tmp_path, tokenizer, sha256="0" * 64)
+    build = _build_with_tokenizer(tmp_path, sha256="0" * 64)
     out = tmp_path / "run"
     result = CliRunner().invoke(app, ["train", str(build), "--steps", "1", "--out", str(out)])
     assert result.exit_code == 0, result.output  # a finished run is kept

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from tests.builders import make_row, write_build
+from tests.builders import make_row, use_quickstart_tokenizer, write_build
 from trainer.hf import BuildRows, PackedCollator, packed_batch, prepare_for_packed_batches
 
 VOCAB = 300
@@ -171,3 +171,19 @@ def test_example_trains_with_the_stock_trainer(tmp_path: Path) -> None:
     saved = json.loads((out / "config.json").read_text())
     assert saved["vocab_size"] == VOCAB
     assert (out / "model.safetensors").is_file()
+
+
+def test_example_trains_with_trls_sft_trainer(tmp_path: Path) -> None:
+    pytest.importorskip("trl", reason="TRL is in the bench extra")
+    import importlib
+
+    rng = np.random.default_rng(4)
+    rows = [make_row([30, 20], rng, VOCAB), make_row([64], rng, VOCAB)]
+    build = use_quickstart_tokenizer(write_build(tmp_path / "build", {"le_0064": rows}, 16_384, 64))
+    example = importlib.import_module("examples.train_with_hf_trainer")
+    trainer = example.main([
+        str(build), "--trainer", "trl", "--max-steps", "2", "--out", str(tmp_path / "run"),
+    ])
+    assert type(trainer).__name__ == "SFTTrainer" and trainer.state.global_step == 2
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 2 and all(np.isfinite(losses))

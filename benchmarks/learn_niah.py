@@ -5,9 +5,9 @@
 
 One run, end to end:
 
-1. Builds an anti-haystack-heavy recipe (`recipe()`): English needle tasks of 900-2,100 tokens
-   (the trained lengths, 1K-2K) plus shorter ones of 200-900 tokens, packed into rows of
-   4,096 tokens (two to four samples a row).
+1. Builds an anti-haystack recipe (`recipe()`): 1,200 English needle tasks of 900-2,100
+   tokens (the trained lengths, 1K-2K) and 8,000 shorter ones of 64-512 tokens (cheap
+   retrieval practice with many answer tokens), packed into rows of 4,096 tokens.
 2. Evaluates the random-init model (`niah-tiny` preset) with `longdata eval niah`'s pieces
    (`evals.niah.run.run_niah`, generate mode) on held-out seeds: lengths 1K and 2K, depths 0 to
    1, plus the no-needle control.
@@ -63,15 +63,16 @@ class Settings:
     """Everything the experiment depends on; written to OUT/summary.json."""
 
     out: str = "runs/learn-niah"
-    items: int = 4000  # needle items per source (two sources: trained lengths, shorter)
+    items: int = 1200  # needle items at the trained lengths
     trained_lengths: tuple[int, int] = (900, 2100)  # item tokens, before the chat template
-    short_lengths: tuple[int, int] = (200, 900)
+    short_items: int = 8000  # shorter needle items: cheap retrieval practice, many targets
+    short_lengths: tuple[int, int] = (64, 512)
     row_tokens: int = 4096
-    steps: int = 1500
+    steps: int = 700
     ablations: bool = True
     jobs: int = 1  # training runs in parallel processes
     batch_size: int = 1
-    lr: float = 1e-3
+    lr: float = 3e-3
     warmup_steps: int = 50
     eval_lengths: tuple[int, ...] = (1024, 2048)
     longer_length: int = 4096
@@ -86,11 +87,11 @@ def recipe(settings: Settings) -> dict[str, Any]:
     """The build: anti-haystack needle tasks only, English, one needle per item."""
     out = Path(settings.out)
 
-    def needles(name: str, lengths: tuple[int, int], seed: int) -> dict[str, Any]:
+    def needles(name: str, count: int, lengths: tuple[int, int], seed: int) -> dict[str, Any]:
         return {
             "name": name,
             "kind": "antihaystack",
-            "count": settings.items,
+            "count": count,
             "length_range": list(lengths),
             "depth_range": [0.0, 1.0],
             "needles": [1, 1],
@@ -104,8 +105,8 @@ def recipe(settings: Settings) -> dict[str, Any]:
         "seed": settings.seed,
         "tokenizer": {"name": "builtin:quickstart"},
         "sources": [
-            needles("needles_1k_2k", settings.trained_lengths, 1),
-            needles("needles_short", settings.short_lengths, 2),
+            needles("needles_1k_2k", settings.items, settings.trained_lengths, 1),
+            needles("needles_short", settings.short_items, settings.short_lengths, 2),
         ],
         "packing": {
             "max_seq_len": settings.row_tokens,
@@ -337,6 +338,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--out", default=defaults.out)
     parser.add_argument("--items", type=int, default=defaults.items)
+    parser.add_argument("--short-items", type=int, default=defaults.short_items)
     parser.add_argument("--steps", type=int, default=defaults.steps)
     parser.add_argument("--no-ablations", action="store_true", help="train the main run only")
     parser.add_argument(
@@ -355,6 +357,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         defaults,
         out=args.out,
         items=args.items,
+        short_items=args.short_items,
         steps=args.steps,
         ablations=not args.no_ablations,
         jobs=args.jobs,

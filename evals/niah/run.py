@@ -44,10 +44,14 @@ class NiahSpec:
             raise EvalInputError("--mode", f"choose from {', '.join(MODES)}, not {self.mode!r}")
         if self.lang not in LANGS:
             raise EvalInputError("--lang", f"choose from {', '.join(LANGS)}, not {self.lang!r}")
-        if min(self.samples_per_cell, self.max_new_tokens, self.distractors) < 1:
-            raise EvalInputError(
-                "--samples-per-cell", "samples per cell, new tokens and distractors must be >= 1"
-            )
+        counts = {
+            "--samples-per-cell": self.samples_per_cell,
+            "--max-new-tokens": self.max_new_tokens,
+            "--distractors": self.distractors,
+        }
+        for option, value in counts.items():
+            if value < 1:
+                raise EvalInputError(option, f"must be >= 1, got {value}")
         if not self.lengths or not self.depths:
             raise EvalInputError("--lengths", "the grid needs at least one length and one depth")
 

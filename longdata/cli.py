@@ -230,7 +230,7 @@ def inspect(
 def export(
     build_dir: Path = typer.Argument(..., help="A build directory (holds manifest.json)."),
     out: Path = typer.Option(..., "--out", help="Output directory: missing, empty, or an earlier export."),
-    format: str = typer.Option("parquet", "--format", help="parquet (OUT/<split>.parquet) or hf "
+    format: str = typer.Option("parquet", "--format", help="parquet (OUT/SPLIT.parquet) or hf "
                                "(a datasets.load_from_disk dataset, one split per build split)."),
     split: str | None = typer.Option(None, "--split", help="Export only this split (default: all)."),
     with_labels: bool = typer.Option(False, "--with-labels", help="Add labels (-100 outside targets and "

@@ -584,12 +584,14 @@ def test_eval_niah_cli_with_a_real_haystack(tmp_path: Path, model_dir: Path) -> 
     chinese = CliRunner().invoke(app, ["eval", "niah", "--model", str(model_dir), "--haystack",
                                        str(essay), "--lang", "zh", "--out", str(out)])
     assert chinese.exit_code == 2 and "no zh text" in chinese.output, chinese.output
-def test_the_saved_tokenizer_renders_with_the_recipes_template_kwargs(tmp_path: Path, tokenizer) -> None:
+
+
+def test_the_saved_tokenizer_renders_with_the_recipes_template_kwargs(tmp_path: Path) -> None:
     """A checkpoint renders prompts as its build did: eval niah and any other tool loading it get
     the recipe's chat_template_kwargs without being told."""
     from trainer.tokenizer import save_build_tokenizer
 
-    build = _build_with_tokenizer(tmp_path, tokenizer)
+    build = _build_with_tokenizer(tmp_path)
     manifest = json.loads((build / "manifest.json").read_text())
     qwen3 = Path(__file__).parent / "templates" / "qwen3.jinja"
     manifest.setdefault("recipe", {})["tokenizer"] = {

@@ -319,14 +319,10 @@ def export(
 ) -> None:
     """Write a build's packed rows with their columns as Parquet or a Hugging Face dataset, for
     trainers that read those (see docs/ECOSYSTEM.md)."""
-    from longdata.export import ExportError, UploadError, export_build
+    from longdata.export import export_build
 
-    try:
-        result = export_build(build_dir, out, format=format, split=split, with_labels=with_labels,
-                              push_to_hub=push_to_hub, private=private)
-    except (ExportError, UploadError) as exc:
-        console.print(f"[red]error[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2 if isinstance(exc, ExportError) else 1) from None
+    result = export_build(build_dir, out, format=format, split=split, with_labels=with_labels,
+                          push_to_hub=push_to_hub, private=private)
     rows = ", ".join(f"{name} {count:,} rows" for name, count in result.rows.items())
     console.print(f"[green]exported[/green] {rows} to {result.out_dir} ({result.format})", highlight=False)
     if result.pushed_to:

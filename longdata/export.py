@@ -45,9 +45,13 @@ ROWS_PER_GROUP = 256  # Parquet row group / Arrow batch: bounds memory for 128K-
 class ExportError(ValueError):
     """An export that cannot be done as asked (bad split, an output directory not ours)."""
 
+    exit_code = 2
+
 
 class UploadError(RuntimeError):
     """The export is written, but uploading it to the Hub failed."""
+
+    exit_code = 1
 
 
 @dataclass

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from longdata.cli import app
 from longdata.export import ExportError, export_build, labels_and_positions
+from longdata.format import mark_ours, marker_kind
 from tests.builders import make_row, write_build
 
 VOCAB = 512
@@ -90,6 +91,11 @@ def test_export_refuses_a_directory_it_did_not_write(tmp_path: Path) -> None:
     export_build(build, empty)
     export_build(build, empty, format="hf")
     assert not (empty / "train.parquet").exists() and (empty / "dataset_dict.json").is_file()
+    # Another longdata output (a build: marker of another kind) is not an export to replace.
+    mark_ours(build, "build")
+    with pytest.raises(ExportError, match="refusing to overwrite"):
+        export_build(build, build)
+    assert (build / "manifest.json").is_file() and marker_kind(build) == "build"
 
 
 def test_export_cli(tmp_path: Path) -> None:

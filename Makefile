@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP_RUN := $(VENV)/.installed-run
 STAMP_DEV := $(VENV)/.installed-dev
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test bench learn-niah lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,8 +33,12 @@ bench: $(STAMP_DEV)
 	$(BIN)/python benchmarks/build.py
 	$(BIN)/python benchmarks/training.py
 
+# A tiny model learns needle retrieval from a longdata mix on CPU (docs/EVAL.md); ~45 min.
+learn-niah: $(STAMP_RUN)
+	$(BIN)/python benchmarks/learn_niah.py --out runs/learn-niah --jobs 3
+
 lint: $(STAMP_DEV)
-	$(BIN)/ruff check longdata trainer tests benchmarks
+	$(BIN)/ruff check longdata trainer evals tests benchmarks examples
 
 clean:
 	rm -rf build runs .longdata_cache

@@ -303,8 +303,35 @@ def inspect(
     render(view, out, plain=True if plain else None)
 
 
-# The trainer is its own package (it reads only the row schema and manifest); its commands are
-# mounted here so users have one entry point.
+@app.command()
+def export(
+    build_dir: Path = typer.Argument(..., help="A build directory (holds manifest.json)."),
+    out: Path = typer.Option(..., "--out", help="Output directory: missing, empty, or an earlier export."),
+    format: str = typer.Option("parquet", "--format", help="parquet (OUT/SPLIT.parquet) or hf "
+                               "(a datasets.load_from_disk dataset, one split per build split)."),
+    split: str | None = typer.Option(None, "--split", help="Export only this split (default: all)."),
+    with_labels: bool = typer.Option(False, "--with-labels", help="Add labels (-100 outside targets and "
+                                     "at every sample's first token) and position_ids (restarting at "
+                                     "every sample)."),
+    push_to_hub: str | None = typer.Option(None, "--push-to-hub", metavar="REPO",
+                                           help="Then upload it as Hub dataset REPO (needs a token)."),
+    private: bool = typer.Option(False, "--private", help="With --push-to-hub: a private dataset repo."),
+) -> None:
+    """Write a build's packed rows with their columns as Parquet or a Hugging Face dataset, for
+    trainers that read those (see docs/ECOSYSTEM.md)."""
+    from longdata.export import export_build
+
+    result = export_build(build_dir, out, format=format, split=split, with_labels=with_labels,
+                          push_to_hub=push_to_hub, private=private)
+    rows = ", ".join(f"{name} {count:,} rows" for name, count in result.rows.items())
+    console.print(f"[green]exported[/green] {rows} to {result.out_dir} ({result.format})", highlight=False)
+    if result.pushed_to:
+        console.print(f"pushed to {result.pushed_to}", highlight=False)
+
+
+# The trainer is its own package (it reads only the row schema and manifest) and the evals sit
+# above both; their commands are mounted here so users have one entry point.
+from evals import cli as evals_cli  # noqa: E402
 from trainer import cli as trainer_cli  # noqa: E402
 
 app.command("train")(trainer_cli.train)
@@ -315,8 +342,8 @@ eval_app = _typer(
     "Evaluate a trained model: `longdata eval niah` (needle-in-a-haystack retrieval over a "
     "grid of context lengths x needle depths, with a heatmap) and `longdata eval loss` "
     "(validation loss of a build per source and length bucket). See docs/EVAL.md.")
-eval_app.command("niah")(trainer_cli.eval_niah)
-eval_app.command("loss")(trainer_cli.eval_loss)
+eval_app.command("niah")(evals_cli.eval_niah)
+eval_app.command("loss")(evals_cli.eval_loss)
 app.add_typer(eval_app, name="eval")
 
 

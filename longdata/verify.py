@@ -135,7 +135,7 @@ def _verify_stream(stream_dir: Path, max_seq_len: int, n_sources: int, scratch: 
 def iter_stream_rows(stream_dir: Path, scratch: Path, problems: list[str]):
     """(shard path, row index in shard, row) for every row of an MDS stream, in order, after
     checking each shard's size and hashes against the index (failures go to ``problems``).
-    Rows are decoded by streaming's own reader, an independent check of ``longdata.mds``."""
+    Rows are decoded by streaming's own reader, an independent check of ``longdata.format.mds``."""
     from streaming.base.format import reader_from_json
 
     try:

@@ -135,3 +135,21 @@ def assert_rows_accounted(manifest: dict) -> None:
         assert not accounting_problems(source), accounting_problems(source)
         rows = source["rows"]
         assert rows["rows_read"] + rows["turn_samples_added"] == sum(rows[fate] for fate in ROW_FATES)
+
+
+def use_quickstart_tokenizer(build: Path, sha256: str | None = None) -> Path:
+    """Make the build's manifest name the bundled quickstart tokenizer (its real digest, unless
+    ``sha256`` says otherwise), as a build tokenized with it records."""
+    from transformers import AutoTokenizer
+
+    from longdata.format import tokenizer_digest
+    from longdata.tokenizer_assets import ASSET_DIR
+
+    tokenizer = AutoTokenizer.from_pretrained(str(ASSET_DIR))
+    manifest = json.loads((build / "manifest.json").read_text())
+    manifest["tokenizer"].update(
+        name="builtin:quickstart", path=str(ASSET_DIR), sha256=sha256 or tokenizer_digest(tokenizer),
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    (build / "manifest.json").write_text(json.dumps(manifest))
+    return build

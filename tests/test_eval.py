@@ -14,29 +14,25 @@ import typer
 from transformers import AutoTokenizer
 from typer.testing import CliRunner
 
-from longdata import niah
+from evals import cli as evals_cli
+from evals.niah import prompts as niah
+from evals.niah.decoding import continuation_logprobs, greedy_generate
+from evals.niah.report import format_length
+from evals.niah.scoring import GenerateScorer, LoglikScorer, contains_codes, evaluate
 from longdata.format import FORMAT, tokenizer_digest
 from longdata.tokenizer_assets import ASSET_DIR, CHAT_TEMPLATE
-from tests.builders import make_row, write_build
-from trainer import cli, load_model
+from tests.builders import make_row, use_quickstart_tokenizer, write_build
+from trainer import cli as trainer_cli
+from trainer import load_model
 from trainer.data import Manifest
-from trainer.niah import (
-    GenerateScorer,
-    LoglikScorer,
-    contains_codes,
-    continuation_logprobs,
-    evaluate,
-    format_length,
-    greedy_generate,
-)
 from trainer.validation_loss import default_split, evaluate_loss, length_bucket
 
 app = typer.Typer()
 eval_app = typer.Typer()
-eval_app.command("niah")(cli.eval_niah)
-eval_app.command("loss")(cli.eval_loss)
+eval_app.command("niah")(evals_cli.eval_niah)
+eval_app.command("loss")(evals_cli.eval_loss)
 app.add_typer(eval_app, name="eval")
-app.command("train")(cli.train)
+app.command("train")(trainer_cli.train)
 
 
 @pytest.fixture(scope="module")
@@ -222,9 +218,9 @@ def test_eval_needles_never_occur_in_the_quickstart_training_data() -> None:
     assert len(training) >= 28  # 28 of the 48 items are needle tasks, with 1-3 needles each
     for seed in (0, 1):
         for lang in ("en", "zh"):
-            evals = {niah.eval_needle(seed, sample, lang) for sample in range(200)}
-            assert len(evals) > 150
-            assert not evals & training
+            eval_needles = {niah.eval_needle(seed, sample, lang) for sample in range(200)}
+            assert len(eval_needles) > 150
+            assert not eval_needles & training
     # The namespace cannot be selected from a recipe: anti-haystack seeds are integers.
     from longdata.recipe import RecipeError, load_recipe
 
@@ -376,6 +372,13 @@ def test_eval_niah_cli_writes_results_and_heatmap(tmp_path: Path, model_dir: Pat
     assert config["mode"] == "generate" and config["seed_namespace"] == "longdata-eval-niah:0"
     correct = [r["correct"] for r in results["rows"]]
     assert results["accuracy"] == pytest.approx(sum(correct) / len(correct))
+    # Generate mode scores each sample's question with no needle too (chance: one code in
+    # the whole code range).
+    control = results["control"]
+    assert [r["measured_depth"] for r in control["rows"]] == [None, None]
+    assert [r["length"] for r in control["rows"]] == [256, 256]
+    assert config["chance_accuracy"] == pytest.approx(1 / 999_000)
+    assert "2 control(s)" in result.output
 
 
 def test_eval_niah_cli_loglik(tmp_path: Path, model_dir: Path) -> None:
@@ -532,21 +535,15 @@ def test_eval_loss_without_validation_rows(tmp_path: Path) -> None:
 # The trainer saves the build's tokenizer
 
 
-def _build_with_tokenizer(tmp_path: Path, tokenizer, sha256: str | None = None) -> Path:
+def _build_with_tokenizer(tmp_path: Path, sha256: str | None = None) -> Path:
     rng = np.random.default_rng(0)
     rows = [make_row(rng.integers(2, 20, 3).tolist(), rng, 300) for _ in range(2)]
     build = write_build(tmp_path / "build", {"le_0064": rows}, 16_384, 64)
-    manifest = json.loads((build / "manifest.json").read_text())
-    manifest["tokenizer"].update(
-        name="builtin:quickstart", path=str(ASSET_DIR), sha256=sha256 or tokenizer_digest(
-            tokenizer), eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
-    )
-    (build / "manifest.json").write_text(json.dumps(manifest))
-    return build
+    return use_quickstart_tokenizer(build, sha256)
 
 
 def test_trainer_saves_the_build_tokenizer(tmp_path: Path, tokenizer) -> None:
-    build = _build_with_tokenizer(tmp_path, tokenizer)
+    build = _build_with_tokenizer(tmp_path)
     out = tmp_path / "run"
     result = CliRunner().invoke(app, ["train", str(build), "--steps", "1", "--out", str(out)])
     assert result.exit_code == 0, result.output
@@ -559,7 +556,7 @@ def test_trainer_saves_the_build_tokenizer(tmp_path: Path, tokenizer) -> None:
 
 
 def test_trainer_refuses_a_tokenizer_that_is_not_the_builds(tmp_path: Path, tokenizer) -> None:
-    build = _build_with_tokenizer(tmp_path, tokenizer, sha256="0" * 64)
+    build = _build_with_tokenizer(tmp_path, sha256="0" * 64)
     out = tmp_path / "run"
     result = CliRunner().invoke(app, ["train", str(build), "--steps", "1", "--out", str(out)])
     assert result.exit_code == 0, result.output  # a finished run is kept
@@ -587,12 +584,14 @@ def test_eval_niah_cli_with_a_real_haystack(tmp_path: Path, model_dir: Path) -> 
     chinese = CliRunner().invoke(app, ["eval", "niah", "--model", str(model_dir), "--haystack",
                                        str(essay), "--lang", "zh", "--out", str(out)])
     assert chinese.exit_code == 2 and "no zh text" in chinese.output, chinese.output
-def test_the_saved_tokenizer_renders_with_the_recipes_template_kwargs(tmp_path: Path, tokenizer) -> None:
+
+
+def test_the_saved_tokenizer_renders_with_the_recipes_template_kwargs(tmp_path: Path) -> None:
     """A checkpoint renders prompts as its build did: eval niah and any other tool loading it get
     the recipe's chat_template_kwargs without being told."""
     from trainer.tokenizer import save_build_tokenizer
 
-    build = _build_with_tokenizer(tmp_path, tokenizer)
+    build = _build_with_tokenizer(tmp_path)
     manifest = json.loads((build / "manifest.json").read_text())
     qwen3 = Path(__file__).parent / "templates" / "qwen3.jinja"
     manifest.setdefault("recipe", {})["tokenizer"] = {

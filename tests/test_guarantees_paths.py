@@ -513,10 +513,9 @@ def test_the_format_package_needs_no_torch_pydantic_or_numba():
                    env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
-# trainer/cli.py builds a recipe handed to `longdata train` and renders NIAH prompts (over a
-# real-text haystack with `eval niah --haystack`): CLI conveniences, not something the trainer's
-# training or reading of a build depends on.
-CLI_CONVENIENCES = {"longdata.build", "longdata.niah", "longdata.sources.antihaystack"}
+# trainer/cli.py builds a recipe handed to `longdata train`: a CLI convenience, not something the
+# trainer's training or reading of a build depends on. NIAH prompts live in evals/.
+CLI_CONVENIENCES = {"longdata.build"}
 
 
 def test_the_trainer_imports_only_the_format_package_from_longdata():

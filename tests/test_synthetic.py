@@ -417,7 +417,7 @@ def test_haystack_without_text_or_language_is_refused(count_tokens, tmp_path):
 
 
 def test_niah_prompts_over_a_haystack(tokenizer, real_haystack):
-    from longdata import niah
+    from evals.niah import prompts as niah
 
     prompt = niah.build_prompt(tokenizer, length=1024, depth=0.5, sample=0, haystack=real_haystack)
     assert 1024 - niah.length_slack(1024) <= prompt.prompt_tokens <= 1024

@@ -187,7 +187,7 @@ def test_niah_prompt_and_answer_are_the_training_sample(shape, tmp_path, monkeyp
     """An eval prompt followed by its scored answer is, token for token, what training builds
     from [user: the prompt's text, assistant: the needle sentence], and the answer is exactly
     its target: the model is scored on the format it was trained to write."""
-    from longdata import niah
+    from evals.niah import prompts as niah
 
     tokenizer = shaped_tokenizer(shape, "ids")
     user_of = {}

@@ -54,8 +54,8 @@ class TrainConfig:
     )
     model: str = _setting(
         "tiny-llama",
-        "Preset (tiny-llama, tiny-qwen2: random init, vocab from the build), a local Hugging "
-        "Face checkpoint, or a hub id.",
+        "Preset (tiny-llama, tiny-qwen2, niah-tiny: random init, vocab from the build), a local "
+        "Hugging Face checkpoint, or a hub id.",
     )
     attention: str = _setting(
         "auto",

@@ -19,7 +19,7 @@ from pathlib import Path, PurePosixPath
 MARKER_FILE = ".longdata"
 SLUG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}$")
 # What a marker says the directory is; `is_ours(path, kind)` checks it.
-KINDS = ("build", "partial", "card")
+KINDS = ("build", "partial", "card", "export")
 
 
 class UnsafePathError(ValueError):
@@ -52,7 +52,8 @@ def inside(base: str | Path, relative: str) -> Path:
 
 
 def mark_ours(directory: Path, kind: str) -> None:
-    """Record that longdata made ``directory`` (a build, a build being assembled, or a card)."""
+    """Record that longdata made ``directory`` (a build, a build being assembled, a card, or an
+    export)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}")
     (directory / MARKER_FILE).write_text(json.dumps({"written_by": "longdata", "kind": kind}) + "\n")

@@ -57,7 +57,7 @@ class Rendered:
         return f"{self.document}\n\n{self.question}"
 
 
-def _join(paragraphs: Paragraphs, lang: Lang) -> list[str]:
+def join_paragraphs(paragraphs: Paragraphs, lang: Lang) -> list[str]:
     separator = synthetic.sentence_separator(lang)
     return [separator.join(sentences) for sentences in paragraphs]
 
@@ -75,7 +75,7 @@ class NeedleTask:
     codes: tuple[int, ...]
     requested_depths: tuple[float, ...]
 
-    def _needle(self, subject: str, code: int) -> str:
+    def needle_sentence(self, subject: str, code: int) -> str:
         if self.lang == "en":
             return f"The secret code of the {subject} is {code}."
         return f"{subject}的秘密代码是{code}。"
@@ -93,7 +93,7 @@ class NeedleTask:
         return f"{listed}的秘密代码分别是多少？"
 
     def render(self, paragraphs: Paragraphs) -> Rendered:
-        needles = [self._needle(s, c) for s, c in zip(self.subjects, self.codes)]
+        needles = [self.needle_sentence(s, c) for s, c in zip(self.subjects, self.codes)]
         separator = synthetic.sentence_separator(self.lang)
         # Every place a sentence may be inserted: (char offset in the joined text, para, index).
         slots: list[tuple[int, int, int]] = []
@@ -118,7 +118,7 @@ class NeedleTask:
         # Insert back to front so that earlier slot indices stay valid.
         for p, s, needle in sorted(placements, key=lambda x: (x[0], x[1]), reverse=True):
             planted[p].insert(s, needle)
-        document = "\n\n".join(_join(planted, self.lang))
+        document = "\n\n".join(join_paragraphs(planted, self.lang))
         return Rendered(
             document, self._question(), separator.join(needles), _planted_depths(document, needles)
         )
@@ -149,11 +149,13 @@ class ParagraphTask:
         planted = [list(sentences) for sentences in paragraphs]
         planted[target].insert(len(planted[target]) // 2, mention)
         if self.lang == "en":
-            numbered = [f"Paragraph {i}: {t}" for i, t in enumerate(_join(planted, "en"), 1)]
+            joined = join_paragraphs(planted, "en")
+            numbered = [f"Paragraph {i}: {t}" for i, t in enumerate(joined, 1)]
             question = f"Which paragraph mentions the {self.phrase}? Answer with its number."
             answer = f"Paragraph {target + 1}"
         else:
-            numbered = [f"第{i}段：{t}" for i, t in enumerate(_join(planted, "zh"), 1)]
+            joined = join_paragraphs(planted, "zh")
+            numbered = [f"第{i}段：{t}" for i, t in enumerate(joined, 1)]
             question = f"哪一段提到了{self.phrase}？请回答段落编号。"
             answer = f"第{target + 1}段"
         document = "\n\n".join(numbered)
@@ -249,40 +251,51 @@ class Haystack:
         return phrase.lower() in self.text.get("zh" if re.search(r"[\u4e00-\u9fff]", phrase) else "en", "")
 
 
-def _count(rendered: Rendered, count_tokens: CountTokens) -> int:
-    return count_tokens(rendered.prompt) + count_tokens(rendered.answer)
-
-
-def _fit(
+def fit(
     task: Task,
     filler: Filler,
+    *,
     target_tokens: int,
     chars_per_token: float,
-    count_tokens: CountTokens,
+    measure: Callable[[Rendered], int],
+    window: tuple[float, float],
+    limit: int | None = None,
+    max_rounds: int = MAX_FIT_ROUNDS,
 ) -> tuple[Rendered, int]:
-    """Grow or shrink the filler sentence by sentence until the rendered task is near target.
+    """Grow or shrink the filler sentence by sentence until ``measure(rendered)`` is in ``window``.
 
-    Each round tokenizes the whole text once and converts the remaining error to characters with
-    that text's own chars/token, so a couple of rounds suffice even for 100k-token documents.
-    Tiny targets can only get within about half a short sentence.
+    The one fitting loop for training items (``measure`` counts prompt and answer, the window is
+    the target +- 2%) and eval prompts (``measure`` counts the whole chat-templated prompt, the
+    window ends at ``limit``). Each round measures the whole text once and converts the
+    remaining error to characters with that text's own chars/token, so a couple of rounds
+    suffice even for 100k-token documents. Tiny targets can only get within about half a short
+    sentence. If no round lands in the window, the attempt closest to ``target_tokens`` is
+    returned, among those of at most ``limit`` tokens when a limit is given; ValueError if none
+    is that short.
     """
+    low, high = window
     paragraphs: Paragraphs = []
     deficit_chars = target_tokens * chars_per_token
     best: tuple[Rendered, int] | None = None
-    for _ in range(MAX_FIT_ROUNDS):
+    for _ in range(max_rounds):
         if deficit_chars > 0:
             _extend(paragraphs, filler, deficit_chars)
-        else:
+        elif paragraphs:
             _shrink(paragraphs, -deficit_chars)
         rendered = task.render(paragraphs)
-        tokens = _count(rendered, count_tokens)
-        if best is None or abs(tokens - target_tokens) < abs(best[1] - target_tokens):
+        tokens = measure(rendered)
+        allowed = limit is None or tokens <= limit
+        if allowed and (best is None or abs(tokens - target_tokens) < abs(best[1] - target_tokens)):
             best = (rendered, tokens)
-        if abs(tokens - target_tokens) <= TOKEN_TOLERANCE * target_tokens:
+        if low <= tokens <= high:
             break
         measured = (len(rendered.prompt) + len(rendered.answer)) / tokens
         deficit_chars = (target_tokens - tokens) * measured
-    assert best is not None
+    if best is None:
+        raise ValueError(
+            f"cannot fit the task into {limit} tokens: its fixed parts (any template, the planted "
+            "text and the question) alone are longer"
+        )
     return best
 
 
@@ -348,9 +361,10 @@ def _make_task(
     return ParagraphTask(lang, phrase, template, rng.uniform(*depth_range))
 
 
-def chars_per_token(seed: int | str, lang: Lang, count_tokens: CountTokens,
-                    haystack: Haystack | None = None) -> float:
-    """Characters per token of the filler (generated or the haystack's): the fit's first guess."""
+def calibrate(seed: int | str, lang: Lang, count_tokens: CountTokens,
+              haystack: Haystack | None = None) -> float:
+    """Characters per token of ``count_tokens`` on filler text keyed by ``seed`` (generated, or
+    the haystack's): the first guess of ``fit``."""
     rng = random.Random(f"{seed}:calibration:{lang}")
     if haystack is None:
         sample = "\n\n".join(synthetic.document(rng, lang, CALIBRATION_CHARS))
@@ -399,7 +413,7 @@ def generate(
         languages = tuple(lang for lang in languages if lang in haystack.languages)
         if not languages:
             raise ValueError(f"haystack {haystack.source} has no text in any allowed language")
-    calibration = {lang: chars_per_token(seed, lang, count_tokens, haystack) for lang in languages}
+    chars_per_token = {lang: calibrate(seed, lang, count_tokens, haystack) for lang in languages}
     for index in range(count) if indices is None else indices:
         rng = random.Random(f"{seed}:{index}")
         if len(languages) == 1:
@@ -410,7 +424,11 @@ def generate(
         target = _log_uniform(rng, min_tokens, max_tokens)
         task = _make_task(rng, kind, lang, depth_range, needles, haystack)
         filler = haystack.filler(rng, lang) if haystack else SyntheticFiller(rng, lang)
-        rendered, tokens = _fit(task, filler, target, calibration[lang], count_tokens)
+        rendered, tokens = fit(
+            task, filler, target_tokens=target, chars_per_token=chars_per_token[lang],
+            measure=lambda r: count_tokens(r.prompt) + count_tokens(r.answer),
+            window=((1 - TOKEN_TOLERANCE) * target, (1 + TOKEN_TOLERANCE) * target),
+        )
         if isinstance(task, NeedleTask):
             requested = task.requested_depths
         else:

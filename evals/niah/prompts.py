@@ -1,4 +1,4 @@
-"""Needle-in-a-haystack prompts for `longdata eval niah`: a grid of context lengths x depths.
+"""Needle-in-a-haystack prompts: a grid of context lengths x depths.
 
 Every prompt is one anti-haystack needle task (``longdata.sources.antihaystack.NeedleTask``):
 one fact "The secret code of the <subject> is <code>." planted in synthetic filler at a
@@ -30,8 +30,8 @@ Sample ``s`` of a grid uses the same needle (subject and code) and the same fill
 every cell, as the classic test does, so cells differ only in length and depth. The filler is
 generated prose, or with ``haystack`` (an ``antihaystack.Haystack``: essays, books, code) the
 haystack's own sentences from a start drawn from the same key.
-``build_controls`` gives each sample's question over its filler with no needle, the control
-for log-likelihood scoring.
+``build_controls`` gives each sample's question over its filler with no needle: the control
+that tells retrieval from a model's prior over codes.
 """
 
 from __future__ import annotations
@@ -44,17 +44,8 @@ from typing import Any
 
 from longdata import synthetic
 from longdata.records import Message
-from longdata.sources.antihaystack import (
-    Filler,
-    Haystack,
-    NeedleTask,
-    Rendered,
-    SyntheticFiller,
-    _extend,
-    _join,
-    _shrink,
-    chars_per_token,
-)
+from longdata.sources import antihaystack
+from longdata.sources.antihaystack import Haystack, NeedleTask, Rendered, SyntheticFiller
 from longdata.synthetic import Lang
 from longdata.templates import ChatRenderer
 
@@ -64,8 +55,6 @@ LENGTH_TOLERANCE = 0.01  # a prompt may fall this fraction short of its length .
 MIN_SLACK_TOKENS = 24  # ... or this many tokens, whichever is more (about one sentence)
 MAX_FIT_ROUNDS = 12
 ANSWER_SENTINEL = "LONGDATA_ANSWER_SENTINEL"
-
-CountTokens = Callable[[str], int]
 
 
 def length_slack(length: int) -> int:
@@ -210,7 +199,7 @@ def distractor_codes(
 
 @dataclass(frozen=True)
 class _WithoutNeedle:
-    """A needle task's question and answer over its filler alone (the loglik control)."""
+    """A needle task's question and answer over its filler alone (the no-needle control)."""
 
     task: NeedleTask
 
@@ -220,53 +209,16 @@ class _WithoutNeedle:
 
     def render(self, paragraphs: list[list[str]]) -> Rendered:
         planted = self.task.render(paragraphs)
-        document = "\n\n".join(_join(paragraphs, self.lang))
+        document = "\n\n".join(antihaystack.join_paragraphs(paragraphs, self.lang))
         return Rendered(document, planted.question, planted.answer, ())
 
 
 def calibrate(tokenizer: Any, seed: int, lang: Lang, haystack: Haystack | None = None) -> float:
     """Characters per token of this tokenizer on filler text: the fit's first guess. A prompt
     depends on it, so every prompt of a seed uses the same calibration text."""
-    count = lambda text: len(encode(tokenizer, text))  # noqa: E731
-    return chars_per_token(f"{EVAL_NAMESPACE}:{seed}", lang, count, haystack)
-
-
-def _fit_prompt(
-    task: NeedleTask | _WithoutNeedle,
-    filler: Filler,
-    length: int,
-    chars_per_token: float,
-    measure: Callable[[Rendered], list[int]],
-) -> tuple[Rendered, list[int]]:
-    """Grow or cut the filler until the templated prompt has ``length - slack ..= length`` tokens.
-
-    Like ``antihaystack._fit``, but on the whole templated prompt and never over ``length``:
-    each round converts the remaining error to characters at the text's own chars/token.
-    Returns the longest attempt that fits if none lands inside the window.
-    """
-    slack = length_slack(length)
-    paragraphs: list[list[str]] = []
-    deficit_chars = length * chars_per_token
-    best: tuple[Rendered, list[int]] | None = None
-    for _ in range(MAX_FIT_ROUNDS):
-        if deficit_chars > 0:
-            _extend(paragraphs, filler, deficit_chars)
-        elif paragraphs:
-            _shrink(paragraphs, -deficit_chars)
-        rendered = task.render(paragraphs)
-        ids = measure(rendered)
-        if len(ids) <= length and (best is None or len(ids) > len(best[1])):
-            best = (rendered, ids)
-        if length - slack <= len(ids) <= length:
-            break
-        measured = len(rendered.prompt) / len(ids)
-        deficit_chars = (length - len(ids)) * measured
-    if best is None:
-        raise ValueError(
-            f"cannot fit a needle prompt into {length} tokens: the template, needle and question "
-            "alone are longer"
-        )
-    return best
+    return antihaystack.calibrate(
+        f"{EVAL_NAMESPACE}:{seed}", lang, lambda text: len(encode(tokenizer, text)), haystack
+    )
 
 
 def build_prompt(
@@ -295,13 +247,18 @@ def build_prompt(
     if chars_per_token is None:
         chars_per_token = calibrate(tokenizer, seed, lang, haystack)
 
-    def measure(rendered: Rendered) -> list[int]:
+    def templated_ids(rendered: Rendered) -> list[int]:
         return encode(tokenizer, generation_prompt(tokenizer, rendered.prompt))
 
     rng = random.Random(f"{key}:filler")
     filler = haystack.filler(rng, lang) if haystack else SyntheticFiller(rng, lang)
-    fitted = task if planted else _WithoutNeedle(task)
-    rendered, ids = _fit_prompt(fitted, filler, length, chars_per_token, measure)
+    # Never over `length`: a "128K" prompt must fit a 128K context.
+    rendered, _ = antihaystack.fit(
+        task if planted else _WithoutNeedle(task), filler, target_tokens=length,
+        chars_per_token=chars_per_token, measure=lambda r: len(templated_ids(r)),
+        window=(length - length_slack(length), length), limit=length, max_rounds=MAX_FIT_ROUNDS,
+    )
+    ids = templated_ids(rendered)
     before, after = answer_frame(tokenizer, rendered.prompt)
     target_ids = lambda sentence: tuple(encode(tokenizer, before + sentence + after))  # noqa: E731
     answer_ids = target_ids(rendered.answer)
@@ -309,7 +266,9 @@ def build_prompt(
     # favour whichever candidate tokenizes shortest.
     others = distractor_codes(
         seed, sample, lang, code, distractors,
-        accept=lambda other: len(target_ids(task._needle(subject, other))) == len(answer_ids),
+        accept=lambda other: (
+            len(target_ids(task.needle_sentence(subject, other))) == len(answer_ids)
+        ),
     )
     return NiahPrompt(
         length=length,
@@ -324,10 +283,10 @@ def build_prompt(
         question=rendered.question,
         answer=rendered.answer,
         distractor_codes=tuple(others),
-        distractors=tuple(task._needle(subject, other) for other in others),
+        distractors=tuple(task.needle_sentence(subject, other) for other in others),
         planted=planted,
         answer_ids=answer_ids,
-        distractor_ids=tuple(target_ids(task._needle(subject, other)) for other in others),
+        distractor_ids=tuple(target_ids(task.needle_sentence(subject, other)) for other in others),
     )
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import platform
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -91,7 +90,6 @@ def finish_build(recipe: Recipe, tokenizer_info: TokenizerInfo, sources: list[To
                  seconds: dict[str, float], started_at: float, allow_empty: bool = False) -> BuildResult:
     """Manifest, card and build info into ``partial``, then publish (and upload) it."""
     if not allow_empty and not sum(s.as_dict()["rows"] for s in splits if s.name.endswith("train")):
-        shutil.rmtree(partial, ignore_errors=True)
         raise BuildError(_empty_build_reason(recipe, sources, mixed, splits))
     _publish_quarantine(sources, partial)
     manifest = make_manifest(recipe, tokenizer_info, sources, mixed, splits)

@@ -121,8 +121,7 @@ def run_stages(recipe: Recipe, executor: Executor, partial: Path, console: Conso
         sources = tokenize_sources(recipe, tokenizer, tokenizer_info, executor, progress)
         seconds["read_tokenize"] = time.perf_counter() - clock
         quarantined = sum(s.cache.stats.quarantined for s in sources)
-        if strict and quarantined:
-            shutil.rmtree(partial, ignore_errors=True)
+        if strict and quarantined:  # build() discards the partial output it claimed
             raise BuildError(f"--strict: {quarantined} source rows were quarantined; see the "
                              f"quarantine files under {recipe.cache_dir}/tokenized/")
 

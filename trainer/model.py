@@ -54,21 +54,13 @@ def _tiny_qwen2(vocab_size: int) -> PretrainedConfig:
 
 
 def _niah_tiny(vocab_size: int) -> PretrainedConfig:
-    """Sized to learn needle retrieval from scratch on a CPU in minutes
-    (benchmarks/learn_niah.py): two layers suffice for induction-style copying; full
-    multi-head attention and a short-context rope base make finding the needle easy to learn."""
-    return LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=128,
-        intermediate_size=384,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=131_072,
-        rope_theta=10_000.0,
-        tie_word_embeddings=False,
-        attention_dropout=0.0,
-    )
+    """tiny-llama sized to learn needle retrieval from scratch on a CPU in minutes
+    (benchmarks/learn_niah.py): full multi-head attention and a short-context rope base make
+    finding the needle easier to learn; two layers suffice for induction-style copying."""
+    config = _tiny_llama(vocab_size)
+    config.num_key_value_heads = config.num_attention_heads
+    config.rope_theta = 10_000.0
+    return config
 
 
 PRESETS = {"tiny-llama": _tiny_llama, "tiny-qwen2": _tiny_qwen2, "niah-tiny": _niah_tiny}

@@ -35,7 +35,7 @@ bench: $(STAMP_DEV)
 
 # A tiny model learns needle retrieval from a longdata mix on CPU (docs/EVAL.md); ~45 min.
 learn-niah: $(STAMP_RUN)
-	$(BIN)/python benchmarks/learn_niah.py --out runs/learn-niah --jobs 3
+	$(BIN)/python benchmarks/learn_niah.py --out runs/learn-niah --jobs 3 --threads 1
 
 lint: $(STAMP_DEV)
 	$(BIN)/ruff check longdata trainer evals tests benchmarks examples

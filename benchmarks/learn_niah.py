@@ -1,25 +1,30 @@
 """Does a longdata mix teach long-context retrieval? A tiny model learns NIAH on a CPU.
 
-    PYTHONPATH=. python benchmarks/learn_niah.py [--out runs/learn-niah] [--threads 2]
+    PYTHONPATH=. python benchmarks/learn_niah.py [--out runs/learn-niah] [--jobs 3]
     make learn-niah
 
 One run, end to end:
 
-1. Builds an anti-haystack recipe (`recipe()`): 1,200 English needle tasks of 900-2,100
-   tokens (the trained lengths, 1K-2K) and 8,000 shorter ones of 64-512 tokens (cheap
-   retrieval practice with many answer tokens), packed into rows of 4,096 tokens.
+1. Builds two anti-haystack recipes (`recipes()`), English single-needle tasks only, packed
+   into rows of 4,096 tokens: the **short** phase's (24,000 tasks of 64-256 tokens: many
+   answers per row, where the copy of the code is learned first) and the **long** phase's
+   (2,000 tasks of 900-2,100 tokens, the trained lengths, plus 8,000 fresh short ones).
 2. Evaluates the random-init model (`niah-tiny` preset) with `longdata eval niah`'s pieces
    (`evals.niah.run.run_niah`, generate mode) on held-out seeds: lengths 1K and 2K, depths 0 to
    1, plus the no-needle control.
-3. Trains it from scratch with the bundled trainer (per-document masks, token_mean loss) and
-   evaluates it again on the same grid, then at 4K, longer than any training sample.
-4. Ablations, each trained from the same init on the same rows for as many steps and
-   evaluated on the same grid: packing *without* per-document masks (each row is one causal
-   sequence with positions running across samples: samples attend to each other; the loss
-   still scores only each sample's answer), and the `sequence_mean` loss. `--jobs 3` trains
-   the three side by side in three processes (each on its own copy of the build).
+3. Trains it from scratch with the bundled trainer (per-document masks, token_mean loss): the
+   short phase, then the long phase from the short phase's checkpoint (a short-to-long
+   curriculum, each phase with its own warmup and cosine schedule). Evaluates it after the
+   short phase and after the long one on the same grid, then at 4K, longer than any training
+   sample.
+4. Ablations, each trained from the same init through the same phases on the same rows for as
+   many steps and evaluated on the same grid: packing *without* per-document masks (each row
+   is one causal sequence with positions running across samples: samples attend to each
+   other; the loss still scores only each sample's answer), and the `sequence_mean` loss.
+   `--jobs 3` trains the three side by side in three processes (each on its own copy of the
+   builds).
 
-Writes OUT/summary.md (the tables), OUT/summary.json, and per run OUT/<run>/{before,after,
+Writes OUT/summary.md (the tables), OUT/summary.json, and per run OUT/<run>/{after_short,after,
 longer}/ (results.csv, results.json, heatmap.png). Held-out: eval prompts are drawn in the
 `longdata-eval-niah` seed namespace, which no recipe source can produce.
 """
@@ -33,7 +38,7 @@ import shutil
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -56,6 +61,7 @@ from trainer.tokenizer import load_build_tokenizer  # noqa: E402
 
 PRESET = "niah-tiny"
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+PHASES = ("short", "long")
 
 
 @dataclass(frozen=True)
@@ -63,64 +69,77 @@ class Settings:
     """Everything the experiment depends on; written to OUT/summary.json."""
 
     out: str = "runs/learn-niah"
-    items: int = 1200  # needle items at the trained lengths
-    trained_lengths: tuple[int, int] = (900, 2100)  # item tokens, before the chat template
-    short_items: int = 8000  # shorter needle items: cheap retrieval practice, many targets
-    short_lengths: tuple[int, int] = (64, 512)
-    row_tokens: int = 4096
-    steps: int = 700
+    short_items: int = 24_000  # the short phase's tasks
+    short_lengths: tuple[int, int] = (64, 256)  # item tokens, before the chat template
+    short_steps: int = 2_400
+    short_lr: float = 3e-3
+    items: int = 2_500  # the long phase's tasks, at the trained lengths
+    trained_lengths: tuple[int, int] = (900, 2_100)
+    long_steps: int = 900
+    long_lr: float = 2e-3
+    row_tokens: int = 4_096
+    warmup_steps: int = 50
+    batch_size: int = 1
     ablations: bool = True
     jobs: int = 1  # training runs in parallel processes
-    batch_size: int = 1
-    lr: float = 3e-3
-    warmup_steps: int = 50
-    eval_lengths: tuple[int, ...] = (1024, 2048)
-    longer_length: int = 4096
+    eval_lengths: tuple[int, ...] = (1_024, 2_048)
+    longer_length: int = 4_096
     samples_per_cell: int = 4
     max_new_tokens: int = 24
     seed: int = 0
     eval_seed: int = 0
     threads: int | None = None
 
+    def phase_steps(self, phase: str) -> int:
+        return self.short_steps if phase == "short" else self.long_steps
 
-def recipe(settings: Settings) -> dict[str, Any]:
-    """The build: anti-haystack needle tasks only, English, one needle per item."""
-    out = Path(settings.out)
+    def phase_lr(self, phase: str) -> float:
+        return self.short_lr if phase == "short" else self.long_lr
 
-    def needles(name: str, count: int, lengths: tuple[int, int], seed: int) -> dict[str, Any]:
-        return {
-            "name": name,
-            "kind": "antihaystack",
-            "count": count,
-            "length_range": list(lengths),
-            "depth_range": [0.0, 1.0],
-            "needles": [1, 1],
-            "tasks": ["needle"],
-            "zh_fraction": 0.0,
-            "seed": seed,
-        }
 
+def _needles(name: str, count: int, lengths: tuple[int, int], seed: int) -> dict[str, Any]:
     return {
-        "name": "learn-niah",
-        "seed": settings.seed,
-        "tokenizer": {"name": "builtin:quickstart"},
-        "sources": [
-            needles("needles_1k_2k", settings.items, settings.trained_lengths, 1),
-            needles("needles_short", settings.short_items, settings.short_lengths, 2),
-        ],
-        "packing": {
-            "max_seq_len": settings.row_tokens,
-            "algorithm": "bfd",
-            "overlength": "truncate",
-        },
-        "validation": {"fraction": 0.0, "max_samples": 0},
-        "output": {
-            "dir": str(out / "build"),
-            "shard_size_limit": "32MB",
-            "compression": "zstd",
-            "card_dir": str(out / "cards"),
-        },
-        "cache_dir": str(out / "cache"),
+        "name": name,
+        "kind": "antihaystack",
+        "count": count,
+        "length_range": list(lengths),
+        "depth_range": [0.0, 1.0],
+        "needles": [1, 1],
+        "tasks": ["needle"],
+        "zh_fraction": 0.0,
+        "seed": seed,
+    }
+
+
+def recipes(settings: Settings) -> dict[str, dict[str, Any]]:
+    """Each phase's build: anti-haystack needle tasks only, English, one needle per item. The
+    sources' seeds differ, so no task repeats across phases."""
+    out = Path(settings.out)
+    sources = {
+        "short": [_needles("needles_short", settings.short_items, settings.short_lengths, 1)],
+        "long": [_needles("needles_1k_2k", settings.items, settings.trained_lengths, 2)],
+    }
+    return {
+        phase: {
+            "name": f"learn-niah-{phase}",
+            "seed": settings.seed,
+            "tokenizer": {"name": "builtin:quickstart"},
+            "sources": sources[phase],
+            "packing": {
+                "max_seq_len": settings.row_tokens,
+                "algorithm": "bfd",
+                "overlength": "truncate",
+            },
+            "validation": {"fraction": 0.0, "max_samples": 0},
+            "output": {
+                "dir": str(out / "builds" / phase),
+                "shard_size_limit": "32MB",
+                "compression": "zstd",
+                "card_dir": str(out / "cards" / phase),
+            },
+            "cache_dir": str(out / "cache"),
+        }
+        for phase in PHASES
     }
 
 
@@ -160,40 +179,49 @@ class Run:
     masks: bool = True  # False: packed samples attend to each other
 
 
-def build_data(settings: Settings) -> Path:
+def build_data(settings: Settings) -> dict[str, Path]:
+    """Build each phase's recipe (written to OUT/recipe-<phase>.yml); {phase: build dir}."""
     from longdata.build import build
 
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / "recipe.yml"
-    path.write_text(yaml.safe_dump(recipe(settings), sort_keys=False))
-    return build(path).out_dir
+    builds = {}
+    for phase, recipe in recipes(settings).items():
+        path = out / f"recipe-{phase}.yml"
+        path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+        builds[phase] = build(path).out_dir
+    return builds
 
 
-def train_run(settings: Settings, build_dir: Path, run: Run) -> tuple[Path, list[float], float]:
-    """Train `run` from the preset's seeded init; (checkpoint, losses, seconds)."""
+@dataclass(frozen=True)
+class Trained:
+    checkpoint: Path
+    losses: list[float]
+    seconds: float
+
+
+def train_phase(settings: Settings, build_dir: Path, run: Run, phase: str, init: str) -> Trained:
+    """Train `run` for one phase from `init` (the preset's seeded init, or a checkpoint)."""
     config = loop.TrainConfig(
         build_dir=str(build_dir),
-        out_dir=str(Path(settings.out) / run.name),
-        model=PRESET,
+        out_dir=str(Path(settings.out) / run.name / phase),
+        model=init,
         attention="sdpa_varlen",
-        steps=settings.steps,
+        steps=settings.phase_steps(phase),
         batch_size=settings.batch_size,
-        lr=settings.lr,
+        lr=settings.phase_lr(phase),
         warmup_steps=settings.warmup_steps,
         loss=run.loss,
         seed=settings.seed,
-        log_every=50,
+        log_every=100,
         progress=True,
     )
     started = time.perf_counter()
-    if run.masks:
+    with nullcontext() if run.masks else packing_without_masks():
         result = loop.train(config)
-    else:
-        with packing_without_masks():
-            result = loop.train(config)
-    losses = [m.loss for m in result.metrics]
-    return Path(result.final_dir), losses, time.perf_counter() - started
+    return Trained(
+        Path(result.final_dir), [m.loss for m in result.metrics], time.perf_counter() - started
+    )
 
 
 def evaluate(model, tokenizer, settings: Settings, lengths, name: str, out: Path) -> NiahReport:
@@ -237,35 +265,53 @@ RUNS = (
 )
 
 
-def train_and_evaluate(settings: Settings, build_dir: Path, run: Run) -> dict[str, Any]:
-    """One training run from the seeded init, then its evals: a summary row."""
+def _mean_tail(losses: list[float], steps: int = 50) -> float:
+    return sum(losses[-steps:]) / len(losses[-steps:])
+
+
+def train_and_evaluate(settings: Settings, builds: dict[str, Path], run: Run) -> dict[str, Any]:
+    """One run through the phases from the seeded init, then its evals: a summary row."""
     if settings.threads:
         torch.set_num_threads(settings.threads)
     out = Path(settings.out) / run.name
-    # A private copy: streaming refuses two unrelated readers of one local directory.
-    own_build = out / "build"
-    if not own_build.exists():
-        shutil.copytree(build_dir, own_build)
-    tokenizer = load_build_tokenizer(own_build)
-    print(f"training {run.name} ({settings.steps} steps)", file=sys.stderr)
-    checkpoint, losses, train_seconds = train_run(settings, own_build, run)
-    model = load_model(str(checkpoint), "sdpa_varlen").eval()
+    row: dict[str, Any] = {**asdict(run), "phases": {}}
+    init, tokenizer, eval_seconds = PRESET, None, 0.0
+    for phase in PHASES:
+        # A private copy: streaming refuses two unrelated readers of one local directory.
+        own_build = out / "builds" / phase
+        if not own_build.exists():
+            shutil.copytree(builds[phase], own_build)
+        tokenizer = tokenizer or load_build_tokenizer(own_build)
+        print(f"training {run.name}, {phase} phase ({settings.phase_steps(phase)} steps)",
+              file=sys.stderr)
+        trained = train_phase(settings, own_build, run, phase, init)
+        init = str(trained.checkpoint)
+        row["phases"][phase] = {
+            "steps": settings.phase_steps(phase),
+            "final_loss": _mean_tail(trained.losses),
+            "train_seconds": round(trained.seconds, 1),
+        }
+        if phase != PHASES[-1] and run.name == "main":
+            clock = time.perf_counter()
+            model = load_model(init, "sdpa_varlen").eval()
+            report = evaluate(model, tokenizer, settings, settings.eval_lengths,
+                              f"{run.name}@{phase}", out / f"after_{phase}")
+            row["phases"][phase]["eval"] = _summary_row(f"{run.name} after {phase}", report)
+            eval_seconds += time.perf_counter() - clock
     clock = time.perf_counter()
+    model = load_model(init, "sdpa_varlen").eval()
     after = evaluate(model, tokenizer, settings, settings.eval_lengths, run.name, out / "after")
-    row = {
-        **asdict(run),
-        **_summary_row(run.name, after),
-        "steps": settings.steps,
-        "final_loss": sum(losses[-50:]) / len(losses[-50:]),
-        "train_seconds": round(train_seconds, 1),
-    }
+    row.update(_summary_row(run.name, after))
+    row["steps"] = sum(phase["steps"] for phase in row["phases"].values())
+    row["final_loss"] = row["phases"][PHASES[-1]]["final_loss"]
+    row["train_seconds"] = sum(phase["train_seconds"] for phase in row["phases"].values())
     if run.name == "main":
         longer = evaluate(
             model, tokenizer, settings, [settings.longer_length], f"{run.name}@longer",
             out / "longer",
         )
         row["longer"] = _summary_row(f"{run.name} at {settings.longer_length}", longer)
-    row["eval_seconds"] = round(time.perf_counter() - clock, 1)
+    row["eval_seconds"] = round(eval_seconds + time.perf_counter() - clock, 1)
     return row
 
 
@@ -274,18 +320,19 @@ def experiment(settings: Settings) -> dict[str, Any]:
         torch.set_num_threads(settings.threads)
     out = Path(settings.out)
     started = time.perf_counter()
-    build_dir = build_data(settings)
-    tokenizer = load_build_tokenizer(build_dir)
+    builds = build_data(settings)
+    first_build = builds[PHASES[0]]
+    tokenizer = load_build_tokenizer(first_build)
     results: dict[str, Any] = {
         "settings": asdict(settings), "seconds": {"build": round(time.perf_counter() - started, 1)}
     }
     runs = list(RUNS if settings.ablations else RUNS[:1])
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max(1, settings.jobs), mp_context=context) as pool:
-        futures = [pool.submit(train_and_evaluate, settings, build_dir, run) for run in runs]
+        futures = [pool.submit(train_and_evaluate, settings, builds, run) for run in runs]
         # The random init, evaluated while the runs train.
         before = load_model(PRESET, "sdpa_varlen", vocab_size=len(tokenizer), seed=settings.seed)
-        loop._use_build_special_tokens(before, loop.Manifest.read(build_dir))
+        loop._use_build_special_tokens(before, loop.Manifest.read(first_build))
         initial = evaluate(
             before.eval(), tokenizer, settings, settings.eval_lengths, "init", out / "init"
         )
@@ -300,24 +347,31 @@ def experiment(settings: Settings) -> dict[str, Any]:
 def summary_markdown(results: dict[str, Any]) -> str:
     settings = results["settings"]
     lengths = [format_length(n) for n in settings["eval_lengths"]]
+
+    def accuracy_cells(row: dict[str, Any]) -> str:
+        by_length = " | ".join(f"{row['by_length'][n]:.3f}" for n in lengths)
+        return f"{row['accuracy']:.3f} | {by_length} | {row['control_accuracy']:.3f}"
+
     lines = [
-        "| model | steps | masks | loss | final train loss | accuracy (trained lengths) | "
-        + " | ".join(lengths)
-        + " | no-needle control | train s |",
+        "| model | steps (short + long) | masks | loss | final train loss | accuracy (trained "
+        "lengths, all depths) | " + " | ".join(lengths) + " | no-needle control | train s |",
         "|---|---:|---|---|---:|---:|" + "---:|" * len(lengths) + "---:|---:|",
+        f"| random init | 0 | - | - | - | {accuracy_cells(results['before'])} | - |",
     ]
-    before = results["before"]
-    lines.append(
-        f"| random init | 0 | - | - | - | {before['accuracy']:.3f} | "
-        + " | ".join(f"{before['by_length'][n]:.3f}" for n in lengths)
-        + f" | {before['control_accuracy']:.3f} | - |"
-    )
     for run in results["runs"]:
+        phases = run["phases"]
+        masks = "yes" if run["masks"] else "no"
+        short = phases["short"]
+        if "eval" in short:
+            lines.append(
+                f"| {run['name']}, after the short phase | {short['steps']} + 0 | {masks} | "
+                f"{run['loss']} | {short['final_loss']:.3f} | {accuracy_cells(short['eval'])} | "
+                f"{short['train_seconds']:.0f} |"
+            )
         lines.append(
-            f"| {run['name']} | {run['steps']} | {'yes' if run['masks'] else 'no'} | "
-            f"{run['loss']} | {run['final_loss']:.3f} | {run['accuracy']:.3f} | "
-            + " | ".join(f"{run['by_length'][n]:.3f}" for n in lengths)
-            + f" | {run['control_accuracy']:.3f} | {run['train_seconds']:.0f} |"
+            f"| {run['name']} | {short['steps']} + {phases['long']['steps']} | {masks} | "
+            f"{run['loss']} | {run['final_loss']:.3f} | {accuracy_cells(run)} | "
+            f"{run['train_seconds']:.0f} |"
         )
     for run in results["runs"]:
         if "longer" in run:
@@ -337,31 +391,37 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", default=defaults.out)
-    parser.add_argument("--items", type=int, default=defaults.items)
     parser.add_argument("--short-items", type=int, default=defaults.short_items)
-    parser.add_argument("--steps", type=int, default=defaults.steps)
+    parser.add_argument("--short-steps", type=int, default=defaults.short_steps)
+    parser.add_argument("--short-lr", type=float, default=defaults.short_lr)
+    parser.add_argument("--items", type=int, default=defaults.items,
+                        help="the long phase's tasks, at the trained lengths")
+    parser.add_argument("--long-steps", type=int, default=defaults.long_steps)
+    parser.add_argument("--long-lr", type=float, default=defaults.long_lr)
     parser.add_argument("--no-ablations", action="store_true", help="train the main run only")
     parser.add_argument(
         "--jobs", type=int, default=defaults.jobs, help="training runs in parallel processes"
     )
-    parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--samples-per-cell", type=int, default=defaults.samples_per_cell)
     parser.add_argument(
         "--eval-lengths", default=",".join(map(str, defaults.eval_lengths)),
         help="comma-separated prompt lengths in tokens (the trained lengths)",
     )
     parser.add_argument("--longer-length", type=int, default=defaults.longer_length)
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads per process (1 with --jobs 3 on 2 cores)")
     args = parser.parse_args(argv)
     settings = replace(
         defaults,
         out=args.out,
-        items=args.items,
         short_items=args.short_items,
-        steps=args.steps,
+        short_steps=args.short_steps,
+        short_lr=args.short_lr,
+        items=args.items,
+        long_steps=args.long_steps,
+        long_lr=args.long_lr,
         ablations=not args.no_ablations,
         jobs=args.jobs,
-        lr=args.lr,
         samples_per_cell=args.samples_per_cell,
         eval_lengths=tuple(int(n) for n in args.eval_lengths.split(",")),
         longer_length=args.longer_length,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -17,17 +18,28 @@ def _script():
     return importlib.import_module("benchmarks.learn_niah")
 
 
-def test_the_recipe_is_valid(tmp_path: Path) -> None:
+def test_the_phase_recipes_are_valid_and_share_no_task(tmp_path: Path) -> None:
     from longdata.recipe import load_recipe
 
     learn_niah = _script()
     settings = learn_niah.Settings(out=str(tmp_path / "run"))
-    path = tmp_path / "recipe.yml"
-    path.write_text(yaml.safe_dump(learn_niah.recipe(settings)))
-    recipe = load_recipe(path)
-    assert [s.count for s in recipe.sources] == [settings.items, settings.short_items]
-    assert all(s.tasks == ("needle",) and s.needles == (1, 1) for s in recipe.sources)
-    assert recipe.packing.max_seq_len == settings.row_tokens
+    loaded = {}
+    for phase, recipe in learn_niah.recipes(settings).items():
+        path = tmp_path / f"{phase}.yml"
+        path.write_text(yaml.safe_dump(recipe))
+        loaded[phase] = load_recipe(path)
+    assert list(loaded) == list(learn_niah.PHASES) == ["short", "long"]
+    short, long = loaded["short"], loaded["long"]
+    assert [s.count for s in short.sources] == [settings.short_items]
+    assert [s.count for s in long.sources] == [settings.items]
+    assert short.sources[0].length_range == settings.short_lengths
+    assert long.sources[0].length_range == settings.trained_lengths
+    for recipe in loaded.values():
+        assert all(s.tasks == ("needle",) and s.needles == (1, 1) for s in recipe.sources)
+        assert recipe.packing.max_seq_len == settings.row_tokens
+    # Distinct seeds: no task of one phase reappears in the other.
+    assert short.sources[0].seed != long.sources[0].seed
+    assert short.output.dir != long.output.dir
 
 
 def test_without_masks_later_samples_see_earlier_ones() -> None:
@@ -48,3 +60,24 @@ def test_without_masks_later_samples_see_earlier_ones() -> None:
     assert torch.allclose(apart[0, :12], together[0, :12], atol=1e-5)
     assert not torch.allclose(apart[0, 12:], together[0, 12:], atol=1e-3)
     assert not torch.allclose(apart[1, 8:], together[1, 8:], atol=1e-3)
+
+
+def test_a_tiny_experiment_runs_both_phases_and_reports(tmp_path: Path) -> None:
+    learn_niah = _script()
+    settings = learn_niah.Settings(
+        out=str(tmp_path / "run"), short_items=60, items=6, short_steps=3, long_steps=2,
+        eval_lengths=(512,), longer_length=1024, samples_per_cell=1, ablations=False,
+        jobs=1, threads=1,
+    )
+    results = learn_niah.experiment(settings)
+    (main,) = results["runs"]
+    assert list(main["phases"]) == ["short", "long"]
+    assert main["steps"] == 5 and "eval" in main["phases"]["short"]
+    out = tmp_path / "run"
+    for report in ("init", "main/after_short", "main/after", "main/longer"):
+        assert (out / report / "heatmap.png").is_file(), report
+    # The long phase trained from the short phase's checkpoint, not from a fresh init.
+    long_config = json.loads((out / "main" / "long" / "config.json").read_text())
+    assert long_config["model"] == str(out / "main" / "short" / "final")
+    summary = (out / "summary.md").read_text()
+    assert "main, after the short phase | 3 + 0" in summary and "| main | 3 + 2 |" in summary

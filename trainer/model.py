@@ -54,7 +54,7 @@ def _tiny_qwen2(vocab_size: int) -> PretrainedConfig:
 
 
 def _niah_tiny(vocab_size: int) -> PretrainedConfig:
-    """tiny-llama sized to learn needle retrieval from scratch on a CPU in minutes
+    """tiny-llama sized to learn needle retrieval from scratch on a CPU in under half an hour
     (benchmarks/learn_niah.py): full multi-head attention and a short-context rope base make
     finding the needle easier to learn; two layers suffice for induction-style copying."""
     config = _tiny_llama(vocab_size)

@@ -275,13 +275,13 @@ def train_and_evaluate(settings: Settings, builds: dict[str, Path], run: Run) ->
         torch.set_num_threads(settings.threads)
     out = Path(settings.out) / run.name
     row: dict[str, Any] = {**asdict(run), "phases": {}}
-    init, tokenizer, eval_seconds = PRESET, None, 0.0
+    tokenizer = load_build_tokenizer(builds[PHASES[0]])  # the phases share one tokenizer
+    init, eval_seconds = PRESET, 0.0
     for phase in PHASES:
         # A private copy: streaming refuses two unrelated readers of one local directory.
         own_build = out / "builds" / phase
         if not own_build.exists():
             shutil.copytree(builds[phase], own_build)
-        tokenizer = tokenizer or load_build_tokenizer(own_build)
         print(f"training {run.name}, {phase} phase ({settings.phase_steps(phase)} steps)",
               file=sys.stderr)
         trained = train_phase(settings, own_build, run, phase, init)

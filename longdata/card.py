@@ -161,6 +161,7 @@ def render_card(data: CardData, image_prefix: str) -> str:
         "",
         _sources_table(data),
         "",
+        *_special_token_text(data),
         _rows_table(data),
         "",
         f"![token share by source]({image_prefix}mix.png)",
@@ -277,6 +278,16 @@ def _sources_table(data: CardData) -> str:
             + _table(["source", "kind", "weight", "rows read", "quarantined", "samples", "tokens",
                       "target tokens", "duplicates", "of which near", "length-filtered", "validation",
                       "train samples", "train tokens", "share of mix"], "llrrrrrrrrrrrrr", rows))
+
+
+def _special_token_text(data: CardData) -> list[str]:
+    """A line per source whose text spells the tokenizer's special tokens (none: no lines)."""
+    policy = data.manifest["recipe"]["tokenizer"].get("special_tokens_in_text", "encode_as_text")
+    how = ("encoded as plain text, never as control tokens" if policy != "allow"
+           else "encoded as control tokens (`tokenizer.special_tokens_in_text: allow`)")
+    counts = [(s["name"], s["tokenize"].get("special_token_text_rows", 0)) for s in data.manifest["sources"]]
+    return [f"Source `{name}`: {count:,} samples spell a special token in their text, {how}.\n"
+            for name, count in counts if count]
 
 
 def _rows_table(data: CardData) -> str:

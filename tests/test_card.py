@@ -96,6 +96,20 @@ def test_card_counts_agree_with_the_rows(built, tmp_path):
     assert dropped == manifest["splits"]["short/train"]["overlength"]["dropped"] > 0
 
 
+def test_card_names_sources_whose_text_spells_special_tokens(built):
+    from longdata.card import CardData, render_card
+
+    _, result = built
+    data = CardData.read(result.out_dir)
+    line = "spell a special token in their text"
+    assert line not in render_card(data, "card/")
+    data.manifest["sources"][3]["tokenize"]["special_token_text_rows"] = 1234
+    assert ("Source `chat`: 1,234 samples spell a special token in their text, encoded as plain "
+            "text, never as control tokens.") in render_card(data, "card/")
+    data.manifest["recipe"]["tokenizer"]["special_tokens_in_text"] = "allow"
+    assert "encoded as control tokens" in render_card(data, "card/")
+
+
 def test_card_command_regenerates_the_same_card(built, tmp_path):
     _, result = built
     copy = tmp_path / "build"

@@ -6,17 +6,17 @@
 One run, end to end:
 
 1. Builds two anti-haystack recipes (`recipes()`), English single-needle tasks only, packed
-   into rows of 4,096 tokens: the **short** phase's (24,000 tasks of 64-256 tokens: many
+   into rows of 4,096 tokens: the **short** phase's (20,000 tasks of 64-256 tokens: many
    answers per row, where the copy of the code is learned first) and the **long** phase's
-   (2,000 tasks of 900-2,100 tokens, the trained lengths, plus 8,000 fresh short ones).
+   (2,500 tasks of 900-2,100 tokens, the trained lengths).
 2. Evaluates the random-init model (`niah-tiny` preset) with `longdata eval niah`'s pieces
    (`evals.niah.run.run_niah`, generate mode) on held-out seeds: lengths 1K and 2K, depths 0 to
    1, plus the no-needle control.
 3. Trains it from scratch with the bundled trainer (per-document masks, token_mean loss): the
-   short phase, then the long phase from the short phase's checkpoint (a short-to-long
-   curriculum, each phase with its own warmup and cosine schedule). Evaluates it after the
-   short phase and after the long one on the same grid, then at 4K, longer than any training
-   sample.
+   short phase as two cosine cycles (a warm restart from the first cycle's checkpoint), then
+   the long phase from the short phase's checkpoint (a short-to-long curriculum). Evaluates
+   it after the short phase and after the long one on the same grid, then at 4K, longer than
+   any training sample.
 4. Ablations, each trained from the same init through the same phases on the same rows for as
    many steps and evaluated on the same grid: packing *without* per-document masks (each row
    is one causal sequence with positions running across samples: samples attend to each
@@ -69,13 +69,16 @@ class Settings:
     """Everything the experiment depends on; written to OUT/summary.json."""
 
     out: str = "runs/learn-niah"
-    short_items: int = 24_000  # the short phase's tasks
+    short_items: int = 20_000  # the short phase's tasks
     short_lengths: tuple[int, int] = (64, 256)  # item tokens, before the chat template
-    short_steps: int = 2_400
+    # The short phase is cosine cycles with warm restarts, each from the last one's checkpoint:
+    # in a single 2,400-step cosine the copy of the code never formed (loss stuck at 0.44);
+    # full lr again in a second cycle is what the pilots needed (docs/EVAL.md).
+    short_cycles: tuple[int, ...] = (1_200, 1_500)
     short_lr: float = 3e-3
     items: int = 2_500  # the long phase's tasks, at the trained lengths
     trained_lengths: tuple[int, int] = (900, 2_100)
-    long_steps: int = 900
+    long_steps: int = 1_000
     long_lr: float = 2e-3
     row_tokens: int = 4_096
     warmup_steps: int = 50
@@ -90,8 +93,9 @@ class Settings:
     eval_seed: int = 0
     threads: int | None = None
 
-    def phase_steps(self, phase: str) -> int:
-        return self.short_steps if phase == "short" else self.long_steps
+    def cycles(self, phase: str) -> tuple[int, ...]:
+        """The phase's steps, one entry per cosine cycle."""
+        return self.short_cycles if phase == "short" else (self.long_steps,)
 
     def phase_lr(self, phase: str) -> float:
         return self.short_lr if phase == "short" else self.long_lr
@@ -200,14 +204,19 @@ class Trained:
     seconds: float
 
 
-def train_phase(settings: Settings, build_dir: Path, run: Run, phase: str, init: str) -> Trained:
-    """Train `run` for one phase from `init` (the preset's seeded init, or a checkpoint)."""
+def train_cycle(
+    settings: Settings, build_dir: Path, run: Run, phase: str, cycle: int, init: str
+) -> Trained:
+    """Train `run` for one cosine cycle of a phase from `init` (the preset's seeded init, or
+    the previous cycle's checkpoint); its output is OUT/<run>/<phase>[-<cycle>]."""
+    cycles = settings.cycles(phase)
+    name = phase if len(cycles) == 1 else f"{phase}-{cycle + 1}"
     config = loop.TrainConfig(
         build_dir=str(build_dir),
-        out_dir=str(Path(settings.out) / run.name / phase),
+        out_dir=str(Path(settings.out) / run.name / name),
         model=init,
         attention="sdpa_varlen",
-        steps=settings.phase_steps(phase),
+        steps=cycles[cycle],
         batch_size=settings.batch_size,
         lr=settings.phase_lr(phase),
         warmup_steps=settings.warmup_steps,
@@ -282,14 +291,18 @@ def train_and_evaluate(settings: Settings, builds: dict[str, Path], run: Run) ->
         own_build = out / "builds" / phase
         if not own_build.exists():
             shutil.copytree(builds[phase], own_build)
-        print(f"training {run.name}, {phase} phase ({settings.phase_steps(phase)} steps)",
-              file=sys.stderr)
-        trained = train_phase(settings, own_build, run, phase, init)
-        init = str(trained.checkpoint)
+        cycles = settings.cycles(phase)
+        seconds = 0.0
+        for cycle, steps in enumerate(cycles):
+            print(f"training {run.name}, {phase} phase, cycle {cycle + 1}/{len(cycles)} "
+                  f"({steps} steps)", file=sys.stderr)
+            trained = train_cycle(settings, own_build, run, phase, cycle, init)
+            init, seconds = str(trained.checkpoint), seconds + trained.seconds
         row["phases"][phase] = {
-            "steps": settings.phase_steps(phase),
+            "steps": sum(cycles),
+            "cycles": list(cycles),
             "final_loss": _mean_tail(trained.losses),
-            "train_seconds": round(trained.seconds, 1),
+            "train_seconds": round(seconds, 1),
         }
         if phase != PHASES[-1] and run.name == "main":
             clock = time.perf_counter()
@@ -392,7 +405,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--out", default=defaults.out)
     parser.add_argument("--short-items", type=int, default=defaults.short_items)
-    parser.add_argument("--short-steps", type=int, default=defaults.short_steps)
+    parser.add_argument(
+        "--short-cycles", default=",".join(map(str, defaults.short_cycles)),
+        help="the short phase's steps per cosine cycle, comma-separated (warm restarts)",
+    )
     parser.add_argument("--short-lr", type=float, default=defaults.short_lr)
     parser.add_argument("--items", type=int, default=defaults.items,
                         help="the long phase's tasks, at the trained lengths")
@@ -415,7 +431,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         defaults,
         out=args.out,
         short_items=args.short_items,
-        short_steps=args.short_steps,
+        short_cycles=tuple(int(n) for n in args.short_cycles.split(",")),
         short_lr=args.short_lr,
         items=args.items,
         long_steps=args.long_steps,

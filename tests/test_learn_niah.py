@@ -65,7 +65,7 @@ def test_without_masks_later_samples_see_earlier_ones() -> None:
 def test_a_tiny_experiment_runs_both_phases_and_reports(tmp_path: Path) -> None:
     learn_niah = _script()
     settings = learn_niah.Settings(
-        out=str(tmp_path / "run"), short_items=60, items=6, short_steps=3, long_steps=2,
+        out=str(tmp_path / "run"), short_items=60, items=6, short_cycles=(2, 1), long_steps=2,
         eval_lengths=(512,), longer_length=1024, samples_per_cell=1, ablations=False,
         jobs=1, threads=1,
     )
@@ -73,11 +73,18 @@ def test_a_tiny_experiment_runs_both_phases_and_reports(tmp_path: Path) -> None:
     (main,) = results["runs"]
     assert list(main["phases"]) == ["short", "long"]
     assert main["steps"] == 5 and "eval" in main["phases"]["short"]
+    assert main["phases"]["short"]["cycles"] == [2, 1]
     out = tmp_path / "run"
     for report in ("init", "main/after_short", "main/after", "main/longer"):
         assert (out / report / "heatmap.png").is_file(), report
-    # The long phase trained from the short phase's checkpoint, not from a fresh init.
-    long_config = json.loads((out / "main" / "long" / "config.json").read_text())
-    assert long_config["model"] == str(out / "main" / "short" / "final")
+    # Each cycle and phase trained from the one before's checkpoint, not from a fresh init.
+    def config(name):
+        return json.loads((out / "main" / name / "config.json").read_text())
+
+    assert config("short-1")["model"] == learn_niah.PRESET
+    assert config("short-2")["model"] == str(out / "main" / "short-1" / "final")
+    assert config("long")["model"] == str(out / "main" / "short-2" / "final")
+    # A warm restart: the second cycle has its own full schedule.
+    assert config("short-2")["steps"] == 1 and config("short-2")["lr"] == settings.short_lr
     summary = (out / "summary.md").read_text()
     assert "main, after the short phase | 3 + 0" in summary and "| main | 3 + 2 |" in summary

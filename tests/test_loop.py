@@ -345,11 +345,28 @@ def test_tensorboard_gets_the_step_scalars(build: Path, tmp_path: Path) -> None:
     assert "loss_per_source/alpha" in events.Tags()["scalars"]
 
 
-def test_wandb_offline_run(build: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    pytest.importorskip("wandb")
+def test_wandb_offline_run_gets_the_step_scalars(
+    build: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    wandb = pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
-    train(_config(build, tmp_path / "run", steps=1, report_to=["wandb"]))
-    assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    logged: list[tuple[int, dict]] = []
+    real_init = wandb.init
+
+    def init(**kwargs):  # the real run, with its log calls recorded on the way through
+        run = real_init(**kwargs)
+        real_log = run.log
+        monkeypatch.setattr(run, "log", lambda data, step: (logged.append((step, data)),
+                                                            real_log(data, step=step)))
+        return run
+
+    monkeypatch.setattr(wandb, "init", init)
+    result = train(_config(build, tmp_path / "run", steps=2, report_to=["wandb"]))
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert [(step, data["loss"]) for step, data in logged] == [
+        (m.step, pytest.approx(m.loss)) for m in result.metrics
+    ]
+    assert all("loss_per_source/alpha" in data for _, data in logged)
 
 
 def test_metrics_are_cut_back_to_the_resumed_step(tmp_path: Path) -> None:

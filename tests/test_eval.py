@@ -277,6 +277,15 @@ def test_generate_scoring_counts_right_and_wrong_answers(tokenizer, small_grid) 
     half = run(lambda p: str(p.code) if (p.length, p.depth) == (512, 0.0) else "no idea")
     assert half.grid() == [[0.0, 0.0, 0.0], [1.0, 0.0, 0.0]]
     assert half.accuracy == pytest.approx(2 / 12)
+    # Right on needle 0 only, in every cell: the needles are what accuracy averages over.
+    first = run(lambda p: str(p.code) if p.sample == 0 else "no idea")
+    assert [(n["sample"], n["prompts"], n["accuracy"]) for n in first.by_needle()] == [
+        (0, 6, 1.0), (1, 6, 0.0)
+    ]
+    assert first.by_needle()[0]["expected"] == str(small_grid[0].code)
+    assert first.accuracy == 0.5 and first.needle_standard_error == pytest.approx(0.5)
+    assert right.needle_standard_error == 0.0
+    assert first.as_json()["needles"] == first.by_needle()
 
 
 def test_loglik_scoring_ranks_the_candidates(tokenizer, small_grid) -> None:

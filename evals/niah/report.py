@@ -53,6 +53,33 @@ class NiahReport:
     def accuracy(self) -> float | None:
         return _mean([r["correct"] for r in self.rows])
 
+    def by_needle(self) -> list[dict[str, Any]]:
+        """Accuracy per needle (grid sample): each needle sits in every cell, so a model that
+        cannot copy one code misses it everywhere; the needles, not the prompts, are the
+        independent draws behind `accuracy`."""
+        needles: dict[int, dict[str, Any]] = {}
+        for row in self.rows:
+            needle = needles.setdefault(row["sample"], {
+                "sample": row["sample"], "subject": row["subject"], "expected": row["expected"],
+                "prompts": 0, "correct": 0,
+            })
+            needle["prompts"] += 1
+            needle["correct"] += bool(row["correct"])
+        return [
+            {**needle, "accuracy": needle["correct"] / needle["prompts"]}
+            for _, needle in sorted(needles.items())
+        ]
+
+    @property
+    def needle_standard_error(self) -> float | None:
+        """The standard error of `accuracy` over needles (None with fewer than two)."""
+        means = [needle["accuracy"] for needle in self.by_needle()]
+        if len(means) < 2:
+            return None
+        centre = sum(means) / len(means)
+        variance = sum((m - centre) ** 2 for m in means) / (len(means) - 1)
+        return math.sqrt(variance / len(means))
+
     @property
     def control_accuracy(self) -> float | None:
         """How often a prompt with no needle at all still scores correct."""
@@ -71,6 +98,8 @@ class NiahReport:
             "config": self.config,
             "accuracy": self.accuracy,
             "grid": grid,
+            "needles": self.by_needle(),
+            "needle_standard_error": self.needle_standard_error,
             "rows": self.rows,
         }
         if self.control_rows is not None:
@@ -159,8 +188,10 @@ def heatmap_title(report: NiahReport) -> str:
     model = str(report.config.get("model", "model"))
     name = "/".join(Path(model).resolve().parts[-2:]) if Path(model).exists() else model
     per_cell = max((n for row in report.counts() for n in row), default=0)
-    accuracy = report.accuracy
+    accuracy, spread = report.accuracy, report.needle_standard_error
     overall = "n/a" if accuracy is None else f"{accuracy:.0%}"
+    if spread is not None:
+        overall += f" ± {spread:.0%}"
     notes = []
     if report.config.get("chance_accuracy"):
         notes.append(f"chance {format_share(report.config['chance_accuracy'])}")
@@ -169,7 +200,7 @@ def heatmap_title(report: NiahReport) -> str:
     note = f"\n{', '.join(notes)}" if notes else ""
     return (
         f"Needle in a haystack: {name}\n"
-        f"{report.mode}, {per_cell} prompt(s) per cell, overall accuracy {overall}{note}"
+        f"{report.mode}, {per_cell} needle(s), each in every cell; accuracy {overall}{note}"
     )
 
 

@@ -25,7 +25,9 @@ One run, end to end:
    builds).
 
 Writes OUT/summary.md (the tables), OUT/summary.json, and per run OUT/<run>/{after_short,after,
-longer}/ (results.csv, results.json, heatmap.png). Held-out: eval prompts are drawn in the
+longer}/ (results.csv, results.json, heatmap.png). `--evaluate-only` re-runs just the evals of
+the runs already trained in OUT (say with more needles, `--samples-per-cell`), refusing if any
+training setting differs from the one recorded in OUT/summary.json. Held-out: eval prompts are drawn in the
 `longdata-eval-niah` seed namespace, which no recipe source can produce.
 """
 
@@ -87,7 +89,8 @@ class Settings:
     jobs: int = 1  # training runs in parallel processes
     eval_lengths: tuple[int, ...] = (1_024, 2_048)
     longer_length: int = 4_096
-    samples_per_cell: int = 4
+    # Needles, each in every cell: the independent draws behind an accuracy (docs/EVAL.md).
+    samples_per_cell: int = 20
     max_new_tokens: int = 24
     seed: int = 0
     eval_seed: int = 0
@@ -204,19 +207,28 @@ class Trained:
     seconds: float
 
 
+def cycle_name(settings: Settings, phase: str, cycle: int) -> str:
+    """A cycle's output directory under OUT/<run>: the phase, numbered if it has cycles."""
+    return phase if len(settings.cycles(phase)) == 1 else f"{phase}-{cycle + 1}"
+
+
+def phase_checkpoint(settings: Settings, run_name: str, phase: str) -> Path:
+    """The model a run has at the end of `phase`: its last cycle's final checkpoint."""
+    last = len(settings.cycles(phase)) - 1
+    return Path(settings.out) / run_name / cycle_name(settings, phase, last) / "final"
+
+
 def train_cycle(
     settings: Settings, build_dir: Path, run: Run, phase: str, cycle: int, init: str
 ) -> Trained:
     """Train `run` for one cosine cycle of a phase from `init` (the preset's seeded init, or
-    the previous cycle's checkpoint); its output is OUT/<run>/<phase>[-<cycle>]."""
-    cycles = settings.cycles(phase)
-    name = phase if len(cycles) == 1 else f"{phase}-{cycle + 1}"
+    the previous cycle's checkpoint)."""
     config = loop.TrainConfig(
         build_dir=str(build_dir),
-        out_dir=str(Path(settings.out) / run.name / name),
+        out_dir=str(Path(settings.out) / run.name / cycle_name(settings, phase, cycle)),
         model=init,
         attention="sdpa_varlen",
-        steps=cycles[cycle],
+        steps=settings.cycles(phase)[cycle],
         batch_size=settings.batch_size,
         lr=settings.phase_lr(phase),
         warmup_steps=settings.warmup_steps,
@@ -260,6 +272,8 @@ def _summary_row(name: str, report: NiahReport) -> dict[str, Any]:
     return {
         "run": name,
         "accuracy": report.accuracy,
+        "needle_standard_error": report.needle_standard_error,
+        "needles": len(report.by_needle()),
         "by_length": _by_length(report),
         "control_accuracy": report.control_accuracy,
         "prompts": len(report.rows),
@@ -278,17 +292,15 @@ def _mean_tail(losses: list[float], steps: int = 50) -> float:
     return sum(losses[-steps:]) / len(losses[-steps:])
 
 
-def train_and_evaluate(settings: Settings, builds: dict[str, Path], run: Run) -> dict[str, Any]:
-    """One run through the phases from the seeded init, then its evals: a summary row."""
+def train_run(settings: Settings, builds: dict[str, Path], run: Run) -> dict[str, Any]:
+    """One run through the phases' cycles from the seeded init: its summary row, no evals."""
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    out = Path(settings.out) / run.name
     row: dict[str, Any] = {**asdict(run), "phases": {}}
-    tokenizer = load_build_tokenizer(builds[PHASES[0]])  # the phases share one tokenizer
-    init, eval_seconds = PRESET, 0.0
+    init = PRESET
     for phase in PHASES:
         # A private copy: streaming refuses two unrelated readers of one local directory.
-        own_build = out / "builds" / phase
+        own_build = Path(settings.out) / run.name / "builds" / phase
         if not own_build.exists():
             shutil.copytree(builds[phase], own_build)
         cycles = settings.cycles(phase)
@@ -304,45 +316,95 @@ def train_and_evaluate(settings: Settings, builds: dict[str, Path], run: Run) ->
             "final_loss": _mean_tail(trained.losses),
             "train_seconds": round(seconds, 1),
         }
-        if phase != PHASES[-1] and run.name == "main":
-            clock = time.perf_counter()
-            model = load_model(init, "sdpa_varlen").eval()
-            report = evaluate(model, tokenizer, settings, settings.eval_lengths,
-                              f"{run.name}@{phase}", out / f"after_{phase}")
-            row["phases"][phase]["eval"] = _summary_row(f"{run.name} after {phase}", report)
-            eval_seconds += time.perf_counter() - clock
-    clock = time.perf_counter()
-    model = load_model(init, "sdpa_varlen").eval()
-    after = evaluate(model, tokenizer, settings, settings.eval_lengths, run.name, out / "after")
-    row.update(_summary_row(run.name, after))
     row["steps"] = sum(phase["steps"] for phase in row["phases"].values())
     row["final_loss"] = row["phases"][PHASES[-1]]["final_loss"]
     row["train_seconds"] = sum(phase["train_seconds"] for phase in row["phases"].values())
-    if run.name == "main":
-        longer = evaluate(
-            model, tokenizer, settings, [settings.longer_length], f"{run.name}@longer",
-            out / "longer",
-        )
-        row["longer"] = _summary_row(f"{run.name} at {settings.longer_length}", longer)
-    row["eval_seconds"] = round(eval_seconds + time.perf_counter() - clock, 1)
     return row
 
 
-def experiment(settings: Settings) -> dict[str, Any]:
+def evaluate_run(settings: Settings, tokenizer_dir: Path, row: dict[str, Any]) -> dict[str, Any]:
+    """A trained run's evals on the grid: every run after the last phase; the main run also
+    after the short phase and at the longer length. Returns the row with them filled in."""
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    name, out = row["name"], Path(settings.out) / row["name"]
+    tokenizer = load_build_tokenizer(tokenizer_dir)
+    started = time.perf_counter()
+    row = {**row, "phases": {phase: dict(values) for phase, values in row["phases"].items()}}
+
+    def report_for(phase: str, lengths, label: str, where: str) -> NiahReport:
+        model = load_model(str(phase_checkpoint(settings, name, phase)), "sdpa_varlen").eval()
+        return evaluate(model, tokenizer, settings, lengths, label, out / where)
+
+    if name == "main":
+        for phase in PHASES[:-1]:
+            report = report_for(phase, settings.eval_lengths, f"{name}@{phase}", f"after_{phase}")
+            row["phases"][phase]["eval"] = _summary_row(f"{name} after {phase}", report)
+    row.update(_summary_row(name, report_for(PHASES[-1], settings.eval_lengths, name, "after")))
+    if name == "main":
+        longer = report_for(PHASES[-1], [settings.longer_length], f"{name}@longer", "longer")
+        row["longer"] = _summary_row(f"{name} at {settings.longer_length}", longer)
+    row["eval_seconds"] = round(time.perf_counter() - started, 1)
+    return row
+
+
+def train_and_evaluate(settings: Settings, builds: dict[str, Path], run: Run) -> dict[str, Any]:
+    return evaluate_run(settings, builds[PHASES[0]], train_run(settings, builds, run))
+
+
+# What --evaluate-only may change: the eval grid and how the work is spread over processes.
+EVAL_ONLY_FIELDS = frozenset({
+    "samples_per_cell", "eval_lengths", "longer_length", "max_new_tokens", "eval_seed", "jobs",
+    "threads", "ablations",
+})
+
+
+def trained_runs(settings: Settings) -> dict[str, Any]:
+    """The training record of a finished experiment in OUT (its summary.json), for
+    --evaluate-only; refused unless it was trained with these settings."""
+    path = Path(settings.out) / "summary.json"
+    if not path.is_file():
+        raise SystemExit(f"--evaluate-only: no {path}: run the experiment into {settings.out} first")
+    recorded = json.loads(path.read_text())
+    now = json.loads(json.dumps(asdict(settings)))
+    differ = sorted(
+        key for key in now if key not in EVAL_ONLY_FIELDS and recorded["settings"].get(key) != now[key]
+    )
+    if differ:
+        raise SystemExit(
+            f"--evaluate-only: {path} was trained with other settings ({', '.join(differ)}); "
+            "only the eval grid may change"
+        )
+    return recorded
+
+
+def experiment(settings: Settings, evaluate_only: bool = False) -> dict[str, Any]:
+    """Build, train every run and evaluate (OUT/summary.json, OUT/summary.md); with
+    `evaluate_only`, re-run only the evals of the runs a finished experiment in OUT trained."""
     if settings.threads:
         torch.set_num_threads(settings.threads)
     out = Path(settings.out)
     started = time.perf_counter()
-    builds = build_data(settings)
+    if evaluate_only:
+        recorded = trained_runs(settings)
+        builds = {phase: out / "builds" / phase for phase in PHASES}
+        results: dict[str, Any] = {
+            "settings": asdict(settings), "seconds": recorded["seconds"], "evaluate_only": True
+        }
+        work = [partial(evaluate_run, settings, builds[PHASES[0]], row) for row in recorded["runs"]]
+    else:
+        builds = build_data(settings)
+        results = {
+            "settings": asdict(settings),
+            "seconds": {"build": round(time.perf_counter() - started, 1)},
+        }
+        runs = RUNS if settings.ablations else RUNS[:1]
+        work = [partial(train_and_evaluate, settings, builds, run) for run in runs]
     first_build = builds[PHASES[0]]
     tokenizer = load_build_tokenizer(first_build)
-    results: dict[str, Any] = {
-        "settings": asdict(settings), "seconds": {"build": round(time.perf_counter() - started, 1)}
-    }
-    runs = list(RUNS if settings.ablations else RUNS[:1])
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max(1, settings.jobs), mp_context=context) as pool:
-        futures = [pool.submit(train_and_evaluate, settings, builds, run) for run in runs]
+        futures = [pool.submit(job) for job in work]
         # The random init, evaluated while the runs train.
         before = load_model(PRESET, "sdpa_varlen", vocab_size=len(tokenizer), seed=settings.seed)
         loop._use_build_special_tokens(before, loop.Manifest.read(first_build))
@@ -351,7 +413,9 @@ def experiment(settings: Settings) -> dict[str, Any]:
         )
         results["before"] = _summary_row("random init", initial)
         results["runs"] = [future.result() for future in futures]
-    results["seconds"]["total"] = round(time.perf_counter() - started, 1)
+    results["seconds"]["evaluate_only" if evaluate_only else "total"] = round(
+        time.perf_counter() - started, 1
+    )
     (out / "summary.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "summary.md").write_text(summary_markdown(results))
     return results
@@ -363,9 +427,16 @@ def summary_markdown(results: dict[str, Any]) -> str:
 
     def accuracy_cells(row: dict[str, Any]) -> str:
         by_length = " | ".join(f"{row['by_length'][n]:.3f}" for n in lengths)
-        return f"{row['accuracy']:.3f} | {by_length} | {row['control_accuracy']:.3f}"
+        spread = row["needle_standard_error"]
+        overall = f"{row['accuracy']:.3f}" + ("" if spread is None else f" ± {spread:.3f}")
+        return f"{overall} | {by_length} | {row['control_accuracy']:.3f}"
 
     lines = [
+        *(["Evals re-run by `--evaluate-only` on the recorded checkpoints; training as "
+           "recorded.", ""] if results.get("evaluate_only") else []),
+        f"Accuracy over {results['before']['needles']} needles, each at every depth and length "
+        "(± its standard error over needles).",
+        "",
         "| model | steps (short + long) | masks | loss | final train loss | accuracy (trained "
         "lengths, all depths) | " + " | ".join(lengths) + " | no-needle control | train s |",
         "|---|---:|---|---|---:|---:|" + "---:|" * len(lengths) + "---:|---:|",
@@ -392,7 +463,8 @@ def summary_markdown(results: dict[str, Any]) -> str:
             lines.append("")
             lines.append(
                 f"{run['name']} at {format_length(settings['longer_length'])} (longer than any "
-                f"training sample): accuracy {longer['accuracy']:.3f}, no-needle control "
+                f"training sample): accuracy {longer['accuracy']:.3f} ± "
+                f"{longer['needle_standard_error'] or 0:.3f}, no-needle control "
                 f"{longer['control_accuracy']:.3f} ({longer['prompts']} prompts)."
             )
     return "\n".join(lines) + "\n"
@@ -424,6 +496,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="comma-separated prompt lengths in tokens (the trained lengths)",
     )
     parser.add_argument("--longer-length", type=int, default=defaults.longer_length)
+    parser.add_argument(
+        "--evaluate-only", action="store_true",
+        help="re-run only the evals of the experiment already trained in --out (same training "
+        "settings; the eval grid may change)",
+    )
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads per process (1 with --jobs 3 on 2 cores)")
     args = parser.parse_args(argv)
@@ -443,7 +520,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         longer_length=args.longer_length,
         threads=args.threads,
     )
-    results = experiment(settings)
+    results = experiment(settings, evaluate_only=args.evaluate_only)
     print(summary_markdown(results))
     return results
 

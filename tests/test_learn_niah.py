@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import importlib
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import yaml
 
@@ -88,3 +90,18 @@ def test_a_tiny_experiment_runs_both_phases_and_reports(tmp_path: Path) -> None:
     assert config("short-2")["steps"] == 1 and config("short-2")["lr"] == settings.short_lr
     summary = (out / "summary.md").read_text()
     assert "main, after the short phase | 3 + 0" in summary and "| main | 3 + 2 |" in summary
+    assert main["needles"] == 1 and results["before"]["needles"] == 1
+
+    # --evaluate-only: the same checkpoints scored on another grid, nothing retrained.
+    trained_at = (out / "main" / "long" / "final").stat().st_mtime_ns
+    again = learn_niah.experiment(replace(settings, samples_per_cell=2), evaluate_only=True)
+    (rescored,) = again["runs"]
+    assert rescored["needles"] == 2 and rescored["longer"]["needles"] == 2
+    assert rescored["phases"]["short"]["eval"]["prompts"] == 2 * len(learn_niah.DEPTHS)
+    assert rescored["train_seconds"] == main["train_seconds"]
+    assert (out / "main" / "long" / "final").stat().st_mtime_ns == trained_at
+    assert json.loads((out / "main" / "after" / "results.json").read_text())["needles"][1]
+    assert "--evaluate-only" in (out / "summary.md").read_text()
+    # A different training setting is refused, naming it.
+    with pytest.raises(SystemExit, match="long_steps"):
+        learn_niah.experiment(replace(settings, long_steps=3), evaluate_only=True)

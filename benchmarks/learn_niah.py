@@ -42,7 +42,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, replace
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -333,9 +333,12 @@ def evaluate_run(settings: Settings, tokenizer_dir: Path, row: dict[str, Any]) -
     started = time.perf_counter()
     row = {**row, "phases": {phase: dict(values) for phase, values in row["phases"].items()}}
 
+    @cache  # the main run's last checkpoint serves two grids: load it once
+    def model_after(phase: str):
+        return load_model(str(phase_checkpoint(settings, name, phase)), "sdpa_varlen").eval()
+
     def report_for(phase: str, lengths, label: str, where: str) -> NiahReport:
-        model = load_model(str(phase_checkpoint(settings, name, phase)), "sdpa_varlen").eval()
-        return evaluate(model, tokenizer, settings, lengths, label, out / where)
+        return evaluate(model_after(phase), tokenizer, settings, lengths, label, out / where)
 
     if name == "main":
         for phase in PHASES[:-1]:

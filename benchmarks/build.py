@@ -41,15 +41,19 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX_SEQ_LEN = 32768
-QUESTIONS = ("Summarise the document above.", "What does the text say about the harbour?",
-             "List the main events described.", "请概括上文的主要内容。")
+QUESTIONS = (
+    "Summarise the document above.",
+    "What does the text say about the harbour?",
+    "List the main events described.",
+    "请概括上文的主要内容。",
+)
 
 
 def write_longalign_jsonl(path: Path, megabytes: float, seed: int = 0) -> None:
     """LongAlign-10k-schema rows: a long document plus question, one answer; a quarter of the
     rows have a second question/answer round. Documents are drawn from a paragraph pool so that
     gigabytes are generated in seconds while every row stays unique."""
-    from longdata import synthetic
+    from longdata.sources import synthetic
 
     rng = random.Random(seed)
     pool = {lang: [synthetic.paragraph(rng, lang) for _ in range(3000)] for lang in synthetic.LANGS}
@@ -65,11 +69,18 @@ def write_longalign_jsonl(path: Path, megabytes: float, seed: int = 0) -> None:
             while size < n_chars:
                 document.append(rng.choice(paragraphs))
                 size += len(document[-1])
-            messages = [{"role": "user", "content": "\n\n".join(document) + "\n\n" + rng.choice(QUESTIONS)},
-                        {"role": "assistant", "content": " ".join(rng.choices(paragraphs, k=rng.randint(1, 4)))}]
+            messages = [
+                {"role": "user", "content": "\n\n".join(document) + "\n\n" + rng.choice(QUESTIONS)},
+                {
+                    "role": "assistant",
+                    "content": " ".join(rng.choices(paragraphs, k=rng.randint(1, 4))),
+                },
+            ]
             if rng.random() < 0.25:
-                messages += [{"role": "user", "content": rng.choice(QUESTIONS)},
-                             {"role": "assistant", "content": rng.choice(paragraphs)}]
+                messages += [
+                    {"role": "user", "content": rng.choice(QUESTIONS)},
+                    {"role": "assistant", "content": rng.choice(paragraphs)},
+                ]
             line = (json.dumps({"messages": messages}, ensure_ascii=False) + "\n").encode("utf-8")
             written += out.write(line)
     partial.replace(path)
@@ -80,8 +91,11 @@ def input_file(workdir: Path, megabytes: float) -> Path:
     if not path.exists():
         started = time.perf_counter()
         write_longalign_jsonl(path, megabytes)
-        print(f"generated {path} ({path.stat().st_size / 1e6:,.0f} MB) in "
-              f"{time.perf_counter() - started:.0f}s", file=sys.stderr)
+        print(
+            f"generated {path} ({path.stat().st_size / 1e6:,.0f} MB) in "
+            f"{time.perf_counter() - started:.0f}s",
+            file=sys.stderr,
+        )
     return path
 
 
@@ -91,8 +105,8 @@ def raw_tokenizer_rate(path: Path) -> dict:
     from longdata.recipe import TokenizerConfig
     from longdata.sources.readers import iter_jsonl
     from longdata.sources.schemas import parse_messages
-    from longdata.templates import ChatRenderer, load_tokenizer
-    from longdata.tokenize import BATCH_CHARS
+    from longdata.stages.templates import ChatRenderer, load_tokenizer
+    from longdata.stages.tokenization import BATCH_CHARS
 
     tokenizer, _ = load_tokenizer(TokenizerConfig(name="builtin:quickstart"))
     renderer, backend = ChatRenderer(tokenizer), tokenizer.backend_tokenizer
@@ -100,7 +114,10 @@ def raw_tokenizer_rate(path: Path) -> dict:
 
     def encode(texts: list[str]) -> None:
         nonlocal tokens
-        for kind, method in (("offsets", backend.encode_batch), ("fast", backend.encode_batch_fast)):
+        for kind, method in (
+            ("offsets", backend.encode_batch),
+            ("fast", backend.encode_batch_fast),
+        ):
             started = time.perf_counter()
             encodings = method(texts, add_special_tokens=False)
             counted = sum(len(e) for e in encodings)
@@ -122,8 +139,12 @@ def raw_tokenizer_rate(path: Path) -> dict:
 def run_child(args: list[str], env: dict | None = None) -> tuple[float, int, str]:
     """(wall seconds, peak RSS in bytes, stdout) of one child process."""
     started = time.perf_counter()
-    child = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE,
-                             env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+    child = subprocess.Popen(
+        [sys.executable, *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+    )
     stdout = child.stdout.read().decode()
     _, status, usage = os.wait4(child.pid, 0)
     seconds = time.perf_counter() - started
@@ -134,20 +155,37 @@ def run_child(args: list[str], env: dict | None = None) -> tuple[float, int, str
 
 def write_recipe(workdir: Path, data: Path, name: str) -> Path:
     recipe = workdir / f"{name}.yml"
-    recipe.write_text(json.dumps({
-        "name": name, "seed": 0, "tokenizer": {"name": "builtin:quickstart"},
-        "sources": [{"name": "longalign", "kind": "longalign", "path": str(data), "weight": 1.0}],
-        "packing": {"max_seq_len": MAX_SEQ_LEN, "algorithm": "bfd", "overlength": "truncate"},
-        "validation": {"fraction": 0.01, "max_samples": 16},
-        "cache_dir": str(workdir / f"cache-{name}"),
-        "output": {"dir": str(workdir / f"out-{name}"), "card_dir": str(workdir / "cards"),
-                   "shard_size_limit": "64MB", "compression": "zstd"},
-    }))
+    recipe.write_text(
+        json.dumps(
+            {
+                "name": name,
+                "seed": 0,
+                "tokenizer": {"name": "builtin:quickstart"},
+                "sources": [
+                    {"name": "longalign", "kind": "longalign", "path": str(data), "weight": 1.0}
+                ],
+                "packing": {
+                    "max_seq_len": MAX_SEQ_LEN,
+                    "algorithm": "bfd",
+                    "overlength": "truncate",
+                },
+                "validation": {"fraction": 0.01, "max_samples": 16},
+                "cache_dir": str(workdir / f"cache-{name}"),
+                "output": {
+                    "dir": str(workdir / f"out-{name}"),
+                    "card_dir": str(workdir / "cards"),
+                    "shard_size_limit": "64MB",
+                    "compression": "zstd",
+                },
+            }
+        )
+    )
     return recipe
 
 
-def longdata_build(workdir: Path, data: Path, name: str, overrides: tuple[str, ...] = (),
-                   cold: bool = True) -> dict:
+def longdata_build(
+    workdir: Path, data: Path, name: str, overrides: tuple[str, ...] = (), cold: bool = True
+) -> dict:
     recipe = write_recipe(workdir, data, name)
     if cold:
         shutil.rmtree(workdir / f"cache-{name}", ignore_errors=True)
@@ -156,10 +194,15 @@ def longdata_build(workdir: Path, data: Path, name: str, overrides: tuple[str, .
     out = workdir / f"out-{name}"
     manifest = json.loads((out / "manifest.json").read_text())
     info = json.loads((out / "build_info.json").read_text())
-    return {"tokens": manifest["totals"]["tokens"], "wall": wall, "rss": rss,
-            "build_seconds": info["finished_at"] - info["started_at"], "stages": info["seconds"],
-            "cached": info["cached_sources"],
-            "near_duplicates": sum(s["mix"].get("near_duplicates", 0) for s in manifest["sources"])}
+    return {
+        "tokens": manifest["totals"]["tokens"],
+        "wall": wall,
+        "rss": rss,
+        "build_seconds": info["finished_at"] - info["started_at"],
+        "stages": info["seconds"],
+        "cached": info["cached_sources"],
+        "near_duplicates": sum(s["mix"].get("near_duplicates", 0) for s in manifest["sources"]),
+    }
 
 
 RAY_CHILD = """
@@ -182,9 +225,14 @@ def ray_build(workdir: Path, data: Path, name: str, workers: int) -> dict:
     out = workdir / f"out-{name}"
     manifest = json.loads((out / "manifest.json").read_text())
     info = json.loads((out / "build_info.json").read_text())
-    return {"tokens": manifest["totals"]["tokens"], "wall": wall, "rss": rss,
-            "build_seconds": info["finished_at"] - info["started_at"], "stages": info["seconds"],
-            "manifest": manifest}
+    return {
+        "tokens": manifest["totals"]["tokens"],
+        "wall": wall,
+        "rss": rss,
+        "build_seconds": info["finished_at"] - info["started_at"],
+        "stages": info["seconds"],
+        "manifest": manifest,
+    }
 
 
 def ray_comparison(workdir: Path, data: Path) -> None:
@@ -193,24 +241,37 @@ def ray_comparison(workdir: Path, data: Path) -> None:
     local_manifest = json.loads((workdir / "out-local" / "manifest.json").read_text())
     runs = {workers: ray_build(workdir, data, f"ray{workers}", workers) for workers in (1, 2)}
     for run in runs.values():  # each build has its own name and directories; the data must agree
-        assert all(run["manifest"][k] == local_manifest[k] for k in ("sources", "splits", "totals")), \
-            "the Ray build differs from the local one"
-    print(f"\ninput {data.name}, tokenizer builtin:quickstart, load average now {os.getloadavg()[0]:.2f}")
-    print("| engine | workers | build() s | whole process s | read + tokenize s | tokenize M tok/s "
-          "| build() vs local |")
+        assert all(
+            run["manifest"][k] == local_manifest[k] for k in ("sources", "splits", "totals")
+        ), "the Ray build differs from the local one"
+    print(
+        f"\ninput {data.name}, tokenizer builtin:quickstart, load average now {os.getloadavg()[0]:.2f}"
+    )
+    print(
+        "| engine | workers | build() s | whole process s | read + tokenize s | tokenize M tok/s "
+        "| build() vs local |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|")
     rows = [("local", 1, local), *(("ray", w, run) for w, run in runs.items())]
     for engine, workers, run in rows:
         tokenize = run["stages"]["read_tokenize"]
-        print(f"| {engine} | {workers} | {run['build_seconds']:.1f} | {run['wall']:.1f} | {tokenize:.1f} | "
-              f"{run['tokens'] / tokenize / 1e6:.3f} | {run['build_seconds'] / local['build_seconds']:.2f}x |")
-    print(f"ray overhead against local, both on every core (2 workers): build() "
-          f"{runs[2]['build_seconds'] / local['build_seconds'] - 1:+.1%}, whole process "
-          f"{runs[2]['wall'] / local['wall'] - 1:+.1%}")
-    print(f"ray tokenize throughput 2 workers / 1 worker: "
-          f"{runs[1]['stages']['read_tokenize'] / runs[2]['stages']['read_tokenize']:.2f}x")
+        print(
+            f"| {engine} | {workers} | {run['build_seconds']:.1f} | {run['wall']:.1f} | {tokenize:.1f} | "
+            f"{run['tokens'] / tokenize / 1e6:.3f} | {run['build_seconds'] / local['build_seconds']:.2f}x |"
+        )
+    print(
+        f"ray overhead against local, both on every core (2 workers): build() "
+        f"{runs[2]['build_seconds'] / local['build_seconds'] - 1:+.1%}, whole process "
+        f"{runs[2]['wall'] / local['wall'] - 1:+.1%}"
+    )
+    print(
+        f"ray tokenize throughput 2 workers / 1 worker: "
+        f"{runs[1]['stages']['read_tokenize'] / runs[2]['stages']['read_tokenize']:.2f}x"
+    )
     for engine, workers, run in rows:
-        print(f"stage seconds {engine} x{workers}: {json.dumps({k: round(v, 1) for k, v in run['stages'].items()})}")
+        print(
+            f"stage seconds {engine} x{workers}: {json.dumps({k: round(v, 1) for k, v in run['stages'].items()})}"
+        )
 
 
 def trl_pipeline(path: str, num_proc: int) -> None:
@@ -221,7 +282,7 @@ def trl_pipeline(path: str, num_proc: int) -> None:
     from trl.data_utils import pack_dataset
 
     from longdata.recipe import TokenizerConfig
-    from longdata.templates import load_tokenizer
+    from longdata.stages.templates import load_tokenizer
 
     tokenizer, _ = load_tokenizer(TokenizerConfig(name="builtin:quickstart"))
 
@@ -232,24 +293,40 @@ def trl_pipeline(path: str, num_proc: int) -> None:
     with tempfile.TemporaryDirectory() as cache:
         started = time.perf_counter()
         dataset = datasets.load_dataset("json", data_files=path, split="train", cache_dir=cache)
-        dataset = dataset.map(render_and_tokenize, batched=True, num_proc=num_proc,
-                              remove_columns=dataset.column_names)
-        packed = pack_dataset(dataset, MAX_SEQ_LEN, strategy="bfd", map_kwargs={"num_proc": num_proc})
+        dataset = dataset.map(
+            render_and_tokenize,
+            batched=True,
+            num_proc=num_proc,
+            remove_columns=dataset.column_names,
+        )
+        packed = pack_dataset(
+            dataset, MAX_SEQ_LEN, strategy="bfd", map_kwargs={"num_proc": num_proc}
+        )
         seconds = time.perf_counter() - started
         tokens = sum(len(ids) for ids in dataset.with_format("arrow")["input_ids"].to_pylist())
     print(json.dumps({"tokens": tokens, "seconds": seconds, "rows": len(packed)}))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--mb", type=float, default=100, help="base input size in MB of JSONL")
-    parser.add_argument("--scale", type=float, default=10, help="memory check at --mb times this (0: skip)")
+    parser.add_argument(
+        "--scale", type=float, default=10, help="memory check at --mb times this (0: skip)"
+    )
     parser.add_argument("--workdir", type=Path, default=ROOT / "build" / "bench-build")
     parser.add_argument("--num-proc", type=int, default=os.cpu_count(), help="TRL map workers")
     parser.add_argument("--skip-trl", action="store_true")
-    parser.add_argument("--near-dedup", action="store_true", help="also time dedup.near on the cache")
-    parser.add_argument("--engine", choices=("local", "ray"), default="local",
-                        help="ray: compare local and Ray executor builds instead (see above)")
+    parser.add_argument(
+        "--near-dedup", action="store_true", help="also time dedup.near on the cache"
+    )
+    parser.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="ray: compare local and Ray executor builds instead (see above)",
+    )
     parser.add_argument("--trl-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.trl_child:
@@ -270,63 +347,139 @@ def main() -> None:
     raw = {kind: min(run["seconds"][kind] for run in raw_runs) for kind in ("offsets", "fast")}
     raw_tokens = raw_runs[0]["tokens"]
     raw_rate, fast_rate = raw_tokens / raw["offsets"], raw_tokens / raw["fast"]
-    incremental = longdata_build(args.workdir, data, "base", cold=False, overrides=(
-        "sources[0].weight=1.5", f"packing.max_seq_len={MAX_SEQ_LEN // 2}"))
+    incremental = longdata_build(
+        args.workdir,
+        data,
+        "base",
+        cold=False,
+        overrides=("sources[0].weight=1.5", f"packing.max_seq_len={MAX_SEQ_LEN // 2}"),
+    )
     assert incremental["cached"] == ["longalign"], "the token cache was not reused"
     for kind in ("offsets", "fast"):
         print(f"raw {kind} runs: " + ", ".join(f"{run['seconds'][kind]:.1f}s" for run in raw_runs))
-    rows = [("raw tokenizers encode_batch (faster of 2 runs)", raw_tokens, raw["offsets"], None, None),
-            ("raw tokenizers encode_batch_fast, no offsets (faster of 2)", raw_tokens, raw["fast"], None, None),
-            ("longdata build, cold (build() call)", cold["tokens"], cold["build_seconds"], None, None),
-            ("longdata build, cold (whole process)", cold["tokens"], cold["wall"], cold["rss"], None),
-            ("longdata rebuild, new weight + max len", incremental["tokens"], incremental["wall"],
-             incremental["rss"], cold["wall"] / incremental["wall"])]
+    rows = [
+        ("raw tokenizers encode_batch (faster of 2 runs)", raw_tokens, raw["offsets"], None, None),
+        (
+            "raw tokenizers encode_batch_fast, no offsets (faster of 2)",
+            raw_tokens,
+            raw["fast"],
+            None,
+            None,
+        ),
+        ("longdata build, cold (build() call)", cold["tokens"], cold["build_seconds"], None, None),
+        ("longdata build, cold (whole process)", cold["tokens"], cold["wall"], cold["rss"], None),
+        (
+            "longdata rebuild, new weight + max len",
+            incremental["tokens"],
+            incremental["wall"],
+            incremental["rss"],
+            cold["wall"] / incremental["wall"],
+        ),
+    ]
     if not args.skip_trl:
-        _, trl_rss, stdout = run_child([str(Path(__file__).relative_to(ROOT)), "--trl-child", str(data),
-                                           "--num-proc", str(args.num_proc)])
+        _, trl_rss, stdout = run_child(
+            [
+                str(Path(__file__).relative_to(ROOT)),
+                "--trl-child",
+                str(data),
+                "--num-proc",
+                str(args.num_proc),
+            ]
+        )
         trl = json.loads(stdout.strip().splitlines()[-1])
-        rows.append((f"TRL-style datasets.map + pack_dataset (num_proc={args.num_proc})", trl["tokens"],
-                     trl["seconds"], trl_rss, None))
+        rows.append(
+            (
+                f"TRL-style datasets.map + pack_dataset (num_proc={args.num_proc})",
+                trl["tokens"],
+                trl["seconds"],
+                trl_rss,
+                None,
+            )
+        )
     if args.near_dedup:
         exact = longdata_build(args.workdir, data, "base", cold=False)
-        near = longdata_build(args.workdir, data, "base", cold=False, overrides=("dedup.near.threshold=0.8",))
-        rows.append(("longdata rebuild, exact dedup only", exact["tokens"], exact["wall"], exact["rss"], None))
-        rows.append(("longdata rebuild, + dedup.near (0.8, 128 perm, 5-gram)", near["tokens"], near["wall"],
-                     near["rss"], None))
+        near = longdata_build(
+            args.workdir, data, "base", cold=False, overrides=("dedup.near.threshold=0.8",)
+        )
+        rows.append(
+            (
+                "longdata rebuild, exact dedup only",
+                exact["tokens"],
+                exact["wall"],
+                exact["rss"],
+                None,
+            )
+        )
+        rows.append(
+            (
+                "longdata rebuild, + dedup.near (0.8, 128 perm, 5-gram)",
+                near["tokens"],
+                near["wall"],
+                near["rss"],
+                None,
+            )
+        )
     if args.scale:
-        large = longdata_build(args.workdir, input_file(args.workdir, args.mb * args.scale), "large")
-        rows.append((f"longdata build, cold, {args.scale:g}x input (whole process)", large["tokens"],
-                     large["wall"], large["rss"], None))
-        rows.append(("  ... build() call only", large["tokens"], large["build_seconds"], None, None))
+        large = longdata_build(
+            args.workdir, input_file(args.workdir, args.mb * args.scale), "large"
+        )
+        rows.append(
+            (
+                f"longdata build, cold, {args.scale:g}x input (whole process)",
+                large["tokens"],
+                large["wall"],
+                large["rss"],
+                None,
+            )
+        )
+        rows.append(
+            ("  ... build() call only", large["tokens"], large["build_seconds"], None, None)
+        )
 
-    print(f"\ninput {data.name}, tokenizer builtin:quickstart, max_seq_len {MAX_SEQ_LEN}, "
-          f"load average now {os.getloadavg()[0]:.2f}")
-    print(f"| {'pipeline':<58} | {'tokens':>12} | {'seconds':>8} | {'M tok/s':>7} | {'% of raw':>8} "
-          f"| {'peak RSS':>9} | {'note':>14} |")
+    print(
+        f"\ninput {data.name}, tokenizer builtin:quickstart, max_seq_len {MAX_SEQ_LEN}, "
+        f"load average now {os.getloadavg()[0]:.2f}"
+    )
+    print(
+        f"| {'pipeline':<58} | {'tokens':>12} | {'seconds':>8} | {'M tok/s':>7} | {'% of raw':>8} "
+        f"| {'peak RSS':>9} | {'note':>14} |"
+    )
     print(f"|{'-' * 60}|{'-' * 14}:|{'-' * 9}:|{'-' * 8}:|{'-' * 9}:|{'-' * 10}:|{'-' * 15}:|")
     for label, tokens, seconds, rss, speedup in rows:
         rate = tokens / seconds
         note = f"{speedup:.1f}x faster" if speedup else ""
         memory = f"{rss / 2**20:,.0f} MiB" if rss else ""
-        print(f"| {label:<58} | {tokens:>12,} | {seconds:>8.1f} | {rate / 1e6:>7.3f} | "
-              f"{100 * rate / raw_rate:>7.0f}% | {memory:>9} | {note:>14} |")
+        print(
+            f"| {label:<58} | {tokens:>12,} | {seconds:>8.1f} | {rate / 1e6:>7.3f} | "
+            f"{100 * rate / raw_rate:>7.0f}% | {memory:>9} | {note:>14} |"
+        )
     build_rate = cold["tokens"] / cold["build_seconds"]
-    print(f"\nlongdata build() / raw encode_batch: {build_rate / raw_rate:.2f} (whole process "
-          f"{cold['tokens'] / cold['wall'] / raw_rate:.2f})")
-    print(f"longdata build() / raw encode_batch_fast: {build_rate / fast_rate:.2f} (whole process "
-          f"{cold['tokens'] / cold['wall'] / fast_rate:.2f})")
+    print(
+        f"\nlongdata build() / raw encode_batch: {build_rate / raw_rate:.2f} (whole process "
+        f"{cold['tokens'] / cold['wall'] / raw_rate:.2f})"
+    )
+    print(
+        f"longdata build() / raw encode_batch_fast: {build_rate / fast_rate:.2f} (whole process "
+        f"{cold['tokens'] / cold['wall'] / fast_rate:.2f})"
+    )
     if not args.skip_trl:
-        print(f"longdata (whole process) / TRL-style: "
-              f"{cold['tokens'] / cold['wall'] / (trl['tokens'] / trl['seconds']):.2f}x")
+        print(
+            f"longdata (whole process) / TRL-style: "
+            f"{cold['tokens'] / cold['wall'] / (trl['tokens'] / trl['seconds']):.2f}x"
+        )
     if args.scale:
         print(f"peak RSS {args.scale:g}x input / 1x input: {large['rss'] / cold['rss']:.2f}")
-    print(f"stage seconds (cold, 1x): {json.dumps({k: round(v, 1) for k, v in cold['stages'].items()})}")
+    print(
+        f"stage seconds (cold, 1x): {json.dumps({k: round(v, 1) for k, v in cold['stages'].items()})}"
+    )
     if args.near_dedup:
         extra = near["stages"]["mix"] - exact["stages"]["mix"]
-        print(f"near-dedup: mix stage {near['stages']['mix']:.1f}s vs {exact['stages']['mix']:.1f}s exact only "
-              f"(+{extra:.1f}s, {near['tokens'] / max(extra, 1e-9) / 1e6:.1f} M tokens/s; "
-              f"{100 * extra / cold['wall']:.0f}% of the cold build); near duplicates found: "
-              f"{near['near_duplicates']}")
+        print(
+            f"near-dedup: mix stage {near['stages']['mix']:.1f}s vs {exact['stages']['mix']:.1f}s exact only "
+            f"(+{extra:.1f}s, {near['tokens'] / max(extra, 1e-9) / 1e6:.1f} M tokens/s; "
+            f"{100 * extra / cold['wall']:.0f}% of the cold build); near duplicates found: "
+            f"{near['near_duplicates']}"
+        )
 
 
 if __name__ == "__main__":

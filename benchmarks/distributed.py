@@ -62,15 +62,15 @@ def worker(args: argparse.Namespace) -> None:
     """One rank: build the model, run the steps, write this rank's timings and memory."""
     import torch
 
-    from trainer import collate, load_model
-    from trainer.distributed import (
+    from longdata.trainer import collate, load_model
+    from longdata.trainer.distributed import (
         enable_sequence_parallel,
         init_parallel,
         shard_batch,
         shutdown_parallel,
         wrap_model,
     )
-    from trainer.loss import TargetScorer, TokenLosses, micro_batch_loss, step_denominator
+    from longdata.trainer.loss import TargetScorer, TokenLosses, micro_batch_loss, step_denominator
 
     torch.set_num_threads(1)
     context = init_parallel(args.sp)

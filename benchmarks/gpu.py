@@ -46,7 +46,7 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 def _slice_config(layers: int):
-    from trainer.planner import llama_8b_config
+    from longdata.trainer.planner import llama_8b_config
 
     config = llama_8b_config()
     config.num_hidden_layers = layers
@@ -57,8 +57,8 @@ def _lora_model(config, attention: str, techniques: dict):
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from trainer.memory import enable_activation_offload, enable_tiled_mlp
-    from trainer.model import load_model
+    from longdata.trainer.memory import enable_activation_offload, enable_tiled_mlp
+    from longdata.trainer.model import load_model
 
     model = load_model(config, attention, seed=0, device="cuda")
     if techniques.get("gradient_checkpointing"):
@@ -107,12 +107,12 @@ def packing_checks(layers: int) -> dict:
     """Every CUDA backend against sample-alone and against sdpa_mask, in bf16 autocast."""
     import torch
 
-    from trainer import collate
-    from trainer.attention import unavailable_reason
-    from trainer.check import max_packing_error
-    from trainer.loss import TargetScorer, step_denominator
-    from trainer.model import set_attention
-    from trainer.step import micro_step
+    from longdata.trainer import collate
+    from longdata.trainer.attention import unavailable_reason
+    from longdata.trainer.check import max_packing_error
+    from longdata.trainer.loss import TargetScorer, step_denominator
+    from longdata.trainer.model import set_attention
+    from longdata.trainer.step import micro_step
 
     config = _slice_config(min(layers, 2))
     config.vocab_size = 32_000  # the check compares logits; a smaller vocabulary is enough
@@ -154,7 +154,7 @@ def packing_checks(layers: int) -> dict:
 
 def _model_flops(config, seq_lens: list[int]) -> float:
     """Forward + backward FLOPs of one row: 6 x weights x tokens, plus causal attention."""
-    from trainer.planner import ModelDims
+    from longdata.trainer.planner import ModelDims
 
     dims = ModelDims.of(config)
     tokens = sum(seq_lens)
@@ -169,7 +169,7 @@ def _model_flops(config, seq_lens: list[int]) -> float:
 def _step(scorer, optimizer, batch: dict, denominator: int) -> None:
     import torch
 
-    from trainer.step import micro_step
+    from longdata.trainer.step import micro_step
 
     precision = torch.autocast("cuda", dtype=torch.bfloat16)
     micro_step(scorer, batch, "token_mean", denominator, precision=precision)
@@ -180,10 +180,10 @@ def _step(scorer, optimizer, batch: dict, denominator: int) -> None:
 def memory_runs(layers: int, lengths: list[int], attention: str) -> list[dict]:
     import torch
 
-    from trainer import collate
-    from trainer.config import DEFAULT_LOSS_CHUNK_TOKENS
-    from trainer.loss import TargetScorer, step_denominator
-    from trainer.planner import StepShape, plan_memory
+    from longdata.trainer import collate
+    from longdata.trainer.config import DEFAULT_LOSS_CHUNK_TOKENS
+    from longdata.trainer.loss import TargetScorer, step_denominator
+    from longdata.trainer.planner import StepShape, plan_memory
 
     config = _slice_config(layers)
     name = torch.cuda.get_device_name()

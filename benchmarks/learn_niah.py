@@ -54,12 +54,12 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from evals.niah.report import NiahReport, format_length, write_outputs  # noqa: E402
-from evals.niah.run import NiahSpec, run_niah  # noqa: E402
-from trainer import loop  # noqa: E402
-from trainer.collation import collate  # noqa: E402
-from trainer.model import load_model  # noqa: E402
-from trainer.tokenizer import load_build_tokenizer  # noqa: E402
+from longdata.evals.niah.report import NiahReport, format_length, write_outputs  # noqa: E402
+from longdata.evals.niah.run import NiahSpec, run_niah  # noqa: E402
+from longdata.trainer import loop  # noqa: E402
+from longdata.trainer.collation import collate  # noqa: E402
+from longdata.trainer.model import load_model  # noqa: E402
+from longdata.trainer.tokenizer import load_build_tokenizer  # noqa: E402
 
 PRESET = "niah-tiny"
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -172,7 +172,9 @@ def packing_without_masks():
     def make_dataloader(dataset, batch_size, pad_to_multiple_of=None):
         collate_rows = partial(collate, pad_to_multiple_of=pad_to_multiple_of)
         return StreamingDataLoader(
-            dataset, batch_size=batch_size, num_workers=0,
+            dataset,
+            batch_size=batch_size,
+            num_workers=0,
             collate_fn=lambda rows: attend_across_samples(collate_rows(rows)),
         )
 
@@ -248,7 +250,11 @@ def train_cycle(
 
 def evaluate(model, tokenizer, settings: Settings, lengths, name: str, out: Path) -> NiahReport:
     spec = NiahSpec(
-        tuple(lengths), DEPTHS, settings.samples_per_cell, "generate", settings.max_new_tokens,
+        tuple(lengths),
+        DEPTHS,
+        settings.samples_per_cell,
+        "generate",
+        settings.max_new_tokens,
         seed=settings.eval_seed,
     )
     started = time.perf_counter()
@@ -264,9 +270,7 @@ def evaluate(model, tokenizer, settings: Settings, lengths, name: str, out: Path
 
 def _by_length(report: NiahReport) -> dict[str, float]:
     grid = report.grid()
-    return {
-        format_length(length): sum(row) / len(row) for length, row in zip(report.lengths, grid)
-    }
+    return {format_length(length): sum(row) / len(row) for length, row in zip(report.lengths, grid)}
 
 
 def _summary_row(name: str, report: NiahReport) -> dict[str, Any]:
@@ -307,8 +311,11 @@ def train_run(settings: Settings, builds: dict[str, Path], run: Run) -> dict[str
         cycles = settings.cycles(phase)
         seconds = 0.0
         for cycle, steps in enumerate(cycles):
-            print(f"training {run.name}, {phase} phase, cycle {cycle + 1}/{len(cycles)} "
-                  f"({steps} steps)", file=sys.stderr)
+            print(
+                f"training {run.name}, {phase} phase, cycle {cycle + 1}/{len(cycles)} "
+                f"({steps} steps)",
+                file=sys.stderr,
+            )
             trained = train_cycle(settings, own_build, run, phase, cycle, init)
             init, seconds = str(trained.checkpoint), seconds + trained.seconds
         row["phases"][phase] = {
@@ -357,10 +364,18 @@ def train_and_evaluate(settings: Settings, builds: dict[str, Path], run: Run) ->
 
 
 # What --evaluate-only may change: the eval grid and how the work is spread over processes.
-EVAL_ONLY_FIELDS = frozenset({
-    "samples_per_cell", "eval_lengths", "longer_length", "max_new_tokens", "eval_seed", "jobs",
-    "threads", "ablations",
-})
+EVAL_ONLY_FIELDS = frozenset(
+    {
+        "samples_per_cell",
+        "eval_lengths",
+        "longer_length",
+        "max_new_tokens",
+        "eval_seed",
+        "jobs",
+        "threads",
+        "ablations",
+    }
+)
 
 
 def trained_runs(settings: Settings) -> dict[str, Any]:
@@ -368,11 +383,15 @@ def trained_runs(settings: Settings) -> dict[str, Any]:
     --evaluate-only; refused unless it was trained with these settings."""
     path = Path(settings.out) / "summary.json"
     if not path.is_file():
-        raise SystemExit(f"--evaluate-only: no {path}: run the experiment into {settings.out} first")
+        raise SystemExit(
+            f"--evaluate-only: no {path}: run the experiment into {settings.out} first"
+        )
     recorded = json.loads(path.read_text())
     now = json.loads(json.dumps(asdict(settings)))
     differ = sorted(
-        key for key in now if key not in EVAL_ONLY_FIELDS and recorded["settings"].get(key) != now[key]
+        key
+        for key in now
+        if key not in EVAL_ONLY_FIELDS and recorded["settings"].get(key) != now[key]
     )
     if differ:
         raise SystemExit(
@@ -393,7 +412,9 @@ def experiment(settings: Settings, evaluate_only: bool = False) -> dict[str, Any
         recorded = trained_runs(settings)
         builds = {phase: out / "builds" / phase for phase in PHASES}
         results: dict[str, Any] = {
-            "settings": asdict(settings), "seconds": recorded["seconds"], "evaluate_only": True
+            "settings": asdict(settings),
+            "seconds": recorded["seconds"],
+            "evaluate_only": True,
         }
         work = [partial(evaluate_run, settings, builds[PHASES[0]], row) for row in recorded["runs"]]
     else:
@@ -440,8 +461,15 @@ def summary_markdown(results: dict[str, Any]) -> str:
         return f"{_accuracy_text(row)} | {by_length} | {row['control_accuracy']:.3f}"
 
     lines = [
-        *(["Evals re-run by `--evaluate-only` on the recorded checkpoints; training as "
-           "recorded.", ""] if results.get("evaluate_only") else []),
+        *(
+            [
+                "Evals re-run by `--evaluate-only` on the recorded checkpoints; training as "
+                "recorded.",
+                "",
+            ]
+            if results.get("evaluate_only")
+            else []
+        ),
         f"Accuracy over {results['before']['needles']} needles, each at every depth and length "
         "(± its standard error over needles).",
         "",
@@ -485,12 +513,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", default=defaults.out)
     parser.add_argument("--short-items", type=int, default=defaults.short_items)
     parser.add_argument(
-        "--short-cycles", default=",".join(map(str, defaults.short_cycles)),
+        "--short-cycles",
+        default=",".join(map(str, defaults.short_cycles)),
         help="the short phase's steps per cosine cycle, comma-separated (warm restarts)",
     )
     parser.add_argument("--short-lr", type=float, default=defaults.short_lr)
-    parser.add_argument("--items", type=int, default=defaults.items,
-                        help="the long phase's tasks, at the trained lengths")
+    parser.add_argument(
+        "--items",
+        type=int,
+        default=defaults.items,
+        help="the long phase's tasks, at the trained lengths",
+    )
     parser.add_argument("--long-steps", type=int, default=defaults.long_steps)
     parser.add_argument("--long-lr", type=float, default=defaults.long_lr)
     parser.add_argument("--no-ablations", action="store_true", help="train the main run only")
@@ -499,17 +532,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--samples-per-cell", type=int, default=defaults.samples_per_cell)
     parser.add_argument(
-        "--eval-lengths", default=",".join(map(str, defaults.eval_lengths)),
+        "--eval-lengths",
+        default=",".join(map(str, defaults.eval_lengths)),
         help="comma-separated prompt lengths in tokens (the trained lengths)",
     )
     parser.add_argument("--longer-length", type=int, default=defaults.longer_length)
     parser.add_argument(
-        "--evaluate-only", action="store_true",
+        "--evaluate-only",
+        action="store_true",
         help="re-run only the evals of the experiment already trained in --out (same training "
         "settings; the eval grid may change)",
     )
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads per process (1 with --jobs 3 on 2 cores)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads per process (1 with --jobs 3 on 2 cores)",
+    )
     args = parser.parse_args(argv)
     settings = replace(
         defaults,

@@ -82,13 +82,13 @@ def measure_one(setup: str, shape: str, tokens: int, threads: int) -> dict:
     import psutil
     import torch
 
-    from trainer import collate, load_model
-    from trainer.attention import best_backend
-    from trainer.config import DEFAULT_LOSS_CHUNK_TOKENS, DEFAULT_MLP_CHUNK_TOKENS
-    from trainer.loss import TargetScorer, step_denominator
-    from trainer.memory import enable_activation_offload, enable_tiled_mlp
-    from trainer.planner import StepShape, plan_memory
-    from trainer.step import micro_step
+    from longdata.trainer import collate, load_model
+    from longdata.trainer.attention import best_backend
+    from longdata.trainer.config import DEFAULT_LOSS_CHUNK_TOKENS, DEFAULT_MLP_CHUNK_TOKENS
+    from longdata.trainer.loss import TargetScorer, step_denominator
+    from longdata.trainer.memory import enable_activation_offload, enable_tiled_mlp
+    from longdata.trainer.planner import StepShape, plan_memory
+    from longdata.trainer.step import micro_step
 
     torch.set_num_threads(threads)
     rng = np.random.default_rng(0)

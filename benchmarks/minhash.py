@@ -5,7 +5,7 @@ tokenizer, a tenth of them followed by an edited copy (1% of tokens replaced), a
 holds them. Each contender computes a 128-permutation MinHash of every sample's 5-token shingles
 and keeps a sample unless an LSH candidate kept before it has estimated Jaccard >= 0.8:
 
-1. rensa: ``longdata.near_dedup.NearDuplicateFilter`` (RMinHash over shingle bytes,
+1. rensa: ``longdata.stages.near_dedup.NearDuplicateFilter`` (RMinHash over shingle bytes,
    RMinHashDeduplicator), exactly the build's code path;
 2. datasketch, its documented use: ``MinHash.update_batch`` on shingle bytes (SHA-1 per shingle),
    ``MinHashLSH`` query, verify, insert;
@@ -28,9 +28,9 @@ THRESHOLD, NUM_PERM, NGRAM = 0.8, 128, 5
 
 def corpus(total_tokens: int, seed: int = 0) -> tuple[list[np.ndarray], int]:
     """Samples and how many of them are planted near copies."""
-    from longdata import synthetic
     from longdata.recipe import TokenizerConfig
-    from longdata.templates import load_tokenizer
+    from longdata.sources import synthetic
+    from longdata.stages.templates import load_tokenizer
 
     tokenizer, _ = load_tokenizer(TokenizerConfig(name="builtin:quickstart"))
     rng, np_rng = random.Random(seed), np.random.default_rng(seed)
@@ -51,7 +51,7 @@ def corpus(total_tokens: int, seed: int = 0) -> tuple[list[np.ndarray], int]:
 
 
 def rensa_dedup(samples: list[np.ndarray]) -> int:
-    from longdata.near_dedup import NearDuplicateFilter
+    from longdata.stages.near_dedup import NearDuplicateFilter
 
     near = NearDuplicateFilter(THRESHOLD, NUM_PERM, NGRAM)
     return sum(not near.keep(str(i), ids) for i, ids in enumerate(samples))
@@ -60,7 +60,7 @@ def rensa_dedup(samples: list[np.ndarray]) -> int:
 def datasketch_dedup(samples: list[np.ndarray], prehashed: bool) -> int:
     from datasketch import MinHash, MinHashLSH
 
-    from longdata.near_dedup import shingles
+    from longdata.stages.near_dedup import shingles
 
     lsh = MinHashLSH(threshold=THRESHOLD, num_perm=NUM_PERM)
     kept: dict[str, MinHash] = {}
@@ -68,12 +68,16 @@ def datasketch_dedup(samples: list[np.ndarray], prehashed: bool) -> int:
     found = 0
     for i, ids in enumerate(samples):
         if prehashed:
-            minhash = MinHash(num_perm=NUM_PERM, hashfunc=int, permutations=permutations, scheme="affine32")
+            minhash = MinHash(
+                num_perm=NUM_PERM, hashfunc=int, permutations=permutations, scheme="affine32"
+            )
             windows = np.lib.stride_tricks.sliding_window_view(ids.astype(np.uint64), NGRAM)
             mixed = np.zeros(len(windows), dtype=np.uint64)
             for column in range(NGRAM):
                 mixed = (mixed ^ windows[:, column]) * np.uint64(0x100000001B3)
-            minhash.update_batch(np.unique((mixed ^ (mixed >> np.uint64(32))) & np.uint64(0xFFFFFFFF)))
+            minhash.update_batch(
+                np.unique((mixed ^ (mixed >> np.uint64(32))) & np.uint64(0xFFFFFFFF))
+            )
         else:
             minhash = MinHash(num_perm=NUM_PERM, permutations=permutations, scheme="affine32")
             minhash.update_batch(shingles(ids, NGRAM))
@@ -86,26 +90,36 @@ def datasketch_dedup(samples: list[np.ndarray], prehashed: bool) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokens", type=int, default=4_000_000, help="tokens of samples to deduplicate")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--tokens", type=int, default=4_000_000, help="tokens of samples to deduplicate"
+    )
     args = parser.parse_args()
     samples, copies = corpus(args.tokens)
     tokens = sum(len(s) for s in samples)
     print(f"{len(samples):,} samples, {tokens:,} tokens, {copies} planted near copies")
-    contenders = [("rensa (longdata NearDuplicateFilter)", lambda: rensa_dedup(samples)),
-                  ("datasketch, update_batch on shingle bytes", lambda: datasketch_dedup(samples, False)),
-                  ("datasketch, numpy-prehashed shingles", lambda: datasketch_dedup(samples, True))]
+    contenders = [
+        ("rensa (longdata NearDuplicateFilter)", lambda: rensa_dedup(samples)),
+        ("datasketch, update_batch on shingle bytes", lambda: datasketch_dedup(samples, False)),
+        ("datasketch, numpy-prehashed shingles", lambda: datasketch_dedup(samples, True)),
+    ]
     results = []
     for label, run in contenders:
         started = time.perf_counter()
         found = run()
         results.append((label, found, time.perf_counter() - started))
     base = results[0][2]
-    print(f"| {'contender':<42} | {'near dups':>9} | {'seconds':>7} | {'M tok/s':>7} | {'vs rensa':>8} |")
+    print(
+        f"| {'contender':<42} | {'near dups':>9} | {'seconds':>7} | {'M tok/s':>7} | {'vs rensa':>8} |"
+    )
     print(f"|{'-' * 44}|{'-' * 10}:|{'-' * 8}:|{'-' * 8}:|{'-' * 9}:|")
     for label, found, seconds in results:
-        print(f"| {label:<42} | {found:>9} | {seconds:>7.2f} | {tokens / seconds / 1e6:>7.2f} | "
-              f"{seconds / base:>7.1f}x |")
+        print(
+            f"| {label:<42} | {found:>9} | {seconds:>7.2f} | {tokens / seconds / 1e6:>7.2f} | "
+            f"{seconds / base:>7.1f}x |"
+        )
 
 
 if __name__ == "__main__":

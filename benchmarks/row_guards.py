@@ -33,11 +33,11 @@ def main() -> None:
 
     from build import write_longalign_jsonl  # benchmarks/build.py: the same rows its benchmark uses
 
-    from longdata import control_tokens
     from longdata.recipe import LongAlignSource, TokenizerConfig
     from longdata.sources import read_source
-    from longdata.templates import load_tokenizer
-    from longdata.tokenize import tokenize_records
+    from longdata.stages import control_tokens
+    from longdata.stages.templates import load_tokenizer
+    from longdata.stages.tokenization import tokenize_records
 
     scratch = Path(tempfile.mkdtemp(prefix="row-guards-"))
     try:
@@ -49,9 +49,10 @@ def main() -> None:
         spelled_in = control_tokens.SpecialTokenText.spelled_in
         times: dict[str, list[float]] = {"guarded": [], "no special-token search": []}
         for round_number in range(args.rounds):
-            for name in (list(times) if round_number % 2 == 0 else list(times)[::-1]):
+            for name in list(times) if round_number % 2 == 0 else list(times)[::-1]:
                 control_tokens.SpecialTokenText.spelled_in = (
-                    spelled_in if name == "guarded" else lambda self, messages: False)
+                    spelled_in if name == "guarded" else lambda self, messages: False
+                )
                 out = scratch / "cache"
                 shutil.rmtree(out, ignore_errors=True)
                 started = time.perf_counter()
@@ -63,14 +64,20 @@ def main() -> None:
         for record in records:
             search.spelled_in(record.messages)
         search_seconds = time.perf_counter() - started
-        print(f"{len(records)} rows, {stats.tokens:,} tokens, {args.mb:g} MB; median of {args.rounds} rounds")
+        print(
+            f"{len(records)} rows, {stats.tokens:,} tokens, {args.mb:g} MB; median of {args.rounds} rounds"
+        )
         base = statistics.median(times["no special-token search"])
         for name, values in times.items():
             median = statistics.median(values)
-            print(f"  {name:26s} {median:7.2f} s  {stats.tokens / median / 1e6:6.2f} M tok/s  "
-                  f"{median / base:.3f}x")
+            print(
+                f"  {name:26s} {median:7.2f} s  {stats.tokens / median / 1e6:6.2f} M tok/s  "
+                f"{median / base:.3f}x"
+            )
         guarded = statistics.median(times["guarded"])
-        print(f"  special-token search alone {search_seconds:7.3f} s  {search_seconds / guarded:.2%} of the guarded stage")
+        print(
+            f"  special-token search alone {search_seconds:7.3f} s  {search_seconds / guarded:.2%} of the guarded stage"
+        )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 

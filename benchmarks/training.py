@@ -23,10 +23,10 @@ import time
 import numpy as np
 import torch
 
-from trainer import collate, load_model
-from trainer.attention import best_backend, sdpa_mask_attention, sdpa_varlen_attention
-from trainer.loss import model_token_losses, step_denominator
-from trainer.step import micro_step
+from longdata.trainer import collate, load_model
+from longdata.trainer.attention import best_backend, sdpa_mask_attention, sdpa_varlen_attention
+from longdata.trainer.loss import model_token_losses, step_denominator
+from longdata.trainer.step import micro_step
 
 
 def _samples(count: int, max_len: int, rng: np.random.Generator) -> list[dict[str, np.ndarray]]:

@@ -142,10 +142,10 @@ def eval_niah(
     --samples-per-cell 5 --attention flash_attn --dtype bf16 --out eval/llama`.
     See docs/EVAL.md.
     """
-    from evals.models import EvalInputError
-    from evals.niah.prompts import parse_depths, parse_lengths
-    from evals.niah.report import grid_table, write_outputs
-    from evals.niah.run import NiahSpec, run_niah_checkpoint
+    from longdata.evals.models import EvalInputError
+    from longdata.evals.niah.prompts import parse_depths, parse_lengths
+    from longdata.evals.niah.report import grid_table, write_outputs
+    from longdata.evals.niah.run import NiahSpec, run_niah_checkpoint
 
     try:
         length_list = parse_lengths(lengths)
@@ -158,13 +158,25 @@ def eval_niah(
     err = Console(stderr=True)
     try:
         spec = NiahSpec(
-            tuple(length_list), tuple(depth_list), samples_per_cell, mode, max_new_tokens,
-            distractors, lang, seed, tuple(str(path) for path in haystack or ()),
+            tuple(length_list),
+            tuple(depth_list),
+            samples_per_cell,
+            mode,
+            max_new_tokens,
+            distractors,
+            lang,
+            seed,
+            tuple(str(path) for path in haystack or ()),
         )
         with _progress(err) as track:
             report = run_niah_checkpoint(
-                model, spec, tokenizer=tokenizer, attention=attention, dtype=dtype,
-                device=device, track=track,
+                model,
+                spec,
+                tokenizer=tokenizer,
+                attention=attention,
+                dtype=dtype,
+                device=device,
+                track=track,
                 warn=lambda message: err.print(f"[yellow]warning[/yellow] {message}"),
             )
     except EvalInputError as error:
@@ -210,9 +222,9 @@ def eval_loss(
     perplexity for: all samples, each source, each stream (row length bucket, e.g. le_016384)
     and each sample-length bucket (e.g. 8K-16K: more than 8,192 and at most 16,384 tokens).
     """
-    from evals.loss import NothingToEvaluate, run_loss
-    from evals.models import EvalInputError
-    from trainer.validation_loss import loss_table
+    from longdata.evals.loss import NothingToEvaluate, run_loss
+    from longdata.evals.models import EvalInputError
+    from longdata.trainer.validation_loss import loss_table
 
     err = Console(stderr=True)
     with _progress(err) as track:
@@ -224,8 +236,14 @@ def eval_loss(
 
         try:
             run = run_loss(
-                build, model, split=split, batch_size=batch_size, attention=attention,
-                dtype=dtype, device=device, on_split=on_split,
+                build,
+                model,
+                split=split,
+                batch_size=batch_size,
+                attention=attention,
+                dtype=dtype,
+                device=device,
+                on_split=on_split,
             )
         except EvalInputError as error:
             raise _bad_parameter(error) from None

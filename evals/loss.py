@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from evals.models import EvalInputError, load_eval_model
+from longdata.evals.models import EvalInputError, load_eval_model
 
 
 class NothingToEvaluate(RuntimeError):
@@ -30,12 +30,14 @@ class LossRun:
 
 def pick_split(manifest: Any, split: str | None) -> tuple[str, str | None]:
     """`split`, or the default validation split with a note naming the others."""
-    from trainer.validation_loss import default_split
+    from longdata.trainer.validation_loss import default_split
 
     splits = list(manifest.raw["splits"])
     if split is not None:
         if split not in splits:
-            raise EvalInputError("--split", f"no split {split!r}; the build has {', '.join(splits)}")
+            raise EvalInputError(
+                "--split", f"no split {split!r}; the build has {', '.join(splits)}"
+            )
         return split, None
     chosen = default_split(manifest)
     if chosen is None:
@@ -62,8 +64,8 @@ def run_loss(
 ) -> LossRun:
     """Validation loss of `model` on `split` of `build`. `on_split(split, note, rows)` hears the
     chosen split before the model runs and returns a callback told of each batch's rows."""
-    from trainer.data import Manifest
-    from trainer.validation_loss import evaluate_loss, split_rows
+    from longdata.trainer.data import Manifest
+    from longdata.trainer.validation_loss import evaluate_loss, split_rows
 
     started = time.perf_counter()
     try:

@@ -41,7 +41,7 @@ def resolve_device_and_dtype(device: str, dtype: str) -> tuple[Any, Any, str]:
 def load_eval_model(model: str, attention: str, device: str, dtype: str) -> tuple[Any, str, str]:
     """(model in eval mode, device name, dtype name). Presets are refused: a random init has
     nothing to evaluate."""
-    from trainer.model import PRESETS, load_model
+    from longdata.trainer.model import PRESETS, load_model
 
     if model in PRESETS:
         raise EvalInputError(

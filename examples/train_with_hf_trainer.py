@@ -25,14 +25,14 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from trainer.hf import BuildRows, PackedCollator, prepare_for_packed_batches  # noqa: E402
+from longdata.trainer.hf import BuildRows, PackedCollator, prepare_for_packed_batches  # noqa: E402
 
 
 def load_causal_lm(name: str, vocab_size: int, attn_implementation: str):
     """A bundled preset (random init) or a pretrained checkpoint / hub id."""
     from transformers import AutoModelForCausalLM
 
-    from trainer.model import PRESETS, model_config
+    from longdata.trainer.model import PRESETS, model_config
 
     if name in PRESETS:
         config = model_config(name, vocab_size)
@@ -46,15 +46,20 @@ def trl_trainer(model, args, rows: BuildRows, training_args: dict):
     import datasets
     from trl import SFTConfig, SFTTrainer
 
-    from trainer.tokenizer import load_build_tokenizer
+    from longdata.trainer.tokenizer import load_build_tokenizer
 
     dataset = datasets.IterableDataset.from_generator(rows.__iter__)
     config = SFTConfig(
-        **training_args, dataset_kwargs={"skip_prepare_dataset": True}, max_length=None,
+        **training_args,
+        dataset_kwargs={"skip_prepare_dataset": True},
+        max_length=None,
         bf16=False,
     )
     return SFTTrainer(
-        model=model, args=config, train_dataset=dataset, data_collator=PackedCollator(),
+        model=model,
+        args=config,
+        train_dataset=dataset,
+        data_collator=PackedCollator(),
         processing_class=load_build_tokenizer(args.build),
     )
 
@@ -95,7 +100,9 @@ def main(argv: list[str] | None = None) -> object:
         trainer = trl_trainer(model, args, rows, training_args)
     else:
         trainer = Trainer(
-            model=model, args=TrainingArguments(**training_args), train_dataset=rows,
+            model=model,
+            args=TrainingArguments(**training_args),
+            train_dataset=rows,
             data_collator=PackedCollator(),
         )
     result = trainer.train()

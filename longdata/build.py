@@ -21,15 +21,15 @@ from typing import Any
 from rich.console import Console
 
 from longdata import __version__
-from longdata.accounting import row_accounting
-from longdata.card import card_destination, copy_card, write_card
 from longdata.executors import Executor, LocalExecutor
 from longdata.format import FORMAT, Manifest, write_manifest
-from longdata.mix import Mix
 from longdata.output import claim_output, discard_partial, output_lock, publish, start_partial
 from longdata.pipeline import BuildError, SplitResult, TokenizedSource, run_stages
 from longdata.recipe import FileSource, Recipe, load_recipe
-from longdata.templates import TokenizerInfo
+from longdata.stages.accounting import row_accounting
+from longdata.stages.mix import Mix
+from longdata.stages.templates import TokenizerInfo
+from longdata.tools.card import card_destination, copy_card, write_card
 
 __all__ = ["BuildError", "BuildResult", "build"]
 
@@ -42,9 +42,17 @@ class BuildResult:
     remote: str | None = None  # where the build was uploaded, when the output is a URL
 
 
-def build(recipe: Recipe | str | Path, *, out: str | Path | None = None, overrides: Sequence[str] = (),
-          strict: bool = False, overwrite: bool = False, allow_empty: bool = False,
-          console: Console | None = None, executor: Executor | None = None) -> BuildResult:
+def build(
+    recipe: Recipe | str | Path,
+    *,
+    out: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    strict: bool = False,
+    overwrite: bool = False,
+    allow_empty: bool = False,
+    console: Console | None = None,
+    executor: Executor | None = None,
+) -> BuildResult:
     """Run every stage of ``recipe`` (with ``executor``, default in this process) and publish the
     build directory atomically. ``out`` may be a URL (``s3://bucket/path``, ...).
 
@@ -62,7 +70,9 @@ def build(recipe: Recipe | str | Path, *, out: str | Path | None = None, overrid
     card_destination(recipe.output.card_dir, recipe.name)  # an unsafe name fails before any work
     with output_lock(out_dir):
         try:
-            return _run_build(recipe, out_dir, remote, strict, allow_empty, console, executor or LocalExecutor())
+            return _run_build(
+                recipe, out_dir, remote, strict, allow_empty, console, executor or LocalExecutor()
+            )
         except BaseException:
             discard_partial(out_dir)
             raise
@@ -70,24 +80,53 @@ def build(recipe: Recipe | str | Path, *, out: str | Path | None = None, overrid
 
 def needed_paths(recipe: Recipe) -> list[Path]:
     """What an output directory must never swallow: the cache, the card directory, local sources."""
-    local_sources = [Path(s.path) for s in recipe.sources
-                     if isinstance(s, FileSource) and Path(s.path).exists()]
+    local_sources = [
+        Path(s.path) for s in recipe.sources if isinstance(s, FileSource) and Path(s.path).exists()
+    ]
     return [Path(recipe.cache_dir), Path(recipe.output.card_dir), *local_sources]
 
 
-def _run_build(recipe: Recipe, out_dir: Path, remote: str | None, strict: bool, allow_empty: bool,
-               console: Console, executor: Executor) -> BuildResult:
+def _run_build(
+    recipe: Recipe,
+    out_dir: Path,
+    remote: str | None,
+    strict: bool,
+    allow_empty: bool,
+    console: Console,
+    executor: Executor,
+) -> BuildResult:
     partial = start_partial(out_dir)
     seconds: dict[str, float] = {}
     started_at = time.time()
     stages = run_stages(recipe, executor, partial, console, strict=strict, seconds=seconds)
-    return finish_build(recipe, stages.tokenizer_info, stages.sources, stages.mixed, stages.splits,
-                        partial, out_dir, remote, seconds, started_at, allow_empty=allow_empty)
+    return finish_build(
+        recipe,
+        stages.tokenizer_info,
+        stages.sources,
+        stages.mixed,
+        stages.splits,
+        partial,
+        out_dir,
+        remote,
+        seconds,
+        started_at,
+        allow_empty=allow_empty,
+    )
 
 
-def finish_build(recipe: Recipe, tokenizer_info: TokenizerInfo, sources: list[TokenizedSource], mixed: Mix,
-                 splits: list[SplitResult], partial: Path, out_dir: Path, remote: str | None,
-                 seconds: dict[str, float], started_at: float, allow_empty: bool = False) -> BuildResult:
+def finish_build(
+    recipe: Recipe,
+    tokenizer_info: TokenizerInfo,
+    sources: list[TokenizedSource],
+    mixed: Mix,
+    splits: list[SplitResult],
+    partial: Path,
+    out_dir: Path,
+    remote: str | None,
+    seconds: dict[str, float],
+    started_at: float,
+    allow_empty: bool = False,
+) -> BuildResult:
     """Manifest, card and build info into ``partial``, then publish (and upload) it."""
     if not allow_empty and not sum(s.as_dict()["rows"] for s in splits if s.name.endswith("train")):
         raise BuildError(_empty_build_reason(recipe, sources, mixed, splits))
@@ -96,10 +135,18 @@ def finish_build(recipe: Recipe, tokenizer_info: TokenizerInfo, sources: list[To
     clock = time.perf_counter()
     write_card(partial, Manifest.parse(partial, manifest))
     seconds["card"] = time.perf_counter() - clock
-    (partial / "build_info.json").write_text(json.dumps({
-        "started_at": started_at, "finished_at": time.time(), "seconds": seconds,
-        "cache_dir": str(Path(recipe.cache_dir).resolve()),
-        "cached_sources": [s.name for s in sources if s.cached]}, indent=1))
+    (partial / "build_info.json").write_text(
+        json.dumps(
+            {
+                "started_at": started_at,
+                "finished_at": time.time(),
+                "seconds": seconds,
+                "cache_dir": str(Path(recipe.cache_dir).resolve()),
+                "cached_sources": [s.name for s in sources if s.cached],
+            },
+            indent=1,
+        )
+    )
     write_manifest(partial, manifest)
     publish(partial, out_dir)
     copy_card(out_dir, card_destination(recipe.output.card_dir, recipe.name))
@@ -110,17 +157,23 @@ def finish_build(recipe: Recipe, tokenizer_info: TokenizerInfo, sources: list[To
     return BuildResult(out_dir, manifest, seconds, remote)
 
 
-def _empty_build_reason(recipe: Recipe, sources: list[TokenizedSource], mixed: Mix,
-                        splits: list[SplitResult]) -> str:
+def _empty_build_reason(
+    recipe: Recipe, sources: list[TokenizedSource], mixed: Mix, splits: list[SplitResult]
+) -> str:
     read = sum(s.cache.stats.rows_read for s in sources)
     quarantined = sum(s.cache.stats.quarantined for s in sources)
     filtered = sum(m.too_short + m.too_long for m in mixed.stats)
-    left_out = sum(s.overlength["dropped"] + s.overlength["empty"] + s.overlength["no_target_after_cut"]
-                   for s in splits if s.name.endswith("train"))
-    return (f"the build has no training rows: {read} rows read, {quarantined} quarantined (see "
-            f"{recipe.cache_dir}/tokenized/*/quarantine.jsonl), {filtered} length-filtered, "
-            f"{len(mixed.train)} training samples, {left_out} left out by packing at max_seq_len "
-            f"{recipe.shortest_seq_len}; pass --allow-empty to publish it anyway")
+    left_out = sum(
+        s.overlength["dropped"] + s.overlength["empty"] + s.overlength["no_target_after_cut"]
+        for s in splits
+        if s.name.endswith("train")
+    )
+    return (
+        f"the build has no training rows: {read} rows read, {quarantined} quarantined (see "
+        f"{recipe.cache_dir}/tokenized/*/quarantine.jsonl), {filtered} length-filtered, "
+        f"{len(mixed.train)} training samples, {left_out} left out by packing at max_seq_len "
+        f"{recipe.shortest_seq_len}; pass --allow-empty to publish it anyway"
+    )
 
 
 def _publish_quarantine(sources: list[TokenizedSource], out_dir: Path) -> int:
@@ -140,15 +193,27 @@ def _publish_quarantine(sources: list[TokenizedSource], out_dir: Path) -> int:
 # --- manifest and publishing -----------------------------------------------------------------
 
 
-def make_manifest(recipe: Recipe, tokenizer_info: TokenizerInfo, sources: list[TokenizedSource],
-                  mixed: Mix, splits: list[SplitResult]) -> dict[str, Any]:
+def make_manifest(
+    recipe: Recipe,
+    tokenizer_info: TokenizerInfo,
+    sources: list[TokenizedSource],
+    mixed: Mix,
+    splits: list[SplitResult],
+) -> dict[str, Any]:
     source_entries = []
     for source, mix_stats in zip(sources, mixed.stats):
         tokenize_stats = dataclasses.asdict(source.cache.stats)
         tokenize_stats.pop("seconds")
-        source_entries.append({"name": source.name, "kind": source.kind, "weight": source.weight,
-                               "tokenize": tokenize_stats, "mix": mix_stats.as_dict(),
-                               "rows": row_accounting(tokenize_stats, mix_stats.as_dict())})
+        source_entries.append(
+            {
+                "name": source.name,
+                "kind": source.kind,
+                "weight": source.weight,
+                "tokenize": tokenize_stats,
+                "mix": mix_stats.as_dict(),
+                "rows": row_accounting(tokenize_stats, mix_stats.as_dict()),
+            }
+        )
     split_entries = {s.name: s.as_dict() for s in splits}
     train = [s for s in splits if s.name.endswith("train")]
     return {
@@ -178,9 +243,14 @@ def _versions() -> dict[str, str]:
     import tokenizers
     import transformers
 
-    return {"longdata": __version__, "python": platform.python_version(), "numpy": numpy.__version__,
-            "mosaicml-streaming": streaming.__version__, "tokenizers": tokenizers.__version__,
-            "transformers": transformers.__version__}
+    return {
+        "longdata": __version__,
+        "python": platform.python_version(),
+        "numpy": numpy.__version__,
+        "mosaicml-streaming": streaming.__version__,
+        "tokenizers": tokenizers.__version__,
+        "transformers": transformers.__version__,
+    }
 
 
 def upload_build(local: Path, remote: str) -> None:

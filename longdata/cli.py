@@ -46,7 +46,9 @@ def error_line(error: BaseException) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     text = "; ".join(lines) or type(error).__name__
     if not (hasattr(error, "exit_code") or isinstance(error, ValueError | OSError)):
-        text = f"{type(error).__name__}: {text} (unexpected: run with {DEBUG_FLAG} for the traceback)"
+        text = (
+            f"{type(error).__name__}: {text} (unexpected: run with {DEBUG_FLAG} for the traceback)"
+        )
     if len(text) > MAX_ERROR_CHARS:
         text = f"{text[:MAX_ERROR_CHARS]}… ({len(text) - MAX_ERROR_CHARS:,} more characters)"
     return text
@@ -84,13 +86,22 @@ def _debugging(ctx: click.Context) -> bool:
 
 
 def _report(line: str) -> None:
-    console.print(Text.assemble(("error", "red"), " ", " ".join(line.split())), highlight=False,
-                  soft_wrap=True)
+    console.print(
+        Text.assemble(("error", "red"), " ", " ".join(line.split())),
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 def _typer(help: str, **kwargs) -> typer.Typer:
-    return typer.Typer(help=help, no_args_is_help=True, add_completion=False,
-                       pretty_exceptions_enable=False, rich_markup_mode="markdown", **kwargs)
+    return typer.Typer(
+        help=help,
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+        rich_markup_mode="markdown",
+        **kwargs,
+    )
 
 
 app = _typer(
@@ -100,14 +111,18 @@ app = _typer(
     "`longdata train build/<name>` and `longdata eval niah --model runs/<run>/final`.\n\n"
     f"A failure prints one line (exit code 2: fix the input; 1: it failed while running); add "
     f"`{DEBUG_FLAG}` to any command, or set LONGDATA_DEBUG=1, to see the traceback.",
-    cls=_Commands)
+    cls=_Commands,
+)
 console = Console(stderr=True)
 
 RecipeArg = typer.Argument(..., exists=False, help="Path to a recipe YAML file (see recipes/).")
 SetOption = typer.Option(
-    None, "--set", metavar="KEY.PATH=VALUE",
+    None,
+    "--set",
+    metavar="KEY.PATH=VALUE",
     help="Override a recipe field, e.g. --set packing.max_seq_len=16384 --set sources[1].weight=2. "
-         "Values are parsed as YAML. Repeatable.")
+    "Values are parsed as YAML. Repeatable.",
+)
 
 
 def _load(recipe: Path, overrides: list[str] | None):
@@ -138,8 +153,10 @@ def validate(recipe: Path = RecipeArg, overrides: list[str] | None = SetOption) 
     except RecipeError as exc:
         _print_problems(exc)
         raise typer.Exit(2) from None
-    console.print(f"[green]ok[/green] {recipe}: recipe '{loaded.name}' with {len(loaded.sources)} sources, "
-                  f"rows up to {loaded.longest_seq_len:,} tokens, output {loaded.output.dir}")
+    console.print(
+        f"[green]ok[/green] {recipe}: recipe '{loaded.name}' with {len(loaded.sources)} sources, "
+        f"rows up to {loaded.longest_seq_len:,} tokens, output {loaded.output.dir}"
+    )
 
 
 @app.command()
@@ -147,25 +164,40 @@ def build(
     recipe: Path = RecipeArg,
     # A string, not a Path: Path("s3://b/x") would collapse the URL to "s3:/b/x".
     out: str | None = typer.Option(
-        None, "--out", help="Output directory or URL such as s3://bucket/path (default: the "
-                            "recipe's output.dir)."),
+        None,
+        "--out",
+        help="Output directory or URL such as s3://bucket/path (default: the recipe's output.dir).",
+    ),
     overrides: list[str] | None = SetOption,
-    strict: bool = typer.Option(False, "--strict", help="Fail if any source row had to be quarantined."),
+    strict: bool = typer.Option(
+        False, "--strict", help="Fail if any source row had to be quarantined."
+    ),
     overwrite: bool = typer.Option(
-        False, "--overwrite",
+        False,
+        "--overwrite",
         help="Replace an existing output directory that is not a longdata build (refused "
-             "otherwise). Never the working directory, a parent of it, the home directory, or a "
-             "directory holding the recipe's sources, cache or card directory."),
-    allow_empty: bool = typer.Option(False, "--allow-empty",
-                                     help="Publish a build that holds no training row (by default it fails)."),
+        "otherwise). Never the working directory, a parent of it, the home directory, or a "
+        "directory holding the recipe's sources, cache or card directory.",
+    ),
+    allow_empty: bool = typer.Option(
+        False,
+        "--allow-empty",
+        help="Publish a build that holds no training row (by default it fails).",
+    ),
     engine: str = typer.Option(
-        "local", "--engine", help="local: every stage in this process. ray: tokenize and write "
-                                  "tasks on a Ray cluster (pip install 'longdata[ray]'); the rows, "
-                                  "manifest and card equal a local build's."),
+        "local",
+        "--engine",
+        help="local: every stage in this process. ray: tokenize and write "
+        "tasks on a Ray cluster (pip install 'longdata[ray]'); the rows, "
+        "manifest and card equal a local build's.",
+    ),
     ray_address: str | None = typer.Option(
-        None, "--ray-address", metavar="auto|HOST:PORT",
+        None,
+        "--ray-address",
+        metavar="auto|HOST:PORT",
         help="With --engine ray: the cluster to join (auto: the one `ray start` runs here). "
-             "Default: start a Ray instance on this machine for the build."),
+        "Default: start a Ray instance on this machine for the build.",
+    ),
 ) -> None:
     """Build MDS shards, a manifest and a data card from a recipe.
 
@@ -178,13 +210,21 @@ def build(
     from longdata.executors import ENGINES, make_executor
 
     if engine not in ENGINES:
-        raise typer.BadParameter(f"must be one of {', '.join(ENGINES)}, got {engine!r}",
-                                 param_hint="'--engine'")
+        raise typer.BadParameter(
+            f"must be one of {', '.join(ENGINES)}, got {engine!r}", param_hint="'--engine'"
+        )
     loaded = _load(recipe, overrides)
     executor = make_executor(engine, ray_address=ray_address)
     try:
-        result = run_build(loaded, out=out, strict=strict, overwrite=overwrite, allow_empty=allow_empty,
-                           console=console, executor=executor)
+        result = run_build(
+            loaded,
+            out=out,
+            strict=strict,
+            overwrite=overwrite,
+            allow_empty=allow_empty,
+            console=console,
+            executor=executor,
+        )
     finally:
         executor.close()
     _print_summary(result)
@@ -197,49 +237,75 @@ def _print_summary(result) -> None:
         table.add_column(column, justify="left" if column in ("split", "stream") else "right")
     for name, split in manifest["splits"].items():
         for stream in split["streams"]:
-            table.add_row(name, stream["name"], f"{stream['rows']:,}", f"{stream['tokens']:,}",
-                          f"{stream['target_tokens']:,}", f"{split['packing']['fill']:.2%}",
-                          f"{split['packing']['rows_over_bound']:.3f}")
+            table.add_row(
+                name,
+                stream["name"],
+                f"{stream['rows']:,}",
+                f"{stream['tokens']:,}",
+                f"{stream['target_tokens']:,}",
+                f"{split['packing']['fill']:.2%}",
+                f"{split['packing']['rows_over_bound']:.3f}",
+            )
     console.print(table)
     sources = Table(title="sources", title_justify="left")
-    for column in ("source", "read", "quarantined", "samples", "duplicates", "tokens", "train tokens"):
+    for column in (
+        "source",
+        "read",
+        "quarantined",
+        "samples",
+        "duplicates",
+        "tokens",
+        "train tokens",
+    ):
         sources.add_column(column, justify="left" if column == "source" else "right")
     for s in manifest["sources"]:
-        sources.add_row(s["name"], f"{s['tokenize']['rows_read']:,}", f"{s['tokenize']['quarantined']:,}",
-                        f"{s['tokenize']['samples']:,}", f"{s['mix']['duplicates']:,}",
-                        f"{s['tokenize']['tokens']:,}", f"{s['mix']['train_tokens']:,}")
+        sources.add_row(
+            s["name"],
+            f"{s['tokenize']['rows_read']:,}",
+            f"{s['tokenize']['quarantined']:,}",
+            f"{s['tokenize']['samples']:,}",
+            f"{s['mix']['duplicates']:,}",
+            f"{s['tokenize']['tokens']:,}",
+            f"{s['mix']['train_tokens']:,}",
+        )
     console.print(sources)
     console.print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items()))
 
 
 @app.command()
-def verify(build_dir: Path = typer.Argument(..., help="A build directory (holds manifest.json).")) -> None:
+def verify(
+    build_dir: Path = typer.Argument(..., help="A build directory (holds manifest.json)."),
+) -> None:
     """Re-read every shard of a build: hashes and sizes against each index.json, every row against
     the row contract (docs/ROW_SCHEMA.md), and all totals against manifest.json. Exit code 1 on any
     problem, each reported with its shard and row."""
-    from longdata.verify import verify_build
+    from longdata.tools.verify import verify_build
 
     report = verify_build(build_dir)
     for problem in report.problems:
         console.print(f"[red]corrupt[/red] {escape(problem)}", highlight=False, soft_wrap=True)
     if not report.ok:
         raise typer.Exit(1)
-    console.print(f"[green]ok[/green] {build_dir}: {report.shards} shards, {report.rows:,} rows, "
-                  f"{report.tokens:,} tokens verified")
+    console.print(
+        f"[green]ok[/green] {build_dir}: {report.shards} shards, {report.rows:,} rows, "
+        f"{report.tokens:,} tokens verified"
+    )
 
 
 @app.command()
 def card(
     build_dir: Path = typer.Argument(..., help="A finished build directory (holds manifest.json)."),
     copy_to: Path | None = typer.Option(
-        None, help="Also write the card here with its plots beside it, e.g. data_cards/<name>. "
-                   "Default: <card_dir>/<name> from the build's recipe, as the build does."),
+        None,
+        help="Also write the card here with its plots beside it, e.g. data_cards/<name>. "
+        "Default: <card_dir>/<name> from the build's recipe, as the build does.",
+    ),
     copy: bool = typer.Option(True, help="--no-copy: regenerate only the card inside the build."),
 ) -> None:
     """Regenerate a build's data card (README.md with YAML front matter, plots in card/) from its
     manifest and sample indexes: sources, mix, languages, lengths, packing, loss-weight skew.
     The copy goes only into a new directory or a card directory longdata wrote."""
-    from longdata.card import regenerate_card
+    from longdata.tools.card import regenerate_card
 
     for path in regenerate_card(build_dir, copy_to=copy_to, copy=copy):
         console.print(f"wrote {path}", highlight=False, soft_wrap=True)
@@ -249,26 +315,41 @@ def card(
 def inspect(
     build_dir: Path = typer.Argument(..., help="A build directory (holds manifest.json)."),
     split: str | None = typer.Option(
-        None, "--split", help="Default: the first train split (of the first curriculum stage)."),
+        None, "--split", help="Default: the first train split (of the first curriculum stage)."
+    ),
     stream: str | None = typer.Option(
-        None, "--stream", help="A bucket stream of the split, e.g. le_016384. Default: its first "
-                               "stream with rows (with --sample-id: any stream)."),
+        None,
+        "--stream",
+        help="A bucket stream of the split, e.g. le_016384. Default: its first "
+        "stream with rows (with --sample-id: any stream).",
+    ),
     row: int | None = typer.Option(None, "--row", help="Row number inside the stream (default 0)."),
     sample_id: str | None = typer.Option(
-        None, "--sample-id", metavar="SOURCE:POSITION",
+        None,
+        "--sample-id",
+        metavar="SOURCE:POSITION",
         help="Show the row holding this sample (looked up in `<split>/samples.parquet`; with no "
-             "--split, in the first split that packs it, stages in order, train first); says "
-             "why when it was not packed."),
+        "--split, in the first split that packs it, stages in order, train first); says "
+        "why when it was not packed.",
+    ),
     context: int = typer.Option(
-        100, "--context", metavar="N",
+        100,
+        "--context",
+        metavar="N",
         help="Tokens kept at each end of a long non-target run before eliding its middle "
-             "(0: only the targets). Target runs are elided only when huge: they keep 10x as "
-             "many, at least 1,000, at each end."),
+        "(0: only the targets). Target runs are elided only when huge: they keep 10x as "
+        "many, at least 1,000, at each end.",
+    ),
     full: bool = typer.Option(False, "--full", help="Show every token: no elision."),
-    as_json: bool = typer.Option(False, "--json", help="Print the row as JSON (segments per sample)."),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print the row as JSON (segments per sample)."
+    ),
     plain: bool = typer.Option(
-        False, "--plain", help="No colour: targets wrapped in ⟦…⟧ (also the default when colour "
-                               "is off: a pipe, NO_COLOR)."),
+        False,
+        "--plain",
+        help="No colour: targets wrapped in ⟦…⟧ (also the default when colour "
+        "is off: a pipe, NO_COLOR).",
+    ),
 ) -> None:
     """Show one packed row: each sample's boundaries, id, source, length and status, and its text
     with target (loss) tokens highlighted and the rest dimmed; long runs are elided in the middle
@@ -279,12 +360,25 @@ def inspect(
     import json as json_module
 
     from longdata.format import ShardError
-    from longdata.inspect import InspectError, NotPacked, inspect_row, render, render_not_packed
+    from longdata.tools.inspection import (
+        InspectError,
+        NotPacked,
+        inspect_row,
+        render,
+        render_not_packed,
+    )
 
     out = Console(color_system=None, highlight=False) if plain else Console(highlight=False)
     try:
-        view = inspect_row(build_dir, split=split, stream=stream, row=row, sample_id=sample_id,
-                           context=context, full=full)
+        view = inspect_row(
+            build_dir,
+            split=split,
+            stream=stream,
+            row=row,
+            sample_id=sample_id,
+            context=context,
+            full=full,
+        )
     except InspectError as exc:  # the message may quote user input: no markup in it
         console.print(Text.assemble(("error", "red"), f" {exc}"), highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
@@ -306,33 +400,60 @@ def inspect(
 @app.command()
 def export(
     build_dir: Path = typer.Argument(..., help="A build directory (holds manifest.json)."),
-    out: Path = typer.Option(..., "--out", help="Output directory: missing, empty, or an earlier export."),
-    format: str = typer.Option("parquet", "--format", help="parquet (OUT/SPLIT.parquet) or hf "
-                               "(a datasets.load_from_disk dataset, one split per build split)."),
-    split: str | None = typer.Option(None, "--split", help="Export only this split (default: all)."),
-    with_labels: bool = typer.Option(False, "--with-labels", help="Add labels (-100 outside targets and "
-                                     "at every sample's first token) and position_ids (restarting at "
-                                     "every sample)."),
-    push_to_hub: str | None = typer.Option(None, "--push-to-hub", metavar="REPO",
-                                           help="Then upload it as Hub dataset REPO (needs a token)."),
-    private: bool = typer.Option(False, "--private", help="With --push-to-hub: a private dataset repo."),
+    out: Path = typer.Option(
+        ..., "--out", help="Output directory: missing, empty, or an earlier export."
+    ),
+    format: str = typer.Option(
+        "parquet",
+        "--format",
+        help="parquet (OUT/SPLIT.parquet) or hf "
+        "(a datasets.load_from_disk dataset, one split per build split).",
+    ),
+    split: str | None = typer.Option(
+        None, "--split", help="Export only this split (default: all)."
+    ),
+    with_labels: bool = typer.Option(
+        False,
+        "--with-labels",
+        help="Add labels (-100 outside targets and "
+        "at every sample's first token) and position_ids (restarting at "
+        "every sample).",
+    ),
+    push_to_hub: str | None = typer.Option(
+        None,
+        "--push-to-hub",
+        metavar="REPO",
+        help="Then upload it as Hub dataset REPO (needs a token).",
+    ),
+    private: bool = typer.Option(
+        False, "--private", help="With --push-to-hub: a private dataset repo."
+    ),
 ) -> None:
     """Write a build's packed rows with their columns as Parquet or a Hugging Face dataset, for
     trainers that read those (see docs/ECOSYSTEM.md)."""
-    from longdata.export import export_build
+    from longdata.tools.export import export_build
 
-    result = export_build(build_dir, out, format=format, split=split, with_labels=with_labels,
-                          push_to_hub=push_to_hub, private=private)
+    result = export_build(
+        build_dir,
+        out,
+        format=format,
+        split=split,
+        with_labels=with_labels,
+        push_to_hub=push_to_hub,
+        private=private,
+    )
     rows = ", ".join(f"{name} {count:,} rows" for name, count in result.rows.items())
-    console.print(f"[green]exported[/green] {rows} to {result.out_dir} ({result.format})", highlight=False)
+    console.print(
+        f"[green]exported[/green] {rows} to {result.out_dir} ({result.format})", highlight=False
+    )
     if result.pushed_to:
         console.print(f"pushed to {result.pushed_to}", highlight=False)
 
 
 # The trainer is its own package (it reads only the row schema and manifest) and the evals sit
 # above both; their commands are mounted here so users have one entry point.
-from evals import cli as evals_cli  # noqa: E402
-from trainer import cli as trainer_cli  # noqa: E402
+from longdata.evals import cli as evals_cli  # noqa: E402
+from longdata.trainer import cli as trainer_cli  # noqa: E402
 
 app.command("train")(trainer_cli.train)
 app.command("check-packing")(trainer_cli.check_packing)
@@ -341,7 +462,8 @@ app.command("plan-memory")(trainer_cli.plan_memory)
 eval_app = _typer(
     "Evaluate a trained model: `longdata eval niah` (needle-in-a-haystack retrieval over a "
     "grid of context lengths x needle depths, with a heatmap) and `longdata eval loss` "
-    "(validation loss of a build per source and length bucket). See docs/EVAL.md.")
+    "(validation loss of a build per source and length bucket). See docs/EVAL.md."
+)
 eval_app.command("niah")(evals_cli.eval_niah)
 eval_app.command("loss")(evals_cli.eval_loss)
 app.add_typer(eval_app, name="eval")

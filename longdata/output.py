@@ -53,8 +53,10 @@ def claim_output(out_dir: Path, *, overwrite: bool, keep: Iterable[str | Path] =
     if not out_dir.exists() or is_ours(out_dir, "build") or not any(out_dir.iterdir()):
         return
     if not overwrite:
-        raise NotOursError(f"--out {out_dir} exists and is not a longdata build; refusing to replace "
-                           "it (choose another --out, or pass --overwrite to replace it)")
+        raise NotOursError(
+            f"--out {out_dir} exists and is not a longdata build; refusing to replace "
+            "it (choose another --out, or pass --overwrite to replace it)"
+        )
     target = out_dir.resolve()
     home = Path.home().resolve()
     cwd = Path.cwd().resolve()
@@ -63,8 +65,10 @@ def claim_output(out_dir: Path, *, overwrite: bool, keep: Iterable[str | Path] =
     for needed in keep:
         needed = Path(needed).resolve()
         if needed == target or target in needed.parents:
-            raise NotOursError(f"--out {out_dir} holds {needed}, which the build needs; not replaced "
-                               "even with --overwrite")
+            raise NotOursError(
+                f"--out {out_dir} holds {needed}, which the build needs; not replaced "
+                "even with --overwrite"
+            )
 
 
 def start_partial(out_dir: Path) -> Path:
@@ -81,8 +85,10 @@ def remove_ours(path: Path, *kinds: str) -> None:
     if not path.exists() and not path.is_symlink():
         return
     if not is_ours(path, *kinds):
-        raise NotOursError(f"{path} exists and was not written by longdata; remove it yourself or "
-                           "choose another --out")
+        raise NotOursError(
+            f"{path} exists and was not written by longdata; remove it yourself or "
+            "choose another --out"
+        )
     shutil.rmtree(path)
 
 
@@ -123,8 +129,10 @@ def output_lock(out_dir: Path) -> Iterator[None]:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
             handle.close()
-            raise OutputBusyError(f"another build is writing {out_dir} (lock {path} held by "
-                                  f"{holder}); wait for it or choose another --out") from None
+            raise OutputBusyError(
+                f"another build is writing {out_dir} (lock {path} held by "
+                f"{holder}); wait for it or choose another --out"
+            ) from None
         try:
             same = os.fstat(handle.fileno()).st_ino == os.stat(path).st_ino
         except FileNotFoundError:

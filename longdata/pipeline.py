@@ -43,18 +43,24 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from longdata import __version__, packing
+from longdata import __version__
 from longdata.executors import Executor
 from longdata.format import inside
-from longdata.mix import Mix, SampleList, SourceSamples, mix
-from longdata.near_dedup import NearDuplicateFilter
 from longdata.recipe import AntiHaystackSource, FileSource, Recipe, check_against_tokenizer
-from longdata.sample_index import gather_column, write_sample_index
-from longdata.shards import RowAssembler, StreamStats, piece_mask, write_stream
 from longdata.sources import haystack_paths, read_source, resolve_path
 from longdata.sources.partitions import Partition, count_rows, place, plan_partitions
-from longdata.templates import TokenizerInfo, load_tokenizer
-from longdata.tokenize import PartitionedCache, TokenCache, entry_problem, tokenize_records
+from longdata.stages import packing
+from longdata.stages.mix import Mix, SampleList, SourceSamples, mix
+from longdata.stages.near_dedup import NearDuplicateFilter
+from longdata.stages.sample_index import gather_column, write_sample_index
+from longdata.stages.shards import RowAssembler, StreamStats, piece_mask, write_stream
+from longdata.stages.templates import TokenizerInfo, load_tokenizer
+from longdata.stages.tokenization import (
+    PartitionedCache,
+    TokenCache,
+    entry_problem,
+    tokenize_records,
+)
 
 # Bump when normalisation or tokenization changes what a cached source would contain.
 CACHE_VERSION = 5
@@ -89,10 +95,14 @@ class SplitResult:
     def as_dict(self) -> dict[str, Any]:
         tokens = sum(s.tokens for s in self.streams)
         return {
-            "max_seq_len": self.max_seq_len, "stage": self.stage, "samples": self.samples,
-            "rows": sum(s.rows for s in self.streams), "tokens": tokens,
+            "max_seq_len": self.max_seq_len,
+            "stage": self.stage,
+            "samples": self.samples,
+            "rows": sum(s.rows for s in self.streams),
+            "tokens": tokens,
             "target_tokens": sum(s.target_tokens for s in self.streams),
-            "overlength": self.overlength, "packing": self.packing,
+            "overlength": self.overlength,
+            "packing": self.packing,
             "streams": [s.as_dict() for s in self.streams],
         }
 
@@ -107,12 +117,20 @@ class Stages:
     splits: list[SplitResult]
 
 
-def run_stages(recipe: Recipe, executor: Executor, partial: Path, console: Console, *,
-               strict: bool, seconds: dict[str, float]) -> Stages:
+def run_stages(
+    recipe: Recipe,
+    executor: Executor,
+    partial: Path,
+    console: Console,
+    *,
+    strict: bool,
+    seconds: dict[str, float],
+) -> Stages:
     """Every stage up to the manifest, writing the build's shards into ``partial``."""
     clock = time.perf_counter()
-    tokenizer, tokenizer_info = _tokenizers[_tokenizer_key(recipe.tokenizer)] = \
-        load_tokenizer(recipe.tokenizer, recipe.has_chat_sources)
+    tokenizer, tokenizer_info = _tokenizers[_tokenizer_key(recipe.tokenizer)] = load_tokenizer(
+        recipe.tokenizer, recipe.has_chat_sources
+    )
     check_against_tokenizer(recipe, tokenizer)
     seconds["load_tokenizer"] = time.perf_counter() - clock
 
@@ -122,8 +140,10 @@ def run_stages(recipe: Recipe, executor: Executor, partial: Path, console: Conso
         seconds["read_tokenize"] = time.perf_counter() - clock
         quarantined = sum(s.cache.stats.quarantined for s in sources)
         if strict and quarantined:  # build() discards the partial output it claimed
-            raise BuildError(f"--strict: {quarantined} source rows were quarantined; see the "
-                             f"quarantine files under {recipe.cache_dir}/tokenized/")
+            raise BuildError(
+                f"--strict: {quarantined} source rows were quarantined; see the "
+                f"quarantine files under {recipe.cache_dir}/tokenized/"
+            )
 
         clock = time.perf_counter()
         mixed = mix_sources(sources, recipe, console)
@@ -134,16 +154,25 @@ def run_stages(recipe: Recipe, executor: Executor, partial: Path, console: Conso
         splits = []
         for layout in split_layout(recipe, mixed):
             split = plan_split(*layout, caches, recipe)
-            splits.append(split.result(write_split(split, sources, recipe, partial, executor, progress)))
+            splits.append(
+                split.result(write_split(split, sources, recipe, partial, executor, progress))
+            )
             write_sample_index(split, caches, [s.name for s in sources], partial)
         seconds["pack_write"] = time.perf_counter() - clock
     return Stages(tokenizer_info, sources, mixed, splits)
 
 
 def _progress(console: Console) -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                    console=console, transient=False)
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    )
 
 
 # The tokenizer of each config in this process: the driver loads it afresh for every build, and
@@ -171,14 +200,26 @@ def cache_key(source, recipe: Recipe, tokenizer_info: TokenizerInfo, template: s
     ``template`` is the chat template with the recipe's chat_template_kwargs bound into it."""
     digest = hashlib.sha256()
     config = source.model_dump(mode="json", exclude={"weight", "min_tokens", "max_tokens", "name"})
-    digest.update(json.dumps([CACHE_VERSION, config, tokenizer_info.sha256, template,
-                              recipe.tokenizer.multi_turn, recipe.tokenizer.special_tokens_in_text],
-                             sort_keys=True).encode())
+    digest.update(
+        json.dumps(
+            [
+                CACHE_VERSION,
+                config,
+                tokenizer_info.sha256,
+                template,
+                recipe.tokenizer.multi_turn,
+                recipe.tokenizer.special_tokens_in_text,
+            ],
+            sort_keys=True,
+        ).encode()
+    )
     if isinstance(source, FileSource):
         digest.update(_content_fingerprint(resolve_path(source, Path(recipe.cache_dir))).encode())
     else:
         digest.update(__version__.encode())  # generated data changes with the generator
-        for path, named in haystack_paths(source.haystack or (), Path(recipe.cache_dir), recipe.text_sources):
+        for path, named in haystack_paths(
+            source.haystack or (), Path(recipe.cache_dir), recipe.text_sources
+        ):
             digest.update(_content_fingerprint(path).encode())
             digest.update(json.dumps(named.model_dump(mode="json") if named else None).encode())
     return digest.hexdigest()[:16]
@@ -214,29 +255,46 @@ class TokenizeJob:
     partition: Partition | None = None
 
 
-def tokenize_sources(recipe: Recipe, tokenizer, tokenizer_info: TokenizerInfo, executor: Executor,
-                     progress: Progress) -> list[TokenizedSource]:
+def tokenize_sources(
+    recipe: Recipe, tokenizer, tokenizer_info: TokenizerInfo, executor: Executor, progress: Progress
+) -> list[TokenizedSource]:
     """The token cache of every source: its partitions' entries tokenized where missing."""
-    keys = [cache_key(source, recipe, tokenizer_info, tokenizer.chat_template) for source in recipe.sources]
+    keys = [
+        cache_key(source, recipe, tokenizer_info, tokenizer.chat_template)
+        for source in recipe.sources
+    ]
     layouts = source_partitions(recipe, keys, executor, progress)
     for job in (job for jobs in layouts for job in jobs):
         if Path(job.entry).exists() and (problem := entry_problem(Path(job.entry))):
-            progress.console.print(f"[yellow]note[/yellow] cached tokens of source "
-                                   f"{recipe.sources[job.source].name} ({Path(job.entry).name}): {problem}; "
-                                   "tokenizing it again", highlight=False, soft_wrap=True)
+            progress.console.print(
+                f"[yellow]note[/yellow] cached tokens of source "
+                f"{recipe.sources[job.source].name} ({Path(job.entry).name}): {problem}; "
+                "tokenizing it again",
+                highlight=False,
+                soft_wrap=True,
+            )
             shutil.rmtree(job.entry)  # a cache entry of ours whose files no longer match
     missing = [job for jobs in layouts for job in jobs if not Path(job.entry).exists()]
     executor.map(tokenize_task, missing, recipe, progress, "tokenize")
     sources = []
     for source, jobs in zip(recipe.sources, layouts):
         entries = [job.entry for job in jobs]
-        sources.append(TokenizedSource(source.name, source.kind, source.weight, open_cache(entries),
-                                       not any(job in missing for job in jobs), entries))
+        sources.append(
+            TokenizedSource(
+                source.name,
+                source.kind,
+                source.weight,
+                open_cache(entries),
+                not any(job in missing for job in jobs),
+                entries,
+            )
+        )
     return sources
 
 
-def source_partitions(recipe: Recipe, keys: list[str], executor: Executor,
-                      progress: Progress) -> list[list[TokenizeJob]]:
+def source_partitions(
+    recipe: Recipe, keys: list[str], executor: Executor, progress: Progress
+) -> list[list[TokenizeJob]]:
     """The tokenize jobs of every source: one per partition, or one for the whole source.
     Partitions are planned once (rows counted by tasks where only reading tells) and remembered
     beside the cache entries, so a re-run finds the same entries without counting again."""
@@ -244,17 +302,26 @@ def source_partitions(recipe: Recipe, keys: list[str], executor: Executor,
     partitions: list[list[Partition] | None] = []
     plan_files, to_place = [], {}
     for index, (source, key) in enumerate(zip(recipe.sources, keys)):
-        plan_file = cache_entry(source, recipe, key).with_name(f"{source.name}-{key}-partitions{wanted}.json")
+        plan_file = cache_entry(source, recipe, key).with_name(
+            f"{source.name}-{key}-partitions{wanted}.json"
+        )
         plan_files.append(plan_file)
         # max_samples takes a source's first rows, which only a read from the start knows.
         if wanted == 1 or getattr(source, "max_samples", None):
             partitions.append(None)
         elif plan_file.exists():
-            partitions.append([Partition(**dict(p, span=tuple(p["span"])))
-                               for p in json.loads(plan_file.read_text())])
+            partitions.append(
+                [
+                    Partition(**dict(p, span=tuple(p["span"])))
+                    for p in json.loads(plan_file.read_text())
+                ]
+            )
         else:
-            path = None if isinstance(source, AntiHaystackSource) else \
-                _absolute(resolve_path(source, Path(recipe.cache_dir)))
+            path = (
+                None
+                if isinstance(source, AntiHaystackSource)
+                else _absolute(resolve_path(source, Path(recipe.cache_dir)))
+            )
             planned = plan_partitions(source, path, wanted)
             if planned is not None:  # None: a source read whole (text files)
                 to_place[index] = planned
@@ -264,7 +331,9 @@ def source_partitions(recipe: Recipe, keys: list[str], executor: Executor,
     for index, planned in to_place.items():
         counts = [(p.rows, 0) if p.rows is not None else next(counted) for p in planned]
         partitions[index] = place(planned, counts, wanted)
-        staging = plan_files[index].with_name(f"{plan_files[index].name}.{uuid.uuid4().hex}.partial")
+        staging = plan_files[index].with_name(
+            f"{plan_files[index].name}.{uuid.uuid4().hex}.partial"
+        )
         staging.parent.mkdir(parents=True, exist_ok=True)
         staging.write_text(json.dumps([dataclasses.asdict(p) for p in partitions[index]]))
         staging.replace(plan_files[index])
@@ -273,8 +342,12 @@ def source_partitions(recipe: Recipe, keys: list[str], executor: Executor,
         if parts is None or len(parts) <= 1:
             jobs.append([TokenizeJob(index, str(cache_entry(source, recipe, key)))])
         else:
-            jobs.append([TokenizeJob(index, str(cache_entry(source, recipe, key, (i, len(parts)))), part)
-                         for i, part in enumerate(parts)])
+            jobs.append(
+                [
+                    TokenizeJob(index, str(cache_entry(source, recipe, key, (i, len(parts)))), part)
+                    for i, part in enumerate(parts)
+                ]
+            )
     return jobs
 
 
@@ -297,8 +370,13 @@ def tokenize_task(recipe: Recipe, job: TokenizeJob, progress: Progress | None) -
     tokenizer, _ = _tokenizer_for(recipe.tokenizer)
     advance = lambda records, tokens: None  # noqa: E731
     if progress is not None:
-        total = job.partition.rows if job.partition else \
-            source.count if isinstance(source, AntiHaystackSource) else source.max_samples
+        total = (
+            job.partition.rows
+            if job.partition
+            else source.count
+            if isinstance(source, AntiHaystackSource)
+            else source.max_samples
+        )
         task = progress.add_task(f"tokenize {source.name}", total=total, rate="")
         started, seen_tokens = time.perf_counter(), 0
 
@@ -309,14 +387,24 @@ def tokenize_task(recipe: Recipe, job: TokenizeJob, progress: Progress | None) -
             progress.update(task, advance=records, rate=f"{rate / 1e3:,.0f}K tok/s")
 
     backend = tokenizer.backend_tokenizer
-    records = read_source(source, cache_dir=Path(recipe.cache_dir).resolve(), partition=job.partition,
-                          count_tokens=lambda text: len(backend.encode(text, add_special_tokens=False)),
-                          text_sources=recipe.text_sources)
+    records = read_source(
+        source,
+        cache_dir=Path(recipe.cache_dir).resolve(),
+        partition=job.partition,
+        count_tokens=lambda text: len(backend.encode(text, add_special_tokens=False)),
+        text_sources=recipe.text_sources,
+    )
     # A name of its own: a retried or duplicated task never writes into another's staging.
     staging = entry.with_name(f"{entry.name}.{uuid.uuid4().hex}.partial")
-    tokenize_records(records, tokenizer, staging, multi_turn=recipe.tokenizer.multi_turn,
-                     max_samples=source.max_samples, on_progress=advance,
-                     special_tokens_in_text=recipe.tokenizer.special_tokens_in_text)
+    tokenize_records(
+        records,
+        tokenizer,
+        staging,
+        multi_turn=recipe.tokenizer.multi_turn,
+        max_samples=source.max_samples,
+        on_progress=advance,
+        special_tokens_in_text=recipe.tokenizer.special_tokens_in_text,
+    )
     try:
         staging.rename(entry)
     except OSError:  # another attempt at the same share finished first: its entry is identical
@@ -335,19 +423,38 @@ def open_cache(entries: Sequence[str]) -> TokenCache | PartitionedCache:
 # --- stage: mix ------------------------------------------------------------------------------
 
 
-def mix_sources(sources: list[TokenizedSource], recipe: Recipe, console: Console | None = None) -> Mix:
+def mix_sources(
+    sources: list[TokenizedSource], recipe: Recipe, console: Console | None = None
+) -> Mix:
     """The mix of the tokenized sources; language_share warnings go to ``console``."""
-    inputs = [SourceSamples(name=s.name, weight=s.weight, lengths=s.cache.lengths,
-                            text_hash=s.cache.text_hash, lang=s.cache.lang, min_tokens=config.min_tokens,
-                            max_tokens=config.max_tokens, tokens=_sample_tokens(s.cache),
-                            row=s.cache.position)
-              for s, config in zip(sources, recipe.sources)]
+    inputs = [
+        SourceSamples(
+            name=s.name,
+            weight=s.weight,
+            lengths=s.cache.lengths,
+            text_hash=s.cache.text_hash,
+            lang=s.cache.lang,
+            min_tokens=config.min_tokens,
+            max_tokens=config.max_tokens,
+            tokens=_sample_tokens(s.cache),
+            row=s.cache.position,
+        )
+        for s, config in zip(sources, recipe.sources)
+    ]
     near = recipe.dedup.near
-    mixed = mix(inputs, seed=recipe.seed, validation_fraction=recipe.validation.fraction,
-                validation_max=recipe.validation.max_samples, dedup=recipe.dedup.exact,
-                shuffle=recipe.packing.algorithm != "next_fit", language_share=recipe.language_share,
-                language_share_mode=recipe.language_share_mode,
-                near_duplicates=NearDuplicateFilter(near.threshold, near.num_perm, near.ngram) if near else None)
+    mixed = mix(
+        inputs,
+        seed=recipe.seed,
+        validation_fraction=recipe.validation.fraction,
+        validation_max=recipe.validation.max_samples,
+        dedup=recipe.dedup.exact,
+        shuffle=recipe.packing.algorithm != "next_fit",
+        language_share=recipe.language_share,
+        language_share_mode=recipe.language_share_mode,
+        near_duplicates=NearDuplicateFilter(near.threshold, near.num_perm, near.ngram)
+        if near
+        else None,
+    )
     if console is not None and mixed.language is not None:
         for line in mixed.language.warnings(recipe.language_share_warn):
             console.print(f"[yellow]warning[/yellow] {line}", highlight=False)
@@ -357,6 +464,7 @@ def mix_sources(sources: list[TokenizedSource], recipe: Recipe, console: Console
 def _sample_tokens(cache):
     def tokens(sample: int) -> np.ndarray:
         return cache.tokens(sample, 0, int(cache.lengths[sample]))[0]
+
     return tokens
 
 
@@ -375,7 +483,14 @@ def split_layout(recipe: Recipe, mixed: Mix):
         prefix = f"{stage.name}/" if stage else ""
         for split, samples in (("train", mixed.train), ("validation", mixed.validation)):
             if len(samples):
-                yield f"{prefix}{split}", samples, max_len, overlength, stage.name if stage else None, edges
+                yield (
+                    f"{prefix}{split}",
+                    samples,
+                    max_len,
+                    overlength,
+                    stage.name if stage else None,
+                    edges,
+                )
 
 
 @dataclass
@@ -402,26 +517,50 @@ class SplitPlan:
         for stream in streams:
             stream.proportion = stream.tokens / total_tokens if total_tokens else 0.0
         stats = packing.packing_stats(self.plan, self.pieces.length, self.max_len).as_dict()
-        return SplitResult(self.name, self.max_len, self.stage, len(self.samples), self.counts, stats, streams)
+        return SplitResult(
+            self.name, self.max_len, self.stage, len(self.samples), self.counts, stats, streams
+        )
 
 
-def plan_split(name: str, samples: SampleList, max_len: int, overlength: str, stage: str | None,
-               edges: list[int], caches: list, recipe: Recipe) -> SplitPlan:
-    cuttable = (gather_column(caches, "user_start", samples.source, samples.index),
-                gather_column(caches, "user_end", samples.source, samples.index)) \
-        if overlength == "truncate_middle" else None
+def plan_split(
+    name: str,
+    samples: SampleList,
+    max_len: int,
+    overlength: str,
+    stage: str | None,
+    edges: list[int],
+    caches: list,
+    recipe: Recipe,
+) -> SplitPlan:
+    cuttable = (
+        (
+            gather_column(caches, "user_start", samples.source, samples.index),
+            gather_column(caches, "user_end", samples.source, samples.index),
+        )
+        if overlength == "truncate_middle"
+        else None
+    )
     pieces = packing.fit_to_length(samples.length, max_len, overlength, cuttable)
     pieces, no_target = _drop_targetless_cuts(pieces, samples, caches)
-    plan = packing.plan(pieces.length, max_len, algorithm=recipe.packing.algorithm, seed=recipe.seed)
+    plan = packing.plan(
+        pieces.length, max_len, algorithm=recipe.packing.algorithm, seed=recipe.seed
+    )
     buckets = packing.assign_buckets(plan.row_max_item_lengths(pieces.length), edges)
-    counts = {"policy": overlength, "truncated": pieces.truncated, "dropped": pieces.dropped,
-              "split": pieces.split, "middle_cut": pieces.middle_cut, "empty": pieces.empty,
-              "no_target_after_cut": no_target}
+    counts = {
+        "policy": overlength,
+        "truncated": pieces.truncated,
+        "dropped": pieces.dropped,
+        "split": pieces.split,
+        "middle_cut": pieces.middle_cut,
+        "empty": pieces.empty,
+        "no_target_after_cut": no_target,
+    }
     return SplitPlan(name, max_len, stage, samples, pieces, plan, buckets, edges, counts)
 
 
-def _drop_targetless_cuts(pieces: packing.Pieces, samples: SampleList,
-                          caches: list) -> tuple[packing.Pieces, int]:
+def _drop_targetless_cuts(
+    pieces: packing.Pieces, samples: SampleList, caches: list
+) -> tuple[packing.Pieces, int]:
     """A truncated or split-off piece may hold no assistant token at all; it would cost compute
     and teach nothing, so it is removed and counted."""
     cut = np.flatnonzero((pieces.start > 0) | (pieces.length < samples.length[pieces.sample]))
@@ -446,7 +585,9 @@ class SplitWriter:
     size_limit: int
     rows: int
     bar: Any = None  # the progress bar of this split's rows, when its tasks run in the driver
-    caches: list | None = None  # open caches: memory maps, which stay in the process that opened them
+    caches: list | None = (
+        None  # open caches: memory maps, which stay in the process that opened them
+    )
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "caches": None}
@@ -467,8 +608,14 @@ class WriteJob:
     destination: str
 
 
-def write_split(split: SplitPlan, sources: list[TokenizedSource], recipe: Recipe, out_root: Path,
-                executor: Executor, progress: Progress) -> list[StreamStats]:
+def write_split(
+    split: SplitPlan,
+    sources: list[TokenizedSource],
+    recipe: Recipe,
+    out_root: Path,
+    executor: Executor,
+    progress: Progress,
+) -> list[StreamStats]:
     """Write each bucket's rows as one MDS stream: cut into ``executor.parallelism`` contiguous
     slices written by separate tasks into ``<stream>/part-<i>`` and joined by ``merge_index``,
     or (one slice) written straight into the stream directory."""
@@ -481,11 +628,22 @@ def write_split(split: SplitPlan, sources: list[TokenizedSource], recipe: Recipe
         slices.append((bucket, rel_path, count))
         for i in range(count):
             part = f"part-{i:05d}" if count > 1 else ""
-            jobs.append(WriteJob(bucket, rel_path, rows[i * len(rows) // count:(i + 1) * len(rows) // count],
-                                 str(inside(out_root, rel_path) / part)))
-    writer = SplitWriter(split, [s.entries for s in sources], recipe.output.compression,
-                         recipe.output.shard_size_limit, sum(len(j.rows) for j in jobs),
-                         caches=[s.cache for s in sources])
+            jobs.append(
+                WriteJob(
+                    bucket,
+                    rel_path,
+                    rows[i * len(rows) // count : (i + 1) * len(rows) // count],
+                    str(inside(out_root, rel_path) / part),
+                )
+            )
+    writer = SplitWriter(
+        split,
+        [s.entries for s in sources],
+        recipe.output.compression,
+        recipe.output.shard_size_limit,
+        sum(len(j.rows) for j in jobs),
+        caches=[s.cache for s in sources],
+    )
     written = iter(executor.map(write_task, jobs, writer, progress, f"write {split.name}"))
     streams = []
     for bucket, rel_path, count in slices:
@@ -495,13 +653,22 @@ def write_split(split: SplitPlan, sources: list[TokenizedSource], recipe: Recipe
             # merge_index logs warnings about its temporary folder that tell a user nothing.
             logging.disable(logging.WARNING)
             try:
-                merge_index([str(stream_dir / f"part-{i:05d}" / "index.json") for i in range(count)],
-                            str(stream_dir))
+                merge_index(
+                    [str(stream_dir / f"part-{i:05d}" / "index.json") for i in range(count)],
+                    str(stream_dir),
+                )
             finally:
                 logging.disable(logging.NOTSET)
-        streams.append(StreamStats(name=bucket, path=rel_path,
-                                   **{k: sum(getattr(p, k) for p in parts)
-                                      for k in ("rows", "samples", "tokens", "target_tokens")}))
+        streams.append(
+            StreamStats(
+                name=bucket,
+                path=rel_path,
+                **{
+                    k: sum(getattr(p, k) for p in parts)
+                    for k in ("rows", "samples", "tokens", "target_tokens")
+                },
+            )
+        )
     return streams
 
 
@@ -520,5 +687,11 @@ def write_task(writer: SplitWriter, job: WriteJob, progress: Progress | None) ->
             if progress is not None:
                 progress.advance(writer.bar)
 
-    return write_stream(assembled(), destination, name=job.bucket, rel_path=job.rel_path,
-                        compression=writer.compression, size_limit=writer.size_limit)
+    return write_stream(
+        assembled(),
+        destination,
+        name=job.bucket,
+        rel_path=job.rel_path,
+        compression=writer.compression,
+        size_limit=writer.size_limit,
+    )

@@ -28,9 +28,9 @@ from pydantic import (
     model_validator,
 )
 
-from longdata.control_tokens import SPECIAL_TOKENS_IN_TEXT
 from longdata.format.paths import check_slug
-from longdata.packing import ALGORITHMS, OVERLENGTH_POLICIES
+from longdata.stages.control_tokens import SPECIAL_TOKENS_IN_TEXT
+from longdata.stages.packing import ALGORITHMS, OVERLENGTH_POLICIES
 
 MULTI_TURN_POLICIES = ("auto", "per_turn", "last_turn")
 # Variables longdata itself passes to every rendering.
@@ -57,7 +57,9 @@ class RecipeError(ValueError):
 
     def __init__(self, problems: list[str]):
         # A problem may quote user input: each is kept to one short line.
-        problems = [p if len(p) <= MAX_PROBLEM_CHARS else p[:MAX_PROBLEM_CHARS] + " ..." for p in problems]
+        problems = [
+            p if len(p) <= MAX_PROBLEM_CHARS else p[:MAX_PROBLEM_CHARS] + " ..." for p in problems
+        ]
         super().__init__("\n".join(problems))
         self.problems = problems
 
@@ -73,8 +75,11 @@ SafeName = Annotated[str, AfterValidator(lambda value: check_slug(value, "name")
 def _looks_local(path: str) -> bool:
     """A path a hub id cannot be: absolute, relative with ./ or ~, a data file, or deeper than
     ``owner/name``."""
-    return (path.startswith(("/", "./", "../", "~", ".\\")) or path.endswith(DATA_SUFFIXES)
-            or path.count("/") > 1)
+    return (
+        path.startswith(("/", "./", "../", "~", ".\\"))
+        or path.endswith(DATA_SUFFIXES)
+        or path.count("/") > 1
+    )
 
 
 class TokenizerConfig(Strict):
@@ -87,36 +92,44 @@ class TokenizerConfig(Strict):
     chat_template_kwargs: dict[str, bool | int | float | str | None] = Field(
         default_factory=dict,
         description="template variables, e.g. {enable_thinking: false}; bound into the template "
-                    "so the build, NIAH prompts and the saved checkpoint render alike",
+        "so the build, NIAH prompts and the saved checkpoint render alike",
     )
     multi_turn: Literal[MULTI_TURN_POLICIES] = Field(
         default="auto",
         description="auto: one sample per conversation, or one per assistant turn where the "
-                    "template rewrites earlier turns; per_turn: always one per assistant turn; "
-                    "last_turn: only the final assistant turn is trained (docs/TEMPLATES.md)",
+        "template rewrites earlier turns; per_turn: always one per assistant turn; "
+        "last_turn: only the final assistant turn is trained (docs/TEMPLATES.md)",
     )
 
     @field_validator("chat_template_kwargs")
     @classmethod
     def _template_variable_names(cls, value: dict[str, Any]) -> dict[str, Any]:
         for name in value:
-            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) or name in RESERVED_TEMPLATE_VARIABLES:
-                raise ValueError(f"{name!r} cannot be set: keys must be template variable names other "
-                                 f"than {', '.join(RESERVED_TEMPLATE_VARIABLES)}")
+            if (
+                not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name)
+                or name in RESERVED_TEMPLATE_VARIABLES
+            ):
+                raise ValueError(
+                    f"{name!r} cannot be set: keys must be template variable names other "
+                    f"than {', '.join(RESERVED_TEMPLATE_VARIABLES)}"
+                )
         return value
 
     special_tokens_in_text: Literal[SPECIAL_TOKENS_IN_TEXT] = Field(
         default="encode_as_text",
         description="text that spells a special token: encoded as text (default) or, with allow, "
-                    "as the control token itself")
+        "as the control token itself",
+    )
 
     @field_validator("name")
     @classmethod
     def _tokenizer_exists(cls, value: str) -> str:
-        from longdata.templates import BUILTIN_TOKENIZERS
+        from longdata.stages.templates import BUILTIN_TOKENIZERS
 
         if value.startswith("builtin:") and value not in BUILTIN_TOKENIZERS:
-            raise ValueError(f"unknown bundled tokenizer {value!r}; available: {', '.join(BUILTIN_TOKENIZERS)}")
+            raise ValueError(
+                f"unknown bundled tokenizer {value!r}; available: {', '.join(BUILTIN_TOKENIZERS)}"
+            )
         if _looks_local(value) and not Path(value).expanduser().is_dir():
             raise ValueError(f"tokenizer directory {value!r} does not exist")
         return value
@@ -124,7 +137,7 @@ class TokenizerConfig(Strict):
     @field_validator("chat_template")
     @classmethod
     def _template_exists(cls, value: str | None) -> str | None:
-        from longdata.templates import TemplateError, resolve_template
+        from longdata.stages.templates import TemplateError, resolve_template
 
         try:
             resolve_template(value)
@@ -145,7 +158,9 @@ class SampleSpec(Strict):
     @model_validator(mode="after")
     def _chars_ordered(self) -> SampleSpec:
         if self.min_chars > self.max_chars:
-            raise ValueError(f"min_chars ({self.min_chars}) must be <= max_chars ({self.max_chars})")
+            raise ValueError(
+                f"min_chars ({self.min_chars}) must be <= max_chars ({self.max_chars})"
+            )
         return self
 
 
@@ -153,25 +168,35 @@ class SourceBase(Strict):
     name: SafeName
     weight: float = Field(default=1.0, gt=0, description="multiplies the source's token count")
     max_samples: int | None = Field(default=None, gt=0)
-    min_tokens: int = Field(default=1, ge=1, le=MAX_SEQ_LEN, description="drop samples shorter than this")
+    min_tokens: int = Field(
+        default=1, ge=1, le=MAX_SEQ_LEN, description="drop samples shorter than this"
+    )
     max_tokens: int | None = Field(default=None, gt=0, description="drop samples longer than this")
 
     @model_validator(mode="after")
     def _token_range_ordered(self) -> SourceBase:
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
-            raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
+            raise ValueError(
+                f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})"
+            )
         return self
 
 
 class FileSource(SourceBase):
-    path: str = Field(description="local file or directory, hub dataset id, or builtin:sample/<schema>")
+    path: str = Field(
+        description="local file or directory, hub dataset id, or builtin:sample/<schema>"
+    )
     split: str = "train"
     sample: SampleSpec = SampleSpec()
 
     @field_validator("path")
     @classmethod
     def _local_path_exists(cls, value: str) -> str:
-        if not value.startswith("builtin:") and _looks_local(value) and not Path(value).expanduser().exists():
+        if (
+            not value.startswith("builtin:")
+            and _looks_local(value)
+            and not Path(value).expanduser().exists()
+        ):
             raise ValueError(f"no such file or directory: {value!r}")
         return value
 
@@ -193,11 +218,16 @@ class TextSource(FileSource):
     """Raw documents for continued pretraining: every token is a target, no chat template."""
 
     kind: Literal["text"]
-    text_field: str = Field(default="text", min_length=1,
-                            description="the field holding the document in JSONL/Parquet rows")
+    text_field: str = Field(
+        default="text",
+        min_length=1,
+        description="the field holding the document in JSONL/Parquet rows",
+    )
     glob: str | None = Field(
-        default=None, description="read a directory as text files matching this pattern (one "
-        "document per file, sorted by path); without it a directory is read as JSONL/Parquet rows")
+        default=None,
+        description="read a directory as text files matching this pattern (one "
+        "document per file, sorted by path); without it a directory is read as JSONL/Parquet rows",
+    )
 
 
 class AntiHaystackSource(SourceBase):
@@ -206,12 +236,16 @@ class AntiHaystackSource(SourceBase):
     length_range: tuple[int, int] = Field(description="[min, max] document tokens")
     depth_range: tuple[float, float] = (0.0, 1.0)
     needles: tuple[int, int] = (1, 3)
-    tasks: tuple[Literal["needle", "paragraph"], ...] = Field(default=("needle", "paragraph"), min_length=1)
+    tasks: tuple[Literal["needle", "paragraph"], ...] = Field(
+        default=("needle", "paragraph"), min_length=1
+    )
     zh_fraction: float = Field(default=0.1, ge=0, le=1)
     seed: int = 0
     haystack: tuple[str, ...] | None = Field(
-        default=None, description="real filler text instead of generated prose: text files, "
-        "directories of them, JSONL/Parquet with a text field, or names of kind: text sources")
+        default=None,
+        description="real filler text instead of generated prose: text files, "
+        "directories of them, JSONL/Parquet with a text field, or names of kind: text sources",
+    )
 
     @field_validator("haystack", mode="before")
     @classmethod
@@ -222,9 +256,13 @@ class AntiHaystackSource(SourceBase):
     def _ranges_ordered(self) -> AntiHaystackSource:
         lo, hi = self.length_range
         if not 0 < lo <= hi <= MAX_SEQ_LEN:
-            raise ValueError(f"length_range must satisfy 0 < min <= max <= {MAX_SEQ_LEN:,}, got {list(self.length_range)}")
+            raise ValueError(
+                f"length_range must satisfy 0 < min <= max <= {MAX_SEQ_LEN:,}, got {list(self.length_range)}"
+            )
         if not 1 <= self.needles[0] <= self.needles[1] <= MAX_NEEDLES:
-            raise ValueError(f"needles must satisfy 1 <= min <= max <= {MAX_NEEDLES}, got {list(self.needles)}")
+            raise ValueError(
+                f"needles must satisfy 1 <= min <= max <= {MAX_NEEDLES}, got {list(self.needles)}"
+            )
         dlo, dhi = self.depth_range
         if not 0.0 <= dlo <= dhi <= 1.0:
             raise ValueError(f"depth_range must lie within [0, 1] and be ordered, got {[dlo, dhi]}")
@@ -239,10 +277,15 @@ SOURCE_KINDS = ("longalign", "longalpaca", "generic", "text", "antihaystack")
 
 
 class NearDedup(Strict):
-    """MinHash-LSH near-duplicate removal on token shingles (see longdata/near_dedup.py)."""
+    """MinHash-LSH near-duplicate removal on token shingles (see longdata/stages/near_dedup.py)."""
 
-    threshold: float = Field(default=0.8, gt=0, le=1, description="estimated Jaccard similarity "
-                             "of token n-gram sets at or above which a later sample is a duplicate")
+    threshold: float = Field(
+        default=0.8,
+        gt=0,
+        le=1,
+        description="estimated Jaccard similarity "
+        "of token n-gram sets at or above which a later sample is a duplicate",
+    )
     num_perm: int = Field(default=128, ge=16, le=1024, description="MinHash permutations")
     ngram: int = Field(default=5, ge=1, le=64, description="shingle length in tokens")
 
@@ -259,12 +302,14 @@ class Stage(Strict):
     max_seq_len: int = Field(ge=16, le=MAX_SEQ_LEN)
     buckets: tuple[Annotated[int, Field(gt=0, le=MAX_SEQ_LEN)], ...] | None = None
     overlength: Literal[OVERLENGTH_POLICIES] | None = Field(
-        default=None, description="this stage's over-length policy (default: packing.overlength)")
+        default=None, description="this stage's over-length policy (default: packing.overlength)"
+    )
 
 
 class PackingConfig(Strict):
-    max_seq_len: int | None = Field(default=None, ge=16, le=MAX_SEQ_LEN,
-                                    description="required unless stages are given")
+    max_seq_len: int | None = Field(
+        default=None, ge=16, le=MAX_SEQ_LEN, description="required unless stages are given"
+    )
     algorithm: Literal[ALGORITHMS] = "bfd"
     overlength: Literal[OVERLENGTH_POLICIES] = "truncate"
     buckets: tuple[Annotated[int, Field(gt=0, le=MAX_SEQ_LEN)], ...] | None = Field(
@@ -277,8 +322,10 @@ class PackingConfig(Strict):
         if not self.stages and self.max_seq_len is None:
             raise ValueError("max_seq_len is required (or list curriculum stages)")
         if self.stages and self.max_seq_len not in (None, self.stages[-1].max_seq_len):
-            raise ValueError(f"max_seq_len ({self.max_seq_len}) must equal the last stage's "
-                             f"max_seq_len ({self.stages[-1].max_seq_len}) or be left out")
+            raise ValueError(
+                f"max_seq_len ({self.max_seq_len}) must equal the last stage's "
+                f"max_seq_len ({self.stages[-1].max_seq_len}) or be left out"
+            )
         if self.stages:
             lengths = [s.max_seq_len for s in self.stages]
             if lengths != sorted(set(lengths)):
@@ -298,14 +345,19 @@ class OutputConfig(Strict):
     dir: str
     shard_size_limit: str | int = "64MB"
     compression: str | None = "zstd"
-    card_dir: str = Field(default="data_cards", description="the card is copied to <card_dir>/<name>; "
-                          "a relative path is relative to the working directory, like dir")
+    card_dir: str = Field(
+        default="data_cards",
+        description="the card is copied to <card_dir>/<name>; "
+        "a relative path is relative to the working directory, like dir",
+    )
 
     @field_validator("compression")
     @classmethod
     def _known_compression(cls, value: str | None) -> str | None:
         if value is not None and not COMPRESSION.match(value):
-            raise ValueError(f"must be one of zstd, br, gz, snappy (optionally ':level') or null, got {value!r}")
+            raise ValueError(
+                f"must be one of zstd, br, gz, snappy (optionally ':level') or null, got {value!r}"
+            )
         return value
 
     @field_validator("shard_size_limit")
@@ -331,16 +383,24 @@ class Recipe(Strict):
     packing: PackingConfig
     validation: ValidationSplit = ValidationSplit()
     output: OutputConfig
-    dedup: DedupConfig = Field(default=DedupConfig(), description="exact, none, or "
-                               "{exact: bool, near: {threshold, num_perm, ngram}}")
+    dedup: DedupConfig = Field(
+        default=DedupConfig(),
+        description="exact, none, or {exact: bool, near: {threshold, num_perm, ngram}}",
+    )
     language_share: dict[Literal["en", "zh"], float] | None = Field(
-        default=None, description="wanted share of train tokens per language, e.g. {zh: 0.1}")
+        default=None, description="wanted share of train tokens per language, e.g. {zh: 0.1}"
+    )
     language_share_mode: Literal["trim", "upsample"] = Field(
-        default="trim", description="trim: down-sample languages over their share; upsample: "
-        "repeat languages under their share instead (a share of 0 still trims)")
+        default="trim",
+        description="trim: down-sample languages over their share; upsample: "
+        "repeat languages under their share instead (a share of 0 still trims)",
+    )
     language_share_warn: float = Field(
-        default=0.25, ge=0, le=1, description="warn when trimming discards more than this "
-        "share of a language's tokens")
+        default=0.25,
+        ge=0,
+        le=1,
+        description="warn when trimming discards more than this share of a language's tokens",
+    )
     cache_dir: str = ".longdata_cache"
 
     @property
@@ -378,7 +438,9 @@ class Recipe(Strict):
     @field_validator("language_share")
     @classmethod
     def _shares_are_fractions(cls, value: dict[str, float] | None) -> dict[str, float] | None:
-        if value and (any(not 0 <= v <= 1 for v in value.values()) or sum(value.values()) > 1 + 1e-9):
+        if value and (
+            any(not 0 <= v <= 1 for v in value.values()) or sum(value.values()) > 1 + 1e-9
+        ):
             raise ValueError(f"shares must lie in [0, 1] and sum to at most 1, got {value}")
         return value
 
@@ -397,8 +459,10 @@ class Recipe(Strict):
         for source in self.sources:
             for entry in getattr(source, "haystack", None) or ():
                 if kinds.get(entry, "text") != "text":
-                    raise ValueError(f"source {source.name}: haystack {entry!r} names a "
-                                     f"{kinds[entry]} source; only kind: text sources can be haystacks")
+                    raise ValueError(
+                        f"source {source.name}: haystack {entry!r} names a "
+                        f"{kinds[entry]} source; only kind: text sources can be haystacks"
+                    )
         return self
 
 
@@ -407,7 +471,9 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     path = Path(path)
     try:
         if path.stat().st_size > MAX_RECIPE_BYTES:
-            raise RecipeError([f"{path}: {path.stat().st_size:,} bytes; a recipe is at most {MAX_RECIPE_BYTES:,}"])
+            raise RecipeError(
+                [f"{path}: {path.stat().st_size:,} bytes; a recipe is at most {MAX_RECIPE_BYTES:,}"]
+            )
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise RecipeError([f"{path}: no such recipe file"]) from None
@@ -430,10 +496,20 @@ def validate_recipe(data: dict[str, Any]) -> Recipe:
         errors = exc.errors()
         # A list whose items failed also fails its length check (they are not counted): that
         # second line would be about items the user did write.
-        raise RecipeError([describe_error(err) for err in errors
-                           if not (err["type"] == "too_short" and any(
-                               other["loc"][:len(err["loc"])] == err["loc"] and len(other["loc"]) > len(err["loc"])
-                               for other in errors))]) from None
+        raise RecipeError(
+            [
+                describe_error(err)
+                for err in errors
+                if not (
+                    err["type"] == "too_short"
+                    and any(
+                        other["loc"][: len(err["loc"])] == err["loc"]
+                        and len(other["loc"]) > len(err["loc"])
+                        for other in errors
+                    )
+                )
+            ]
+        ) from None
 
 
 def _check_size(data: Any) -> None:
@@ -444,8 +520,12 @@ def _check_size(data: Any) -> None:
         node = stack.pop()
         seen += 1
         if seen > MAX_RECIPE_NODES:
-            raise RecipeError([f"recipe: expands to more than {MAX_RECIPE_NODES:,} values (YAML aliases?); "
-                               "a recipe is a short list of settings"])
+            raise RecipeError(
+                [
+                    f"recipe: expands to more than {MAX_RECIPE_NODES:,} values (YAML aliases?); "
+                    "a recipe is a short list of settings"
+                ]
+            )
         if isinstance(node, dict):
             stack.extend(node.keys())
             stack.extend(node.values())
@@ -457,19 +537,26 @@ def check_against_tokenizer(recipe: Recipe, tokenizer=None) -> None:
     """The checks that need the tokenizer: each ``max_seq_len`` must hold more than the template's
     own tokens for a one-turn conversation. ``tokenizer`` is loaded here when not given, but only
     from the package or a local directory: a hub tokenizer is checked when ``build`` loads it."""
-    from longdata.templates import BUILTIN_TOKENIZERS, load_tokenizer, template_overhead
+    from longdata.stages.templates import BUILTIN_TOKENIZERS, load_tokenizer, template_overhead
 
     if not recipe.has_chat_sources:  # documents carry no template overhead
         return
     if tokenizer is None:
-        if recipe.tokenizer.name not in BUILTIN_TOKENIZERS and not Path(recipe.tokenizer.name).is_dir():
+        if (
+            recipe.tokenizer.name not in BUILTIN_TOKENIZERS
+            and not Path(recipe.tokenizer.name).is_dir()
+        ):
             return
         tokenizer, _ = load_tokenizer(recipe.tokenizer)
     overhead = template_overhead(tokenizer)
     if recipe.shortest_seq_len <= overhead:
         key = "packing.stages[0].max_seq_len" if recipe.packing.stages else "packing.max_seq_len"
-        raise RecipeError([f"{key}: {recipe.shortest_seq_len} cannot hold one conversation: the chat "
-                           f"template alone takes {overhead} tokens for a one-turn exchange"])
+        raise RecipeError(
+            [
+                f"{key}: {recipe.shortest_seq_len} cannot hold one conversation: the chat "
+                f"template alone takes {overhead} tokens for a one-turn exchange"
+            ]
+        )
 
 
 def apply_override(data: dict[str, Any], assignment: str) -> None:
@@ -491,7 +578,9 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
         where = ".".join(parts[: depth + 1])
         if isinstance(node, list):
             if not part.isdigit() or int(part) >= len(node):
-                raise RecipeError([f"--set {key}: {where} is not an index of a {len(node)}-item list"])
+                raise RecipeError(
+                    [f"--set {key}: {where} is not an index of a {len(node)}-item list"]
+                )
             index: Any = int(part)
         elif isinstance(node, dict):
             index = part
@@ -516,9 +605,17 @@ def describe_error(err: dict[str, Any]) -> str:
     if kind == "missing":
         return f"{path}: required key is missing"
     if kind == "union_tag_invalid" or kind == "union_tag_not_found":
-        return f"{path}.kind: must be one of {', '.join(SOURCE_KINDS)}, got {given.get('kind')!r}" \
-            if isinstance(given, dict) and "kind" in given else f"{path}: needs a kind: one of {', '.join(SOURCE_KINDS)}"
-    comparisons = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+        return (
+            f"{path}.kind: must be one of {', '.join(SOURCE_KINDS)}, got {given.get('kind')!r}"
+            if isinstance(given, dict) and "kind" in given
+            else f"{path}: needs a kind: one of {', '.join(SOURCE_KINDS)}"
+        )
+    comparisons = {
+        "greater_than": ">",
+        "greater_than_equal": ">=",
+        "less_than": "<",
+        "less_than_equal": "<=",
+    }
     if kind in comparisons:
         bound = next(iter(ctx.values()))
         return f"{path}: must be {comparisons[kind]} {bound:g}, got {_short(given)}"
@@ -559,15 +656,23 @@ def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
         if isinstance(part, int):
             continue
         if part in SOURCE_KINDS:
-            model = {"longalign": LongAlignSource, "longalpaca": LongAlpacaSource,
-                     "generic": GenericSource, "text": TextSource,
-                     "antihaystack": AntiHaystackSource}[part]
+            model = {
+                "longalign": LongAlignSource,
+                "longalpaca": LongAlpacaSource,
+                "generic": GenericSource,
+                "text": TextSource,
+                "antihaystack": AntiHaystackSource,
+            }[part]
             continue
         field = model.model_fields.get(part) if isinstance(model, type) else None
         if field is None:
             return []
         model = _model_of(field.annotation)
-    return sorted(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []
+    return (
+        sorted(model.model_fields)
+        if isinstance(model, type) and issubclass(model, BaseModel)
+        else []
+    )
 
 
 def _model_of(annotation: Any) -> Any:
@@ -578,4 +683,3 @@ def _model_of(annotation: Any) -> Any:
         if found is not None:
             return found
     return None
-

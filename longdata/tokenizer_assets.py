@@ -23,7 +23,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from longdata import synthetic
+from longdata.sources import synthetic
 
 ASSET_DIR = Path(__file__).parent / "assets" / "quickstart_tokenizer"
 VOCAB_SIZE = 16_384
@@ -58,13 +58,51 @@ ZH_CHARS = 1_000_000
 MADE_UP_CHARS = 1_500_000
 
 _ONSETS = (
-    "b", "c", "d", "f", "g", "h", "j", "k", "l", "m", "n", "p", "r", "s", "t", "v", "w", "y", "z",
-    "br", "cr", "dr", "fr", "gr", "pr", "tr", "bl", "cl", "fl", "gl", "pl", "sl", "st", "sp", "sk",
-    "sh", "ch", "th", "wh", "qu", "str",
+    "b",
+    "c",
+    "d",
+    "f",
+    "g",
+    "h",
+    "j",
+    "k",
+    "l",
+    "m",
+    "n",
+    "p",
+    "r",
+    "s",
+    "t",
+    "v",
+    "w",
+    "y",
+    "z",
+    "br",
+    "cr",
+    "dr",
+    "fr",
+    "gr",
+    "pr",
+    "tr",
+    "bl",
+    "cl",
+    "fl",
+    "gl",
+    "pl",
+    "sl",
+    "st",
+    "sp",
+    "sk",
+    "sh",
+    "ch",
+    "th",
+    "wh",
+    "qu",
+    "str",
 )
 _VOWELS = ("a", "e", "i", "o", "u", "y", "ai", "ea", "ee", "ie", "oa", "ou", "oo", "au")
 _CODAS = ["", "", "", "n", "r", "s", "t", "l", "m", "nd", "st", "ng", "ck", "rt", "ll", "nt", "ss"]
-_PUNCTUATION = (". ", ", ", "; ", ": ", "! ", "? ", " - ", " (", ") ", " \"", "\" ", "\n")
+_PUNCTUATION = (". ", ", ", "; ", ": ", "! ", "? ", " - ", " (", ") ", ' "', '" ', "\n")
 
 
 def _made_up_word(rng: random.Random) -> str:
@@ -102,8 +140,14 @@ def _chinese_words(rng: random.Random, n_chars: int) -> Iterator[str]:
     giving a chars/token closer to real Chinese tokenizers.
     """
     vocabulary = (
-        synthetic.ZH_SUBJECTS + synthetic.ZH_ADVERBS + synthetic.ZH_VERBS + synthetic.ZH_ADJECTIVES
-        + synthetic.ZH_NOUNS + synthetic.ZH_CONNECTIVES + synthetic.ZH_OPENERS + ("，", "。", "？")
+        synthetic.ZH_SUBJECTS
+        + synthetic.ZH_ADVERBS
+        + synthetic.ZH_VERBS
+        + synthetic.ZH_ADJECTIVES
+        + synthetic.ZH_NOUNS
+        + synthetic.ZH_CONNECTIVES
+        + synthetic.ZH_OPENERS
+        + ("，", "。", "？")
     )
     produced = 0
     while produced < n_chars:

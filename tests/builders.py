@@ -43,8 +43,9 @@ def _write_split(
     total_tokens = sum(len(r["input_ids"]) for rows in rows_per_stream.values() for r in rows)
     for name, rows in rows_per_stream.items():
         relative = f"{split}/{name}"
-        with MDSWriter(out=str(out / relative), columns=COLUMNS, compression="zstd",
-                       hashes=SHARD_HASHES) as writer:
+        with MDSWriter(
+            out=str(out / relative), columns=COLUMNS, compression="zstd", hashes=SHARD_HASHES
+        ) as writer:
             for row in rows:
                 writer.write(row)
         tokens = sum(len(r["input_ids"]) for r in rows)
@@ -111,30 +112,38 @@ def staged_build(
             splits[name] = {"max_seq_len": max_seq_len, "stage": stage, "streams": streams}
     recipe = {
         "packing": {
-            "stages": [{"name": name, "max_seq_len": length} for name, (length, _) in stages.items()]
+            "stages": [
+                {"name": name, "max_seq_len": length} for name, (length, _) in stages.items()
+            ]
         }
     }
     return _write_manifest(out, vocab_size, splits, recipe=recipe)
 
 
-def two_bucket_build(out: Path, vocab_size: int, long_lengths: tuple[int, int], max_seq_len: int) -> Path:
+def two_bucket_build(
+    out: Path, vocab_size: int, long_lengths: tuple[int, int], max_seq_len: int
+) -> Path:
     """16 distinct rows (seeded): 10 of four short samples in bucket le_0048 and 6 of two
     samples with lengths in ``long_lengths`` in the bucket of ``max_seq_len``."""
     rng = np.random.default_rng(0)
     short = [make_row(rng.integers(2, 12, 4).tolist(), rng, vocab_size) for _ in range(10)]
     long = [make_row(rng.integers(*long_lengths, 2).tolist(), rng, vocab_size) for _ in range(6)]
-    return write_build(out, {"le_0048": short, f"le_{max_seq_len:04d}": long}, vocab_size, max_seq_len)
+    return write_build(
+        out, {"le_0048": short, f"le_{max_seq_len:04d}": long}, vocab_size, max_seq_len
+    )
 
 
 def assert_rows_accounted(manifest: dict) -> None:
-    """Every source row of a real build is accounted for (longdata.accounting): the identity per
+    """Every source row of a real build is accounted for (longdata.stages.accounting): the identity per
     source and per file, as ``longdata verify`` checks it."""
-    from longdata.accounting import ROW_FATES, accounting_problems
+    from longdata.stages.accounting import ROW_FATES, accounting_problems
 
     for source in manifest["sources"]:
         assert not accounting_problems(source), accounting_problems(source)
         rows = source["rows"]
-        assert rows["rows_read"] + rows["turn_samples_added"] == sum(rows[fate] for fate in ROW_FATES)
+        assert rows["rows_read"] + rows["turn_samples_added"] == sum(
+            rows[fate] for fate in ROW_FATES
+        )
 
 
 def use_quickstart_tokenizer(build: Path, sha256: str | None = None) -> Path:
@@ -148,8 +157,11 @@ def use_quickstart_tokenizer(build: Path, sha256: str | None = None) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(str(ASSET_DIR))
     manifest = json.loads((build / "manifest.json").read_text())
     manifest["tokenizer"].update(
-        name="builtin:quickstart", path=str(ASSET_DIR), sha256=sha256 or tokenizer_digest(tokenizer),
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        name="builtin:quickstart",
+        path=str(ASSET_DIR),
+        sha256=sha256 or tokenizer_digest(tokenizer),
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     (build / "manifest.json").write_text(json.dumps(manifest))
     return build

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
+from longdata.trainer import collate, load_model
+from longdata.trainer.attention import BACKENDS, available_backends, unavailable_reason
+from longdata.trainer.check import max_packing_error
+from longdata.trainer.model import set_attention
 from tests.builders import make_row
-from trainer import collate, load_model
-from trainer.attention import BACKENDS, available_backends, unavailable_reason
-from trainer.check import max_packing_error
-from trainer.model import set_attention
 
 TOLERANCE = 1e-5
 VOCAB = 512

@@ -11,32 +11,59 @@ import pytest
 from longdata.build import build
 from longdata.format import BUILTIN_TOKENIZERS, check_row
 from longdata.recipe import validate_recipe
-from longdata.verify import verify_build
+from longdata.tools.verify import verify_build
 
 
 def small_recipe(tmp: Path, **packing) -> dict:
     broken = tmp / "sharegpt.jsonl"
-    good = {"conversations": [{"from": "human", "value": "Summarise: " + "river lake " * 300},
-                              {"from": "gpt", "value": "Water."}]}
-    broken.write_text(json.dumps(good) + "\n{not json\n"
-                      + json.dumps({"conversations": [{"from": "human", "value": "no answer"}]}) + "\n"
-                      + json.dumps(good) + "\n")  # the last row duplicates the first
+    good = {
+        "conversations": [
+            {"from": "human", "value": "Summarise: " + "river lake " * 300},
+            {"from": "gpt", "value": "Water."},
+        ]
+    }
+    broken.write_text(
+        json.dumps(good)
+        + "\n{not json\n"
+        + json.dumps({"conversations": [{"from": "human", "value": "no answer"}]})
+        + "\n"
+        + json.dumps(good)
+        + "\n"
+    )  # the last row duplicates the first
     return {
         "name": "small",
         "seed": 3,
         "tokenizer": {"name": "builtin:quickstart"},
         "sources": [
-            {"name": "longalign", "kind": "longalign", "path": "builtin:sample/longalign",
-             "sample": {"rows": 12, "min_chars": 2000, "max_chars": 12000}},
-            {"name": "longalpaca", "kind": "longalpaca", "path": "builtin:sample/longalpaca",
-             "sample": {"rows": 10, "min_chars": 2000, "max_chars": 12000, "seed": 1}, "weight": 1.5},
-            {"name": "haystack", "kind": "antihaystack", "count": 8, "length_range": [800, 3000],
-             "weight": 0.5},
+            {
+                "name": "longalign",
+                "kind": "longalign",
+                "path": "builtin:sample/longalign",
+                "sample": {"rows": 12, "min_chars": 2000, "max_chars": 12000},
+            },
+            {
+                "name": "longalpaca",
+                "kind": "longalpaca",
+                "path": "builtin:sample/longalpaca",
+                "sample": {"rows": 10, "min_chars": 2000, "max_chars": 12000, "seed": 1},
+                "weight": 1.5,
+            },
+            {
+                "name": "haystack",
+                "kind": "antihaystack",
+                "count": 8,
+                "length_range": [800, 3000],
+                "weight": 0.5,
+            },
             {"name": "chat", "kind": "generic", "format": "sharegpt", "path": str(broken)},
         ],
         "packing": {"max_seq_len": 4096, "buckets": [1024, 2048], **packing},
         "validation": {"fraction": 0.1, "max_samples": 4},
-        "output": {"dir": str(tmp / "out"), "shard_size_limit": "64KB", "card_dir": str(tmp / "cards")},
+        "output": {
+            "dir": str(tmp / "out"),
+            "shard_size_limit": "64KB",
+            "card_dir": str(tmp / "cards"),
+        },
         "cache_dir": str(tmp / "cache"),
     }
 
@@ -54,7 +81,9 @@ def read_rows_streaming(stream_dir: Path, tmp: Path):
     from streaming import StreamingDataset
     from streaming.base.util import clean_stale_shared_memory
 
-    local = tmp / "read" / stream_dir.relative_to(stream_dir.parents[1]).as_posix().replace("/", "_")
+    local = (
+        tmp / "read" / stream_dir.relative_to(stream_dir.parents[1]).as_posix().replace("/", "_")
+    )
     shutil.copytree(stream_dir, local)
     dataset = StreamingDataset(local=str(local), remote=None, shuffle=False, batch_size=1)
     try:
@@ -101,14 +130,16 @@ def test_loss_mask_covers_exactly_assistant_text(built, tmp_path):
     row = read_rows_streaming(result.out_dir / stream["path"], tmp_path)[0]
     start = 0
     for length in row["seq_lens"].tolist():
-        ids = row["input_ids"][start:start + length]
-        mask = row["loss_mask"][start:start + length]
+        ids = row["input_ids"][start : start + length]
+        mask = row["loss_mask"][start : start + length]
         text = tokenizer.decode(ids)
         targets = tokenizer.decode(ids[mask == 1])
         assert mask[0] == 0 and ids[0] == tokenizer.bos_token_id
         # Every target token belongs to an assistant turn: the text after the last assistant header.
-        assistant_turns = [part.split("<|eot_id|>")[0] + "<|eot_id|>"
-                           for part in text.split("<|start_header_id|>assistant<|end_header_id|>\n\n")[1:]]
+        assistant_turns = [
+            part.split("<|eot_id|>")[0] + "<|eot_id|>"
+            for part in text.split("<|start_header_id|>assistant<|end_header_id|>\n\n")[1:]
+        ]
         assert targets == "".join(assistant_turns)
         start += length
 
@@ -118,9 +149,14 @@ def test_quarantine_and_dedup_are_counted(built):
     chat = next(s for s in result.manifest["sources"] if s["name"] == "chat")
     assert chat["tokenize"]["quarantined"] == 2 and chat["tokenize"]["samples"] == 2
     assert chat["mix"]["duplicates"] == 1
-    lines = [json.loads(x) for x in (result.out_dir / "quarantine" / "chat.jsonl").read_text().splitlines()]
+    lines = [
+        json.loads(x)
+        for x in (result.out_dir / "quarantine" / "chat.jsonl").read_text().splitlines()
+    ]
     assert [(q["location"], q["reason"].split(":")[0]) for q in lines] == [
-        ("sharegpt.jsonl:2", "invalid JSON"), ("sharegpt.jsonl:3", "no assistant turn with content")]
+        ("sharegpt.jsonl:2", "invalid JSON"),
+        ("sharegpt.jsonl:3", "no assistant turn with content"),
+    ]
     assert result.manifest["totals"]["quarantined"] == 2
 
 
@@ -131,19 +167,28 @@ def test_every_good_sample_is_in_the_shards(built):
     split = manifest["splits"]["train"]
     cut = split["overlength"]
     assert split["samples"] == in_train
-    assert sum(s["samples"] for s in split["streams"]) == in_train - cut["dropped"] - cut["empty"] \
-        - cut["no_target_after_cut"]
+    assert (
+        sum(s["samples"] for s in split["streams"])
+        == in_train - cut["dropped"] - cut["empty"] - cut["no_target_after_cut"]
+    )
     for source in manifest["sources"]:
         m = source["mix"]
         assert m["available"] == source["tokenize"]["samples"]
-        assert m["available"] == m["too_short"] + m["too_long"] + m["duplicates"] + m["validation"] + m["train_unique"]
+        assert (
+            m["available"]
+            == m["too_short"]
+            + m["too_long"]
+            + m["duplicates"]
+            + m["validation"]
+            + m["train_unique"]
+        )
 
 
 def test_sample_index_places_every_sample_exactly_where_the_rows_hold_it(built, tmp_path):
     import polars as pl
 
-    from longdata.sample_index import read_sample_index
-    from longdata.verify import iter_stream_rows
+    from longdata.stages.sample_index import read_sample_index
+    from longdata.tools.verify import iter_stream_rows
 
     _, result = built
     manifest = result.manifest
@@ -151,18 +196,21 @@ def test_sample_index_places_every_sample_exactly_where_the_rows_hold_it(built, 
     per_source = dict(index.filter(pl.col("start") == 0).group_by("source").len().iter_rows())
     assert per_source == {s["name"]: s["mix"]["train_samples"] for s in manifest["sources"]}
     assert index.filter(pl.col("status") == "whole")["tokens"].equals(
-        index.filter(pl.col("status") == "whole")["sample_tokens"])
+        index.filter(pl.col("status") == "whole")["sample_tokens"]
+    )
     assert set(index["status"]) <= {"whole", "truncated", "dropped"}
     for stream in manifest["splits"]["train"]["streams"]:
         pieces = index.filter(pl.col("stream") == stream["name"]).sort("row", "slot")
-        rows = [row for _, _, row in iter_stream_rows(result.out_dir / stream["path"], tmp_path, [])]
+        rows = [
+            row for _, _, row in iter_stream_rows(result.out_dir / stream["path"], tmp_path, [])
+        ]
         assert pieces["row"].max() + 1 == len(rows) == stream["rows"]
         for piece in pieces.iter_rows(named=True):
             row = rows[piece["row"]]
-            begin = int(row["seq_lens"][:piece["slot"]].sum())
+            begin = int(row["seq_lens"][: piece["slot"]].sum())
             assert row["seq_lens"][piece["slot"]] == piece["tokens"]
             assert row["source_ids"][piece["slot"]] == piece["source_id"]
-            assert row["loss_mask"][begin:begin + piece["tokens"]].sum() == piece["target_tokens"]
+            assert row["loss_mask"][begin : begin + piece["tokens"]].sum() == piece["target_tokens"]
 
 
 def test_verify_passes_then_catches_a_flipped_byte(built, tmp_path):
@@ -175,7 +223,9 @@ def test_verify_passes_then_catches_a_flipped_byte(built, tmp_path):
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
     report = verify_build(copy)
-    assert not report.ok and "hash mismatch" in report.problems[0] and shard.name in report.problems[0]
+    assert (
+        not report.ok and "hash mismatch" in report.problems[0] and shard.name in report.problems[0]
+    )
 
 
 def test_verify_catches_a_sample_index_that_disagrees_with_the_rows(built, tmp_path):
@@ -202,15 +252,20 @@ def test_rebuild_is_byte_identical_and_reuses_the_cache(built, tmp_path):
     info = json.loads((again.out_dir / "build_info.json").read_text())
     assert len(info["cached_sources"]) == 4
     files = sorted(p.relative_to(before) for p in before.rglob("*") if p.is_file())
-    assert files == sorted(p.relative_to(again.out_dir) for p in again.out_dir.rglob("*") if p.is_file())
+    assert files == sorted(
+        p.relative_to(again.out_dir) for p in again.out_dir.rglob("*") if p.is_file()
+    )
     for rel in files:
         if rel.name != "build_info.json":
             assert (before / rel).read_bytes() == (again.out_dir / rel).read_bytes(), rel
 
 
 def test_split_policy_and_stages(tmp_path):
-    data = small_recipe(tmp_path, overlength="split",
-                        stages=[{"name": "short", "max_seq_len": 1024}, {"name": "long", "max_seq_len": 4096}])
+    data = small_recipe(
+        tmp_path,
+        overlength="split",
+        stages=[{"name": "short", "max_seq_len": 1024}, {"name": "long", "max_seq_len": 4096}],
+    )
     result = build(validate_recipe(data))
     splits = result.manifest["splits"]
     assert set(splits) == {"short/train", "short/validation", "long/train", "long/validation"}
@@ -222,11 +277,13 @@ def test_split_policy_and_stages(tmp_path):
     assert long_lengths.sum() == splits["long/train"]["tokens"]
     import polars as pl
 
-    from longdata.sample_index import read_sample_index
+    from longdata.stages.sample_index import read_sample_index
 
     index = pl.from_arrow(read_sample_index(result.out_dir, "short/train"))
     cut = index.filter(pl.col("status") == "split")
-    cut_away = index.filter((pl.col("status") == "no_target_after_cut") & (pl.col("sample_tokens") > 1024))
+    cut_away = index.filter(
+        (pl.col("status") == "no_target_after_cut") & (pl.col("sample_tokens") > 1024)
+    )
     assert cut["sample"].n_unique() + len(cut_away) == splits["short/train"]["overlength"]["split"]
     # A split sample is cut every max_seq_len tokens (pieces without a target are left out).
     assert (cut["start"] % 1024 == 0).all()

@@ -10,10 +10,10 @@ import yaml
 from typer.testing import CliRunner
 
 from longdata.build import build
-from longdata.card import PLOTS
 from longdata.cli import app
 from longdata.recipe import validate_recipe
-from longdata.verify import iter_stream_rows
+from longdata.tools.card import PLOTS
+from longdata.tools.verify import iter_stream_rows
 from tests.test_build import small_recipe
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -22,8 +22,13 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("card")
-    data = small_recipe(tmp, stages=[{"name": "short", "max_seq_len": 1024, "overlength": "drop"},
-                                     {"name": "long", "max_seq_len": 4096}])
+    data = small_recipe(
+        tmp,
+        stages=[
+            {"name": "short", "max_seq_len": 1024, "overlength": "drop"},
+            {"name": "long", "max_seq_len": 4096},
+        ],
+    )
     recipe = validate_recipe(data)
     return recipe, build(recipe)
 
@@ -41,12 +46,17 @@ def card_sections(text: str) -> dict[str, str]:
 
 def table_rows(section: str) -> list[list[str]]:
     lines = [x for x in section.splitlines() if x.startswith("| ")]
-    return [[c.strip() for c in x.strip("|").split("|")] for x in lines[1:]]  # lines[0] is the header
+    return [
+        [c.strip() for c in x.strip("|").split("|")] for x in lines[1:]
+    ]  # lines[0] is the header
 
 
 def rows_of(build_dir: Path, manifest: dict, split: str, scratch: Path) -> list[dict]:
-    return [row for stream in manifest["splits"][split]["streams"]
-            for _, _, row in iter_stream_rows(build_dir / stream["path"], scratch, [])]
+    return [
+        row
+        for stream in manifest["splits"][split]["streams"]
+        for _, _, row in iter_stream_rows(build_dir / stream["path"], scratch, [])
+    ]
 
 
 def test_card_is_a_dataset_card_with_plots_in_the_build_and_in_data_cards(built):
@@ -55,13 +65,18 @@ def test_card_is_a_dataset_card_with_plots_in_the_build_and_in_data_cards(built)
     assert text.startswith("---\n")
     meta = yaml.safe_load(text.split("---\n")[1])
     assert meta["task_categories"] == ["text-generation"] and meta["size_categories"] == ["n<1K"]
-    assert meta["longdata"]["splits"]["long/train"]["rows"] == result.manifest["splits"]["long/train"]["rows"]
+    assert (
+        meta["longdata"]["splits"]["long/train"]["rows"]
+        == result.manifest["splits"]["long/train"]["rows"]
+    )
     assert set(meta["language"]) == {"en", "zh"}
     copy = Path(recipe.output.card_dir) / recipe.name
     for plot in PLOTS:
         for image in (result.out_dir / "card" / plot, copy / plot):
             assert image.read_bytes()[:8] == PNG_MAGIC and image.stat().st_size > 5_000
-        assert f"](card/{plot})" in text and f"](card/{plot})" not in (copy / "README.md").read_text()
+        assert (
+            f"](card/{plot})" in text and f"](card/{plot})" not in (copy / "README.md").read_text()
+        )
     assert (copy / "README.md").read_text() == text.replace("](card/", "](")
 
 
@@ -71,7 +86,9 @@ def test_card_counts_agree_with_the_rows(built, tmp_path):
     sections = card_sections((result.out_dir / "README.md").read_text())
     names = [s["name"] for s in manifest["sources"]]
     kept = {(r[0], r[1]): r for r in table_rows(sections["Sources and mix"]) if "/" in r[0]}
-    weights = {(r[0], r[1]): r for r in table_rows(sections["Loss weight: token_mean vs sequence_mean"])}
+    weights = {
+        (r[0], r[1]): r for r in table_rows(sections["Loss weight: token_mean vs sequence_mean"])
+    }
     for split in ("short/train", "long/train"):
         rows = rows_of(result.out_dir, manifest, split, tmp_path)
         samples = Counter(names[s] for row in rows for s in row["source_ids"].tolist())
@@ -79,7 +96,7 @@ def test_card_counts_agree_with_the_rows(built, tmp_path):
         for row in rows:
             start = 0
             for length, source in zip(row["seq_lens"].tolist(), row["source_ids"].tolist()):
-                hits = int(row["loss_mask"][start:start + length].sum())
+                hits = int(row["loss_mask"][start : start + length].sum())
                 targets[names[source]] += hits
                 with_target[names[source]] += hits > 0
                 start += length
@@ -97,15 +114,17 @@ def test_card_counts_agree_with_the_rows(built, tmp_path):
 
 
 def test_card_names_sources_whose_text_spells_special_tokens(built):
-    from longdata.card import CardData, render_card
+    from longdata.tools.card import CardData, render_card
 
     _, result = built
     data = CardData.read(result.out_dir)
     line = "spell a special token in their text"
     assert line not in render_card(data, "card/")
     data.manifest["sources"][3]["tokenize"]["special_token_text_rows"] = 1234
-    assert ("Source `chat`: 1,234 samples spell a special token in their text, encoded as plain "
-            "text, never as control tokens.") in render_card(data, "card/")
+    assert (
+        "Source `chat`: 1,234 samples spell a special token in their text, encoded as plain "
+        "text, never as control tokens."
+    ) in render_card(data, "card/")
     data.manifest["recipe"]["tokenizer"]["special_tokens_in_text"] = "allow"
     assert "encoded as control tokens" in render_card(data, "card/")
 

@@ -8,8 +8,8 @@ import numpy as np
 import typer
 from typer.testing import CliRunner
 
+from longdata.trainer import cli
 from tests.builders import make_row, write_build
-from trainer import cli
 
 app = typer.Typer()
 app.command("train")(cli.train)

@@ -5,9 +5,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from longdata.trainer import collate
+from longdata.trainer.collation import IGNORE_INDEX
 from tests.builders import make_row
-from trainer import collate
-from trainer.collation import IGNORE_INDEX
 
 
 def test_collate_by_hand() -> None:
@@ -92,7 +92,6 @@ def test_collate_metadata_agrees(rows: list[list[int]], multiple: int | None) ->
 
 
 def test_package_export_is_the_function() -> None:
-    import trainer
-    import trainer.collation
+    import longdata.trainer as trainer
 
     assert trainer.collate is collate and callable(trainer.collate)

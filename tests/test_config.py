@@ -10,8 +10,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from trainer import cli
-from trainer.config import FIELDS, ConfigError, TrainConfig, coerce, resolve
+from longdata.trainer import cli
+from longdata.trainer.config import FIELDS, ConfigError, TrainConfig, coerce, resolve
 
 app = typer.Typer()
 app.command("train")(cli.train)
@@ -20,15 +20,16 @@ app.command("train")(cli.train)
 @pytest.fixture
 def captured(monkeypatch: pytest.MonkeyPatch) -> list[TrainConfig]:
     """The configs `longdata train` would run, instead of running them."""
-    import trainer.loop
+
+    import longdata.trainer.loop as loop
 
     configs: list[TrainConfig] = []
 
     def fake_train(config: TrainConfig):
         configs.append(config)
-        return trainer.loop.TrainResult(metrics=[], final_dir=None)
+        return loop.TrainResult(metrics=[], final_dir=None)
 
-    monkeypatch.setattr(trainer.loop, "train", fake_train)
+    monkeypatch.setattr(loop, "train", fake_train)
     return configs
 
 

@@ -20,9 +20,13 @@ pytestmark = pytest.mark.slow
 
 
 def run_build(recipe: Path, env: dict) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "longdata.cli", "build", str(recipe)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
-                            start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "longdata.cli", "build", str(recipe)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=env,
+        start_new_session=True,
+    )
 
 
 def kill_when(process: subprocess.Popen, condition, timeout: float = 120) -> None:
@@ -38,8 +42,11 @@ def kill_when(process: subprocess.Popen, condition, timeout: float = 120) -> Non
 
 
 def files_of(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and p.name != "build_info.json"}
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != "build_info.json"
+    }
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +71,10 @@ def test_killed_build_leaves_nothing_complete_and_resumes_identically(reference,
     cache = Path(data["cache_dir"]) / "tokenized"
     partial = out.parent / f".{out.name}.partial"
     conditions = {
-        "first_cache_entry": lambda: cache.exists() and any(
-            p.is_dir() and not p.name.endswith(".partial") for p in cache.iterdir()),
+        "first_cache_entry": lambda: (
+            cache.exists()
+            and any(p.is_dir() and not p.name.endswith(".partial") for p in cache.iterdir())
+        ),
         "shards_being_written": lambda: any(partial.glob("train/*/shard.*")),
     }
     kill_when(run_build(recipe_path, env), conditions[kill_point])

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
+from longdata.trainer.distributed import kv_replication
 from tests.builders import make_row, two_bucket_build
 from tests.multiprocess import run_on_ranks, run_torchrun
-from trainer.distributed import kv_replication
 
 VOCAB = 256
 # fp32 on CPU: the SP path sums the same terms in another order (per-rank partial losses and
@@ -57,9 +57,9 @@ def _sequence_parallel_rank(result_path: str) -> None:
     (sdpa_varlen and sdpa_mask; flex forward only, as it has no backward on CPU)."""
     import torch.distributed as dist
 
-    from trainer import collate, load_model
-    from trainer.distributed import enable_sequence_parallel, init_parallel, shard_batch
-    from trainer.loss import micro_batch_loss, model_token_losses, step_denominator
+    from longdata.trainer import collate, load_model
+    from longdata.trainer.distributed import enable_sequence_parallel, init_parallel, shard_batch
+    from longdata.trainer.loss import micro_batch_loss, model_token_losses, step_denominator
 
     context = init_parallel(sp_size=2)
     rng = np.random.default_rng(0)
@@ -148,7 +148,7 @@ def _rows_seen_rank(build_dir: str, result_path: str) -> None:
     """One epoch's rows on this rank, without and with replication=2."""
     import torch.distributed as dist
 
-    from trainer.data import Manifest, make_dataset, release_streaming_resources
+    from longdata.trainer.data import Manifest, make_dataset, release_streaming_resources
 
     dist.init_process_group("gloo")
     seen = {}
@@ -162,7 +162,7 @@ def _rows_seen_rank(build_dir: str, result_path: str) -> None:
 
 
 def test_ranks_see_disjoint_rows_or_replicated_rows(build: Path, tmp_path: Path) -> None:
-    from trainer.data import Manifest, make_dataset, release_streaming_resources
+    from longdata.trainer.data import Manifest, make_dataset, release_streaming_resources
 
     # One process's epoch. (Streams are mixed by token proportion, so an epoch may repeat a
     # row of one bucket and skip one of another: compare with it, not with the build's rows.)
@@ -187,7 +187,7 @@ def _training_rank(build_dir: str, out_root: str, runs: dict[str, dict]) -> None
     """Short training runs on this rank (each with 1 row per DP rank and step)."""
     import torch.distributed as dist
 
-    from trainer.loop import train
+    from longdata.trainer.loop import train
 
     dist.init_process_group("gloo")
     for name, settings in runs.items():
@@ -199,7 +199,7 @@ def _training_rank(build_dir: str, out_root: str, runs: dict[str, dict]) -> None
 
 
 def _train_config(build_dir: str, out_dir: str, **overrides: object):
-    from trainer.loop import TrainConfig
+    from longdata.trainer.loop import TrainConfig
 
     settings = {
         "build_dir": build_dir,
@@ -217,7 +217,7 @@ def _train_config(build_dir: str, out_dir: str, **overrides: object):
 @pytest.fixture(scope="module")
 def one_process_losses(build: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Per-step losses of one process reading 1 or 2 rows per step."""
-    from trainer.loop import train
+    from longdata.trainer.loop import train
 
     out_root = tmp_path_factory.mktemp("one_process")
     return {

@@ -14,18 +14,18 @@ import typer
 from transformers import AutoTokenizer
 from typer.testing import CliRunner
 
-from evals import cli as evals_cli
-from evals.niah import prompts as niah
-from evals.niah.decoding import continuation_logprobs, greedy_generate
-from evals.niah.report import format_length
-from evals.niah.scoring import GenerateScorer, LoglikScorer, contains_codes, evaluate
+from longdata.evals import cli as evals_cli
+from longdata.evals.niah import prompts as niah
+from longdata.evals.niah.decoding import continuation_logprobs, greedy_generate
+from longdata.evals.niah.report import format_length
+from longdata.evals.niah.scoring import GenerateScorer, LoglikScorer, contains_codes, evaluate
 from longdata.format import FORMAT, tokenizer_digest
 from longdata.tokenizer_assets import ASSET_DIR, CHAT_TEMPLATE
+from longdata.trainer import cli as trainer_cli
+from longdata.trainer import load_model
+from longdata.trainer.data import Manifest
+from longdata.trainer.validation_loss import default_split, evaluate_loss, length_bucket
 from tests.builders import make_row, use_quickstart_tokenizer, write_build
-from trainer import cli as trainer_cli
-from trainer import load_model
-from trainer.data import Manifest
-from trainer.validation_loss import default_split, evaluate_loss, length_bucket
 
 app = typer.Typer()
 eval_app = typer.Typer()
@@ -68,7 +68,11 @@ def test_parse_lengths_and_depths() -> None:
         with pytest.raises(ValueError):
             niah.parse_depths(bad)
     assert [format_length(n) for n in (4096, 131_072, 1536, 500, 1_048_576)] == [
-        "4K", "128K", "1.5K", "500", "1M"
+        "4K",
+        "128K",
+        "1.5K",
+        "500",
+        "1M",
     ]
 
 
@@ -129,7 +133,7 @@ def test_control_prompts_have_no_needle(tokenizer) -> None:
         text = tokenizer.decode(list(control.prompt_ids))
         assert not control.planted and control.measured_depth is None
         start = text.index("user<|end_header_id|>\n\n") + len("user<|end_header_id|>\n\n")
-        haystack = text[start:text.index("\n\n" + planted.question)]
+        haystack = text[start : text.index("\n\n" + planted.question)]
         assert len(haystack) > 2000 and "secret code" not in haystack
         assert str(control.code) not in text
         assert text.endswith(
@@ -162,7 +166,10 @@ def test_prompt_and_answer_split_where_training_splits_them(tokenizer) -> None:
     )
     assert not rendered.endswith("assistant<|end_header_id|>\n\n")  # the flag is ignored
     assert niah.generation_prompt(plain, user) == rendered
-    assert niah.answer_frame(plain, user) == ("<|start_header_id|>assistant<|end_header_id|>\n\n", "<|eot_id|>")
+    assert niah.answer_frame(plain, user) == (
+        "<|start_header_id|>assistant<|end_header_id|>\n\n",
+        "<|eot_id|>",
+    )
 
     broken = AutoTokenizer.from_pretrained(str(ASSET_DIR))
     broken.chat_template = "{% for m in messages %}{{ m['content'] | lower }}{% endfor %}"
@@ -196,9 +203,13 @@ def _quickstart_training_needles() -> set[tuple[str, int]]:
     assert sources
     for source in sources:
         options = dict(
-            count=source.count, min_tokens=source.length_range[0],
-            max_tokens=source.length_range[1], depth_range=source.depth_range,
-            needles=source.needles, tasks=source.tasks, zh_fraction=source.zh_fraction,
+            count=source.count,
+            min_tokens=source.length_range[0],
+            max_tokens=source.length_range[1],
+            depth_range=source.depth_range,
+            needles=source.needles,
+            tasks=source.tasks,
+            zh_fraction=source.zh_fraction,
             seed=source.seed,
         )
         items = list(antihaystack.generate(**options, count_tokens=lambda s: len(s) // 4))
@@ -257,9 +268,9 @@ def test_generate_scoring_counts_right_and_wrong_answers(tokenizer, small_grid) 
     by_prompt = {p.prompt_ids: p for p in small_grid}
 
     def answer_with(make_text):
-        return GenerateScorer(None, tokenizer, generate=lambda ids: _ids(
-            tokenizer, make_text(by_prompt[tuple(ids)])
-        ))
+        return GenerateScorer(
+            None, tokenizer, generate=lambda ids: _ids(tokenizer, make_text(by_prompt[tuple(ids)]))
+        )
 
     def run(make_text):
         return evaluate(small_grid, answer_with(make_text), [256, 512], [0.0, 0.5, 1.0])
@@ -268,8 +279,10 @@ def test_generate_scoring_counts_right_and_wrong_answers(tokenizer, small_grid) 
     assert right.accuracy == 1.0
     assert right.grid() == [[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]]
     assert right.counts() == [[2, 2, 2], [2, 2, 2]]
-    assert right.rows[0]["output"] == f"The secret code of the {small_grid[0].subject} is " \
+    assert (
+        right.rows[0]["output"] == f"The secret code of the {small_grid[0].subject} is "
         f"{small_grid[0].code}."
+    )
     assert run(lambda p: str(p.code)).accuracy == 1.0
     assert run(lambda p: f"It is {p.distractor_codes[0]}.").accuracy == 0.0
     assert run(lambda p: f"It is {p.code}7.").accuracy == 0.0
@@ -280,7 +293,8 @@ def test_generate_scoring_counts_right_and_wrong_answers(tokenizer, small_grid) 
     # Right on needle 0 only, in every cell: the needles are what accuracy averages over.
     first = run(lambda p: str(p.code) if p.sample == 0 else "no idea")
     assert [(n["sample"], n["prompts"], n["accuracy"]) for n in first.by_needle()] == [
-        (0, 6, 1.0), (1, 6, 0.0)
+        (0, 6, 1.0),
+        (1, 6, 0.0),
     ]
     assert first.by_needle()[0]["expected"] == str(small_grid[0].code)
     assert first.accuracy == 0.5 and first.needle_standard_error == pytest.approx(0.5)
@@ -291,6 +305,7 @@ def test_generate_scoring_counts_right_and_wrong_answers(tokenizer, small_grid) 
 def test_loglik_scoring_ranks_the_candidates(tokenizer, small_grid) -> None:
     def stub(prefer):
         """Log-probs that favour the candidate holding code `prefer(prompt)`."""
+
         def score(prompt_ids, continuations):
             item = next(p for p in small_grid if p.prompt_ids == tuple(prompt_ids))
             wanted = str(prefer(item))
@@ -300,15 +315,14 @@ def test_loglik_scoring_ranks_the_candidates(tokenizer, small_grid) -> None:
 
             # Candidates differ in token count, so only the last token carries the score.
             return [[0.0] * (len(c) - 1) + [value(tokenizer.decode(c))] for c in continuations]
+
         return LoglikScorer(None, score=score)
 
     right = evaluate(small_grid, stub(lambda p: p.code), [256, 512], [0.0, 0.5, 1.0])
     assert right.accuracy == 1.0
     assert all(r["rank"] == 1 and r["chosen"] == int(r["expected"]) for r in right.rows)
     assert all(r["answer_logprob"] == 0.0 for r in right.rows)
-    wrong = evaluate(
-        small_grid, stub(lambda p: p.distractor_codes[2]), [256, 512], [0.0, 0.5, 1.0]
-    )
+    wrong = evaluate(small_grid, stub(lambda p: p.distractor_codes[2]), [256, 512], [0.0, 0.5, 1.0])
     assert wrong.accuracy == 0.0
     assert all(r["rank"] == 2 for r in wrong.rows)
     assert [r["chosen"] for r in wrong.rows] == [p.distractor_codes[2] for p in small_grid]
@@ -325,7 +339,10 @@ def test_continuation_logprobs_equal_one_full_forward(model) -> None:
     prompt = rng.integers(5, 16_000, 40).tolist()
     shared = rng.integers(5, 16_000, 3).tolist()
     continuations = [
-        shared + [11, 12, 13], shared + [11, 14], shared + [15], shared + [16, 17, 18, 19]
+        shared + [11, 12, 13],
+        shared + [11, 14],
+        shared + [15],
+        shared + [16, 17, 18, 19],
     ]
     got = continuation_logprobs(model, prompt, continuations)
     for continuation, values in zip(continuations, got, strict=True):
@@ -333,9 +350,7 @@ def test_continuation_logprobs_equal_one_full_forward(model) -> None:
         with torch.no_grad():
             log_probs = torch.log_softmax(model(input_ids=tokens).logits[0].float(), dim=-1)
         start = len(prompt)
-        expected = [
-            float(log_probs[start + i - 1, token]) for i, token in enumerate(continuation)
-        ]
+        expected = [float(log_probs[start + i - 1, token]) for i, token in enumerate(continuation)]
         assert values == pytest.approx(expected, abs=1e-4)
 
 
@@ -344,9 +359,14 @@ def test_greedy_generate_matches_transformers_generate(model) -> None:
     ours = greedy_generate(model, prompt, max_new_tokens=8)
     with torch.no_grad():
         reference = model.generate(
-            torch.tensor([prompt]), max_new_tokens=8, min_new_tokens=8, do_sample=False,
-            eos_token_id=None, pad_token_id=0, use_cache=True,
-        )[0, len(prompt):].tolist()
+            torch.tensor([prompt]),
+            max_new_tokens=8,
+            min_new_tokens=8,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+            use_cache=True,
+        )[0, len(prompt) :].tolist()
     assert ours == reference
     assert greedy_generate(model, prompt, max_new_tokens=8, stop_ids=[ours[3]]) == ours[:3]
 
@@ -357,11 +377,25 @@ def test_greedy_generate_matches_transformers_generate(model) -> None:
 
 def test_eval_niah_cli_writes_results_and_heatmap(tmp_path: Path, model_dir: Path) -> None:
     out = tmp_path / "niah"
-    result = CliRunner().invoke(app, [
-        "eval", "niah", "--model", str(model_dir), "--lengths", "256,512",
-        "--depths", "0,0.5,1", "--samples-per-cell", "2", "--max-new-tokens", "4",
-        "--out", str(out),
-    ])
+    result = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            "niah",
+            "--model",
+            str(model_dir),
+            "--lengths",
+            "256,512",
+            "--depths",
+            "0,0.5,1",
+            "--samples-per-cell",
+            "2",
+            "--max-new-tokens",
+            "4",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "wrote" in result.output and "50%" in result.output
     png = (out / "heatmap.png").read_bytes()
@@ -369,8 +403,17 @@ def test_eval_niah_cli_writes_results_and_heatmap(tmp_path: Path, model_dir: Pat
     with (out / "results.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 2 * 3 * 2
-    assert {"length", "prompt_tokens", "depth", "measured_depth", "sample", "key", "expected",
-            "output", "correct"} <= set(rows[0])
+    assert {
+        "length",
+        "prompt_tokens",
+        "depth",
+        "measured_depth",
+        "sample",
+        "key",
+        "expected",
+        "output",
+        "correct",
+    } <= set(rows[0])
     results = json.loads((out / "results.json").read_text())
     grid = results["grid"]
     assert grid["lengths"] == [256, 512] and grid["depths"] == [0.0, 0.5, 1.0]
@@ -392,10 +435,25 @@ def test_eval_niah_cli_writes_results_and_heatmap(tmp_path: Path, model_dir: Pat
 
 def test_eval_niah_cli_loglik(tmp_path: Path, model_dir: Path) -> None:
     out = tmp_path / "loglik"
-    result = CliRunner().invoke(app, [
-        "eval", "niah", "--model", str(model_dir), "--lengths", "300", "--depths", "0.5,1",
-        "--mode", "loglik", "--distractors", "3", "--out", str(out),
-    ])
+    result = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            "niah",
+            "--model",
+            str(model_dir),
+            "--lengths",
+            "300",
+            "--depths",
+            "0.5,1",
+            "--mode",
+            "loglik",
+            "--distractors",
+            "3",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     results = json.loads((out / "results.json").read_text())
     assert np.array(results["grid"]["mean_answer_logprob"]).shape == (1, 2)
@@ -412,15 +470,31 @@ def test_eval_niah_cli_loglik(tmp_path: Path, model_dir: Path) -> None:
 def test_eval_niah_without_a_tokenizer_says_what_to_do(tmp_path: Path, model) -> None:
     bare = tmp_path / "bare"
     model.save_pretrained(bare)
-    result = CliRunner().invoke(app, ["eval", "niah", "--model", str(bare), "--out",
-                                      str(tmp_path / "out")])
+    result = CliRunner().invoke(
+        app, ["eval", "niah", "--model", str(bare), "--out", str(tmp_path / "out")]
+    )
     assert result.exit_code != 0
     message = " ".join(result.output.replace("│", " ").split())
     assert "has no usable tokenizer" in message and "pass --tokenizer" in message
-    fixed = CliRunner().invoke(app, [
-        "eval", "niah", "--model", str(bare), "--tokenizer", str(ASSET_DIR), "--lengths", "200",
-        "--depths", "0.5", "--max-new-tokens", "2", "--out", str(tmp_path / "out"),
-    ])
+    fixed = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            "niah",
+            "--model",
+            str(bare),
+            "--tokenizer",
+            str(ASSET_DIR),
+            "--lengths",
+            "200",
+            "--depths",
+            "0.5",
+            "--max-new-tokens",
+            "2",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+    )
     assert fixed.exit_code == 0, fixed.output
 
 
@@ -445,8 +519,8 @@ def _alone(model, streams) -> list[tuple[int, str, float, int, int]]:
         for row in rows:
             start = 0
             for length, source in zip(row["seq_lens"], row["source_ids"], strict=True):
-                ids = torch.tensor(row["input_ids"][start:start + length].astype(np.int64))
-                mask = row["loss_mask"][start:start + length]
+                ids = torch.tensor(row["input_ids"][start : start + length].astype(np.int64))
+                mask = row["loss_mask"][start : start + length]
                 with torch.no_grad():
                     logits = model(input_ids=ids[None]).logits[0].double()
                 log_probs = torch.log_softmax(logits, dim=-1)
@@ -492,15 +566,27 @@ def test_eval_loss_equals_samples_run_alone(tmp_path: Path) -> None:
 
 def test_length_buckets() -> None:
     assert [length_bucket(n) for n in (1, 1024, 1025, 8192, 8193, 16384, 40000)] == [
-        "<=1K", "<=1K", "1K-2K", "4K-8K", "8K-16K", "8K-16K", "32K-64K"
+        "<=1K",
+        "<=1K",
+        "1K-2K",
+        "4K-8K",
+        "8K-16K",
+        "8K-16K",
+        "32K-64K",
     ]
 
 
 def test_default_split() -> None:
     def manifest(*splits):
-        return Manifest.parse(Path("."), {
-            "format": FORMAT, "tokenizer": {"name": "t", "vocab_size": 8}, "sources": [],
-            "splits": {s: {"max_seq_len": 8, "streams": []} for s in splits}})
+        return Manifest.parse(
+            Path("."),
+            {
+                "format": FORMAT,
+                "tokenizer": {"name": "t", "vocab_size": 8},
+                "sources": [],
+                "splits": {s: {"max_seq_len": 8, "streams": []} for s in splits},
+            },
+        )
 
     assert default_split(manifest("train", "validation")) == "validation"
     assert default_split(manifest("a/train", "a/validation", "b/train", "b/validation")) == (
@@ -514,9 +600,18 @@ def test_eval_loss_cli(tmp_path: Path) -> None:
     model_path = tmp_path / "model"
     load_model("tiny-llama", "sdpa_varlen", vocab_size=512, seed=1).save_pretrained(model_path)
     out = tmp_path / "loss.json"
-    result = CliRunner().invoke(app, [
-        "eval", "loss", str(build), "--model", str(model_path), "--out", str(out),
-    ])
+    result = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            "loss",
+            str(build),
+            "--model",
+            str(model_path),
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "alpha" in result.output and "le_0128" in result.output
     report = json.loads(out.read_text())
@@ -530,8 +625,7 @@ def test_eval_loss_without_validation_rows(tmp_path: Path) -> None:
     model_path = tmp_path / "model"
     load_model("tiny-llama", "sdpa_varlen", vocab_size=512, seed=1).save_pretrained(model_path)
     train_only, _ = _loss_build(tmp_path / "a", split="train")
-    result = CliRunner().invoke(app, ["eval", "loss", str(train_only), "--model",
-                                      str(model_path)])
+    result = CliRunner().invoke(app, ["eval", "loss", str(train_only), "--model", str(model_path)])
     assert result.exit_code == 1
     assert "no validation split" in result.output and "--split" in result.output
 
@@ -577,37 +671,85 @@ def test_trainer_refuses_a_tokenizer_that_is_not_the_builds(tmp_path: Path, toke
 def test_eval_niah_cli_with_a_real_haystack(tmp_path: Path, model_dir: Path) -> None:
     essay = tmp_path / "essays"
     essay.mkdir()
-    (essay / "one.txt").write_text(" ".join(
-        f"In essay {i} the author argues that founders should talk to users." for i in range(400)))
+    (essay / "one.txt").write_text(
+        " ".join(
+            f"In essay {i} the author argues that founders should talk to users."
+            for i in range(400)
+        )
+    )
     out = tmp_path / "haystack"
-    result = CliRunner().invoke(app, [
-        "eval", "niah", "--model", str(model_dir), "--lengths", "256", "--depths", "0.5",
-        "--max-new-tokens", "2", "--haystack", str(essay), "--out", str(out),
-    ])
+    result = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            "niah",
+            "--model",
+            str(model_dir),
+            "--lengths",
+            "256",
+            "--depths",
+            "0.5",
+            "--max-new-tokens",
+            "2",
+            "--haystack",
+            str(essay),
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     results = json.loads((out / "results.json").read_text())
     assert results["config"]["haystack"] == [str(essay)]
-    missing = CliRunner().invoke(app, ["eval", "niah", "--model", str(model_dir), "--haystack",
-                                       str(tmp_path / "nope.txt"), "--out", str(out)])
+    missing = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            "niah",
+            "--model",
+            str(model_dir),
+            "--haystack",
+            str(tmp_path / "nope.txt"),
+            "--out",
+            str(out),
+        ],
+    )
     assert missing.exit_code == 2 and "such file" in missing.output, missing.output
-    chinese = CliRunner().invoke(app, ["eval", "niah", "--model", str(model_dir), "--haystack",
-                                       str(essay), "--lang", "zh", "--out", str(out)])
+    chinese = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            "niah",
+            "--model",
+            str(model_dir),
+            "--haystack",
+            str(essay),
+            "--lang",
+            "zh",
+            "--out",
+            str(out),
+        ],
+    )
     assert chinese.exit_code == 2 and "no zh text" in chinese.output, chinese.output
 
 
 def test_the_saved_tokenizer_renders_with_the_recipes_template_kwargs(tmp_path: Path) -> None:
     """A checkpoint renders prompts as its build did: eval niah and any other tool loading it get
     the recipe's chat_template_kwargs without being told."""
-    from trainer.tokenizer import save_build_tokenizer
+    from longdata.trainer.tokenizer import save_build_tokenizer
 
     build = _build_with_tokenizer(tmp_path)
     manifest = json.loads((build / "manifest.json").read_text())
     qwen3 = Path(__file__).parent / "templates" / "qwen3.jinja"
     manifest.setdefault("recipe", {})["tokenizer"] = {
-        "name": "builtin:quickstart", "chat_template": str(qwen3),
-        "chat_template_kwargs": {"enable_thinking": False}}
+        "name": "builtin:quickstart",
+        "chat_template": str(qwen3),
+        "chat_template_kwargs": {"enable_thinking": False},
+    }
     (build / "manifest.json").write_text(json.dumps(manifest))
     assert save_build_tokenizer(build, tmp_path / "saved") is None
     saved = AutoTokenizer.from_pretrained(str(tmp_path / "saved"))
     prompt = niah.generation_prompt(saved, "Where?")
-    assert prompt == "<|im_start|>user\nWhere?<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    assert (
+        prompt
+        == "<|im_start|>user\nWhere?<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    )

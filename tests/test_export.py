@@ -9,8 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 from longdata.cli import app
-from longdata.export import ExportError, export_build, labels_and_positions
 from longdata.format import mark_ours, marker_kind
+from longdata.tools.export import ExportError, export_build, labels_and_positions
 from tests.builders import make_row, write_build
 
 VOCAB = 512
@@ -32,7 +32,7 @@ def _same_rows(exported, written) -> None:
 
 
 def test_labels_and_positions_match_the_trainers_collate() -> None:
-    from trainer.collation import collate
+    from longdata.trainer.collation import collate
 
     rng = np.random.default_rng(0)
     for seq_lens in ([5, 1, 9], [30], [2, 2, 2, 7]):
@@ -132,7 +132,8 @@ def test_push_to_hub_uploads_the_export(tmp_path: Path, monkeypatch) -> None:
 
     calls.clear()
     monkeypatch.setattr(
-        huggingface_hub.HfApi, "create_repo",
+        huggingface_hub.HfApi,
+        "create_repo",
         lambda self, repo_id, **kwargs: calls.append(("create_repo", repo_id, kwargs)),
     )
 
@@ -159,8 +160,9 @@ def test_a_failed_upload_is_one_line_and_exit_1(tmp_path: Path, monkeypatch) -> 
 
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", offline)
     out = tmp_path / "pq"
-    result = CliRunner().invoke(app, ["export", str(build), "--out", str(out), "--push-to-hub",
-                                      "me/x"])
+    result = CliRunner().invoke(
+        app, ["export", str(build), "--out", str(out), "--push-to-hub", "me/x"]
+    )
     assert result.exit_code == 1
     assert "uploading it to me/x failed: OSError: network is unreachable" in result.output
     assert (out / "train.parquet").is_file()  # the export itself is kept

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from longdata.trainer.hf import BuildRows, PackedCollator, packed_batch, prepare_for_packed_batches
 from tests.builders import make_row, use_quickstart_tokenizer, write_build
-from trainer.hf import BuildRows, PackedCollator, packed_batch, prepare_for_packed_batches
 
 VOCAB = 300
 SEQ_LENS = ([5, 9, 3], [12], [1, 7])  # a one-token sample, too: its boundary must still count
@@ -27,8 +27,12 @@ def _rows() -> list[dict[str, np.ndarray]]:
 def _stock_llama(attn_implementation: str) -> torch.nn.Module:
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
     )
     return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
 
@@ -62,7 +66,12 @@ def test_packed_batch_layout() -> None:
         assert batch[key].dtype == torch.int32 and batch[key].tolist() == boundaries
     assert batch["max_length_q"] == batch["max_length_k"] == 12
     assert set(batch) == {
-        "input_ids", "labels", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
+        "input_ids",
+        "labels",
+        "position_ids",
+        "cu_seq_lens_q",
+        "cu_seq_lens_k",
+        "max_length_q",
         "max_length_k",
     }
 
@@ -75,7 +84,9 @@ def test_packed_logits_and_loss_equal_each_sample_alone(attn_implementation: str
     batch = packed_batch(rows)
     with torch.no_grad():
         packed = model(**batch)
-        alone = [model(input_ids=torch.from_numpy(ids)[None]).logits[0] for ids, _ in _samples(rows)]
+        alone = [
+            model(input_ids=torch.from_numpy(ids)[None]).logits[0] for ids, _ in _samples(rows)
+        ]
     assert float((packed.logits[0] - torch.cat(alone)).abs().max()) < 1e-4
     # The model's own loss is the token mean over the labelled tokens of every sample alone.
     losses = []
@@ -115,23 +126,31 @@ def test_flash_attention_2_reads_the_cu_seq_lens() -> None:
     rows = _rows()
     model = _stock_llama("flash_attention_2").to("cuda", torch.bfloat16).eval()
     prepare_for_packed_batches(model)
-    batch = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in packed_batch(rows).items()}
+    batch = {
+        k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in packed_batch(rows).items()
+    }
     with torch.no_grad():
         packed = model(**batch).logits[0].float()
-        alone = torch.cat([
-            model(input_ids=torch.from_numpy(ids)[None].cuda()).logits[0].float()
-            for ids, _ in _samples(rows)
-        ])
+        alone = torch.cat(
+            [
+                model(input_ids=torch.from_numpy(ids)[None].cuda()).logits[0].float()
+                for ids, _ in _samples(rows)
+            ]
+        )
     assert float((packed - alone).abs().max()) < 5e-2  # bf16 kernels
 
 
 def _build(tmp_path: Path) -> tuple[Path, list[dict[str, np.ndarray]]]:
     rng = np.random.default_rng(3)
     short = [make_row([20, 30, 14], rng, VOCAB), make_row([64], rng, VOCAB)]
-    long = [make_row([100, 28], rng, VOCAB), make_row([60, 60, 8], rng, VOCAB),
-            make_row([128], rng, VOCAB)]
+    long = [
+        make_row([100, 28], rng, VOCAB),
+        make_row([60, 60, 8], rng, VOCAB),
+        make_row([128], rng, VOCAB),
+    ]
     return write_build(tmp_path / "build", {"le_0064": short, "le_0128": long}, VOCAB, 128), [
-        *short, *long
+        *short,
+        *long,
     ]
 
 
@@ -181,9 +200,17 @@ def test_example_trains_with_trls_sft_trainer(tmp_path: Path) -> None:
     rows = [make_row([30, 20], rng, VOCAB), make_row([64], rng, VOCAB)]
     build = use_quickstart_tokenizer(write_build(tmp_path / "build", {"le_0064": rows}, 16_384, 64))
     example = importlib.import_module("examples.train_with_hf_trainer")
-    trainer = example.main([
-        str(build), "--trainer", "trl", "--max-steps", "2", "--out", str(tmp_path / "run"),
-    ])
+    trainer = example.main(
+        [
+            str(build),
+            "--trainer",
+            "trl",
+            "--max-steps",
+            "2",
+            "--out",
+            str(tmp_path / "run"),
+        ]
+    )
     assert type(trainer).__name__ == "SFTTrainer" and trainer.state.global_step == 2
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 2 and all(np.isfinite(losses))

@@ -18,7 +18,8 @@ from typer.testing import CliRunner
 from longdata.build import build
 from longdata.cli import app
 from longdata.format import StreamReader, tokenizer_location
-from longdata.inspect import (
+from longdata.recipe import validate_recipe
+from longdata.tools.inspection import (
     TARGET_CLOSE,
     TARGET_OPEN,
     Detokenizer,
@@ -29,7 +30,6 @@ from longdata.inspect import (
     segments,
     theme,
 )
-from longdata.recipe import validate_recipe
 from tests.test_build import small_recipe
 
 ASSISTANT_HEADER = "<|start_header_id|>assistant<|end_header_id|>\n\n"
@@ -40,9 +40,15 @@ def built(tmp_path_factory):
     """Two stages: `short` (1024, over-length samples dropped) and `long` (2048, over-length
     samples split), with a source of weight 1.5 (repeated samples): every kind of placement."""
     tmp = tmp_path_factory.mktemp("inspect")
-    data = small_recipe(tmp, max_seq_len=2048, overlength="split",
-                        stages=[{"name": "short", "max_seq_len": 1024, "overlength": "drop"},
-                                {"name": "long", "max_seq_len": 2048}])
+    data = small_recipe(
+        tmp,
+        max_seq_len=2048,
+        overlength="split",
+        stages=[
+            {"name": "short", "max_seq_len": 1024, "overlength": "drop"},
+            {"name": "long", "max_seq_len": 2048},
+        ],
+    )
     result = build(validate_recipe(data))
     return result.out_dir, result.manifest
 
@@ -71,8 +77,9 @@ def every_row(out: Path, manifest: dict, split: str):
 
 
 def terminal() -> Console:
-    return Console(file=io.StringIO(), record=True, force_terminal=True, color_system="truecolor",
-                   width=20_000)  # wide: no wrapping, so the text is exactly the decoded text
+    return Console(
+        file=io.StringIO(), record=True, force_terminal=True, color_system="truecolor", width=20_000
+    )  # wide: no wrapping, so the text is exactly the decoded text
 
 
 def recorded(view, plain: bool) -> Text:
@@ -87,7 +94,9 @@ def target_background():
     console = terminal()
     with console.use_theme(theme()):
         console.print(Text("x", style="inspect.target"))
-    background = Text.from_ansi(console.export_text(styles=True)).get_style_at_offset(console, 0).bgcolor
+    background = (
+        Text.from_ansi(console.export_text(styles=True)).get_style_at_offset(console, 0).bgcolor
+    )
     assert background is not None, "the tests tell targets by their background colour"
     return background
 
@@ -100,10 +109,10 @@ def sample_bodies(text: Text, n_samples: int) -> list[tuple[str, str]]:
     assert len(titles) == n_samples
     bodies = []
     for title, end in zip(titles, [*titles[1:], len(lines)]):
-        body = Text("").join(lines[title + 1:end])
+        body = Text("").join(lines[title + 1 : end])
         is_target = np.zeros(len(body.plain), dtype=bool)
         for span in body.spans:  # from escape codes: non-overlapping, with parsed Style objects
-            is_target[span.start:span.end] = span.style.bgcolor == target_bg
+            is_target[span.start : span.end] = span.style.bgcolor == target_bg
         target = "".join(np.asarray(list(body.plain), dtype=object)[is_target])
         bodies.append((body.plain.removesuffix("\n"), target))
     return bodies
@@ -129,34 +138,39 @@ def test_highlight_is_exactly_the_target_tokens(built, detok, tokenizer, split):
         multi += len(bodies) > 1
         start = 0
         for (body, target), length, sample in zip(bodies, data["seq_lens"].tolist(), view.samples):
-            ids = data["input_ids"][start:start + length]
-            mask = data["loss_mask"][start:start + length]
+            ids = data["input_ids"][start : start + length]
+            mask = data["loss_mask"][start : start + length]
             start += length
             decoded = tokenizer.decode(ids, clean_up_tokenization_spaces=False)
             assert body == decoded
             assert target == tokenizer.decode(ids[mask == 1], clean_up_tokenization_spaces=False)
             if sample.status == "whole":  # (a piece of a split sample may cut a turn)
-                turns = [part.split("<|eot_id|>")[0] + "<|eot_id|>"
-                         for part in decoded.split(ASSISTANT_HEADER)[1:]]
+                turns = [
+                    part.split("<|eot_id|>")[0] + "<|eot_id|>"
+                    for part in decoded.split(ASSISTANT_HEADER)[1:]
+                ]
                 assert target == "".join(turns) and target
     assert multi or split != "long/train", "the split should have rows holding several samples"
 
 
 def test_plain_output_brackets_exactly_the_targets(built, tokenizer):
     out, manifest = built
-    stream, row, data = next((s, r, d) for s, r, d in every_row(out, manifest, "long/train")
-                             if len(d["seq_lens"]) > 1)
+    stream, row, data = next(
+        (s, r, d) for s, r, d in every_row(out, manifest, "long/train") if len(d["seq_lens"]) > 1
+    )
     view = inspect_row(out, split="long/train", stream=stream, row=row, full=True)
     console = Console(file=io.StringIO(), record=True, width=100_000)  # no terminal: no colour
     render(view, console)  # plain is chosen because colour is off
     text = console.export_text()
     assert "\x1b[" not in text
-    text = text[text.index("slot 0 · "):]  # after the header (its legend shows the brackets)
+    text = text[text.index("slot 0 · ") :]  # after the header (its legend shows the brackets)
     bracketed = "".join(re.findall(f"{TARGET_OPEN}(.*?){TARGET_CLOSE}", text, flags=re.S))
     ids, mask = data["input_ids"], data["loss_mask"]
     starts = np.cumsum([0, *data["seq_lens"][:-1].tolist()])
-    expected = "".join(tokenizer.decode(ids[a:a + n][mask[a:a + n] == 1])
-                       for a, n in zip(starts, data["seq_lens"].tolist()))
+    expected = "".join(
+        tokenizer.decode(ids[a : a + n][mask[a : a + n] == 1])
+        for a, n in zip(starts, data["seq_lens"].tolist())
+    )
     assert bracketed == expected and bracketed.count("<|eot_id|>") >= len(starts)
 
 
@@ -170,11 +184,12 @@ def test_elision_keeps_targets_and_counts_what_it_hides(built, detok, context):
     out, manifest = built
     elided_any = False
     for stream, row, data in every_row(out, manifest, "long/train"):
-        view = inspect_row(out, split="long/train", stream=stream, row=row, context=context,
-                           detok=detok)
+        view = inspect_row(
+            out, split="long/train", stream=stream, row=row, context=context, detok=detok
+        )
         for sample in view.samples:
-            ids = data["input_ids"][sample.offset:sample.offset + sample.tokens]
-            mask = data["loss_mask"][sample.offset:sample.offset + sample.tokens]
+            ids = data["input_ids"][sample.offset : sample.offset + sample.tokens]
+            mask = data["loss_mask"][sample.offset : sample.offset + sample.tokens]
             segs = sample.segments
             assert sum(s.tokens for s in segs) == sample.tokens == len(ids)
             assert sum(s.tokens for s in segs if s.target and not s.elided) == mask.sum()
@@ -190,7 +205,7 @@ def test_elision_keeps_targets_and_counts_what_it_hides(built, detok, context):
                 elided_any = True
                 if context:
                     assert context <= seg.tokens <= context + 3 and not seg.elided
-                    assert seg.text == detok.decode(ids[a:a + seg.tokens])
+                    assert seg.text == detok.decode(ids[a : a + seg.tokens])
                     a, seg = a + seg.tokens, next(walk)
                 assert seg.elided and not seg.target
                 a += seg.tokens
@@ -221,21 +236,41 @@ def test_a_huge_target_run_is_elided_in_its_middle_and_counted(detok):
     mask[100:3100] = 1  # a 3,000-token target run between two non-target ones
     segs = segments(ids, mask, detok, context=5)  # targets keep 1,000 tokens at each end
     assert [(s.tokens, s.target, s.elided) for s in segs] == [
-        (5, False, False), (90, False, True), (5, False, False),
-        (1000, True, False), (1000, True, True), (1000, True, False),
-        (5, False, False), (n - 3110, False, True), (5, False, False)]
-    assert segs[3].text == detok.decode(ids[100:1100]) and segs[5].text == detok.decode(ids[2100:3100])
+        (5, False, False),
+        (90, False, True),
+        (5, False, False),
+        (1000, True, False),
+        (1000, True, True),
+        (1000, True, False),
+        (5, False, False),
+        (n - 3110, False, True),
+        (5, False, False),
+    ]
+    assert segs[3].text == detok.decode(ids[100:1100]) and segs[5].text == detok.decode(
+        ids[2100:3100]
+    )
     assert [s.as_dict() for s in segs][4] == {"elided": 1000, "target": True}
     segs = segments(ids, mask, detok, context=200)  # 10x the context: 2,000 > 3,000 / 2
     assert [(s.tokens, s.target, s.elided) for s in segs] == [
-        (100, False, False), (3000, True, False),
-        (200, False, False), (n - 3500, False, True), (200, False, False)]
+        (100, False, False),
+        (3000, True, False),
+        (200, False, False),
+        (n - 3500, False, True),
+        (200, False, False),
+    ]
     segs = segments(ids, mask, detok, context=0)
     assert [(s.tokens, s.target, s.elided) for s in segs] == [
-        (100, False, True), (1000, True, False), (1000, True, True), (1000, True, False),
-        (n - 3100, False, True)]
+        (100, False, True),
+        (1000, True, False),
+        (1000, True, True),
+        (1000, True, False),
+        (n - 3100, False, True),
+    ]
     assert [(s.tokens, s.target, s.elided) for s in segments(ids, mask, detok, full=True)] == [
-        (100, False, False), (3000, True, False), (n - 3100, False, False)]
+        (100, False, False),
+        (3000, True, False),
+        (n - 3100, False, False),
+    ]
 
 
 def test_elision_does_not_cut_a_character_spread_over_byte_tokens(detok):
@@ -247,8 +282,8 @@ def test_elision_does_not_cut_a_character_spread_over_byte_tokens(detok):
         assert gap.elided and head.tokens + gap.tokens + tail.tokens == len(ids)
         assert context <= head.tokens <= context + 3 and context <= tail.tokens <= context + 3
         assert "\ufffd" not in head.text + tail.text
-        assert head.text == detok.decode(ids[:head.tokens])
-        assert tail.text == detok.decode(ids[len(ids) - tail.tokens:])
+        assert head.text == detok.decode(ids[: head.tokens])
+        assert tail.text == detok.decode(ids[len(ids) - tail.tokens :])
 
 
 def first_placements(out: Path, manifest: dict, split: str) -> dict[str, list[dict]]:
@@ -273,7 +308,8 @@ def test_sample_id_finds_its_row_and_slot(built, detok):
         slot = view.focus["slot"]
         assert slot == first["slot"]
         assert [(p["stream"], p["row"], p["slot"]) for p in view.focus["placements"]] == [
-            (p["stream"], p["row"], p["slot"]) for p in by_id[sample_id]]
+            (p["stream"], p["row"], p["slot"]) for p in by_id[sample_id]
+        ]
         data = StreamReader(out / "long/train" / first["stream"]).row(first["row"])
         sample = view.samples[slot]
         assert sample.sample_id == sample_id and sample.tokens == first["tokens"]
@@ -284,7 +320,9 @@ def test_sample_id_finds_its_row_and_slot(built, detok):
     # Every row's slots carry the ids the index gives them.
     for stream, row, _ in every_row(out, manifest, "long/train"):
         view = inspect_row(out, split="long/train", stream=stream, row=row, detok=detok)
-        lines = index(out, "long/train").filter((pl.col("stream") == stream) & (pl.col("row") == row))
+        lines = index(out, "long/train").filter(
+            (pl.col("stream") == stream) & (pl.col("row") == row)
+        )
         assert [s.sample_id for s in view.samples] == lines.sort("slot")["sample_id"].to_list()
 
 
@@ -301,7 +339,11 @@ def test_sample_id_not_packed_says_why_and_where_it_is(built, detok):
     # Without --split, the first split that packs it is shown.
     view = inspect_row(out, sample_id=sample_id, detok=detok)
     assert (view.split, view.stream, view.row, view.focus["slot"]) == (
-        "long/train", first["stream"], first["row"], first["slot"])
+        "long/train",
+        first["stream"],
+        first["row"],
+        first["slot"],
+    )
 
 
 def run_cli(*args: str):
@@ -310,23 +352,39 @@ def run_cli(*args: str):
 
 def test_json_output(built):
     out, manifest = built
-    result = run_cli(str(out), "--split", "long/train", "--stream", "le_002048", "--row", "2",
-                     "--context", "10", "--json")
+    result = run_cli(
+        str(out),
+        "--split",
+        "long/train",
+        "--stream",
+        "le_002048",
+        "--row",
+        "2",
+        "--context",
+        "10",
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert (data["split"], data["stream"], data["row"]) == ("long/train", "le_002048", 2)
     row = StreamReader(out / "long/train/le_002048").row(2)
     assert [s["tokens"] for s in data["samples"]] == row["seq_lens"].tolist()
-    assert data["tokens"] == len(row["input_ids"]) and data["target_tokens"] == row["loss_mask"].sum()
-    lines = index(out, "long/train").filter((pl.col("stream") == "le_002048") & (pl.col("row") == 2))
+    assert (
+        data["tokens"] == len(row["input_ids"]) and data["target_tokens"] == row["loss_mask"].sum()
+    )
+    lines = index(out, "long/train").filter(
+        (pl.col("stream") == "le_002048") & (pl.col("row") == 2)
+    )
     for sample, line in zip(data["samples"], lines.sort("slot").to_dicts()):
         for key in ("slot", "sample_id", "source", "status", "start", "tokens", "target_tokens"):
             assert sample[key] == line[key], key
         for segment in sample["segments"]:
             assert set(segment) in ({"target", "text", "tokens"}, {"elided", "target"})
         assert sum(s.get("tokens", s.get("elided")) for s in sample["segments"]) == sample["tokens"]
-        assert sum(s["tokens"] for s in sample["segments"] if s["target"] and "text" in s) \
+        assert (
+            sum(s["tokens"] for s in sample["segments"] if s["target"] and "text" in s)
             == sample["target_tokens"]
+        )
     assert any("elided" in s for sample in data["samples"] for s in sample["segments"])
 
 
@@ -335,21 +393,38 @@ def test_cli_renders_plain_when_not_a_terminal(built):
     result = run_cli(str(out), "--split", "long/train", "--context", "5")
     assert result.exit_code == 0, result.output
     assert "\x1b[" not in result.stdout and TARGET_OPEN in result.stdout
-    assert "slot 0 · " in result.stdout and "long/train · le_001024 · row 0 of 1 row" in result.stdout
+    assert (
+        "slot 0 · " in result.stdout and "long/train · le_001024 · row 0 of 1 row" in result.stdout
+    )
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["--row", "99"], "--row 99 out of range: stream le_001024 of split short/train has 7 rows (0..6)"),
-    (["--row", "-1"], "--row -1 out of range"),
-    (["--stream", "le_000512"], "no stream 'le_000512' in split short/train; streams: le_001024 (7 rows)"),
-    (["--split", "nope"], "no split 'nope' in this build; splits: short/train, short/validation, "
-                          "long/train, long/validation"),
-    (["--sample-id", "longalign:999"], "unknown sample id 'longalign:999' in any split; ids are "
-                                       "<source>:<position>, and source longalign has positions"),
-    (["--sample-id", "nosuch:1", "--split", "long/train"], "e.g. chat:"),
-    (["--sample-id", "longalign:0", "--row", "1"], "give --row or --sample-id, not both"),
-    (["--context", "-1"], "--context must be >= 0"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--row", "99"],
+            "--row 99 out of range: stream le_001024 of split short/train has 7 rows (0..6)",
+        ),
+        (["--row", "-1"], "--row -1 out of range"),
+        (
+            ["--stream", "le_000512"],
+            "no stream 'le_000512' in split short/train; streams: le_001024 (7 rows)",
+        ),
+        (
+            ["--split", "nope"],
+            "no split 'nope' in this build; splits: short/train, short/validation, "
+            "long/train, long/validation",
+        ),
+        (
+            ["--sample-id", "longalign:999"],
+            "unknown sample id 'longalign:999' in any split; ids are "
+            "<source>:<position>, and source longalign has positions",
+        ),
+        (["--sample-id", "nosuch:1", "--split", "long/train"], "e.g. chat:"),
+        (["--sample-id", "longalign:0", "--row", "1"], "give --row or --sample-id, not both"),
+        (["--context", "-1"], "--context must be >= 0"),
+    ],
+)
 def test_cli_errors_are_one_line_with_exit_code_2(built, args, message):
     out, _ = built
     result = run_cli(str(out), *args)
@@ -381,10 +456,12 @@ def test_inspect_error_for_a_bad_stream_with_sample_id(built, detok):
 
 def test_inspect_reads_one_shard_and_imports_neither_torch_nor_transformers(built):
     out, _ = built
-    code = (f"import sys; from longdata.inspect import inspect_row; "
-            f"inspect_row({str(out)!r}, split='long/train', stream='le_002048', row=17); "
-            f"heavy = {{'torch', 'transformers', 'streaming'}} & set(sys.modules); "
-            f"assert not heavy, heavy")
+    code = (
+        f"import sys; from longdata.tools.inspection import inspect_row; "
+        f"inspect_row({str(out)!r}, split='long/train', stream='le_002048', row=17); "
+        f"heavy = {{'torch', 'transformers', 'streaming'}} & set(sys.modules); "
+        f"assert not heavy, heavy"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
 
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 import yaml
 
+from longdata.trainer import collate, load_model
 from tests.builders import make_row
-from trainer import collate, load_model
 
 
 def _script():
@@ -67,9 +67,17 @@ def test_without_masks_later_samples_see_earlier_ones() -> None:
 def test_a_tiny_experiment_runs_both_phases_and_reports(tmp_path: Path) -> None:
     learn_niah = _script()
     settings = learn_niah.Settings(
-        out=str(tmp_path / "run"), short_items=60, items=6, short_cycles=(2, 1), long_steps=2,
-        eval_lengths=(512,), longer_length=1024, samples_per_cell=1, ablations=False,
-        jobs=1, threads=1,
+        out=str(tmp_path / "run"),
+        short_items=60,
+        items=6,
+        short_cycles=(2, 1),
+        long_steps=2,
+        eval_lengths=(512,),
+        longer_length=1024,
+        samples_per_cell=1,
+        ablations=False,
+        jobs=1,
+        threads=1,
     )
     results = learn_niah.experiment(settings)
     (main,) = results["runs"]
@@ -79,6 +87,7 @@ def test_a_tiny_experiment_runs_both_phases_and_reports(tmp_path: Path) -> None:
     out = tmp_path / "run"
     for report in ("init", "main/after_short", "main/after", "main/longer"):
         assert (out / report / "heatmap.png").is_file(), report
+
     # Each cycle and phase trained from the one before's checkpoint, not from a fresh init.
     def config(name):
         return json.loads((out / "main" / name / "config.json").read_text())

@@ -8,19 +8,19 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tests.builders import make_row, staged_build, two_bucket_build
-from trainer import collate
-from trainer.checkpoint import CheckpointError
-from trainer.config import ConfigError, resolve
-from trainer.curriculum import plan_stages, share_steps
-from trainer.data import Manifest
-from trainer.flops import (
+from longdata.trainer import collate
+from longdata.trainer.checkpoint import CheckpointError
+from longdata.trainer.config import ConfigError, resolve
+from longdata.trainer.curriculum import plan_stages, share_steps
+from longdata.trainer.data import Manifest
+from longdata.trainer.flops import (
     FlopShape,
     device_peak_tflops,
     squared_sample_lengths,
     training_flops,
 )
-from trainer.loop import StepMetrics, TrainConfig, train
+from longdata.trainer.loop import StepMetrics, TrainConfig, train
+from tests.builders import make_row, staged_build, two_bucket_build
 
 VOCAB = 256
 
@@ -88,7 +88,7 @@ def test_lora_with_trainable_embeddings_saves_loadable_checkpoints(
 
     from peft import PeftModel
 
-    from trainer import load_model
+    from longdata.trainer import load_model
 
     loaded = AutoModelForCausalLM.from_pretrained(merged.final_dir).eval()
     # LongLoRA-style: the norms trained too (they start at 1).
@@ -114,15 +114,27 @@ def staged(tmp_path_factory: pytest.TempPathFactory) -> Path:
     rng = np.random.default_rng(3)
 
     def rows(count: int, samples: int, lengths: tuple[int, int]) -> list[dict]:
-        return [make_row(rng.integers(*lengths, samples).tolist(), rng, VOCAB) for _ in range(count)]
+        return [
+            make_row(rng.integers(*lengths, samples).tolist(), rng, VOCAB) for _ in range(count)
+        ]
 
     return staged_build(
         tmp_path_factory.mktemp("staged"),
         {
-            "short": (48, {"train": {"le_0048": rows(8, 4, (2, 12))},
-                           "validation": {"le_0048": rows(2, 4, (2, 12))}}),
-            "long": (80, {"train": {"le_0080": rows(6, 2, (15, 40))},
-                          "validation": {"le_0080": rows(2, 2, (15, 40))}}),
+            "short": (
+                48,
+                {
+                    "train": {"le_0048": rows(8, 4, (2, 12))},
+                    "validation": {"le_0048": rows(2, 4, (2, 12))},
+                },
+            ),
+            "long": (
+                80,
+                {
+                    "train": {"le_0080": rows(6, 2, (15, 40))},
+                    "validation": {"le_0080": rows(2, 2, (15, 40))},
+                },
+            ),
         },
         VOCAB,
     )
@@ -186,7 +198,10 @@ def test_resume_across_a_stage_boundary_is_exact(
     assert [m.step for m in resumed.metrics] == list(range(first_resumed, 8))
     for got, want in zip(resumed.metrics, uninterrupted.metrics[first_resumed - 1 :], strict=True):
         assert (got.split, got.loss, got.grad_norm, got.validation) == (
-            want.split, want.loss, want.grad_norm, want.validation
+            want.split,
+            want.loss,
+            want.grad_norm,
+            want.validation,
         )
     full, again = _final_weights(tmp_path / "full"), _final_weights(tmp_path / "killed")
     assert all(torch.equal(full[name], again[name]) for name in full)
@@ -213,12 +228,16 @@ def test_eval_every_logs_the_stage_validation_loss_and_changes_no_step(
     assert logged[4]["token_mean"] == evaluated.metrics[3].validation["token_mean"]
 
 
-def test_a_missing_split_is_one_line_listing_the_builds_splits(staged: Path, tmp_path: Path) -> None:
+def test_a_missing_split_is_one_line_listing_the_builds_splits(
+    staged: Path, tmp_path: Path
+) -> None:
     from typer.testing import CliRunner
 
     from longdata.cli import app
 
-    result = CliRunner().invoke(app, ["train", str(staged), "--split", "train", "--out", str(tmp_path)])
+    result = CliRunner().invoke(
+        app, ["train", str(staged), "--split", "train", "--out", str(tmp_path)]
+    )
     assert result.exit_code == 2
     assert result.stderr.count("\n") == 1
     for split in ("long/train", "long/validation", "short/train", "short/validation"):
@@ -259,7 +278,9 @@ def test_a_planted_pickle_is_refused_and_never_runs(build: Path, tmp_path: Path)
 
     from longdata.cli import app
 
-    cli = CliRunner().invoke(app, ["train", str(build), "--out", str(run), "--resume", str(checkpoint)])
+    cli = CliRunner().invoke(
+        app, ["train", str(build), "--out", str(run), "--resume", str(checkpoint)]
+    )
     assert cli.exit_code == 2 and cli.stderr.count("\n") == 1 and "refused" in cli.stderr
     assert not marker.exists()
 
@@ -272,7 +293,11 @@ def test_checkpoints_hold_only_tensors_and_plain_data(build: Path, tmp_path: Pat
     state = torch.load(checkpoint / "state.pt", weights_only=True)
     assert set(state) == {"model", "optimizer", "scheduler", "rng"}
     meta = json.loads((checkpoint / "meta.json").read_text())
-    assert meta["step"] == 1 and meta["split"] == "train" and meta["dataloader"]["sample_in_epoch"] == 4
+    assert (
+        meta["step"] == 1
+        and meta["split"] == "train"
+        and meta["dataloader"]["sample_in_epoch"] == 4
+    )
 
 
 def test_keep_checkpoints_prunes_only_its_own(build: Path, tmp_path: Path) -> None:
@@ -306,7 +331,7 @@ def test_training_flops_by_hand() -> None:
 
 
 def test_flop_shape_of_tiny_llama() -> None:
-    from trainer import load_model
+    from longdata.trainer import load_model
 
     shape = FlopShape.of(load_model("tiny-llama", "sdpa_varlen", vocab_size=VOCAB, seed=0))
     hidden, inter, head_dim = 128, 384, 32
@@ -325,8 +350,12 @@ def test_step_metrics_carry_flops_and_mfu_against_a_given_peak(build: Path, tmp_
 
 def test_peak_flops_known_for_bf16_on_named_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
     cuda = torch.device("cuda")
-    for name, peak in (("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0),
-                       ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA GeForce GTX 1080", None)):
+    for name, peak in (
+        ("NVIDIA H100 80GB HBM3", 989.0),
+        ("NVIDIA H100 PCIe", 756.0),
+        ("NVIDIA A100-SXM4-80GB", 312.0),
+        ("NVIDIA GeForce GTX 1080", None),
+    ):
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
         assert device_peak_tflops(cuda, bf16=True) == peak
     assert device_peak_tflops(cuda, bf16=False) is None  # fp32 peaks are not tabled
@@ -356,8 +385,9 @@ def test_wandb_offline_run_gets_the_step_scalars(
     def init(**kwargs):  # the real run, with its log calls recorded on the way through
         run = real_init(**kwargs)
         real_log = run.log
-        monkeypatch.setattr(run, "log", lambda data, step: (logged.append((step, data)),
-                                                            real_log(data, step=step)))
+        monkeypatch.setattr(
+            run, "log", lambda data, step: (logged.append((step, data)), real_log(data, step=step))
+        )
         return run
 
     monkeypatch.setattr(wandb, "init", init)
@@ -370,7 +400,7 @@ def test_wandb_offline_run_gets_the_step_scalars(
 
 
 def test_metrics_are_cut_back_to_the_resumed_step(tmp_path: Path) -> None:
-    from trainer.reporting import keep_steps_up_to
+    from longdata.trainer.reporting import keep_steps_up_to
 
     metrics = tmp_path / "metrics.jsonl"
     lines = [json.dumps({"step": step, "loss": 1.0}) for step in (1, 2, 3, 4)]

@@ -5,9 +5,9 @@ import math
 import numpy as np
 import torch
 
+from longdata.trainer import collate
+from longdata.trainer.loss import micro_batch_loss, step_denominator, token_losses
 from tests.builders import make_row
-from trainer import collate
-from trainer.loss import micro_batch_loss, step_denominator, token_losses
 
 
 def _hand_losses(logits: torch.Tensor, batch: dict) -> dict[int, list[float]]:

@@ -6,15 +6,21 @@ import numpy as np
 import pytest
 
 from longdata.format import COLUMNS, SHARD_HASHES, ShardError, StreamReader
-from longdata.verify import iter_stream_rows
+from longdata.tools.verify import iter_stream_rows
 from tests.builders import make_row
 
 
 def _write(out: Path, rows, compression: str | None) -> Path:
     from streaming import MDSWriter
 
-    with MDSWriter(out=str(out), columns=COLUMNS, compression=compression, hashes=SHARD_HASHES,
-                   size_limit=4096, progress_bar=False) as writer:
+    with MDSWriter(
+        out=str(out),
+        columns=COLUMNS,
+        compression=compression,
+        hashes=SHARD_HASHES,
+        size_limit=4096,
+        progress_bar=False,
+    ) as writer:
         for row in rows:
             writer.write(row)
     return out

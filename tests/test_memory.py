@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
+from longdata.trainer import collate, load_model
+from longdata.trainer.loss import TargetScorer, step_denominator
+from longdata.trainer.memory import enable_activation_offload, enable_tiled_mlp
+from longdata.trainer.model import decoder_layers
+from longdata.trainer.step import micro_step
 from tests.builders import make_row
-from trainer import collate, load_model
-from trainer.loss import TargetScorer, step_denominator
-from trainer.memory import enable_activation_offload, enable_tiled_mlp
-from trainer.model import decoder_layers
-from trainer.step import micro_step
 
 VOCAB = 512
 # fp32: chunking sums the same products in another order; differences are rounding (~1e-7).
@@ -190,7 +190,7 @@ def _measured_peak(
     preset: str, tokens: int, targets: int | None, vocab: int, techniques: dict
 ) -> tuple[int, torch.nn.Module]:
     """Tensor bytes at the peak of a second training step (optimizer state allocated)."""
-    from trainer.memory import PeakTensorMemory
+    from longdata.trainer.memory import PeakTensorMemory
 
     model = load_model(preset, "sdpa_varlen", vocab_size=vocab, seed=0)
     if techniques.get("gradient_checkpointing"):
@@ -234,7 +234,7 @@ def _measured_peak(
 
 @pytest.mark.parametrize("case", PLANNER_CASES)
 def test_planner_is_within_15_percent_of_measured_peaks(case: str) -> None:
-    from trainer.planner import StepShape, plan_memory
+    from longdata.trainer.planner import StepShape, plan_memory
 
     preset, tokens, targets, vocab, techniques = PLANNER_CASES[case]
     measured, model = _measured_peak(preset, tokens, targets, vocab, techniques)
@@ -250,7 +250,7 @@ def test_planner_is_within_15_percent_of_measured_peaks(case: str) -> None:
 
 
 def test_longest_row_is_the_longest_that_fits() -> None:
-    from trainer.planner import StepShape, llama_8b_config, longest_row, plan_memory
+    from longdata.trainer.planner import StepShape, llama_8b_config, longest_row, plan_memory
 
     config = llama_8b_config()
     shape = StepShape(
@@ -279,7 +279,7 @@ def test_plan_memory_command() -> None:
     import typer
     from typer.testing import CliRunner
 
-    from trainer import cli
+    from longdata.trainer import cli
 
     app = typer.Typer()
     app.command("plan-memory")(cli.plan_memory)

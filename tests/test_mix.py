@@ -3,14 +3,21 @@
 import numpy as np
 import pytest
 
-from longdata.mix import SourceSamples, mix
+from longdata.stages.mix import SourceSamples, mix
 
 
 def source(name, lengths, weight=1.0, hashes=None, langs=None, **kw) -> SourceSamples:
     lengths = np.asarray(lengths, dtype=np.int64)
-    hashes = np.arange(len(lengths), dtype=np.uint64) + (hash(name) % 1000) * 10_000 if hashes is None \
+    hashes = (
+        np.arange(len(lengths), dtype=np.uint64) + (hash(name) % 1000) * 10_000
+        if hashes is None
         else np.asarray(hashes, dtype=np.uint64)
-    langs = np.array(["en"] * len(lengths), dtype=object) if langs is None else np.asarray(langs, dtype=object)
+    )
+    langs = (
+        np.array(["en"] * len(lengths), dtype=object)
+        if langs is None
+        else np.asarray(langs, dtype=object)
+    )
     return SourceSamples(name, weight, lengths, hashes, langs, **kw)
 
 
@@ -49,7 +56,14 @@ def test_filters_dedup_and_holdout_account_for_every_sample():
     assert (sa.too_short, sa.too_long, sa.duplicates) == (1, 1, 0)
     assert sb.duplicates == 1
     for stats in (sa, sb):
-        assert stats.available == stats.too_short + stats.too_long + stats.duplicates + stats.validation + stats.train_unique
+        assert (
+            stats.available
+            == stats.too_short
+            + stats.too_long
+            + stats.duplicates
+            + stats.validation
+            + stats.train_unique
+        )
     assert sa.validation + sb.validation == len(result.validation) == 2
     train_pairs = set(zip(result.train.source.tolist(), result.train.index.tolist()))
     validation_pairs = set(zip(result.validation.source.tolist(), result.validation.index.tolist()))
@@ -58,7 +72,10 @@ def test_filters_dedup_and_holdout_account_for_every_sample():
 
 def test_deterministic_for_a_seed_and_different_across_seeds():
     rng = np.random.default_rng(2)
-    sources = [source("a", rng.integers(1, 100, 200), weight=1.7), source("b", rng.integers(1, 100, 50))]
+    sources = [
+        source("a", rng.integers(1, 100, 200), weight=1.7),
+        source("b", rng.integers(1, 100, 50)),
+    ]
     first, again, other = run(sources), run(sources), run(sources, seed=1)
     assert np.array_equal(first.train.index, again.train.index)
     assert np.array_equal(first.train.source, again.train.source)
@@ -76,13 +93,25 @@ def test_language_share_is_met_by_down_sampling(wanted):
     rng = np.random.default_rng(3)
     lengths = rng.integers(100, 300, 2000)
     langs = np.where(rng.random(2000) < 0.3, "zh", "en")
-    result = run([source("a", lengths[:1000], langs=langs[:1000]),
-                  source("b", lengths[1000:], langs=langs[1000:], weight=2.0)],
-                 language_share={"zh": wanted})
-    train_langs = np.concatenate([np.asarray(langs[:1000])[result.train.index[result.train.source == 0]],
-                                  np.asarray(langs[1000:])[result.train.index[result.train.source == 1]]])
-    train_lengths = np.concatenate([lengths[:1000][result.train.index[result.train.source == 0]],
-                                    lengths[1000:][result.train.index[result.train.source == 1]]])
+    result = run(
+        [
+            source("a", lengths[:1000], langs=langs[:1000]),
+            source("b", lengths[1000:], langs=langs[1000:], weight=2.0),
+        ],
+        language_share={"zh": wanted},
+    )
+    train_langs = np.concatenate(
+        [
+            np.asarray(langs[:1000])[result.train.index[result.train.source == 0]],
+            np.asarray(langs[1000:])[result.train.index[result.train.source == 1]],
+        ]
+    )
+    train_lengths = np.concatenate(
+        [
+            lengths[:1000][result.train.index[result.train.source == 0]],
+            lengths[1000:][result.train.index[result.train.source == 1]],
+        ]
+    )
     share = train_lengths[train_langs == "zh"].sum() / train_lengths.sum()
     assert share == pytest.approx(wanted, abs=0.01)
     assert sum(s.language_trimmed for s in result.stats) > 0
@@ -91,8 +120,14 @@ def test_language_share_is_met_by_down_sampling(wanted):
 def two_language_sources(rng):
     lengths = rng.integers(100, 300, 2000)
     langs = np.where(rng.random(2000) < 0.05, "zh", "en")
-    return lengths, langs, [source("a", lengths[:1000], langs=langs[:1000]),
-                            source("b", lengths[1000:], langs=langs[1000:])]
+    return (
+        lengths,
+        langs,
+        [
+            source("a", lengths[:1000], langs=langs[:1000]),
+            source("b", lengths[1000:], langs=langs[1000:]),
+        ],
+    )
 
 
 def train_tokens_by_language(result, lengths, langs):
@@ -135,6 +170,8 @@ def test_upsampling_still_removes_a_language_wanted_at_zero():
     assert train_tokens_by_language(result, lengths, langs)["zh"] == 0
     assert result.language.discarded["zh"] == 1.0
     assert "discarded 100% of the zh" in result.language.warnings(0.25)[0]
+
+
 def test_holdout_takes_whole_rows():
     """The per-turn samples of one conversation (one input row) are never on both sides."""
     lengths = np.full(300, 50)
@@ -145,7 +182,9 @@ def test_holdout_takes_whole_rows():
     assert held_out and not held_out & trained
     assert len(result.validation) == 3 * len(held_out) >= 30
     # With one sample per row the hold-out is the same as without rows.
-    unique = run([source("a", lengths, row=np.arange(300))], validation_fraction=0.1, validation_max=1000)
+    unique = run(
+        [source("a", lengths, row=np.arange(300))], validation_fraction=0.1, validation_max=1000
+    )
     plain = run([source("a", lengths)], validation_fraction=0.1, validation_max=1000)
     np.testing.assert_array_equal(unique.validation.index, plain.validation.index)
     np.testing.assert_array_equal(unique.train.index, plain.train.index)

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from longdata.mix import SourceSamples, mix
-from longdata.near_dedup import NearDuplicateFilter, lsh_bands
 from longdata.recipe import RecipeError, validate_recipe
+from longdata.stages.mix import SourceSamples, mix
+from longdata.stages.near_dedup import NearDuplicateFilter, lsh_bands
 
 
 def near_copy(tokens: np.ndarray, changed: float, rng) -> np.ndarray:
@@ -25,7 +25,9 @@ def corpus():
     return docs, near_copy(docs[0], 0.01, rng), near_copy(docs[3], 0.01, rng)
 
 
-@pytest.mark.parametrize("threshold, num_perm", [(0.8, 128), (0.5, 128), (0.9, 256), (0.7, 100), (1.0, 64)])
+@pytest.mark.parametrize(
+    "threshold, num_perm", [(0.8, 128), (0.5, 128), (0.9, 256), (0.7, 100), (1.0, 64)]
+)
 def test_lsh_bands_are_the_fewest_that_reach_the_recall(threshold, num_perm):
     def recall(bands):
         return 1 - (1 - threshold ** (num_perm // bands)) ** bands
@@ -67,15 +69,30 @@ def test_short_samples_are_one_shingle():
 
 def samples(name, docs, hashes=None):
     lengths = np.array([len(d) for d in docs], dtype=np.int64)
-    hashes = np.arange(len(docs), dtype=np.uint64) + 1000 * (hash(name) % 1000) if hashes is None \
+    hashes = (
+        np.arange(len(docs), dtype=np.uint64) + 1000 * (hash(name) % 1000)
+        if hashes is None
         else np.asarray(hashes, dtype=np.uint64)
-    return SourceSamples(name, 1.0, lengths, hashes, np.array(["en"] * len(docs), dtype=object),
-                         tokens=lambda i: docs[i])
+    )
+    return SourceSamples(
+        name,
+        1.0,
+        lengths,
+        hashes,
+        np.array(["en"] * len(docs), dtype=object),
+        tokens=lambda i: docs[i],
+    )
 
 
 def run(sources, near=True):
-    return mix(sources, seed=0, validation_fraction=0.0, validation_max=0, dedup=True,
-               near_duplicates=NearDuplicateFilter(0.8) if near else None)
+    return mix(
+        sources,
+        seed=0,
+        validation_fraction=0.0,
+        validation_max=0,
+        dedup=True,
+        near_duplicates=NearDuplicateFilter(0.8) if near else None,
+    )
 
 
 def test_mix_removes_near_duplicates_within_and_across_sources(corpus):
@@ -90,16 +107,23 @@ def test_mix_removes_near_duplicates_within_and_across_sources(corpus):
     assert kept == {(0, 0), (0, 1), (1, 0), (1, 1), (2, 1)}
     for stats in result.stats:
         assert stats.duplicates == stats.near_duplicates
-        assert stats.available == (stats.too_short + stats.too_long + stats.duplicates
-                                   + stats.validation + stats.train_unique)
+        assert stats.available == (
+            stats.too_short
+            + stats.too_long
+            + stats.duplicates
+            + stats.validation
+            + stats.train_unique
+        )
     assert run([a, b, c], near=False).stats[0].near_duplicates == 0
     assert len(run([a, b, c], near=False).train) == 8
 
 
 def test_recipe_order_decides_which_copy_stays(corpus):
     docs, copy0, _ = corpus
-    first, second = run([samples("x", [docs[0]]), samples("y", [copy0])]), \
-        run([samples("y", [copy0]), samples("x", [docs[0]])])
+    first, second = (
+        run([samples("x", [docs[0]]), samples("y", [copy0])]),
+        run([samples("y", [copy0]), samples("x", [docs[0]])]),
+    )
     assert [s.train_unique for s in first.stats] == [1, 0]
     assert [s.train_unique for s in second.stats] == [1, 0]
 
@@ -114,26 +138,38 @@ def test_exact_duplicates_are_not_counted_as_near(corpus):
 
 def test_near_dedup_needs_the_tokens(corpus):
     docs, _, _ = corpus
-    bare = SourceSamples("a", 1.0, np.array([3000]), np.array([1], dtype=np.uint64), np.array(["en"], dtype=object))
+    bare = SourceSamples(
+        "a", 1.0, np.array([3000]), np.array([1], dtype=np.uint64), np.array(["en"], dtype=object)
+    )
     with pytest.raises(ValueError, match="needs its tokens"):
         run([bare])
 
 
-BASE = {"name": "r", "tokenizer": {"name": "builtin:quickstart"}, "output": {"dir": "out"},
-        "packing": {"max_seq_len": 1024},
-        "sources": [{"name": "a", "kind": "text", "path": "builtin:sample/text"}]}
+BASE = {
+    "name": "r",
+    "tokenizer": {"name": "builtin:quickstart"},
+    "output": {"dir": "out"},
+    "packing": {"max_seq_len": 1024},
+    "sources": [{"name": "a", "kind": "text", "path": "builtin:sample/text"}],
+}
 
 
 def test_recipe_dedup_forms_and_bounds():
     assert validate_recipe(BASE).dedup.model_dump() == {"exact": True, "near": None}
     assert validate_recipe({**BASE, "dedup": "none"}).dedup.exact is False
     near = validate_recipe({**BASE, "dedup": {"near": {"threshold": 0.7}}}).dedup
-    assert near.exact and (near.near.threshold, near.near.num_perm, near.near.ngram) == (0.7, 128, 5)
-    for bad, message in (({"near": {"threshold": 0}}, "dedup.near.threshold: must be > 0"),
-                         ({"near": {"threshold": 1.5}}, "dedup.near.threshold: must be <= 1"),
-                         ({"near": {"num_perm": 8}}, "dedup.near.num_perm: must be >= 16"),
-                         ({"near": {"shingle": 3}}, "dedup.near.shingle: unknown key"),
-                         ("fuzzy", "dedup: must be exact, none or a mapping")):
+    assert near.exact and (near.near.threshold, near.near.num_perm, near.near.ngram) == (
+        0.7,
+        128,
+        5,
+    )
+    for bad, message in (
+        ({"near": {"threshold": 0}}, "dedup.near.threshold: must be > 0"),
+        ({"near": {"threshold": 1.5}}, "dedup.near.threshold: must be <= 1"),
+        ({"near": {"num_perm": 8}}, "dedup.near.num_perm: must be >= 16"),
+        ({"near": {"shingle": 3}}, "dedup.near.shingle: unknown key"),
+        ("fuzzy", "dedup: must be exact, none or a mapping"),
+    ):
         with pytest.raises(RecipeError) as error:
             validate_recipe({**BASE, "dedup": bad})
         assert error.value.problems[0].startswith(message), error.value.problems

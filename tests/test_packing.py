@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from longdata.packing import (
+from longdata.stages.packing import (
     ALGORITHMS,
     OVERLENGTH_POLICIES,
     Plan,
@@ -228,13 +228,16 @@ def test_fit_to_length_accounts_for_every_sample(policy, case):
         sample = pieces.sample[cut]
         gap_end = pieces.gap_start[cut] + pieces.gap_length[cut]
         assert np.array_equal(pieces.length[cut] + pieces.gap_length[cut], lengths[sample])
-        assert np.all((spans[0][sample] < pieces.gap_start[cut]) | (gap_end < spans[1][sample])), \
+        assert np.all((spans[0][sample] < pieces.gap_start[cut]) | (gap_end < spans[1][sample])), (
             "the cut keeps part of its span"
+        )
         assert np.all((spans[0][sample] <= pieces.gap_start[cut]) & (gap_end <= spans[1][sample]))
         # Where the span cannot take the whole excess, the sample is truncated instead.
         room = (spans[1] - spans[0])[pieces.sample[~cut]]
-        assert np.all(room[lengths[pieces.sample[~cut]] > max_len] <= (lengths - max_len)[pieces.sample[~cut]][
-            lengths[pieces.sample[~cut]] > max_len])
+        assert np.all(
+            room[lengths[pieces.sample[~cut]] > max_len]
+            <= (lengths - max_len)[pieces.sample[~cut]][lengths[pieces.sample[~cut]] > max_len]
+        )
     else:
         assert not pieces.gap_length.any()
 

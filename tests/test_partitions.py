@@ -16,8 +16,12 @@ from longdata.sources.partitions import Partition, count_rows, place, plan_parti
 
 
 def chat(i: int) -> dict:
-    return {"messages": [{"role": "user", "content": f"question {i} " + "word " * (i % 7)},
-                         {"role": "assistant", "content": f"answer {i}"}]}
+    return {
+        "messages": [
+            {"role": "user", "content": f"question {i} " + "word " * (i % 7)},
+            {"role": "assistant", "content": f"answer {i}"},
+        ]
+    }
 
 
 def records(source, cache_dir: Path, partition=None) -> list[tuple]:
@@ -66,7 +70,7 @@ def test_jsonl_by_byte_range_keeps_lines_positions_and_quarantine(tmp_path):
     assert parts[0].span[0] == 0 and parts[-1].span[1] == path.stat().st_size
     assert all(a.span[1] == b.span[0] for a, b in zip(parts, parts[1:]))  # contiguous, no gap
     content = path.read_bytes()
-    assert all(content[p.span[0] - 1:p.span[0]] == b"\n" for p in parts[1:])  # cut at line starts
+    assert all(content[p.span[0] - 1 : p.span[0]] == b"\n" for p in parts[1:])  # cut at line starts
 
 
 def test_jsonl_smaller_than_the_wanted_cuts_gives_fewer_partitions(tmp_path):
@@ -128,13 +132,20 @@ def test_files_of_a_directory_keep_their_labels_bom_and_resync_under_partitions(
         (data / folder).mkdir(parents=True)
         lines = [json.dumps(chat(i)) for i in range(12)]
         lines[5] = "{broken"
-        (data / folder / "part.jsonl").write_bytes(b"\xef\xbb\xbf" + "\n".join(lines).encode() + b"\n")
+        (data / folder / "part.jsonl").write_bytes(
+            b"\xef\xbb\xbf" + "\n".join(lines).encode() + b"\n"
+        )
     elements = [json.dumps(chat(i)) for i in range(9)]
     elements[3] = '{"messages": "bad", oops}'  # read resumes at the next element
     (data / "z.json").write_text("[\n" + ",\n".join(elements) + "\n]\ntrailing text")
     whole = records(generic(data), tmp_path)
     bad = [r for r in whole if r[0] == "quarantined"]
-    assert [r[1] for r in bad] == ["x/part.jsonl:6", "y/part.jsonl:6", "z.json[3]", "z.json[after the array]"]
+    assert [r[1] for r in bad] == [
+        "x/part.jsonl:6",
+        "y/part.jsonl:6",
+        "z.json[3]",
+        "z.json[after the array]",
+    ]
     assert [r[2] for r in bad] == ["x/part.jsonl", "y/part.jsonl", "z.json", "z.json"]
     assert sum(r[1] == "x/part.jsonl:1" for r in whole) == 1  # the BOM did not break line 1
     parts = assert_partitions_read_the_whole(generic(data), str(data), tmp_path, wanted=3)
@@ -154,7 +165,9 @@ def test_unreadable_parquet_is_one_quarantined_partition(tmp_path):
 
 def test_text_sources_of_rows_are_cut_and_text_files_are_read_whole(tmp_path):
     rows = tmp_path / "docs.jsonl"
-    rows.write_text("".join(json.dumps({"text": f"document {i} " * (i + 1)}) + "\n" for i in range(10)))
+    rows.write_text(
+        "".join(json.dumps({"text": f"document {i} " * (i + 1)}) + "\n" for i in range(10))
+    )
     source = TextSource(name="t", kind="text", path=str(rows))
     parts = assert_partitions_read_the_whole(source, str(rows), tmp_path, wanted=3)
     assert len(parts) == 3
@@ -162,4 +175,9 @@ def test_text_sources_of_rows_are_cut_and_text_files_are_read_whole(tmp_path):
     files.mkdir()
     for i in range(3):
         (files / f"{i}.txt").write_text(f"text file {i}")
-    assert plan_partitions(TextSource(name="f", kind="text", path=str(files), glob="*.txt"), str(files), 3) is None
+    assert (
+        plan_partitions(
+            TextSource(name="f", kind="text", path=str(files), glob="*.txt"), str(files), 3
+        )
+        is None
+    )

@@ -21,7 +21,7 @@ import pytest
 
 from longdata.build import build
 from longdata.recipe import load_recipe, validate_recipe
-from longdata.verify import iter_stream_rows, verify_build
+from longdata.tools.verify import iter_stream_rows, verify_build
 from tests.test_build import small_recipe
 from tests.test_remote_output import free_port, s3_server  # noqa: F401 (a fixture)
 
@@ -30,23 +30,35 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 RAY = Path(sys.executable).with_name("ray")
 # Every process of the test clusters runs on 127.0.0.1 as this user: no token to hand around.
-CLUSTER_ENV = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+CLUSTER_ENV = {
+    **os.environ,
+    "PYTHONPATH": str(ROOT),
+    "RAY_AUTH_MODE": "disabled",
+    "OMP_NUM_THREADS": "1",
+}
 
 
 def build_contents(build_dir: Path, scratch: Path) -> dict:
     """Everything a reader of the build sees, minus the timings and the shard file layout."""
     manifest = json.loads((build_dir / "manifest.json").read_text())
     problems: list[str] = []
-    rows = {stream["path"]: [row for _, _, row in iter_stream_rows(build_dir / stream["path"], scratch, problems)]
-            for split in manifest["splits"].values() for stream in split["streams"]}
+    rows = {
+        stream["path"]: [
+            row for _, _, row in iter_stream_rows(build_dir / stream["path"], scratch, problems)
+        ]
+        for split in manifest["splits"].values()
+        for stream in split["streams"]
+    }
     assert not problems
     return {
         "manifest": manifest,
         "rows": rows,
         "card": (build_dir / "README.md").read_text(),
         "quarantine": {p.name: p.read_bytes() for p in sorted(build_dir.glob("quarantine/*"))},
-        "sample_index": {split: pq.read_table(build_dir / split / "samples.parquet")
-                         for split in manifest["splits"]},
+        "sample_index": {
+            split: pq.read_table(build_dir / split / "samples.parquet")
+            for split in manifest["splits"]
+        },
     }
 
 
@@ -66,20 +78,38 @@ def assert_same_build(got: dict, expected: dict) -> None:
 
 def shard_parts(build_dir: Path) -> set[str]:
     """The part directories the shards of every stream were written into."""
-    return {shard["raw_data"]["basename"].split("/")[0]
-            for index in build_dir.rglob("index.json")
-            for shard in json.loads(index.read_text())["shards"] if "/" in shard["raw_data"]["basename"]}
+    return {
+        shard["raw_data"]["basename"].split("/")[0]
+        for index in build_dir.rglob("index.json")
+        for shard in json.loads(index.read_text())["shards"]
+        if "/" in shard["raw_data"]["basename"]
+    }
 
 
 def test_an_address_nothing_answers_at_fails_in_one_line(tmp_path):
     port = free_port()  # free: nothing listens there
     driver = subprocess.run(
-        [sys.executable, "-m", "longdata.cli", "build", str(ROOT / "recipes" / "quickstart.yml"),
-         "--engine", "ray", "--ray-address", f"127.0.0.1:{port}", "--out", str(tmp_path / "out")],
-        env={**CLUSTER_ENV, "COLUMNS": "300"}, capture_output=True, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "longdata.cli",
+            "build",
+            str(ROOT / "recipes" / "quickstart.yml"),
+            "--engine",
+            "ray",
+            "--ray-address",
+            f"127.0.0.1:{port}",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        env={**CLUSTER_ENV, "COLUMNS": "300"},
+        capture_output=True,
+        timeout=120,
+    )
     assert driver.returncode == 1
     assert driver.stderr.decode().strip().splitlines() == [
-        f"error no Ray cluster answers at 127.0.0.1:{port} ([Errno 111] Connection refused)"]
+        f"error no Ray cluster answers at 127.0.0.1:{port} ([Errno 111] Connection refused)"
+    ]
     assert not (tmp_path / "out").exists()
 
 
@@ -90,9 +120,16 @@ def test_an_address_nothing_answers_at_fails_in_one_line(tmp_path):
 def ray_instance():
     from longdata.executors.ray import RayExecutor
 
-    temp_dir = tempfile.mkdtemp(prefix="ld-ray-", dir="/tmp")  # short: Ray's socket paths live under it
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=temp_dir,
-             object_store_memory=200 << 20)
+    temp_dir = tempfile.mkdtemp(
+        prefix="ld-ray-", dir="/tmp"
+    )  # short: Ray's socket paths live under it
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        _temp_dir=temp_dir,
+        object_store_memory=200 << 20,
+    )
     try:
         yield RayExecutor()
     finally:
@@ -123,13 +160,20 @@ def test_ray_build_equals_the_local_build(small, ray_small, ray_instance):
     assert_same_build(build_contents(result.out_dir, tmp), expected)
     assert verify_build(result.out_dir).ok
     # It was really cut: every source in two partitions, the streams written by two tasks.
-    entries = sorted(p.name for p in (Path(data["cache_dir"]) / "tokenized").iterdir() if p.is_dir())
-    assert [e.split("-")[0] + e[e.rindex("-"):] for e in entries] == [
-        f"{name}-part{i}of2" for name in ("chat", "haystack", "longalign", "longalpaca") for i in (0, 1)]
+    entries = sorted(
+        p.name for p in (Path(data["cache_dir"]) / "tokenized").iterdir() if p.is_dir()
+    )
+    assert [e.split("-")[0] + e[e.rindex("-") :] for e in entries] == [
+        f"{name}-part{i}of2"
+        for name in ("chat", "haystack", "longalign", "longalpaca")
+        for i in (0, 1)
+    ]
     assert shard_parts(result.out_dir) == {"part-00000", "part-00001"}
 
 
-def test_rerun_after_a_killed_driver_tokenizes_only_the_missing_partitions(small, ray_small, ray_instance):
+def test_rerun_after_a_killed_driver_tokenizes_only_the_missing_partitions(
+    small, ray_small, ray_instance
+):
     """A driver killed mid-build leaves some partitions' cache entries finished and others
     missing; the re-run reuses the finished ones untouched and gives the same build."""
     tmp, _, expected = small
@@ -151,7 +195,11 @@ def test_ray_build_uploads_to_s3(small, ray_small, ray_instance, s3_server):  # 
     data, _ = ray_small
     result = build(validate_recipe(data), out="s3://shards/builds/ray", executor=ray_instance)
     keys = {o["Key"] for o in s3_server.list_objects_v2(Bucket="shards")["Contents"]}
-    local = {f"builds/ray/{p.relative_to(result.out_dir)}" for p in result.out_dir.rglob("*") if p.is_file()}
+    local = {
+        f"builds/ray/{p.relative_to(result.out_dir)}"
+        for p in result.out_dir.rglob("*")
+        if p.is_file()
+    }
     assert keys == local
     body = s3_server.get_object(Bucket="shards", Key="builds/ray/manifest.json")["Body"].read()
     assert json.loads(body) == expected["manifest"]
@@ -167,18 +215,39 @@ class TwoNodeCluster:
     def __init__(self):
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
-        self.temp_dirs = [Path(tempfile.mkdtemp(prefix=f"ld-ray-{role}-", dir="/tmp")) for role in ("head", "node")]
+        self.temp_dirs = [
+            Path(tempfile.mkdtemp(prefix=f"ld-ray-{role}-", dir="/tmp"))
+            for role in ("head", "node")
+        ]
         self.nodes: list[subprocess.Popen] = []
 
     def start(self) -> None:
         head = ["--head", "--port", str(self.port), "--include-dashboard", "false"]
         for role, temp_dir in zip((head, ["--address", self.address]), self.temp_dirs):
             log = (temp_dir / "start.log").open("wb")
-            self.nodes.append(subprocess.Popen(
-                [str(RAY), "start", "--block", *role, "--num-cpus", "1", "--node-ip-address", "127.0.0.1",
-                 "--temp-dir", str(temp_dir), "--object-store-memory", str(200 << 20),
-                 "--disable-usage-stats"],
-                env=CLUSTER_ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+            self.nodes.append(
+                subprocess.Popen(
+                    [
+                        str(RAY),
+                        "start",
+                        "--block",
+                        *role,
+                        "--num-cpus",
+                        "1",
+                        "--node-ip-address",
+                        "127.0.0.1",
+                        "--temp-dir",
+                        str(temp_dir),
+                        "--object-store-memory",
+                        str(200 << 20),
+                        "--disable-usage-stats",
+                    ],
+                    env=CLUSTER_ENV,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
             self._wait_started(self.nodes[-1], temp_dir / "start.log")
 
     @staticmethod
@@ -217,7 +286,11 @@ def two_nodes():
 
 # The quickstart with a third of its samples: the whole takes minutes on a shared 2-CPU box.
 QUICKSTART = ROOT / "recipes" / "quickstart.yml"
-SMALLER_QUICKSTART = ["sources[0].sample.rows=16", "sources[1].sample.rows=16", "sources[2].count=16"]
+SMALLER_QUICKSTART = [
+    "sources[0].sample.rows=16",
+    "sources[1].sample.rows=16",
+    "sources[2].count=16",
+]
 
 
 @pytest.fixture(scope="module")
@@ -225,7 +298,9 @@ def quickstart(tmp_path_factory):
     """The (smaller) quickstart built locally, and the overrides every build of it shares."""
     tmp = tmp_path_factory.mktemp("quickstart")
     overrides = [f"output.card_dir={tmp / 'cards'}", *SMALLER_QUICKSTART]
-    local = build(load_recipe(QUICKSTART, [*overrides, f"cache_dir={tmp / 'cache-local'}"]), out=tmp / "local")
+    local = build(
+        load_recipe(QUICKSTART, [*overrides, f"cache_dir={tmp / 'cache-local'}"]), out=tmp / "local"
+    )
     return tmp, overrides, build_contents(local.out_dir, tmp)
 
 
@@ -239,11 +314,28 @@ def test_quickstart_on_a_ray_instance_equals_the_local_build(quickstart, ray_ins
 
 def test_quickstart_on_a_two_node_cluster_equals_the_local_build(quickstart, two_nodes):
     tmp, overrides, expected = quickstart
-    sets = [arg for o in [*overrides, f"cache_dir={tmp / 'cache-two-nodes'}"] for arg in ("--set", o)]
+    sets = [
+        arg for o in [*overrides, f"cache_dir={tmp / 'cache-two-nodes'}"] for arg in ("--set", o)
+    ]
     driver = subprocess.run(
-        [sys.executable, "-m", "longdata.cli", "build", str(QUICKSTART), *sets,
-         "--engine", "ray", "--ray-address", two_nodes.address, "--out", str(tmp / "two-nodes")],
-        env=CLUSTER_ENV, capture_output=True, timeout=500)
+        [
+            sys.executable,
+            "-m",
+            "longdata.cli",
+            "build",
+            str(QUICKSTART),
+            *sets,
+            "--engine",
+            "ray",
+            "--ray-address",
+            two_nodes.address,
+            "--out",
+            str(tmp / "two-nodes"),
+        ],
+        env=CLUSTER_ENV,
+        capture_output=True,
+        timeout=500,
+    )
     assert driver.returncode == 0, driver.stderr.decode()[-3000:]
     assert_same_build(build_contents(tmp / "two-nodes", tmp), expected)
     assert shard_parts(tmp / "two-nodes") == {"part-00000", "part-00001"}

@@ -74,7 +74,10 @@ def test_stages_and_top_level_length_must_agree():
 
 def test_stage_lengths_must_increase():
     data = quickstart()
-    data["packing"]["stages"] = [{"name": "a", "max_seq_len": 8192}, {"name": "b", "max_seq_len": 4096}]
+    data["packing"]["stages"] = [
+        {"name": "a", "max_seq_len": 8192},
+        {"name": "b", "max_seq_len": 4096},
+    ]
     data["packing"]["max_seq_len"] = None
     [line] = problems(data)
     assert line.startswith("packing: stages must have strictly increasing max_seq_len")
@@ -85,7 +88,9 @@ def test_shard_size_parsing():
     data["output"]["shard_size_limit"] = "2MB"
     assert validate_recipe(data).output.shard_size_limit == 2 << 20
     data["output"]["shard_size_limit"] = "lots"
-    assert problems(data) == ["output.shard_size_limit: must be a size like 64MB or 1GB, got 'lots'"]
+    assert problems(data) == [
+        "output.shard_size_limit: must be a size like 64MB or 1GB, got 'lots'"
+    ]
 
 
 def test_overrides_reach_nested_fields_and_list_items():
@@ -111,6 +116,8 @@ def test_cli_validate_exit_codes(tmp_path):
     runner = CliRunner()
     ok = runner.invoke(app, ["validate", str(RECIPES / "quickstart.yml")])
     assert ok.exit_code == 0, ok.output
-    bad = runner.invoke(app, ["validate", str(RECIPES / "quickstart.yml"), "--set", "sources[1].weight=-1"])
+    bad = runner.invoke(
+        app, ["validate", str(RECIPES / "quickstart.yml"), "--set", "sources[1].weight=-1"]
+    )
     assert bad.exit_code == 2
     assert "sources[1].weight: must be > 0, got -1" in bad.output

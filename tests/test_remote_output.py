@@ -29,9 +29,15 @@ def s3_server(monkeypatch):
     endpoint = f"http://127.0.0.1:{port}"
     # moto keeps its buckets in process-wide state: without a reset, one test's objects are
     # still listed in the next test's bucket.
-    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST")).close()
-    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_DEFAULT_REGION": "us-east-1", "S3_ENDPOINT_URL": endpoint}.items():
+    urllib.request.urlopen(
+        urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST")
+    ).close()
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "S3_ENDPOINT_URL": endpoint,
+    }.items():
         monkeypatch.setenv(key, value)
     import boto3
 
@@ -51,14 +57,22 @@ def test_build_uploads_to_s3_and_streams_back(s3_server, tmp_path):
     assert result.remote == "s3://shards/builds/small"
 
     keys = [o["Key"] for o in s3_server.list_objects_v2(Bucket="shards")["Contents"]]
-    local_files = sorted(str(p.relative_to(result.out_dir)) for p in result.out_dir.rglob("*") if p.is_file())
+    local_files = sorted(
+        str(p.relative_to(result.out_dir)) for p in result.out_dir.rglob("*") if p.is_file()
+    )
     assert sorted(k.removeprefix("builds/small/") for k in keys) == local_files
-    manifest = json.loads(s3_server.get_object(Bucket="shards", Key="builds/small/manifest.json")["Body"].read())
+    manifest = json.loads(
+        s3_server.get_object(Bucket="shards", Key="builds/small/manifest.json")["Body"].read()
+    )
     assert manifest == result.manifest
 
     stream = manifest["splits"]["train"]["streams"][0]
-    dataset = StreamingDataset(remote=f"s3://shards/builds/small/{stream['path']}",
-                               local=str(tmp_path / "stream-cache"), shuffle=False, batch_size=1)
+    dataset = StreamingDataset(
+        remote=f"s3://shards/builds/small/{stream['path']}",
+        local=str(tmp_path / "stream-cache"),
+        shuffle=False,
+        batch_size=1,
+    )
     rows = [dataset[i] for i in range(len(dataset))]
     assert len(rows) == stream["rows"]
     assert sum(len(r["input_ids"]) for r in rows) == stream["tokens"]
@@ -81,16 +95,32 @@ def test_cli_builds_to_an_s3_url_and_trains_from_it(s3_server, tmp_path, monkeyp
     built = CliRunner().invoke(app, ["build", str(recipe), "--out", "s3://shards/builds/cli"])
     assert built.exit_code == 0, built.output
     assert not (tmp_path / "s3:").exists() and not (tmp_path / "out").exists()
-    manifest = json.loads(s3_server.get_object(Bucket="shards", Key="builds/cli/manifest.json")["Body"].read())
+    manifest = json.loads(
+        s3_server.get_object(Bucket="shards", Key="builds/cli/manifest.json")["Body"].read()
+    )
 
     run = tmp_path / "run"
-    trained = CliRunner().invoke(app, ["train", "s3://shards/builds/cli", "--steps", "2", "--out", str(run),
-                                       "--save", "none", "--warmup-steps", "1"])
+    trained = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "s3://shards/builds/cli",
+            "--steps",
+            "2",
+            "--out",
+            str(run),
+            "--save",
+            "none",
+            "--warmup-steps",
+            "1",
+        ],
+    )
     assert trained.exit_code == 0, trained.output
     assert (run / "metrics.jsonl").read_text().count("\n") == 2
     assert json.loads((run / "remote_build" / "manifest.json").read_text()) == manifest
     assert list((run / "remote_build" / "train").glob("*/shard.*")), "shards came from the bucket"
 
-    missing = CliRunner().invoke(app, ["train", "s3://shards/builds/none", "--out", str(run)],
-                                 env={"COLUMNS": "400"})
+    missing = CliRunner().invoke(
+        app, ["train", "s3://shards/builds/none", "--out", str(run)], env={"COLUMNS": "400"}
+    )
     assert missing.exit_code == 2 and "builds/none/manifest.json cannot be read" in missing.output

@@ -10,9 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import AutoTokenizer
 
-from longdata import synthetic
 from longdata.records import validate_messages
-from longdata.sources import antihaystack, samples
+from longdata.sources import antihaystack, samples, synthetic
 from longdata.tokenizer_assets import ASSET_DIR, BOS, CHAT_TEMPLATE, EOT, PAD, VOCAB_SIZE
 
 CJK = re.compile(r"[\u4e00-\u9fff]")
@@ -247,15 +246,22 @@ def test_chinese_tasks_are_in_chinese(haystack):
 
 def test_single_language_and_bad_arguments(count_tokens):
     only_zh = antihaystack.generate(
-        count=3, min_tokens=300, max_tokens=400, languages=("zh",), seed=0,
+        count=3,
+        min_tokens=300,
+        max_tokens=400,
+        languages=("zh",),
+        seed=0,
         count_tokens=count_tokens,
     )
     assert {c.meta["lang"] for c in only_zh} == {"zh"}
     with pytest.raises(ValueError):
         next(antihaystack.generate(count=1, min_tokens=10, max_tokens=5, seed=0, count_tokens=len))
     with pytest.raises(ValueError):
-        next(antihaystack.generate(count=1, min_tokens=5, max_tokens=10, tasks=("essay",),
-                                   seed=0, count_tokens=len))
+        next(
+            antihaystack.generate(
+                count=1, min_tokens=5, max_tokens=10, tasks=("essay",), seed=0, count_tokens=len
+            )
+        )
 
 
 # --- quickstart tokenizer -------------------------------------------------------------------
@@ -265,12 +271,20 @@ def test_tokenizer_assets_are_small_and_loadable_offline(tokenizer, monkeypatch)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert sum(f.stat().st_size for f in ASSET_DIR.iterdir()) < 2_000_000
     assert {f.name for f in ASSET_DIR.iterdir()} >= {
-        "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
     }
     assert tokenizer.is_fast and len(tokenizer) == VOCAB_SIZE
     assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token) == (BOS, EOT, PAD)
-    for special in ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
-                    "<|end_header_id|>", "<|eot_id|>", "<|pad|>"):
+    for special in (
+        "<|begin_of_text|>",
+        "<|end_of_text|>",
+        "<|start_header_id|>",
+        "<|end_header_id|>",
+        "<|eot_id|>",
+        "<|pad|>",
+    ):
         assert len(tokenizer.encode(special, add_special_tokens=False)) == 1
 
 
@@ -358,8 +372,9 @@ REAL = {"min_tokens": 800, "max_tokens": 3_000, "tasks": ("needle",), "needles":
 
 def test_haystack_filler_comes_from_the_haystack_file(real_haystack, count_tokens):
     essay_sentences = set(real_haystack.sentences["en"])
-    for conversation in antihaystack.generate(count=6, seed=5, count_tokens=count_tokens,
-                                              haystack=real_haystack, **REAL):
+    for conversation in antihaystack.generate(
+        count=6, seed=5, count_tokens=count_tokens, haystack=real_haystack, **REAL
+    ):
         user, answer = (m.content for m in conversation.messages)
         document = user.rsplit("\n\n", 1)[0]
         needles = {m.group(0) for m in NEEDLE_EN.finditer(answer)}
@@ -370,8 +385,11 @@ def test_haystack_filler_comes_from_the_haystack_file(real_haystack, count_token
 
 
 def test_haystack_needles_sit_at_the_requested_token_depth(real_haystack, count_tokens):
-    items = list(antihaystack.generate(count=8, seed=6, count_tokens=count_tokens,
-                                       haystack=real_haystack, **REAL))
+    items = list(
+        antihaystack.generate(
+            count=8, seed=6, count_tokens=count_tokens, haystack=real_haystack, **REAL
+        )
+    )
     for conversation in items:
         user, answer = (m.content for m in conversation.messages)
         document = user.rsplit("\n\n", 1)[0]
@@ -387,19 +405,33 @@ def test_haystack_needles_sit_at_the_requested_token_depth(real_haystack, count_
 
 def test_haystack_items_are_deterministic_by_seed(real_haystack, count_tokens):
     def items(seed):
-        return [c.messages for c in antihaystack.generate(count=3, seed=seed, count_tokens=count_tokens,
-                                                          haystack=real_haystack, **REAL)]
+        return [
+            c.messages
+            for c in antihaystack.generate(
+                count=3, seed=seed, count_tokens=count_tokens, haystack=real_haystack, **REAL
+            )
+        ]
+
     assert items(7) == items(7)
     assert items(7) != items(8)
 
 
 def test_marker_phrases_the_haystack_contains_are_never_planted(count_tokens):
-    every_phrase = [f"{a} {n}" for a in synthetic.MARKER_ADJECTIVES_EN for n in synthetic.MARKER_NOUNS_EN]
+    every_phrase = [
+        f"{a} {n}" for a in synthetic.MARKER_ADJECTIVES_EN for n in synthetic.MARKER_NOUNS_EN
+    ]
     taken = every_phrase[:-3]  # the haystack mentions all but three marker phrases
     text = essay_text(20) + "\n\n" + " ".join(f"We saw the {p} today." for p in taken)
     haystack = antihaystack.Haystack.from_texts([text])
-    for conversation in antihaystack.generate(count=10, seed=1, count_tokens=count_tokens, haystack=haystack,
-                                              min_tokens=300, max_tokens=600, tasks=antihaystack.TASKS):
+    for conversation in antihaystack.generate(
+        count=10,
+        seed=1,
+        count_tokens=count_tokens,
+        haystack=haystack,
+        min_tokens=300,
+        max_tokens=600,
+        tasks=antihaystack.TASKS,
+    ):
         question = conversation.messages[0].content.rsplit("\n\n", 1)[1]
         assert not any(p in question for p in taken)
         assert any(p in question for p in every_phrase[-3:])
@@ -410,14 +442,23 @@ def test_haystack_without_text_or_language_is_refused(count_tokens, tmp_path):
         antihaystack.Haystack.from_texts(["   \n\n  "])
     english = antihaystack.Haystack.from_texts([essay_text(3)])
     with pytest.raises(ValueError, match="no text in any allowed language"):
-        next(antihaystack.generate(count=1, min_tokens=100, max_tokens=200, languages=("zh",), seed=0,
-                                   count_tokens=count_tokens, haystack=english))
+        next(
+            antihaystack.generate(
+                count=1,
+                min_tokens=100,
+                max_tokens=200,
+                languages=("zh",),
+                seed=0,
+                count_tokens=count_tokens,
+                haystack=english,
+            )
+        )
     with pytest.raises(FileNotFoundError, match="no such file"):
         antihaystack.Haystack.from_paths([tmp_path / "missing.txt"])
 
 
 def test_niah_prompts_over_a_haystack(tokenizer, real_haystack):
-    from evals.niah import prompts as niah
+    from longdata.evals.niah import prompts as niah
 
     prompt = niah.build_prompt(tokenizer, length=1024, depth=0.5, sample=0, haystack=real_haystack)
     assert 1024 - niah.length_slack(1024) <= prompt.prompt_tokens <= 1024

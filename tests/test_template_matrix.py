@@ -22,8 +22,8 @@ from transformers import PreTrainedTokenizerFast
 
 from longdata.recipe import TokenizerConfig
 from longdata.records import Conversation, Message
-from longdata.templates import ByteLevelMasker, bind_template_kwargs, load_tokenizer
-from longdata.tokenize import TokenCache, tokenize_records
+from longdata.stages.templates import ByteLevelMasker, bind_template_kwargs, load_tokenizer
+from longdata.stages.tokenization import TokenCache, tokenize_records
 
 TEMPLATES = Path(__file__).parent / "templates"
 EMPTY_THINK = "<think>\n\n</think>\n\n"
@@ -48,27 +48,47 @@ class Shape:
 
 SHAPES = [
     Shape("llama3.1", "llama3.jinja", (), "<|eot_id|>"),
-    Shape("qwen3", "qwen3.jinja", ("<|im_start|>", "<|im_end|>", "<think>", "</think>"), "<|im_end|>",
-          reply_prefix=EMPTY_THINK, rewrites_history=True),
-    Shape("qwen3-no-thinking", "qwen3.jinja", ("<|im_start|>", "<|im_end|>", "<think>", "</think>"),
-          "<|im_end|>", kwargs=(("enable_thinking", False),), rewrites_history=True),
-    Shape("mistral", "mistral.jinja", ("<s>", "</s>", "[INST]", "[/INST]"), "</s>", reply_prefix=" "),
+    Shape(
+        "qwen3",
+        "qwen3.jinja",
+        ("<|im_start|>", "<|im_end|>", "<think>", "</think>"),
+        "<|im_end|>",
+        reply_prefix=EMPTY_THINK,
+        rewrites_history=True,
+    ),
+    Shape(
+        "qwen3-no-thinking",
+        "qwen3.jinja",
+        ("<|im_start|>", "<|im_end|>", "<think>", "</think>"),
+        "<|im_end|>",
+        kwargs=(("enable_thinking", False),),
+        rewrites_history=True,
+    ),
+    Shape(
+        "mistral", "mistral.jinja", ("<s>", "</s>", "[INST]", "[/INST]"), "</s>", reply_prefix=" "
+    ),
     Shape("chatml", "chatml.jinja", ("<|im_start|>", "<|im_end|>"), "<|im_end|>"),
     Shape("gemma", "gemma.jinja", ("<bos>", "<start_of_turn>", "<end_of_turn>"), "<end_of_turn>"),
 ]
 
 REASONING = "<think>\nThe question asks for a paragraph.\n</think>\n\n"
 CONVERSATIONS = {
-    "single": (Message("user", "Where is the needle? Read the document first."),
-               Message("assistant", "The needle is in paragraph 12.")),
-    "system": (Message("system", "You answer briefly."),
-               Message("user", "长文档里针在哪里？"),
-               Message("assistant", "第十二段。 Both languages work.")),
-    "multi": (Message("system", "You answer briefly."),
-              Message("user", "Read this long document about rivers. Where is the needle?"),
-              Message("assistant", "The needle is in paragraph 12."),
-              Message("user", "And the second one?"),
-              Message("assistant", "Paragraph 40, after the lake.")),
+    "single": (
+        Message("user", "Where is the needle? Read the document first."),
+        Message("assistant", "The needle is in paragraph 12."),
+    ),
+    "system": (
+        Message("system", "You answer briefly."),
+        Message("user", "长文档里针在哪里？"),
+        Message("assistant", "第十二段。 Both languages work."),
+    ),
+    "multi": (
+        Message("system", "You answer briefly."),
+        Message("user", "Read this long document about rivers. Where is the needle?"),
+        Message("assistant", "The needle is in paragraph 12."),
+        Message("user", "And the second one?"),
+        Message("assistant", "Paragraph 40, after the lake."),
+    ),
 }
 
 
@@ -79,12 +99,16 @@ def shaped_tokenizer(shape: Shape, path: str):
     spec = json.loads(base.backend_tokenizer.to_str())
     if path == "offsets":
         spec["model"]["byte_fallback"] = True
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
-                                        bos_token=base.bos_token, eos_token=base.eos_token)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
+        bos_token=base.bos_token,
+        eos_token=base.eos_token,
+    )
     # Qwen3's own tokenizer adds <think> and </think> as plain (special: false) tokens: assistant
     # text holds them, and the template reads them there.
-    tokenizer.add_special_tokens({"additional_special_tokens": [t for t in shape.special_tokens
-                                                                if t not in THINK_TAGS]})
+    tokenizer.add_special_tokens(
+        {"additional_special_tokens": [t for t in shape.special_tokens if t not in THINK_TAGS]}
+    )
     tokenizer.add_tokens([t for t in shape.special_tokens if t in THINK_TAGS])
     template = (TEMPLATES / shape.template).read_text(encoding="utf-8")
     tokenizer.chat_template = bind_template_kwargs(template, dict(shape.kwargs))
@@ -99,7 +123,9 @@ def target_runs(tokenizer, ids: np.ndarray, mask: np.ndarray) -> list[str]:
 
 
 def build(tokenizer, conversations, tmp_path, multi_turn: str = "auto"):
-    records = [Conversation(messages, f"row[{i}]", position=i) for i, messages in enumerate(conversations)]
+    records = [
+        Conversation(messages, f"row[{i}]", position=i) for i, messages in enumerate(conversations)
+    ]
     stats = tokenize_records(records, tokenizer, tmp_path / "cache", multi_turn=multi_turn)
     cache = TokenCache(tmp_path / "cache")
     samples = [cache.tokens(i, 0, int(cache.lengths[i])) for i in range(len(cache))]
@@ -113,8 +139,10 @@ def test_targets_are_each_turn_as_rendered_at_inference(shape, path, tmp_path):
     stats, cache, samples = build(tokenizer, CONVERSATIONS.values(), tmp_path)
     assert stats.quarantined == 0 and stats.offsets_fallbacks == 0
 
-    expected = [[shape.target(m.content) for m in messages if m.role == "assistant"]
-                for messages in CONVERSATIONS.values()]
+    expected = [
+        [shape.target(m.content) for m in messages if m.role == "assistant"]
+        for messages in CONVERSATIONS.values()
+    ]
     if shape.rewrites_history:  # the two-turn conversation: one sample per assistant turn
         expected = expected[:2] + [[turn] for turn in expected[2]]
     assert [target_runs(tokenizer, ids, mask) for ids, mask in samples] == expected
@@ -124,10 +152,15 @@ def test_targets_are_each_turn_as_rendered_at_inference(shape, path, tmp_path):
 
     # Each sample is the whole conversation rendered up to its last target, as the template
     # renders it when the conversation ends there.
-    turns = [[{"role": m.role, "content": m.content} for m in messages] for messages in CONVERSATIONS.values()]
+    turns = [
+        [{"role": m.role, "content": m.content} for m in messages]
+        for messages in CONVERSATIONS.values()
+    ]
     ends_there = [turns[0], turns[1], turns[2][:3], turns[2]] if shape.rewrites_history else turns
     for (ids, _), conversation in zip(samples, ends_there):
-        assert tokenizer.decode(ids.tolist()) == tokenizer.apply_chat_template(conversation, tokenize=False)
+        assert tokenizer.decode(ids.tolist()) == tokenizer.apply_chat_template(
+            conversation, tokenize=False
+        )
 
 
 @pytest.mark.parametrize("path", ["ids", "offsets"])
@@ -140,29 +173,43 @@ def test_qwen3_reasoning_is_trained_where_the_turn_ends_the_conversation(path, t
     messages[2] = Message("assistant", REASONING + "The needle is in paragraph 12.")
     _, _, samples = build(tokenizer, [messages], tmp_path)
     runs = [target_runs(tokenizer, ids, mask) for ids, mask in samples]
-    assert runs == [[REASONING + "The needle is in paragraph 12.<|im_end|>"],
-                    [EMPTY_THINK + "Paragraph 40, after the lake.<|im_end|>"]]
+    assert runs == [
+        [REASONING + "The needle is in paragraph 12.<|im_end|>"],
+        [EMPTY_THINK + "Paragraph 40, after the lake.<|im_end|>"],
+    ]
     second = tokenizer.decode(samples[1][0].tolist())
     assert "The question asks" not in second  # the template dropped it from the later prompt
     assert "<|im_start|>assistant\nThe needle is in paragraph 12.<|im_end|>" in second
 
 
-@pytest.mark.parametrize("policy, expected", [
-    ("per_turn", [["The needle is in paragraph 12.<|eot_id|>"], ["Paragraph 40, after the lake.<|eot_id|>"]]),
-    ("last_turn", [["Paragraph 40, after the lake.<|eot_id|>"]]),
-])
+@pytest.mark.parametrize(
+    "policy, expected",
+    [
+        (
+            "per_turn",
+            [
+                ["The needle is in paragraph 12.<|eot_id|>"],
+                ["Paragraph 40, after the lake.<|eot_id|>"],
+            ],
+        ),
+        ("last_turn", [["Paragraph 40, after the lake.<|eot_id|>"]]),
+    ],
+)
 def test_multi_turn_policies_on_a_prefix_stable_template(policy, expected, tmp_path):
     tokenizer = shaped_tokenizer(SHAPES[0], "ids")
     stats, _, samples = build(tokenizer, [CONVERSATIONS["multi"]], tmp_path, multi_turn=policy)
     assert [target_runs(tokenizer, ids, mask) for ids, mask in samples] == expected
-    assert (stats.split_conversations, stats.turn_samples) == ((1, 2) if policy == "per_turn" else (0, 0))
+    assert (stats.split_conversations, stats.turn_samples) == (
+        (1, 2) if policy == "per_turn" else (0, 0)
+    )
 
 
 def test_last_turn_keeps_a_rewriting_template_to_one_sample(tmp_path):
     tokenizer = shaped_tokenizer(SHAPES[1], "ids")
     stats, _, samples = build(tokenizer, [CONVERSATIONS["multi"]], tmp_path, multi_turn="last_turn")
     assert [target_runs(tokenizer, ids, mask) for ids, mask in samples] == [
-        [EMPTY_THINK + "Paragraph 40, after the lake.<|im_end|>"]]
+        [EMPTY_THINK + "Paragraph 40, after the lake.<|im_end|>"]
+    ]
     assert stats.samples == 1 and stats.split_conversations == 0
 
 
@@ -170,7 +217,7 @@ def test_reasoning_under_enable_thinking_false_is_a_row_error_with_its_reason(tm
     """The pre-filled empty think block contradicts a turn that carries reasoning: the turn's
     start cannot be found, and the row (not the build) is quarantined with the reason."""
     from longdata.records import RowError
-    from longdata.templates import ChatRenderer
+    from longdata.stages.templates import ChatRenderer
 
     tokenizer = shaped_tokenizer(SHAPES[2], "ids")
     messages = (Message("user", "Where?"), Message("assistant", REASONING + "Here."))
@@ -187,7 +234,7 @@ def test_niah_prompt_and_answer_are_the_training_sample(shape, tmp_path, monkeyp
     """An eval prompt followed by its scored answer is, token for token, what training builds
     from [user: the prompt's text, assistant: the needle sentence], and the answer is exactly
     its target: the model is scored on the format it was trained to write."""
-    from evals.niah import prompts as niah
+    from longdata.evals.niah import prompts as niah
 
     tokenizer = shaped_tokenizer(shape, "ids")
     user_of = {}
@@ -201,11 +248,15 @@ def test_niah_prompt_and_answer_are_the_training_sample(shape, tmp_path, monkeyp
     monkeypatch.setattr(niah, "generation_prompt", recording)
     item = niah.build_prompt(tokenizer, length=320, depth=0.5, sample=0, distractors=2)
     user = user_of[tokenizer.decode(list(item.prompt_ids))]
-    _, _, [(ids, mask)] = build(tokenizer, [(Message("user", user), Message("assistant", item.answer))], tmp_path)
+    _, _, [(ids, mask)] = build(
+        tokenizer, [(Message("user", user), Message("assistant", item.answer))], tmp_path
+    )
 
     prompt, answer = list(item.prompt_ids), list(item.answer_ids)
     assert ids[: len(prompt) + len(answer)].tolist() == prompt + answer
-    assert mask.tolist() == [0] * len(prompt) + [1] * len(answer) + [0] * (len(ids) - len(prompt) - len(answer))
+    assert mask.tolist() == [0] * len(prompt) + [1] * len(answer) + [0] * (
+        len(ids) - len(prompt) - len(answer)
+    )
     assert tokenizer.decode(answer) == shape.target(item.answer)
     for sentence, distractor in zip(item.distractors, item.distractor_ids):
         assert tokenizer.decode(list(distractor)) == shape.target(sentence)
@@ -218,26 +269,43 @@ def test_a_two_turn_qwen3_conversation_builds(thinking, tmp_path):
     target as the template renders it when the conversation ends there."""
     from longdata.build import build
     from longdata.recipe import validate_recipe
-    from longdata.verify import iter_stream_rows
+    from longdata.tools.verify import iter_stream_rows
 
     data = tmp_path / "chats.jsonl"
     turns = CONVERSATIONS["multi"]
-    data.write_text(json.dumps({"messages": [{"role": m.role, "content": m.content} for m in turns]}) + "\n")
+    data.write_text(
+        json.dumps({"messages": [{"role": m.role, "content": m.content} for m in turns]}) + "\n"
+    )
     kwargs = {} if thinking else {"enable_thinking": False}
-    result = build(validate_recipe({
-        "name": "qwen3", "tokenizer": {"name": "builtin:quickstart", "chat_template": str(TEMPLATES / "qwen3.jinja"),
-                                       "chat_template_kwargs": kwargs},
-        "sources": [{"name": "chats", "kind": "generic", "format": "messages", "path": str(data)}],
-        "packing": {"max_seq_len": 512, "algorithm": "next_fit"}, "validation": {"fraction": 0.0},
-        "output": {"dir": str(tmp_path / "out"), "card_dir": str(tmp_path / "cards")},
-        "cache_dir": str(tmp_path / "cache"),
-    }))
+    result = build(
+        validate_recipe(
+            {
+                "name": "qwen3",
+                "tokenizer": {
+                    "name": "builtin:quickstart",
+                    "chat_template": str(TEMPLATES / "qwen3.jinja"),
+                    "chat_template_kwargs": kwargs,
+                },
+                "sources": [
+                    {"name": "chats", "kind": "generic", "format": "messages", "path": str(data)}
+                ],
+                "packing": {"max_seq_len": 512, "algorithm": "next_fit"},
+                "validation": {"fraction": 0.0},
+                "output": {"dir": str(tmp_path / "out"), "card_dir": str(tmp_path / "cards")},
+                "cache_dir": str(tmp_path / "cache"),
+            }
+        )
+    )
     stats = result.manifest["sources"][0]["tokenize"]
     assert (stats["rows_read"], stats["quarantined"], stats["samples"]) == (1, 0, 2)
     assert (stats["split_conversations"], stats["turn_samples"]) == (1, 2)
 
     tokenizer, _ = load_tokenizer(TokenizerConfig(name="builtin:quickstart"))
-    [(_, _, row)] = list(iter_stream_rows(next((result.out_dir / "train").glob("le_*")), tmp_path, []))
+    [(_, _, row)] = list(
+        iter_stream_rows(next((result.out_dir / "train").glob("le_*")), tmp_path, [])
+    )
     prefix = EMPTY_THINK if thinking else ""
     assert target_runs(tokenizer, row["input_ids"], row["loss_mask"]) == [
-        prefix + "The needle is in paragraph 12.<|im_end|>", prefix + "Paragraph 40, after the lake.<|im_end|>"]
+        prefix + "The needle is in paragraph 12.<|im_end|>",
+        prefix + "Paragraph 40, after the lake.<|im_end|>",
+    ]

@@ -8,7 +8,7 @@ import pytest
 
 from longdata.recipe import TokenizerConfig
 from longdata.records import Message
-from longdata.templates import (
+from longdata.stages.templates import (
     ChatRenderer,
     NotPrefixStable,
     TemplateError,
@@ -17,8 +17,10 @@ from longdata.templates import (
     load_tokenizer,
 )
 
-CHATML = ("{% for m in messages %}<|start_header_id|>{{ m['role'] }}\n{{ m['content'] }}<|eot_id|>\n"
-          "{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant\n{% endif %}")
+CHATML = (
+    "{% for m in messages %}<|start_header_id|>{{ m['role'] }}\n{{ m['content'] }}<|eot_id|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant\n{% endif %}"
+)
 CONVERSATION = (
     Message("system", "You answer briefly."),
     Message("user", "Read this long document about rivers and lakes. Where is the needle?"),
@@ -30,7 +32,9 @@ CONVERSATION = (
 
 @pytest.fixture(scope="module", params=[None, CHATML], ids=["llama3-style", "inline-chatml"])
 def tokenizer(request):
-    return load_tokenizer(TokenizerConfig(name="builtin:quickstart", chat_template=request.param))[0]
+    return load_tokenizer(TokenizerConfig(name="builtin:quickstart", chat_template=request.param))[
+        0
+    ]
 
 
 def masked_text(tokenizer, messages) -> tuple[list[str], np.ndarray, list[int]]:
@@ -51,7 +55,10 @@ def masked_text(tokenizer, messages) -> tuple[list[str], np.ndarray, list[int]]:
 
 def test_mask_covers_exactly_each_assistant_turn_and_its_end_token(tokenizer):
     runs, mask, ids = masked_text(tokenizer, CONVERSATION)
-    assert runs == ["The needle is in paragraph 12.<|eot_id|>", "第十二段。 Both languages work.<|eot_id|>"]
+    assert runs == [
+        "The needle is in paragraph 12.<|eot_id|>",
+        "第十二段。 Both languages work.<|eot_id|>",
+    ]
     assert mask[0] == 0 and len(mask) == len(ids)
 
 
@@ -59,54 +66,82 @@ def test_the_tokenizers_own_assistant_mask_would_be_empty(tokenizer):
     """Why the offsets approach exists: without generation tags transformers returns no mask."""
     out = tokenizer.apply_chat_template(
         [{"role": m.role, "content": m.content} for m in CONVERSATION],
-        return_assistant_tokens_mask=True, return_dict=True, tokenize=True)
+        return_assistant_tokens_mask=True,
+        return_dict=True,
+        tokenize=True,
+    )
     assert sum(out["assistant_masks"]) == 0
 
 
 def test_assistant_text_equal_to_user_text_is_still_located_by_position(tokenizer):
-    messages = (Message("user", "echo"), Message("assistant", "echo"), Message("user", "echo"),
-                Message("assistant", "echo"))
+    messages = (
+        Message("user", "echo"),
+        Message("assistant", "echo"),
+        Message("user", "echo"),
+        Message("assistant", "echo"),
+    )
     runs, _, _ = masked_text(tokenizer, messages)
     assert runs == ["echo<|eot_id|>", "echo<|eot_id|>"]
 
 
 def test_template_that_rewrites_history_becomes_one_sample_per_turn():
-    rewriting = ("{% for m in messages %}{% if loop.last and m['role'] == 'assistant' %}[LAST]{% endif %}"
-                 "{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
-    tokenizer, _ = load_tokenizer(TokenizerConfig(name="builtin:quickstart", chat_template=rewriting))
+    rewriting = (
+        "{% for m in messages %}{% if loop.last and m['role'] == 'assistant' %}[LAST]{% endif %}"
+        "{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    )
+    tokenizer, _ = load_tokenizer(
+        TokenizerConfig(name="builtin:quickstart", chat_template=rewriting)
+    )
     renderer = ChatRenderer(tokenizer)
     with pytest.raises(NotPrefixStable, match="not a prefix"):
         renderer.render(CONVERSATION)
     samples = renderer.samples(CONVERSATION)
     assert [[chat.text[a:b] for a, b in chat.assistant_spans] for chat in samples] == [
-        ["[LAST]assistant: The needle is in paragraph 12."], ["[LAST]assistant: 第十二段。 Both languages work."]]
-    assert samples[1].text.endswith("user: 和中文呢？\n[LAST]assistant: 第十二段。 Both languages work.\n")
+        ["[LAST]assistant: The needle is in paragraph 12."],
+        ["[LAST]assistant: 第十二段。 Both languages work."],
+    ]
+    assert samples[1].text.endswith(
+        "user: 和中文呢？\n[LAST]assistant: 第十二段。 Both languages work.\n"
+    )
 
 
 def test_chat_template_kwargs_are_bound_into_the_template():
     qwen3 = str(Path(__file__).parent / "templates" / "qwen3.jinja")
-    config = TokenizerConfig(name="builtin:quickstart", chat_template=qwen3,
-                             chat_template_kwargs={"enable_thinking": False})
+    config = TokenizerConfig(
+        name="builtin:quickstart",
+        chat_template=qwen3,
+        chat_template_kwargs={"enable_thinking": False},
+    )
     tokenizer, _ = load_tokenizer(config)
     user = [{"role": "user", "content": "Hi"}]
     assert tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True).endswith(
-        "<|im_start|>assistant\n<think>\n\n</think>\n\n")
+        "<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    )
     # Bound, not defaulted: a checkpoint's saved template renders as it was trained.
-    assert tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True,
-                                         enable_thinking=True).endswith("</think>\n\n")
+    assert tokenizer.apply_chat_template(
+        user, tokenize=False, add_generation_prompt=True, enable_thinking=True
+    ).endswith("</think>\n\n")
     values = {"text": 'say "hi"\n\\ 🙂 é', "count": 3, "ratio": 0.25, "flag": True, "nothing": None}
-    probe = bind_template_kwargs("{{ text }}|{{ count + 1 }}|{{ ratio * 2 }}|{{ flag is true }}|{{ nothing is none }}",
-                                 values)
+    probe = bind_template_kwargs(
+        "{{ text }}|{{ count + 1 }}|{{ ratio * 2 }}|{{ flag is true }}|{{ nothing is none }}",
+        values,
+    )
     tokenizer.chat_template = probe
-    assert tokenizer.apply_chat_template(user, tokenize=False) == 'say "hi"\n\\ 🙂 é|4|0.5|True|True'
+    assert (
+        tokenizer.apply_chat_template(user, tokenize=False) == 'say "hi"\n\\ 🙂 é|4|0.5|True|True'
+    )
 
 
 def test_template_variables_longdata_sets_cannot_be_bound():
     from longdata.recipe import RecipeError, validate_recipe
 
-    recipe = {"name": "r", "tokenizer": {"name": "builtin:quickstart", "chat_template_kwargs": {"messages": []}},
-              "sources": [{"name": "a", "kind": "antihaystack", "count": 1, "length_range": [10, 20]}],
-              "packing": {"max_seq_len": 64}, "output": {"dir": "out"}}
+    recipe = {
+        "name": "r",
+        "tokenizer": {"name": "builtin:quickstart", "chat_template_kwargs": {"messages": []}},
+        "sources": [{"name": "a", "kind": "antihaystack", "count": 1, "length_range": [10, 20]}],
+        "packing": {"max_seq_len": 64},
+        "output": {"dir": "out"},
+    }
     with pytest.raises(RecipeError, match="tokenizer.chat_template_kwargs"):
         validate_recipe(recipe)
     recipe["tokenizer"]["chat_template_kwargs"] = {"add_generation_prompt": True}
@@ -125,7 +160,7 @@ def test_tokenizer_info_is_stable():
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from longdata.templates import ByteLevelMasker  # noqa: E402
+from longdata.stages.templates import ByteLevelMasker  # noqa: E402
 
 # Spaces and newlines at the edges of turns, CJK, accents (precomposed and combining), emoji.
 PIECES = [*"ab Z9.,\n\t", "  ", "中文", "段。", "\u00e9", "e\u0301", "\U0001f642", "\u00a0"]
@@ -148,8 +183,11 @@ def with_backend(tokenizer, edit):
 
 
 def masks_both_ways(tokenizer, turns):
-    messages = [Message(role, content) for user, answer in turns
-                for role, content in (("user", user), ("assistant", answer))]
+    messages = [
+        Message(role, content)
+        for user, answer in turns
+        for role, content in (("user", user), ("assistant", answer))
+    ]
     chat = ChatRenderer(tokenizer).render(messages)
     backend = tokenizer.backend_tokenizer
     with_offsets = backend.encode(chat.text, add_special_tokens=False)
@@ -160,7 +198,9 @@ def masks_both_ways(tokenizer, turns):
     return from_ids, assistant_mask(with_offsets, chat.assistant_spans, len(with_offsets.ids))
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(turns=TURNS)
 def test_mask_from_ids_equals_mask_from_offsets(tokenizer, turns):
     from_ids, from_offsets = masks_both_ways(tokenizer, turns)
@@ -178,11 +218,17 @@ def test_nfc_normalising_tokenizer_falls_back_to_offsets_only_where_the_text_cha
 
 def test_tokenize_records_masks_and_counts_the_fallbacks(tokenizer, tmp_path):
     from longdata.records import Conversation
-    from longdata.tokenize import TokenCache, tokenize_records
+    from longdata.stages.tokenization import TokenCache, tokenize_records
 
     nfc = with_backend(tokenizer, lambda spec: spec.update(normalizer={"type": "NFC"}))
-    records = [Conversation((Message("user", f"{word} {i}"), Message("assistant", f"{word}!")), f"x[{i}]", position=i)
-               for i, word in enumerate(["café", "cafe\u0301", "plain"])]
+    records = [
+        Conversation(
+            (Message("user", f"{word} {i}"), Message("assistant", f"{word}!")),
+            f"x[{i}]",
+            position=i,
+        )
+        for i, word in enumerate(["café", "cafe\u0301", "plain"])
+    ]
     stats = tokenize_records(records, nfc, tmp_path / "cache")
     assert stats.offsets_fallbacks == 1 and stats.samples == 3
     cache = TokenCache(tmp_path / "cache")
@@ -191,7 +237,9 @@ def test_tokenize_records_masks_and_counts_the_fallbacks(tokenizer, tmp_path):
         encoding = nfc.backend_tokenizer.encode(chat.text, add_special_tokens=False)
         ids, mask = cache.tokens(i, 0, int(cache.lengths[i]))
         assert ids.tolist() == encoding.ids
-        np.testing.assert_array_equal(mask, assistant_mask(encoding, chat.assistant_spans, len(encoding.ids)))
+        np.testing.assert_array_equal(
+            mask, assistant_mask(encoding, chat.assistant_spans, len(encoding.ids))
+        )
 
 
 def test_only_byte_level_bpe_gets_masks_from_ids(tokenizer):
@@ -206,11 +254,13 @@ def test_a_chat_template_path_that_is_not_a_file_is_refused(tmp_path):
     # Refused by recipe validation already (a pydantic ValueError), and by load_tokenizer too.
     with pytest.raises(ValueError, match="neither a Jinja template nor a file"):
         TokenizerConfig(name="builtin:quickstart", chat_template=str(tmp_path / "chat.jinja"))
-    unchecked = TokenizerConfig.model_construct(name="builtin:quickstart", revision=None,
-                                                chat_template=str(tmp_path / "chat.jinja"))
+    unchecked = TokenizerConfig.model_construct(
+        name="builtin:quickstart", revision=None, chat_template=str(tmp_path / "chat.jinja")
+    )
     with pytest.raises(TemplateError, match="neither a Jinja template nor a file"):
         load_tokenizer(unchecked)
     (tmp_path / "chat.jinja").write_text(CHATML)
-    tokenizer = load_tokenizer(TokenizerConfig(name="builtin:quickstart",
-                                               chat_template=str(tmp_path / "chat.jinja")))[0]
+    tokenizer = load_tokenizer(
+        TokenizerConfig(name="builtin:quickstart", chat_template=str(tmp_path / "chat.jinja"))
+    )[0]
     assert tokenizer.chat_template == CHATML

@@ -17,19 +17,24 @@ from longdata.build import build
 from longdata.recipe import load_recipe, validate_recipe
 from longdata.records import Document, Quarantined
 from longdata.sources import read_source
-from longdata.templates import TemplateError
-from longdata.tokenize import TokenCache, tokenize_records
+from longdata.stages.templates import TemplateError
+from longdata.stages.tokenization import TokenCache, tokenize_records
 from longdata.tokenizer_assets import ASSET_DIR, BOS, EOT
-from longdata.verify import verify_build
+from longdata.tools.verify import verify_build
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def text_source(path, **fields):
-    return validate_recipe({
-        "name": "t", "tokenizer": {"name": "builtin:quickstart"}, "output": {"dir": "out"},
-        "packing": {"max_seq_len": 1024},
-        "sources": [{"name": "docs", "kind": "text", "path": str(path), **fields}]}).sources[0]
+    return validate_recipe(
+        {
+            "name": "t",
+            "tokenizer": {"name": "builtin:quickstart"},
+            "output": {"dir": "out"},
+            "packing": {"max_seq_len": 1024},
+            "sources": [{"name": "docs", "kind": "text", "path": str(path), **fields}],
+        }
+    ).sources[0]
 
 
 def read(source, tmp_path):
@@ -38,25 +43,36 @@ def read(source, tmp_path):
 
 def test_jsonl_documents_with_a_configured_field_and_bad_rows_quarantined(tmp_path):
     path = tmp_path / "corpus.jsonl"
-    rows = [{"content": "First book.\r\nSecond line."}, {"text": "wrong field"}, {"content": 7},
-            {"content": "  \n "}, {"content": "Last book."}]
+    rows = [
+        {"content": "First book.\r\nSecond line."},
+        {"text": "wrong field"},
+        {"content": 7},
+        {"content": "  \n "},
+        {"content": "Last book."},
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     records = read(text_source(path, text_field="content"), tmp_path)
     documents = [r for r in records if isinstance(r, Document)]
     assert [(d.text, d.location, d.position) for d in documents] == [
-        ("First book.\nSecond line.", "corpus.jsonl:1", 0), ("Last book.", "corpus.jsonl:5", 4)]
+        ("First book.\nSecond line.", "corpus.jsonl:1", 0),
+        ("Last book.", "corpus.jsonl:5", 4),
+    ]
     reasons = {r.location: r.reason for r in records if isinstance(r, Quarantined)}
-    assert reasons == {"corpus.jsonl:2": "no 'content' field (fields: text)",
-                       "corpus.jsonl:3": "content must be a string, got int",
-                       "corpus.jsonl:4": "empty document"}
+    assert reasons == {
+        "corpus.jsonl:2": "no 'content' field (fields: text)",
+        "corpus.jsonl:3": "content must be a string, got int",
+        "corpus.jsonl:4": "empty document",
+    }
 
 
 def test_parquet_documents(tmp_path):
     path = tmp_path / "part-0.parquet"
     pq.write_table(pa.table({"text": ["alpha doc", "beta doc"], "id": ["a", "b"]}), path)
     records = read(text_source(path), tmp_path)
-    assert [(r.text, r.location) for r in records] == [("alpha doc", "part-0.parquet[0]"),
-                                                        ("beta doc", "part-0.parquet[1]")]
+    assert [(r.text, r.location) for r in records] == [
+        ("alpha doc", "part-0.parquet[0]"),
+        ("beta doc", "part-0.parquet[1]"),
+    ]
 
 
 def test_directory_of_text_files_sorted_with_bad_bytes_quarantined(tmp_path):
@@ -69,7 +85,11 @@ def test_directory_of_text_files_sorted_with_bad_bytes_quarantined(tmp_path):
     (corpus / "notes.md").write_text("not matched")
     records = read(text_source(corpus, glob="**/*.txt"), tmp_path)
     assert [(r.location, getattr(r, "text", None)) for r in records] == [
-        ("a.txt", "ay\n"), ("b.txt", "bee\n"), ("src/latin1.txt", None), ("src/pkg/c.txt", "sea")]
+        ("a.txt", "ay\n"),
+        ("b.txt", "bee\n"),
+        ("src/latin1.txt", None),
+        ("src/pkg/c.txt", "sea"),
+    ]
     assert records[2].reason == "not UTF-8: unexpected end of data at byte 3"
     assert [r.position for r in records if isinstance(r, Document)] == [0, 1, 3]
     again = read(text_source(corpus, glob="**/*.txt"), tmp_path)
@@ -95,7 +115,11 @@ def tokenizer():
 
 
 def test_every_document_token_is_a_target_framed_by_bos_and_eos(tokenizer, tmp_path):
-    texts = ["The harbour opened at dawn.\n\nBoats left one by one.", "研究人员说明漫长的道路。", "x"]
+    texts = [
+        "The harbour opened at dawn.\n\nBoats left one by one.",
+        "研究人员说明漫长的道路。",
+        "x",
+    ]
     records = [Document(t, f"d:{i}", position=i) for i, t in enumerate(texts)]
     stats = tokenize_records(records, tokenizer, tmp_path / "entry")
     cache = TokenCache(tmp_path / "entry")
@@ -134,19 +158,31 @@ def templateless_tokenizer(tmp_path: Path) -> Path:
 
 def test_a_text_only_recipe_builds_without_a_chat_template(tmp_path):
     tokenizer_dir = templateless_tokenizer(tmp_path)
-    data = {"name": "pretrain", "tokenizer": {"name": str(tokenizer_dir)},
-            "sources": [{"name": "books", "kind": "text", "path": "builtin:sample/text",
-                         "sample": {"rows": 12, "min_chars": 1500, "max_chars": 6000}}],
-            "packing": {"max_seq_len": 2048, "overlength": "split"},
-            "validation": {"fraction": 0.0},
-            "output": {"dir": str(tmp_path / "out"), "card_dir": str(tmp_path / "cards")},
-            "cache_dir": str(tmp_path / "cache")}
+    data = {
+        "name": "pretrain",
+        "tokenizer": {"name": str(tokenizer_dir)},
+        "sources": [
+            {
+                "name": "books",
+                "kind": "text",
+                "path": "builtin:sample/text",
+                "sample": {"rows": 12, "min_chars": 1500, "max_chars": 6000},
+            }
+        ],
+        "packing": {"max_seq_len": 2048, "overlength": "split"},
+        "validation": {"fraction": 0.0},
+        "output": {"dir": str(tmp_path / "out"), "card_dir": str(tmp_path / "cards")},
+        "cache_dir": str(tmp_path / "cache"),
+    }
     result = build(validate_recipe(data), console=Console(file=io.StringIO()))
     books = result.manifest["sources"][0]
     assert books["kind"] == "text" and books["tokenize"]["samples"] == 12
     assert books["tokenize"]["target_tokens"] == books["tokenize"]["tokens"] - 12
     assert verify_build(result.out_dir).ok
-    chat = {**data, "sources": [{"name": "chat", "kind": "longalign", "path": "builtin:sample/longalign"}]}
+    chat = {
+        **data,
+        "sources": [{"name": "chat", "kind": "longalign", "path": "builtin:sample/longalign"}],
+    }
     with pytest.raises(TemplateError, match="no chat template"):
         build(validate_recipe(chat), console=Console(file=io.StringIO()))
 
@@ -155,10 +191,19 @@ def test_a_text_only_recipe_builds_without_a_chat_template(tmp_path):
 def mixed(tmp_path_factory):
     """recipes/mixed_text.yml, smaller, with a Chinese share that forces heavy trimming."""
     tmp = tmp_path_factory.mktemp("mixed")
-    recipe = load_recipe(ROOT / "recipes" / "mixed_text.yml", [
-        f"output.dir={tmp / 'out'}", f"output.card_dir={tmp / 'cards'}", f"cache_dir={tmp / 'cache'}",
-        "sources[0].sample.rows=24", "sources[1].sample.rows=8", "sources[2].sample.rows=8",
-        "sources[3].count=8", "language_share={zh: 0.5}"])
+    recipe = load_recipe(
+        ROOT / "recipes" / "mixed_text.yml",
+        [
+            f"output.dir={tmp / 'out'}",
+            f"output.card_dir={tmp / 'cards'}",
+            f"cache_dir={tmp / 'cache'}",
+            "sources[0].sample.rows=24",
+            "sources[1].sample.rows=8",
+            "sources[2].sample.rows=8",
+            "sources[3].count=8",
+            "language_share={zh: 0.5}",
+        ],
+    )
     console = Console(file=io.StringIO(), width=200)
     return recipe, build(recipe, console=console), console.file.getvalue()
 
@@ -167,11 +212,17 @@ def test_mixed_recipe_builds_and_its_card_shows_every_source_and_near_duplicates
     recipe, result, _ = mixed
     manifest = result.manifest
     kinds = {s["name"]: s["kind"] for s in manifest["sources"]}
-    assert kinds == {"books": "text", "longalign": "longalign", "longalpaca": "longalpaca",
-                     "needles": "antihaystack"}
+    assert kinds == {
+        "books": "text",
+        "longalign": "longalign",
+        "longalpaca": "longalpaca",
+        "needles": "antihaystack",
+    }
     books = next(s for s in manifest["sources"] if s["name"] == "books")
-    mirrors = sum(json.loads(line)["meta"]["collection"] == "synthetic-mirror"
-                  for line in next(Path(recipe.cache_dir, "samples").glob("text-*.jsonl")).open())
+    mirrors = sum(
+        json.loads(line)["meta"]["collection"] == "synthetic-mirror"
+        for line in next(Path(recipe.cache_dir, "samples").glob("text-*.jsonl")).open()
+    )
     assert mirrors > 0 and books["mix"]["near_duplicates"] == mirrors
     card = (result.out_dir / "README.md").read_text()
     header = "| source | kind | weight | rows read | quarantined | samples | tokens | target tokens | duplicates | of which near |"
@@ -189,9 +240,17 @@ def test_mixed_recipe_needles_are_planted_in_the_books_text(mixed):
 
     haystack = load_haystack(("books",), Path(recipe.cache_dir), recipe.text_sources)
     needles = next(s for s in recipe.sources if s.name == "needles")
-    records = list(read_source(needles, cache_dir=Path(recipe.cache_dir), count_tokens=len,
-                               text_sources=recipe.text_sources))
-    first_sentence = records[0].messages[0].content.split("\n\n")[0].split(". ")[0].removeprefix("Paragraph 1: ")
+    records = list(
+        read_source(
+            needles,
+            cache_dir=Path(recipe.cache_dir),
+            count_tokens=len,
+            text_sources=recipe.text_sources,
+        )
+    )
+    first_sentence = (
+        records[0].messages[0].content.split("\n\n")[0].split(". ")[0].removeprefix("Paragraph 1: ")
+    )
     known = set(haystack.sentences["en"]) | set(haystack.sentences.get("zh", ()))
     assert any(first_sentence.rstrip(".") in s for s in known)
 
@@ -222,27 +281,43 @@ def test_builtin_text_sample_is_deterministic_and_mirrors_earlier_documents(tmp_
 
 
 def haystack_recipe(tmp_path, haystack):
-    return validate_recipe({
-        "name": "h", "tokenizer": {"name": "builtin:quickstart"}, "output": {"dir": "out"},
-        "packing": {"max_seq_len": 1024}, "cache_dir": str(tmp_path / "cache"),
-        "sources": [{"name": "chat", "kind": "longalign", "path": "builtin:sample/longalign"},
-                    {"name": "books", "kind": "text", "path": "builtin:sample/text"},
-                    {"name": "needles", "kind": "antihaystack", "count": 2, "length_range": [100, 200],
-                     "haystack": haystack}]})
+    return validate_recipe(
+        {
+            "name": "h",
+            "tokenizer": {"name": "builtin:quickstart"},
+            "output": {"dir": "out"},
+            "packing": {"max_seq_len": 1024},
+            "cache_dir": str(tmp_path / "cache"),
+            "sources": [
+                {"name": "chat", "kind": "longalign", "path": "builtin:sample/longalign"},
+                {"name": "books", "kind": "text", "path": "builtin:sample/text"},
+                {
+                    "name": "needles",
+                    "kind": "antihaystack",
+                    "count": 2,
+                    "length_range": [100, 200],
+                    "haystack": haystack,
+                },
+            ],
+        }
+    )
 
 
 def test_haystack_entries_are_paths_or_text_sources(tmp_path):
     from longdata.recipe import RecipeError
 
     assert haystack_recipe(tmp_path, "books").sources[2].haystack == ("books",)
-    assert haystack_recipe(tmp_path, ["books", "essays/"]).sources[2].haystack == ("books", "essays/")
+    assert haystack_recipe(tmp_path, ["books", "essays/"]).sources[2].haystack == (
+        "books",
+        "essays/",
+    )
     with pytest.raises(RecipeError, match="haystack 'chat' names a longalign source"):
         haystack_recipe(tmp_path, "chat")
 
 
 def test_changing_the_haystack_file_changes_the_cache_key(tmp_path):
     from longdata.pipeline import cache_key
-    from longdata.templates import load_tokenizer
+    from longdata.stages.templates import load_tokenizer
 
     essay = tmp_path / "essay.txt"
     essay.write_text("First version of the essay.")

@@ -7,13 +7,13 @@ from importlib import import_module
 from typing import Any
 
 _EXPORTS = {
-    "collate": "trainer.collation",
-    "load_model": "trainer.model",
-    "train": "trainer.loop",
-    "TrainConfig": "trainer.config",
-    "TrainResult": "trainer.loop",
-    "check_backends": "trainer.check",
-    "max_packing_error": "trainer.check",
+    "collate": "longdata.trainer.collation",
+    "load_model": "longdata.trainer.model",
+    "train": "longdata.trainer.loop",
+    "TrainConfig": "longdata.trainer.config",
+    "TrainResult": "longdata.trainer.loop",
+    "check_backends": "longdata.trainer.check",
+    "max_packing_error": "longdata.trainer.check",
 }
 
 __all__ = [

@@ -17,12 +17,12 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
-from trainer.attention import available_backends, unavailable_reason
-from trainer.collation import collate
-from trainer.config import DEFAULT_LOSS_CHUNK_TOKENS
-from trainer.loss import TokenLosses, model_token_losses
-from trainer.model import set_attention
-from trainer.step import micro_step
+from longdata.trainer.attention import available_backends, unavailable_reason
+from longdata.trainer.collation import collate
+from longdata.trainer.config import DEFAULT_LOSS_CHUNK_TOKENS
+from longdata.trainer.loss import TokenLosses, model_token_losses
+from longdata.trainer.model import set_attention
+from longdata.trainer.step import micro_step
 
 
 @dataclass(frozen=True)

@@ -28,8 +28,8 @@ import torch
 import torch.distributed as dist
 from transformers import PreTrainedModel
 
-from trainer.config import ConfigError, TrainConfig
-from trainer.distributed import ParallelContext
+from longdata.trainer.config import ConfigError, TrainConfig
+from longdata.trainer.distributed import ParallelContext
 
 CHECKPOINT_FORMAT = "longdata-trainer-checkpoint/1"
 CHECKPOINT_NAME = re.compile(r"step_(\d{7})")

@@ -37,7 +37,7 @@ def _resolve_build(build_or_recipe: Path) -> Path:
 def _options_from_config() -> list[inspect.Parameter]:
     """One `--option` per `TrainConfig` field, defaulting to None ("not given"), so that the
     config's own default (shown in --help) applies unless the user sets one."""
-    from trainer.config import FIELDS, defaults, value_type
+    from longdata.trainer.config import FIELDS, defaults, value_type
 
     default_values = defaults()
     parameters = []
@@ -85,7 +85,7 @@ def train(**given: Any) -> None:
     `torchrun --nproc-per-node 8 -m longdata.cli train BUILD --parallel fsdp --sp 2`;
     --batch-size is then per data-parallel rank and rank 0 alone writes OUT.
     """
-    from trainer.config import ConfigError, resolve
+    from longdata.trainer.config import ConfigError, resolve
 
     build = given.pop("build")
     config_file = given.pop("config")
@@ -96,7 +96,7 @@ def train(**given: Any) -> None:
         config = resolve(config_file, assignments, given)
         if "://" in config.build_dir:
             config = _with_remote_build(config)
-        from trainer.loop import train as run_training
+        from longdata.trainer.loop import train as run_training
 
         result = run_training(config)
     except ConfigError as error:
@@ -116,11 +116,13 @@ def train(**given: Any) -> None:
 def _with_remote_build(config):
     """The config of a run on a build's URL: its manifest downloaded into OUT/remote_build (the
     run's build directory), its shards streamed from the URL and cached there."""
-    from trainer.data import fetch_remote_manifest
+    from longdata.trainer.data import fetch_remote_manifest
 
     url = config.build_dir
     manifest = fetch_remote_manifest(url, Path(config.out_dir) / "remote_build")
-    return dataclasses.replace(config, build_dir=str(manifest.build_dir), remote=config.remote or url)
+    return dataclasses.replace(
+        config, build_dir=str(manifest.build_dir), remote=config.remote or url
+    )
 
 
 train.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
@@ -195,10 +197,10 @@ def check_packing(
     """
     import torch
 
-    from trainer.attention import BACKENDS
-    from trainer.check import check_backends
-    from trainer.data import Manifest, make_dataset, release_streaming_resources
-    from trainer.model import load_model
+    from longdata.trainer.attention import BACKENDS
+    from longdata.trainer.check import check_backends
+    from longdata.trainer.data import Manifest, make_dataset, release_streaming_resources
+    from longdata.trainer.model import load_model
 
     manifest = Manifest.read(build)
     dataset = make_dataset(manifest, split, batch_size=1, shuffle=False)
@@ -276,8 +278,8 @@ def plan_memory(
     """
     from dataclasses import replace
 
-    from trainer.planner import StepShape, longest_row, planner_config
-    from trainer.planner import plan_memory as plan
+    from longdata.trainer.planner import StepShape, longest_row, planner_config
+    from longdata.trainer.planner import plan_memory as plan
 
     try:
         config = planner_config(model)
@@ -304,4 +306,3 @@ def plan_memory(
     typer.echo(result.table())
     fits = longest_row(config, replace(shape, target_tokens=targets), int(device_gib * 2**30))
     typer.echo(f"\nlongest row that fits {device_gib:g} GiB per device: {fits:,} tokens")
-

@@ -49,7 +49,8 @@ class TrainConfig:
         None, "A build directory (with manifest.json), or a build's URL (s3://...).", cli=None
     )
     out_dir: str = _setting(
-        "runs/latest", "Run directory: checkpoints, metrics.jsonl, config.json, final/.",
+        "runs/latest",
+        "Run directory: checkpoints, metrics.jsonl, config.json, final/.",
         cli="--out",
     )
     model: str = _setting(
@@ -92,7 +93,9 @@ class TrainConfig:
     train_embeddings_and_norms: bool = _setting(
         False, "With --lora, also train embeddings and norms (LongLoRA)."
     )
-    precision: str = _setting("auto", "auto (bf16 autocast on a bf16 GPU, else fp32), fp32 or bf16.")
+    precision: str = _setting(
+        "auto", "auto (bf16 autocast on a bf16 GPU, else fp32), fp32 or bf16."
+    )
     gradient_checkpointing: bool = _setting(
         False, "Recompute activations in backward to save memory."
     )
@@ -102,10 +105,13 @@ class TrainConfig:
         True, "Output layer + cross-entropy over chunks of targets, recomputed in backward (exact)."
     )
     loss_chunk_tokens: int = _setting(DEFAULT_LOSS_CHUNK_TOKENS, "Targets per tiled-loss chunk.")
-    tiled_mlp: bool = _setting(False, "Run each layer's MLP over chunks of tokens, recomputed (exact).")
+    tiled_mlp: bool = _setting(
+        False, "Run each layer's MLP over chunks of tokens, recomputed (exact)."
+    )
     mlp_chunk_tokens: int = _setting(DEFAULT_MLP_CHUNK_TOKENS, "Tokens per tiled-MLP chunk.")
     offload_activations: bool = _setting(
-        False, "Keep the checkpointed hidden states in host memory (needs --gradient-checkpointing)."
+        False,
+        "Keep the checkpointed hidden states in host memory (needs --gradient-checkpointing).",
     )
     compile: bool = _setting(False, "torch.compile the model.")
     pad_to_multiple_of: int | None = _setting(None, "Pad every batch to a multiple of this length.")
@@ -175,16 +181,28 @@ class TrainConfig:
                 )
         unknown = [name for name in self.report_to if name not in REPORTERS]
         if unknown:
-            raise ConfigError(f"report_to: unknown {unknown[0]!r}; choose from {', '.join(REPORTERS)}")
+            raise ConfigError(
+                f"report_to: unknown {unknown[0]!r}; choose from {', '.join(REPORTERS)}"
+            )
         if self.save == "adapter" and not self.lora:
             raise ConfigError("save: adapter needs lora")
         if self.parallel == "fsdp" and self.lora:
             raise ConfigError("lora with parallel fsdp is not supported; use parallel ddp")
         if self.offload_activations and not self.gradient_checkpointing:
-            raise ConfigError("offload_activations moves the checkpointed hidden states to the "
-                              "host: it needs gradient_checkpointing")
-        for name in ("steps", "batch_size", "grad_accum", "sp", "log_every", "lora_rank",
-                     "loss_chunk_tokens", "mlp_chunk_tokens"):
+            raise ConfigError(
+                "offload_activations moves the checkpointed hidden states to the "
+                "host: it needs gradient_checkpointing"
+            )
+        for name in (
+            "steps",
+            "batch_size",
+            "grad_accum",
+            "sp",
+            "log_every",
+            "lora_rank",
+            "loss_chunk_tokens",
+            "mlp_chunk_tokens",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, not {getattr(self, name)}")
         for name in ("warmup_steps", "checkpoint_every", "keep_checkpoints", "eval_every"):
@@ -201,8 +219,10 @@ class TrainConfig:
         if self.peak_tflops is not None and self.peak_tflops <= 0:
             raise ConfigError(f"peak_tflops must be > 0, not {self.peak_tflops}")
         if self.eval_every and self.sp > 1:
-            raise ConfigError("eval_every with sp > 1 is not supported (evaluate afterwards "
-                              "with `longdata eval loss`)")
+            raise ConfigError(
+                "eval_every with sp > 1 is not supported (evaluate afterwards "
+                "with `longdata eval loss`)"
+            )
 
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -305,7 +325,9 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
         if path.stat().st_size > MAX_CONFIG_BYTES:
-            raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes; not a training config")
+            raise ConfigError(
+                f"{path}: larger than {MAX_CONFIG_BYTES} bytes; not a training config"
+            )
         data = yaml.safe_load(path.read_text())
     except OSError as error:
         raise ConfigError(f"cannot read {path}: {error.strerror or error}") from None

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from trainer.config import ConfigError, TrainConfig
-from trainer.data import Manifest
-from trainer.validation_loss import default_split
+from longdata.trainer.config import ConfigError, TrainConfig
+from longdata.trainer.data import Manifest
+from longdata.trainer.validation_loss import default_split
 
 
 @dataclass(frozen=True)

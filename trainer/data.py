@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from longdata.format import SHARD_HASHES, Manifest, check_stream_files, inside
-from trainer.config import BATCHING_METHODS
+from longdata.trainer.config import BATCHING_METHODS
 
 __all__ = [
     "Manifest",
@@ -84,8 +84,12 @@ def make_dataset(
     if remote:
         local_root = Path(cache_dir) if cache_dir is not None else manifest.build_dir
         streams = [
-            Stream(remote=f"{remote.rstrip('/')}/{entry.path}", local=str(inside(local_root, entry.path)),
-                   proportion=entry.proportion, validate_hash=SHARD_HASHES[0])
+            Stream(
+                remote=f"{remote.rstrip('/')}/{entry.path}",
+                local=str(inside(local_root, entry.path)),
+                proportion=entry.proportion,
+                validate_hash=SHARD_HASHES[0],
+            )
             for entry in entries
         ]
     else:
@@ -113,7 +117,7 @@ def make_dataloader(dataset: Any, batch_size: int, pad_to_multiple_of: int | Non
     """
     from streaming import StreamingDataLoader
 
-    from trainer.collation import collate
+    from longdata.trainer.collation import collate
 
     return StreamingDataLoader(
         dataset,

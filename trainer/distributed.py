@@ -39,15 +39,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from trainer.attention import (
+from longdata.trainer.attention import (
     BACKEND_FUNCTIONS,
     IMPLEMENTATION_PREFIX,
     auto_attention,
     implementation_name,
 )
-from trainer.config import PARALLEL_MODES
-from trainer.loss import next_token_targets
-from trainer.model import decoder_layers
+from longdata.trainer.config import PARALLEL_MODES
+from longdata.trainer.loss import next_token_targets
+from longdata.trainer.model import decoder_layers
 
 # Collectives that do not complete in this time raise instead of hanging the job forever.
 COLLECTIVE_TIMEOUT = timedelta(minutes=10)

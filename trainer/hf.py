@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from longdata.format import Manifest
-from trainer.collation import collate
+from longdata.trainer.collation import collate
 
 EXACT_IMPLEMENTATIONS = ("flash_attention_2", "flash_attention_3", "sdpa", "eager")
 
@@ -57,7 +57,7 @@ class BuildRows(torch.utils.data.IterableDataset):
     def __init__(
         self, build_dir: str | Path, split: str = "train", *, shuffle: bool = False, seed: int = 0
     ) -> None:
-        from trainer.validation_loss import iter_rows, split_rows
+        from longdata.trainer.validation_loss import iter_rows, split_rows
 
         super().__init__()
         self.manifest = Manifest.read(build_dir)

@@ -32,7 +32,7 @@ import torch
 from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel
 
-from trainer.checkpoint import (
+from longdata.trainer.checkpoint import (
     CheckpointError,
     CheckpointMeta,
     find_checkpoint,
@@ -40,10 +40,15 @@ from trainer.checkpoint import (
     prune_checkpoints,
     save_checkpoint,
 )
-from trainer.config import TrainConfig
-from trainer.curriculum import Stage, plan_stages, validation_split
-from trainer.data import Manifest, make_dataloader, make_dataset, release_streaming_resources
-from trainer.distributed import (
+from longdata.trainer.config import TrainConfig
+from longdata.trainer.curriculum import Stage, plan_stages, validation_split
+from longdata.trainer.data import (
+    Manifest,
+    make_dataloader,
+    make_dataset,
+    release_streaming_resources,
+)
+from longdata.trainer.distributed import (
     ParallelContext,
     enable_sequence_parallel,
     init_parallel,
@@ -51,13 +56,18 @@ from trainer.distributed import (
     shutdown_parallel,
     wrap_model,
 )
-from trainer.flops import FlopShape, device_peak_tflops, squared_sample_lengths, training_flops
-from trainer.loss import TargetScorer, step_denominator
-from trainer.memory import enable_activation_offload, enable_tiled_mlp
-from trainer.model import PRESETS, load_model
-from trainer.reporting import MetricsLog
-from trainer.step import micro_step
-from trainer.validation_loss import evaluate_loss
+from longdata.trainer.flops import (
+    FlopShape,
+    device_peak_tflops,
+    squared_sample_lengths,
+    training_flops,
+)
+from longdata.trainer.loss import TargetScorer, step_denominator
+from longdata.trainer.memory import enable_activation_offload, enable_tiled_mlp
+from longdata.trainer.model import PRESETS, load_model
+from longdata.trainer.reporting import MetricsLog
+from longdata.trainer.step import micro_step
+from longdata.trainer.validation_loss import evaluate_loss
 
 __all__ = ["StepMetrics", "TrainConfig", "TrainResult", "train"]
 
@@ -253,7 +263,11 @@ def _peak_memory_mb(device: torch.device) -> float:
 
 
 def _validation(
-    model: PreTrainedModel, manifest: Manifest, split: str, config: TrainConfig, device: torch.device
+    model: PreTrainedModel,
+    manifest: Manifest,
+    split: str,
+    config: TrainConfig,
+    device: torch.device,
 ) -> dict[str, Any]:
     """The validation loss on `split` (every rank computes it: FSDP's forward is collective)."""
     with _autocast(config.precision, device):
@@ -309,7 +323,9 @@ def _train(
     scorer = wrap_model(TargetScorer(model, loss_chunk_tokens), config.parallel, context)
     optimizer = _optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_schedule(config))
-    resumed = load_checkpoint(checkpoint, model, optimizer, scheduler, context) if checkpoint else None
+    resumed = (
+        load_checkpoint(checkpoint, model, optimizer, scheduler, context) if checkpoint else None
+    )
     start_step = resumed.step if resumed else 0
     log = MetricsLog(config, start_step, enabled=context.is_main)
     flop_shape = FlopShape.of(model)
@@ -331,8 +347,17 @@ def _train(
             stream = _SplitStream(manifest, stage.split, config, context, position)
             for step in range(max(stage.first_step, start_step + 1), stage.last_step + 1):
                 metrics = _step(
-                    step, stream, scorer, model, optimizer, scheduler, config, context, sources,
-                    flop_shape, peak_tflops,
+                    step,
+                    stream,
+                    scorer,
+                    model,
+                    optimizer,
+                    scheduler,
+                    config,
+                    context,
+                    sources,
+                    flop_shape,
+                    peak_tflops,
                 )
                 if config.eval_every and step % config.eval_every == 0:
                     # streaming keeps one dataset's shared memory safe at a time: set the
@@ -347,8 +372,15 @@ def _train(
                 results.append(metrics)
                 if config.checkpoint_every and step % config.checkpoint_every == 0:
                     save_checkpoint(
-                        out_dir, step, stage.split, model, optimizer, scheduler,
-                        stream.position(), config, context,
+                        out_dir,
+                        step,
+                        stage.split,
+                        model,
+                        optimizer,
+                        scheduler,
+                        stream.position(),
+                        config,
+                        context,
                     )
                     if context.is_main:
                         prune_checkpoints(out_dir, config.keep_checkpoints)
@@ -408,9 +440,14 @@ def _step(
     for batch in micro_batches:
         if context.sp_size > 1:
             batch = shard_batch(batch, context.sp_rank, context.sp_size)
-        done = micro_step(scorer, batch, config.loss, denominator,
-                          precision=_autocast(config.precision, device),
-                          gradient_scale=context.gradient_scale)
+        done = micro_step(
+            scorer,
+            batch,
+            config.loss,
+            denominator,
+            precision=_autocast(config.precision, device),
+            gradient_scale=context.gradient_scale,
+        )
         step_loss += done.loss
         target_sources = done.losses.source_ids.cpu()
         source_sums.index_add_(0, target_sources, done.losses.values.double().cpu())
@@ -492,7 +529,7 @@ def _save_tokenizer(config: TrainConfig, final_dir: Path) -> None:
 
     A missing or mismatched tokenizer must not cost a finished run: it is reported, not raised.
     """
-    from trainer.tokenizer import save_build_tokenizer
+    from longdata.trainer.tokenizer import save_build_tokenizer
 
     problem = save_build_tokenizer(config.build_dir, final_dir)
     if problem:

@@ -19,9 +19,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from trainer.collation import IGNORE_INDEX
-from trainer.config import LOSS_MODES
-from trainer.memory import tiled_target_losses
+from longdata.trainer.collation import IGNORE_INDEX
+from longdata.trainer.config import LOSS_MODES
+from longdata.trainer.memory import tiled_target_losses
 
 
 @dataclass(frozen=True)

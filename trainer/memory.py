@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 
-from trainer.config import DEFAULT_MLP_CHUNK_TOKENS
-from trainer.model import decoder_layers
+from longdata.trainer.config import DEFAULT_MLP_CHUNK_TOKENS
+from longdata.trainer.model import decoder_layers
 
 
 def _target_cross_entropy(

@@ -15,7 +15,7 @@ from transformers import (
     Qwen2Config,
 )
 
-from trainer.attention import implementation_name, register_attention_functions
+from longdata.trainer.attention import implementation_name, register_attention_functions
 
 DEFAULT_PRESET_VOCAB = 16_384
 
@@ -109,8 +109,9 @@ def load_model(
         # A near-miss of a preset name is a typo, not a hub id to spend retries looking up.
         near = difflib.get_close_matches(name, PRESETS, n=1, cutoff=0.75)
         if near and not Path(name).exists():
-            raise ValueError(f"model {name!r} is not a preset ({', '.join(PRESETS)}); did you mean "
-                             f"{near[0]!r}?")
+            raise ValueError(
+                f"model {name!r} is not a preset ({', '.join(PRESETS)}); did you mean {near[0]!r}?"
+            )
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 name, attn_implementation=attn_implementation, dtype=dtype

@@ -57,7 +57,7 @@ def planner_config(name_or_path: str) -> PretrainedConfig:
     directory."""
     if name_or_path in PLANNER_PRESETS:
         return PLANNER_PRESETS[name_or_path]()
-    from trainer.model import model_config
+    from longdata.trainer.model import model_config
 
     return model_config(name_or_path)
 

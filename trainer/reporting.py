@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from trainer.config import ConfigError, TrainConfig
+from longdata.trainer.config import ConfigError, TrainConfig
 
 METRICS_FILE = "metrics.jsonl"
 

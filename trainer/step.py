@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from trainer.loss import TokenLosses, micro_batch_loss
+from longdata.trainer.loss import TokenLosses, micro_batch_loss
 
 # A TargetScorer (returning a tuple, as DDP / FSDP need) or any function giving TokenLosses.
 Scorer = Callable[

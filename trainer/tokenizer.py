@@ -61,7 +61,9 @@ def load_build_tokenizer(build_dir: str | Path) -> Any:
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(where), revision=revision, use_fast=True)
     except (OSError, ValueError) as error:
-        raise TokenizerUnavailable(f"cannot load the build's tokenizer {where!r}: {error}") from None
+        raise TokenizerUnavailable(
+            f"cannot load the build's tokenizer {where!r}: {error}"
+        ) from None
     expected = info.sha256
     if expected and tokenizer_digest(tokenizer) != expected:
         raise TokenizerUnavailable(

@@ -26,9 +26,9 @@ import numpy as np
 import torch
 
 from longdata.format import Manifest, check_stream_files
-from trainer.collation import collate
-from trainer.data import release_streaming_resources
-from trainer.loss import model_token_losses
+from longdata.trainer.collation import collate
+from longdata.trainer.data import release_streaming_resources
+from longdata.trainer.loss import model_token_losses
 
 MIN_LENGTH_BUCKET = 1024
 
@@ -245,8 +245,12 @@ def loss_table(report: LossReport, title: str) -> Any:
 
     def add(name: str, stats: LossStats) -> None:
         table.add_row(
-            escape(name), f"{stats.samples:,}", f"{stats.target_tokens:,}",
-            number(stats.token_mean), number(stats.sequence_mean), number(stats.perplexity, 1),
+            escape(name),
+            f"{stats.samples:,}",
+            f"{stats.target_tokens:,}",
+            number(stats.token_mean),
+            number(stats.sequence_mean),
+            number(stats.perplexity, 1),
         )
 
     add("all", report.overall())

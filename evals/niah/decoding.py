@@ -63,7 +63,9 @@ def greedy_generate(
         if len(generated) == max_new_tokens:
             break
         step = torch.tensor([[token]], dtype=torch.int64, device=device)
-        logits = model(input_ids=step, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        logits = model(
+            input_ids=step, past_key_values=cache, use_cache=True, logits_to_keep=1
+        ).logits
     return generated
 
 
@@ -92,7 +94,9 @@ def continuation_logprobs(
     prefix = [*prompt_ids, *continuations[0][:shared]]
     cache = _new_cache()
     logits = model(
-        **prefill_inputs(prefix, device), past_key_values=cache, use_cache=True,
+        **prefill_inputs(prefix, device),
+        past_key_values=cache,
+        use_cache=True,
         logits_to_keep=shared + 1,
     ).logits[0]
     log_probs = torch.log_softmax(logits.float(), dim=-1)

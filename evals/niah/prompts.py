@@ -42,12 +42,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from longdata import synthetic
 from longdata.records import Message
-from longdata.sources import antihaystack
+from longdata.sources import antihaystack, synthetic
 from longdata.sources.antihaystack import Haystack, NeedleTask, Rendered, SyntheticFiller
-from longdata.synthetic import Lang
-from longdata.templates import ChatRenderer
+from longdata.sources.synthetic import Lang
+from longdata.stages.templates import ChatRenderer
 
 EVAL_NAMESPACE = "longdata-eval-niah"
 CODE_RANGE = (1_000, 1_000_000)  # as in training items: 4- to 6-digit codes
@@ -254,9 +253,14 @@ def build_prompt(
     filler = haystack.filler(rng, lang) if haystack else SyntheticFiller(rng, lang)
     # Never over `length`: a "128K" prompt must fit a 128K context.
     rendered, _ = antihaystack.fit(
-        task if planted else _WithoutNeedle(task), filler, target_tokens=length,
-        chars_per_token=chars_per_token, measure=lambda r: len(templated_ids(r)),
-        window=(length - length_slack(length), length), limit=length, max_rounds=MAX_FIT_ROUNDS,
+        task if planted else _WithoutNeedle(task),
+        filler,
+        target_tokens=length,
+        chars_per_token=chars_per_token,
+        measure=lambda r: len(templated_ids(r)),
+        window=(length - length_slack(length), length),
+        limit=length,
+        max_rounds=MAX_FIT_ROUNDS,
     )
     ids = templated_ids(rendered)
     before, after = answer_frame(tokenizer, rendered.prompt)
@@ -265,7 +269,11 @@ def build_prompt(
     # Distractor answers as long in tokens as the reference, or a summed log-probability would
     # favour whichever candidate tokenizes shortest.
     others = distractor_codes(
-        seed, sample, lang, code, distractors,
+        seed,
+        sample,
+        lang,
+        code,
+        distractors,
         accept=lambda other: (
             len(target_ids(task.needle_sentence(subject, other))) == len(answer_ids)
         ),
@@ -304,8 +312,15 @@ def build_controls(
     chars_per_token = calibrate(tokenizer, seed, lang, haystack)
     return [
         build_prompt(
-            tokenizer, length=length, depth=0.5, sample=sample, seed=seed, lang=lang,
-            distractors=distractors, chars_per_token=chars_per_token, planted=False,
+            tokenizer,
+            length=length,
+            depth=0.5,
+            sample=sample,
+            seed=seed,
+            lang=lang,
+            distractors=distractors,
+            chars_per_token=chars_per_token,
+            planted=False,
             haystack=haystack,
         )
         for sample in range(samples)

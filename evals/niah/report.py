@@ -42,9 +42,7 @@ class NiahReport:
 
     def grid(self, key: str = "correct") -> list[list[float | None]]:
         """Mean of `key` per cell, [length][depth]; None for an empty cell."""
-        return [
-            [sum(c) / len(c) if c else None for c in row] for row in self._cells(key)
-        ]
+        return [[sum(c) / len(c) if c else None for c in row] for row in self._cells(key)]
 
     def counts(self) -> list[list[int]]:
         return [[len(c) for c in row] for row in self._cells("correct")]
@@ -59,10 +57,16 @@ class NiahReport:
         independent draws behind `accuracy`."""
         needles: dict[int, dict[str, Any]] = {}
         for row in self.rows:
-            needle = needles.setdefault(row["sample"], {
-                "sample": row["sample"], "subject": row["subject"], "expected": row["expected"],
-                "prompts": 0, "correct": 0,
-            })
+            needle = needles.setdefault(
+                row["sample"],
+                {
+                    "sample": row["sample"],
+                    "subject": row["subject"],
+                    "expected": row["expected"],
+                    "prompts": 0,
+                    "correct": 0,
+                },
+            )
             needle["prompts"] += 1
             needle["correct"] += bool(row["correct"])
         return [
@@ -169,7 +173,12 @@ def plot_heatmap(report: NiahReport, path: Path, title: str) -> None:
                 continue
             value = values[d, n]
             axes.text(
-                n, d, f"{value:.2f}", ha="center", va="center", fontsize=9,
+                n,
+                d,
+                f"{value:.2f}",
+                ha="center",
+                va="center",
+                fontsize=9,
                 color="black" if 0.25 < value < 0.85 else "white",
             )
     axes.set_xticks(range(len(report.lengths)), [format_length(x) for x in report.lengths])

@@ -12,12 +12,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from evals.models import EvalInputError, load_eval_model
-from evals.niah.prompts import CODE_RANGE, EVAL_NAMESPACE, build_controls, build_grid
-from evals.niah.report import NiahReport
-from evals.niah.scoring import MODES, GenerateScorer, LoglikScorer, evaluate
+from longdata.evals.models import EvalInputError, load_eval_model
+from longdata.evals.niah.prompts import CODE_RANGE, EVAL_NAMESPACE, build_controls, build_grid
+from longdata.evals.niah.report import NiahReport
+from longdata.evals.niah.scoring import MODES, GenerateScorer, LoglikScorer, evaluate
 from longdata.sources.antihaystack import Haystack
-from longdata.synthetic import LANGS, Lang
+from longdata.sources.synthetic import LANGS, Lang
 
 # (description, total) -> a function to call once per finished item.
 Track = Callable[[str, int], Callable[[], None]]
@@ -124,13 +124,24 @@ def run_niah(
     advance = track("building prompts", total)
     try:
         prompts = build_grid(
-            tokenizer, spec.lengths, spec.depths, spec.samples_per_cell, seed=spec.seed,
-            lang=spec.lang, distractors=spec.distractors, on_prompt=lambda _: advance(),
+            tokenizer,
+            spec.lengths,
+            spec.depths,
+            spec.samples_per_cell,
+            seed=spec.seed,
+            lang=spec.lang,
+            distractors=spec.distractors,
+            on_prompt=lambda _: advance(),
             haystack=haystack,
         )
         controls = build_controls(
-            tokenizer, min(spec.lengths), spec.samples_per_cell, seed=spec.seed, lang=spec.lang,
-            distractors=spec.distractors, haystack=haystack,
+            tokenizer,
+            min(spec.lengths),
+            spec.samples_per_cell,
+            seed=spec.seed,
+            lang=spec.lang,
+            distractors=spec.distractors,
+            haystack=haystack,
         )
     except ValueError as error:
         raise EvalInputError("--lengths", str(error)) from None
@@ -149,7 +160,11 @@ def run_niah(
         scorer = LoglikScorer(model)
     advance = track(f"scoring ({spec.mode})", len(prompts) + len(controls))
     report = evaluate(
-        prompts, scorer, spec.lengths, spec.depths, {**(describe or {}), **spec.describe()},
+        prompts,
+        scorer,
+        spec.lengths,
+        spec.depths,
+        {**(describe or {}), **spec.describe()},
         on_row=lambda _: advance(),
     )
     report.control_rows = evaluate(
@@ -180,7 +195,7 @@ def run_niah_checkpoint(
     the build directory the model was trained on). The model is loaded before any prompt is
     built, so a wrong `model` fails at once.
     """
-    from trainer.tokenizer import TokenizerUnavailable, load_model_tokenizer
+    from longdata.trainer.tokenizer import TokenizerUnavailable, load_model_tokenizer
 
     started = time.perf_counter()
     haystack = load_haystack(spec)  # before the model: a bad path fails at once

@@ -22,9 +22,9 @@ from typing import Any
 
 import torch
 
-from evals.niah.decoding import continuation_logprobs, greedy_generate
-from evals.niah.prompts import NiahPrompt
-from evals.niah.report import NiahReport
+from longdata.evals.niah.decoding import continuation_logprobs, greedy_generate
+from longdata.evals.niah.prompts import NiahPrompt
+from longdata.evals.niah.report import NiahReport
 
 MODES = ("generate", "loglik")
 

@@ -32,8 +32,9 @@ class ExecutorError(RuntimeError):
 class Executor(Protocol):
     parallelism: int
 
-    def map(self, task: Task, items: Sequence[Item], shared: Any, progress: Progress,
-            label: str) -> list[Result]: ...
+    def map(
+        self, task: Task, items: Sequence[Item], shared: Any, progress: Progress, label: str
+    ) -> list[Result]: ...
 
     def close(self) -> None: ...
 
@@ -43,8 +44,9 @@ class LocalExecutor:
 
     parallelism = 1
 
-    def map(self, task: Task, items: Sequence[Item], shared: Any, progress: Progress,
-            label: str) -> list[Result]:
+    def map(
+        self, task: Task, items: Sequence[Item], shared: Any, progress: Progress, label: str
+    ) -> list[Result]:
         return [task(shared, item, progress) for item in items]
 
     def close(self) -> None:

@@ -24,7 +24,9 @@ def _check_reachable(address: str) -> None:
     """Fail in seconds on a HOST:PORT nothing listens at (Ray itself retries for minutes)."""
     host, _, port = address.removeprefix("ray://").rpartition(":")
     if not port.isdigit():
-        raise ExecutorError(f"--ray-address must be auto or HOST:PORT, got {address!r}", exit_code=2)
+        raise ExecutorError(
+            f"--ray-address must be auto or HOST:PORT, got {address!r}", exit_code=2
+        )
     try:
         socket.create_connection((host or "127.0.0.1", int(port)), timeout=10).close()
     except OSError as error:
@@ -32,12 +34,20 @@ def _check_reachable(address: str) -> None:
 
 
 class RayExecutor:
-    def __init__(self, address: str | None = None, *, max_retries: int = MAX_RETRIES,
-                 parallelism: int | None = None, **init_options: Any):
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        max_retries: int = MAX_RETRIES,
+        parallelism: int | None = None,
+        **init_options: Any,
+    ):
         try:
             import ray
         except ImportError:
-            raise ExecutorError("--engine ray needs Ray: pip install 'longdata[ray]'", exit_code=2) from None
+            raise ExecutorError(
+                "--engine ray needs Ray: pip install 'longdata[ray]'", exit_code=2
+            ) from None
         self._ray = ray
         self._started = not ray.is_initialized()
         if self._started and address not in (None, "auto"):
@@ -52,8 +62,9 @@ class RayExecutor:
         self.parallelism = parallelism or max(1, int(ray.cluster_resources().get("CPU", 1)))
         self._remote: dict[Task, Any] = {}
 
-    def map(self, task: Task, items: Sequence[Item], shared: Any, progress: Progress,
-            label: str) -> list[Result]:
+    def map(
+        self, task: Task, items: Sequence[Item], shared: Any, progress: Progress, label: str
+    ) -> list[Result]:
         if not items:
             return []
         ray = self._ray

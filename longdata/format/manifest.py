@@ -113,8 +113,10 @@ class Manifest:
         if not build_dir.is_dir():
             raise NotABuildError(f"{build_dir}: not a complete longdata build (no such directory)")
         if not path.is_file():
-            raise NotABuildError(f"{build_dir}: not a complete longdata build (no {MANIFEST_FILE} "
-                                 "in it; it is written last)")
+            raise NotABuildError(
+                f"{build_dir}: not a complete longdata build (no {MANIFEST_FILE} "
+                "in it; it is written last)"
+            )
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as error:
@@ -124,7 +126,9 @@ class Manifest:
         try:
             raw = json.loads(text)
         except ValueError as error:
-            raise BuildFormatError(f"{path}: not valid JSON ({error}); truncated or edited?") from None
+            raise BuildFormatError(
+                f"{path}: not valid JSON ({error}); truncated or edited?"
+            ) from None
         return cls.parse(build_dir, raw)
 
     @classmethod
@@ -136,12 +140,16 @@ class Manifest:
         if not isinstance(raw, dict):
             raise BuildFormatError(f"{where}: must hold a JSON object, not {type(raw).__name__}")
         if raw.get("format") not in SUPPORTED_FORMATS:
-            raise BuildFormatError(f"{where}: format {raw.get('format')!r} is not one this longdata "
-                                   f"reads ({', '.join(SUPPORTED_FORMATS)})")
+            raise BuildFormatError(
+                f"{where}: format {raw.get('format')!r} is not one this longdata "
+                f"reads ({', '.join(SUPPORTED_FORMATS)})"
+            )
         tokenizer = check.mapping(raw, "tokenizer")
         sources = check.list(raw, "sources")
-        names = tuple(check.text(check.mapping_item(s, f"sources[{i}]"), "name", f"sources[{i}]")
-                      for i, s in enumerate(sources))
+        names = tuple(
+            check.text(check.mapping_item(s, f"sources[{i}]"), "name", f"sources[{i}]")
+            for i, s in enumerate(sources)
+        )
         splits_raw = check.mapping(raw, "splits")
         splits = {name: _split(check, build_dir, name, value) for name, value in splits_raw.items()}
         order = _stage_order(check, raw, splits)
@@ -155,7 +163,8 @@ class Manifest:
                 vocab_size=check.count(tokenizer, "vocab_size", "tokenizer", positive=True),
                 pad_token_id=check.count(tokenizer, "pad_token_id", "tokenizer", optional=True),
                 eos_token_id=check.count(tokenizer, "eos_token_id", "tokenizer", optional=True),
-                sha256=check.text(tokenizer, "sha256", "tokenizer", optional=True)),
+                sha256=check.text(tokenizer, "sha256", "tokenizer", optional=True),
+            ),
             source_names=names,
             splits={name: splits[name] for name in order},
             raw=raw,
@@ -223,15 +232,23 @@ def _split(check: _Checker, build_dir: Path, name: str, value: Any) -> SplitEntr
             inside(build_dir, path)
         except UnsafePathError as error:
             raise check.error(f"{stream_where}.path: {error}") from None
-        streams.append(StreamEntry(
-            name=check.text(entry, "name", stream_where), path=path,
-            rows=check.count(entry, "rows", stream_where),
-            tokens=check.count(entry, "tokens", stream_where),
-            target_tokens=check.count(entry, "target_tokens", stream_where),
-            proportion=check.fraction(entry, "proportion", stream_where),
-            samples=check.count(entry, "samples", stream_where, optional=True)))
-    return SplitEntry(name=name, max_seq_len=check.count(split, "max_seq_len", where, positive=True),
-                      stage=check.text(split, "stage", where, optional=True), streams=tuple(streams))
+        streams.append(
+            StreamEntry(
+                name=check.text(entry, "name", stream_where),
+                path=path,
+                rows=check.count(entry, "rows", stream_where),
+                tokens=check.count(entry, "tokens", stream_where),
+                target_tokens=check.count(entry, "target_tokens", stream_where),
+                proportion=check.fraction(entry, "proportion", stream_where),
+                samples=check.count(entry, "samples", stream_where, optional=True),
+            )
+        )
+    return SplitEntry(
+        name=name,
+        max_seq_len=check.count(split, "max_seq_len", where, positive=True),
+        stage=check.text(split, "stage", where, optional=True),
+        streams=tuple(streams),
+    )
 
 
 def _stage_order(check: _Checker, raw: dict[str, Any], splits: dict[str, SplitEntry]) -> list[str]:
@@ -241,12 +258,17 @@ def _stage_order(check: _Checker, raw: dict[str, Any], splits: dict[str, SplitEn
             raise check.error("split_order must list every split exactly once")
         return recorded
     # Older manifests: stage position from the recipe, then train before validation.
-    stages = [s.get("name") for s in ((raw.get("recipe") or {}).get("packing") or {}).get("stages")
-              or [] if isinstance(s, dict)]
+    stages = [
+        s.get("name")
+        for s in ((raw.get("recipe") or {}).get("packing") or {}).get("stages") or []
+        if isinstance(s, dict)
+    ]
 
     def position(name: str) -> tuple:
         stage = name.split("/")[0] if "/" in name else None
-        rank = stages.index(stage) if stage in stages else (splits[name].max_seq_len if stage else -1)
+        rank = (
+            stages.index(stage) if stage in stages else (splits[name].max_seq_len if stage else -1)
+        )
         return rank, not splits[name].is_train, name
 
     return sorted(splits, key=position)
@@ -281,31 +303,42 @@ class _Checker:
     def list(self, node: dict, key: str, parent: str = "") -> list:
         value = self._get(node, key, parent, False)
         if not isinstance(value, list):
-            raise self.error(f"{parent + '.' if parent else ''}{key} must be a list, not "
-                             f"{type(value).__name__}")
+            raise self.error(
+                f"{parent + '.' if parent else ''}{key} must be a list, not {type(value).__name__}"
+            )
         return value
 
     def text(self, node: dict, key: str, parent: str = "", optional: bool = False) -> str | None:
         value = self._get(node, key, parent, optional)
         if value is not None and not isinstance(value, str):
-            raise self.error(f"{parent + '.' if parent else ''}{key} must be a string, got {value!r:.80}")
+            raise self.error(
+                f"{parent + '.' if parent else ''}{key} must be a string, got {value!r:.80}"
+            )
         return value
 
-    def count(self, node: dict, key: str, parent: str = "", optional: bool = False,
-              positive: bool = False) -> int | None:
+    def count(
+        self, node: dict, key: str, parent: str = "", optional: bool = False, positive: bool = False
+    ) -> int | None:
         value = self._get(node, key, parent, optional)
         if value is None:
             return None
         if isinstance(value, bool) or not isinstance(value, int) or value < (1 if positive else 0):
             bound = "a positive" if positive else "a non-negative"
-            raise self.error(f"{parent + '.' if parent else ''}{key} must be {bound} integer, "
-                             f"got {value!r:.80}")
+            raise self.error(
+                f"{parent + '.' if parent else ''}{key} must be {bound} integer, got {value!r:.80}"
+            )
         return value
 
     def fraction(self, node: dict, key: str, parent: str = "") -> float:
         value = self._get(node, key, parent, False)
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
-                or not 0 <= value <= 1:
-            raise self.error(f"{parent + '.' if parent else ''}{key} must be a number in [0, 1], "
-                             f"got {value!r:.80}")
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+            or not 0 <= value <= 1
+        ):
+            raise self.error(
+                f"{parent + '.' if parent else ''}{key} must be a number in [0, 1], "
+                f"got {value!r:.80}"
+            )
         return float(value)

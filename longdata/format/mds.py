@@ -92,8 +92,10 @@ def _check(data: bytes, expected: dict, where: Path, require_hash: bool = False)
         raise ShardError(f"{where}: {len(data)} bytes, index says {expected['bytes']}")
     hashes = expected.get("hashes") or {}
     if require_hash and not hashes:
-        raise ShardError(f"{where}: index.json records no hash for this shard, so it cannot be "
-                         "checked (longdata builds record xxh64)")
+        raise ShardError(
+            f"{where}: index.json records no hash for this shard, so it cannot be "
+            "checked (longdata builds record xxh64)"
+        )
     for algorithm, digest in hashes.items():
         if _hash(algorithm, data) != digest:
             raise ShardError(f"{where}: {algorithm} hash mismatch (corrupted shard)")
@@ -145,14 +147,18 @@ def decode_row(raw: bytes, shard: dict, index: int) -> dict[str, np.ndarray]:
         raise IndexError(f"row {index} of a shard with {count} rows")
     begin, end = np.frombuffer(raw, np.uint32, 2, offset=4 * (1 + index)).tolist()
     data = memoryview(raw)[begin:end]
-    names, encodings, fixed = shard["column_names"], shard["column_encodings"], shard["column_sizes"]
+    names, encodings, fixed = (
+        shard["column_names"],
+        shard["column_encodings"],
+        shard["column_sizes"],
+    )
     variable = sum(size is None for size in fixed)
     sizes = iter(np.frombuffer(data, np.uint32, variable).tolist())
     position = 4 * variable
     row = {}
     for name, encoding, size in zip(names, encodings, fixed):
         size = next(sizes) if size is None else size
-        row[name] = _decode_column(encoding, data[position:position + size], name)
+        row[name] = _decode_column(encoding, data[position : position + size], name)
         position += size
     return row
 

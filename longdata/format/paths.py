@@ -31,7 +31,8 @@ def check_slug(name: str, what: str = "name") -> str:
     if not isinstance(name, str) or not SLUG.match(name) or name in (".", ".."):
         raise UnsafePathError(
             f"{what} {name!r} is not a safe name: use letters, digits, '_', '.', '-' (at most 100, "
-            "not starting with '.' or '-')")
+            "not starting with '.' or '-')"
+        )
     return name
 
 
@@ -39,10 +40,17 @@ def inside(base: str | Path, relative: str) -> Path:
     """``base / relative``, refusing a relative part that is absolute, climbs with ``..``, or
     resolves (through symlinks) outside ``base``."""
     parts = PurePosixPath(relative).parts if isinstance(relative, str) else ()
-    if not relative or not isinstance(relative, str) or relative.startswith(("/", "\\")) \
-            or ".." in parts or "\\" in relative or re.match(r"^[A-Za-z]:", relative):
-        raise UnsafePathError(f"path {relative!r} leads outside {base}: it must be relative, "
-                              "without '..'")
+    if (
+        not relative
+        or not isinstance(relative, str)
+        or relative.startswith(("/", "\\"))
+        or ".." in parts
+        or "\\" in relative
+        or re.match(r"^[A-Za-z]:", relative)
+    ):
+        raise UnsafePathError(
+            f"path {relative!r} leads outside {base}: it must be relative, without '..'"
+        )
     root = Path(base).resolve()
     joined = root.joinpath(*parts)
     resolved = joined.resolve()
@@ -56,7 +64,9 @@ def mark_ours(directory: Path, kind: str) -> None:
     export)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}")
-    (directory / MARKER_FILE).write_text(json.dumps({"written_by": "longdata", "kind": kind}) + "\n")
+    (directory / MARKER_FILE).write_text(
+        json.dumps({"written_by": "longdata", "kind": kind}) + "\n"
+    )
 
 
 def marker_kind(directory: Path) -> str | None:

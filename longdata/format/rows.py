@@ -33,8 +33,10 @@ def row_structure_problem(row: Mapping[str, np.ndarray]) -> str | None:
     if len(seq_lens) == 0 or (seq_lens < 1).any():
         return "seq_lens must be non-empty with every length >= 1"
     if not len(ids) == len(mask) == total:
-        return (f"row is inconsistent: len(input_ids)={len(ids)}, len(loss_mask)={len(mask)}, "
-                f"sum(seq_lens)={total} differ")
+        return (
+            f"row is inconsistent: len(input_ids)={len(ids)}, len(loss_mask)={len(mask)}, "
+            f"sum(seq_lens)={total} differ"
+        )
     if len(sources) != len(seq_lens):
         return f"{len(sources)} source_ids for {len(seq_lens)} samples"
     return None

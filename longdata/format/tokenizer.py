@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 BUILTIN_TOKENIZERS = {
-    "builtin:quickstart": Path(__file__).resolve().parent.parent / "assets" / "quickstart_tokenizer",
+    "builtin:quickstart": Path(__file__).resolve().parent.parent
+    / "assets"
+    / "quickstart_tokenizer",
 }
 
 
@@ -48,11 +50,15 @@ def resolve_template(value: str | None) -> str | None:
     if not value or "{%" in value or "{{" in value:
         return value
     if not Path(value).is_file():
-        raise TemplateError(f"tokenizer.chat_template {value!r} is neither a Jinja template nor a file")
+        raise TemplateError(
+            f"tokenizer.chat_template {value!r} is neither a Jinja template nor a file"
+        )
     return Path(value).read_text(encoding="utf-8")
 
 
-def bind_template_kwargs(template: str, kwargs: Mapping[str, bool | int | float | str | None]) -> str:
+def bind_template_kwargs(
+    template: str, kwargs: Mapping[str, bool | int | float | str | None]
+) -> str:
     """``template`` with ``kwargs`` set as template variables at its top (``{%- set k = v %}``).
 
     Binding them into the template text, rather than passing them to each
@@ -60,7 +66,9 @@ def bind_template_kwargs(template: str, kwargs: Mapping[str, bool | int | float 
     tool that loads the checkpoint's saved tokenizer. A top-level ``set`` takes precedence over
     a variable passed at render time, so the checkpoint renders as it was trained.
     """
-    bindings = "".join(f"{{%- set {name} = {_jinja_literal(value)} %}}" for name, value in sorted(kwargs.items()))
+    bindings = "".join(
+        f"{{%- set {name} = {_jinja_literal(value)} %}}" for name, value in sorted(kwargs.items())
+    )
     return bindings + template
 
 

@@ -35,9 +35,14 @@ def schema_of(source: FileSource) -> str:
     return "alpaca" if isinstance(source, LongAlpacaSource) else "messages"
 
 
-def read_source(source, *, cache_dir: Path, count_tokens: Callable[[str], int],
-                partition: Partition | None = None,
-                text_sources: Mapping[str, TextSource] = {}) -> Iterator[Record]:
+def read_source(
+    source,
+    *,
+    cache_dir: Path,
+    count_tokens: Callable[[str], int],
+    partition: Partition | None = None,
+    text_sources: Mapping[str, TextSource] = {},
+) -> Iterator[Record]:
     """All records of one recipe source in a deterministic order, or only those of one of its
     partitions (``longdata.sources.partitions``), with the positions, locations and file labels
     the whole read gives them. ``text_sources`` are the recipe's ``kind: text`` sources by name,
@@ -45,17 +50,29 @@ def read_source(source, *, cache_dir: Path, count_tokens: Callable[[str], int],
     if isinstance(source, AntiHaystackSource):
         from longdata.sources import antihaystack
 
-        haystack = load_haystack(source.haystack, cache_dir, text_sources) if source.haystack else None
+        haystack = (
+            load_haystack(source.haystack, cache_dir, text_sources) if source.haystack else None
+        )
         yield from antihaystack.generate(
-            count=source.count, min_tokens=source.length_range[0], max_tokens=source.length_range[1],
-            depth_range=source.depth_range, needles=source.needles, tasks=source.tasks,
-            zh_fraction=source.zh_fraction, seed=source.seed, count_tokens=count_tokens,
-            indices=range(*partition.span) if partition else None, haystack=haystack)
+            count=source.count,
+            min_tokens=source.length_range[0],
+            max_tokens=source.length_range[1],
+            depth_range=source.depth_range,
+            needles=source.needles,
+            tasks=source.tasks,
+            zh_fraction=source.zh_fraction,
+            seed=source.seed,
+            count_tokens=count_tokens,
+            indices=range(*partition.span) if partition else None,
+            haystack=haystack,
+        )
         return
     if partition is not None:
         files = [(partition.label, iter_partition_rows(partition))]
     elif isinstance(source, TextSource):
-        files = text.iter_files(resolve_path(source, cache_dir), glob=source.glob, split=source.split)
+        files = text.iter_files(
+            resolve_path(source, cache_dir), glob=source.glob, split=source.split
+        )
     else:
         files = iter_source_files(resolve_path(source, cache_dir), source.split)
     if isinstance(source, TextSource):
@@ -67,6 +84,7 @@ def read_source(source, *, cache_dir: Path, count_tokens: Callable[[str], int],
 
         def make(row, location: str, position: int, file: str) -> Record:
             return Conversation(parse(row), location, position=position, file=file)
+
     position = (partition.first_position if partition else 0) - 1
     for file, rows in files:
         for item in rows:
@@ -81,14 +99,19 @@ def read_source(source, *, cache_dir: Path, count_tokens: Callable[[str], int],
                 yield Quarantined(location, str(exc), _preview(row), file)
                 continue
             except Exception as exc:  # one row must never stop the build: it is quarantined
-                yield Quarantined(location, f"cannot normalise this row: {type(exc).__name__}: "
-                                  f"{str(exc)[:500]}", _preview(row), file)
+                yield Quarantined(
+                    location,
+                    f"cannot normalise this row: {type(exc).__name__}: {str(exc)[:500]}",
+                    _preview(row),
+                    file,
+                )
                 continue
             yield record
 
 
-def haystack_paths(entries: tuple[str, ...], cache_dir: Path,
-                   text_sources: Mapping[str, TextSource]) -> list[tuple[str, TextSource | None]]:
+def haystack_paths(
+    entries: tuple[str, ...], cache_dir: Path, text_sources: Mapping[str, TextSource]
+) -> list[tuple[str, TextSource | None]]:
     """Each haystack entry as (path to read, the text source it names or None for a plain path)."""
     resolved = []
     for entry in entries:
@@ -97,7 +120,9 @@ def haystack_paths(entries: tuple[str, ...], cache_dir: Path,
     return resolved
 
 
-def load_haystack(entries: tuple[str, ...], cache_dir: Path, text_sources: Mapping[str, TextSource]):
+def load_haystack(
+    entries: tuple[str, ...], cache_dir: Path, text_sources: Mapping[str, TextSource]
+):
     """The filler of an anti-haystack source: its entries' documents in the order given."""
     from longdata.sources.antihaystack import Haystack
 
@@ -106,9 +131,13 @@ def load_haystack(entries: tuple[str, ...], cache_dir: Path, text_sources: Mappi
         if named is None:
             documents.extend(d.text for d in text.haystack_documents(path))
         else:
-            documents.extend(r.text for r in text.read_documents(
-                path, text_field=named.text_field, glob=named.glob, split=named.split)
-                if isinstance(r, Document))
+            documents.extend(
+                r.text
+                for r in text.read_documents(
+                    path, text_field=named.text_field, glob=named.glob, split=named.split
+                )
+                if isinstance(r, Document)
+            )
     return Haystack.from_texts(documents, source=", ".join(entries))
 
 
@@ -120,18 +149,30 @@ def resolve_path(source: FileSource, cache_dir: Path) -> str:
 
     schema = source.path.removeprefix(SAMPLE_PREFIX)
     if schema not in SAMPLE_SCHEMAS:
-        raise FileNotFoundError(f"{source.path}: unknown sample schema; "
-                                f"available: {', '.join(sorted(SAMPLE_SCHEMAS))}")
+        raise FileNotFoundError(
+            f"{source.path}: unknown sample schema; available: {', '.join(sorted(SAMPLE_SCHEMAS))}"
+        )
     writer, suffix = SAMPLE_SCHEMAS[schema]
     spec = source.sample
-    target = cache_dir / "samples" / (
-        f"{schema}-n{spec.rows}-c{spec.min_chars}-{spec.max_chars}-zh{spec.zh_fraction}-s{spec.seed}{suffix}")
+    target = (
+        cache_dir
+        / "samples"
+        / (
+            f"{schema}-n{spec.rows}-c{spec.min_chars}-{spec.max_chars}-zh{spec.zh_fraction}-s{spec.seed}{suffix}"
+        )
+    )
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         # Concurrent builds sharing a cache may race to make the same file: each writes its own.
         partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
-        writer(partial, spec.rows, seed=spec.seed, min_chars=spec.min_chars,
-               max_chars=spec.max_chars, zh_fraction=spec.zh_fraction)
+        writer(
+            partial,
+            spec.rows,
+            seed=spec.seed,
+            min_chars=spec.min_chars,
+            max_chars=spec.max_chars,
+            zh_fraction=spec.zh_fraction,
+        )
         partial.replace(target)
     return str(target)
 

@@ -28,9 +28,9 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from longdata import synthetic
 from longdata.records import Conversation, Message
-from longdata.synthetic import Lang
+from longdata.sources import synthetic
+from longdata.sources.synthetic import Lang
 
 TASKS = ("needle", "paragraph")
 TOKEN_TOLERANCE = 0.02  # aim inside 2% so that callers can rely on 3%
@@ -182,7 +182,9 @@ class SyntheticFiller:
 class HaystackFiller:
     """Consecutive sentences of a haystack, keeping its paragraph breaks."""
 
-    def __init__(self, sentences: Sequence[str], paragraph_starts: Sequence[bool], start: int, lang: Lang):
+    def __init__(
+        self, sentences: Sequence[str], paragraph_starts: Sequence[bool], start: int, lang: Lang
+    ):
         self.sentences, self.paragraph_starts, self.lang = sentences, paragraph_starts, lang
         self.cursor, self._opens = start, False
 
@@ -211,7 +213,7 @@ class Haystack:
 
     @classmethod
     def from_texts(cls, documents: Iterable[str], source: str = "haystack") -> Haystack:
-        from longdata.tokenize import detect_text_language
+        from longdata.stages.tokenization import detect_text_language
 
         sentences: dict[str, list[str]] = {}
         starts: dict[str, list[bool]] = {}
@@ -225,9 +227,12 @@ class Haystack:
         sentences = {lang: found for lang, found in sentences.items() if found}
         if not sentences:
             raise ValueError(f"haystack {source}: no text to use as filler")
-        return cls({lang: tuple(found) for lang, found in sentences.items()},
-                   {lang: tuple(starts[lang]) for lang in sentences},
-                   {lang: "\n".join(found).lower() for lang, found in sentences.items()}, source)
+        return cls(
+            {lang: tuple(found) for lang, found in sentences.items()},
+            {lang: tuple(starts[lang]) for lang in sentences},
+            {lang: "\n".join(found).lower() for lang, found in sentences.items()},
+            source,
+        )
 
     @classmethod
     def from_paths(cls, paths: Sequence[str | Path]) -> Haystack:
@@ -248,7 +253,9 @@ class Haystack:
         return HaystackFiller(self.sentences[lang], self.paragraph_starts[lang], start, lang)
 
     def contains(self, phrase: str) -> bool:
-        return phrase.lower() in self.text.get("zh" if re.search(r"[\u4e00-\u9fff]", phrase) else "en", "")
+        return phrase.lower() in self.text.get(
+            "zh" if re.search(r"[\u4e00-\u9fff]", phrase) else "en", ""
+        )
 
 
 def fit(
@@ -361,8 +368,9 @@ def _make_task(
     return ParagraphTask(lang, phrase, template, rng.uniform(*depth_range))
 
 
-def calibrate(seed: int | str, lang: Lang, count_tokens: CountTokens,
-              haystack: Haystack | None = None) -> float:
+def calibrate(
+    seed: int | str, lang: Lang, count_tokens: CountTokens, haystack: Haystack | None = None
+) -> float:
     """Characters per token of ``count_tokens`` on filler text keyed by ``seed`` (generated, or
     the haystack's): the first guess of ``fit``."""
     rng = random.Random(f"{seed}:calibration:{lang}")
@@ -425,7 +433,10 @@ def generate(
         task = _make_task(rng, kind, lang, depth_range, needles, haystack)
         filler = haystack.filler(rng, lang) if haystack else SyntheticFiller(rng, lang)
         rendered, tokens = fit(
-            task, filler, target_tokens=target, chars_per_token=chars_per_token[lang],
+            task,
+            filler,
+            target_tokens=target,
+            chars_per_token=chars_per_token[lang],
             measure=lambda r: count_tokens(r.prompt) + count_tokens(r.answer),
             window=((1 - TOKEN_TOLERANCE) * target, (1 + TOKEN_TOLERANCE) * target),
         )

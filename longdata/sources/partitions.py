@@ -66,13 +66,18 @@ def plan_partitions(source, path: str | None, wanted: int) -> list[Partition] | 
     generated source), positions not yet assigned. Files too small to cut give fewer; a text
     source read as text files gives None (it is read whole)."""
     if isinstance(source, AntiHaystackSource):
-        return [Partition("generated", "", (a, b), rows=b - a) for a, b in _ranges(source.count, wanted)]
+        return [
+            Partition("generated", "", (a, b), rows=b - a) for a, b in _ranges(source.count, wanted)
+        ]
     if isinstance(source, TextSource) and source.glob is not None:
         return None
     files = local_files(path)
     if files is None:
         groups = min(wanted, open_hub_dataset(path, source.split).num_shards)
-        return [Partition("hub", path, (i, groups), split=source.split, label=path) for i in range(groups)]
+        return [
+            Partition("hub", path, (i, groups), split=source.split, label=path)
+            for i in range(groups)
+        ]
     return [part for label, file in files for part in _file_partitions(file, label, wanted)]
 
 
@@ -87,10 +92,14 @@ def _file_partitions(file: Path, label: str, wanted: int) -> list[Partition]:
         except (pa.ArrowException, OSError):  # the reader quarantines it; it is counted by reading
             return [Partition("parquet", str(file), (0, None), label=label)]
         sizes = [metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)]
-        return [Partition("parquet", str(file), (a, b), rows=sum(sizes[a:b]), label=label)
-                for a, b in _ranges(len(sizes), wanted)]
+        return [
+            Partition("parquet", str(file), (a, b), rows=sum(sizes[a:b]), label=label)
+            for a, b in _ranges(len(sizes), wanted)
+        ]
     if layout == "json_array":
-        return [Partition("json_array", str(file), (0, None), label=label)]  # cut by place() once counted
+        return [
+            Partition("json_array", str(file), (0, None), label=label)
+        ]  # cut by place() once counted
     bounds = _line_starts(file, wanted)
     return [Partition("jsonl", str(file), (a, b), label=label) for a, b in zip(bounds, bounds[1:])]
 
@@ -132,15 +141,23 @@ def count_rows(partition: Partition) -> tuple[int, int]:
     return rows, lines
 
 
-def place(partitions: list[Partition], counts: list[tuple[int, int]], wanted: int) -> list[Partition]:
+def place(
+    partitions: list[Partition], counts: list[tuple[int, int]], wanted: int
+) -> list[Partition]:
     """The partitions with their row counts, first positions and first line numbers; each
     counted JSON array cut into about ``wanted`` ranges of element numbers."""
     placed, position, line, previous_file = [], 0, 1, None
     for partition, (rows, lines) in zip(partitions, counts):
         if partition.path != previous_file:
             line, previous_file = 1, partition.path  # line numbers are per file
-        pieces = ([dataclasses.replace(partition, span=(a, b), rows=b - a) for a, b in _ranges(rows, wanted)]
-                  if partition.reader == "json_array" else [dataclasses.replace(partition, rows=rows)])
+        pieces = (
+            [
+                dataclasses.replace(partition, span=(a, b), rows=b - a)
+                for a, b in _ranges(rows, wanted)
+            ]
+            if partition.reader == "json_array"
+            else [dataclasses.replace(partition, rows=rows)]
+        )
         for piece in pieces:
             placed.append(dataclasses.replace(piece, first_position=position, first_line=line))
             position += piece.rows
@@ -159,5 +176,7 @@ def iter_partition_rows(partition: Partition) -> Iterator[Row]:
     if partition.reader == "parquet":
         return iter_parquet(path, label, None if stop is None else range(start, stop))
     if partition.reader == "hub":
-        return iter_hub_rows(partition.path, partition.split, (start, stop), partition.first_position)
+        return iter_hub_rows(
+            partition.path, partition.split, (start, stop), partition.first_position
+        )
     raise ValueError(f"a {partition.reader} partition has no rows to read")

@@ -85,8 +85,12 @@ def iter_file_rows(path: Path, label: str | None = None) -> Iterator[Row]:
     yield from readers[file_layout(path)](path, label)
 
 
-def iter_jsonl(path: Path, label: str | None = None, byte_range: tuple[int, int | None] = (0, None),
-               first_line: int = 1) -> Iterator[Row]:
+def iter_jsonl(
+    path: Path,
+    label: str | None = None,
+    byte_range: tuple[int, int | None] = (0, None),
+    first_line: int = 1,
+) -> Iterator[Row]:
     """Rows of the lines that start inside ``byte_range`` (a source partition's share: its
     bounds are line starts), numbered from ``first_line``."""
     name, (start, stop) = label or path.name, byte_range
@@ -102,15 +106,22 @@ def iter_jsonl(path: Path, label: str | None = None, byte_range: tuple[int, int 
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                yield Quarantined(location, f"not UTF-8: {exc.reason} at byte {exc.start}",
-                                  raw.decode("utf-8", "replace")[:PREVIEW_CHARS])
+                yield Quarantined(
+                    location,
+                    f"not UTF-8: {exc.reason} at byte {exc.start}",
+                    raw.decode("utf-8", "replace")[:PREVIEW_CHARS],
+                )
                 continue
             try:
                 yield location, json.loads(text)
             except json.JSONDecodeError as exc:
-                yield Quarantined(location, f"invalid JSON: {exc.msg} at column {exc.colno}", text[:PREVIEW_CHARS])
+                yield Quarantined(
+                    location, f"invalid JSON: {exc.msg} at column {exc.colno}", text[:PREVIEW_CHARS]
+                )
             except RecursionError:
-                yield Quarantined(location, "JSON nested too deeply to decode", text[:PREVIEW_CHARS])
+                yield Quarantined(
+                    location, "JSON nested too deeply to decode", text[:PREVIEW_CHARS]
+                )
 
 
 def _lines_before(handle, limit: int) -> Iterator[bytes]:
@@ -140,7 +151,7 @@ class _Window:
         decoded = chunk.decode("utf-8", "surrogateescape")
         if self.first:
             decoded, self.first = decoded.removeprefix(BOM), False
-        self.text = self.text[self.position:] + decoded
+        self.text = self.text[self.position :] + decoded
         self.position = 0
         return True
 
@@ -162,7 +173,11 @@ class _Window:
         one missing quote cannot swallow the rest of a file laid out one element per line."""
         while True:
             end = _scan_element(self.text, self.position)
-            if end is not None or len(self.text) - self.position >= MAX_ELEMENT_CHARS or not self.read_more():
+            if (
+                end is not None
+                or len(self.text) - self.position >= MAX_ELEMENT_CHARS
+                or not self.read_more()
+            ):
                 return end
 
 
@@ -190,7 +205,7 @@ def _scan_element(text: str, start: int) -> int | None:
             elif char in "]}":
                 opener = "[" if char == "]" else "{"
                 if opener in open_brackets:  # a mismatched closer also closes what it skips over
-                    del open_brackets[len(open_brackets) - 1 - open_brackets[::-1].index(opener):]
+                    del open_brackets[len(open_brackets) - 1 - open_brackets[::-1].index(opener) :]
                 elif char == "]":
                     return at  # the end of the array
             elif char == "," and not open_brackets:
@@ -229,10 +244,17 @@ def iter_json_array(path: Path, label: str | None = None) -> Iterator[Row]:
                 # The element may only be cut by the chunk boundary: find its end, then decode again.
                 element_end = window.element_end()
                 if element_end is None:
-                    reason = ("JSON array cut short inside this element" if window.at_eof else
-                              f"no JSON element boundary within {MAX_ELEMENT_CHARS:,} characters: "
-                              "the rest of the array is quarantined as this one row")
-                    yield Quarantined(location, reason, window.text[window.position:window.position + PREVIEW_CHARS])
+                    reason = (
+                        "JSON array cut short inside this element"
+                        if window.at_eof
+                        else f"no JSON element boundary within {MAX_ELEMENT_CHARS:,} characters: "
+                        "the rest of the array is quarantined as this one row"
+                    )
+                    yield Quarantined(
+                        location,
+                        reason,
+                        window.text[window.position : window.position + PREVIEW_CHARS],
+                    )
                     return
                 try:
                     element, end = _decoder.raw_decode(window.text[:element_end], window.position)
@@ -240,30 +262,40 @@ def iter_json_array(path: Path, label: str | None = None) -> Iterator[Row]:
                     yield _bad_element(location, window, element_end, f"invalid JSON: {exc.msg}")
                     continue
                 except RecursionError:
-                    yield _bad_element(location, window, element_end, "JSON nested too deeply to decode")
+                    yield _bad_element(
+                        location, window, element_end, "JSON nested too deeply to decode"
+                    )
                     continue
-            text = window.text[window.position:end]
+            text = window.text[window.position : end]
             window.position = end
             if _has_undecodable_bytes(text):
-                yield Quarantined(location, "not UTF-8: undecodable bytes in this element",
-                                  _readable(text)[:PREVIEW_CHARS])
+                yield Quarantined(
+                    location,
+                    "not UTF-8: undecodable bytes in this element",
+                    _readable(text)[:PREVIEW_CHARS],
+                )
             else:
                 yield location, element
 
 
 def _bad_element(location: str, window: _Window, end: int, reason: str) -> Quarantined:
-    text = window.text[window.position:end]
+    text = window.text[window.position : end]
     window.position = end
-    return Quarantined(location, f"{reason}; reading resumed after this element", _readable(text)[:PREVIEW_CHARS])
+    return Quarantined(
+        location, f"{reason}; reading resumed after this element", _readable(text)[:PREVIEW_CHARS]
+    )
 
 
 def _trailing_content(name: str, window: _Window) -> Iterator[Quarantined]:
     if window.skip(" \t\r\n") == "":
         return
-    preview = window.text[window.position:window.position + PREVIEW_CHARS]
-    yield Quarantined(f"{name}[after the array]",
-                      "content after the end of the JSON array (a second array or trailing text); "
-                      "a .json file holds one array", _readable(preview))
+    preview = window.text[window.position : window.position + PREVIEW_CHARS]
+    yield Quarantined(
+        f"{name}[after the array]",
+        "content after the end of the JSON array (a second array or trailing text); "
+        "a .json file holds one array",
+        _readable(preview),
+    )
 
 
 def _readable(text: str) -> str:
@@ -275,7 +307,9 @@ def _has_undecodable_bytes(text: str) -> bool:
     return not text.isascii() and _UNDECODABLE_BYTE.search(text) is not None
 
 
-def iter_parquet(path: Path, label: str | None = None, row_groups: range | None = None) -> Iterator[Row]:
+def iter_parquet(
+    path: Path, label: str | None = None, row_groups: range | None = None
+) -> Iterator[Row]:
     """Rows of a Parquet file, or of the row groups ``row_groups`` only (a source partition's
     share), indexed by their row number in the whole file. A file pyarrow cannot read (corrupt,
     truncated) is quarantined as one row from where reading stopped: its remaining row count may
@@ -295,8 +329,11 @@ def iter_parquet(path: Path, label: str | None = None, row_groups: range | None 
                 index += 1
     except (pa.ArrowException, OSError) as exc:
         where = "the whole file" if index == 0 else f"rows from {index} on"
-        yield Quarantined(f"{name}[{index}:]", f"unreadable Parquet ({type(exc).__name__}: "
-                          f"{str(exc)[:300]}); {where} quarantined", "")
+        yield Quarantined(
+            f"{name}[{index}:]",
+            f"unreadable Parquet ({type(exc).__name__}: {str(exc)[:300]}); {where} quarantined",
+            "",
+        )
 
 
 def open_hub_dataset(dataset_id: str, split: str):
@@ -306,12 +343,15 @@ def open_hub_dataset(dataset_id: str, split: str):
     try:
         return datasets.load_dataset(dataset_id, split=split, streaming=True)
     except Exception as exc:  # the hub raises many types; the user needs the id and the reason
-        raise FileNotFoundError(f"{dataset_id}: not a local path and not loadable with "
-                                f"datasets.load_dataset ({type(exc).__name__}: {exc})") from exc
+        raise FileNotFoundError(
+            f"{dataset_id}: not a local path and not loadable with "
+            f"datasets.load_dataset ({type(exc).__name__}: {exc})"
+        ) from exc
 
 
-def iter_hub_rows(dataset_id: str, split: str, shards: tuple[int, int] | None = None,
-                  first_index: int = 0) -> Iterator[Row]:
+def iter_hub_rows(
+    dataset_id: str, split: str, shards: tuple[int, int] | None = None, first_index: int = 0
+) -> Iterator[Row]:
     """A hub dataset streamed row by row; with ``shards=(i, n)`` only the i-th of n contiguous
     groups of its data files (a source partition's share), indexed from ``first_index``."""
     rows = open_hub_dataset(dataset_id, split)

@@ -20,8 +20,8 @@ from typing import Any, NamedTuple
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from longdata import synthetic
-from longdata.synthetic import Lang
+from longdata.sources import synthetic
+from longdata.sources.synthetic import Lang
 
 Row = dict[str, Any]
 
@@ -143,8 +143,7 @@ def write_longalign(
     with a system message, a few continue for a second user/assistant exchange."""
     rng = random.Random(seed)
     rows = (
-        _longalign_row(rng, i, _pick_lang(rng, zh_fraction), min_chars, max_chars)
-        for i in range(n)
+        _longalign_row(rng, i, _pick_lang(rng, zh_fraction), min_chars, max_chars) for i in range(n)
     )
     return _write_jsonl(Path(path), rows)
 
@@ -189,9 +188,7 @@ def write_longalpaca(
     return out
 
 
-def _chat(
-    rng: random.Random, lang: Lang, min_chars: int, max_chars: int
-) -> list[tuple[str, str]]:
+def _chat(rng: random.Random, lang: Lang, min_chars: int, max_chars: int) -> list[tuple[str, str]]:
     """A short generic chat as ``(role, content)`` pairs: optional system, 1-3 exchanges."""
     turns = []
     if rng.random() < 0.2:
@@ -285,8 +282,10 @@ def write_messages_parquet(
 
 
 _TEXT_COLLECTIONS = ("synthetic-books", "synthetic-papers", "synthetic-code-docs", "synthetic-web")
-_REPOST_NOTES = {"en": ("Reposted from the archive.", "Mirror copy; the original is linked below."),
-                 "zh": ("转载自档案馆。", "镜像副本，原文链接见下。")}
+_REPOST_NOTES = {
+    "en": ("Reposted from the archive.", "Mirror copy; the original is linked below."),
+    "zh": ("转载自档案馆。", "镜像副本，原文链接见下。"),
+}
 NEAR_DUPLICATE_FRACTION = 0.12
 
 
@@ -317,7 +316,11 @@ def write_text(
                 text = f"{synthetic.topic_title(rng, lang)}\n\n{_text(rng, lang, min_chars, max_chars)}"
                 collection = rng.choice(_TEXT_COLLECTIONS)
                 published.append((lang, text))
-            yield {"text": text, "id": f"doc-{i:05d}", "meta": {"collection": collection, "lang": lang}}
+            yield {
+                "text": text,
+                "id": f"doc-{i:05d}",
+                "meta": {"collection": collection, "lang": lang},
+            }
 
     return _write_jsonl(Path(path), rows())
 

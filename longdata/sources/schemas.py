@@ -10,8 +10,16 @@ from typing import Any
 
 from longdata.records import ROLES, Message, RowError, validate_messages
 
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
-                  "assistant": "assistant", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "bing": "assistant",
+    "bard": "assistant",
+}
 
 
 def _text(value: Any, field: str) -> str:
@@ -56,9 +64,13 @@ def parse_sharegpt(row: Any) -> tuple[Message, ...]:
     for i, turn in enumerate(turns):
         speaker = turn.get("from")
         if speaker not in SHAREGPT_ROLES:
-            raise RowError(f"conversations[{i}].from must be one of "
-                           f"{', '.join(sorted(SHAREGPT_ROLES))}, got {speaker!r}")
-        messages.append(Message(SHAREGPT_ROLES[speaker], _text(turn.get("value"), f"conversations[{i}].value")))
+            raise RowError(
+                f"conversations[{i}].from must be one of "
+                f"{', '.join(sorted(SHAREGPT_ROLES))}, got {speaker!r}"
+            )
+        messages.append(
+            Message(SHAREGPT_ROLES[speaker], _text(turn.get("value"), f"conversations[{i}].value"))
+        )
     messages = tuple(messages)
     validate_messages(messages)
     return messages

@@ -31,7 +31,9 @@ def iter_items(path: str, *, glob: str | None, split: str = "train") -> Iterator
         yield from rows
 
 
-def iter_files(path: str, *, glob: str | None, split: str = "train") -> Iterator[tuple[str, Iterator[Row]]]:
+def iter_files(
+    path: str, *, glob: str | None, split: str = "train"
+) -> Iterator[tuple[str, Iterator[Row]]]:
     """(file label, its documents) per file of a text source, for the per-file row accounting."""
     local = Path(path)
     if glob is None:
@@ -55,8 +57,11 @@ def read_text_file(file: Path, location: str) -> Row:
     try:
         return location, raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        return Quarantined(location, f"not UTF-8: {exc.reason} at byte {exc.start}",
-                           raw[:PREVIEW_CHARS].decode("utf-8", "replace"))
+        return Quarantined(
+            location,
+            f"not UTF-8: {exc.reason} at byte {exc.start}",
+            raw[:PREVIEW_CHARS].decode("utf-8", "replace"),
+        )
 
 
 def document_text(row: Any, text_field: str) -> str:
@@ -77,12 +82,15 @@ def document_text(row: Any, text_field: str) -> str:
     return text
 
 
-def make_document(row: Any, location: str, position: int, text_field: str, file: str = "") -> Document:
+def make_document(
+    row: Any, location: str, position: int, text_field: str, file: str = ""
+) -> Document:
     return Document(document_text(row, text_field), location, position=position, file=file)
 
 
-def read_documents(path: str, *, text_field: str = "text", glob: str | None = None,
-                   split: str = "train") -> Iterator[Document | Quarantined]:
+def read_documents(
+    path: str, *, text_field: str = "text", glob: str | None = None, split: str = "train"
+) -> Iterator[Document | Quarantined]:
     """Every document under ``path`` in order, bad ones quarantined."""
     yield from _documents(iter_items(path, glob=glob, split=split), text_field)
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 
 from longdata.format.rows import COLUMNS, SHARD_HASHES
-from longdata.mix import SampleList
-from longdata.packing import Pieces
-from longdata.tokenize import TokenCache
+from longdata.stages.mix import SampleList
+from longdata.stages.packing import Pieces
+from longdata.stages.tokenization import TokenCache
 
 
 @dataclass
@@ -39,7 +39,9 @@ class RowAssembler:
         pieces, samples = self.pieces, self.samples
         sample_of = pieces.sample[items]
         sources = samples.source[sample_of]
-        for item, source, index in zip(items.tolist(), sources.tolist(), samples.index[sample_of].tolist()):
+        for item, source, index in zip(
+            items.tolist(), sources.tolist(), samples.index[sample_of].tolist()
+        ):
             for start, length in pieces.ranges(item):  # two ranges where the middle was cut out
                 range_ids, range_mask = self.caches[source].tokens(index, start, length)
                 ids.append(range_ids)
@@ -57,20 +59,37 @@ class RowAssembler:
         }
 
 
-def piece_mask(pieces: Pieces, piece: int, samples: SampleList, caches: Sequence[TokenCache]) -> np.ndarray:
+def piece_mask(
+    pieces: Pieces, piece: int, samples: SampleList, caches: Sequence[TokenCache]
+) -> np.ndarray:
     """The cached loss mask of one piece's tokens (as its sample had them, before any row rule)."""
     sample = pieces.sample[piece]
     cache, index = caches[samples.source[sample]], int(samples.index[sample])
-    return np.concatenate([cache.tokens(index, start, length)[1] for start, length in pieces.ranges(piece)])
+    return np.concatenate(
+        [cache.tokens(index, start, length)[1] for start, length in pieces.ranges(piece)]
+    )
 
 
-def write_stream(rows: Iterable[dict[str, np.ndarray]], out_dir: Path, *, name: str, rel_path: str,
-                 compression: str | None, size_limit: int) -> StreamStats:
+def write_stream(
+    rows: Iterable[dict[str, np.ndarray]],
+    out_dir: Path,
+    *,
+    name: str,
+    rel_path: str,
+    compression: str | None,
+    size_limit: int,
+) -> StreamStats:
     from streaming import MDSWriter
 
     stats = StreamStats(name=name, path=rel_path)
-    with MDSWriter(out=str(out_dir), columns=COLUMNS, compression=compression,
-                   hashes=SHARD_HASHES, size_limit=size_limit, progress_bar=False) as writer:
+    with MDSWriter(
+        out=str(out_dir),
+        columns=COLUMNS,
+        compression=compression,
+        hashes=SHARD_HASHES,
+        size_limit=size_limit,
+        progress_bar=False,
+    ) as writer:
         for row in rows:
             writer.write(row)
             stats.rows += 1

@@ -19,6 +19,7 @@ from typing import Literal
 Lang = Literal["en", "zh"]
 LANGS: tuple[Lang, ...] = ("en", "zh")
 
+
 def _words(text: str) -> tuple[str, ...]:
     """Whitespace-separated words of ``text``, duplicates dropped, order kept."""
     return tuple(dict.fromkeys(text.split()))
@@ -73,12 +74,33 @@ EN_ADVERBS = _words(
 EN_PREPOSITIONS = _words("near beside behind across through along under above around beyond")
 EN_DETERMINERS = ("the", "the", "the", "some", "every", "each", "that", "this", "one", "another")
 EN_CONNECTIVES = (
-    "and", "but", "because", "although", "while", "so", "since", "until", "after", "before",
-    "whereas", "even though", "as soon as",
+    "and",
+    "but",
+    "because",
+    "although",
+    "while",
+    "so",
+    "since",
+    "until",
+    "after",
+    "before",
+    "whereas",
+    "even though",
+    "as soon as",
 )
 EN_OPENERS = (
-    "However", "Meanwhile", "Later", "In the end", "For a while", "At first", "Even so",
-    "In many places", "By contrast", "As a result", "Every year", "Not long after",
+    "However",
+    "Meanwhile",
+    "Later",
+    "In the end",
+    "For a while",
+    "At first",
+    "Even so",
+    "In many places",
+    "By contrast",
+    "As a result",
+    "Every year",
+    "Not long after",
 )
 
 # Characters are kept apart by word so that sentences look like real segmented Chinese prose.

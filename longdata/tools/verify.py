@@ -3,7 +3,7 @@
 Checks, per shard: file sizes and hashes against the stream's index.json; every row against the
 row contract and against the split's sample index (its pieces, in order); per stream and split,
 the rows/tokens/targets against the manifest; and per source, that every row read is accounted
-for (``longdata.accounting``) and that the split indexes hold the samples the accounting says. Shards are
+for (``longdata.stages.accounting``) and that the split indexes hold the samples the accounting says. Shards are
 decompressed into a private temporary directory, so verifying never leaves decompressed copies
 beside the build (streaming's own readers would).
 """
@@ -16,10 +16,10 @@ from pathlib import Path
 
 import polars as pl
 
-from longdata.accounting import accounting_problems
 from longdata.format import BuildFormatError, Manifest, ShardError, check_row, inside, load_shard
 from longdata.format.mds import read_index, shard_file
-from longdata.sample_index import INDEX_FILE
+from longdata.stages.accounting import accounting_problems
+from longdata.stages.sample_index import INDEX_FILE
 
 
 @dataclass
@@ -49,20 +49,30 @@ def verify_build(build_dir: str | Path) -> VerifyReport:
             split_totals = {"rows": 0, "tokens": 0, "target_tokens": 0}
             layouts = _indexed_layouts(build_dir, split_name, report)
             for stream in split.streams:
-                counted = _verify_stream(manifest.stream_dir(stream), split.max_seq_len, n_sources,
-                                         Path(scratch), report, layouts.get(stream.name, {}))
+                counted = _verify_stream(
+                    manifest.stream_dir(stream),
+                    split.max_seq_len,
+                    n_sources,
+                    Path(scratch),
+                    report,
+                    layouts.get(stream.name, {}),
+                )
                 for key in ("rows", "tokens", "target_tokens", "samples"):
                     recorded = getattr(stream, key)
                     if recorded is not None and counted[key] != recorded:
-                        report.problems.append(f"{stream.path}: manifest says {key}={recorded}, "
-                                               f"shards hold {counted[key]}")
+                        report.problems.append(
+                            f"{stream.path}: manifest says {key}={recorded}, "
+                            f"shards hold {counted[key]}"
+                        )
                 for key in split_totals:
                     split_totals[key] += counted[key]
             recorded_totals = manifest.raw["splits"][split_name]
             for key, value in split_totals.items():
                 if recorded_totals.get(key, value) != value:
-                    report.problems.append(f"split {split_name}: manifest says "
-                                           f"{key}={recorded_totals[key]}, streams add up to {value}")
+                    report.problems.append(
+                        f"split {split_name}: manifest says "
+                        f"{key}={recorded_totals[key]}, streams add up to {value}"
+                    )
     report.problems.extend(row_accounting_problems(build_dir, manifest.raw))
     return report
 
@@ -76,19 +86,27 @@ def row_accounting_problems(build_dir: Path, manifest: dict) -> list[str]:
         return problems  # no mix stats to hold the sample indexes against (already reported)
     names = [s["name"] for s in manifest["sources"]]
     for prefix in sorted({name.rpartition("/")[0] for name in manifest["splits"]}):
-        for split, expected in (("validation", {s["name"]: s["mix"]["validation"] for s in manifest["sources"]}),
-                                ("train", {s["name"]: s["mix"]["train_samples"] for s in manifest["sources"]})):
+        for split, expected in (
+            ("validation", {s["name"]: s["mix"]["validation"] for s in manifest["sources"]}),
+            ("train", {s["name"]: s["mix"]["train_samples"] for s in manifest["sources"]}),
+        ):
             split_name = f"{prefix}/{split}" if prefix else split
             held = dict.fromkeys(names, 0)
             index = inside(build_dir, f"{split_name}/{INDEX_FILE}")
             if index.exists():
-                counts = pl.read_parquet(index, columns=["sample", "source"]) \
-                    .unique("sample").group_by("source").len()
+                counts = (
+                    pl.read_parquet(index, columns=["sample", "source"])
+                    .unique("sample")
+                    .group_by("source")
+                    .len()
+                )
                 held.update(dict(counts.iter_rows()))
             for name in names:
                 if held[name] != expected[name]:
-                    problems.append(f"split {split_name}: the sample index holds {held[name]} samples of "
-                                    f"source {name}, the manifest's mix {expected[name]}")
+                    problems.append(
+                        f"split {split_name}: the sample index holds {held[name]} samples of "
+                        f"source {name}, the manifest's mix {expected[name]}"
+                    )
     return problems
 
 
@@ -99,15 +117,26 @@ def _indexed_layouts(build_dir: Path, split_name: str, report: VerifyReport) -> 
         report.problems.append(f"{path}: missing sample index")
         return {}
     layouts: dict[str, dict] = {}
-    packed = (pl.read_parquet(path).filter(pl.col("row") >= 0).sort("stream", "row", "slot")
-              .group_by("stream", "row", maintain_order=True).agg("tokens", "source_id"))
+    packed = (
+        pl.read_parquet(path)
+        .filter(pl.col("row") >= 0)
+        .sort("stream", "row", "slot")
+        .group_by("stream", "row", maintain_order=True)
+        .agg("tokens", "source_id")
+    )
     for stream, row, tokens, sources in packed.iter_rows():
         layouts.setdefault(stream, {})[row] = (tokens, sources)
     return layouts
 
 
-def _verify_stream(stream_dir: Path, max_seq_len: int, n_sources: int, scratch: Path,
-                   report: VerifyReport, layout: dict[int, tuple[list, list]]) -> dict[str, int]:
+def _verify_stream(
+    stream_dir: Path,
+    max_seq_len: int,
+    n_sources: int,
+    scratch: Path,
+    report: VerifyReport,
+    layout: dict[int, tuple[list, list]],
+) -> dict[str, int]:
     counted = {"rows": 0, "tokens": 0, "target_tokens": 0, "samples": 0}
     for where, index, row in iter_stream_rows(stream_dir, scratch, report.problems):
         if index == 0:
@@ -117,16 +146,20 @@ def _verify_stream(stream_dir: Path, max_seq_len: int, n_sources: int, scratch: 
             report.problems.append(f"{where} row {index}: {problem}")
         indexed = layout.get(counted["rows"])
         if indexed != (row["seq_lens"].tolist(), row["source_ids"].tolist()):
-            report.problems.append(f"{where} row {index}: the sample index lists {indexed} "
-                                   f"(lengths, sources), the row holds {row['seq_lens'].tolist()}, "
-                                   f"{row['source_ids'].tolist()}")
+            report.problems.append(
+                f"{where} row {index}: the sample index lists {indexed} "
+                f"(lengths, sources), the row holds {row['seq_lens'].tolist()}, "
+                f"{row['source_ids'].tolist()}"
+            )
         counted["rows"] += 1
         counted["samples"] += len(row["seq_lens"])
         counted["tokens"] += len(row["input_ids"])
         counted["target_tokens"] += int(row["loss_mask"].sum())
     if len(layout) != counted["rows"]:
-        report.problems.append(f"{stream_dir}: the sample index lists {len(layout)} rows, "
-                               f"the shards hold {counted['rows']}")
+        report.problems.append(
+            f"{stream_dir}: the sample index lists {len(layout)} rows, "
+            f"the shards hold {counted['rows']}"
+        )
     report.rows += counted["rows"]
     report.tokens += counted["tokens"]
     return counted
@@ -153,8 +186,12 @@ def iter_stream_rows(stream_dir: Path, scratch: Path, problems: list[str]):
         # Merged streams name shards "part-00000/shard..."; the scratch copy is flat.
         raw_name = Path(shard["raw_data"]["basename"]).name
         (scratch / raw_name).write_bytes(data)
-        flat = {**shard, "zip_data": None, "compression": None,
-                "raw_data": {**shard["raw_data"], "basename": raw_name}}
+        flat = {
+            **shard,
+            "zip_data": None,
+            "compression": None,
+            "raw_data": {**shard["raw_data"], "basename": raw_name},
+        }
         reader = reader_from_json(str(scratch), None, flat)
         for index in range(shard["samples"]):
             yield where, index, reader.get_item(index)

@@ -2,7 +2,7 @@
 
 Works on lengths and hashes (and, for near-duplicates only, the cached tokens). In order:
 length filters, exact deduplication across sources (first occurrence in recipe order wins), near
-deduplication (MinHash-LSH, longdata/near_dedup.py; again the first in recipe then source order
+deduplication (MinHash-LSH, longdata/stages/near_dedup.py; again the first in recipe then source order
 is kept), a seeded validation hold-out of whole input rows, then recipe weights in tokens (weight 2.0 = the source
 contributes twice its tokens: whole repeats, then a seeded sample for the fraction), and last an
 optional language ratio, met by down-sampling whichever language is over its share (``trim``)
@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from longdata.near_dedup import NearDuplicateFilter
+from longdata.stages.near_dedup import NearDuplicateFilter
 
 LANGUAGE_SHARE_MODES = ("trim", "upsample")
 _FLOAT_SLACK = 1e-9  # token budgets are products of float shares: equal within this is equal
@@ -62,7 +62,9 @@ class SourceMixStats:
     validation: int = 0
     train_unique: int = 0
     language_trimmed: int = 0  # weighted samples removed to meet the language ratio
-    language_upsampled: int = 0  # weighted samples repeated to meet it (language_share_mode: upsample)
+    language_upsampled: int = (
+        0  # weighted samples repeated to meet it (language_share_mode: upsample)
+    )
     train_samples: int = 0  # after weighting, repeats counted
     train_tokens: int = 0
 
@@ -82,8 +84,10 @@ class LanguageBalance:
     added: dict[str, float] = field(init=False)  # tokens repeated, as a share of what it had
 
     def __post_init__(self) -> None:
-        ratio = {lang: self.tokens_after[lang] / have if have else 1.0
-                 for lang, have in self.tokens_before.items()}
+        ratio = {
+            lang: self.tokens_after[lang] / have if have else 1.0
+            for lang, have in self.tokens_before.items()
+        }
         self.discarded = {lang: max(0.0, 1 - r) for lang, r in ratio.items()}
         self.added = {lang: max(0.0, r - 1) for lang, r in ratio.items()}
 
@@ -96,11 +100,16 @@ class LanguageBalance:
         for lang, lost in self.discarded.items():
             if lost > above:
                 others = ", ".join(f"{o} {self.share[o]:.0%}" for o in self.share if o != lang)
-                hint = (" Set language_share_mode: upsample to repeat the other languages instead."
-                        if self.mode == "trim" and self.share[lang] > 0 else "")
-                lines.append(f"language_share: meeting {others} (mode {self.mode}) discarded {lost:.0%} "
-                             f"of the {lang} training tokens ({self.tokens_before[lang]:,} -> "
-                             f"{self.tokens_after[lang]:,}).{hint}")
+                hint = (
+                    " Set language_share_mode: upsample to repeat the other languages instead."
+                    if self.mode == "trim" and self.share[lang] > 0
+                    else ""
+                )
+                lines.append(
+                    f"language_share: meeting {others} (mode {self.mode}) discarded {lost:.0%} "
+                    f"of the {lang} training tokens ({self.tokens_before[lang]:,} -> "
+                    f"{self.tokens_after[lang]:,}).{hint}"
+                )
         return lines
 
 
@@ -112,22 +121,36 @@ class Mix:
     language: LanguageBalance | None = None
 
 
-def mix(sources: Sequence[SourceSamples], *, seed: int, validation_fraction: float,
-        validation_max: int, dedup: bool, shuffle: bool = True,
-        language_share: dict[str, float] | None = None, language_share_mode: str = "trim",
-        near_duplicates: NearDuplicateFilter | None = None) -> Mix:
+def mix(
+    sources: Sequence[SourceSamples],
+    *,
+    seed: int,
+    validation_fraction: float,
+    validation_max: int,
+    dedup: bool,
+    shuffle: bool = True,
+    language_share: dict[str, float] | None = None,
+    language_share_mode: str = "trim",
+    near_duplicates: NearDuplicateFilter | None = None,
+) -> Mix:
     """``shuffle=False`` keeps recipe source order then input order (for order-preserving packing).
     ``language_share`` maps a language tag to its wanted share of train tokens (e.g. zh: 0.1),
     met as ``language_share_mode`` says. ``near_duplicates`` removes samples too similar to one
     kept before it (every source needs ``tokens``)."""
     if language_share_mode not in LANGUAGE_SHARE_MODES:
-        raise ValueError(f"language_share_mode must be one of {LANGUAGE_SHARE_MODES}, got {language_share_mode!r}")
+        raise ValueError(
+            f"language_share_mode must be one of {LANGUAGE_SHARE_MODES}, got {language_share_mode!r}"
+        )
     rng = np.random.default_rng(seed)
     seen: set[int] = set()
-    keep = [_filtered(s, i, seen if dedup else None, near_duplicates) for i, s in enumerate(sources)]
+    keep = [
+        _filtered(s, i, seen if dedup else None, near_duplicates) for i, s in enumerate(sources)
+    ]
     holdout = _validation_counts([len(k[0]) for k in keep], validation_fraction, validation_max)
     weighted, validation_parts, stats = [], [], []
-    for source_index, (source, (kept, source_stats), n_validation) in enumerate(zip(sources, keep, holdout)):
+    for source_index, (source, (kept, source_stats), n_validation) in enumerate(
+        zip(sources, keep, holdout)
+    ):
         order = rng.permutation(kept)
         held_out = _whole_rows(order, source.row, n_validation)
         validation, train = np.sort(order[held_out]), np.sort(order[~held_out])
@@ -138,8 +161,9 @@ def mix(sources: Sequence[SourceSamples], *, seed: int, validation_fraction: flo
         stats.append(source_stats)
     balance = None
     if language_share:
-        weighted, balance = _balance_languages(weighted, sources, language_share, language_share_mode,
-                                               stats, rng)
+        weighted, balance = _balance_languages(
+            weighted, sources, language_share, language_share_mode, stats, rng
+        )
     train_parts = []
     for source_index, (source, chosen, source_stats) in enumerate(zip(sources, weighted, stats)):
         source_stats.train_samples = len(chosen)
@@ -155,19 +179,31 @@ def mix(sources: Sequence[SourceSamples], *, seed: int, validation_fraction: flo
     )
 
 
-def _balance_languages(weighted: list[np.ndarray], sources: Sequence[SourceSamples], share: dict[str, float],
-                       mode: str, stats: list[SourceMixStats], rng) -> tuple[list[np.ndarray], LanguageBalance]:
+def _balance_languages(
+    weighted: list[np.ndarray],
+    sources: Sequence[SourceSamples],
+    share: dict[str, float],
+    mode: str,
+    stats: list[SourceMixStats],
+    rng,
+) -> tuple[list[np.ndarray], LanguageBalance]:
     """``trim``: down-sample each language whose token share exceeds its target, uniformly across
     sources (seeded), so the others reach their shares without repeating any sample.
     ``upsample``: repeat each language under its target instead (whole repeats, then a seeded
     sample, as weights do), so no sample is lost; a language wanted at 0 is still removed."""
-    langs = np.concatenate([s.lang[w] for s, w in zip(sources, weighted)]) if weighted else np.zeros(0)
+    langs = (
+        np.concatenate([s.lang[w] for s, w in zip(sources, weighted)]) if weighted else np.zeros(0)
+    )
     lengths = np.concatenate([s.lengths[w] for s, w in zip(sources, weighted)]).astype(np.int64)
     tokens = {lang: int(lengths[langs == lang].sum()) for lang in np.unique(langs)}
     shares = {lang: share.get(lang, 0.0) for lang in tokens}
     rest = [lang for lang in tokens if lang not in share]
     for lang in rest:  # languages the recipe does not name split what the named ones leave
-        shares[lang] = max(0.0, 1.0 - sum(share.values())) * tokens[lang] / max(sum(tokens[r] for r in rest), 1)
+        shares[lang] = (
+            max(0.0, 1.0 - sum(share.values()))
+            * tokens[lang]
+            / max(sum(tokens[r] for r in rest), 1)
+        )
     # trim: the largest total every language can support at its share without up-sampling any;
     # upsample: the smallest total in which no language needs down-sampling.
     supported = [tokens[lang] / shares[lang] for lang in tokens if shares[lang] > 0]
@@ -178,7 +214,7 @@ def _balance_languages(weighted: list[np.ndarray], sources: Sequence[SourceSampl
         if have > budget * (1 + _FLOAT_SLACK):
             members = rng.permutation(np.flatnonzero(langs == lang))
             covered = np.cumsum(lengths[members])
-            copies[members[np.searchsorted(covered, budget, side="right"):]] = 0
+            copies[members[np.searchsorted(covered, budget, side="right") :]] = 0
         elif mode == "upsample" and have * (1 + _FLOAT_SLACK) < budget:
             members = np.flatnonzero(langs == lang)
             chosen = _weighted(members, lengths, budget / have, rng)
@@ -186,18 +222,26 @@ def _balance_languages(weighted: list[np.ndarray], sources: Sequence[SourceSampl
     result = []
     start = 0
     for index, chosen in enumerate(weighted):
-        own = copies[start:start + len(chosen)]
+        own = copies[start : start + len(chosen)]
         stats[index].language_trimmed = int((own == 0).sum())
         stats[index].language_upsampled = int(np.maximum(own - 1, 0).sum())
         result.append(np.repeat(chosen, own))
         start += len(chosen)
     after = {lang: int((lengths * copies)[langs == lang].sum()) for lang in tokens}
-    return result, LanguageBalance(mode, {lang: float(v) for lang, v in shares.items()},
-                                   {lang: int(v) for lang, v in tokens.items()}, after)
+    return result, LanguageBalance(
+        mode,
+        {lang: float(v) for lang, v in shares.items()},
+        {lang: int(v) for lang, v in tokens.items()},
+        after,
+    )
 
 
-def _filtered(source: SourceSamples, source_index: int, seen: set[int] | None,
-              near: NearDuplicateFilter | None) -> tuple[np.ndarray, SourceMixStats]:
+def _filtered(
+    source: SourceSamples,
+    source_index: int,
+    seen: set[int] | None,
+    near: NearDuplicateFilter | None,
+) -> tuple[np.ndarray, SourceMixStats]:
     stats = SourceMixStats(available=len(source.lengths))
     short = source.lengths < source.min_tokens
     long = source.lengths > source.max_tokens if source.max_tokens else np.zeros_like(short)
@@ -214,8 +258,11 @@ def _filtered(source: SourceSamples, source_index: int, seen: set[int] | None,
     if near is not None:
         if source.tokens is None:
             raise ValueError(f"source {source.name}: near-duplicate removal needs its tokens")
-        distinct = [index for index in kept.tolist()
-                    if near.keep(f"{source_index}:{index}", source.tokens(index))]
+        distinct = [
+            index
+            for index in kept.tolist()
+            if near.keep(f"{source_index}:{index}", source.tokens(index))
+        ]
         stats.near_duplicates = len(kept) - len(distinct)
         stats.duplicates += stats.near_duplicates
         kept = np.asarray(distinct, dtype=np.int64)

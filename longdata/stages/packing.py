@@ -94,14 +94,18 @@ class Pieces:
     dropped: int  # samples removed (policy drop)
     split: int  # samples cut into several pieces (policy split)
     empty: int  # length-0 samples removed (any policy): nothing to train on
-    gap_start: np.ndarray | None = None  # int64: token offset in the sample where a middle cut begins
+    gap_start: np.ndarray | None = (
+        None  # int64: token offset in the sample where a middle cut begins
+    )
     gap_length: np.ndarray | None = None  # int64: tokens the middle cut removes
     middle_cut: int = 0  # samples cut in the middle (policy truncate_middle)
 
     def __post_init__(self) -> None:
         for name in ("gap_start", "gap_length"):
             value = getattr(self, name)
-            object.__setattr__(self, name, _frozen_int64(np.zeros(len(self.length)) if value is None else value))
+            object.__setattr__(
+                self, name, _frozen_int64(np.zeros(len(self.length)) if value is None else value)
+            )
 
     def __eq__(self, other: object) -> bool:
         return _fields_equal(self, other)
@@ -111,7 +115,11 @@ class Pieces:
 
     def ranges(self, piece: int) -> list[tuple[int, int]]:
         """(start, length) of each contiguous token range of ``piece`` inside its sample."""
-        start, length, gap = int(self.start[piece]), int(self.length[piece]), int(self.gap_length[piece])
+        start, length, gap = (
+            int(self.start[piece]),
+            int(self.length[piece]),
+            int(self.gap_length[piece]),
+        )
         if not gap:
             return [(start, length)]
         head = int(self.gap_start[piece]) - start
@@ -119,8 +127,14 @@ class Pieces:
 
     def select(self, keep: np.ndarray) -> Pieces:
         """The pieces where the boolean ``keep`` is true, counts unchanged."""
-        return dataclasses.replace(self, sample=self.sample[keep], start=self.start[keep], length=self.length[keep],
-                                   gap_start=self.gap_start[keep], gap_length=self.gap_length[keep])
+        return dataclasses.replace(
+            self,
+            sample=self.sample[keep],
+            start=self.start[keep],
+            length=self.length[keep],
+            gap_start=self.gap_start[keep],
+            gap_length=self.gap_length[keep],
+        )
 
 
 def _as_int_array(values, name: str) -> np.ndarray:
@@ -186,8 +200,14 @@ def fit_to_length(lengths, max_len: int, policy: str = "truncate", cuttable=None
     )
 
 
-def _cut_middle(lengths: np.ndarray, max_len: int, cuttable, nonempty: np.ndarray, overlong: np.ndarray,
-                counts: dict[str, int]) -> Pieces:
+def _cut_middle(
+    lengths: np.ndarray,
+    max_len: int,
+    cuttable,
+    nonempty: np.ndarray,
+    overlong: np.ndarray,
+    counts: dict[str, int],
+) -> Pieces:
     """``truncate_middle``: the excess is removed from the centre of each overlong sample's
     cuttable span, which keeps at least one of its tokens; where it cannot, ``truncate``."""
     if cuttable is None:
@@ -202,9 +222,15 @@ def _cut_middle(lengths: np.ndarray, max_len: int, cuttable, nonempty: np.ndarra
     gap_length = np.where(cut, excess, 0)
     gap_start = np.where(cut, span_start[sample] + (room - excess) // 2, 0)
     counts["truncated"] = int((overlong[sample] & ~cut).sum())
-    return Pieces(sample=_frozen_int64(sample), start=_frozen_int64(np.zeros(sample.size)),
-                  length=_frozen_int64(np.minimum(lengths[sample], max_len)), gap_start=gap_start,
-                  gap_length=gap_length, middle_cut=int(cut.sum()), **counts)
+    return Pieces(
+        sample=_frozen_int64(sample),
+        start=_frozen_int64(np.zeros(sample.size)),
+        length=_frozen_int64(np.minimum(lengths[sample], max_len)),
+        gap_start=gap_start,
+        gap_length=gap_length,
+        middle_cut=int(cut.sum()),
+        **counts,
+    )
 
 
 @dataclass(frozen=True, eq=False)

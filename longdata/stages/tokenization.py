@@ -33,9 +33,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from longdata.control_tokens import SpecialTokenText
 from longdata.records import Conversation, Document, Quarantined
-from longdata.templates import (
+from longdata.stages.control_tokens import SpecialTokenText
+from longdata.stages.templates import (
     ByteLevelMasker,
     ChatRenderer,
     RenderedChat,
@@ -48,19 +48,21 @@ QUARANTINE_FILE = "quarantine.jsonl"
 STATS_FILE = "stats.json"
 CHECKSUM_FILE = "checksums.json"
 CHECKED_FILES = (CACHE_FILE, STATS_FILE, QUARANTINE_FILE)
-SCHEMA = pa.schema([
-    ("input_ids", pa.list_(pa.uint32())),
-    ("loss_mask", pa.list_(pa.uint8())),
-    ("target_tokens", pa.int32()),
-    ("lang", pa.string()),
-    ("text_hash", pa.uint64()),
-    ("location", pa.string()),
-    ("position", pa.int64()),
-    # [user_start, user_end): tokens of the longest user turn's content, none of them a target;
-    # what truncate_middle cuts from (0, 0 when the sample has none).
-    ("user_start", pa.int32()),
-    ("user_end", pa.int32()),
-])
+SCHEMA = pa.schema(
+    [
+        ("input_ids", pa.list_(pa.uint32())),
+        ("loss_mask", pa.list_(pa.uint8())),
+        ("target_tokens", pa.int32()),
+        ("lang", pa.string()),
+        ("text_hash", pa.uint64()),
+        ("location", pa.string()),
+        ("position", pa.int64()),
+        # [user_start, user_end): tokens of the longest user turn's content, none of them a target;
+        # what truncate_middle cuts from (0, 0 when the sample has none).
+        ("user_start", pa.int32()),
+        ("user_end", pa.int32()),
+    ]
+)
 BATCH_CHARS = 4_000_000
 BATCH_RECORDS = 512
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
@@ -103,7 +105,13 @@ class TokenizeStats:
 
     @classmethod
     def total(cls, parts: list[TokenizeStats]) -> TokenizeStats:
-        totals = cls(**{f: sum(getattr(p, f) for p in parts) for f in cls.__dataclass_fields__ if f != "files"})
+        totals = cls(
+            **{
+                f: sum(getattr(p, f) for p in parts)
+                for f in cls.__dataclass_fields__
+                if f != "files"
+            }
+        )
         for part in parts:
             for file, counts in part.files.items():
                 mine = totals.files.setdefault(file, dict.fromkeys(FILE_COUNTS, 0))
@@ -146,7 +154,7 @@ def tokenize_records(
 
     Whatever one row raises while it is rendered, encoded or masked quarantines that row alone
     with the error as its reason. A text spelling a special token is encoded as text unless
-    ``special_tokens_in_text`` is ``allow`` (see ``longdata.control_tokens``).
+    ``special_tokens_in_text`` is ``allow`` (see ``longdata.stages.control_tokens``).
     """
     started = time.perf_counter()
     renderer = ChatRenderer(tokenizer, multi_turn)
@@ -158,10 +166,14 @@ def tokenize_records(
     encode_as_text = special_tokens_in_text != "allow"
     out_dir.mkdir(parents=True, exist_ok=True)
     # backslashreplace: a lone surrogate in a quarantined row's text is written as its JSON escape.
-    with pa.OSFile(str(out_dir / CACHE_FILE), "wb") as sink, \
-            pa.ipc.new_file(sink, SCHEMA) as writer, \
-            (out_dir / QUARANTINE_FILE).open("w", encoding="utf-8", errors="backslashreplace") as quarantine, \
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode") as encoder:
+    with (
+        pa.OSFile(str(out_dir / CACHE_FILE), "wb") as sink,
+        pa.ipc.new_file(sink, SCHEMA) as writer,
+        (out_dir / QUARANTINE_FILE).open(
+            "w", encoding="utf-8", errors="backslashreplace"
+        ) as quarantine,
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode") as encoder,
+    ):
 
         def write(batch: _Batch, samples: list[_Sample], encoding: Future) -> None:
             for record in batch.quarantined:
@@ -170,7 +182,10 @@ def tokenize_records(
             table = _to_arrow(samples, encodings, masking, stats, quarantine)
             if table.num_rows:
                 writer.write_table(table)
-            on_progress(len(batch.conversations), sum(len(e) for e in encodings if not isinstance(e, Exception)))
+            on_progress(
+                len(batch.conversations),
+                sum(len(e) for e in encodings if not isinstance(e, Exception)),
+            )
 
         in_flight = None
         for batch in _batches(records, stats, max_samples):
@@ -179,7 +194,9 @@ def tokenize_records(
             # chats with a ByteLevelMasker): the cost floor.
             fast = masker or all(isinstance(chat, Document) for _, chat in samples)
             encode_batch = backend.encode_batch_fast if fast else backend.encode_batch
-            encoding = encoder.submit(_encode_batch, encode_batch, special, [chat for _, chat in samples])
+            encoding = encoder.submit(
+                _encode_batch, encode_batch, special, [chat for _, chat in samples]
+            )
             if in_flight:
                 write(*in_flight)
             in_flight = batch, samples, encoding
@@ -187,8 +204,9 @@ def tokenize_records(
             write(*in_flight)
     stats.seconds = time.perf_counter() - started
     (out_dir / STATS_FILE).write_text(json.dumps(asdict(stats), indent=1))
-    (out_dir / CHECKSUM_FILE).write_text(json.dumps(
-        {name: _xxh64(out_dir / name) for name in CHECKED_FILES}, indent=1))
+    (out_dir / CHECKSUM_FILE).write_text(
+        json.dumps({name: _xxh64(out_dir / name) for name in CHECKED_FILES}, indent=1)
+    )
     return stats
 
 
@@ -228,8 +246,13 @@ def entry_problem(entry_dir: Path) -> str | None:
 _Sample = tuple[Conversation | Document, RenderedChat | Document]
 
 
-def _render(batch: _Batch, renderer: ChatRenderer, special: SpecialTokenText, stats: TokenizeStats,
-            encode_as_text: bool) -> list[_Sample]:
+def _render(
+    batch: _Batch,
+    renderer: ChatRenderer,
+    special: SpecialTokenText,
+    stats: TokenizeStats,
+    encode_as_text: bool,
+) -> list[_Sample]:
     """Every sample of the batch with the record it came from: several per conversation where the
     multi-turn policy gives each assistant turn its own sample. A conversation that cannot be
     rendered joins the batch's quarantined rows, with the error as its reason."""
@@ -242,13 +265,29 @@ def _render(batch: _Batch, renderer: ChatRenderer, special: SpecialTokenText, st
             chats = renderer.samples(conversation.messages)
             if special.spelled_in(conversation.messages):
                 if encode_as_text:
-                    chats = [dataclasses.replace(chat, spelled_special=special.locate(
-                        conversation.messages, chat.text, lambda m, turn=turn: renderer.samples(m)[turn].text))
-                        for turn, chat in enumerate(chats)]
+                    chats = [
+                        dataclasses.replace(
+                            chat,
+                            spelled_special=special.locate(
+                                conversation.messages,
+                                chat.text,
+                                lambda m, turn=turn: renderer.samples(m)[turn].text,
+                            ),
+                        )
+                        for turn, chat in enumerate(chats)
+                    ]
                 stats.special_token_text_rows += 1
-        except Exception as exc:  # a template or a row can fail in many ways; each is one row's fault
-            batch.quarantined.append(Quarantined(conversation.location, _row_error("chat template", exc),
-                                                 _preview_messages(conversation), conversation.file))
+        except (
+            Exception
+        ) as exc:  # a template or a row can fail in many ways; each is one row's fault
+            batch.quarantined.append(
+                Quarantined(
+                    conversation.location,
+                    _row_error("chat template", exc),
+                    _preview_messages(conversation),
+                    conversation.file,
+                )
+            )
             continue
         if len(chats) > 1:
             stats.split_conversations += 1
@@ -258,7 +297,9 @@ def _render(batch: _Batch, renderer: ChatRenderer, special: SpecialTokenText, st
     return samples
 
 
-def _encode_batch(encode_batch, special: SpecialTokenText, chats: list[RenderedChat | Document]) -> list:
+def _encode_batch(
+    encode_batch, special: SpecialTokenText, chats: list[RenderedChat | Document]
+) -> list:
     """The batch's encodings, one per chat, or the exception a chat's encoding raised in its place.
     The whole batch is encoded at once; only when that fails is each chat encoded alone."""
     texts = [chat.text for chat in chats]
@@ -287,8 +328,10 @@ def _row_error(stage: str, exc: BaseException) -> str:
 
 
 def _preview_messages(conversation: Conversation, limit: int = 2000) -> str:
-    return json.dumps([{"role": m.role, "content": m.content[:limit]} for m in conversation.messages],
-                      ensure_ascii=False)[:limit]
+    return json.dumps(
+        [{"role": m.role, "content": m.content[:limit]} for m in conversation.messages],
+        ensure_ascii=False,
+    )[:limit]
 
 
 @dataclass
@@ -313,7 +356,11 @@ def _batches(records, stats: TokenizeStats, max_samples) -> Iterator[_Batch]:
         stats.count_file(record.file, "rows_read")
         taken += 1
         batch.conversations.append(record)
-        chars += len(record.text) if isinstance(record, Document) else sum(len(m.content) for m in record.messages)
+        chars += (
+            len(record.text)
+            if isinstance(record, Document)
+            else sum(len(m.content) for m in record.messages)
+        )
         if chars >= BATCH_CHARS or len(batch.conversations) >= BATCH_RECORDS:
             yield batch
             batch, chars = _Batch(), 0
@@ -324,8 +371,13 @@ def _batches(records, stats: TokenizeStats, max_samples) -> Iterator[_Batch]:
 def _quarantine(handle, record: Quarantined, stats: TokenizeStats) -> None:
     stats.quarantined += 1
     stats.count_file(record.file, "quarantined")
-    handle.write(json.dumps({"location": record.location, "reason": record.reason,
-                             "raw": record.raw}, ensure_ascii=False) + "\n")
+    handle.write(
+        json.dumps(
+            {"location": record.location, "reason": record.reason, "raw": record.raw},
+            ensure_ascii=False,
+        )
+        + "\n"
+    )
 
 
 @dataclass(frozen=True)
@@ -349,18 +401,27 @@ class _Masking:
     framing: DocumentFraming
     special: SpecialTokenText
 
-    def mask_and_user_tokens(self, encoding, ids: np.ndarray, chat: RenderedChat) -> tuple[np.ndarray, tuple[int, int]]:
+    def mask_and_user_tokens(
+        self, encoding, ids: np.ndarray, chat: RenderedChat
+    ) -> tuple[np.ndarray, tuple[int, int]]:
         """The loss mask and the token range of the sample's cuttable user turn (or (0, 0))."""
         if self.masker is not None:
             ends = self.masker.token_ends(ids, chat.text)
             if ends is not None:
                 mask = self.masker.mask_from_ends(ends, chat.text, chat.assistant_spans)
-                user = self.masker.inner_tokens(ids, ends, chat.text, chat.user_span) if chat.user_span else (0, 0)
+                user = (
+                    self.masker.inner_tokens(ids, ends, chat.text, chat.user_span)
+                    if chat.user_span
+                    else (0, 0)
+                )
                 return mask, _untargeted(user, mask)
             # A normaliser rewrote this text: only real offsets locate its spans.
             self.stats.offsets_fallbacks += 1
-            encoding = (self.special.encode(chat.text, chat.spelled_special) if chat.spelled_special
-                        else self.backend.encode(chat.text, add_special_tokens=False))
+            encoding = (
+                self.special.encode(chat.text, chat.spelled_special)
+                if chat.spelled_special
+                else self.backend.encode(chat.text, add_special_tokens=False)
+            )
         mask = assistant_mask(encoding, chat.assistant_spans, len(ids))
         user = inner_tokens(encoding, chat.user_span) if chat.user_span else (0, 0)
         return mask, _untargeted(user, mask)
@@ -368,21 +429,35 @@ class _Masking:
 
 def _untargeted(tokens: tuple[int, int], mask: np.ndarray) -> tuple[int, int]:
     """``tokens`` if none of them is a target, else (0, 0): a cut there could remove a target."""
-    return (0, 0) if mask[tokens[0]:tokens[1]].any() else tokens
+    return (0, 0) if mask[tokens[0] : tokens[1]].any() else tokens
 
 
-def _to_arrow(samples: list[_Sample], encodings, masking: _Masking, stats: TokenizeStats,
-              quarantine) -> pa.Table:
+def _to_arrow(
+    samples: list[_Sample], encodings, masking: _Masking, stats: TokenizeStats, quarantine
+) -> pa.Table:
     # All ids of the batch go into one C array: ``array.extend`` converts the Python ints of
     # ``encoding.ids`` several times faster than ``np.asarray`` does, and no concatenate follows.
     ids = array.array(_UINT32_TYPECODE)
-    lengths, masks, targets, langs, hashes, locations, positions, users = [], [], [], [], [], [], [], []
+    lengths, masks, targets, langs, hashes, locations, positions, users = (
+        [],
+        [],
+        [],
+        [],
+        [],
+        [],
+        [],
+        [],
+    )
     for (record, chat), encoding in zip(samples, encodings):
         if isinstance(encoding, Exception):
             reason = _row_error("tokenizing", encoding)
             if _SURROGATE.search(chat.text):
                 reason = f"text holds a lone UTF-16 surrogate, which is not a character ({reason})"
-            _quarantine(quarantine, Quarantined(record.location, reason, chat.text[:2000], record.file), stats)
+            _quarantine(
+                quarantine,
+                Quarantined(record.location, reason, chat.text[:2000], record.file),
+                stats,
+            )
             continue
         document = isinstance(record, Document)
         if document:
@@ -400,30 +475,48 @@ def _to_arrow(samples: list[_Sample], encodings, masking: _Masking, stats: Token
             failure = None
             try:
                 mask, user = masking.mask_and_user_tokens(
-                    encoding, np.frombuffer(ids, dtype=np.uint32)[len(ids) - n_tokens:], chat)
+                    encoding, np.frombuffer(ids, dtype=np.uint32)[len(ids) - n_tokens :], chat
+                )
             except Exception as exc:
                 failure = _row_error("loss masking", exc)
             # Past the except block its traceback, which holds the view of the batch array, is
             # gone: only now can the array shrink (or grow for the next sample).
             if failure is not None:
-                del ids[len(ids) - n_tokens:]
-                _quarantine(quarantine, Quarantined(record.location, failure, chat.text[:2000], record.file), stats)
+                del ids[len(ids) - n_tokens :]
+                _quarantine(
+                    quarantine,
+                    Quarantined(record.location, failure, chat.text[:2000], record.file),
+                    stats,
+                )
                 continue
         target_tokens = int(mask.sum())
         if target_tokens == 0:
             # A template that drops assistant text, or a one-token document; keep the row visible.
-            del ids[len(ids) - n_tokens:]
+            del ids[len(ids) - n_tokens :]
             stats.no_target_after_tokenize += 1
-            reason = ("a one-token document has no target token" if document
-                      else "no assistant token left after applying the chat template")
-            _quarantine(quarantine, Quarantined(record.location, reason, chat.text[:2000], record.file), stats)
+            reason = (
+                "a one-token document has no target token"
+                if document
+                else "no assistant token left after applying the chat template"
+            )
+            _quarantine(
+                quarantine,
+                Quarantined(record.location, reason, chat.text[:2000], record.file),
+                stats,
+            )
             continue
         lengths.append(n_tokens)
         masks.append(mask)
         targets.append(target_tokens)
-        langs.append(detect_text_language(record.text) if document else detect_language(record.messages))
-        hashes.append(int.from_bytes(hashlib.blake2b(chat.text.encode("utf-8", "surrogatepass"),
-                                                     digest_size=8).digest(), "little"))
+        langs.append(
+            detect_text_language(record.text) if document else detect_language(record.messages)
+        )
+        hashes.append(
+            int.from_bytes(
+                hashlib.blake2b(chat.text.encode("utf-8", "surrogatepass"), digest_size=8).digest(),
+                "little",
+            )
+        )
         locations.append(record.location)
         positions.append(record.position)
         users.append(user)
@@ -431,18 +524,22 @@ def _to_arrow(samples: list[_Sample], encodings, masking: _Masking, stats: Token
         stats.count_file(record.file, "samples")
         stats.tokens += n_tokens
         stats.target_tokens += target_tokens
-    return pa.table({
-        "input_ids": _list_array(np.frombuffer(ids, dtype=np.uint32), lengths, pa.uint32()),
-        "loss_mask": _list_array(np.concatenate(masks) if masks else np.zeros(0, np.uint8),
-                                 lengths, pa.uint8()),
-        "target_tokens": pa.array(targets, pa.int32()),
-        "lang": pa.array(langs, pa.string()),
-        "text_hash": pa.array(hashes, pa.uint64()),
-        "location": pa.array(locations, pa.string()),
-        "position": pa.array(positions, pa.int64()),
-        "user_start": pa.array([u[0] for u in users], pa.int32()),
-        "user_end": pa.array([u[1] for u in users], pa.int32()),
-    }, schema=SCHEMA)
+    return pa.table(
+        {
+            "input_ids": _list_array(np.frombuffer(ids, dtype=np.uint32), lengths, pa.uint32()),
+            "loss_mask": _list_array(
+                np.concatenate(masks) if masks else np.zeros(0, np.uint8), lengths, pa.uint8()
+            ),
+            "target_tokens": pa.array(targets, pa.int32()),
+            "lang": pa.array(langs, pa.string()),
+            "text_hash": pa.array(hashes, pa.uint64()),
+            "location": pa.array(locations, pa.string()),
+            "position": pa.array(positions, pa.int64()),
+            "user_start": pa.array([u[0] for u in users], pa.int32()),
+            "user_end": pa.array([u[1] for u in users], pa.int32()),
+        },
+        schema=SCHEMA,
+    )
 
 
 def _list_array(values: np.ndarray, lengths: list[int], value_type: pa.DataType) -> pa.ListArray:
@@ -459,7 +556,9 @@ class TokenCache:
         """The entry, after checking its files against their checksums (CacheEntryError)."""
         problem = entry_problem(entry_dir)
         if problem:
-            raise CacheEntryError(f"token cache entry {entry_dir}: {problem}; delete it to rebuild it")
+            raise CacheEntryError(
+                f"token cache entry {entry_dir}: {problem}; delete it to rebuild it"
+            )
         return cls(entry_dir)
 
     def __init__(self, entry_dir: Path):
@@ -474,9 +573,11 @@ class TokenCache:
             self._chunks.append((offsets, ids.values.to_numpy(), mask.values.to_numpy()))
             starts.append(starts[-1] + len(ids))
         self._chunk_starts = np.asarray(starts, dtype=np.int64)
-        self.lengths = np.concatenate(
-            [np.diff(offsets) for offsets, _, _ in self._chunks]).astype(np.int64) \
-            if self._chunks else np.zeros(0, dtype=np.int64)
+        self.lengths = (
+            np.concatenate([np.diff(offsets) for offsets, _, _ in self._chunks]).astype(np.int64)
+            if self._chunks
+            else np.zeros(0, dtype=np.int64)
+        )
         self.target_tokens = table.column("target_tokens").to_numpy().astype(np.int64)
         self.lang = np.asarray(table.column("lang").to_pylist(), dtype=object)
         self.text_hash = table.column("text_hash").to_numpy()
@@ -484,7 +585,9 @@ class TokenCache:
         self.user_start = table.column("user_start").to_numpy().astype(np.int64)
         self.user_end = table.column("user_end").to_numpy().astype(np.int64)
         # Through ``total`` so that the files are listed in a fixed (sorted) order.
-        self.stats = TokenizeStats.total([TokenizeStats(**json.loads((entry_dir / STATS_FILE).read_text()))])
+        self.stats = TokenizeStats.total(
+            [TokenizeStats(**json.loads((entry_dir / STATS_FILE).read_text()))]
+        )
         self.quarantine_files = [entry_dir / QUARANTINE_FILE]
         self._tokens_since_release = 0
 
@@ -517,9 +620,19 @@ class PartitionedCache:
     def __init__(self, parts: list[TokenCache]):
         self._parts = parts
         order = np.argsort(np.concatenate([p.position for p in parts]), kind="stable")
-        self._part = np.concatenate([np.full(len(p), i, dtype=np.int64) for i, p in enumerate(parts)])[order]
+        self._part = np.concatenate(
+            [np.full(len(p), i, dtype=np.int64) for i, p in enumerate(parts)]
+        )[order]
         self._local = np.concatenate([np.arange(len(p), dtype=np.int64) for p in parts])[order]
-        for name in ("lengths", "target_tokens", "lang", "text_hash", "position", "user_start", "user_end"):
+        for name in (
+            "lengths",
+            "target_tokens",
+            "lang",
+            "text_hash",
+            "position",
+            "user_start",
+            "user_end",
+        ):
             setattr(self, name, np.concatenate([getattr(p, name) for p in parts])[order])
         self.stats = TokenizeStats.total([p.stats for p in parts])
         self.quarantine_files = [f for p in parts for f in p.quarantine_files]

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from longdata.format import Manifest, NotABuildError, StreamReader, inside, tokenizer_location
-from longdata.sample_index import INDEX_FILE
+from longdata.stages.sample_index import INDEX_FILE
 
 DEFAULT_CONTEXT = 100
 # A target run is elided only when huge: it keeps this many tokens at each end (at least 1,000).
@@ -123,13 +123,17 @@ class RowView:
 
 # --- locating the row ---------------------------------------------------------------------------
 
+
 def load_manifest(build_dir: Path) -> dict:
     """The build's manifest as checked by ``longdata.format.Manifest``, splits in stage order."""
     try:
         manifest = Manifest.read(build_dir)
     except NotABuildError as exc:
         raise InspectError(str(exc)) from None
-    return {**manifest.raw, "splits": {name: manifest.raw["splits"][name] for name in manifest.splits}}
+    return {
+        **manifest.raw,
+        "splits": {name: manifest.raw["splits"][name] for name in manifest.splits},
+    }
 
 
 def ordered_splits(manifest: dict) -> list[str]:
@@ -186,18 +190,23 @@ def _index(build_dir: Path, split: str):
 def _not_packed_reason(line: dict, split: dict) -> str:
     status, n, max_len = line["status"], line["sample_tokens"], split["max_seq_len"]
     if status == "dropped":
-        return (f"dropped: {n:,} tokens, longer than max_seq_len {max_len:,}, and the split's "
-                f"over-length policy is drop")
+        return (
+            f"dropped: {n:,} tokens, longer than max_seq_len {max_len:,}, and the split's "
+            f"over-length policy is drop"
+        )
     if status == "empty":
         return "empty: the sample has no tokens"
     if status == "no_target_after_cut":
-        return (f"no_target_after_cut: {n:,} tokens, cut to max_seq_len {max_len:,}, and no "
-                f"target (loss) token was left in what would be kept")
+        return (
+            f"no_target_after_cut: {n:,} tokens, cut to max_seq_len {max_len:,}, and no "
+            f"target (loss) token was left in what would be kept"
+        )
     return status
 
 
-def find_sample(build_dir: Path, manifest: dict, sample_id: str, split: str | None,
-                stream: str | None) -> tuple[str, dict, list[dict]]:
+def find_sample(
+    build_dir: Path, manifest: dict, sample_id: str, split: str | None, stream: str | None
+) -> tuple[str, dict, list[dict]]:
     """(split, the first placement, every placement in that split) of ``sample_id``: its first
     packed piece in ``split`` (or, with no split given, in the first split that packs it, in
     ``ordered_splits`` order), optionally only in ``stream``. Raises NotPacked with the reason when it is
@@ -209,8 +218,10 @@ def find_sample(build_dir: Path, manifest: dict, sample_id: str, split: str | No
     for name in searched:
         index = _index(build_dir, name)
         if index is None:
-            raise InspectError(f"{Path(build_dir) / name / INDEX_FILE}: missing (built before the "
-                               f"sample index existed?), so --sample-id cannot be looked up")
+            raise InspectError(
+                f"{Path(build_dir) / name / INDEX_FILE}: missing (built before the "
+                f"sample index existed?), so --sample-id cannot be looked up"
+            )
         lines = index.filter(pl.col("sample_id") == sample_id).collect()
         if lines.height:
             seen[name] = lines
@@ -220,8 +231,10 @@ def find_sample(build_dir: Path, manifest: dict, sample_id: str, split: str | No
             packed = packed.filter(pl.col("stream") == stream)
         if packed.height:
             order = {s["name"]: i for i, s in enumerate(manifest["splits"][name]["streams"])}
-            placements = sorted(packed.iter_rows(named=True),
-                                key=lambda p: (order.get(p["stream"], len(order)), p["row"], p["slot"]))
+            placements = sorted(
+                packed.iter_rows(named=True),
+                key=lambda p: (order.get(p["stream"], len(order)), p["row"], p["slot"]),
+            )
             return name, placements[0], placements
     if not seen:
         raise InspectError(_unknown_id_hint(build_dir, manifest, sample_id, searched))
@@ -231,17 +244,24 @@ def find_sample(build_dir: Path, manifest: dict, sample_id: str, split: str | No
         packed = lines.filter(pl.col("row") >= 0)
         if packed.height:  # only possible when --stream excluded it
             streams = sorted(set(packed["stream"]))
-            why.append(f"in split {name} it is packed only in stream(s) {', '.join(streams)}, "
-                       f"not {stream}")
+            why.append(
+                f"in split {name} it is packed only in stream(s) {', '.join(streams)}, not {stream}"
+            )
         else:
             line = lines.row(0, named=True)
             why.append(f"in split {name}: {_not_packed_reason(line, manifest['splits'][name])}")
     message = f"sample {sample_id} is in no row: " + "; ".join(why)
     if elsewhere:
         message += f"; it is packed in {elsewhere}"
-    report = {"sample_id": sample_id, "packed": False, "message": message,
-              "splits": {name: lines.select("status", "sample_tokens", "stream", "row", "slot")
-                         .to_dicts() for name, lines in seen.items()}}
+    report = {
+        "sample_id": sample_id,
+        "packed": False,
+        "message": message,
+        "splits": {
+            name: lines.select("status", "sample_tokens", "stream", "row", "slot").to_dicts()
+            for name, lines in seen.items()
+        },
+    }
     raise NotPacked(report)
 
 
@@ -255,8 +275,10 @@ def _placements_elsewhere(build_dir: Path, manifest: dict, sample_id: str, skip:
         packed = index.filter((pl.col("sample_id") == sample_id) & (pl.col("row") >= 0)).collect()
         if packed.height:
             first = packed.sort("stream", "row", "slot").row(0, named=True)
-            return (f"split {name} (--split {name} --stream {first['stream']} --row {first['row']}, "
-                    f"slot {first['slot']})")
+            return (
+                f"split {name} (--split {name} --stream {first['stream']} --row {first['row']}, "
+                f"slot {first['slot']})"
+            )
     return ""
 
 
@@ -268,26 +290,37 @@ def _unknown_id_hint(build_dir: Path, manifest: dict, sample_id: str, searched: 
     elsewhere = _placements_elsewhere(build_dir, manifest, sample_id, set(searched))
     if elsewhere:
         return f"{message}; it is packed in {elsewhere}"
-    index = pl.concat([_index(build_dir, name).select("source", "position", "sample_id")
-                       for name in searched])
-    ranges = (index.group_by("source").agg(pl.col("position").min().alias("lo"),
-                                           pl.col("position").max().alias("hi"),
-                                           pl.col("sample_id").first().alias("example"))
-              .sort("source").collect())
+    index = pl.concat(
+        [_index(build_dir, name).select("source", "position", "sample_id") for name in searched]
+    )
+    ranges = (
+        index.group_by("source")
+        .agg(
+            pl.col("position").min().alias("lo"),
+            pl.col("position").max().alias("hi"),
+            pl.col("sample_id").first().alias("example"),
+        )
+        .sort("source")
+        .collect()
+    )
     source = sample_id.rsplit(":", 1)[0]
     known = {r["source"]: r for r in ranges.iter_rows(named=True)}
     if source in known:
         r = known[source]
         scope = f"split {searched[0]}" if len(searched) == 1 else "this build"
-        return (f"{message}; ids are <source>:<position>, and source {source} has positions "
-                f"{r['lo']}..{r['hi']} in {scope} (not every one: a sample may be in another "
-                f"split, deduplicated or filtered out)")
-    examples = ", ".join(f"{r['example']} ({r['source']} {r['lo']}..{r['hi']})"
-                         for r in known.values())
+        return (
+            f"{message}; ids are <source>:<position>, and source {source} has positions "
+            f"{r['lo']}..{r['hi']} in {scope} (not every one: a sample may be in another "
+            f"split, deduplicated or filtered out)"
+        )
+    examples = ", ".join(
+        f"{r['example']} ({r['source']} {r['lo']}..{r['hi']})" for r in known.values()
+    )
     return f"{message}; ids are <source>:<position>, e.g. {examples}"
 
 
 # --- detokenizing -------------------------------------------------------------------------------
+
 
 class Detokenizer:
     """The build's tokenizer, for decoding only: ``tokenizers`` straight from tokenizer.json
@@ -305,11 +338,14 @@ class Detokenizer:
             else:
                 from transformers import AutoTokenizer
 
-                self._tokenizer = AutoTokenizer.from_pretrained(path, use_fast=True).backend_tokenizer
+                self._tokenizer = AutoTokenizer.from_pretrained(
+                    path, use_fast=True
+                ).backend_tokenizer
         except Exception as exc:  # noqa: BLE001 - any loading failure is reported the same way
             raise InspectError(f"cannot load the build's tokenizer {path}: {exc}") from None
-        self.special = frozenset(i for i, token in self._tokenizer.get_added_tokens_decoder().items()
-                                 if token.special)
+        self.special = frozenset(
+            i for i, token in self._tokenizer.get_added_tokens_decoder().items() if token.special
+        )
 
     def decode(self, ids: np.ndarray) -> str:
         return self._tokenizer.decode(ids.tolist(), skip_special_tokens=False)
@@ -324,7 +360,7 @@ class Detokenizer:
         out = []
         for begin, end in zip(bounds[:-1], bounds[1:]):
             if special[begin]:
-                out.extend((self.decode(ids[i:i + 1]), True) for i in range(begin, end))
+                out.extend((self.decode(ids[i : i + 1]), True) for i in range(begin, end))
             else:
                 out.append((self.decode(ids[begin:end]), False))
         return out
@@ -334,8 +370,13 @@ def target_context(context: int) -> int:
     return max(TARGET_CONTEXT_MIN, TARGET_CONTEXT_FACTOR * context)
 
 
-def segments(ids: np.ndarray, mask: np.ndarray, detok: Detokenizer, context: int = DEFAULT_CONTEXT,
-             full: bool = False) -> list[Segment]:
+def segments(
+    ids: np.ndarray,
+    mask: np.ndarray,
+    detok: Detokenizer,
+    context: int = DEFAULT_CONTEXT,
+    full: bool = False,
+) -> list[Segment]:
     """The sample's runs of equal mask value, each decoded as a unit; with ``full`` False, a
     non-target run longer than ``2 * context`` keeps ``context`` tokens at each end (a few more
     where a character's bytes straddle the cut) and elides the middle (a target run:
@@ -362,8 +403,9 @@ def segments(ids: np.ndarray, mask: np.ndarray, detok: Detokenizer, context: int
     return out
 
 
-def _whole_characters(ids: np.ndarray, begin: int, head: int, tail: int, end: int,
-                      detok: Detokenizer) -> tuple[int, int]:
+def _whole_characters(
+    ids: np.ndarray, begin: int, head: int, tail: int, end: int, detok: Detokenizer
+) -> tuple[int, int]:
     """Move the elision's edges by up to 3 tokens so that neither shown end cuts a character
     whose UTF-8 bytes are spread over several byte-level tokens (it would show as U+FFFD)."""
     for _ in range(3):
@@ -377,10 +419,18 @@ def _whole_characters(ids: np.ndarray, begin: int, head: int, tail: int, end: in
 
 # --- the view -----------------------------------------------------------------------------------
 
-def inspect_row(build_dir: str | Path, *, split: str | None = None, stream: str | None = None,
-                row: int | None = None, sample_id: str | None = None,
-                context: int = DEFAULT_CONTEXT, full: bool = False,
-                detok: Detokenizer | None = None) -> RowView:
+
+def inspect_row(
+    build_dir: str | Path,
+    *,
+    split: str | None = None,
+    stream: str | None = None,
+    row: int | None = None,
+    sample_id: str | None = None,
+    context: int = DEFAULT_CONTEXT,
+    full: bool = False,
+    detok: Detokenizer | None = None,
+) -> RowView:
     """Everything ``longdata inspect`` shows about one row. Raises InspectError for a bad
     argument and NotPacked when ``sample_id`` is in no row."""
     import polars as pl
@@ -399,17 +449,36 @@ def inspect_row(build_dir: str | Path, *, split: str | None = None, stream: str 
             _check_stream_name(manifest, split, stream)
         split, placement, placements = find_sample(build_dir, manifest, sample_id, split, stream)
         stream, row = placement["stream"], placement["row"]
-        focus = {"sample_id": sample_id, "slot": placement["slot"],
-                 "placements": [{k: p[k] for k in ("stream", "row", "slot", "start", "tokens",
-                                                   "gap_start", "gap_tokens", "status") if k in p}
-                                for p in placements]}
+        focus = {
+            "sample_id": sample_id,
+            "slot": placement["slot"],
+            "placements": [
+                {
+                    k: p[k]
+                    for k in (
+                        "stream",
+                        "row",
+                        "slot",
+                        "start",
+                        "tokens",
+                        "gap_start",
+                        "gap_tokens",
+                        "status",
+                    )
+                    if k in p
+                }
+                for p in placements
+            ],
+        }
     split = choose_split(manifest, split)
     stream_info = choose_stream(manifest, split, stream)
     row = 0 if row is None else row
     reader = StreamReader(inside(build_dir, stream_info["path"]))
     if not 0 <= row < reader.rows:
-        raise InspectError(f"--row {row} out of range: stream {stream_info['name']} of split {split} "
-                           f"has {_rows(reader.rows)} (0..{reader.rows - 1})")
+        raise InspectError(
+            f"--row {row} out of range: stream {stream_info['name']} of split {split} "
+            f"has {_rows(reader.rows)} (0..{reader.rows - 1})"
+        )
     data = reader.row(row)
     ids, mask = data["input_ids"], data["loss_mask"]
     seq_lens, source_ids = data["seq_lens"].tolist(), data["source_ids"].tolist()
@@ -422,19 +491,30 @@ def inspect_row(build_dir: str | Path, *, split: str | None = None, stream: str 
     if index is None:
         notes.append(f"no {split}/{INDEX_FILE}: sample ids unknown (built before the sample index)")
     else:
-        indexed = (index.filter((pl.col("stream") == stream_info["name"]) & (pl.col("row") == row))
-                   .sort("slot").collect().to_dicts())
+        indexed = (
+            index.filter((pl.col("stream") == stream_info["name"]) & (pl.col("row") == row))
+            .sort("slot")
+            .collect()
+            .to_dicts()
+        )
         if [line["tokens"] for line in indexed] != seq_lens:
-            notes.append(f"the sample index lists pieces {[line['tokens'] for line in indexed]} "
-                         f"for this row, the row holds {seq_lens}: run `longdata verify`")
+            notes.append(
+                f"the sample index lists pieces {[line['tokens'] for line in indexed]} "
+                f"for this row, the row holds {seq_lens}: run `longdata verify`"
+            )
             indexed = []
 
     samples, offset = [], 0
     for slot, (length, source_id) in enumerate(zip(seq_lens, source_ids)):
-        span_ids, span_mask = ids[offset:offset + length], mask[offset:offset + length]
-        view = SampleView(slot=slot, offset=offset, tokens=length, target_tokens=int(span_mask.sum()),
-                          source=names[source_id] if source_id < len(names) else f"#{source_id}",
-                          segments=segments(span_ids, span_mask, detok, context, full))
+        span_ids, span_mask = ids[offset : offset + length], mask[offset : offset + length]
+        view = SampleView(
+            slot=slot,
+            offset=offset,
+            tokens=length,
+            target_tokens=int(span_mask.sum()),
+            source=names[source_id] if source_id < len(names) else f"#{source_id}",
+            segments=segments(span_ids, span_mask, detok, context, full),
+        )
         if indexed:
             line = indexed[slot]
             view.sample_id, view.status, view.lang = line["sample_id"], line["status"], line["lang"]
@@ -442,15 +522,26 @@ def inspect_row(build_dir: str | Path, *, split: str | None = None, stream: str 
             view.gap_start, view.gap_tokens = line.get("gap_start", 0), line.get("gap_tokens", 0)
         samples.append(view)
         offset += length
-    return RowView(build_dir=str(build_dir), name=manifest.get("name", ""), split=split,
-                   stream=stream_info["name"], row=row, stream_rows=reader.rows,
-                   shard=str(reader.shard_path(row).relative_to(reader.stream_dir)),
-                   max_seq_len=manifest["splits"][split]["max_seq_len"], tokens=len(ids),
-                   target_tokens=int(mask.sum()), tokenizer=detok.name, samples=samples,
-                   focus=focus, notes=notes)
+    return RowView(
+        build_dir=str(build_dir),
+        name=manifest.get("name", ""),
+        split=split,
+        stream=stream_info["name"],
+        row=row,
+        stream_rows=reader.rows,
+        shard=str(reader.shard_path(row).relative_to(reader.stream_dir)),
+        max_seq_len=manifest["splits"][split]["max_seq_len"],
+        tokens=len(ids),
+        target_tokens=int(mask.sum()),
+        tokenizer=detok.name,
+        samples=samples,
+        focus=focus,
+        notes=notes,
+    )
 
 
 # --- rendering ----------------------------------------------------------------------------------
+
 
 def theme():
     from rich.theme import Theme
@@ -465,8 +556,13 @@ def use_plain(console) -> bool:
 
 def sample_title(view: RowView, sample: SampleView) -> str:
     focused = view.focus is not None and view.focus["slot"] == sample.slot
-    parts = [f"{'▶ ' if focused else ''}slot {sample.slot}", sample.sample_id or "?", sample.source,
-             f"{sample.tokens:,} tokens", f"{sample.target_tokens:,} target"]
+    parts = [
+        f"{'▶ ' if focused else ''}slot {sample.slot}",
+        sample.sample_id or "?",
+        sample.source,
+        f"{sample.tokens:,} tokens",
+        f"{sample.target_tokens:,} target",
+    ]
     if sample.status and sample.status != "whole":
         span = _token_span(sample.start, sample.tokens, sample.gap_start, sample.gap_tokens)
         parts.append(f"{sample.status} (tokens {span} of {sample.sample_tokens:,})")
@@ -501,8 +597,12 @@ def sample_text(sample: SampleView, plain: bool):
 def _piece(placement: dict) -> str:
     if placement["status"] == "whole":
         return ""
-    span = _token_span(placement["start"], placement["tokens"], placement.get("gap_start", 0),
-                       placement.get("gap_tokens", 0))
+    span = _token_span(
+        placement["start"],
+        placement["tokens"],
+        placement.get("gap_start", 0),
+        placement.get("gap_tokens", 0),
+    )
     return f" (tokens {span})"
 
 
@@ -528,21 +628,30 @@ def header(view: RowView, plain: bool):
         first, *others = view.focus["placements"]
         line = f"sample  {view.focus['sample_id']} is slot {first['slot']}{_piece(first)}"
         if others:
-            shown = ", ".join(f"{p['stream']} row {p['row']:,} slot {p['slot']}{_piece(p)}"
-                              for p in others[:MAX_PLACEMENTS])
+            shown = ", ".join(
+                f"{p['stream']} row {p['row']:,} slot {p['slot']}{_piece(p)}"
+                for p in others[:MAX_PLACEMENTS]
+            )
             more = len(others) - MAX_PLACEMENTS
             line += f"; also in {shown}" + (f" and {more:,} more" if more > 0 else "")
         lines.append(line)
-    legend = (f"{TARGET_OPEN}target{TARGET_CLOSE} = loss tokens, the rest is context"
-              if plain else "[inspect.target]target[/] = loss tokens, [inspect.context]context[/] "
-                            "dimmed, [inspect.context.special]special tokens[/]")
+    legend = (
+        f"{TARGET_OPEN}target{TARGET_CLOSE} = loss tokens, the rest is context"
+        if plain
+        else "[inspect.target]target[/] = loss tokens, [inspect.context]context[/] "
+        "dimmed, [inspect.context.special]special tokens[/]"
+    )
     body = Text("\n".join(lines))
     body.append("\n")
     body.append(Text.from_markup(legend))
     for note in view.notes:
         body.append(f"\nnote: {note}", style="inspect.focus")
-    return Panel(body, title=f"longdata inspect · tokenizer {view.tokenizer}", title_align="left",
-                 expand=False)
+    return Panel(
+        body,
+        title=f"longdata inspect · tokenizer {view.tokenizer}",
+        title_align="left",
+        expand=False,
+    )
 
 
 def renderables(view: RowView, plain: bool) -> list:
@@ -552,8 +661,15 @@ def renderables(view: RowView, plain: bool) -> list:
     out: list = [header(view, plain)]
     for sample in view.samples:
         focused = view.focus is not None and view.focus["slot"] == sample.slot
-        out.append(Rule(Text(sample_title(view, sample),
-                             style="inspect.focus" if focused else "inspect.title"), align="left"))
+        out.append(
+            Rule(
+                Text(
+                    sample_title(view, sample),
+                    style="inspect.focus" if focused else "inspect.title",
+                ),
+                align="left",
+            )
+        )
         out.append(sample_text(sample, plain))
     return out
 

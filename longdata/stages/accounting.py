@@ -29,11 +29,17 @@ ROW_FATES = ("quarantined", "too_short", "too_long", "duplicates", "validation",
 
 def row_accounting(tokenize: dict[str, Any], mix: dict[str, Any]) -> dict[str, int]:
     """The ``rows`` entry of a source in manifest.json, from its tokenize and mix stats."""
-    return {"rows_read": tokenize["rows_read"],
-            "turn_samples_added": tokenize.get("turn_samples", 0) - tokenize.get("split_conversations", 0),
-            "quarantined": tokenize["quarantined"],
-            "too_short": mix["too_short"], "too_long": mix["too_long"], "duplicates": mix["duplicates"],
-            "validation": mix["validation"], "train": mix["train_unique"]}
+    return {
+        "rows_read": tokenize["rows_read"],
+        "turn_samples_added": tokenize.get("turn_samples", 0)
+        - tokenize.get("split_conversations", 0),
+        "quarantined": tokenize["quarantined"],
+        "too_short": mix["too_short"],
+        "too_long": mix["too_long"],
+        "duplicates": mix["duplicates"],
+        "validation": mix["validation"],
+        "train": mix["train_unique"],
+    }
 
 
 def accounting_problems(source: dict[str, Any]) -> list[str]:
@@ -45,22 +51,32 @@ def accounting_problems(source: dict[str, Any]) -> list[str]:
     fates = sum(rows[fate] for fate in ROW_FATES)
     units = rows["rows_read"] + rows.get("turn_samples_added", 0)
     if units != fates:
-        problems.append(f"source {name}: {rows['rows_read']} rows read (+{rows.get('turn_samples_added', 0)} "
-                        "per-turn samples) but " + " + ".join(f"{rows[f]} {f}" for f in ROW_FATES) + f" = {fates}")
+        problems.append(
+            f"source {name}: {rows['rows_read']} rows read (+{rows.get('turn_samples_added', 0)} "
+            "per-turn samples) but "
+            + " + ".join(f"{rows[f]} {f}" for f in ROW_FATES)
+            + f" = {fates}"
+        )
     recorded = row_accounting(source["tokenize"], source["mix"])
     if recorded != rows:
-        problems.append(f"source {name}: row accounting {rows} disagrees with its tokenize and mix "
-                        f"stats {recorded}")
+        problems.append(
+            f"source {name}: row accounting {rows} disagrees with its tokenize and mix "
+            f"stats {recorded}"
+        )
     files = source["tokenize"].get("files", {})
     for file, counts in files.items():
         added = counts.get("turn_samples_added", 0)
         if counts["rows_read"] + added != counts["samples"] + counts["quarantined"]:
-            problems.append(f"source {name} file {file}: {counts['rows_read']} rows read (+{added} "
-                            f"per-turn samples) but {counts['samples']} samples + {counts['quarantined']} quarantined")
+            problems.append(
+                f"source {name} file {file}: {counts['rows_read']} rows read (+{added} "
+                f"per-turn samples) but {counts['samples']} samples + {counts['quarantined']} quarantined"
+            )
     if files:
         for what in ("rows_read", "samples", "quarantined"):
             total = sum(counts[what] for counts in files.values())
             if total != source["tokenize"][what]:
-                problems.append(f"source {name}: its files add up to {total} {what}, "
-                                f"the source to {source['tokenize'][what]}")
+                problems.append(
+                    f"source {name}: its files add up to {total} {what}, "
+                    f"the source to {source['tokenize'][what]}"
+                )
     return problems

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from longdata.format import inside
-from longdata.shards import piece_mask
+from longdata.stages.shards import piece_mask
 
 INDEX_FILE = "samples.parquet"
 NOT_PACKED = -1  # ``row`` and ``slot`` of a sample that is in no row
@@ -25,25 +25,27 @@ NOT_PACKED = -1  # ``row`` and ``slot`` of a sample that is in no row
 # What happened to a sample (``status``): kept whole, or cut to fit, or left out and why.
 STATUSES = ("whole", "truncated", "split", "middle_cut", "dropped", "empty", "no_target_after_cut")
 
-SCHEMA = pa.schema([
-    ("sample", pa.int64()),  # the sample's number in the split's mixed order; repeats differ
-    ("sample_id", pa.string()),
-    ("source", pa.string()),
-    ("source_id", pa.uint16()),
-    ("position", pa.int64()),
-    ("lang", pa.string()),
-    ("sample_tokens", pa.int64()),
-    ("status", pa.string()),
-    ("stream", pa.string()),
-    ("row", pa.int64()),
-    ("slot", pa.int32()),
-    ("start", pa.int64()),
-    ("tokens", pa.int64()),
-    ("target_tokens", pa.int64()),
-    # A middle cut (truncate_middle): the piece leaves out gap_tokens tokens from gap_start.
-    ("gap_start", pa.int64()),
-    ("gap_tokens", pa.int64()),
-])
+SCHEMA = pa.schema(
+    [
+        ("sample", pa.int64()),  # the sample's number in the split's mixed order; repeats differ
+        ("sample_id", pa.string()),
+        ("source", pa.string()),
+        ("source_id", pa.uint16()),
+        ("position", pa.int64()),
+        ("lang", pa.string()),
+        ("sample_tokens", pa.int64()),
+        ("status", pa.string()),
+        ("stream", pa.string()),
+        ("row", pa.int64()),
+        ("slot", pa.int32()),
+        ("start", pa.int64()),
+        ("tokens", pa.int64()),
+        ("target_tokens", pa.int64()),
+        # A middle cut (truncate_middle): the piece leaves out gap_tokens tokens from gap_start.
+        ("gap_start", pa.int64()),
+        ("gap_tokens", pa.int64()),
+    ]
+)
 
 
 def sample_index(split, caches: Sequence, source_names: Sequence[str]) -> pa.Table:
@@ -70,13 +72,21 @@ def sample_index(split, caches: Sequence, source_names: Sequence[str]) -> pa.Tab
         target[p] = int(piece_mask(pieces, p, samples, caches).sum())
     pieces_per_sample = np.bincount(pieces.sample, minlength=len(samples))
     cut_status = "split" if split.counts["policy"] == "split" else "truncated"
-    status = np.where(pieces.gap_length > 0, "middle_cut",
-                      np.where(pieces.length < sample_tokens, cut_status, "whole")).astype(object)
+    status = np.where(
+        pieces.gap_length > 0,
+        "middle_cut",
+        np.where(pieces.length < sample_tokens, cut_status, "whole"),
+    ).astype(object)
 
     missing = np.flatnonzero(pieces_per_sample == 0)
-    dropped_by_policy = (samples.length[missing] > split.max_len) & (split.counts["policy"] == "drop")
-    missing_status = np.where(samples.length[missing] == 0, "empty",
-                              np.where(dropped_by_policy, "dropped", "no_target_after_cut")).astype(object)
+    dropped_by_policy = (samples.length[missing] > split.max_len) & (
+        split.counts["policy"] == "drop"
+    )
+    missing_status = np.where(
+        samples.length[missing] == 0,
+        "empty",
+        np.where(dropped_by_policy, "dropped", "no_target_after_cut"),
+    ).astype(object)
     all_samples = np.concatenate([pieces.sample, missing])
     all_source = samples.source[all_samples]
     all_index = samples.index[all_samples]
@@ -101,10 +111,14 @@ def sample_index(split, caches: Sequence, source_names: Sequence[str]) -> pa.Tab
         "gap_start": np.concatenate([pieces.gap_start, np.zeros(len(missing), dtype=np.int64)]),
         "gap_tokens": np.concatenate([pieces.gap_length, np.zeros(len(missing), dtype=np.int64)]),
     }
-    return pa.table({name: pa.array(columns[name], type=SCHEMA.field(name).type) for name in SCHEMA.names})
+    return pa.table(
+        {name: pa.array(columns[name], type=SCHEMA.field(name).type) for name in SCHEMA.names}
+    )
 
 
-def gather_column(caches: Sequence, column: str, source: np.ndarray, index: np.ndarray) -> np.ndarray:
+def gather_column(
+    caches: Sequence, column: str, source: np.ndarray, index: np.ndarray
+) -> np.ndarray:
     """``caches[source[i]].<column>[index[i]]`` for every i, one numpy gather per source."""
     first = getattr(caches[0], column)
     out = np.empty(len(source), dtype=first.dtype)
@@ -114,7 +128,9 @@ def gather_column(caches: Sequence, column: str, source: np.ndarray, index: np.n
     return out
 
 
-def write_sample_index(split, caches: Sequence, source_names: Sequence[str], out_root: Path) -> Path:
+def write_sample_index(
+    split, caches: Sequence, source_names: Sequence[str], out_root: Path
+) -> Path:
     path = inside(out_root, f"{split.name}/{INDEX_FILE}")
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(sample_index(split, caches, source_names), path, compression="zstd")

@@ -63,15 +63,20 @@ def load_tokenizer(config: TokenizerConfig, require_chat_template: bool = True):
         raise TemplateError(f"{config.name}: a fast (Rust) tokenizer is required for offsets")
     template = resolve_template(config.chat_template) or tokenizer.chat_template
     if not template and require_chat_template:
-        raise TemplateError(f"{config.name} has no chat template; set tokenizer.chat_template in the recipe")
+        raise TemplateError(
+            f"{config.name} has no chat template; set tokenizer.chat_template in the recipe"
+        )
     if template:  # a text-only recipe may use a tokenizer without one
         tokenizer.chat_template = bind_template_kwargs(template, config.chat_template_kwargs)
     info = TokenizerInfo(
         # A bundled tokenizer is recorded by name: the manifest must not depend on the checkout.
-        name=config.name, path=config.name if config.name in BUILTIN_TOKENIZERS else path,
+        name=config.name,
+        path=config.name if config.name in BUILTIN_TOKENIZERS else path,
         vocab_size=len(tokenizer),
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        sha256=tokenizer_digest(tokenizer))
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        sha256=tokenizer_digest(tokenizer),
+    )
     return tokenizer, info
 
 
@@ -85,7 +90,7 @@ class RenderedChat:
     # [start, end) characters of the longest user turn's content: what truncate_middle may cut.
     user_span: tuple[int, int] | None = None
     # [start, end) ranges where message text spells a special token: encoded as text, not control
-    # tokens (see longdata.control_tokens); empty for nearly every conversation.
+    # tokens (see longdata.stages.control_tokens); empty for nearly every conversation.
     spelled_special: tuple[tuple[int, int], ...] = ()
 
 
@@ -96,7 +101,8 @@ class ChatRenderer:
 
     def _render(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool) -> str:
         return self.tokenizer.apply_chat_template(
-            list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
+            list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+        )
 
     def render(self, messages: Sequence[Message]) -> RenderedChat:
         turns = [{"role": m.role, "content": m.content} for m in messages]
@@ -138,23 +144,30 @@ class ChatRenderer:
         prompt = self.generation_prompt(messages[:index])
         text = self._render(turns, add_generation_prompt=False)
         if not text.startswith(prompt):
-            raise RowError(f"the chat template renders the assistant turn (message {index}) so that the "
-                           "generation prompt is not a prefix of it: cannot tell where the answer starts")
-        end = len(prompt) + len(text[len(prompt):].rstrip())
+            raise RowError(
+                f"the chat template renders the assistant turn (message {index}) so that the "
+                "generation prompt is not a prefix of it: cannot tell where the answer starts"
+            )
+        end = len(prompt) + len(text[len(prompt) :].rstrip())
         spans = ((len(prompt), end),) if end > len(prompt) else ()
         return RenderedChat(text, spans, _longest_user_span(text, messages[: index + 1]))
 
     def generation_prompt(self, messages: Sequence[Message]) -> str:
         """What the model reads before it writes the next assistant turn (the inference prompt)."""
-        return self._render([{"role": m.role, "content": m.content} for m in messages], add_generation_prompt=True)
+        return self._render(
+            [{"role": m.role, "content": m.content} for m in messages], add_generation_prompt=True
+        )
 
     def _prefix(self, turns: list[dict[str, str]], full: str, add_generation_prompt: bool) -> str:
-        prefix = self._render(turns, add_generation_prompt) if turns or add_generation_prompt else ""
+        prefix = (
+            self._render(turns, add_generation_prompt) if turns or add_generation_prompt else ""
+        )
         if not full.startswith(prefix):
             raise NotPrefixStable(
                 "the chat template renders a conversation prefix that is not a prefix of the whole "
                 "conversation (it rewrites earlier turns), so this conversation cannot be one sample; "
-                "ChatRenderer.samples renders it one assistant turn at a time")
+                "ChatRenderer.samples renders it one assistant turn at a time"
+            )
         return prefix
 
 
@@ -174,6 +187,8 @@ def _longest_user_span(text: str, messages: Sequence[Message]) -> tuple[int, int
             position = at + len(content)
     users = [found[i] for i, m in enumerate(messages) if m.role == "user" and i in found]
     return max(users, key=lambda span: span[1] - span[0]) if users else None
+
+
 def template_overhead(tokenizer) -> int:
     """Tokens the chat template itself adds to the shortest trainable conversation (an empty
     user turn and a one-character answer): a row shorter than this holds no whole sample."""
@@ -184,7 +199,11 @@ def template_overhead(tokenizer) -> int:
 def _byte_level_alphabet() -> set[str]:
     """The 256 characters byte-level BPE vocabularies spell bytes with (GPT-2's mapping): printable
     Latin-1 bytes stand for themselves, the others are shifted to U+0100 and up."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     shifted = [256 + i for i in range(256 - len(printable))]
     return {chr(c) for c in printable + shifted}
 
@@ -209,14 +228,20 @@ class ByteLevelMasker:
         """A masker when the tokenizer is byte-level BPE (GPT-2, Llama 3, Qwen 2 style), else None."""
         spec = json.loads(tokenizer.backend_tokenizer.to_str())
         normalizer = (spec.get("normalizer") or {}).get("type")
-        if (spec["model"].get("type") != "BPE" or spec["model"].get("byte_fallback")
-                or (spec.get("decoder") or {}).get("type") != "ByteLevel" or normalizer not in (None, "NFC")):
+        if (
+            spec["model"].get("type") != "BPE"
+            or spec["model"].get("byte_fallback")
+            or (spec.get("decoder") or {}).get("type") != "ByteLevel"
+            or normalizer not in (None, "NFC")
+        ):
             return None
         alphabet = _byte_level_alphabet()
         vocab = tokenizer.backend_tokenizer.get_vocab(with_added_tokens=False)
         if any(not alphabet.issuperset(token) for token in vocab):
             return None
-        token_bytes = np.zeros(tokenizer.backend_tokenizer.get_vocab_size(with_added_tokens=True), dtype=np.int64)
+        token_bytes = np.zeros(
+            tokenizer.backend_tokenizer.get_vocab_size(with_added_tokens=True), dtype=np.int64
+        )
         for token, token_id in vocab.items():
             token_bytes[token_id] = len(token)  # one alphabet character per byte
         for token_id, added in tokenizer.backend_tokenizer.get_added_tokens_decoder().items():
@@ -233,7 +258,9 @@ class ByteLevelMasker:
             return None
         return ends
 
-    def mask(self, ids: np.ndarray, text: str, spans: Sequence[tuple[int, int]]) -> np.ndarray | None:
+    def mask(
+        self, ids: np.ndarray, text: str, spans: Sequence[tuple[int, int]]
+    ) -> np.ndarray | None:
         ends = self.token_ends(ids, text)
         return None if ends is None else self.mask_from_ends(ends, text, spans)
 
@@ -247,7 +274,9 @@ class ByteLevelMasker:
         mask[:1] = 0  # the first token of a sample is never a target (nothing precedes it)
         return mask
 
-    def inner_tokens(self, ids: np.ndarray, ends: np.ndarray, text: str, span: tuple[int, int]) -> tuple[int, int]:
+    def inner_tokens(
+        self, ids: np.ndarray, ends: np.ndarray, text: str, span: tuple[int, int]
+    ) -> tuple[int, int]:
         """[first, last) of the tokens lying wholly inside the character ``span``."""
         starts = ends - self.token_bytes[ids]
         first = int(np.searchsorted(starts, _byte_offset(text, span[0]), side="left"))

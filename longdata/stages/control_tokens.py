@@ -62,8 +62,11 @@ class SpecialTokenText:
 
     def __init__(self, backend):
         added = backend.get_added_tokens_decoder()
-        self._specials = {token.content: (token_id, token) for token_id, token in added.items()
-                          if token.special and token.content}
+        self._specials = {
+            token.content: (token_id, token)
+            for token_id, token in added.items()
+            if token.special and token.content
+        }
         self._names = sorted(self._specials, key=len, reverse=True)  # longest match first
         self._pattern = re.compile("|".join(map(re.escape, self._names))) if self._names else None
         # A substring test per opening is far cheaper than the regex on long text that spells nothing.
@@ -74,22 +77,28 @@ class SpecialTokenText:
     def spelled_in(self, messages: Sequence[Message]) -> bool:
         if self._pattern is None:
             return False
-        return any(any(opening in m.content for opening in self._openings) and self._pattern.search(m.content)
-                   for m in messages)
+        return any(
+            any(opening in m.content for opening in self._openings)
+            and self._pattern.search(m.content)
+            for m in messages
+        )
 
-    def locate(self, messages: Sequence[Message], text: str,
-               render: Callable[[tuple[Message, ...]], str]) -> tuple[Span, ...]:
+    def locate(
+        self, messages: Sequence[Message], text: str, render: Callable[[tuple[Message, ...]], str]
+    ) -> tuple[Span, ...]:
         """Spans of ``text`` (``render(messages)``) that messages spell rather than the template
         writes. ``render`` is called once, on the messages with every spelling swapped out."""
         base = _free_stand_ins(messages, len(self._names))
         stand_in = {name: chr(base + k) for k, name in enumerate(self._names)}
-        swapped = tuple(replace(m, content=self._pattern.sub(lambda match: stand_in[match.group()], m.content))
-                        for m in messages)
+        swapped = tuple(
+            replace(m, content=self._pattern.sub(lambda match: stand_in[match.group()], m.content))
+            for m in messages
+        )
         rendered = render(swapped)
         pieces, spans, length, last = [], [], 0, 0
         for match in re.finditer(f"[{chr(base)}-{chr(base + len(self._names) - 1)}]", rendered):
             name = self._names[ord(match.group()) - base]
-            pieces.append(rendered[last:match.start()])
+            pieces.append(rendered[last : match.start()])
             length += match.start() - last
             spans.append((length, length + len(name)))
             pieces.append(name)
@@ -100,7 +109,8 @@ class SpecialTokenText:
             raise SpelledSpecialTokensError(
                 "the text spells special tokens and the chat template rewrites message text, so they "
                 "cannot be told from the template's own; set tokenizer.special_tokens_in_text: allow "
-                "to encode them as control tokens")
+                "to encode them as control tokens"
+            )
         return tuple(spans)
 
     def encode(self, text: str, spelled: Sequence[Span]) -> JoinedEncoding:
@@ -116,7 +126,9 @@ class SpecialTokenText:
         cursor = 0
         for match in self._pattern.finditer(text):
             start, end = match.span()
-            at = bisect.bisect_right(spelled_starts, end - 1) - 1  # the last spelled span before `end`
+            at = (
+                bisect.bisect_right(spelled_starts, end - 1) - 1
+            )  # the last spelled span before `end`
             if at >= 0 and spelled[at][1] > start:
                 continue  # the row's text spells this one
             token_id, token = self._specials[match.group()]
@@ -160,6 +172,8 @@ def _free_stand_ins(messages: Sequence[Message], count: int) -> int:
         if code >= base:
             base = code + 1
     if base + count - 1 > _STAND_IN_LAST:
-        raise SpelledSpecialTokensError("the text uses every private-use character longdata could "
-                                        "stand in for spelled special tokens with")
+        raise SpelledSpecialTokensError(
+            "the text uses every private-use character longdata could "
+            "stand in for spelled special tokens with"
+        )
     return base

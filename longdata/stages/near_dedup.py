@@ -53,8 +53,13 @@ class NearDuplicateFilter:
         self._rensa = rensa
         self.threshold, self.num_perm, self.ngram = threshold, num_perm, ngram
         self.bands = lsh_bands(threshold, num_perm)
-        self._index = rensa.RMinHashDeduplicator(threshold=threshold, num_perm=num_perm, use_lsh=True,
-                                                  num_bands=self.bands, seed=MINHASH_SEED)
+        self._index = rensa.RMinHashDeduplicator(
+            threshold=threshold,
+            num_perm=num_perm,
+            use_lsh=True,
+            num_bands=self.bands,
+            seed=MINHASH_SEED,
+        )
 
     def signature(self, tokens: np.ndarray):
         minhash = self._rensa.RMinHash(self.num_perm, MINHASH_SEED)

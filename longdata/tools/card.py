@@ -17,13 +17,15 @@ import numpy as np
 import polars as pl
 import yaml
 
-from longdata.accounting import ROW_FATES, accounting_problems
 from longdata.format import BuildFormatError, Manifest, check_slug, inside, is_ours, mark_ours
 from longdata.format.paths import MARKER_FILE, NotOursError
-from longdata.sample_index import read_sample_index
+from longdata.stages.accounting import ROW_FATES, accounting_problems
+from longdata.stages.sample_index import read_sample_index
 
 CARD_FILE = "README.md"
-PLOTS_DIR = "card"  # inside a build directory; a copy under data_cards/<name>/ keeps plots beside the card
+PLOTS_DIR = (
+    "card"  # inside a build directory; a copy under data_cards/<name>/ keeps plots beside the card
+)
 PLOTS = ("lengths.png", "packing.png", "loss_weight.png", "mix.png")
 LENGTH_BINS_PER_DECADE = 12
 
@@ -42,12 +44,20 @@ class CardData:
     def read(cls, build_dir: Path, checked: Manifest | None = None) -> CardData:
         checked = checked or Manifest.read(build_dir)
         # The card lists splits in stage (curriculum) order, as the Manifest gives them.
-        manifest = {**checked.raw, "splits": {name: checked.raw["splits"][name] for name in checked.splits}}
-        index = {name: pl.from_arrow(read_sample_index(build_dir, name)) for name in manifest["splits"]}
-        return cls(manifest, index,
-                   samples={name: _per_sample(pieces) for name, pieces in index.items()},
-                   rows={name: _per_row(pieces) for name, pieces in index.items()},
-                   loss_weights={name: _loss_weights(pieces) for name, pieces in index.items()})
+        manifest = {
+            **checked.raw,
+            "splits": {name: checked.raw["splits"][name] for name in checked.splits},
+        }
+        index = {
+            name: pl.from_arrow(read_sample_index(build_dir, name)) for name in manifest["splits"]
+        }
+        return cls(
+            manifest,
+            index,
+            samples={name: _per_sample(pieces) for name, pieces in index.items()},
+            rows={name: _per_row(pieces) for name, pieces in index.items()},
+            loss_weights={name: _loss_weights(pieces) for name, pieces in index.items()},
+        )
 
     @property
     def source_names(self) -> list[str]:
@@ -64,14 +74,19 @@ class CardData:
 
 
 def _per_sample(pieces: pl.DataFrame) -> pl.DataFrame:
-    return (pieces.group_by("sample", maintain_order=True)
-            .agg(pl.col("source", "lang", "sample_tokens", "status").first(),
-                 pl.col("target_tokens").sum(), (pl.col("row") >= 0).any().alias("packed")))
+    return pieces.group_by("sample", maintain_order=True).agg(
+        pl.col("source", "lang", "sample_tokens", "status").first(),
+        pl.col("target_tokens").sum(),
+        (pl.col("row") >= 0).any().alias("packed"),
+    )
 
 
 def _per_row(pieces: pl.DataFrame) -> pl.DataFrame:
-    return (pieces.filter(pl.col("row") >= 0).group_by("stream", "row", maintain_order=True)
-            .agg(pl.col("tokens").sum(), pl.len().alias("samples")))
+    return (
+        pieces.filter(pl.col("row") >= 0)
+        .group_by("stream", "row", maintain_order=True)
+        .agg(pl.col("tokens").sum(), pl.len().alias("samples"))
+    )
 
 
 def write_card(build_dir: Path, manifest: Manifest | None = None) -> Path:
@@ -102,8 +117,10 @@ def _is_card_copy(directory: Path) -> bool:
     if directory.is_symlink() or not directory.is_dir():
         return False
     allowed = {CARD_FILE, MARKER_FILE, *PLOTS}
-    return all(entry.name in allowed and entry.is_file() and not entry.is_symlink()
-               for entry in directory.iterdir())
+    return all(
+        entry.name in allowed and entry.is_file() and not entry.is_symlink()
+        for entry in directory.iterdir()
+    )
 
 
 def copy_card(build_dir: Path, destination: Path) -> Path:
@@ -117,8 +134,10 @@ def copy_card(build_dir: Path, destination: Path) -> Path:
         raise NotOursError(f"card directory {destination} is inside the build {build_dir}")
     if destination.exists() or destination.is_symlink():
         if not _is_card_copy(destination):
-            raise NotOursError(f"{destination} exists and is not a data card longdata wrote; refusing "
-                               "to write into it (remove it or set output.card_dir elsewhere)")
+            raise NotOursError(
+                f"{destination} exists and is not a data card longdata wrote; refusing "
+                "to write into it (remove it or set output.card_dir elsewhere)"
+            )
     destination.mkdir(parents=True, exist_ok=True)
     mark_ours(destination, "card")
     for plot in PLOTS:
@@ -136,8 +155,10 @@ def regenerate_card(build_dir: Path, copy_to: Path | None = None, copy: bool = T
     if copy:
         card_dir = manifest.recipe_value("output", "card_dir")
         if copy_to is None and not isinstance(card_dir, str):
-            raise BuildFormatError(f"{build_dir}/manifest.json records no recipe.output.card_dir; "
-                                   "pass --copy-to DIR or --no-copy")
+            raise BuildFormatError(
+                f"{build_dir}/manifest.json records no recipe.output.card_dir; "
+                "pass --copy-to DIR or --no-copy"
+            )
         written.append(copy_card(build_dir, copy_to or card_destination(card_dir, manifest.name)))
     return written
 
@@ -232,23 +253,33 @@ def _front_matter(data: CardData) -> str:
             "tokenizer_sha256": m["tokenizer"]["sha256"],
             "seed": m["recipe"]["seed"],
             "format": "mosaicml-streaming MDS",
-            "splits": {name: {"max_seq_len": s["max_seq_len"], "rows": s["rows"], "tokens": s["tokens"]}
-                       for name, s in m["splits"].items()},
+            "splits": {
+                name: {"max_seq_len": s["max_seq_len"], "rows": s["rows"], "tokens": s["tokens"]}
+                for name, s in m["splits"].items()
+            },
         },
     }
     return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n"
 
 
 def _size_category(samples: int) -> str:
-    for bound, name in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"),
-                        (1_000_000, "100K<n<1M"), (10_000_000, "1M<n<10M")):
+    for bound, name in (
+        (1_000, "n<1K"),
+        (10_000, "1K<n<10K"),
+        (100_000, "10K<n<100K"),
+        (1_000_000, "100K<n<1M"),
+        (10_000_000, "1M<n<10M"),
+    ):
         if samples < bound:
             return name
     return "n>10M"
 
 
 def _table(header: list[str], align: str, rows: list[list[Any]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|"]
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|",
+    ]
     lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
 
@@ -266,28 +297,72 @@ def _sources_table(data: CardData) -> str:
     rows = []
     for s in data.manifest["sources"]:
         t, mix = s["tokenize"], s["mix"]
-        rows.append([s["name"], s["kind"], f"{s['weight']:g}", t["rows_read"], t["quarantined"],
-                     t["samples"], t["tokens"], t["target_tokens"], mix["duplicates"],
-                     mix.get("near_duplicates", 0), mix["too_short"] + mix["too_long"], mix["validation"], mix["train_samples"],
-                     mix["train_tokens"], mix["train_tokens"] / total_tokens])
-    return ("`samples`, `tokens` and `target tokens` are after tokenizing (every good row once); "
-            "`train samples` and `train tokens` after de-duplication, length filters, the "
-            "validation hold-out and the weights; `share of mix` is the share of training tokens; "
-            "`duplicates` counts exact and near duplicates, `of which near` those found by "
-            "MinHash-LSH (recipe `dedup.near`).\n\n"
-            + _table(["source", "kind", "weight", "rows read", "quarantined", "samples", "tokens",
-                      "target tokens", "duplicates", "of which near", "length-filtered", "validation",
-                      "train samples", "train tokens", "share of mix"], "llrrrrrrrrrrrrr", rows))
+        rows.append(
+            [
+                s["name"],
+                s["kind"],
+                f"{s['weight']:g}",
+                t["rows_read"],
+                t["quarantined"],
+                t["samples"],
+                t["tokens"],
+                t["target_tokens"],
+                mix["duplicates"],
+                mix.get("near_duplicates", 0),
+                mix["too_short"] + mix["too_long"],
+                mix["validation"],
+                mix["train_samples"],
+                mix["train_tokens"],
+                mix["train_tokens"] / total_tokens,
+            ]
+        )
+    return (
+        "`samples`, `tokens` and `target tokens` are after tokenizing (every good row once); "
+        "`train samples` and `train tokens` after de-duplication, length filters, the "
+        "validation hold-out and the weights; `share of mix` is the share of training tokens; "
+        "`duplicates` counts exact and near duplicates, `of which near` those found by "
+        "MinHash-LSH (recipe `dedup.near`).\n\n"
+        + _table(
+            [
+                "source",
+                "kind",
+                "weight",
+                "rows read",
+                "quarantined",
+                "samples",
+                "tokens",
+                "target tokens",
+                "duplicates",
+                "of which near",
+                "length-filtered",
+                "validation",
+                "train samples",
+                "train tokens",
+                "share of mix",
+            ],
+            "llrrrrrrrrrrrrr",
+            rows,
+        )
+    )
 
 
 def _special_token_text(data: CardData) -> list[str]:
     """A line per source whose text spells the tokenizer's special tokens (none: no lines)."""
     policy = data.manifest["recipe"]["tokenizer"].get("special_tokens_in_text", "encode_as_text")
-    how = ("encoded as plain text, never as control tokens" if policy != "allow"
-           else "encoded as control tokens (`tokenizer.special_tokens_in_text: allow`)")
-    counts = [(s["name"], s["tokenize"].get("special_token_text_rows", 0)) for s in data.manifest["sources"]]
-    return [f"Source `{name}`: {count:,} samples spell a special token in their text, {how}.\n"
-            for name, count in counts if count]
+    how = (
+        "encoded as plain text, never as control tokens"
+        if policy != "allow"
+        else "encoded as control tokens (`tokenizer.special_tokens_in_text: allow`)"
+    )
+    counts = [
+        (s["name"], s["tokenize"].get("special_token_text_rows", 0))
+        for s in data.manifest["sources"]
+    ]
+    return [
+        f"Source `{name}`: {count:,} samples spell a special token in their text, {how}.\n"
+        for name, count in counts
+        if count
+    ]
 
 
 def _rows_table(data: CardData) -> str:
@@ -295,22 +370,58 @@ def _rows_table(data: CardData) -> str:
     rows, files = [], []
     for s in data.manifest["sources"]:
         accounted = "yes" if not accounting_problems(s) else "NO"
-        rows.append([s["name"], s["rows"]["rows_read"], s["rows"].get("turn_samples_added", 0),
-                     *(s["rows"][f] for f in ROW_FATES), accounted])
+        rows.append(
+            [
+                s["name"],
+                s["rows"]["rows_read"],
+                s["rows"].get("turn_samples_added", 0),
+                *(s["rows"][f] for f in ROW_FATES),
+                accounted,
+            ]
+        )
         for file, counts in s["tokenize"].get("files", {}).items():
-            files.append([s["name"], file, counts["rows_read"], counts.get("turn_samples_added", 0),
-                          counts["quarantined"], counts["samples"]])
-    text = ("Where every row read went: each is quarantined (`quarantine/<source>.jsonl` says why), "
-            "length-filtered, a duplicate, held out for validation or kept for training "
-            "(docs/ARCHITECTURE.md, row accounting).\n\n"
-            + "`+ per-turn samples`: samples beyond one per row, from conversations made into one "
-              "sample per assistant turn (docs/TEMPLATES.md).\n\n"
-            + _table(["source", "rows read", "+ per-turn samples", "quarantined", "too short", "too long",
-                      "duplicates", "validation", "train", "accounted"], "lrrrrrrrrl", rows))
+            files.append(
+                [
+                    s["name"],
+                    file,
+                    counts["rows_read"],
+                    counts.get("turn_samples_added", 0),
+                    counts["quarantined"],
+                    counts["samples"],
+                ]
+            )
+    text = (
+        "Where every row read went: each is quarantined (`quarantine/<source>.jsonl` says why), "
+        "length-filtered, a duplicate, held out for validation or kept for training "
+        "(docs/ARCHITECTURE.md, row accounting).\n\n"
+        + "`+ per-turn samples`: samples beyond one per row, from conversations made into one "
+        "sample per assistant turn (docs/TEMPLATES.md).\n\n"
+        + _table(
+            [
+                "source",
+                "rows read",
+                "+ per-turn samples",
+                "quarantined",
+                "too short",
+                "too long",
+                "duplicates",
+                "validation",
+                "train",
+                "accounted",
+            ],
+            "lrrrrrrrrl",
+            rows,
+        )
+    )
     if files:
-        text += ("\n\nPer source file (`rows read` + `per-turn samples` = `quarantined` + `samples`):\n\n"
-                 + _table(["source", "file", "rows read", "+ per-turn samples", "quarantined", "samples"],
-                          "llrrrr", files))
+        text += (
+            "\n\nPer source file (`rows read` + `per-turn samples` = `quarantined` + `samples`):\n\n"
+            + _table(
+                ["source", "file", "rows read", "+ per-turn samples", "quarantined", "samples"],
+                "llrrrr",
+                files,
+            )
+        )
     return text
 
 
@@ -318,40 +429,92 @@ def _kept_table(data: CardData) -> str:
     rows = []
     for split in data.train_splits:
         samples = data.samples[split]
-        for r in (samples.group_by("source").agg(
-                pl.len().alias("samples"), (pl.col("status") == "whole").sum().alias("whole"),
+        for r in (
+            samples.group_by("source")
+            .agg(
+                pl.len().alias("samples"),
+                (pl.col("status") == "whole").sum().alias("whole"),
                 pl.col("status").is_in(["truncated", "split"]).sum().alias("cut"),
                 (pl.col("status") == "middle_cut").sum().alias("middle_cut"),
                 (pl.col("status") == "dropped").sum().alias("dropped"),
                 (pl.col("status") == "no_target_after_cut").sum().alias("no_target"),
-                pl.col("target_tokens").sum()).sort("source").iter_rows(named=True)):
-            rows.append([split, r["source"], r["samples"], r["whole"], r["cut"], r["middle_cut"],
-                         r["dropped"], r["no_target"], r["target_tokens"]])
-    return ("Per training split: samples packed whole, cut to fit (truncated or split, by the "
-            "split's over-length policy), cut in the middle of their longest user turn "
-            "(`truncate_middle`: head and tail kept), dropped as too long, or left out because the "
-            "cut kept no target token; `target tokens` are those that reached the rows.\n\n"
-            + _table(["split", "source", "samples", "whole", "cut to fit", "middle cut", "dropped too long",
-                      "no target after cut", "target tokens"], "llrrrrrrr", rows))
+                pl.col("target_tokens").sum(),
+            )
+            .sort("source")
+            .iter_rows(named=True)
+        ):
+            rows.append(
+                [
+                    split,
+                    r["source"],
+                    r["samples"],
+                    r["whole"],
+                    r["cut"],
+                    r["middle_cut"],
+                    r["dropped"],
+                    r["no_target"],
+                    r["target_tokens"],
+                ]
+            )
+    return (
+        "Per training split: samples packed whole, cut to fit (truncated or split, by the "
+        "split's over-length policy), cut in the middle of their longest user turn "
+        "(`truncate_middle`: head and tail kept), dropped as too long, or left out because the "
+        "cut kept no target token; `target tokens` are those that reached the rows.\n\n"
+        + _table(
+            [
+                "split",
+                "source",
+                "samples",
+                "whole",
+                "cut to fit",
+                "middle cut",
+                "dropped too long",
+                "no target after cut",
+                "target tokens",
+            ],
+            "llrrrrrrr",
+            rows,
+        )
+    )
 
 
 def _languages_table(data: CardData) -> str:
     if not data.train_splits:
         return "No training split."
     samples = data.samples[data.train_splits[0]]
-    per_source = samples.group_by("source", "lang").agg(pl.len().alias("samples"),
-                                                          pl.col("sample_tokens").sum().alias("tokens"))
-    overall = per_source.group_by("lang").agg(pl.col("samples", "tokens").sum()).with_columns(
-        pl.lit("all sources").alias("source"))
+    per_source = samples.group_by("source", "lang").agg(
+        pl.len().alias("samples"), pl.col("sample_tokens").sum().alias("tokens")
+    )
+    overall = (
+        per_source.group_by("lang")
+        .agg(pl.col("samples", "tokens").sum())
+        .with_columns(pl.lit("all sources").alias("source"))
+    )
     rows = []
     for frame in (per_source.sort("source", "lang"), overall.sort("lang")):
-        for source, lang, count, tokens in frame.select("source", "lang", "samples", "tokens").iter_rows():
-            of_source = samples if source == "all sources" else samples.filter(pl.col("source") == source)
-            rows.append([source, lang, count, count / len(of_source),
-                         tokens / max(int(of_source["sample_tokens"].sum()), 1)])
-    return (f"Tagged by script (`zh` when at least a quarter of the letters are CJK), training samples of "
-            f"`{data.train_splits[0]}`.\n\n"
-            + _table(["source", "language", "samples", "share of samples", "share of tokens"], "llrrr", rows))
+        for source, lang, count, tokens in frame.select(
+            "source", "lang", "samples", "tokens"
+        ).iter_rows():
+            of_source = (
+                samples if source == "all sources" else samples.filter(pl.col("source") == source)
+            )
+            rows.append(
+                [
+                    source,
+                    lang,
+                    count,
+                    count / len(of_source),
+                    tokens / max(int(of_source["sample_tokens"].sum()), 1),
+                ]
+            )
+    return (
+        f"Tagged by script (`zh` when at least a quarter of the letters are CJK), training samples of "
+        f"`{data.train_splits[0]}`.\n\n"
+        + _table(
+            ["source", "language", "samples", "share of samples", "share of tokens"], "llrrr", rows
+        )
+    )
 
 
 def _language_balance(data: CardData) -> str:
@@ -359,28 +522,50 @@ def _language_balance(data: CardData) -> str:
     balance = data.manifest.get("language_balance")
     if not balance:
         return ""
-    rows = [[lang, balance["share"][lang], balance["tokens_before"][lang], balance["tokens_after"][lang],
-             -balance["discarded"][lang] if balance["discarded"][lang] else balance["added"][lang]]
-            for lang in sorted(balance["tokens_before"])]
-    return (f"`language_share` met by `{balance['mode']}`: weighted training tokens per language "
-            "before and after (change: negative = discarded, positive = repeated).\n\n"
-            + _table(["language", "wanted share", "tokens before", "tokens after", "change"], "lrrrr", rows)
-            + "\n")
+    rows = [
+        [
+            lang,
+            balance["share"][lang],
+            balance["tokens_before"][lang],
+            balance["tokens_after"][lang],
+            -balance["discarded"][lang] if balance["discarded"][lang] else balance["added"][lang],
+        ]
+        for lang in sorted(balance["tokens_before"])
+    ]
+    return (
+        f"`language_share` met by `{balance['mode']}`: weighted training tokens per language "
+        "before and after (change: negative = discarded, positive = repeated).\n\n"
+        + _table(
+            ["language", "wanted share", "tokens before", "tokens after", "change"], "lrrrr", rows
+        )
+        + "\n"
+    )
 
 
 def _lengths_table(data: CardData) -> str:
     if not data.train_splits:
         return "No training split."
     samples = data.samples[data.train_splits[0]]
-    summary = (samples.group_by("source", maintain_order=True)
-               .agg(pl.len().alias("samples"), pl.col("sample_tokens").min().alias("min"),
-                    pl.col("sample_tokens").quantile(0.5, "nearest").cast(pl.Int64).alias("median"),
-                    pl.col("sample_tokens").quantile(0.9, "nearest").cast(pl.Int64).alias("p90"),
-                    pl.col("sample_tokens").max().alias("max")).sort("source"))
-    return (f"Whole samples (before any cut) of `{data.train_splits[0]}`, in tokens, chat template "
-            "included; repeats from weights above 1 counted.\n\n"
-            + _table(["source", "samples", "min", "median", "p90", "max"], "lrrrrr",
-                     [list(r) for r in summary.iter_rows()]))
+    summary = (
+        samples.group_by("source", maintain_order=True)
+        .agg(
+            pl.len().alias("samples"),
+            pl.col("sample_tokens").min().alias("min"),
+            pl.col("sample_tokens").quantile(0.5, "nearest").cast(pl.Int64).alias("median"),
+            pl.col("sample_tokens").quantile(0.9, "nearest").cast(pl.Int64).alias("p90"),
+            pl.col("sample_tokens").max().alias("max"),
+        )
+        .sort("source")
+    )
+    return (
+        f"Whole samples (before any cut) of `{data.train_splits[0]}`, in tokens, chat template "
+        "included; repeats from weights above 1 counted.\n\n"
+        + _table(
+            ["source", "samples", "min", "median", "p90", "max"],
+            "lrrrrr",
+            [list(r) for r in summary.iter_rows()],
+        )
+    )
 
 
 def _splits_table(data: CardData) -> str:
@@ -388,22 +573,53 @@ def _splits_table(data: CardData) -> str:
     for name, split in data.manifest["splits"].items():
         cut, packed = split["overlength"], split["packing"]
         per_row = data.rows[name]["samples"]
-        rows.append([name, split["max_seq_len"], cut["policy"], split["samples"], split["rows"],
-                     f"{per_row.mean():.2f}" if len(per_row) else "-", packed["fill"],
-                     f"{packed['rows_over_bound']:.3f}",
-                     cut["truncated"] + cut["split"] + cut.get("middle_cut", 0),
-                     cut["dropped"] + cut["empty"] + cut["no_target_after_cut"]])
-    return _table(["split", "max_seq_len", "over-length", "samples", "rows", "samples/row", "fill",
-                   "rows / lower bound", "cut to fit", "left out"], "lrlrrrrrrr", rows)
+        rows.append(
+            [
+                name,
+                split["max_seq_len"],
+                cut["policy"],
+                split["samples"],
+                split["rows"],
+                f"{per_row.mean():.2f}" if len(per_row) else "-",
+                packed["fill"],
+                f"{packed['rows_over_bound']:.3f}",
+                cut["truncated"] + cut["split"] + cut.get("middle_cut", 0),
+                cut["dropped"] + cut["empty"] + cut["no_target_after_cut"],
+            ]
+        )
+    return _table(
+        [
+            "split",
+            "max_seq_len",
+            "over-length",
+            "samples",
+            "rows",
+            "samples/row",
+            "fill",
+            "rows / lower bound",
+            "cut to fit",
+            "left out",
+        ],
+        "lrlrrrrrrr",
+        rows,
+    )
 
 
 def _streams_table(data: CardData) -> str:
-    rows = [[name, s["name"], s["rows"], s["samples"], s["tokens"], s["target_tokens"], s["proportion"]]
-            for name, split in data.manifest["splits"].items() for s in split["streams"]]
-    return ("Each length bucket is one MDS stream; a trainer mixes a split's streams by `proportion` "
-            "(their share of its tokens).\n\n"
-            + _table(["split", "stream", "rows", "samples", "tokens", "target tokens", "proportion"],
-                     "llrrrrr", rows))
+    rows = [
+        [name, s["name"], s["rows"], s["samples"], s["tokens"], s["target_tokens"], s["proportion"]]
+        for name, split in data.manifest["splits"].items()
+        for s in split["streams"]
+    ]
+    return (
+        "Each length bucket is one MDS stream; a trainer mixes a split's streams by `proportion` "
+        "(their share of its tokens).\n\n"
+        + _table(
+            ["split", "stream", "rows", "samples", "tokens", "target tokens", "proportion"],
+            "llrrrrr",
+            rows,
+        )
+    )
 
 
 def _loss_weights(pieces: pl.DataFrame) -> pl.DataFrame:
@@ -413,23 +629,38 @@ def _loss_weights(pieces: pl.DataFrame) -> pl.DataFrame:
     with_target = (pl.col("target_tokens") > 0).cast(pl.Float64)
     return packed.with_columns(
         (pl.col("target_tokens") / pl.col("target_tokens").sum()).alias("token_mean"),
-        (with_target / with_target.sum()).alias("sequence_mean"))
+        (with_target / with_target.sum()).alias("sequence_mean"),
+    )
 
 
 def _loss_weight_table(data: CardData) -> str:
     rows = []
     for split in data.train_splits:
         weights = data.loss_weights[split]
-        shares = {source: (token, sequence) for source, token, sequence in weights.group_by("source").agg(
-            pl.col("token_mean").sum(), pl.col("sequence_mean").sum()).iter_rows()}
+        shares = {
+            source: (token, sequence)
+            for source, token, sequence in weights.group_by("source")
+            .agg(pl.col("token_mean").sum(), pl.col("sequence_mean").sum())
+            .iter_rows()
+        }
         for source in sorted(data.source_names):
             token, sequence = shares.get(source, (0.0, 0.0))
-            rows.append([split, source, token, sequence, f"{token / sequence:.2f}x" if sequence else "-"])
+            rows.append(
+                [split, source, token, sequence, f"{token / sequence:.2f}x" if sequence else "-"]
+            )
         longest = weights.filter(pl.col("tokens") >= pl.col("tokens").quantile(0.9, "nearest"))
-        rows.append([split, "longest 10% of samples", float(longest["token_mean"].sum()),
-                     float(longest["sequence_mean"].sum()),
-                     f"{longest['token_mean'].sum() / max(longest['sequence_mean'].sum(), 1e-12):.2f}x"])
-    return _table(["split", "source", "token_mean share", "sequence_mean share", "skew"], "llrrr", rows)
+        rows.append(
+            [
+                split,
+                "longest 10% of samples",
+                float(longest["token_mean"].sum()),
+                float(longest["sequence_mean"].sum()),
+                f"{longest['token_mean'].sum() / max(longest['sequence_mean'].sum(), 1e-12):.2f}x",
+            ]
+        )
+    return _table(
+        ["split", "source", "token_mean share", "sequence_mean share", "skew"], "llrrr", rows
+    )
 
 
 def _no_labels():
@@ -443,9 +674,11 @@ def _length_ticks(lengths: np.ndarray) -> list[int]:
     if not len(lengths):
         return []
     low, high = max(int(lengths.min()), 1), int(lengths.max())
-    ticks = [m * 2**k for k in range(int(np.log2(low)) - 1, int(np.log2(high)) + 2) for m in (1, 1.5)]
+    ticks = [
+        m * 2**k for k in range(int(np.log2(low)) - 1, int(np.log2(high)) + 2) for m in (1, 1.5)
+    ]
     ticks = [int(t) for t in ticks if low * 0.9 <= t <= high * 1.1 and t >= 1]
-    return ticks[::-(-len(ticks) // 8)] if ticks else [low, high]
+    return ticks[:: -(-len(ticks) // 8)] if ticks else [low, high]
 
 
 def _pyplot():
@@ -472,13 +705,18 @@ def _log_bins(values: np.ndarray) -> np.ndarray:
 def _plot_lengths(data: CardData, path: Path) -> None:
     plt = _pyplot()
     names = data.source_names
-    fig, axes = plt.subplots(len(names), 1, figsize=(7, 1.2 + 1.6 * len(names)), dpi=100,
-                             sharex=True, squeeze=False)
+    fig, axes = plt.subplots(
+        len(names), 1, figsize=(7, 1.2 + 1.6 * len(names)), dpi=100, sharex=True, squeeze=False
+    )
     samples = data.samples[data.train_splits[0]] if data.train_splits else None
     lengths = samples["sample_tokens"].to_numpy() if samples is not None else np.array([])
     limits = sorted({s["max_seq_len"] for s in data.manifest["splits"].values()})
     for ax, name in zip(axes[:, 0], names):
-        own = samples.filter(pl.col("source") == name)["sample_tokens"].to_numpy() if samples is not None else []
+        own = (
+            samples.filter(pl.col("source") == name)["sample_tokens"].to_numpy()
+            if samples is not None
+            else []
+        )
         if len(own):
             ax.hist(own, bins=_log_bins(lengths))
         for limit in limits:
@@ -508,7 +746,9 @@ def _plot_packing(data: CardData, path: Path) -> None:
     splits = data.plotted_splits
     if not splits:
         return _plot_nothing(path, "Packed rows")
-    fig, axes = plt.subplots(len(splits), 2, figsize=(8, 0.6 + 2.4 * len(splits)), dpi=100, squeeze=False)
+    fig, axes = plt.subplots(
+        len(splits), 2, figsize=(8, 0.6 + 2.4 * len(splits)), dpi=100, squeeze=False
+    )
     for (fill_ax, count_ax), split in zip(axes, splits):
         rows = data.rows[split]
         max_len = data.manifest["splits"][split]["max_seq_len"]
@@ -517,8 +757,11 @@ def _plot_packing(data: CardData, path: Path) -> None:
         fill_ax.set_xlim(0, 1)
         fill_ax.set_xlabel("row fill (tokens / max_seq_len)")
         fill_ax.set_ylabel("rows")
-        fill_ax.set_title(f"{split}: {len(rows):,} rows, mean fill {fill.mean() if len(fill) else 0:.1%}",
-                          fontsize=9, loc="left")
+        fill_ax.set_title(
+            f"{split}: {len(rows):,} rows, mean fill {fill.mean() if len(fill) else 0:.1%}",
+            fontsize=9,
+            loc="left",
+        )
         per_row = rows["samples"].to_numpy()
         if len(per_row):
             counts = np.bincount(per_row)
@@ -536,7 +779,9 @@ def _plot_loss_weight(data: CardData, path: Path) -> None:
     splits = data.plotted_splits
     if not splits:
         return _plot_nothing(path, "Who the loss listens to: weight by sample length")
-    fig, axes = plt.subplots(len(splits), 1, figsize=(7, 0.6 + 2.6 * len(splits)), dpi=100, squeeze=False)
+    fig, axes = plt.subplots(
+        len(splits), 1, figsize=(7, 0.6 + 2.6 * len(splits)), dpi=100, squeeze=False
+    )
     for ax, split in zip(axes[:, 0], splits):
         weights = data.loss_weights[split]
         if weights.is_empty():
@@ -544,13 +789,17 @@ def _plot_loss_weight(data: CardData, path: Path) -> None:
         tokens = weights["tokens"].to_numpy()
         # Half-octave bins on a category axis: lengths span decades.
         low, high = np.log2(max(tokens.min(), 1)), np.log2(tokens.max())
-        edges = np.round(2 ** (np.arange(np.floor(2 * low), np.floor(2 * high) + 2) / 2)).astype(np.int64)
+        edges = np.round(2 ** (np.arange(np.floor(2 * low), np.floor(2 * high) + 2) / 2)).astype(
+            np.int64
+        )
         which = np.clip(np.searchsorted(edges, tokens, side="right") - 1, 0, len(edges) - 2)
         x = np.arange(len(edges) - 1)
         for offset, mode in ((-0.2, "token_mean"), (0.2, "sequence_mean")):
             share = np.bincount(which, weights=weights[mode].to_numpy(), minlength=len(x))
             ax.bar(x + offset, share, 0.4, label=mode)
-        ax.set_xticks(x, [f"{_short(a)}-{_short(b)}" for a, b in zip(edges[:-1], edges[1:])], fontsize=8)
+        ax.set_xticks(
+            x, [f"{_short(a)}-{_short(b)}" for a, b in zip(edges[:-1], edges[1:])], fontsize=8
+        )
         ax.set_ylabel("share of loss weight")
         ax.set_xlabel("sample length in the row (tokens, half-octave bins)")
         ax.set_title(split, fontsize=9, loc="left")

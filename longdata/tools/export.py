@@ -227,7 +227,9 @@ def _save_dataset_dict(
         parts[split_file_name(name)] = datasets.Dataset.from_generator(
             iter_split_rows,
             gen_kwargs={
-                "manifest": manifest, "split": name, "with_labels": with_labels,
+                "manifest": manifest,
+                "split": name,
+                "with_labels": with_labels,
             },
             features=features,
             cache_dir=str(cache),
@@ -260,7 +262,9 @@ def push(out: Path, format: str, repo_id: str, *, private: bool = False) -> str:
         api = HfApi()
         api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
         api.upload_folder(
-            repo_id=repo_id, repo_type="dataset", folder_path=str(out),
+            repo_id=repo_id,
+            repo_type="dataset",
+            folder_path=str(out),
             allow_patterns=["*.parquet"],
         )
     return f"https://huggingface.co/datasets/{repo_id}"

@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP_RUN := $(VENV)/.installed-run
 STAMP_DEV := $(VENV)/.installed-dev
 
-.PHONY: demo test bench learn-niah learn-niah-ablations lint clean
+.PHONY: demo test test-tf4 bench learn-niah learn-niah-ablations lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,26 @@ demo: $(STAMP_RUN)
 	$(BIN)/longdata train build/quickstart --split ctx16k/train --steps 20 --out runs/quickstart
 
 test: $(STAMP_DEV)
+	$(BIN)/ruff format --check $(LINTED)
+	$(BIN)/ruff check $(LINTED)
 	$(BIN)/python -m pytest -q
+
+# The second transformers line: 4.57 (the last 4.x; it needs huggingface-hub<1, so pip settles
+# datasets below 5.1) beside an older torch, for the tests that touch transformers or torch's
+# attention APIs. .ci/run runs it after `make test`.
+VENV_TF4 := .venv-tf4
+TF4_TESTS := tests/test_templates.py tests/test_template_matrix.py tests/test_attention.py \
+	tests/test_eval.py tests/test_loop.py tests/test_collate.py tests/test_loss.py \
+	tests/test_hf_trainer.py tests/test_memory.py
+$(VENV_TF4)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV_TF4)
+	$(VENV_TF4)/bin/pip install -q --upgrade pip
+	$(VENV_TF4)/bin/pip install -q 'torch==2.13.*'
+	$(VENV_TF4)/bin/pip install -q -e '.[dev]' 'transformers==4.57.*'
+	touch $@
+
+test-tf4: $(VENV_TF4)/.installed
+	$(VENV_TF4)/bin/python -m pytest -q $(TF4_TESTS)
 
 bench: $(STAMP_DEV)
 	$(BIN)/pip install -q -e '.[dev,bench]'
@@ -41,8 +60,11 @@ learn-niah: $(STAMP_RUN)
 learn-niah-ablations: $(STAMP_RUN)
 	$(BIN)/python benchmarks/learn_niah.py --out runs/learn-niah --jobs 3 --threads 1
 
+LINTED := longdata trainer evals tests benchmarks examples
+
 lint: $(STAMP_DEV)
-	$(BIN)/ruff check longdata trainer evals tests benchmarks examples
+	$(BIN)/ruff format $(LINTED)
+	$(BIN)/ruff check --fix $(LINTED)
 
 clean:
-	rm -rf build runs .longdata_cache
+	rm -rf build runs .longdata_cache $(VENV_TF4)

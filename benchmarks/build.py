@@ -245,7 +245,8 @@ def ray_comparison(workdir: Path, data: Path) -> None:
             run["manifest"][k] == local_manifest[k] for k in ("sources", "splits", "totals")
         ), "the Ray build differs from the local one"
     print(
-        f"\ninput {data.name}, tokenizer builtin:quickstart, load average now {os.getloadavg()[0]:.2f}"
+        f"\ninput {data.name}, tokenizer builtin:quickstart, "
+        f"load average now {os.getloadavg()[0]:.2f}"
     )
     print(
         "| engine | workers | build() s | whole process s | read + tokenize s | tokenize M tok/s "
@@ -256,8 +257,9 @@ def ray_comparison(workdir: Path, data: Path) -> None:
     for engine, workers, run in rows:
         tokenize = run["stages"]["read_tokenize"]
         print(
-            f"| {engine} | {workers} | {run['build_seconds']:.1f} | {run['wall']:.1f} | {tokenize:.1f} | "
-            f"{run['tokens'] / tokenize / 1e6:.3f} | {run['build_seconds'] / local['build_seconds']:.2f}x |"
+            f"| {engine} | {workers} | {run['build_seconds']:.1f} | {run['wall']:.1f} "
+            f"| {tokenize:.1f} | {run['tokens'] / tokenize / 1e6:.3f} "
+            f"| {run['build_seconds'] / local['build_seconds']:.2f}x |"
         )
     print(
         f"ray overhead against local, both on every core (2 workers): build() "
@@ -270,7 +272,8 @@ def ray_comparison(workdir: Path, data: Path) -> None:
     )
     for engine, workers, run in rows:
         print(
-            f"stage seconds {engine} x{workers}: {json.dumps({k: round(v, 1) for k, v in run['stages'].items()})}"
+            f"stage seconds {engine} x{workers}: "
+            f"{json.dumps({k: round(v, 1) for k, v in run['stages'].items()})}"
         )
 
 
@@ -470,12 +473,14 @@ def main() -> None:
     if args.scale:
         print(f"peak RSS {args.scale:g}x input / 1x input: {large['rss'] / cold['rss']:.2f}")
     print(
-        f"stage seconds (cold, 1x): {json.dumps({k: round(v, 1) for k, v in cold['stages'].items()})}"
+        "stage seconds (cold, 1x): "
+        f"{json.dumps({k: round(v, 1) for k, v in cold['stages'].items()})}"
     )
     if args.near_dedup:
         extra = near["stages"]["mix"] - exact["stages"]["mix"]
         print(
-            f"near-dedup: mix stage {near['stages']['mix']:.1f}s vs {exact['stages']['mix']:.1f}s exact only "
+            f"near-dedup: mix stage {near['stages']['mix']:.1f}s "
+            f"vs {exact['stages']['mix']:.1f}s exact only "
             f"(+{extra:.1f}s, {near['tokens'] / max(extra, 1e-9) / 1e6:.1f} M tokens/s; "
             f"{100 * extra / cold['wall']:.0f}% of the cold build); near duplicates found: "
             f"{near['near_duplicates']}"

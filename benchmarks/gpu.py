@@ -1,7 +1,8 @@
 """The GPU check: packing exactness of the CUDA backends in bf16, and long-row memory and speed
 of a Llama-3.1-8B-shaped slice with LoRA per memory technique, beside the planner.
 
-    PYTHONPATH=. python benchmarks/gpu.py [--out gpu.json] [--layers 4] [--lengths 32768,65536,131072]
+    PYTHONPATH=. python benchmarks/gpu.py [--out gpu.json] [--layers 4] \
+        [--lengths 32768,65536,131072]
 
 Sized to finish in under 8 minutes on one H100/H200 (random weights: nothing is downloaded).
 On a machine without CUDA it says so and exits 0.

@@ -112,7 +112,8 @@ def main() -> None:
         results.append((label, found, time.perf_counter() - started))
     base = results[0][2]
     print(
-        f"| {'contender':<42} | {'near dups':>9} | {'seconds':>7} | {'M tok/s':>7} | {'vs rensa':>8} |"
+        f"| {'contender':<42} | {'near dups':>9} | {'seconds':>7} "
+        f"| {'M tok/s':>7} | {'vs rensa':>8} |"
     )
     print(f"|{'-' * 44}|{'-' * 10}:|{'-' * 8}:|{'-' * 8}:|{'-' * 9}:|")
     for label, found, seconds in results:

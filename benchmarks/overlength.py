@@ -62,7 +62,8 @@ def main() -> None:
             targets = split["target_tokens"]
             baseline = baseline or targets
             print(
-                f"| {policy} | {split['samples']:,} | {whole:,} | {cut['truncated']:,} | {cut['split']:,} "
+                f"| {policy} | {split['samples']:,} | {whole:,} | {cut['truncated']:,} "
+                f"| {cut['split']:,} "
                 f"| {cut['middle_cut']:,} | {cut['dropped']:,} | {cut['no_target_after_cut']:,} "
                 f"| {targets:,} | {targets / baseline:.2f}x | {seconds:.0f} |",
                 flush=True,

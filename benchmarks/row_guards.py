@@ -65,7 +65,8 @@ def main() -> None:
             search.spelled_in(record.messages)
         search_seconds = time.perf_counter() - started
         print(
-            f"{len(records)} rows, {stats.tokens:,} tokens, {args.mb:g} MB; median of {args.rounds} rounds"
+            f"{len(records)} rows, {stats.tokens:,} tokens, {args.mb:g} MB; "
+            f"median of {args.rounds} rounds"
         )
         base = statistics.median(times["no special-token search"])
         for name, values in times.items():
@@ -76,7 +77,8 @@ def main() -> None:
             )
         guarded = statistics.median(times["guarded"])
         print(
-            f"  special-token search alone {search_seconds:7.3f} s  {search_seconds / guarded:.2%} of the guarded stage"
+            f"  special-token search alone {search_seconds:7.3f} s  "
+            f"{search_seconds / guarded:.2%} of the guarded stage"
         )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

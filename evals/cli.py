@@ -130,11 +130,11 @@ def eval_niah(
 
     Builds one prompt per (length, depth, sample) with the anti-haystack generator: synthetic
     filler (or the --haystack text) with one fact such as "The secret code of the amber
-    lantern is 48213." planted at the depth, then the question, in the model's chat template with the assistant header
-    appended. A prompt has between length - max(1%, 24 tokens) and length tokens, everything
-    counted (template, haystack, question, header). The model answers each prompt alone;
-    results go to OUT/results.csv (one line per prompt), OUT/results.json (config, accuracy
-    grid, rows, no-needle controls) and OUT/heatmap.png.
+    lantern is 48213." planted at the depth, then the question, in the model's chat template with
+    the assistant header appended. A prompt has between length - max(1%, 24 tokens) and length
+    tokens, everything counted (template, haystack, question, header). The model answers each
+    prompt alone; results go to OUT/results.csv (one line per prompt), OUT/results.json
+    (config, accuracy grid, rows, no-needle controls) and OUT/heatmap.png.
 
     On a CPU, the quickstart model: `longdata eval niah --model runs/quickstart/final
     --lengths 4k,8k,16k --out eval/quickstart`. On a GPU, a real model:

@@ -257,7 +257,8 @@ class AntiHaystackSource(SourceBase):
         lo, hi = self.length_range
         if not 0 < lo <= hi <= MAX_SEQ_LEN:
             raise ValueError(
-                f"length_range must satisfy 0 < min <= max <= {MAX_SEQ_LEN:,}, got {list(self.length_range)}"
+                f"length_range must satisfy 0 < min <= max <= {MAX_SEQ_LEN:,}, "
+                f"got {list(self.length_range)}"
             )
         if not 1 <= self.needles[0] <= self.needles[1] <= MAX_NEEDLES:
             raise ValueError(

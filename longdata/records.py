@@ -59,7 +59,8 @@ class Quarantined:
 
 
 class RowError(ValueError):
-    """Raised by a schema parser when a row is malformed; the message becomes the quarantine reason."""
+    """Raised by a schema parser when a row is malformed; the message becomes the quarantine
+    reason."""
 
 
 def validate_messages(messages: tuple[Message, ...]) -> None:

@@ -134,8 +134,8 @@ def two_bucket_build(
 
 
 def assert_rows_accounted(manifest: dict) -> None:
-    """Every source row of a real build is accounted for (longdata.stages.accounting): the identity per
-    source and per file, as ``longdata verify`` checks it."""
+    """Every source row of a real build is accounted for (longdata.stages.accounting): the identity
+    per source and per file, as ``longdata verify`` checks it."""
     from longdata.stages.accounting import ROW_FATES, accounting_problems
 
     for source in manifest["sources"]:

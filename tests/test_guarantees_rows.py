@@ -247,7 +247,8 @@ def test_the_per_row_fallback_gives_the_batch_its_own_ids(tokenizer, tmp_path):
 def test_a_template_that_rewrites_earlier_turns_loses_no_row(tmp_path):
     # Like Qwen3 dropping earlier turns' reasoning: an answer is rewritten once another follows it.
     rewriting = (
-        "{% for m in messages %}{{ m['role'] }}: {% if m['role'] == 'assistant' and not loop.last %}"
+        "{% for m in messages %}{{ m['role'] }}: "
+        "{% if m['role'] == 'assistant' and not loop.last %}"
         "(earlier answer){% else %}{{ m['content'] }}{% endif %}\n{% endfor %}"
         "{% if add_generation_prompt %}assistant: {% endif %}"
     )
@@ -260,7 +261,8 @@ def test_a_template_that_rewrites_earlier_turns_loses_no_row(tmp_path):
         conversation("f.jsonl:3", *GOOD),
     ]
     stats, cache, reasons = tokenized(records, tokenizer, tmp_path / "c")
-    # The multi-turn row becomes one sample per assistant turn (longdata.stages.templates), none lost.
+    # The multi-turn row becomes one sample per assistant turn (longdata.stages.templates), none
+    # lost.
     assert reasons == {}
     assert stats.samples == 4 and (stats.split_conversations, stats.turn_samples) == (1, 2)
     assert len(cache) == 4

@@ -1,4 +1,5 @@
-"""Training on a build with stock transformers: `trainer.hf` and examples/train_with_hf_trainer.py."""
+"""Training on a build with stock transformers: `trainer.hf` and
+examples/train_with_hf_trainer.py."""
 
 from __future__ import annotations
 

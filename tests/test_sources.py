@@ -163,7 +163,8 @@ def test_parquet_and_directories(tmp_path):
 
 
 def test_hub_reader_goes_through_datasets(tmp_path):
-    """The code path an online user takes for `path: THUDM/LongAlign-10k`, fed a local dataset dir."""
+    """The code path an online user takes for `path: THUDM/LongAlign-10k`, fed a local dataset
+    dir."""
     folder = tmp_path / "LongAlign-10k"
     folder.mkdir()
     (folder / "long.jsonl").write_text(

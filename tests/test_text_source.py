@@ -225,7 +225,10 @@ def test_mixed_recipe_builds_and_its_card_shows_every_source_and_near_duplicates
     )
     assert mirrors > 0 and books["mix"]["near_duplicates"] == mirrors
     card = (result.out_dir / "README.md").read_text()
-    header = "| source | kind | weight | rows read | quarantined | samples | tokens | target tokens | duplicates | of which near |"
+    header = (
+        "| source | kind | weight | rows read | quarantined | samples | tokens | target tokens "
+        "| duplicates | of which near |"
+    )
     assert card.count(header) == 1
     row = next(line for line in card.splitlines() if line.startswith("| books | text |"))
     assert row.split(" | ")[8:10] == [str(mirrors), str(mirrors)]

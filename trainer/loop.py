@@ -564,7 +564,8 @@ class _Progress:
     def update(self, metrics: StepMetrics) -> None:
         status = (
             f"loss {metrics.loss:.4f}  {metrics.tokens_per_s:,.0f} tok/s  "
-            f"{metrics.target_tokens_per_s:,.0f} target tok/s  peak {metrics.peak_memory_mb:,.0f} MB"
+            f"{metrics.target_tokens_per_s:,.0f} target tok/s  "
+            f"peak {metrics.peak_memory_mb:,.0f} MB"
         )
         if self._rich is not None:
             self._rich.update(self._task, completed=metrics.step, status=status)

@@ -79,7 +79,9 @@ class NiahSpec:
             "max_new_tokens": self.max_new_tokens if generate else None,
             "distractors": None if generate else self.distractors,
             "chance_accuracy": self.chance_accuracy,
-            "context_length": "prompt tokens: chat template + haystack + question + assistant header",
+            "context_length": (
+                "prompt tokens: chat template + haystack + question + assistant header"
+            ),
             "depth": "needle start / haystack characters; requested and measured per row",
             "correct": (
                 "every expected code appears in the greedy output as a whole number"

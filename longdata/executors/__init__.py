@@ -22,7 +22,8 @@ ENGINES = ("local", "ray")
 
 class ExecutorError(RuntimeError):
     """An executor that cannot run; nothing was built. ``exit_code`` 2 when the user can fix it
-    (Ray not installed, a malformed address), 1 when it failed while running (no cluster answers)."""
+    (Ray not installed, a malformed address), 1 when it failed while running (no cluster
+    answers)."""
 
     def __init__(self, message: str, exit_code: int = 1):
         super().__init__(message)

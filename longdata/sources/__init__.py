@@ -1,4 +1,5 @@
-"""Sources: every recipe source kind becomes one stream of ``Conversation | Document | Quarantined``.
+"""Sources: every recipe source kind becomes one stream of ``Conversation | Document |
+Quarantined``.
 
 ``longalign`` rows use the messages schema and ``longalpaca`` rows the Alpaca schema; ``generic``
 takes either (or ShareGPT) by its ``format``; ``text`` yields raw documents; ``antihaystack`` is

@@ -135,7 +135,8 @@ def _lines_before(handle, limit: int) -> Iterator[bytes]:
 
 
 class _Window:
-    """The undecoded rest of a file as text, read in chunks; ``text[position:]`` is still to read."""
+    """The undecoded rest of a file as text, read in chunks; ``text[position:]`` is still to
+    read."""
 
     def __init__(self, handle):
         self.handle, self.text, self.position, self.at_eof = handle, "", 0, False
@@ -241,7 +242,8 @@ def iter_json_array(path: Path, label: str | None = None) -> Iterator[Row]:
             try:
                 element, end = _decoder.raw_decode(window.text, window.position)
             except (json.JSONDecodeError, RecursionError):
-                # The element may only be cut by the chunk boundary: find its end, then decode again.
+                # The element may only be cut by the chunk boundary: find its end, then decode
+                # again.
                 element_end = window.element_end()
                 if element_end is None:
                     reason = (
@@ -337,7 +339,8 @@ def iter_parquet(
 
 
 def open_hub_dataset(dataset_id: str, split: str):
-    """The streaming ``datasets.IterableDataset`` of a hub id (or anything ``load_dataset`` takes)."""
+    """The streaming ``datasets.IterableDataset`` of a hub id (or anything ``load_dataset``
+    takes)."""
     import datasets
 
     try:

@@ -313,7 +313,8 @@ def write_text(
                 text, collection = f"{before}\n\n{original}\n\n{after}", "synthetic-mirror"
             else:
                 lang = _pick_lang(rng, zh_fraction)
-                text = f"{synthetic.topic_title(rng, lang)}\n\n{_text(rng, lang, min_chars, max_chars)}"
+                title = synthetic.topic_title(rng, lang)
+                text = f"{title}\n\n{_text(rng, lang, min_chars, max_chars)}"
                 collection = rng.choice(_TEXT_COLLECTIONS)
                 published.append((lang, text))
             yield {

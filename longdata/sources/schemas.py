@@ -44,7 +44,8 @@ def _object(row: Any) -> dict[str, Any]:
 
 
 def parse_messages(row: Any) -> tuple[Message, ...]:
-    """``{"messages": [{"role": "user"|"assistant"|"system", "content": str}, ...]}`` (LongAlign)."""
+    """``{"messages": [{"role": "user"|"assistant"|"system", "content": str}, ...]}``
+    (LongAlign)."""
     turns = _turns(_object(row).get("messages"), "messages")
     messages = []
     for i, turn in enumerate(turns):

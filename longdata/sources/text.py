@@ -112,7 +112,8 @@ def _documents(items: Iterator[Row], text_field: str) -> Iterator[Document | Qua
 def haystack_documents(path: str) -> Iterator[Document]:
     """The documents of one haystack path: a data file (or a directory of them) by its ``text``
     field, any other file as one plain-text document, a directory of such files in sorted
-    order. Unusable documents are skipped: a haystack is filler, not training data to account for."""
+    order. Unusable documents are skipped: a haystack is filler, not training data to account
+    for."""
     local = Path(path)
     if not local.exists():
         raise FileNotFoundError(f"haystack {path}: no such file or directory")

@@ -3,7 +3,8 @@
 For each source, every row the reader produced (``rows_read``: decoded or not, up to the source's
 ``max_samples``) has exactly one fate, so
 
-    rows_read + turn_samples_added == quarantined + too_short + too_long + duplicates + validation + train
+    rows_read + turn_samples_added == quarantined + too_short + too_long + duplicates + validation
+    + train
 
 where ``turn_samples_added`` are the samples beyond one per row that conversations made into one
 sample per assistant turn contributed (``tokenize.turn_samples - tokenize.split_conversations``;
@@ -69,7 +70,8 @@ def accounting_problems(source: dict[str, Any]) -> list[str]:
         if counts["rows_read"] + added != counts["samples"] + counts["quarantined"]:
             problems.append(
                 f"source {name} file {file}: {counts['rows_read']} rows read (+{added} "
-                f"per-turn samples) but {counts['samples']} samples + {counts['quarantined']} quarantined"
+                f"per-turn samples) but {counts['samples']} samples "
+                f"+ {counts['quarantined']} quarantined"
             )
     if files:
         for what in ("rows_read", "samples", "quarantined"):

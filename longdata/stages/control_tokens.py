@@ -52,7 +52,8 @@ class JoinedEncoding:
         return self._starts[token], self._ends[token]
 
     def char_to_token(self, char: int) -> int | None:
-        """The first token whose offsets cover ``char`` (what ``Encoding.char_to_token`` returns)."""
+        """The first token whose offsets cover ``char`` (what ``Encoding.char_to_token``
+        returns)."""
         token = bisect.bisect_right(self._ends, char)
         return token if token < len(self.ids) and self._starts[token] <= char else None
 
@@ -69,7 +70,8 @@ class SpecialTokenText:
         }
         self._names = sorted(self._specials, key=len, reverse=True)  # longest match first
         self._pattern = re.compile("|".join(map(re.escape, self._names))) if self._names else None
-        # A substring test per opening is far cheaper than the regex on long text that spells nothing.
+        # A substring test per opening is far cheaper than the regex on long text that spells
+        # nothing.
         self._openings = tuple({name[:2] for name in self._names})
         self._backend = backend
         self._text_backend = None
@@ -107,8 +109,9 @@ class SpecialTokenText:
         pieces.append(rendered[last:])
         if "".join(pieces) != text:
             raise SpelledSpecialTokensError(
-                "the text spells special tokens and the chat template rewrites message text, so they "
-                "cannot be told from the template's own; set tokenizer.special_tokens_in_text: allow "
+                "the text spells special tokens and the chat template rewrites message text, "
+                "so they cannot be told from the template's own; "
+                "set tokenizer.special_tokens_in_text: allow "
                 "to encode them as control tokens"
             )
         return tuple(spans)

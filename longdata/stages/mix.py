@@ -2,8 +2,10 @@
 
 Works on lengths and hashes (and, for near-duplicates only, the cached tokens). In order:
 length filters, exact deduplication across sources (first occurrence in recipe order wins), near
-deduplication (MinHash-LSH, longdata/stages/near_dedup.py; again the first in recipe then source order
-is kept), a seeded validation hold-out of whole input rows, then recipe weights in tokens (weight 2.0 = the source
+deduplication (MinHash-LSH, longdata/stages/near_dedup.py; again the first in recipe then source
+order
+is kept), a seeded validation hold-out of whole input rows, then recipe weights in tokens (weight
+2.0 = the source
 contributes twice its tokens: whole repeats, then a seeded sample for the fraction), and last an
 optional language ratio, met by down-sampling whichever language is over its share (``trim``)
 or by repeating whichever is under it (``upsample``). Everything is deterministic from the
@@ -139,7 +141,8 @@ def mix(
     kept before it (every source needs ``tokens``)."""
     if language_share_mode not in LANGUAGE_SHARE_MODES:
         raise ValueError(
-            f"language_share_mode must be one of {LANGUAGE_SHARE_MODES}, got {language_share_mode!r}"
+            f"language_share_mode must be one of {LANGUAGE_SHARE_MODES}, "
+            f"got {language_share_mode!r}"
         )
     rng = np.random.default_rng(seed)
     seen: set[int] = set()

@@ -139,7 +139,8 @@ class ChatRenderer:
         return [chat for chat in per_turn if chat.assistant_spans] or per_turn[-1:]
 
     def render_turn(self, messages: Sequence[Message], index: int) -> RenderedChat:
-        """The conversation up to assistant turn ``index``, ending there, that turn the only target."""
+        """The conversation up to assistant turn ``index``, ending there, that turn the only
+        target."""
         turns = [{"role": m.role, "content": m.content} for m in messages[: index + 1]]
         prompt = self.generation_prompt(messages[:index])
         text = self._render(turns, add_generation_prompt=False)
@@ -165,7 +166,8 @@ class ChatRenderer:
         if not full.startswith(prefix):
             raise NotPrefixStable(
                 "the chat template renders a conversation prefix that is not a prefix of the whole "
-                "conversation (it rewrites earlier turns), so this conversation cannot be one sample; "
+                "conversation (it rewrites earlier turns), so this conversation cannot be one "
+                "sample; "
                 "ChatRenderer.samples renders it one assistant turn at a time"
             )
         return prefix
@@ -225,7 +227,8 @@ class ByteLevelMasker:
 
     @classmethod
     def for_tokenizer(cls, tokenizer) -> ByteLevelMasker | None:
-        """A masker when the tokenizer is byte-level BPE (GPT-2, Llama 3, Qwen 2 style), else None."""
+        """A masker when the tokenizer is byte-level BPE (GPT-2, Llama 3, Qwen 2 style), else
+        None."""
         spec = json.loads(tokenizer.backend_tokenizer.to_str())
         normalizer = (spec.get("normalizer") or {}).get("type")
         if (

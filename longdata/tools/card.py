@@ -210,8 +210,9 @@ def render_card(data: CardData, image_prefix: str) -> str:
         "",
         "## Loss weight: token_mean vs sequence_mean",
         "",
-        "Under `token_mean` (the trainer's default) every target token weighs the same, so a sample "
-        "weighs as much as its answer is long; under `sequence_mean` (LongAlign's loss weighting) "
+        "Under `token_mean` (the trainer's default) every target token weighs the same, "
+        "so a sample weighs as much as its answer is long; "
+        "under `sequence_mean` (LongAlign's loss weighting) "
         "every sample with a target weighs the same. The table shows each source's share of the "
         "loss weight under both, the plot the share by sample length.",
         "",
@@ -366,7 +367,8 @@ def _special_token_text(data: CardData) -> list[str]:
 
 
 def _rows_table(data: CardData) -> str:
-    """Every source row's fate; the last column says whether they add up (longdata verify checks it)."""
+    """Every source row's fate; the last column says whether they add up (longdata verify checks
+    it)."""
     rows, files = [], []
     for s in data.manifest["sources"]:
         accounted = "yes" if not accounting_problems(s) else "NO"
@@ -415,7 +417,8 @@ def _rows_table(data: CardData) -> str:
     )
     if files:
         text += (
-            "\n\nPer source file (`rows read` + `per-turn samples` = `quarantined` + `samples`):\n\n"
+            "\n\nPer source file "
+            "(`rows read` + `per-turn samples` = `quarantined` + `samples`):\n\n"
             + _table(
                 ["source", "file", "rows read", "+ per-turn samples", "quarantined", "samples"],
                 "llrrrr",
@@ -509,7 +512,8 @@ def _languages_table(data: CardData) -> str:
                 ]
             )
     return (
-        f"Tagged by script (`zh` when at least a quarter of the letters are CJK), training samples of "
+        "Tagged by script (`zh` when at least a quarter of the letters are CJK), "
+        "training samples of "
         f"`{data.train_splits[0]}`.\n\n"
         + _table(
             ["source", "language", "samples", "share of samples", "share of tokens"], "llrrr", rows

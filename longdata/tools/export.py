@@ -64,7 +64,8 @@ class ExportResult:
 
 
 def split_file_name(split: str) -> str:
-    """A build split's name as a file or `datasets` split name: `ctx16k/train` -> `ctx16k__train`."""
+    """A build split's name as a file or `datasets` split name: `ctx16k/train` ->
+    `ctx16k__train`."""
     return split.replace("/", "__")
 
 

@@ -5,7 +5,8 @@ its text, detokenized run by run: a *run* is a stretch of tokens with the same l
 decoded as a unit (so characters whose bytes straddle tokens survive). Target (loss) runs are
 highlighted, the rest dimmed, special tokens marked. Long non-target runs keep ``context`` tokens
 at each end and elide the middle with a count; target runs are never elided unless one is longer
-than twice ``target_context(context)`` (10x the context, at least 1,000 tokens). Without colour (``--plain``, a pipe, or
+than twice ``target_context(context)`` (10x the context, at least 1,000 tokens). Without colour
+(``--plain``, a pipe, or
 NO_COLOR) targets are wrapped in ``⟦…⟧`` instead, so the mask reads in plain text too.
 
 The rows do not store sample ids; the split's sample index (``samples.parquet``) does, joined on
@@ -137,7 +138,8 @@ def load_manifest(build_dir: Path) -> dict:
 
 
 def ordered_splits(manifest: dict) -> list[str]:
-    """Curriculum order: stages in order, train before validation (as ``load_manifest`` lists them)."""
+    """Curriculum order: stages in order, train before validation (as ``load_manifest`` lists
+    them)."""
     return list(manifest["splits"])
 
 
@@ -209,8 +211,8 @@ def find_sample(
 ) -> tuple[str, dict, list[dict]]:
     """(split, the first placement, every placement in that split) of ``sample_id``: its first
     packed piece in ``split`` (or, with no split given, in the first split that packs it, in
-    ``ordered_splits`` order), optionally only in ``stream``. Raises NotPacked with the reason when it is
-    in the split(s) but in no row, InspectError when the id is unknown."""
+    ``ordered_splits`` order), optionally only in ``stream``. Raises NotPacked with the reason when
+    it is in the split(s) but in no row, InspectError when the id is unknown."""
     import polars as pl
 
     searched = [split] if split is not None else ordered_splits(manifest)
@@ -620,8 +622,10 @@ def header(view: RowView, plain: bool):
     fill = view.tokens / view.max_seq_len if view.max_seq_len else 0
     lines = [
         f"build   {view.build_dir}" + (f" ({view.name})" if view.name else ""),
-        f"row     {view.split} · {view.stream} · row {view.row:,} of {_rows(view.stream_rows)} · {view.shard}",
-        f"tokens  {view.tokens:,} / {view.max_seq_len:,} ({fill:.1%} full) · {view.target_tokens:,} "
+        f"row     {view.split} · {view.stream} · "
+        f"row {view.row:,} of {_rows(view.stream_rows)} · {view.shard}",
+        f"tokens  {view.tokens:,} / {view.max_seq_len:,} ({fill:.1%} full) · "
+        f"{view.target_tokens:,} "
         f"target · {len(view.samples)} sample{'s' if len(view.samples) != 1 else ''}",
     ]
     if view.focus:

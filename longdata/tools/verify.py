@@ -3,7 +3,8 @@
 Checks, per shard: file sizes and hashes against the stream's index.json; every row against the
 row contract and against the split's sample index (its pieces, in order); per stream and split,
 the rows/tokens/targets against the manifest; and per source, that every row read is accounted
-for (``longdata.stages.accounting``) and that the split indexes hold the samples the accounting says. Shards are
+for (``longdata.stages.accounting``) and that the split indexes hold the samples the accounting
+says. Shards are
 decompressed into a private temporary directory, so verifying never leaves decompressed copies
 beside the build (streaming's own readers would).
 """

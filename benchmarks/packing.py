@@ -208,7 +208,7 @@ def in_child(dist: str, method: str, timeout: float | None = None) -> dict:
 def compile_seconds() -> tuple[float, float]:
     """(cold compile of all kernels, load from numba's on-disk cache), each in a fresh process."""
     snippet = (
-        "import time; t = time.perf_counter()\n"
+        "import time; t = time.perf_counter(); "
         "from longdata.stages.packing import plan, ALGORITHMS\n"
         "[plan([1, 2], 4, algorithm=a) for a in ALGORITHMS]; print(time.perf_counter() - t)"
     )

@@ -142,9 +142,9 @@ def _print_problems(exc) -> None:
 
 @app.command()
 def validate(recipe: Path = RecipeArg, overrides: list[str] | None = SetOption) -> None:
-    """Check a recipe without doing any work: every wrong key is reported with its path (exit 2).
-    Everything build would refuse is checked here, the tokenizer's template overhead included when
-    the tokenizer is local."""
+    """Check a recipe without doing any work: every wrong key is reported with its path, exit
+    code 2. Everything build would refuse is checked here, the tokenizer's template overhead
+    included when the tokenizer is local."""
     from longdata.recipe import RecipeError, check_against_tokenizer
 
     loaded = _load(recipe, overrides)

@@ -6,7 +6,7 @@
               hold-out, weights (global and deterministic)
     plan      in the driver: over-length policy, packing plan and length buckets per split
     write     per contiguous slice of each bucket stream's rows: MDS shards (tasks)
-    merge     in the driver: the slices of a stream joined by ``streaming.base.util.merge_index``,
+    merge     in the driver: the slices of a stream joined by ``longdata.format.mds.merge_index``,
               and the split's sample index
     finish    manifest, card, publish: ``longdata.build.finish_build``
 
@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import logging
 import shutil
 import time
 import uuid
@@ -46,6 +45,7 @@ from rich.progress import (
 from longdata import __version__
 from longdata.executors import Executor
 from longdata.format import inside
+from longdata.format.mds import merge_index
 from longdata.recipe import AntiHaystackSource, FileSource, Recipe, check_against_tokenizer
 from longdata.sources import haystack_paths, read_source, resolve_path
 from longdata.sources.partitions import Partition, count_rows, place, plan_partitions
@@ -619,8 +619,6 @@ def write_split(
     """Write each bucket's rows as one MDS stream: cut into ``executor.parallelism`` contiguous
     slices written by separate tasks into ``<stream>/part-<i>`` and joined by ``merge_index``,
     or (one slice) written straight into the stream directory."""
-    from streaming.base.util import merge_index
-
     jobs, slices = [], []
     for bucket, rows in split.bucket_rows():
         rel_path = f"{split.name}/{bucket}"
@@ -650,15 +648,9 @@ def write_split(
         parts = [next(written) for _ in range(count)]
         if count > 1:
             stream_dir = out_root / rel_path
-            # merge_index logs warnings about its temporary folder that tell a user nothing.
-            logging.disable(logging.WARNING)
-            try:
-                merge_index(
-                    [str(stream_dir / f"part-{i:05d}" / "index.json") for i in range(count)],
-                    str(stream_dir),
-                )
-            finally:
-                logging.disable(logging.NOTSET)
+            merge_index(
+                [stream_dir / f"part-{i:05d}" / "index.json" for i in range(count)], stream_dir
+            )
         streams.append(
             StreamStats(
                 name=bucket,

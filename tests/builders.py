@@ -37,7 +37,7 @@ def _write_split(
     out: Path, split: str, rows_per_stream: dict[str, list[dict[str, np.ndarray]]]
 ) -> list[dict]:
     """Write one split's MDS streams (one per bucket name); returns their manifest entries."""
-    from streaming import MDSWriter
+    from longdata.format.mds import MDSWriter
 
     streams = []
     total_tokens = sum(len(r["input_ids"]) for rows in rows_per_stream.values() for r in rows)

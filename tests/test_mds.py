@@ -11,7 +11,7 @@ from tests.builders import make_row
 
 
 def _write(out: Path, rows, compression: str | None) -> Path:
-    from streaming import MDSWriter
+    from longdata.format.mds import MDSWriter
 
     with MDSWriter(
         out=str(out),
@@ -19,7 +19,6 @@ def _write(out: Path, rows, compression: str | None) -> Path:
         compression=compression,
         hashes=SHARD_HASHES,
         size_limit=4096,
-        progress_bar=False,
     ) as writer:
         for row in rows:
             writer.write(row)

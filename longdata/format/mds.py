@@ -204,3 +204,128 @@ class StreamReader:
     def shard_path(self, row: int) -> Path:
         shard = self.shards[self.locate(row)[0]]
         return shard_file(self.stream_dir, shard["zip_data"] or shard["raw_data"])
+
+
+def _compress(compression: str, data: bytes) -> bytes:
+    """``<family>[:<level>]`` as streaming 0.13 names it; its default levels, so shards match."""
+    family, _, level = compression.partition(":")
+    if family == "zstd":
+        import zstd
+
+        return zstd.compress(data, int(level) if level else 3)
+    if family in ("gz", "bz2"):
+        import bz2
+        import gzip
+
+        return (gzip if family == "gz" else bz2).compress(data, int(level) if level else 9)
+    raise ShardError(f"compression {compression!r}: longdata writes zstd, gz or bz2")
+
+
+def encode_column(encoding: str, value: np.ndarray) -> bytes:
+    """``ndarray:<dtype>`` with a dynamic shape, the smallest unsigned shape dtype that fits."""
+    dtype = encoding.split(":")[1]
+    if value.dtype != np.dtype(dtype):
+        raise ShardError(f"wrong dtype: expected {dtype}, got {value.dtype.name}")
+    if value.size == 0:
+        raise ShardError("an MDS ndarray column cannot be empty")
+    shape = np.array(value.shape, np.int64)
+    shape_code = next(i for i, bits in enumerate((8, 16, 32, 64)) if shape.max() < 1 << bits)
+    header = bytes([(len(shape) << 2) | shape_code])
+    return header + shape.astype(f"uint{8 << shape_code}").tobytes() + value.tobytes()
+
+
+class MDSWriter:
+    """Writes rows as MDS v2 shards plus index.json, byte for byte as streaming 0.13 does."""
+
+    def __init__(
+        self,
+        *,
+        out: str | Path,
+        columns: dict[str, str],
+        compression: str | None = None,
+        hashes: list[str] | None = None,
+        size_limit: int | None = 1 << 26,
+    ):
+        self.out = Path(out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.names = sorted(columns)
+        self.encodings = [columns[name] for name in self.names]
+        self.compression, self.hashes, self.size_limit = compression, hashes or [], size_limit
+        config = {
+            "version": 2,
+            "format": "mds",
+            "compression": compression,
+            "hashes": self.hashes,
+            "size_limit": size_limit,
+            "column_names": self.names,
+            "column_encodings": self.encodings,
+            "column_sizes": [None] * len(self.names),
+        }
+        self.config = config
+        self.config_data = json.dumps(config, sort_keys=True).encode("utf-8")
+        self.shards: list[dict] = []
+        self.rows: list[bytes] = []
+        # streaming counts each row's 4-byte offset and the shard header against the limit.
+        self.shard_size = 8 + len(self.config_data)
+
+    def write(self, row: dict[str, np.ndarray]) -> None:
+        sizes, data = [], []
+        for name, encoding in zip(self.names, self.encodings):
+            datum = encode_column(encoding, row[name])
+            sizes.append(len(datum))
+            data.append(datum)
+        encoded = np.array(sizes, np.uint32).tobytes() + b"".join(data)
+        if self.size_limit and self.size_limit < self.shard_size + len(encoded) + 4:
+            self.flush()
+        self.rows.append(encoded)
+        self.shard_size += len(encoded) + 4
+
+    def _file(self, data: bytes, basename: str) -> dict:
+        hashes = {algorithm: _hash(algorithm, data) for algorithm in self.hashes}
+        return {"basename": basename, "bytes": len(data), "hashes": hashes}
+
+    def flush(self) -> None:
+        count = np.uint32(len(self.rows))
+        offsets = np.array([0] + [len(r) for r in self.rows]).cumsum().astype(np.uint32)
+        offsets += 4 + offsets.nbytes + len(self.config_data)
+        raw = count.tobytes() + offsets.tobytes() + self.config_data + b"".join(self.rows)
+        raw_name = f"shard.{len(self.shards):05}.mds"
+        raw_info, zip_info, stored = self._file(raw, raw_name), None, (raw, raw_name)
+        if self.compression:
+            packed = _compress(self.compression, raw)
+            zip_info = self._file(packed, f"{raw_name}.{self.compression.split(':')[0]}")
+            stored = (packed, zip_info["basename"])
+        (self.out / stored[1]).write_bytes(stored[0])
+        self.shards.append(
+            {"samples": len(self.rows), "raw_data": raw_info, "zip_data": zip_info, **self.config}
+        )
+        self.rows = []
+        self.shard_size = 8 + len(self.config_data)
+
+    def finish(self) -> None:
+        if self.rows:
+            self.flush()
+        with open(self.out / INDEX_FILE, "w") as out:
+            json.dump({"version": 2, "shards": self.shards}, out, sort_keys=True)
+
+    def __enter__(self) -> MDSWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        if exc_type is None:
+            self.finish()
+
+
+def merge_index(part_indexes: list[str | Path], out: str | Path) -> None:
+    """Join the index.json of part directories into ``out/index.json``, each shard's file names
+    prefixed with its part directory's name, as streaming 0.13's ``merge_index`` writes it."""
+    shards = []
+    for part_index in part_indexes:
+        part = Path(part_index).parent.name
+        for shard in json.loads(Path(part_index).read_text())["shards"]:
+            for key in ("raw_data", "zip_data", "raw_meta", "zip_meta"):
+                if shard.get(key):
+                    shard[key]["basename"] = f"{part}/{shard[key]['basename']}"
+            shards.append(shard)
+    with open(Path(out) / INDEX_FILE, "w") as outfile:
+        json.dump({"version": 2, "shards": shards}, outfile)

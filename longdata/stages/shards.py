@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from longdata.format.mds import MDSWriter
 from longdata.format.rows import COLUMNS, SHARD_HASHES
 from longdata.stages.mix import SampleList
 from longdata.stages.packing import Pieces
@@ -79,8 +80,6 @@ def write_stream(
     compression: str | None,
     size_limit: int,
 ) -> StreamStats:
-    from streaming import MDSWriter
-
     stats = StreamStats(name=name, path=rel_path)
     with MDSWriter(
         out=str(out_dir),
@@ -88,7 +87,6 @@ def write_stream(
         compression=compression,
         hashes=SHARD_HASHES,
         size_limit=size_limit,
-        progress_bar=False,
     ) as writer:
         for row in rows:
             writer.write(row)

@@ -278,7 +278,9 @@ def verify(
 ) -> None:
     """Re-read every shard of a build: hashes and sizes against each index.json, every row against
     the row contract (docs/ROW_SCHEMA.md), and all totals against manifest.json. Exit code 1 on any
-    problem, each reported with its shard and row."""
+    problem, each reported with its shard and row. Safe to run on builds someone else made: shards
+    whose columns are not longdata's row schema are refused before decoding, no code from a build
+    is run, and nothing is written."""
     from longdata.tools.verify import verify_build
 
     report = verify_build(build_dir)

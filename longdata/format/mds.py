@@ -8,9 +8,10 @@ index before and after decompression; ``check_stream_files`` checks every shard 
 would open (the trainer calls it before training). Shard names from index.json are joined to the
 stream directory through ``inside``, so an edited index cannot point a reader elsewhere.
 
-The decoding covers what ``longdata build`` writes
-(``ndarray:<dtype>`` columns, MDS format version 2); ``longdata verify`` decodes rows with
-streaming's own reader instead, and the tests check both agree.
+``MDSWriter`` and ``merge_index`` write what streaming 0.13 writes, byte for byte (MDS format
+version 2, ``ndarray:<dtype>`` columns), so a build stays readable by streaming without longdata
+importing it. The reader distrusts what it reads: ``load_shard`` refuses a shard whose columns are
+not the row schema (``check_columns``) or whose index records no hash, before decoding anything.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import numpy as np
 
 from longdata.format.manifest import BuildFormatError
 from longdata.format.paths import UnsafePathError, inside
+from longdata.format.rows import COLUMNS
 
 INDEX_FILE = "index.json"
 
@@ -122,18 +124,31 @@ def check_stream_files(stream_dir: Path) -> int:
     return len(shards)
 
 
+def check_columns(shard: dict, where: Path) -> None:
+    """Refuse a shard whose columns are not exactly the row schema's, before anything of it is
+    decoded: MDS also has ``pkl``/``json`` encodings, and a planted pickle column would run code
+    in any reader that decoded it."""
+    columns = list(zip(shard.get("column_names") or [], shard.get("column_encodings") or []))
+    if columns != sorted(COLUMNS.items()):
+        raise ShardError(
+            f"{where}: columns {columns} are not longdata's row schema {sorted(COLUMNS.items())}"
+        )
+
+
 def load_shard(stream_dir: Path, shard: dict) -> bytes:
-    """The raw (decompressed) bytes of one shard of ``index.json``, checked against its sizes
-    and hashes; ``ShardError`` names the file and what is wrong."""
+    """The raw (decompressed) bytes of one shard of ``index.json``, checked against the row
+    schema, its sizes and its (required) hashes; ``ShardError`` names the file and what is
+    wrong."""
     stored = shard["zip_data"] or shard["raw_data"]
     where = shard_file(Path(stream_dir), stored)
+    check_columns(shard, where)
     if not where.exists():
         raise ShardError(f"{where}: missing shard file")
     data = where.read_bytes()
-    _check(data, stored, where)
+    _check(data, stored, where, require_hash=True)
     if shard["zip_data"]:
         data = _decompress(shard["compression"], data)
-        _check(data, shard["raw_data"], where)
+        _check(data, shard["raw_data"], where, require_hash=True)
     return data
 
 
@@ -250,6 +265,8 @@ class MDSWriter:
         self.out.mkdir(parents=True, exist_ok=True)
         self.names = sorted(columns)
         self.encodings = [columns[name] for name in self.names]
+        # Normalised as streaming normalises them, since they are recorded in every shard.
+        compression, size_limit = compression or None, size_limit or None
         self.compression, self.hashes, self.size_limit = compression, hashes or [], size_limit
         config = {
             "version": 2,

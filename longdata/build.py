@@ -239,7 +239,6 @@ def make_manifest(
 
 def _versions() -> dict[str, str]:
     import numpy
-    import streaming
     import tokenizers
     import transformers
 
@@ -247,19 +246,20 @@ def _versions() -> dict[str, str]:
         "longdata": __version__,
         "python": platform.python_version(),
         "numpy": numpy.__version__,
-        "mosaicml-streaming": streaming.__version__,
         "tokenizers": tokenizers.__version__,
         "transformers": transformers.__version__,
     }
 
 
 def upload_build(local: Path, remote: str) -> None:
-    """Upload with streaming's own uploaders (s3://, gs://, oci://, azure://, ...). The manifest
-    goes last, so a reader never finds a manifest whose shards are not all there yet."""
-    from streaming.base.storage import CloudUploader
+    """Upload through fsspec (s3:// with s3fs, gs:// with gcsfs, ...). The manifest goes last, so
+    a reader never finds a manifest whose shards are not all there yet."""
+    import fsspec
 
-    uploader = CloudUploader.get((str(local), remote), keep_local=True, exist_ok=True)
-    files = sorted(str(p.relative_to(local)) for p in local.rglob("*") if p.is_file())
+    # A fresh filesystem, not fsspec's cached one, so the endpoint and credentials are the
+    # environment's now, not those of an earlier upload in this process.
+    fs, root = fsspec.core.url_to_fs(remote, skip_instance_cache=True)
+    files = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
     files.remove("manifest.json")
     for name in [*files, "manifest.json"]:
-        uploader.upload_file(name)
+        fs.put_file(str(local / name), f"{root.rstrip('/')}/{name}")

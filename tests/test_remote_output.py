@@ -1,5 +1,5 @@
-"""Output to s3:// through streaming's own uploader, against a real S3 server (moto's server
-mode on 127.0.0.1), then read back with StreamingDataset from the bucket."""
+"""Output to s3:// through fsspec, against a real S3 server (moto's server mode on 127.0.0.1),
+then read back from the bucket with longdata's reader (and StreamingDataset where installed)."""
 
 import json
 import socket
@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from longdata.build import build
+from longdata.format import StreamReader
 from longdata.recipe import validate_recipe
 from tests.test_build import small_recipe
 
@@ -36,7 +37,8 @@ def s3_server(monkeypatch):
         "AWS_ACCESS_KEY_ID": "testing",
         "AWS_SECRET_ACCESS_KEY": "testing",
         "AWS_DEFAULT_REGION": "us-east-1",
-        "S3_ENDPOINT_URL": endpoint,
+        "AWS_ENDPOINT_URL": endpoint,  # read by botocore, so by s3fs
+        "S3_ENDPOINT_URL": endpoint,  # read by streaming
     }.items():
         monkeypatch.setenv(key, value)
     import boto3
@@ -48,8 +50,6 @@ def s3_server(monkeypatch):
 
 
 def test_build_uploads_to_s3_and_streams_back(s3_server, tmp_path):
-    from streaming import StreamingDataset
-
     data = small_recipe(tmp_path)
     data["sources"] = data["sources"][:2]
     data["output"]["dir"] = "s3://shards/builds/small"
@@ -67,6 +67,17 @@ def test_build_uploads_to_s3_and_streams_back(s3_server, tmp_path):
     assert manifest == result.manifest
 
     stream = manifest["splits"]["train"]["streams"][0]
+    prefix = f"builds/small/{stream['path']}/"
+    for key in (k for k in keys if k.startswith(prefix)):
+        target = tmp_path / "downloaded" / key.removeprefix(prefix)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(s3_server.get_object(Bucket="shards", Key=key)["Body"].read())
+    reader = StreamReader(tmp_path / "downloaded")
+    downloaded = [reader.row(i) for i in range(reader.rows)]
+    assert len(downloaded) == stream["rows"]
+    assert sum(len(r["input_ids"]) for r in downloaded) == stream["tokens"]
+
+    StreamingDataset = pytest.importorskip("streaming").StreamingDataset
     dataset = StreamingDataset(
         remote=f"s3://shards/builds/small/{stream['path']}",
         local=str(tmp_path / "stream-cache"),

@@ -8,27 +8,6 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 
 
-@pytest.fixture(autouse=True, scope="session")
-def _isolated_streaming(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Keep streaming's locks in a private TMPDIR and remove its shared memory afterwards."""
-    import os
-    import tempfile
-
-    from streaming.base.util import clean_stale_shared_memory
-
-    private_tmp = tmp_path_factory.mktemp("tmpdir")
-    previous = os.environ.get("TMPDIR")
-    os.environ["TMPDIR"] = str(private_tmp)
-    tempfile.tempdir = None  # re-read TMPDIR
-    yield
-    clean_stale_shared_memory()
-    if previous is None:
-        os.environ.pop("TMPDIR", None)
-    else:
-        os.environ["TMPDIR"] = previous
-    tempfile.tempdir = None
-
-
 @pytest.fixture(autouse=True)
 def _every_build_accounts_for_its_rows(monkeypatch: pytest.MonkeyPatch) -> None:
     """Whatever a test builds (with any executor), its manifest must account for every source

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from longdata.build import build
-from longdata.format import BUILTIN_TOKENIZERS, check_row
+from longdata.format import BUILTIN_TOKENIZERS, COLUMNS, StreamReader, check_row
 from longdata.recipe import validate_recipe
 from longdata.tools.verify import verify_build
 
@@ -76,21 +76,9 @@ def built(tmp_path_factory):
     return recipe, result
 
 
-def read_rows_streaming(stream_dir: Path, tmp: Path):
-    """Plain StreamingDataset over a copy (streaming decompresses shards next to the index)."""
-    from streaming import StreamingDataset
-    from streaming.base.util import clean_stale_shared_memory
-
-    local = (
-        tmp / "read" / stream_dir.relative_to(stream_dir.parents[1]).as_posix().replace("/", "_")
-    )
-    shutil.copytree(stream_dir, local)
-    dataset = StreamingDataset(local=str(local), remote=None, shuffle=False, batch_size=1)
-    try:
-        return [dataset[i] for i in range(len(dataset))]
-    finally:
-        del dataset
-        clean_stale_shared_memory()
+def read_rows(stream_dir: Path) -> list[dict]:
+    reader = StreamReader(stream_dir)
+    return [reader.row(i) for i in range(reader.rows)]
 
 
 def test_build_publishes_complete_output(built):
@@ -105,13 +93,13 @@ def test_build_publishes_complete_output(built):
     assert result.manifest["tokenizer"]["path"] == "builtin:quickstart"
 
 
-def test_rows_read_back_with_streaming_and_honour_the_contract(built, tmp_path):
+def test_rows_read_back_and_honour_the_contract(built):
     recipe, result = built
     manifest = result.manifest
     for split in manifest["splits"].values():
         assert abs(sum(s["proportion"] for s in split["streams"]) - 1) < 1e-9
         for stream in split["streams"]:
-            rows = read_rows_streaming(result.out_dir / stream["path"], tmp_path)
+            rows = read_rows(result.out_dir / stream["path"])
             assert len(rows) == stream["rows"] > 0
             for row in rows:
                 assert check_row(row, split["max_seq_len"], len(manifest["sources"])) is None
@@ -121,13 +109,29 @@ def test_rows_read_back_with_streaming_and_honour_the_contract(built, tmp_path):
             assert sum(len(r["input_ids"]) for r in rows) == stream["tokens"]
 
 
-def test_loss_mask_covers_exactly_assistant_text(built, tmp_path):
+def test_streaming_reads_the_same_rows(built, tmp_path):
+    """Where mosaicml-streaming is installed, its StreamingDataset reads what longdata reads."""
+    StreamingDataset = pytest.importorskip("streaming").StreamingDataset
+    recipe, result = built
+    stream_dir = result.out_dir / result.manifest["splits"]["train"]["streams"][0]["path"]
+    local = tmp_path / "copy"  # streaming decompresses shards next to the index
+    shutil.copytree(stream_dir, local)
+    dataset = StreamingDataset(local=str(local), remote=None, shuffle=False, batch_size=1)
+    theirs = [dataset[i] for i in range(len(dataset))]
+    ours = read_rows(stream_dir)
+    assert len(theirs) == len(ours) > 0
+    for their_row, our_row in zip(theirs, ours):
+        for column in COLUMNS:
+            np.testing.assert_array_equal(their_row[column], our_row[column])
+
+
+def test_loss_mask_covers_exactly_assistant_text(built):
     from transformers import AutoTokenizer
 
     recipe, result = built
     tokenizer = AutoTokenizer.from_pretrained(BUILTIN_TOKENIZERS["builtin:quickstart"])
     stream = result.manifest["splits"]["train"]["streams"][0]
-    row = read_rows_streaming(result.out_dir / stream["path"], tmp_path)[0]
+    row = read_rows(result.out_dir / stream["path"])[0]
     start = 0
     for length in row["seq_lens"].tolist():
         ids = row["input_ids"][start : start + length]

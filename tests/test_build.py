@@ -205,9 +205,7 @@ def test_sample_index_places_every_sample_exactly_where_the_rows_hold_it(built, 
     assert set(index["status"]) <= {"whole", "truncated", "dropped"}
     for stream in manifest["splits"]["train"]["streams"]:
         pieces = index.filter(pl.col("stream") == stream["name"]).sort("row", "slot")
-        rows = [
-            row for _, _, row in iter_stream_rows(result.out_dir / stream["path"], tmp_path, [])
-        ]
+        rows = [row for _, _, row in iter_stream_rows(result.out_dir / stream["path"], [])]
         assert pieces["row"].max() + 1 == len(rows) == stream["rows"]
         for piece in pieces.iter_rows(named=True):
             row = rows[piece["row"]]

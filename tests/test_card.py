@@ -55,7 +55,7 @@ def rows_of(build_dir: Path, manifest: dict, split: str, scratch: Path) -> list[
     return [
         row
         for stream in manifest["splits"][split]["streams"]
-        for _, _, row in iter_stream_rows(build_dir / stream["path"], scratch, [])
+        for _, _, row in iter_stream_rows(build_dir / stream["path"], [])
     ]
 
 

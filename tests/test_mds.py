@@ -40,7 +40,7 @@ def test_rows_match_streaming_reader_across_shards(tmp_path, compression):
     reader = StreamReader(stream)
     assert len(reader.shards) > 3, "the test needs rows spread over several shards"
     assert reader.rows == len(rows)
-    expected = [row for _, _, row in iter_stream_rows(stream, tmp_path, [])]
+    expected = [row for _, _, row in iter_stream_rows(stream, [])]
     for n in [len(rows) - 1, 0, 7, 2, *range(len(rows))]:  # out of order: shards are re-opened
         got = reader.row(n)
         assert list(got) == sorted(COLUMNS)
@@ -197,7 +197,7 @@ def test_verify_refuses_a_planted_pickle_column_without_unpickling(tmp_path):
 
     _rewrite_index(stream, plant)
     problems: list[str] = []
-    assert list(iter_stream_rows(stream, tmp_path, problems)) == []
+    assert list(iter_stream_rows(stream, problems)) == []
     assert len(problems) == 1 and "not longdata's row schema" in problems[0]
     assert "\n" not in problems[0]
     with pytest.raises(ShardError, match="row schema"):
@@ -213,11 +213,11 @@ def test_verify_refuses_missing_hashes_and_a_flipped_byte(tmp_path):
     flipped[len(flipped) // 2] ^= 0x01
     packed.write_bytes(bytes(flipped))
     problems: list[str] = []
-    assert list(iter_stream_rows(stream, tmp_path, problems)) == []
+    assert list(iter_stream_rows(stream, problems)) == []
     assert len(problems) == 1 and "hash mismatch" in problems[0]
 
     packed.write_bytes(original)
     _rewrite_index(stream, lambda shard: shard["zip_data"].update(hashes={}))
     problems = []
-    assert list(iter_stream_rows(stream, tmp_path, problems)) == []
+    assert list(iter_stream_rows(stream, problems)) == []
     assert len(problems) == 1 and "records no hash" in problems[0]

@@ -44,7 +44,7 @@ def build_contents(build_dir: Path, scratch: Path) -> dict:
     problems: list[str] = []
     rows = {
         stream["path"]: [
-            row for _, _, row in iter_stream_rows(build_dir / stream["path"], scratch, problems)
+            row for _, _, row in iter_stream_rows(build_dir / stream["path"], problems)
         ]
         for split in manifest["splits"].values()
         for stream in split["streams"]

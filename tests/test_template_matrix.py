@@ -301,9 +301,7 @@ def test_a_two_turn_qwen3_conversation_builds(thinking, tmp_path):
     assert (stats["split_conversations"], stats["turn_samples"]) == (1, 2)
 
     tokenizer, _ = load_tokenizer(TokenizerConfig(name="builtin:quickstart"))
-    [(_, _, row)] = list(
-        iter_stream_rows(next((result.out_dir / "train").glob("le_*")), tmp_path, [])
-    )
+    [(_, _, row)] = list(iter_stream_rows(next((result.out_dir / "train").glob("le_*")), []))
     prefix = EMPTY_THINK if thinking else ""
     assert target_runs(tokenizer, row["input_ids"], row["loss_mask"]) == [
         prefix + "The needle is in paragraph 12.<|im_end|>",

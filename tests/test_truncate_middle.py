@@ -76,7 +76,7 @@ def packed_samples(out: Path, tmp: Path) -> list[tuple[np.ndarray, np.ndarray]]:
     """(tokens, loss mask) of every packed sample, read back from the shards."""
     samples = []
     for stream in sorted((out / "train").glob("le_*")):
-        for _, _, row in iter_stream_rows(stream, tmp, []):
+        for _, _, row in iter_stream_rows(stream, []):
             ends = np.cumsum(row["seq_lens"], dtype=np.int64)
             for start, end in zip(np.concatenate(([0], ends[:-1])), ends):
                 samples.append((row["input_ids"][start:end], row["loss_mask"][start:end]))

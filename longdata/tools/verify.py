@@ -4,14 +4,13 @@ Checks, per shard: file sizes and hashes against the stream's index.json; every 
 row contract and against the split's sample index (its pieces, in order); per stream and split,
 the rows/tokens/targets against the manifest; and per source, that every row read is accounted
 for (``longdata.stages.accounting``) and that the split indexes hold the samples the accounting
-says. Shards are
-decompressed into a private temporary directory, so verifying never leaves decompressed copies
-beside the build (streaming's own readers would).
+says. Shards are decompressed in memory by longdata's own reader, which refuses shards whose
+columns are not the row schema before decoding: verifying runs no code from a build and writes
+nothing.
 """
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,35 +44,32 @@ def verify_build(build_dir: str | Path) -> VerifyReport:
         report.problems.append(str(exc))
         return report
     n_sources = len(manifest.source_names)
-    with tempfile.TemporaryDirectory(prefix="longdata-verify-") as scratch:
-        for split_name, split in manifest.splits.items():
-            split_totals = {"rows": 0, "tokens": 0, "target_tokens": 0}
-            layouts = _indexed_layouts(build_dir, split_name, report)
-            for stream in split.streams:
-                counted = _verify_stream(
-                    manifest.stream_dir(stream),
-                    split.max_seq_len,
-                    n_sources,
-                    Path(scratch),
-                    report,
-                    layouts.get(stream.name, {}),
-                )
-                for key in ("rows", "tokens", "target_tokens", "samples"):
-                    recorded = getattr(stream, key)
-                    if recorded is not None and counted[key] != recorded:
-                        report.problems.append(
-                            f"{stream.path}: manifest says {key}={recorded}, "
-                            f"shards hold {counted[key]}"
-                        )
-                for key in split_totals:
-                    split_totals[key] += counted[key]
-            recorded_totals = manifest.raw["splits"][split_name]
-            for key, value in split_totals.items():
-                if recorded_totals.get(key, value) != value:
+    for split_name, split in manifest.splits.items():
+        split_totals = {"rows": 0, "tokens": 0, "target_tokens": 0}
+        layouts = _indexed_layouts(build_dir, split_name, report)
+        for stream in split.streams:
+            counted = _verify_stream(
+                manifest.stream_dir(stream),
+                split.max_seq_len,
+                n_sources,
+                report,
+                layouts.get(stream.name, {}),
+            )
+            for key in ("rows", "tokens", "target_tokens", "samples"):
+                recorded = getattr(stream, key)
+                if recorded is not None and counted[key] != recorded:
                     report.problems.append(
-                        f"split {split_name}: manifest says "
-                        f"{key}={recorded_totals[key]}, streams add up to {value}"
+                        f"{stream.path}: manifest says {key}={recorded}, shards hold {counted[key]}"
                     )
+            for key in split_totals:
+                split_totals[key] += counted[key]
+        recorded_totals = manifest.raw["splits"][split_name]
+        for key, value in split_totals.items():
+            if recorded_totals.get(key, value) != value:
+                report.problems.append(
+                    f"split {split_name}: manifest says "
+                    f"{key}={recorded_totals[key]}, streams add up to {value}"
+                )
     report.problems.extend(row_accounting_problems(build_dir, manifest.raw))
     return report
 
@@ -134,12 +130,11 @@ def _verify_stream(
     stream_dir: Path,
     max_seq_len: int,
     n_sources: int,
-    scratch: Path,
     report: VerifyReport,
     layout: dict[int, tuple[list, list]],
 ) -> dict[str, int]:
     counted = {"rows": 0, "tokens": 0, "target_tokens": 0, "samples": 0}
-    for where, index, row in iter_stream_rows(stream_dir, scratch, report.problems):
+    for where, index, row in iter_stream_rows(stream_dir, report.problems):
         if index == 0:
             report.shards += 1
         problem = check_row(row, max_seq_len, n_sources)
@@ -166,7 +161,7 @@ def _verify_stream(
     return counted
 
 
-def iter_stream_rows(stream_dir: Path, scratch: Path, problems: list[str]):
+def iter_stream_rows(stream_dir: Path, problems: list[str]):
     """(shard path, row index in shard, row) for every row of an MDS stream, in order, after
     checking each shard's columns, size and hashes against the index (failures go to
     ``problems``). Decoding is longdata's own (``longdata.format.mds``): nothing in a shard is

@@ -30,9 +30,9 @@ import numpy as np
 import torch
 
 from longdata.format import Manifest, check_stream_files
-from longdata.format.mds import StreamReader
+from longdata.format.mds import INDEX_FILE, StreamReader, read_index, shard_file
 from longdata.trainer.collation import collate
-from longdata.trainer.config import BATCHING_METHODS
+from longdata.trainer.config import BATCHING_METHODS, ConfigError
 
 __all__ = [
     "LOADER_FORMAT",
@@ -49,22 +49,22 @@ __all__ = [
 LOADER_FORMAT = "longdata-loader-1"
 
 
-class OldLoaderStateError(ValueError):
-    """A checkpoint's data position written by the mosaicml-streaming based loader."""
+class OldLoaderStateError(ConfigError):
+    """A checkpoint's data position written by the mosaicml-streaming based loader; a
+    ConfigError, so `longdata train --resume` prints it as one line."""
 
 
 def fetch_remote_manifest(url: str, local_dir: str | Path) -> Manifest:
-    """Download `<url>/manifest.json` through fsspec into `local_dir`, which then serves as the
-    build directory. Returns the manifest, checked as the build contract says."""
-    import fsspec
-
+    """Download `<url>/manifest.json` (s3://, gs://, ... through fsspec) into `local_dir`,
+    which then serves as the build directory. Returns the manifest, checked as the build
+    contract says."""
     local_dir = Path(local_dir)
     local_dir.mkdir(parents=True, exist_ok=True)
     remote = f"{url.rstrip('/')}/manifest.json"
     # Every rank of a torchrun job downloads it; each writes its own file, then renames.
     staging = local_dir / f".manifest.json.{os.getpid()}.partial"
     try:
-        with fsspec.open(remote, "rb") as source:
+        with _open_remote(remote) as source:
             staging.write_bytes(source.read())
     except Exception as error:  # each store raises its own types; the user needs the URL and why
         staging.unlink(missing_ok=True)
@@ -74,6 +74,48 @@ def fetch_remote_manifest(url: str, local_dir: str | Path) -> Manifest:
         ) from None
     staging.replace(local_dir / "manifest.json")
     return Manifest.read(local_dir)
+
+
+def _open_remote(url: str) -> Any:
+    """`url` opened for reading through fsspec; an s3:// URL goes to `S3_ENDPOINT_URL` when
+    that is set, the variable `longdata build` uploads honour too."""
+    import fsspec
+
+    options = {}
+    if url.startswith("s3://") and os.environ.get("S3_ENDPOINT_URL"):
+        options["client_kwargs"] = {"endpoint_url": os.environ["S3_ENDPOINT_URL"]}
+    return fsspec.open(url, "rb", **options)
+
+
+def _download(url: str, target: Path) -> None:
+    """`url` into `target` through a temp name of this process, so concurrent ranks never
+    read a half-written file."""
+    staging = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    try:
+        with _open_remote(url) as source:
+            staging.write_bytes(source.read())
+    except Exception as error:  # each store raises its own types; the user needs the URL and why
+        staging.unlink(missing_ok=True)
+        raise FileNotFoundError(f"{url} cannot be read ({type(error).__name__}: {error})") from None
+    staging.replace(target)
+
+
+def download_stream(url: str, stream_dir: Path) -> None:
+    """Copy the stream at `url` (its index.json and the shard files it names) into
+    `stream_dir`, a directory longdata owns (under OUT/remote_build). Every shard name is
+    checked to lie inside `stream_dir` before any shard is fetched; the hashes are checked by
+    `check_stream_files` afterwards, before any row is read."""
+    stream_dir.mkdir(parents=True, exist_ok=True)
+    _download(f"{url}/{INDEX_FILE}", stream_dir / INDEX_FILE)
+    wanted = [
+        (shard_file(stream_dir, stored), stored["basename"])
+        for shard in read_index(stream_dir)
+        for stored in [shard.get("zip_data") or shard["raw_data"]]
+    ]
+    for target, basename in wanted:
+        if not target.is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _download(f"{url}/{basename}", target)
 
 
 def _rank_and_world() -> tuple[int, int]:
@@ -233,13 +275,16 @@ def make_dataset(
 ) -> RowDataset:
     """This rank's rows of every stream of `split`, weighted by the manifest's proportions;
     every shard hash-checked before any row is read. With `replication=N`, each group of N
-    consecutive ranks (a sequence-parallel group) gets the same rows."""
+    consecutive ranks (a sequence-parallel group) gets the same rows. With `remote` (e.g.
+    `s3://bucket/builds/quickstart`), each stream is first downloaded from `<remote>/<path>`
+    into the manifest's directory (OUT/remote_build for `longdata train s3://...`)."""
     if batching_method not in BATCHING_METHODS:
         raise ValueError(f"batching_method must be one of {BATCHING_METHODS}")
-    if remote:
-        raise NotImplementedError("remote builds: shard download is not written yet")
     entries = [entry for entry in manifest.split(split).streams if entry.rows > 0]
     stream_dirs = [manifest.stream_dir(entry) for entry in entries]
+    if remote:
+        for entry, stream_dir in zip(entries, stream_dirs):
+            download_stream(f"{remote.rstrip('/')}/{entry.path}", stream_dir)
     for stream_dir in stream_dirs:
         check_stream_files(stream_dir)
     return RowDataset(

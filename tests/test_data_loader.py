@@ -145,3 +145,39 @@ def test_a_damaged_shard_is_refused_before_training(build: Path, tmp_path: Path)
     path.write_bytes(bytes(data))
     with pytest.raises(ShardError, match="hash mismatch"):
         make_dataset(manifest, "train", 2)
+
+
+def test_a_remote_shard_name_climbing_out_is_refused_before_any_fetch(tmp_path: Path) -> None:
+    from longdata.trainer.data import download_stream
+
+    remote = tmp_path / "bucket" / "train" / "le_0048"
+    remote.mkdir(parents=True)
+    (tmp_path / "bucket" / "x").write_bytes(b"not a shard")
+    shard = {"raw_data": {"basename": "shard.00000.mds", "bytes": 4}, "samples": 1}
+    shard["zip_data"] = {"basename": "../../x", "bytes": 11}
+    (remote / "index.json").write_text(json.dumps({"shards": [shard], "version": 2}))
+    cache = tmp_path / "run" / "remote_build" / "train" / "le_0048"
+    with pytest.raises(ShardError, match="bad shard name"):
+        download_stream(remote.as_uri(), cache)
+    assert sorted(path.name for path in (tmp_path / "run").rglob("*") if path.is_file()) == [
+        "index.json"
+    ]
+
+
+def test_a_remote_shard_with_a_wrong_hash_is_refused_before_use(build: Path, tmp_path: Path):
+    import shutil
+
+    bucket = tmp_path / "bucket"
+    shutil.copytree(build, bucket)
+    manifest = Manifest.read(bucket)
+    stream_dir = manifest.stream_dir(manifest.split("train").streams[0])
+    stored = read_index(stream_dir)[0]
+    path = stream_dir / (stored["zip_data"] or stored["raw_data"])["basename"]
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    local = tmp_path / "run" / "remote_build"
+    shutil.copytree(bucket, local, ignore=shutil.ignore_patterns("shard.*", "index.json"))
+    with pytest.raises(ShardError, match="hash mismatch"):
+        make_dataset(Manifest.read(local), "train", 2, remote=bucket.as_uri())
+    assert list(local.rglob("shard.*")), "the shard was downloaded, then refused"

@@ -181,3 +181,22 @@ def test_a_remote_shard_with_a_wrong_hash_is_refused_before_use(build: Path, tmp
     with pytest.raises(ShardError, match="hash mismatch"):
         make_dataset(Manifest.read(local), "train", 2, remote=bucket.as_uri())
     assert list(local.rglob("shard.*")), "the shard was downloaded, then refused"
+
+
+def test_two_trainings_on_one_machine_at_once_both_finish(build: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    def train(out: Path) -> subprocess.Popen:
+        arguments = ["train", str(build), "--steps", "3", "--out", str(out), "--save", "none"]
+        return subprocess.Popen(
+            [sys.executable, "-m", "longdata.cli", *arguments, "--warmup-steps", "1"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+
+    runs = [train(tmp_path / "first"), train(tmp_path / "second")]
+    for run in runs:
+        output = run.communicate(timeout=300)[0].decode()
+        assert run.returncode == 0, output
+        assert "step 3:" in output

@@ -56,7 +56,7 @@ if str(ROOT) not in sys.path:
 
 from longdata.evals.niah.report import NiahReport, format_length, write_outputs  # noqa: E402
 from longdata.evals.niah.run import NiahSpec, run_niah  # noqa: E402
-from longdata.trainer import loop  # noqa: E402
+from longdata.trainer import data, loop  # noqa: E402
 from longdata.trainer.collation import collate  # noqa: E402
 from longdata.trainer.model import load_model  # noqa: E402
 from longdata.trainer.tokenizer import load_build_tokenizer  # noqa: E402
@@ -167,18 +167,11 @@ def attend_across_samples(batch: dict[str, Any]) -> dict[str, Any]:
 @contextmanager
 def packing_without_masks():
     """Feed the trainer `attend_across_samples` batches (the ablation only)."""
-    from streaming import StreamingDataLoader
 
-    def make_dataloader(dataset, batch_size, pad_to_multiple_of=None):
-        collate_rows = partial(collate, pad_to_multiple_of=pad_to_multiple_of)
-        return StreamingDataLoader(
-            dataset,
-            batch_size=batch_size,
-            num_workers=0,
-            collate_fn=lambda rows: attend_across_samples(collate_rows(rows)),
-        )
+    def collate_across_samples(rows, **options):
+        return attend_across_samples(collate(rows, **options))
 
-    with mock.patch.object(loop, "make_dataloader", make_dataloader):
+    with mock.patch.object(data, "collate", collate_across_samples):
         yield
 
 
@@ -304,7 +297,7 @@ def train_run(settings: Settings, builds: dict[str, Path], run: Run) -> dict[str
     row: dict[str, Any] = {**asdict(run), "phases": {}}
     init = PRESET
     for phase in PHASES:
-        # A private copy: streaming refuses two unrelated readers of one local directory.
+        # A private copy per run, so runs in parallel never share a build directory.
         own_build = Path(settings.out) / run.name / "builds" / phase
         if not own_build.exists():
             shutil.copytree(builds[phase], own_build)

@@ -148,28 +148,23 @@ def _rows_seen_rank(build_dir: str, result_path: str) -> None:
     """One epoch's rows on this rank, without and with replication=2."""
     import torch.distributed as dist
 
-    from longdata.trainer.data import Manifest, make_dataset, release_streaming_resources
+    from longdata.trainer.data import Manifest, make_dataset
 
     dist.init_process_group("gloo")
     seen = {}
     for replication in (1, 2):
         dataset = make_dataset(Manifest.read(build_dir), "train", 2, replication=replication)
         seen[replication] = [_row_key(row) for row in dataset]
-        del dataset
-        release_streaming_resources()
     Path(f"{result_path}.{dist.get_rank()}").write_text(json.dumps(seen))
     dist.destroy_process_group()
 
 
 def test_ranks_see_disjoint_rows_or_replicated_rows(build: Path, tmp_path: Path) -> None:
-    from longdata.trainer.data import Manifest, make_dataset, release_streaming_resources
+    from longdata.trainer.data import Manifest, make_dataset
 
     # One process's epoch. (Streams are mixed by token proportion, so an epoch may repeat a
     # row of one bucket and skip one of another: compare with it, not with the build's rows.)
-    dataset = make_dataset(Manifest.read(build), "train", 2)
-    one_process = [_row_key(row) for row in dataset]
-    del dataset
-    release_streaming_resources()
+    one_process = [_row_key(row) for row in make_dataset(Manifest.read(build), "train", 2)]
 
     result_path = str(tmp_path / "rows.json")
     run_on_ranks(_rows_seen_rank, 2, str(build), result_path)

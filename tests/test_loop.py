@@ -296,7 +296,7 @@ def test_checkpoints_hold_only_tensors_and_plain_data(build: Path, tmp_path: Pat
     assert (
         meta["step"] == 1
         and meta["split"] == "train"
-        and meta["dataloader"]["sample_in_epoch"] == 4
+        and meta["dataloader"]["samples_in_epoch"] == 4
     )
 
 

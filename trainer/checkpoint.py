@@ -5,8 +5,8 @@ A checkpoint is a directory `<out_dir>/checkpoints/step_<N>/` (seven digits) wit
 - `state.pt`: trainable weights, optimizer and scheduler state and every rank's RNG state, all
   tensors, numbers, strings and lists/dicts of them, read back with
   `torch.load(weights_only=True)`: a pickle that names any other Python object is refused;
-- `meta.json`: the step, the split being trained, the dataloader position (streaming's state
-  dict: plain numbers), the world size and the run's config.
+- `meta.json`: the step, the split being trained, the dataloader position (`RowLoader.state_dict`:
+  plain numbers), the world size and the run's config.
 
 Only directories with that name holding this trainer's `meta.json` format are ever read as the
 newest checkpoint, replaced or pruned (`keep_checkpoints`).
@@ -207,7 +207,7 @@ def save_checkpoint(
 ) -> Path:
     """Rank 0 writes `checkpoint_dir(out_dir, step)`; every rank must call this (gathering
     sharded weights and RNG states are collectives). The data position needs no gathering:
-    streaming's loader state counts the samples the whole world has consumed, which is the
+    the loader state counts the samples the whole world has consumed, which is the
     same number on every rank."""
     model_state, optimizer_state = _full_state(model, optimizer)
     rng_states = _every_rank_rng(context)

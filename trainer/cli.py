@@ -199,22 +199,18 @@ def check_packing(
 
     from longdata.trainer.attention import BACKENDS
     from longdata.trainer.check import check_backends
-    from longdata.trainer.data import Manifest, make_dataset, release_streaming_resources
+    from longdata.trainer.data import Manifest, make_dataset
     from longdata.trainer.model import load_model
 
     manifest = Manifest.read(build)
     dataset = make_dataset(manifest, split, batch_size=1, shuffle=False)
-    try:
-        picked = []
-        for index in range(dataset.num_samples):
-            row = dataset[index]
-            if len(row["input_ids"]) <= max_tokens:
-                picked.append(row)
-            if len(picked) == rows:
-                break
-    finally:
-        del dataset
-        release_streaming_resources()
+    picked = []
+    for index in range(dataset.num_samples):
+        row = dataset[index]
+        if len(row["input_ids"]) <= max_tokens:
+            picked.append(row)
+        if len(picked) == rows:
+            break
     if not picked:
         raise typer.BadParameter(f"no row of split {split!r} has <= {max_tokens} tokens")
 

@@ -115,7 +115,7 @@ class TrainConfig:
     )
     compile: bool = _setting(False, "torch.compile the model.")
     pad_to_multiple_of: int | None = _setting(None, "Pad every batch to a multiple of this length.")
-    shuffle: bool = _setting(True, "Shuffle rows (streaming reshuffles every epoch).")
+    shuffle: bool = _setting(True, "Shuffle rows (a new order every epoch, from seed and epoch).")
     batching_method: str = _setting(
         "random", "random: batches mix streams; per_stream: each batch from one length bucket."
     )

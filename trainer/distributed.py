@@ -6,7 +6,7 @@ Launched by torchrun, every process calls `init_parallel`, which joins the env:/
     rank = dp_rank * sp_size + sp_rank
 
 so the `sp_size` ranks of one sequence-parallel (SP) group are consecutive. That is the layout
-StreamingDataset's `replication=sp_size` assumes: consecutive ranks receive the same rows, so
+the data loader's `replication=sp_size` assumes: consecutive ranks receive the same rows, so
 every SP group trains on one row stream and the DP groups on disjoint ones.
 
 Gradients. Every rank computes a *share* of one global step loss: its rows (DP) and, within a

@@ -83,7 +83,7 @@ class BuildRows(torch.utils.data.IterableDataset):
                     yield row
             return
         # A shuffled pass needs random access; the rows of a CPU-sized split fit in memory, and
-        # a large build is better served by streaming (trainer.data.make_dataset).
+        # a large build is better served by the shard reader (trainer.data.make_dataset).
         rows = [row for _, row in self._iter_rows(self.manifest, self.split)]
         order = np.random.default_rng([self.seed, self.epoch]).permutation(len(rows))
         for position in order[index::count]:

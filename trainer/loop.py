@@ -42,12 +42,7 @@ from longdata.trainer.checkpoint import (
 )
 from longdata.trainer.config import TrainConfig
 from longdata.trainer.curriculum import Stage, plan_stages, validation_split
-from longdata.trainer.data import (
-    Manifest,
-    make_dataloader,
-    make_dataset,
-    release_streaming_resources,
-)
+from longdata.trainer.data import Manifest, make_dataloader, make_dataset
 from longdata.trainer.distributed import (
     ParallelContext,
     enable_sequence_parallel,
@@ -195,7 +190,7 @@ def _optimizer(model: PreTrainedModel, config: TrainConfig) -> torch.optim.AdamW
 
 
 class _SplitStream:
-    """Batches of one split forever, epoch after epoch (streaming reshuffles each epoch), from a
+    """Batches of one split forever, epoch after epoch (each epoch reshuffled), from a
     saved dataloader position if given.
 
     A run resumed exactly at the end of an epoch first sees that epoch's empty remainder, so
@@ -248,7 +243,6 @@ class _SplitStream:
             return
         self._batches.close()
         self._loader = self._dataset = None
-        release_streaming_resources()
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -360,8 +354,8 @@ def _train(
                     peak_tflops,
                 )
                 if config.eval_every and step % config.eval_every == 0:
-                    # streaming keeps one dataset's shared memory safe at a time: set the
-                    # training stream aside and reopen it at the same position afterwards.
+                    # Free the training stream's cached shard while validation reads its own,
+                    # and reopen it at the same position afterwards.
                     saved = stream.position()
                     stream.close()
                     eval_split = validation_split(manifest, config, stage.split)

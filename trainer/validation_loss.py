@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from longdata.format import Manifest, check_stream_files
+from longdata.format.mds import StreamReader
 from longdata.trainer.collation import collate
-from longdata.trainer.data import release_streaming_resources
 from longdata.trainer.loss import model_token_losses
 
 MIN_LENGTH_BUCKET = 1024
@@ -162,24 +162,14 @@ def split_rows(manifest: Manifest, split: str) -> int:
 
 def iter_rows(manifest: Manifest, split: str) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
     """(stream name, row) for every row of every stream of `split`, each exactly once."""
-    from streaming import Stream, StreamingDataset
-
     for entry in manifest.split(split).streams:
         if entry.rows == 0:
             continue
         stream_dir = manifest.stream_dir(entry)
         check_stream_files(stream_dir)
-        dataset = StreamingDataset(
-            streams=[Stream(local=str(stream_dir))],
-            batch_size=1,
-            shuffle=False,
-        )
-        try:
-            for index in range(dataset.num_samples):
-                yield entry.name, dataset[index]
-        finally:
-            del dataset
-            release_streaming_resources()
+        reader = StreamReader(stream_dir)
+        for index in range(reader.rows):
+            yield entry.name, reader.row(index)
 
 
 def _batches(

@@ -7,7 +7,12 @@ import pytest
 import torch
 
 from longdata.trainer import collate, load_model
-from longdata.trainer.attention import BACKENDS, available_backends, unavailable_reason
+from longdata.trainer.attention import (
+    BACKENDS,
+    available_backends,
+    implementation_name,
+    unavailable_reason,
+)
 from longdata.trainer.check import max_packing_error
 from longdata.trainer.model import set_attention
 from tests.builders import make_row
@@ -106,6 +111,17 @@ def test_unavailable_backends_say_what_is_missing(backend: str) -> None:
     assert reason is not None and "CUDA" in reason
     if backend == "flash_attn":
         assert "pip install" in reason
+
+
+@pytest.mark.parametrize("backend", ["auto", *BACKENDS])
+def test_registered_names_are_accepted_by_transformers(
+    model: torch.nn.Module, backend: str
+) -> None:
+    """transformers 5 refuses any attn_implementation containing "flash" (a hub kernel name)."""
+    name = implementation_name(backend)
+    assert "flash" not in name
+    set_attention(model, backend)
+    assert model.config._attn_implementation == name
 
 
 @pytest.mark.parametrize("backend", ["sdpa_varlen", "flash_attn"])

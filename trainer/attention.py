@@ -41,15 +41,23 @@ BACKENDS = ("flash_attn", "torch_varlen", "flex", "sdpa_varlen", "sdpa_mask")
 # Fastest first; `auto` takes the first one available.
 PREFERENCE_ORDER = ("flash_attn", "torch_varlen", "flex", "sdpa_varlen")
 IMPLEMENTATION_PREFIX = "longdata_"
+# transformers 5 treats any attn_implementation name containing "flash" as a hub kernel to
+# download and refuses it, so the flash_attn backend registers under a name without that word.
+REGISTERED_SUFFIXES = {"flash_attn": "dao_varlen"}
 
 AttentionOutput = tuple[torch.Tensor, None]
 
 
-def implementation_name(backend: str) -> str:
-    """The name under which `backend` is registered with transformers' AttentionInterface."""
+def registered_suffix(backend: str) -> str:
+    """`backend` as spelled in registered names: the setting name, minus any "flash"."""
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose from auto, {BACKENDS}")
-    return IMPLEMENTATION_PREFIX + backend
+    return REGISTERED_SUFFIXES.get(backend, backend)
+
+
+def implementation_name(backend: str) -> str:
+    """The name under which `backend` is registered with transformers' AttentionInterface."""
+    return IMPLEMENTATION_PREFIX + registered_suffix(backend)
 
 
 def unavailable_reason(backend: str, device: torch.device | str, needs_grad: bool) -> str | None:

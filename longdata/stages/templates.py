@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from longdata.format.remote_code import refuse_remote_code
 from longdata.format.tokenizer import (  # noqa: F401 - also imported from here
     BUILTIN_TOKENIZERS,
     TemplateError,
@@ -58,7 +59,10 @@ def load_tokenizer(config: TokenizerConfig, require_chat_template: bool = True):
     from transformers import AutoTokenizer
 
     path = str(BUILTIN_TOKENIZERS.get(config.name, config.name))
-    tokenizer = AutoTokenizer.from_pretrained(path, revision=config.revision, use_fast=True)
+    refuse_remote_code(path)
+    tokenizer = AutoTokenizer.from_pretrained(
+        path, revision=config.revision, use_fast=True, trust_remote_code=False
+    )
     if not tokenizer.is_fast:
         raise TemplateError(f"{config.name}: a fast (Rust) tokenizer is required for offsets")
     template = resolve_template(config.chat_template) or tokenizer.chat_template

@@ -104,9 +104,26 @@ class ChatRenderer:
         self.multi_turn = multi_turn
 
     def _render(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool) -> str:
+        if not messages:
+            return self._render_empty_history(add_generation_prompt)
         return self.tokenizer.apply_chat_template(
             list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
         )
+
+    def _render_empty_history(self, add_generation_prompt: bool) -> str:
+        """The template over no messages: an assistant-first conversation's first target starts
+        after this generation prompt. transformers 5's apply_chat_template refuses an empty
+        conversation while 4.x renders it, so call the Jinja renderer both share, with the
+        template variables apply_chat_template passes (the special tokens)."""
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        rendered, _ = render_jinja_template(
+            conversations=[[]],
+            chat_template=self.tokenizer.get_chat_template(),
+            add_generation_prompt=add_generation_prompt,
+            **self.tokenizer.special_tokens_map,
+        )
+        return rendered[0]
 
     def render(self, messages: Sequence[Message]) -> RenderedChat:
         turns = [{"role": m.role, "content": m.content} for m in messages]

@@ -68,15 +68,16 @@ def load_build_tokenizer(build_dir: str | Path) -> Any:
         raise TokenizerUnavailable(
             f"cannot load the build's tokenizer {where!r}: {error}"
         ) from None
+    template = _recipe_chat_template(manifest, tokenizer.chat_template)
+    if template:
+        tokenizer.chat_template = template
+    # A version 2 digest covers the bound chat template, so it is compared once that is set.
     expected = info.sha256
-    if expected and tokenizer_digest(tokenizer) != expected:
+    if expected and tokenizer_digest(tokenizer, info.digest_version) != expected:
         raise TokenizerUnavailable(
             f"the tokenizer at {where!r} is not the one the build used (digest differs from "
             "manifest.json's tokenizer.sha256)"
         )
-    template = _recipe_chat_template(manifest, tokenizer.chat_template)
-    if template:
-        tokenizer.chat_template = template
     return tokenizer
 
 

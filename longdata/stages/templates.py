@@ -27,6 +27,7 @@ import numpy as np
 from longdata.format.remote_code import refuse_remote_code
 from longdata.format.tokenizer import (  # noqa: F401 - also imported from here
     BUILTIN_TOKENIZERS,
+    DIGEST_VERSION,
     TemplateError,
     bind_template_kwargs,
     resolve_template,
@@ -48,6 +49,7 @@ class TokenizerInfo:
     pad_token_id: int | None
     eos_token_id: int | None
     sha256: str
+    digest_version: int = DIGEST_VERSION
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)

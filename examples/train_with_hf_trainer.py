@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from longdata.format.remote_code import refuse_remote_code  # noqa: E402
 from longdata.trainer.hf import BuildRows, PackedCollator, prepare_for_packed_batches  # noqa: E402
 
 
@@ -36,8 +37,13 @@ def load_causal_lm(name: str, vocab_size: int, attn_implementation: str):
 
     if name in PRESETS:
         config = model_config(name, vocab_size)
-        return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
-    return AutoModelForCausalLM.from_pretrained(name, attn_implementation=attn_implementation)
+        return AutoModelForCausalLM.from_config(
+            config, attn_implementation=attn_implementation, trust_remote_code=False
+        )
+    refuse_remote_code(name)
+    return AutoModelForCausalLM.from_pretrained(
+        name, attn_implementation=attn_implementation, trust_remote_code=False
+    )
 
 
 def trl_trainer(model, args, rows: BuildRows, training_args: dict):

@@ -63,9 +63,12 @@ class RowError(ValueError):
     reason."""
 
 
+EMPTY_CONVERSATION = "empty conversation"
+
+
 def validate_messages(messages: tuple[Message, ...]) -> None:
     """Reject conversations no trainer can learn from: empty, or without any assistant text."""
     if not messages:
-        raise RowError("empty conversation")
+        raise RowError(EMPTY_CONVERSATION)
     if not any(m.role == "assistant" and m.content for m in messages):
         raise RowError("no assistant turn with content")

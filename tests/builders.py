@@ -146,12 +146,16 @@ def assert_rows_accounted(manifest: dict) -> None:
         )
 
 
-def use_quickstart_tokenizer(build: Path, sha256: str | None = None) -> Path:
+def use_quickstart_tokenizer(
+    build: Path, sha256: str | None = None, digest_version: int | None = None
+) -> Path:
     """Make the build's manifest name the bundled quickstart tokenizer (its real digest, unless
-    ``sha256`` says otherwise), as a build tokenized with it records."""
+    ``sha256`` says otherwise), as a build tokenized with it records; ``digest_version=1``
+    writes the version 1 digest and no version, as manifests from before version 2 do."""
     from transformers import AutoTokenizer
 
     from longdata.format import tokenizer_digest
+    from longdata.format.tokenizer import DIGEST_VERSION
     from longdata.tokenizer_assets import ASSET_DIR
 
     tokenizer = AutoTokenizer.from_pretrained(str(ASSET_DIR))
@@ -159,9 +163,11 @@ def use_quickstart_tokenizer(build: Path, sha256: str | None = None) -> Path:
     manifest["tokenizer"].update(
         name="builtin:quickstart",
         path=str(ASSET_DIR),
-        sha256=sha256 or tokenizer_digest(tokenizer),
+        sha256=sha256 or tokenizer_digest(tokenizer, digest_version or DIGEST_VERSION),
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+    if digest_version != 1:
+        manifest["tokenizer"]["digest_version"] = digest_version or DIGEST_VERSION
     (build / "manifest.json").write_text(json.dumps(manifest))
     return build

@@ -1,13 +1,21 @@
 """THE invariant: packed samples give the logits and gradients they give alone."""
 
+import itertools
 import warnings
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from longdata.trainer import collate, load_model
-from longdata.trainer.attention import BACKENDS, available_backends, unavailable_reason
+from longdata.trainer.attention import (
+    BACKENDS,
+    available_backends,
+    call_varlen_attn,
+    implementation_name,
+    unavailable_reason,
+)
 from longdata.trainer.check import max_packing_error
 from longdata.trainer.model import set_attention
 from tests.builders import make_row
@@ -108,6 +116,17 @@ def test_unavailable_backends_say_what_is_missing(backend: str) -> None:
         assert "pip install" in reason
 
 
+@pytest.mark.parametrize("backend", ["auto", *BACKENDS])
+def test_registered_names_are_accepted_by_transformers(
+    model: torch.nn.Module, backend: str
+) -> None:
+    """transformers 5 refuses any attn_implementation containing "flash" (a hub kernel name)."""
+    name = implementation_name(backend)
+    assert "flash" not in name
+    set_attention(model, backend)
+    assert model.config._attn_implementation == name
+
+
 @pytest.mark.parametrize("backend", ["sdpa_varlen", "flash_attn"])
 def test_cached_multi_token_continuation_sees_the_cache(
     model: torch.nn.Module, backend: str
@@ -127,3 +146,72 @@ def test_cached_multi_token_continuation_sees_the_cache(
         first = model(input_ids=tokens[:, :17], past_key_values=cache, use_cache=True).logits
         rest = model(input_ids=tokens[:, 17:], past_key_values=cache, use_cache=True).logits
     assert torch.allclose(torch.cat([first, rest], dim=1), whole, atol=TOLERANCE)
+
+
+def _causal_segments(query, key, value, cu_seq_q, scale, enable_gqa):
+    """A CPU stand-in for torch's varlen kernel: [N, H, D] inputs, causal within segments."""
+    bounds = cu_seq_q.tolist()
+    pieces = [
+        F.scaled_dot_product_attention(
+            *(t[a:b].transpose(0, 1).float() for t in (query, key, value)),
+            is_causal=True,
+            scale=scale,
+            enable_gqa=enable_gqa,
+        ).transpose(0, 1)
+        for a, b in itertools.pairwise(bounds)
+    ]
+    return torch.cat(pieces)
+
+
+def varlen_with_window(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None,
+                       window_size=(-1, -1), enable_gqa=False):  # fmt: skip
+    """torch 2.13+'s signature: causal through window_size, GQA through enable_gqa."""
+    assert window_size == (-1, 0)
+    return _causal_segments(q, k, v, cu_seq_q, scale, enable_gqa)
+
+
+def varlen_is_causal(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, *, is_causal=False,
+                     return_aux=None, scale=None):  # fmt: skip
+    """An older signature: causal through is_causal, no enable_gqa (KV heads must match)."""
+    assert is_causal and k.shape[1] == q.shape[1]
+    return _causal_segments(q, k, v, cu_seq_q, scale, enable_gqa=False)
+
+
+def varlen_without_causal(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None):
+    raise AssertionError("a varlen_attn that cannot be made causal must never be called")
+
+
+@pytest.mark.parametrize("varlen_attn", [varlen_with_window, varlen_is_causal])
+def test_torch_varlen_adapts_to_the_installed_signature(varlen_attn) -> None:
+    """GQA inputs (4 query heads, 2 KV heads) give per-segment causal attention whichever
+    signature torch's varlen_attn has: enable_gqa where offered, repeated KV heads where not."""
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(1, 4, 7, 8, generator=generator)
+    key, value = (torch.randn(1, 2, 7, 8, generator=generator) for _ in range(2))
+    cu_seqlens = torch.tensor([0, 3, 7])
+    got = call_varlen_attn(varlen_attn, query, key, value, cu_seqlens, 4, 0.3)
+    expected = torch.cat(
+        [
+            F.scaled_dot_product_attention(
+                *(t[..., a:b, :].bfloat16().float() for t in (query, key, value)),
+                is_causal=True,
+                scale=0.3,
+                enable_gqa=True,
+            )
+            for a, b in [(0, 3), (3, 7)]
+        ],
+        dim=2,
+    ).transpose(1, 2)
+    assert got.shape == (1, 7, 4, 8)
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_torch_varlen_without_a_causal_argument_is_unavailable(monkeypatch) -> None:
+    varlen = pytest.importorskip("torch.nn.attention.varlen")
+    monkeypatch.setattr(varlen, "varlen_attn", varlen_without_causal)
+    reason = unavailable_reason("torch_varlen", "cpu", needs_grad=False)
+    assert reason is not None and "window_size or is_causal" in reason
+    assert torch.__version__ in reason
+    query = torch.zeros(1, 2, 3, 4)
+    with pytest.raises(RuntimeError, match="window_size or is_causal"):
+        call_varlen_attn(varlen_without_causal, query, query, query, torch.tensor([0, 3]), 3, None)

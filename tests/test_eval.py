@@ -19,7 +19,7 @@ from longdata.evals.niah import prompts as niah
 from longdata.evals.niah.decoding import continuation_logprobs, greedy_generate
 from longdata.evals.niah.report import format_length
 from longdata.evals.niah.scoring import GenerateScorer, LoglikScorer, contains_codes, evaluate
-from longdata.format import FORMAT, tokenizer_digest
+from longdata.format import FORMAT, bind_template_kwargs, tokenizer_digest
 from longdata.tokenizer_assets import ASSET_DIR, CHAT_TEMPLATE
 from longdata.trainer import cli as trainer_cli
 from longdata.trainer import load_model
@@ -638,11 +638,13 @@ def test_eval_loss_without_validation_rows(tmp_path: Path) -> None:
 # The trainer saves the build's tokenizer
 
 
-def _build_with_tokenizer(tmp_path: Path, sha256: str | None = None) -> Path:
+def _build_with_tokenizer(
+    tmp_path: Path, sha256: str | None = None, digest_version: int | None = None
+) -> Path:
     rng = np.random.default_rng(0)
     rows = [make_row(rng.integers(2, 20, 3).tolist(), rng, 300) for _ in range(2)]
     build = write_build(tmp_path / "build", {"le_0064": rows}, 16_384, 64)
-    return use_quickstart_tokenizer(build, sha256)
+    return use_quickstart_tokenizer(build, sha256, digest_version)
 
 
 def test_trainer_saves_the_build_tokenizer(tmp_path: Path, tokenizer) -> None:
@@ -656,6 +658,28 @@ def test_trainer_saves_the_build_tokenizer(tmp_path: Path, tokenizer) -> None:
     config = json.loads((out / "final" / "config.json").read_text())
     # The preset's default ids (Llama: eos 2) are replaced by the build tokenizer's.
     assert config["eos_token_id"] == tokenizer.eos_token_id == 16382
+
+
+def test_a_build_with_a_version_1_digest_still_gets_its_tokenizer_saved(tmp_path: Path) -> None:
+    build = _build_with_tokenizer(tmp_path, digest_version=1)
+    assert "digest_version" not in json.loads((build / "manifest.json").read_text())["tokenizer"]
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["train", str(build), "--steps", "1", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert (out / "final" / "tokenizer.json").is_file()
+
+
+def test_digest_v2_covers_the_definition_and_the_bound_template(tokenizer) -> None:
+    """Version 2 hashes what decides the tokens and the rendering, not the serialisation."""
+    copy = AutoTokenizer.from_pretrained(str(ASSET_DIR))
+    assert tokenizer_digest(copy) == tokenizer_digest(tokenizer)
+    copy.chat_template = bind_template_kwargs(tokenizer.chat_template, {"think": False})
+    assert tokenizer_digest(copy) != tokenizer_digest(tokenizer)
+    # Version 1 ignored the template: a build rendered differently passed for the same one.
+    assert tokenizer_digest(copy, 1) == tokenizer_digest(tokenizer, 1)
+    copy.chat_template = tokenizer.chat_template
+    copy.add_special_tokens({"additional_special_tokens": ["<extra>"]})
+    assert tokenizer_digest(copy) != tokenizer_digest(tokenizer)
 
 
 def test_trainer_refuses_a_tokenizer_that_is_not_the_builds(tmp_path: Path, tokenizer) -> None:
@@ -745,6 +769,10 @@ def test_the_saved_tokenizer_renders_with_the_recipes_template_kwargs(tmp_path: 
         "chat_template": str(qwen3),
         "chat_template_kwargs": {"enable_thinking": False},
     }
+    # The digest (version 2) covers the template the build rendered with.
+    built_with = AutoTokenizer.from_pretrained(str(ASSET_DIR))
+    built_with.chat_template = bind_template_kwargs(qwen3.read_text(), {"enable_thinking": False})
+    manifest["tokenizer"]["sha256"] = tokenizer_digest(built_with)
     (build / "manifest.json").write_text(json.dumps(manifest))
     assert save_build_tokenizer(build, tmp_path / "saved") is None
     saved = AutoTokenizer.from_pretrained(str(tmp_path / "saved"))

@@ -264,3 +264,40 @@ def test_a_chat_template_path_that_is_not_a_file_is_refused(tmp_path):
         TokenizerConfig(name="builtin:quickstart", chat_template=str(tmp_path / "chat.jinja"))
     )[0]
     assert tokenizer.chat_template == CHATML
+
+
+def test_an_empty_conversation_is_quarantined_before_the_template(tokenizer, tmp_path):
+    """transformers 5 refuses to template an empty conversation and 4.x renders it: the row's
+    outcome is decided before the template runs, the same on both."""
+    import json
+
+    from longdata.records import Conversation
+    from longdata.stages.tokenization import QUARANTINE_FILE, tokenize_records
+
+    records = [
+        Conversation((), "x[0]", position=0),
+        Conversation((Message("user", "Hi"), Message("assistant", "Hello")), "x[1]", position=1),
+    ]
+    stats = tokenize_records(records, tokenizer, tmp_path / "cache")
+    lines = (tmp_path / "cache" / QUARANTINE_FILE).read_text().splitlines()
+    assert [json.loads(line)["reason"] for line in lines] == ["empty conversation"]
+    assert stats.samples == 1 and stats.quarantined == 1
+
+
+def test_an_assistant_first_history_trains_its_first_turn_after_the_generation_prompt():
+    """The first assistant turn's target starts after the template's generation prompt for an
+    empty history, which transformers 4.x and 5.x render alike."""
+    tokenizer = load_tokenizer(TokenizerConfig(name="builtin:quickstart", chat_template=CHATML))[0]
+    renderer = ChatRenderer(tokenizer)
+    messages = (
+        Message("assistant", "Ask me about rivers."),
+        Message("user", "Which is longest?"),
+        Message("assistant", "The Nile."),
+    )
+    prompt = "<|start_header_id|>assistant\n"
+    assert renderer.generation_prompt(()) == prompt
+    chat = renderer.render(messages)
+    assert chat.text.startswith(prompt + "Ask me about rivers.")
+    first = chat.assistant_spans[0]
+    assert chat.text[first[0] : first[1]] == "Ask me about rivers.<|eot_id|>"
+    assert renderer.render_turn(messages, 0).assistant_spans == (first,)

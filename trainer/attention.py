@@ -29,6 +29,7 @@ the metadata was lost on the way and samples would silently attend to each other
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import itertools
 import weakref
 from collections.abc import Callable
@@ -41,15 +42,23 @@ BACKENDS = ("flash_attn", "torch_varlen", "flex", "sdpa_varlen", "sdpa_mask")
 # Fastest first; `auto` takes the first one available.
 PREFERENCE_ORDER = ("flash_attn", "torch_varlen", "flex", "sdpa_varlen")
 IMPLEMENTATION_PREFIX = "longdata_"
+# transformers 5 treats any attn_implementation name containing "flash" as a hub kernel to
+# download and refuses it, so the flash_attn backend registers under a name without that word.
+REGISTERED_SUFFIXES = {"flash_attn": "dao_varlen"}
 
 AttentionOutput = tuple[torch.Tensor, None]
 
 
-def implementation_name(backend: str) -> str:
-    """The name under which `backend` is registered with transformers' AttentionInterface."""
+def registered_suffix(backend: str) -> str:
+    """`backend` as spelled in registered names: the setting name, minus any "flash"."""
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose from auto, {BACKENDS}")
-    return IMPLEMENTATION_PREFIX + backend
+    return REGISTERED_SUFFIXES.get(backend, backend)
+
+
+def implementation_name(backend: str) -> str:
+    """The name under which `backend` is registered with transformers' AttentionInterface."""
+    return IMPLEMENTATION_PREFIX + registered_suffix(backend)
 
 
 def unavailable_reason(backend: str, device: torch.device | str, needs_grad: bool) -> str | None:
@@ -67,6 +76,14 @@ def unavailable_reason(backend: str, device: torch.device | str, needs_grad: boo
         missing = []
         if importlib.util.find_spec("torch.nn.attention.varlen") is None:
             missing.append(f"torch.nn.attention.varlen (torch {torch.__version__} lacks it)")
+        else:
+            from torch.nn.attention.varlen import varlen_attn
+
+            if _causal_argument(varlen_attn) is None:
+                missing.append(
+                    f"a varlen_attn taking window_size or is_causal (torch {torch.__version__}'s "
+                    "takes neither, so it cannot be made causal)"
+                )
         if not on_cuda:
             missing.append("a CUDA device (torch's varlen attention is CUDA-only)")
         return f"torch_varlen backend needs {' and '.join(missing)}" if missing else None
@@ -382,6 +399,41 @@ def torch_varlen_attention(
         raise ValueError("torch_varlen backend does not support attention dropout; set it to 0")
     from torch.nn.attention.varlen import varlen_attn
 
+    output = call_varlen_attn(varlen_attn, query, key, value, cu_seqlens, int(max_seqlen), scaling)
+    return output, None
+
+
+def _causal_argument(varlen_attn: Callable[..., torch.Tensor]) -> str | None:
+    """Which keyword makes this torch's `varlen_attn` causal: `window_size` (newer torch),
+    `is_causal` (older), or None when it offers neither. Read from the signature, because the
+    argument names changed between releases that share a version prefix."""
+    parameters = inspect.signature(varlen_attn).parameters
+    return next((name for name in ("window_size", "is_causal") if name in parameters), None)
+
+
+def call_varlen_attn(
+    varlen_attn: Callable[..., torch.Tensor],
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    scaling: float | None,
+) -> torch.Tensor:
+    """Causal `varlen_attn` over [B, H, T, D] inputs, in whatever signature this torch has;
+    returns [B, T, H, D]. A `varlen_attn` without `enable_gqa` gets the KV heads repeated, which
+    is what grouped-query attention computes."""
+    causal = _causal_argument(varlen_attn)
+    if causal is None:
+        raise RuntimeError(unavailable_reason("torch_varlen", query.device, needs_grad=False))
+    options = {"window_size": (-1, 0)} if causal == "window_size" else {"is_causal": True}
+    if _is_gqa(query, key):
+        if "enable_gqa" in inspect.signature(varlen_attn).parameters:
+            options["enable_gqa"] = True
+        else:
+            groups = query.shape[1] // key.shape[1]
+            key = key.repeat_interleave(groups, dim=1)
+            value = value.repeat_interleave(groups, dim=1)
     batch, heads, length, head_dim = query.shape
     cu_seqlens = cu_seqlens.to(device=query.device, dtype=torch.int32)
     output = varlen_attn(
@@ -390,13 +442,12 @@ def torch_varlen_attention(
         _half_precision(_flatten_heads(value)),
         cu_seqlens,
         cu_seqlens,
-        int(max_seqlen),
-        int(max_seqlen),
+        max_seqlen,
+        max_seqlen,
         scale=scaling,
-        window_size=(-1, 0),  # (unlimited left, none right): causal
-        enable_gqa=_is_gqa(query, key),
+        **options,
     )
-    return output.to(query.dtype).reshape(batch, length, heads, head_dim), None
+    return output.to(query.dtype).reshape(batch, length, heads, head_dim)
 
 
 BACKEND_FUNCTIONS: dict[str, Callable[..., AttentionOutput]] = {

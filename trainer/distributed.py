@@ -43,7 +43,7 @@ from longdata.trainer.attention import (
     BACKEND_FUNCTIONS,
     IMPLEMENTATION_PREFIX,
     auto_attention,
-    implementation_name,
+    registered_suffix,
 )
 from longdata.trainer.config import PARALLEL_MODES
 from longdata.trainer.loss import next_token_targets
@@ -260,8 +260,9 @@ def ulysses_attention(
 def enable_sequence_parallel(model: nn.Module, backend: str, group: Any) -> None:
     """Make `model`'s attention run `backend` Ulysses-style over the SP `group`.
 
-    Registers `longdata_ulysses_<backend>` with transformers' AttentionInterface (one SP group
-    per process, so the registration is this process's) and switches the model to it.
+    Registers `longdata_ulysses_<backend>` (flash_attn as `dao_varlen`, see attention.py) with
+    transformers' AttentionInterface (one SP group per process, so the registration is this
+    process's) and switches the model to it.
     """
     from transformers import AttentionInterface
 
@@ -269,9 +270,9 @@ def enable_sequence_parallel(model: nn.Module, backend: str, group: Any) -> None
     kv_replication(
         config.num_attention_heads, config.num_key_value_heads, dist.get_world_size(group)
     )
-    implementation_name(backend)  # rejects an unknown backend
+    suffix = registered_suffix(backend)  # rejects an unknown backend
     inner = auto_attention if backend == "auto" else BACKEND_FUNCTIONS[backend]
-    name = f"{IMPLEMENTATION_PREFIX}ulysses_{backend}"
+    name = f"{IMPLEMENTATION_PREFIX}ulysses_{suffix}"
     AttentionInterface.register(name, partial(ulysses_attention, inner=inner, group=group))
     model.set_attn_implementation(name)
 

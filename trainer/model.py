@@ -15,6 +15,7 @@ from transformers import (
     Qwen2Config,
 )
 
+from longdata.format.remote_code import refuse_remote_code
 from longdata.trainer.attention import implementation_name, register_attention_functions
 
 DEFAULT_PRESET_VOCAB = 16_384
@@ -75,7 +76,8 @@ def model_config(
     name = str(name_or_path_or_config)
     if name in PRESETS:
         return PRESETS[name](vocab_size or DEFAULT_PRESET_VOCAB)
-    return AutoConfig.from_pretrained(name)
+    refuse_remote_code(name)
+    return AutoConfig.from_pretrained(name, trust_remote_code=False)
 
 
 def load_model(
@@ -112,9 +114,10 @@ def load_model(
             raise ValueError(
                 f"model {name!r} is not a preset ({', '.join(PRESETS)}); did you mean {near[0]!r}?"
             )
+        refuse_remote_code(name)
         try:
             model = AutoModelForCausalLM.from_pretrained(
-                name, attn_implementation=attn_implementation, dtype=dtype
+                name, attn_implementation=attn_implementation, dtype=dtype, trust_remote_code=False
             )
         except OSError as error:
             # transformers explains a failed hub lookup over many lines; one is enough here.
@@ -126,7 +129,7 @@ def load_model(
     else:
         config = model_config(name_or_path_or_config, vocab_size)
         model = AutoModelForCausalLM.from_config(
-            config, attn_implementation=attn_implementation, dtype=dtype
+            config, attn_implementation=attn_implementation, dtype=dtype, trust_remote_code=False
         )
     model.config.use_cache = False
     if device is not None:

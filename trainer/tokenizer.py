@@ -24,6 +24,7 @@ from longdata.format import (
     tokenizer_digest,
     tokenizer_location,
 )
+from longdata.format.remote_code import refuse_remote_code
 
 # Any one of these marks a directory that AutoTokenizer can load from.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -58,21 +59,25 @@ def load_build_tokenizer(build_dir: str | Path) -> Any:
     info = manifest.tokenizer
     where = tokenizer_location({"name": info.name, "path": info.path})
     revision = manifest.recipe_value("tokenizer", "revision")
+    refuse_remote_code(where)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(where), revision=revision, use_fast=True)
+        tokenizer = AutoTokenizer.from_pretrained(
+            str(where), revision=revision, use_fast=True, trust_remote_code=False
+        )
     except (OSError, ValueError) as error:
         raise TokenizerUnavailable(
             f"cannot load the build's tokenizer {where!r}: {error}"
         ) from None
+    template = _recipe_chat_template(manifest, tokenizer.chat_template)
+    if template:
+        tokenizer.chat_template = template
+    # A version 2 digest covers the bound chat template, so it is compared once that is set.
     expected = info.sha256
-    if expected and tokenizer_digest(tokenizer) != expected:
+    if expected and tokenizer_digest(tokenizer, info.digest_version) != expected:
         raise TokenizerUnavailable(
             f"the tokenizer at {where!r} is not the one the build used (digest differs from "
             "manifest.json's tokenizer.sha256)"
         )
-    template = _recipe_chat_template(manifest, tokenizer.chat_template)
-    if template:
-        tokenizer.chat_template = template
     return tokenizer
 
 
@@ -95,6 +100,7 @@ def load_model_tokenizer(model: str, override: str | None = None) -> Any:
     from transformers import AutoTokenizer
 
     where = override or model
+    refuse_remote_code(where)
     if (Path(where) / "manifest.json").is_file():
         return load_build_tokenizer(where)
     problem = None
@@ -102,7 +108,7 @@ def load_model_tokenizer(model: str, override: str | None = None) -> Any:
         problem = "no tokenizer files in the directory"
     else:
         try:
-            return AutoTokenizer.from_pretrained(str(where), use_fast=True)
+            return AutoTokenizer.from_pretrained(str(where), use_fast=True, trust_remote_code=False)
         except (OSError, ValueError, TypeError, AttributeError) as error:
             problem = f"{type(error).__name__}: {error}"
     if override:

@@ -113,6 +113,8 @@ def continuation_logprobs(
             more = model(input_ids=step, past_key_values=cache, use_cache=True).logits[0]
             more = torch.log_softmax(more.float(), dim=-1)
             values.extend(float(more[i, rest[i + 1]]) for i in range(len(rest) - 1))
-            cache.crop(len(prefix))
+            # A negative count removes that many tokens on transformers 4.57 and 5.x alike;
+            # a positive one means "keep this many" on 4.x and raises from 5.23.
+            cache.crop(-step.shape[1])
         results.append(values)
     return results

@@ -91,6 +91,7 @@ class TokenizerEntry:
     pad_token_id: int | None
     eos_token_id: int | None
     sha256: str | None
+    digest_version: int = 1  # absent from manifests written before version 2 existed
 
 
 @dataclass(frozen=True)
@@ -164,6 +165,10 @@ class Manifest:
                 pad_token_id=check.count(tokenizer, "pad_token_id", "tokenizer", optional=True),
                 eos_token_id=check.count(tokenizer, "eos_token_id", "tokenizer", optional=True),
                 sha256=check.text(tokenizer, "sha256", "tokenizer", optional=True),
+                digest_version=check.count(
+                    tokenizer, "digest_version", "tokenizer", optional=True, positive=True
+                )
+                or 1,
             ),
             source_names=names,
             splits={name: splits[name] for name in order},

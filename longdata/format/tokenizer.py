@@ -34,11 +34,37 @@ def tokenizer_location(info: dict[str, Any]) -> str:
     return str(builtin) if builtin else info.get("path") or info["name"]
 
 
-def tokenizer_digest(tokenizer) -> str:
-    """What manifest.json's ``tokenizer.sha256`` holds: vocabulary, merges and special tokens."""
-    digest = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode())
-    digest.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True).encode())
-    return digest.hexdigest()
+# manifest.json's ``tokenizer.digest_version``; a manifest without one holds a version 1 digest.
+DIGEST_VERSION = 2
+# The parts of tokenizer.json that say how text becomes ids. transformers 5 rewrites others as
+# it loads a tokenizer (the post-processor, for one), so version 1, a hash of the whole
+# serialisation, differed between transformers 4.x and 5.x for the same files.
+DEFINITION_PARTS = ("model", "normalizer", "pre_tokenizer", "decoder")
+
+
+def tokenizer_digest(tokenizer, version: int = DIGEST_VERSION) -> str:
+    """What manifest.json's ``tokenizer.sha256`` holds.
+
+    Version 2: the tokenizer's definition (vocabulary, merges, normalisation and
+    pre-tokenization; added tokens by id, text and specialness), its special tokens and the chat
+    template bound to it, so equal under transformers 4.57 and 5.x. Version 1 (manifests without
+    ``digest_version``): the whole backend serialisation and the special tokens.
+    """
+    if version == 1:
+        digest = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode())
+        digest.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True).encode())
+        return digest.hexdigest()
+    if version != DIGEST_VERSION:
+        raise TemplateError(f"unknown tokenizer digest_version {version!r}")
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    definition = {part: spec.get(part) for part in DEFINITION_PARTS}
+    definition["added_tokens"] = sorted(
+        (token["id"], token["content"], token["special"]) for token in spec["added_tokens"]
+    )
+    definition["special_tokens"] = tokenizer.special_tokens_map
+    definition["chat_template"] = tokenizer.chat_template
+    canonical = json.dumps(definition, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def resolve_template(value: str | None) -> str | None:

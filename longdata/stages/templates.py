@@ -24,8 +24,10 @@ from typing import Any
 
 import numpy as np
 
+from longdata.format.remote_code import refuse_remote_code
 from longdata.format.tokenizer import (  # noqa: F401 - also imported from here
     BUILTIN_TOKENIZERS,
+    DIGEST_VERSION,
     TemplateError,
     bind_template_kwargs,
     resolve_template,
@@ -47,6 +49,7 @@ class TokenizerInfo:
     pad_token_id: int | None
     eos_token_id: int | None
     sha256: str
+    digest_version: int = DIGEST_VERSION
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -58,7 +61,10 @@ def load_tokenizer(config: TokenizerConfig, require_chat_template: bool = True):
     from transformers import AutoTokenizer
 
     path = str(BUILTIN_TOKENIZERS.get(config.name, config.name))
-    tokenizer = AutoTokenizer.from_pretrained(path, revision=config.revision, use_fast=True)
+    refuse_remote_code(path)
+    tokenizer = AutoTokenizer.from_pretrained(
+        path, revision=config.revision, use_fast=True, trust_remote_code=False
+    )
     if not tokenizer.is_fast:
         raise TemplateError(f"{config.name}: a fast (Rust) tokenizer is required for offsets")
     template = resolve_template(config.chat_template) or tokenizer.chat_template
@@ -100,9 +106,26 @@ class ChatRenderer:
         self.multi_turn = multi_turn
 
     def _render(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool) -> str:
+        if not messages:
+            return self._render_empty_history(add_generation_prompt)
         return self.tokenizer.apply_chat_template(
             list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
         )
+
+    def _render_empty_history(self, add_generation_prompt: bool) -> str:
+        """The template over no messages: an assistant-first conversation's first target starts
+        after this generation prompt. transformers 5's apply_chat_template refuses an empty
+        conversation while 4.x renders it, so call the Jinja renderer both share, with the
+        template variables apply_chat_template passes (the special tokens)."""
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        rendered, _ = render_jinja_template(
+            conversations=[[]],
+            chat_template=self.tokenizer.get_chat_template(),
+            add_generation_prompt=add_generation_prompt,
+            **self.tokenizer.special_tokens_map,
+        )
+        return rendered[0]
 
     def render(self, messages: Sequence[Message]) -> RenderedChat:
         turns = [{"role": m.role, "content": m.content} for m in messages]

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from longdata.records import Conversation, Document, Quarantined
+from longdata.records import EMPTY_CONVERSATION, Conversation, Document, Quarantined
 from longdata.stages.control_tokens import SpecialTokenText
 from longdata.stages.templates import (
     ByteLevelMasker,
@@ -260,6 +260,13 @@ def _render(
     for conversation in batch.conversations:
         if isinstance(conversation, Document):
             samples.append((conversation, conversation))
+            continue
+        # transformers 5 refuses to template an empty conversation and 4.x renders it: decide
+        # before the template is called, so a row's outcome does not depend on the version.
+        if not conversation.messages:
+            batch.quarantined.append(
+                Quarantined(conversation.location, EMPTY_CONVERSATION, "[]", conversation.file)
+            )
             continue
         try:
             chats = renderer.samples(conversation.messages)

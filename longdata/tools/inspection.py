@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from longdata.format import Manifest, NotABuildError, StreamReader, inside, tokenizer_location
+from longdata.format.remote_code import refuse_remote_code
 from longdata.stages.sample_index import INDEX_FILE
 
 DEFAULT_CONTEXT = 100
@@ -340,8 +341,9 @@ class Detokenizer:
             else:
                 from transformers import AutoTokenizer
 
+                refuse_remote_code(path)
                 self._tokenizer = AutoTokenizer.from_pretrained(
-                    path, use_fast=True
+                    path, use_fast=True, trust_remote_code=False
                 ).backend_tokenizer
         except Exception as exc:  # noqa: BLE001 - any loading failure is reported the same way
             raise InspectError(f"cannot load the build's tokenizer {path}: {exc}") from None

@@ -19,6 +19,7 @@ from typing import Any
 
 LOSS_MODES = ("token_mean", "sequence_mean")
 PRECISIONS = ("auto", "fp32", "bf16")
+WEIGHTS = ("auto", "fp32", "bf16", "fp8")
 SAVE_FORMATS = ("merged", "adapter", "none")
 PARALLEL_MODES = ("ddp", "fsdp")
 BATCHING_METHODS = ("random", "per_stream")
@@ -96,6 +97,11 @@ class TrainConfig:
     precision: str = _setting(
         "auto", "auto (bf16 autocast on a bf16 GPU, else fp32), fp32 or bf16."
     )
+    weights: str = _setting(
+        "auto",
+        "dtype the model is loaded in: auto (bf16 with --lora on a bf16 GPU, else fp32), fp32, "
+        "bf16 (LoRA only) or fp8 (LoRA only: frozen linears in float8 e4m3, trainer/fp8.py).",
+    )
     gradient_checkpointing: bool = _setting(
         False, "Recompute activations in backward to save memory."
     )
@@ -171,6 +177,7 @@ class TrainConfig:
         for name, choices in (
             ("loss", LOSS_MODES),
             ("precision", PRECISIONS),
+            ("weights", WEIGHTS),
             ("save", SAVE_FORMATS),
             ("parallel", PARALLEL_MODES),
             ("batching_method", BATCHING_METHODS),
@@ -186,6 +193,12 @@ class TrainConfig:
             )
         if self.save == "adapter" and not self.lora:
             raise ConfigError("save: adapter needs lora")
+        if self.weights in ("bf16", "fp8") and not self.lora:
+            # AdamW updates of ~lr * 1e-3 vanish below bf16's 8-bit mantissa on full weights.
+            raise ConfigError(
+                f"weights {self.weights} needs lora: full fine-tuning keeps fp32 master weights "
+                "(bf16 would round small updates away)"
+            )
         if self.parallel == "fsdp" and self.lora:
             raise ConfigError("lora with parallel fsdp is not supported; use parallel ddp")
         if self.offload_activations and not self.gradient_checkpointing:

@@ -30,6 +30,8 @@ FP32 = 4
 LOSS_BYTES_PER_LOGIT = {"fp32": 13, "bf16": 15}
 OPTIMIZER_STEP_TEMPORARIES = 4
 ATTENTION_KINDS = ("varlen", "dense")  # flash / torch_varlen / sdpa_varlen; sdpa_mask / eager
+WEIGHT_DTYPES = ("fp32", "bf16", "fp8")
+FP8_SCALE = 4  # one fp32 scale per output channel of each frozen linear (trainer/fp8.py)
 
 
 def llama_8b_config() -> PretrainedConfig:
@@ -72,7 +74,9 @@ class StepShape:
     lora_rank: int = 8
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     precision: str = "fp32"  # fp32, or bf16 autocast
-    weights: str = "fp32"  # what longdata train loads; bf16 halves weights and residual stream
+    # What longdata train loads: bf16 halves weights and residual stream; fp8 (LoRA) stores the
+    # decoder's frozen linears in one byte plus a scale per output channel, the rest bf16.
+    weights: str = "fp32"
     sp: int = 1
     attention: str = "varlen"
     gradient_checkpointing: bool = False
@@ -85,8 +89,10 @@ class StepShape:
     def __post_init__(self) -> None:
         if self.precision not in LOSS_BYTES_PER_LOGIT:
             raise ValueError(f"precision must be fp32 or bf16, not {self.precision!r}")
-        if self.weights not in ("fp32", "bf16"):
-            raise ValueError(f"weights must be fp32 or bf16, not {self.weights!r}")
+        if self.weights not in WEIGHT_DTYPES:
+            raise ValueError(f"weights must be one of {WEIGHT_DTYPES}, not {self.weights!r}")
+        if self.weights == "fp8" and not self.lora:
+            raise ValueError("weights fp8 needs lora (only frozen linears are stored in fp8)")
         if self.attention not in ATTENTION_KINDS:
             raise ValueError(f"attention must be one of {ATTENTION_KINDS}, not {self.attention!r}")
         if self.offload_activations and not self.gradient_checkpointing:
@@ -163,16 +169,28 @@ class ModelDims:
         return self.layers * per_layer + embeddings + self.hidden
 
 
+def weight_bytes_of(d: ModelDims, weights: str) -> int:
+    """Bytes of the model's own weights (no adapters) loaded as `weights`."""
+    if weights == "fp32":
+        return d.parameters() * FP32
+    if weights == "bf16":
+        return d.parameters() * 2
+    linears = d.layers * sum(a * b for a, b in d.linear_shapes().values())
+    channels = d.layers * sum(b for _, b in d.linear_shapes().values())
+    return (d.parameters() - linears) * 2 + linears + channels * FP8_SCALE
+
+
 def plan_memory(config: PretrainedConfig, shape: StepShape) -> MemoryPlan:
     """Estimate one training step's device memory, part by part (see the module docstring)."""
     d = ModelDims.of(config)
-    act = 2 if shape.precision == "bf16" or shape.weights == "bf16" else FP32  # matmul outputs
-    stream = 2 if shape.weights == "bf16" else FP32  # residual stream and norms
+    half_weights = shape.weights != "fp32"
+    act = 2 if shape.precision == "bf16" or half_weights else FP32  # matmul outputs
+    stream = 2 if half_weights else FP32  # residual stream and norms
     tokens = -(-shape.row_tokens // shape.sp)  # this rank's sequence shard
     targets = tokens if shape.target_tokens is None else -(-shape.target_tokens // shape.sp)
 
-    weight_bytes = 2 if shape.weights == "bf16" else FP32
-    weights = d.parameters() * weight_bytes
+    weight_bytes = FP32 if shape.weights == "fp32" else 2  # of the output layer
+    weights = weight_bytes_of(d, shape.weights)
     if shape.lora:
         trainable = d.layers * sum(
             shape.lora_rank * (a + b)

@@ -119,6 +119,11 @@ class TrainConfig:
         False,
         "Keep the checkpointed hidden states in host memory (needs --gradient-checkpointing).",
     )
+    offload_layers: int | None = _setting(
+        None,
+        "With --offload-activations, offload only the first N layers' checkpoints (the rest "
+        "stay on the device) when neither memory holds them all (default: every layer).",
+    )
     compile: bool = _setting(False, "torch.compile the model.")
     pad_to_multiple_of: int | None = _setting(None, "Pad every batch to a multiple of this length.")
     shuffle: bool = _setting(True, "Shuffle rows (streaming reshuffles every epoch).")
@@ -199,6 +204,11 @@ class TrainConfig:
                 f"weights {self.weights} needs lora: full fine-tuning keeps fp32 master weights "
                 "(bf16 would round small updates away)"
             )
+        if self.weights == "fp8" and self.save == "merged":
+            raise ConfigError(
+                "weights fp8 with save merged would bake fp8 rounding into the base: "
+                "set save adapter (or none)"
+            )
         if self.parallel == "fsdp" and self.lora:
             raise ConfigError("lora with parallel fsdp is not supported; use parallel ddp")
         if self.offload_activations and not self.gradient_checkpointing:
@@ -206,6 +216,11 @@ class TrainConfig:
                 "offload_activations moves the checkpointed hidden states to the "
                 "host: it needs gradient_checkpointing"
             )
+        if self.offload_layers is not None:
+            if not self.offload_activations:
+                raise ConfigError("offload_layers splits offload_activations: turn that on")
+            if self.offload_layers < 0:
+                raise ConfigError(f"offload_layers must be >= 0, not {self.offload_layers}")
         for name in (
             "steps",
             "batch_size",

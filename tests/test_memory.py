@@ -141,6 +141,28 @@ def test_offload_holds_exactly_the_checkpointed_layer_inputs() -> None:
     _assert_same(plain, (done.losses.values, grads))
 
 
+@pytest.mark.parametrize("offload_layers", [0, 1])
+def test_split_offload_holds_the_first_layers_and_stays_exact(offload_layers: int) -> None:
+    plain = _run(checkpointing=True)
+    model = _model(lora=False, checkpointing=True)
+    offload = enable_activation_offload(model, offload_layers)
+    held: list[int] = []
+    model.get_decoder().norm.register_forward_hook(lambda *_: held.append(offload.host_bytes))
+    batch = _batch()
+    done = micro_step(
+        TargetScorer(model), batch, "token_mean", step_denominator("token_mean", [batch])
+    )
+    assert model.config.num_hidden_layers > offload_layers  # a real split: some stay put
+    assert held == [offload_layers * batch["input_ids"].numel() * model.config.hidden_size * 4]
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    _assert_same(plain, (done.losses.values, grads))
+
+
+def test_offload_layers_beyond_the_model_is_refused() -> None:
+    with pytest.raises(ValueError, match="offload_layers must be 0..2"):
+        enable_activation_offload(_model(lora=False, checkpointing=True), 3)
+
+
 def test_offload_needs_checkpointing() -> None:
     with pytest.raises(ValueError, match="gradient_checkpointing"):
         enable_activation_offload(_model(lora=False, checkpointing=False))

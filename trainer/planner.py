@@ -85,6 +85,7 @@ class StepShape:
     tiled_mlp: bool = False
     mlp_chunk_tokens: int = 8192
     offload_activations: bool = False
+    offload_layers: int | None = None  # with offload: the first k layers' checkpoints (None: all)
 
     def __post_init__(self) -> None:
         if self.precision not in LOSS_BYTES_PER_LOGIT:
@@ -97,6 +98,10 @@ class StepShape:
             raise ValueError(f"attention must be one of {ATTENTION_KINDS}, not {self.attention!r}")
         if self.offload_activations and not self.gradient_checkpointing:
             raise ValueError("offload_activations needs gradient_checkpointing")
+        if self.offload_layers is not None and (
+            not self.offload_activations or self.offload_layers < 0
+        ):
+            raise ValueError("offload_layers needs offload_activations and must be >= 0")
         if min(self.row_tokens, self.sp, self.loss_chunk_tokens, self.mlp_chunk_tokens) < 1:
             raise ValueError("row_tokens, sp and chunk sizes must be >= 1")
 
@@ -235,9 +240,14 @@ def plan_memory(config: PretrainedConfig, shape: StepShape) -> MemoryPlan:
             tokens * attention_saved + (0 if shape.tiled_mlp else tokens * mlp_saved)
         )
         layer_saved = mlp_tokens * mlp_saved if shape.tiled_mlp else 0
-    host = kept_layers if shape.offload_activations else 0
+    offloaded = 0
+    if shape.offload_activations:
+        offloaded = (
+            d.layers if shape.offload_layers is None else min(shape.offload_layers, d.layers)
+        )
+    host = kept_layers * offloaded // d.layers
     # The final norm's input and output, and the hidden states of the target positions.
-    kept = (0 if shape.offload_activations else kept_layers) + 2 * hidden_state
+    kept = kept_layers - host + 2 * hidden_state
     kept += stream * d.hidden * targets
     # A layer's backward starts with its MLP (everything it saved is alive, recomputed if
     # checkpointed); by the attention's backward the MLP's share has been freed.
@@ -281,18 +291,46 @@ def plan_memory(config: PretrainedConfig, shape: StepShape) -> MemoryPlan:
     )
 
 
-def longest_row(
-    config: PretrainedConfig, shape: StepShape, device_bytes: int, multiple_of: int = 1024
-) -> int:
-    """The longest row (a multiple of `multiple_of` tokens) whose plan fits `device_bytes`;
-    0 if none does. Targets scale with the row as in `shape` (all, or the same fraction)."""
+def fit_split(
+    config: PretrainedConfig, shape: StepShape, device_bytes: int, host_bytes: int | None = None
+) -> MemoryPlan | None:
+    """The plan of `shape` that fits the device and the host, or None.
 
-    def fits(row_tokens: int) -> bool:
+    With offload on, the fewest offloaded layers whose plan fits the device (what stays on the
+    device costs no transfers), provided the host holds them; `host_bytes` None: unlimited.
+    """
+    layers = ModelDims.of(config).layers
+    counts = range(layers + 1) if shape.offload_activations else [None]
+    for count in counts:
+        plan = plan_memory(config, replace(shape, offload_layers=count))
+        if plan.host_bytes > (host_bytes if host_bytes is not None else plan.host_bytes):
+            return None  # more layers offloaded only need more host memory
+        if plan.peak_bytes <= device_bytes:
+            return plan
+    return None
+
+
+def fit_row(
+    config: PretrainedConfig,
+    shape: StepShape,
+    device_bytes: int,
+    host_bytes: int | None = None,
+    multiple_of: int = 1024,
+) -> tuple[int, MemoryPlan | None]:
+    """The longest row (a multiple of `multiple_of` tokens) whose plan fits `device_bytes` and
+    `host_bytes` (None: unlimited), with that plan (its shape's `offload_layers` is the split);
+    (0, None) if none does. Targets scale with the row as in `shape` (all, or the same
+    fraction)."""
+
+    def plan_at(row_tokens: int) -> MemoryPlan | None:
         targets = None
         if shape.target_tokens is not None:
             targets = max(1, shape.target_tokens * row_tokens // shape.row_tokens)
         trial = replace(shape, row_tokens=row_tokens, target_tokens=targets)
-        return plan_memory(config, trial).peak_bytes <= device_bytes
+        return fit_split(config, trial, device_bytes, host_bytes)
+
+    def fits(row_tokens: int) -> bool:
+        return plan_at(row_tokens) is not None
 
     low, high = 0, multiple_of
     while fits(high):
@@ -305,4 +343,15 @@ def longest_row(
             low = middle
         else:
             high = middle
-    return low
+    return low, (plan_at(low) if low else None)
+
+
+def longest_row(
+    config: PretrainedConfig,
+    shape: StepShape,
+    device_bytes: int,
+    multiple_of: int = 1024,
+    host_bytes: int | None = None,
+) -> int:
+    """`fit_row`'s row length alone."""
+    return fit_row(config, shape, device_bytes, host_bytes, multiple_of)[0]

@@ -376,3 +376,16 @@ def test_plan_memory_command_splits_offload_for_the_host() -> None:
     assert shown.exit_code == 0, shown.output
     assert "fits 139 GiB per device and 125 GiB of host:" in shown.output
     assert "offloading the first" in shown.output
+
+
+def test_peak_tensor_memory_counts_allocations_not_views_or_in_place_results() -> None:
+    from longdata.trainer.memory import PeakTensorMemory
+
+    weight = torch.randn(256, 256)
+    meter = PeakTensorMemory()
+    with meter:
+        transposed = weight.t()  # a view: no new storage
+        weight.mul_(2)  # in place: returns the input's storage
+        product = transposed @ weight  # the only allocation
+    assert product.shape == (256, 256)
+    assert meter.peak_bytes == 256 * 256 * 4

@@ -222,9 +222,18 @@ class PeakTensorMemory(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         outputs = func(*args, **(kwargs or {}))
+        # A view, an in-place or an out= result shares an input's storage: nothing new was
+        # allocated (counting it would count, e.g., a weight's transpose as a weight-sized copy).
+        inputs = {
+            value.untyped_storage().data_ptr()
+            for value in torch.utils._pytree.tree_leaves((args, kwargs))
+            if isinstance(value, torch.Tensor) and value.device.type != "meta"
+        }
         for value in torch.utils._pytree.tree_leaves(outputs):
             if isinstance(value, torch.Tensor) and value.device.type != "meta":
-                self._follow(value.untyped_storage())
+                storage = value.untyped_storage()
+                if storage.data_ptr() not in inputs or storage.nbytes() == 0:
+                    self._follow(storage)
         return outputs
 
     def _follow(self, storage: torch.UntypedStorage) -> None:

@@ -1,8 +1,11 @@
 """The GPU check: packing exactness of the CUDA backends in bf16, and long-row memory and speed
 of a Llama-3.1-8B-shaped slice with LoRA per memory technique, beside the planner.
 
-    PYTHONPATH=. python benchmarks/gpu.py [--out gpu.json] [--layers 4] \
-        [--lengths 32768,65536,131072]
+    PYTHONPATH=. python benchmarks/gpu.py [--out gpu.jsonl] [--layers 4] \
+        [--lengths 32768,65536,131072] [--dry-run]
+
+Each result is appended to `--out` (JSON lines) as soon as it completes, so a run cut short
+keeps what it measured. `--dry-run` (any machine) writes and prints the planned rows only.
 
 Sized to finish in under 8 minutes on one H100/H200 (random weights: nothing is downloaded).
 On a machine without CUDA it says so and exits 0.
@@ -42,6 +45,10 @@ TECHNIQUES = {
         "offload_activations": True,
     },
 }
+# The weights dtypes compared with every technique on (the last of TECHNIQUES).
+WEIGHT_ROWS = ("bf16", "fp8")
+HOST_GIB = 125  # the measured H200 machine's host memory (issue 21)
+DEVICE_GIB = 139
 LORA_RANK = 16
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -54,14 +61,17 @@ def _slice_config(layers: int):
     return config
 
 
-def _lora_model(config, attention: str, techniques: dict):
+def _lora_model(config, attention: str, techniques: dict, weights: str):
     import torch
     from peft import LoraConfig, get_peft_model
 
+    from longdata.trainer.fp8 import quantize_frozen_linears
     from longdata.trainer.memory import enable_activation_offload, enable_tiled_mlp
     from longdata.trainer.model import load_model
 
-    model = load_model(config, attention, seed=0, device="cuda")
+    dtype = torch.float32 if weights == "fp32" else torch.bfloat16
+    # Built on the GPU in its dtype: no fp32 init on the host (that cost ~40 s a run).
+    model = load_model(config, attention, seed=0, device="cuda", dtype=dtype)
     if techniques.get("gradient_checkpointing"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(
@@ -72,6 +82,8 @@ def _lora_model(config, attention: str, techniques: dict):
     for name, parameter in model.named_parameters():
         if "lora_B" in name:  # nonzero, so every adapter's gradient is exercised
             torch.nn.init.normal_(parameter, std=0.02)
+    if weights == "fp8":
+        quantize_frozen_linears(model)
     if techniques.get("tiled_mlp"):
         enable_tiled_mlp(model)
     if techniques.get("offload_activations"):
@@ -178,88 +190,144 @@ def _step(scorer, optimizer, batch: dict, denominator: int) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def memory_runs(layers: int, lengths: list[int], attention: str) -> list[dict]:
+def _shape(tokens: int, techniques: dict, weights: str):
+    from longdata.trainer.planner import StepShape
+
+    return StepShape(
+        row_tokens=tokens,
+        target_tokens=tokens - 1,
+        lora=True,
+        lora_rank=LORA_RANK,
+        lora_targets=LORA_TARGETS,
+        precision="bf16",
+        weights=weights,
+        **techniques,
+    )
+
+
+def planned_runs(layers: int, lengths: list[int]) -> list[dict]:
+    """Every memory run's planned entry: each technique (fp32 weights), then every technique
+    on with each of WEIGHT_ROWS."""
+    from longdata.trainer.planner import ModelDims, plan_memory, weight_bytes_of
+
+    config = _slice_config(layers)
+    everything = list(TECHNIQUES)[-1]
+    runs = [(label, "fp32") for label in TECHNIQUES] + [(everything, w) for w in WEIGHT_ROWS]
+    entries = []
+    for tokens in lengths:
+        for label, weights in runs:
+            plan = plan_memory(config, _shape(tokens, TECHNIQUES[label], weights))
+            entries.append(
+                {
+                    "tokens": tokens,
+                    "techniques": label,
+                    "weights": weights,
+                    "weight_gib": weight_bytes_of(ModelDims.of(config), weights) / 2**30,
+                    "planned_gib": plan.peak_bytes / 2**30,
+                }
+            )
+    return entries
+
+
+def longest_row_plan() -> dict:
+    """The full-depth 8B shape's longest row on the issue's machine, by the planner."""
+    from longdata.trainer.planner import fit_row, llama_8b_config
+
+    shape = _shape(65_536, TECHNIQUES[list(TECHNIQUES)[-1]], "bf16")
+    tokens, plan = fit_row(llama_8b_config(), shape, DEVICE_GIB * 2**30, HOST_GIB * 2**30)
+    return {
+        "longest_row": tokens,
+        "device_gib": DEVICE_GIB,
+        "host_gib": HOST_GIB,
+        "offload_layers": plan.shape.offload_layers if plan else None,
+        "planned_gib": plan.peak_bytes / 2**30 if plan else None,
+    }
+
+
+def _record(out: Path, kind: str, entry: dict) -> None:
+    with out.open("a") as lines:
+        lines.write(json.dumps({"kind": kind, **entry}) + "\n")
+    print(f"{kind} {entry}", file=sys.stderr, flush=True)
+
+
+def memory_runs(layers: int, lengths: list[int], attention: str, out: Path) -> list[dict]:
     import torch
 
     from longdata.trainer import collate
     from longdata.trainer.config import DEFAULT_LOSS_CHUNK_TOKENS
     from longdata.trainer.loss import TargetScorer, step_denominator
-    from longdata.trainer.planner import StepShape, plan_memory
 
     config = _slice_config(layers)
     name = torch.cuda.get_device_name()
     peak_flops = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
     results = []
-    for tokens in lengths:
-        batch = _to_cuda(collate(_rows([[tokens]], config.vocab_size)))
-        for label, techniques in TECHNIQUES.items():
-            entry: dict = {"tokens": tokens, "techniques": label}
-            shape = StepShape(
-                row_tokens=tokens,
-                target_tokens=tokens - 1,
-                lora=True,
-                lora_rank=LORA_RANK,
-                lora_targets=LORA_TARGETS,
-                precision="bf16",
-                **techniques,
-            )
-            entry["planned_gib"] = plan_memory(config, shape).peak_bytes / 2**30
-            model = None
-            try:
-                model = _lora_model(config, attention, techniques)
-                trainable = [p for p in model.parameters() if p.requires_grad]
-                optimizer = torch.optim.AdamW(trainable, lr=1e-5)
-                chunk = DEFAULT_LOSS_CHUNK_TOKENS
-                scorer = TargetScorer(model, chunk)
-                denominator = step_denominator("token_mean", [batch])
+    batches = {}
+    for entry in planned_runs(layers, lengths):
+        tokens = entry["tokens"]
+        if tokens not in batches:
+            batches = {tokens: _to_cuda(collate(_rows([[tokens]], config.vocab_size)))}
+        batch = batches[tokens]
+        techniques = TECHNIQUES[entry["techniques"]]
+        model = None
+        try:
+            model = _lora_model(config, attention, techniques, entry["weights"])
+            trainable = [p for p in model.parameters() if p.requires_grad]
+            optimizer = torch.optim.AdamW(trainable, lr=1e-5)
+            chunk = DEFAULT_LOSS_CHUNK_TOKENS
+            scorer = TargetScorer(model, chunk)
+            denominator = step_denominator("token_mean", [batch])
 
-                _step(scorer, optimizer, batch, denominator)  # warm-up: kernels, optimizer
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                started = time.perf_counter()
-                _step(scorer, optimizer, batch, denominator)
-                torch.cuda.synchronize()
-                seconds = time.perf_counter() - started
-                entry["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-                entry["tokens_per_s"] = tokens / seconds
-                if peak_flops:
-                    entry["mfu"] = _model_flops(config, [tokens]) / seconds / peak_flops
-                entry["planned_over_measured"] = entry["planned_gib"] / entry["peak_gib"]
-            except torch.cuda.OutOfMemoryError:
-                entry["error"] = "out of memory"
-            finally:
-                del model
-                torch.cuda.empty_cache()
-            print(f"memory {entry}", file=sys.stderr, flush=True)
-            results.append(entry)
+            _step(scorer, optimizer, batch, denominator)  # warm-up: kernels, optimizer
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            started = time.perf_counter()
+            _step(scorer, optimizer, batch, denominator)
+            torch.cuda.synchronize()
+            seconds = time.perf_counter() - started
+            entry["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            entry["tokens_per_s"] = tokens / seconds
+            if peak_flops:
+                entry["mfu"] = _model_flops(config, [tokens]) / seconds / peak_flops
+            entry["planned_over_measured"] = entry["planned_gib"] / entry["peak_gib"]
+        except torch.cuda.OutOfMemoryError:
+            entry["error"] = "out of memory"
+        finally:
+            del model
+            torch.cuda.empty_cache()
+        _record(out, "memory", entry)
+        results.append(entry)
     return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("gpu.json"))
+    parser.add_argument("--out", type=Path, default=Path("gpu.jsonl"))
+    parser.add_argument("--dry-run", action="store_true", help="write the planned rows only")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--lengths", default="32768,65536,131072")
     parser.add_argument("--attention", default="auto", help="backend for the memory runs")
     args = parser.parse_args()
+    lengths = [int(t) for t in args.lengths.split(",")]
+    if args.dry_run:
+        for entry in planned_runs(args.layers, lengths):
+            _record(args.out, "planned", entry)
+        _record(args.out, "longest_row", longest_row_plan())
+        return
     import torch
 
     if not torch.cuda.is_available():
         print("benchmarks/gpu.py needs a CUDA GPU; none here, nothing run.")
         return
     started = time.perf_counter()
-    report = {
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "layers": args.layers,
-        "packing": packing_checks(args.layers),
-        "memory": memory_runs(
-            args.layers, [int(t) for t in args.lengths.split(",")], args.attention
-        ),
-    }
-    report["seconds"] = time.perf_counter() - started
-    args.out.write_text(json.dumps(report, indent=2))
-    print(json.dumps(report, indent=2))
+    _record(
+        args.out,
+        "run",
+        {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "layers": args.layers},
+    )
+    _record(args.out, "packing", packing_checks(args.layers))
+    _record(args.out, "longest_row", longest_row_plan())
+    memory_runs(args.layers, lengths, args.attention, args.out)
+    _record(args.out, "done", {"seconds": time.perf_counter() - started})
 
 
 if __name__ == "__main__":

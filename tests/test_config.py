@@ -106,6 +106,10 @@ def test_stage_steps_set_the_total_unless_steps_is_given() -> None:
         (["--set", "nothing"], "expected key=value"),
         (["--loss", "mean"], "loss must be one of token_mean, sequence_mean, not 'mean'"),
         (["--report-to", "mlflow"], "report_to: unknown 'mlflow'"),
+        (["--weights", "fp16"], "weights must be one of auto, fp32, bf16, fp8, not 'fp16'"),
+        (["--weights", "bf16"], "weights bf16 needs lora: full fine-tuning keeps fp32 master"),
+        (["--weights", "fp8"], "weights fp8 needs lora"),
+        (["--weights", "fp8", "--lora"], "weights fp8 with save merged would bake fp8 rounding"),
     ],
 )
 def test_a_bad_setting_is_one_line_and_exit_2(

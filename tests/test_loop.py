@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from longdata.trainer import collate
-from longdata.trainer.checkpoint import CheckpointError
+from longdata.trainer.checkpoint import STATE_FILE, CheckpointError, checkpoint_dir
 from longdata.trainer.config import ConfigError, resolve
 from longdata.trainer.curriculum import plan_stages, share_steps
 from longdata.trainer.data import Manifest
@@ -19,7 +19,7 @@ from longdata.trainer.flops import (
     squared_sample_lengths,
     training_flops,
 )
-from longdata.trainer.loop import StepMetrics, TrainConfig, train
+from longdata.trainer.loop import StepMetrics, TrainConfig, resolve_weights, train
 from tests.builders import make_row, staged_build, two_bucket_build
 
 VOCAB = 256
@@ -101,6 +101,37 @@ def test_lora_with_trainable_embeddings_saves_loadable_checkpoints(
         merged_logits = loaded(input_ids=batch["input_ids"][:, :5]).logits
         adapter_logits = with_adapter(**batch).logits[:, :5]
     assert torch.allclose(merged_logits, adapter_logits, atol=1e-5)
+
+
+def test_auto_weights_are_bf16_only_for_lora_on_a_bf16_gpu(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert resolve_weights("auto", True, cuda) == "bf16"
+    assert resolve_weights("auto", False, cuda) == "fp32"
+    assert resolve_weights("auto", True, cpu) == "fp32"
+    assert resolve_weights("fp8", True, cpu) == "fp8"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert resolve_weights("auto", True, cuda) == "fp32"
+
+
+def test_fp8_weights_train_adapters_and_resume_exactly(build: Path, tmp_path: Path) -> None:
+    fp8 = {"lora": True, "weights": "fp8", "save": "adapter", "steps": 4, "lr": 5e-2}
+    uninterrupted = train(_config(build, tmp_path / "full", **fp8))
+    killed = _config(build, tmp_path / "killed", checkpoint_every=2, **fp8)
+    with pytest.raises(SimulatedKill):
+        train(killed, on_step=_kill_at(3))
+    # The checkpoint holds the adapters in their own dtype (fp32), never the fp8 base.
+    saved = checkpoint_dir(tmp_path / "killed", 2) / STATE_FILE
+    state = torch.load(saved, weights_only=True)
+    assert state["model"] and all("lora_" in name for name in state["model"])
+    assert {tensor.dtype for tensor in state["model"].values()} == {torch.float32}
+    # lora_B starts at zero: nonzero after two steps means gradients reached the adapters.
+    assert any(t.abs().max() > 0 for name, t in state["model"].items() if "lora_B" in name)
+    killed.resume = killed.out_dir
+    resumed = train(killed)
+    expected = [m.loss for m in uninterrupted.metrics]
+    assert [m.loss for m in resumed.metrics] == expected[2:]
+    assert all(np.isfinite(expected))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,6 +8,8 @@ tests/test_distributed.py. Also: the memory planner against measured peaks.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -16,6 +18,7 @@ from longdata.trainer import collate, load_model
 from longdata.trainer.loss import TargetScorer, step_denominator
 from longdata.trainer.memory import enable_activation_offload, enable_tiled_mlp
 from longdata.trainer.model import decoder_layers
+from longdata.trainer.planner import StepShape, fit_row, fit_split, llama_8b_config, plan_memory
 from longdata.trainer.step import micro_step
 from tests.builders import make_row
 
@@ -141,6 +144,28 @@ def test_offload_holds_exactly_the_checkpointed_layer_inputs() -> None:
     _assert_same(plain, (done.losses.values, grads))
 
 
+@pytest.mark.parametrize("offload_layers", [0, 1])
+def test_split_offload_holds_the_first_layers_and_stays_exact(offload_layers: int) -> None:
+    plain = _run(checkpointing=True)
+    model = _model(lora=False, checkpointing=True)
+    offload = enable_activation_offload(model, offload_layers)
+    held: list[int] = []
+    model.get_decoder().norm.register_forward_hook(lambda *_: held.append(offload.host_bytes))
+    batch = _batch()
+    done = micro_step(
+        TargetScorer(model), batch, "token_mean", step_denominator("token_mean", [batch])
+    )
+    assert model.config.num_hidden_layers > offload_layers  # a real split: some stay put
+    assert held == [offload_layers * batch["input_ids"].numel() * model.config.hidden_size * 4]
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    _assert_same(plain, (done.losses.values, grads))
+
+
+def test_offload_layers_beyond_the_model_is_refused() -> None:
+    with pytest.raises(ValueError, match="offload_layers must be 0..2"):
+        enable_activation_offload(_model(lora=False, checkpointing=True), 3)
+
+
 def test_offload_needs_checkpointing() -> None:
     with pytest.raises(ValueError, match="gradient_checkpointing"):
         enable_activation_offload(_model(lora=False, checkpointing=False))
@@ -234,7 +259,6 @@ def _measured_peak(
 
 @pytest.mark.parametrize("case", PLANNER_CASES)
 def test_planner_is_within_15_percent_of_measured_peaks(case: str) -> None:
-    from longdata.trainer.planner import StepShape, plan_memory
 
     preset, tokens, targets, vocab, techniques = PLANNER_CASES[case]
     measured, model = _measured_peak(preset, tokens, targets, vocab, techniques)
@@ -250,7 +274,7 @@ def test_planner_is_within_15_percent_of_measured_peaks(case: str) -> None:
 
 
 def test_longest_row_is_the_longest_that_fits() -> None:
-    from longdata.trainer.planner import StepShape, llama_8b_config, longest_row, plan_memory
+    from longdata.trainer.planner import longest_row
 
     config = llama_8b_config()
     shape = StepShape(
@@ -290,3 +314,78 @@ def test_plan_memory_command() -> None:
     assert "longest row that fits 80 GiB per device:" in shown.output
     refused = CliRunner().invoke(app, ["plan-memory", "--precision", "fp16"])
     assert refused.exit_code == 2 and "precision must be fp32 or bf16" in refused.output
+
+
+def _long_row_shape(weights: str = "bf16") -> StepShape:
+    return StepShape(
+        row_tokens=65_536,
+        lora=True,
+        lora_rank=16,
+        precision="bf16",
+        weights=weights,
+        gradient_checkpointing=True,
+        tiled_loss=True,
+        tiled_mlp=True,
+        offload_activations=True,
+    )
+
+
+def test_longest_row_respects_host_memory_with_a_split() -> None:
+    """The issue's H200 machine (139 GiB GPU, 125 GiB host): offloading every layer would put
+    more on the host than it has; the answer splits the layers between host and device."""
+    config, gib = llama_8b_config(), 2**30
+    device, host = 139 * gib, 125 * gib
+    unlimited, unlimited_plan = fit_row(config, _long_row_shape(), device)
+    assert unlimited_plan.host_bytes > host  # what the planner used to answer
+    tokens, plan = fit_row(config, _long_row_shape(), device, host)
+    assert 0 < tokens < unlimited
+    assert plan.peak_bytes <= device and plan.host_bytes <= host
+    assert 0 < plan.shape.offload_layers < config.num_hidden_layers
+    assert fit_split(config, replace(plan.shape, row_tokens=tokens + 1024), device, host) is None
+    # Offloading one layer fewer would not fit the device.
+    fewer = replace(plan.shape, offload_layers=plan.shape.offload_layers - 1)
+    assert plan_memory(config, fewer).peak_bytes > device
+
+
+def test_fp8_weights_lengthen_the_row() -> None:
+    config, gib = llama_8b_config(), 2**30
+    bf16 = plan_memory(config, _long_row_shape("bf16"))
+    fp8 = plan_memory(config, _long_row_shape("fp8"))
+    assert bf16.parts["weights"] - fp8.parts["weights"] > 6 * gib
+    assert (
+        fit_row(config, _long_row_shape("fp8"), 80 * gib, 125 * gib)[0]
+        > fit_row(config, _long_row_shape("bf16"), 80 * gib, 125 * gib)[0]
+    )
+    with pytest.raises(ValueError, match="fp8 needs lora"):
+        replace(_long_row_shape("fp8"), lora=False)
+
+
+def test_plan_memory_command_splits_offload_for_the_host() -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    from longdata.trainer import cli
+
+    app = typer.Typer()
+    app.command("plan-memory")(cli.plan_memory)
+    app.command("other")(lambda: None)
+    arguments = ["--lora", "--weights", "bf16", "--tiled-mlp", "--offload-activations"]
+    shown = CliRunner().invoke(
+        app, ["plan-memory", *arguments, "--device-gib", "139", "--host-gib", "125"]
+    )
+    assert shown.exit_code == 0, shown.output
+    assert "fits 139 GiB per device and 125 GiB of host:" in shown.output
+    assert "offloading the first" in shown.output
+
+
+def test_peak_tensor_memory_counts_allocations_not_views_or_in_place_results() -> None:
+    from longdata.trainer.memory import PeakTensorMemory
+
+    weight = torch.randn(256, 256)
+    meter = PeakTensorMemory()
+    with meter:
+        transposed = weight.t()  # a view: no new storage
+        weight.mul_(2)  # in place: returns the input's storage
+        product = transposed @ weight  # the only allocation
+    assert product.shape == (256, 256)
+    assert meter.peak_bytes == 256 * 256 * 4

@@ -248,8 +248,8 @@ def plan_memory(
     weights: Annotated[
         str,
         typer.Option(
-            help="fp32 (what longdata train loads today) or bf16 (halves the weights and the "
-            "residual stream, as ArcticTraining runs)."
+            help="fp32, bf16 (halves the weights and the residual stream, as ArcticTraining "
+            "runs) or fp8 (LoRA: frozen linears in float8 plus per-channel scales)."
         ),
     ] = "fp32",
     sp: Annotated[int, typer.Option(help="Sequence-parallel degree (Ulysses).")] = 1,
@@ -264,7 +264,17 @@ def plan_memory(
     offload_activations: Annotated[
         bool, typer.Option(help="Checkpointed hidden states in host memory.")
     ] = False,
+    offload_layers: Annotated[
+        int | None,
+        typer.Option(help="Offload only the first N layers' checkpoints (default: all)."),
+    ] = None,
     device_gib: Annotated[float, typer.Option(help="Device memory to fit, GiB.")] = 80.0,
+    host_gib: Annotated[
+        float | None,
+        typer.Option(
+            help="Host memory the offloaded checkpoints may use, GiB (default: no limit)."
+        ),
+    ] = None,
 ) -> None:
     """Estimate a training step's device memory, part by part, and the longest row that fits.
 
@@ -274,7 +284,7 @@ def plan_memory(
     """
     from dataclasses import replace
 
-    from longdata.trainer.planner import StepShape, longest_row, planner_config
+    from longdata.trainer.planner import StepShape, fit_row, planner_config
     from longdata.trainer.planner import plan_memory as plan
 
     try:
@@ -294,11 +304,21 @@ def plan_memory(
             tiled_mlp=tiled_mlp,
             mlp_chunk_tokens=mlp_chunk_tokens,
             offload_activations=offload_activations,
+            offload_layers=offload_layers,
         )
     except (OSError, ValueError) as error:
         raise typer.BadParameter(str(error)) from None
     result = plan(config, shape)
     typer.echo(f"{model}, {tokens:,}-token row, sp {sp}:\n")
     typer.echo(result.table())
-    fits = longest_row(config, replace(shape, target_tokens=targets), int(device_gib * 2**30))
-    typer.echo(f"\nlongest row that fits {device_gib:g} GiB per device: {fits:,} tokens")
+    host_bytes = None if host_gib is None else int(host_gib * 2**30)
+    fits, fitted = fit_row(
+        config, replace(shape, target_tokens=targets), int(device_gib * 2**30), host_bytes
+    )
+    host = "" if host_gib is None else f" and {host_gib:g} GiB of host"
+    typer.echo(f"\nlongest row that fits {device_gib:g} GiB per device{host}: {fits:,} tokens")
+    if fitted is not None and fitted.shape.offload_layers is not None:
+        typer.echo(
+            f"  offloading the first {fitted.shape.offload_layers} layers' checkpoints "
+            f"({fitted.host_bytes / 2**30:,.1f} GiB of host), the rest on the device"
+        )

@@ -19,6 +19,7 @@ from typing import Any
 
 LOSS_MODES = ("token_mean", "sequence_mean")
 PRECISIONS = ("auto", "fp32", "bf16")
+WEIGHTS = ("auto", "fp32", "bf16", "fp8")
 SAVE_FORMATS = ("merged", "adapter", "none")
 PARALLEL_MODES = ("ddp", "fsdp")
 BATCHING_METHODS = ("random", "per_stream")
@@ -96,6 +97,11 @@ class TrainConfig:
     precision: str = _setting(
         "auto", "auto (bf16 autocast on a bf16 GPU, else fp32), fp32 or bf16."
     )
+    weights: str = _setting(
+        "auto",
+        "dtype the model is loaded in: auto (bf16 with --lora on a bf16 GPU, else fp32), fp32, "
+        "bf16 (LoRA only) or fp8 (LoRA only: frozen linears in float8 e4m3, trainer/fp8.py).",
+    )
     gradient_checkpointing: bool = _setting(
         False, "Recompute activations in backward to save memory."
     )
@@ -112,6 +118,11 @@ class TrainConfig:
     offload_activations: bool = _setting(
         False,
         "Keep the checkpointed hidden states in host memory (needs --gradient-checkpointing).",
+    )
+    offload_layers: int | None = _setting(
+        None,
+        "With --offload-activations, offload only the first N layers' checkpoints (the rest "
+        "stay on the device) when neither memory holds them all (default: every layer).",
     )
     compile: bool = _setting(False, "torch.compile the model.")
     pad_to_multiple_of: int | None = _setting(None, "Pad every batch to a multiple of this length.")
@@ -171,6 +182,7 @@ class TrainConfig:
         for name, choices in (
             ("loss", LOSS_MODES),
             ("precision", PRECISIONS),
+            ("weights", WEIGHTS),
             ("save", SAVE_FORMATS),
             ("parallel", PARALLEL_MODES),
             ("batching_method", BATCHING_METHODS),
@@ -186,6 +198,17 @@ class TrainConfig:
             )
         if self.save == "adapter" and not self.lora:
             raise ConfigError("save: adapter needs lora")
+        if self.weights in ("bf16", "fp8") and not self.lora:
+            # AdamW updates of ~lr * 1e-3 vanish below bf16's 8-bit mantissa on full weights.
+            raise ConfigError(
+                f"weights {self.weights} needs lora: full fine-tuning keeps fp32 master weights "
+                "(bf16 would round small updates away)"
+            )
+        if self.weights == "fp8" and self.save == "merged":
+            raise ConfigError(
+                "weights fp8 with save merged would bake fp8 rounding into the base: "
+                "set save adapter (or none)"
+            )
         if self.parallel == "fsdp" and self.lora:
             raise ConfigError("lora with parallel fsdp is not supported; use parallel ddp")
         if self.offload_activations and not self.gradient_checkpointing:
@@ -193,6 +216,11 @@ class TrainConfig:
                 "offload_activations moves the checkpointed hidden states to the "
                 "host: it needs gradient_checkpointing"
             )
+        if self.offload_layers is not None:
+            if not self.offload_activations:
+                raise ConfigError("offload_layers splits offload_activations: turn that on")
+            if self.offload_layers < 0:
+                raise ConfigError(f"offload_layers must be >= 0, not {self.offload_layers}")
         for name in (
             "steps",
             "batch_size",

@@ -57,6 +57,7 @@ from longdata.trainer.flops import (
     squared_sample_lengths,
     training_flops,
 )
+from longdata.trainer.fp8 import quantize_frozen_linears
 from longdata.trainer.loss import TargetScorer, step_denominator
 from longdata.trainer.memory import enable_activation_offload, enable_tiled_mlp
 from longdata.trainer.model import PRESETS, load_model
@@ -111,13 +112,25 @@ def _autocast(precision: str, device: torch.device) -> Any:
     return nullcontext()
 
 
+def resolve_weights(weights: str, lora: bool, device: torch.device) -> str:
+    """`auto`: bf16 with LoRA on a bf16-capable GPU (the frozen base never needs fp32), fp32
+    otherwise (full fine-tuning keeps fp32 master weights)."""
+    if weights != "auto":
+        return weights
+    bf16_gpu = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return "bf16" if lora and bf16_gpu else "fp32"
+
+
 def _build_model(config: TrainConfig, manifest: Manifest, device: torch.device) -> PreTrainedModel:
+    weights = resolve_weights(config.weights, config.lora, device)
     model = load_model(
         config.model,
         config.attention,
         vocab_size=manifest.vocab_size,
         seed=config.seed,
         device=device,
+        # fp8 loads bf16 and quantises the frozen linears once PEFT has wrapped them.
+        dtype=torch.float32 if weights == "fp32" else torch.bfloat16,
     )
     if config.model in PRESETS:
         _use_build_special_tokens(model, manifest)
@@ -137,10 +150,12 @@ def _build_model(config: TrainConfig, manifest: Manifest, device: torch.device) 
             task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, lora_config)
+        if weights == "fp8":
+            quantize_frozen_linears(model)
     if config.tiled_mlp:
         enable_tiled_mlp(model, config.mlp_chunk_tokens)
     if config.offload_activations:
-        enable_activation_offload(model)
+        enable_activation_offload(model, config.offload_layers)
     if config.compile:
         model.compile()
     return model

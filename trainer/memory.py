@@ -171,12 +171,16 @@ class _OffloadingCheckpoint:
             return self.checkpoint_function(*args, **kwargs)
 
 
-def enable_activation_offload(model: torch.nn.Module) -> HostOffload:
+def enable_activation_offload(
+    model: torch.nn.Module, offload_layers: int | None = None
+) -> HostOffload:
     """Offload the hidden states that activation checkpointing keeps to host memory.
 
     Needs transformers' gradient checkpointing on (`model.gradient_checkpointing_enable()`):
-    without it a layer keeps all its intermediate activations, not just its input. Returns the
-    hook, whose `host_bytes` tells how much it holds on the host.
+    without it a layer keeps all its intermediate activations, not just its input. With
+    `offload_layers` k, only the first k layers' checkpoints go to the host and the rest stay on
+    the device: a split for when neither memory alone holds them all (None: every layer).
+    Returns the hook, whose `host_bytes` tells how much it holds on the host.
     """
     layers = decoder_layers(model)
     if not all(getattr(layer, "gradient_checkpointing", False) for layer in layers):
@@ -184,8 +188,12 @@ def enable_activation_offload(model: torch.nn.Module) -> HostOffload:
             "offload_activations moves the checkpointed hidden states to the host: turn on "
             "gradient_checkpointing as well"
         )
+    if offload_layers is None:
+        offload_layers = len(layers)
+    if not 0 <= offload_layers <= len(layers):
+        raise ValueError(f"offload_layers must be 0..{len(layers)} (the model's layers)")
     offload = HostOffload()
-    for layer in layers:
+    for layer in layers[:offload_layers]:
         current = layer._gradient_checkpointing_func
         if isinstance(current, _OffloadingCheckpoint):
             current = current.checkpoint_function
@@ -214,9 +222,18 @@ class PeakTensorMemory(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         outputs = func(*args, **(kwargs or {}))
+        # A view, an in-place or an out= result shares an input's storage: nothing new was
+        # allocated (counting it would count, e.g., a weight's transpose as a weight-sized copy).
+        inputs = {
+            value.untyped_storage().data_ptr()
+            for value in torch.utils._pytree.tree_leaves((args, kwargs))
+            if isinstance(value, torch.Tensor) and value.device.type != "meta"
+        }
         for value in torch.utils._pytree.tree_leaves(outputs):
             if isinstance(value, torch.Tensor) and value.device.type != "meta":
-                self._follow(value.untyped_storage())
+                storage = value.untyped_storage()
+                if storage.data_ptr() not in inputs or storage.nbytes() == 0:
+                    self._follow(storage)
         return outputs
 
     def _follow(self, storage: torch.UntypedStorage) -> None:

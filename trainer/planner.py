@@ -28,8 +28,13 @@ FP32 = 4
 # Per logit element while a chunk is scored: logits, log-softmax, and their two gradients
 # (fp32; under bf16 autocast the bf16 logits come first and are upcast).
 LOSS_BYTES_PER_LOGIT = {"fp32": 13, "bf16": 15}
-OPTIMIZER_STEP_TEMPORARIES = 4
+# AdamW's foreach step allocates about one fp32 temporary per trainable weight (the
+# denominator sqrt(v) + eps; measured 0.75x, torch 2.14). The 4x used before counted its in-place
+# results as allocations (PeakTensorMemory counted storage shared with inputs).
+OPTIMIZER_STEP_TEMPORARIES = 1
 ATTENTION_KINDS = ("varlen", "dense")  # flash / torch_varlen / sdpa_varlen; sdpa_mask / eager
+WEIGHT_DTYPES = ("fp32", "bf16", "fp8")
+FP8_SCALE = 4  # one fp32 scale per output channel of each frozen linear (trainer/fp8.py)
 
 
 def llama_8b_config() -> PretrainedConfig:
@@ -72,7 +77,9 @@ class StepShape:
     lora_rank: int = 8
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     precision: str = "fp32"  # fp32, or bf16 autocast
-    weights: str = "fp32"  # what longdata train loads; bf16 halves weights and residual stream
+    # What longdata train loads: bf16 halves weights and residual stream; fp8 (LoRA) stores the
+    # decoder's frozen linears in one byte plus a scale per output channel, the rest bf16.
+    weights: str = "fp32"
     sp: int = 1
     attention: str = "varlen"
     gradient_checkpointing: bool = False
@@ -81,16 +88,23 @@ class StepShape:
     tiled_mlp: bool = False
     mlp_chunk_tokens: int = 8192
     offload_activations: bool = False
+    offload_layers: int | None = None  # with offload: the first k layers' checkpoints (None: all)
 
     def __post_init__(self) -> None:
         if self.precision not in LOSS_BYTES_PER_LOGIT:
             raise ValueError(f"precision must be fp32 or bf16, not {self.precision!r}")
-        if self.weights not in ("fp32", "bf16"):
-            raise ValueError(f"weights must be fp32 or bf16, not {self.weights!r}")
+        if self.weights not in WEIGHT_DTYPES:
+            raise ValueError(f"weights must be one of {WEIGHT_DTYPES}, not {self.weights!r}")
+        if self.weights == "fp8" and not self.lora:
+            raise ValueError("weights fp8 needs lora (only frozen linears are stored in fp8)")
         if self.attention not in ATTENTION_KINDS:
             raise ValueError(f"attention must be one of {ATTENTION_KINDS}, not {self.attention!r}")
         if self.offload_activations and not self.gradient_checkpointing:
             raise ValueError("offload_activations needs gradient_checkpointing")
+        if self.offload_layers is not None and (
+            not self.offload_activations or self.offload_layers < 0
+        ):
+            raise ValueError("offload_layers needs offload_activations and must be >= 0")
         if min(self.row_tokens, self.sp, self.loss_chunk_tokens, self.mlp_chunk_tokens) < 1:
             raise ValueError("row_tokens, sp and chunk sizes must be >= 1")
 
@@ -163,16 +177,28 @@ class ModelDims:
         return self.layers * per_layer + embeddings + self.hidden
 
 
+def weight_bytes_of(d: ModelDims, weights: str) -> int:
+    """Bytes of the model's own weights (no adapters) loaded as `weights`."""
+    if weights == "fp32":
+        return d.parameters() * FP32
+    if weights == "bf16":
+        return d.parameters() * 2
+    linears = d.layers * sum(a * b for a, b in d.linear_shapes().values())
+    channels = d.layers * sum(b for _, b in d.linear_shapes().values())
+    return (d.parameters() - linears) * 2 + linears + channels * FP8_SCALE
+
+
 def plan_memory(config: PretrainedConfig, shape: StepShape) -> MemoryPlan:
     """Estimate one training step's device memory, part by part (see the module docstring)."""
     d = ModelDims.of(config)
-    act = 2 if shape.precision == "bf16" or shape.weights == "bf16" else FP32  # matmul outputs
-    stream = 2 if shape.weights == "bf16" else FP32  # residual stream and norms
+    half_weights = shape.weights != "fp32"
+    act = 2 if shape.precision == "bf16" or half_weights else FP32  # matmul outputs
+    stream = 2 if half_weights else FP32  # residual stream and norms
     tokens = -(-shape.row_tokens // shape.sp)  # this rank's sequence shard
     targets = tokens if shape.target_tokens is None else -(-shape.target_tokens // shape.sp)
 
-    weight_bytes = 2 if shape.weights == "bf16" else FP32
-    weights = d.parameters() * weight_bytes
+    weight_bytes = FP32 if shape.weights == "fp32" else 2  # of the output layer
+    weights = weight_bytes_of(d, shape.weights)
     if shape.lora:
         trainable = d.layers * sum(
             shape.lora_rank * (a + b)
@@ -217,9 +243,14 @@ def plan_memory(config: PretrainedConfig, shape: StepShape) -> MemoryPlan:
             tokens * attention_saved + (0 if shape.tiled_mlp else tokens * mlp_saved)
         )
         layer_saved = mlp_tokens * mlp_saved if shape.tiled_mlp else 0
-    host = kept_layers if shape.offload_activations else 0
+    offloaded = 0
+    if shape.offload_activations:
+        offloaded = (
+            d.layers if shape.offload_layers is None else min(shape.offload_layers, d.layers)
+        )
+    host = kept_layers * offloaded // d.layers
     # The final norm's input and output, and the hidden states of the target positions.
-    kept = (0 if shape.offload_activations else kept_layers) + 2 * hidden_state
+    kept = kept_layers - host + 2 * hidden_state
     kept += stream * d.hidden * targets
     # A layer's backward starts with its MLP (everything it saved is alive, recomputed if
     # checkpointed); by the attention's backward the MLP's share has been freed.
@@ -243,7 +274,6 @@ def plan_memory(config: PretrainedConfig, shape: StepShape) -> MemoryPlan:
     fixed = weights + optimizer + autocast_copies
     at_loss = kept + loss_chunk + output_layer_grad
     at_layer_backward = kept + gradients + layer_working + attention_workspace
-    # AdamW's step allocates temporaries (measured ~4x the trainable weights, torch 2.14).
     at_optimizer_step = gradients + OPTIMIZER_STEP_TEMPORARIES * trainable * FP32
     parts = {
         "weights": weights,
@@ -263,18 +293,46 @@ def plan_memory(config: PretrainedConfig, shape: StepShape) -> MemoryPlan:
     )
 
 
-def longest_row(
-    config: PretrainedConfig, shape: StepShape, device_bytes: int, multiple_of: int = 1024
-) -> int:
-    """The longest row (a multiple of `multiple_of` tokens) whose plan fits `device_bytes`;
-    0 if none does. Targets scale with the row as in `shape` (all, or the same fraction)."""
+def fit_split(
+    config: PretrainedConfig, shape: StepShape, device_bytes: int, host_bytes: int | None = None
+) -> MemoryPlan | None:
+    """The plan of `shape` that fits the device and the host, or None.
 
-    def fits(row_tokens: int) -> bool:
+    With offload on, the fewest offloaded layers whose plan fits the device (what stays on the
+    device costs no transfers), provided the host holds them; `host_bytes` None: unlimited.
+    """
+    layers = ModelDims.of(config).layers
+    counts = range(layers + 1) if shape.offload_activations else [None]
+    for count in counts:
+        plan = plan_memory(config, replace(shape, offload_layers=count))
+        if plan.host_bytes > (host_bytes if host_bytes is not None else plan.host_bytes):
+            return None  # more layers offloaded only need more host memory
+        if plan.peak_bytes <= device_bytes:
+            return plan
+    return None
+
+
+def fit_row(
+    config: PretrainedConfig,
+    shape: StepShape,
+    device_bytes: int,
+    host_bytes: int | None = None,
+    multiple_of: int = 1024,
+) -> tuple[int, MemoryPlan | None]:
+    """The longest row (a multiple of `multiple_of` tokens) whose plan fits `device_bytes` and
+    `host_bytes` (None: unlimited), with that plan (its shape's `offload_layers` is the split);
+    (0, None) if none does. Targets scale with the row as in `shape` (all, or the same
+    fraction)."""
+
+    def plan_at(row_tokens: int) -> MemoryPlan | None:
         targets = None
         if shape.target_tokens is not None:
             targets = max(1, shape.target_tokens * row_tokens // shape.row_tokens)
         trial = replace(shape, row_tokens=row_tokens, target_tokens=targets)
-        return plan_memory(config, trial).peak_bytes <= device_bytes
+        return fit_split(config, trial, device_bytes, host_bytes)
+
+    def fits(row_tokens: int) -> bool:
+        return plan_at(row_tokens) is not None
 
     low, high = 0, multiple_of
     while fits(high):
@@ -287,4 +345,15 @@ def longest_row(
             low = middle
         else:
             high = middle
-    return low
+    return low, (plan_at(low) if low else None)
+
+
+def longest_row(
+    config: PretrainedConfig,
+    shape: StepShape,
+    device_bytes: int,
+    multiple_of: int = 1024,
+    host_bytes: int | None = None,
+) -> int:
+    """`fit_row`'s row length alone."""
+    return fit_row(config, shape, device_bytes, host_bytes, multiple_of)[0]

@@ -32,6 +32,7 @@ import torch
 from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel
 
+from longdata.trainer.attention import shifted_sparse_inputs
 from longdata.trainer.checkpoint import (
     CheckpointError,
     CheckpointMeta,
@@ -440,6 +441,10 @@ def _step(
     for batch in micro_batches:
         if context.sp_size > 1:
             batch = shard_batch(batch, context.sp_rank, context.sp_size)
+        if config.attention_pattern == "shifted_sparse":
+            # Only here: validation, eval and generate never receive the groups, so they
+            # attend over whole samples.
+            batch = {**batch, **shifted_sparse_inputs(batch, config.s2_group)}
         done = micro_step(
             scorer,
             batch,

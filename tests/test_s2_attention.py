@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from longdata.trainer import collate
+from longdata.trainer import attention, collate
 from longdata.trainer.attention import (
     BACKEND_FUNCTIONS,
     group_cu_seqlens,
@@ -16,12 +16,13 @@ from longdata.trainer.attention import (
     shifted_sparse_inputs,
     unavailable_reason,
 )
+from longdata.trainer.check import check_backends
 from longdata.trainer.config import ConfigError, TrainConfig
 from longdata.trainer.loop import train
 from longdata.trainer.loss import model_token_losses
 from longdata.trainer.model import load_model
 from longdata.trainer.step import micro_step
-from tests.builders import make_row
+from tests.builders import make_row, two_bucket_build
 from tests.test_loop import VOCAB, _config, staged  # noqa: F401  (staged is a fixture)
 
 HEADS, KV_HEADS, HEAD_DIM = 4, 2, 8
@@ -220,3 +221,43 @@ def test_bad_settings_are_one_line(settings: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message) as error:
         TrainConfig(build_dir="b", **settings).validate()
     assert "\n" not in str(error.value)
+
+
+def _check_rows() -> list[dict]:
+    rng = np.random.default_rng(7)
+    return [make_row([13, 5, 30], rng, VOCAB), make_row([40, 8], rng, VOCAB)]
+
+
+def test_check_packing_under_the_pattern_passes_and_catches_a_leaky_mask(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model = load_model("tiny-llama", "sdpa_mask", vocab_size=VOCAB, dtype=torch.float64, seed=0)
+    results = check_backends(model, _check_rows(), backends=CPU_BACKENDS, s2_group=0.25)
+    for backend, result in results.items():
+        assert result.logits < 1e-9, backend
+        assert result.grads is None or result.grads < 1e-9, backend
+
+    def leaky(s2_group_ids: torch.Tensor, heads: int) -> torch.Tensor:
+        # Causal over the whole row: groups and samples both ignored.
+        _, rows, length = s2_group_ids.shape
+        return torch.ones(rows, heads, length, length, dtype=torch.bool).tril()
+
+    monkeypatch.setattr(attention, "_s2_dense_mask", leaky)
+    leaked = check_backends(model, _check_rows(), backends=["sdpa_mask"], s2_group=0.25)
+    assert leaked["sdpa_mask"].logits > 1e-3
+
+
+def test_check_packing_cli_takes_the_pattern_and_refuses_a_bad_group(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from longdata.cli import app
+
+    build = two_bucket_build(tmp_path / "build", VOCAB, (10, 40), 80)
+    runner = CliRunner()
+    common = ["check-packing", str(build), "--rows", "1", "--attention-pattern", "shifted_sparse"]
+    done = runner.invoke(app, [*common, "--s2-group", "0.25"])
+    assert done.exit_code == 0, done.output
+    assert "sdpa_varlen" in done.output
+    refused = runner.invoke(app, [*common, "--s2-group", "1.5"])
+    assert refused.exit_code != 0 and "s2_group must be" in refused.output
+    assert "Traceback" not in refused.output

@@ -261,3 +261,13 @@ def test_check_packing_cli_takes_the_pattern_and_refuses_a_bad_group(tmp_path: P
     refused = runner.invoke(app, [*common, "--s2-group", "1.5"])
     assert refused.exit_code != 0 and "s2_group must be" in refused.output
     assert "Traceback" not in refused.output
+
+
+def test_attention_flops_count_groups_not_samples() -> None:
+    from longdata.trainer.flops import squared_group_lengths, squared_sample_lengths
+
+    batch = _batch([[8, 3]])
+    groups = shifted_sparse_inputs(batch, 4)["s2_group_ids"]
+    # Unshifted: 4, 4 | 3 -> 41. Shifted: 2, 4, 2 | 3 (one group, unshifted) -> 33.
+    assert squared_group_lengths(batch, groups) == (41 + 33) // 2
+    assert squared_sample_lengths(batch) == 64 + 9

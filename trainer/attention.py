@@ -21,6 +21,16 @@ Backends (all exact: a sample's outputs equal those of running it alone):
 - `auto`: picks, at every call, the fastest exact backend available for the tensors' device
   and for whether gradients are needed.
 
+Shifted sparse attention (LongLoRA's S2-Attn) is a training-time pattern on top of any backend:
+`shifted_sparse_inputs()` turns a collated batch into `s2_group_ids` [2, B, T], which the
+training step (and only it) adds to the forward's keywords. Within each segment of length L with
+group size G, head half 0 (heads [0, H // 2)) puts position p in group p // G; head half 1 (heads
+[H // 2, H)) in group (p + G // 2) // G, so its first and last groups are partial (G - G // 2
+tokens, and the remainder) and stay inside the segment: unlike LongLoRA's roll, nothing wraps
+around to the other end, and no group ever crosses a segment boundary. A segment no longer than
+G is one group in both halves. A query attends causally
+within its group. Ids are unique within a row, so "same id" alone says who may attend to whom.
+
 Without packing metadata (e.g. `model.generate` on one prompt) every backend falls back to
 plain causal attention over each row; in training mode that is refused, because it would mean
 the metadata was lost on the way and samples would silently attend to each other.
@@ -167,6 +177,95 @@ def _unpacked_causal(
     return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling)
 
 
+def segment_group_size(length: int, s2_group: float) -> int:
+    """The group size G for a segment of `length` tokens: a fraction of it (below 1) or a token
+    count, at least 2 tokens and at most the whole segment."""
+    size = int(length * s2_group) if s2_group < 1 else int(s2_group)
+    return min(length, max(2, size))
+
+
+def shifted_sparse_inputs(batch: dict, s2_group: float) -> dict[str, torch.Tensor]:
+    """The forward keywords that switch a training step to shifted sparse attention.
+
+    `s2_group_ids` [2, B, T] int64: per head half, a group id per token, unique within the row
+    (see the module docstring for the exact grouping).
+    """
+    document_ids = batch["document_ids"]
+    batch_size, length = document_ids.shape
+    group_ids = torch.zeros(2, batch_size, length, dtype=torch.int64)
+    for row in range(batch_size):
+        ids = document_ids[row].cpu()
+        starts = [0, *(torch.nonzero(ids[1:] != ids[:-1]).flatten() + 1).tolist(), length]
+        next_id = [0, 0]
+        for start, end in itertools.pairwise(starts):
+            size = segment_group_size(end - start, s2_group)
+            positions = torch.arange(end - start)
+            # A segment of one group stays whole in both halves: shifting it would split it.
+            shifts = (0, size // 2 if size < end - start else 0)
+            for half, shift in enumerate(shifts):
+                local = (positions + shift) // size
+                group_ids[half, row, start:end] = local + next_id[half]
+                next_id[half] += int(local[-1]) + 1
+    return {"s2_group_ids": group_ids.to(document_ids.device)}
+
+
+def group_cu_seqlens(s2_group_ids: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
+    """Per head half, the groups as varlen segments: (cu_seqlens over the flattened B*T tokens,
+    the longest group). Rows are separated too, as a group never spans two rows."""
+    halves = []
+    for ids in s2_group_ids:
+        batch_size, length = ids.shape
+        change = torch.ones(batch_size, length, dtype=torch.bool, device=ids.device)
+        change[:, 1:] = ids[:, 1:] != ids[:, :-1]
+        starts = torch.nonzero(change.flatten()).flatten()
+        total = torch.tensor([batch_size * length], device=ids.device)
+        cu_seqlens = torch.cat([starts, total]).to(torch.int32)
+        halves.append((cu_seqlens, int((cu_seqlens[1:] - cu_seqlens[:-1]).max())))
+    return halves
+
+
+def shifted_sparse_allowed(s2_group_ids: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B, heads, T, T] boolean: True where a query may see a key (same group, not later)."""
+    length = s2_group_ids.shape[-1]
+    same_group = s2_group_ids[:, :, :, None] == s2_group_ids[:, :, None, :]
+    not_later = torch.ones(length, length, dtype=torch.bool, device=s2_group_ids.device).tril()
+    half_of_head = (torch.arange(heads, device=s2_group_ids.device) >= heads // 2).long()
+    return (same_group & not_later).index_select(0, half_of_head).transpose(0, 1)
+
+
+def _head_halves(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(query, key, value) for heads [0, H // 2) and [H // 2, H), keys repeated to H heads
+    (GQA groups need not align with the split)."""
+    heads = query.shape[1]
+    repeat = heads // key.shape[1]
+    key, value = key.repeat_interleave(repeat, 1), value.repeat_interleave(repeat, 1)
+    split = heads // 2
+    return [
+        (query[:, part], key[:, part], value[:, part])
+        for part in (slice(0, split), slice(split, heads))
+    ]
+
+
+def _per_half(
+    attend: Callable[..., torch.Tensor],
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    s2_group_ids: torch.Tensor,
+) -> AttentionOutput:
+    """Run `attend(query, key, value, cu_seqlens, max_seqlen)` -> [B, T, h, D] on each head half
+    over its groups, and join the halves back to [B, T, H, D]."""
+    outputs = [
+        attend(q, k, v, cu_seqlens, max_seqlen)
+        for (q, k, v), (cu_seqlens, max_seqlen) in zip(
+            _head_halves(query, key, value), group_cu_seqlens(s2_group_ids), strict=True
+        )
+    ]
+    return torch.cat(outputs, dim=2), None
+
+
 def _flatten_heads(tensor: torch.Tensor) -> torch.Tensor:
     """[B, H, T, D] -> [B*T, H, D], the layout of the varlen kernels."""
     batch, heads, length, head_dim = tensor.shape
@@ -182,11 +281,31 @@ def sdpa_varlen_attention(
     dropout: float = 0.0,
     scaling: float | None = None,
     cu_seqlens: torch.Tensor | None = None,
+    s2_group_ids: torch.Tensor | None = None,
     **kwargs: object,
 ) -> AttentionOutput:
-    """Causal SDPA on every segment separately: exact and trainable on any device."""
+    """Causal SDPA on every segment (or, shifted sparse, every group) separately: exact and
+    trainable on any device."""
     if cu_seqlens is None:
         return _unpacked_causal(module, query, key, value, dropout, scaling)
+
+    def attend(q, k, v, bounds, _max_seqlen):
+        return _sdpa_per_segment(q, k, v, bounds, dropout, scaling)
+
+    if s2_group_ids is not None:
+        return _per_half(attend, query, key, value, s2_group_ids)
+    return attend(query, key, value, cu_seqlens, None), None
+
+
+def _sdpa_per_segment(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    dropout: float,
+    scaling: float | None,
+) -> torch.Tensor:
+    """Causal SDPA over each segment of `cu_seqlens`, as [B, T, H, D]."""
     batch, heads, length, head_dim = query.shape
     bounds = cu_seqlens.tolist()
     segments = []
@@ -207,7 +326,7 @@ def sdpa_varlen_attention(
         )
     # Segments are in flattened (row, position) order: [1, H, B*T, D] -> [B, T, H, D].
     output = torch.cat(segments, dim=2).reshape(heads, batch, length, head_dim)
-    return output.permute(1, 2, 0, 3), None
+    return output.permute(1, 2, 0, 3)
 
 
 class _PerForwardCache:
@@ -245,6 +364,7 @@ def document_causal_additive_mask(document_ids: torch.Tensor, dtype: torch.dtype
 
 
 _dense_mask = _PerForwardCache(document_causal_additive_mask)
+_s2_dense_mask = _PerForwardCache(shifted_sparse_allowed)
 
 
 def sdpa_mask_attention(
@@ -256,12 +376,17 @@ def sdpa_mask_attention(
     dropout: float = 0.0,
     scaling: float | None = None,
     document_ids: torch.Tensor | None = None,
+    s2_group_ids: torch.Tensor | None = None,
     **kwargs: object,
 ) -> AttentionOutput:
-    """One SDPA call with a dense block-diagonal causal mask: the simple reference."""
+    """One SDPA call with a dense block-diagonal causal mask: the simple reference. Shifted
+    sparse uses a 4-D boolean mask per head, still computing every score of the row."""
     if document_ids is None:
         return _unpacked_causal(module, query, key, value, dropout, scaling)
-    mask = _dense_mask(document_ids, query.dtype)
+    if s2_group_ids is not None:
+        mask = _s2_dense_mask(s2_group_ids, query.shape[1])
+    else:
+        mask = _dense_mask(document_ids, query.dtype)
     output = F.scaled_dot_product_attention(
         query,
         key,
@@ -289,7 +414,22 @@ def _document_block_mask(document_ids: torch.Tensor) -> object:
     )
 
 
+def _shifted_sparse_block_mask(s2_group_ids: torch.Tensor, heads: int) -> object:
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    split = heads // 2
+
+    def group_causal(batch, head, query_index, key_index):
+        half = (head >= split).long()
+        same_group = s2_group_ids[half, batch, query_index] == s2_group_ids[half, batch, key_index]
+        return same_group & (query_index >= key_index)
+
+    _, batch, length = s2_group_ids.shape
+    return create_block_mask(group_causal, batch, heads, length, length, device=s2_group_ids.device)
+
+
 _block_mask = _PerForwardCache(_document_block_mask)
+_s2_block_mask = _PerForwardCache(_shifted_sparse_block_mask)
 _compiled_flex_attention: Callable | None = None
 
 
@@ -314,9 +454,11 @@ def flex_attention_forward(
     dropout: float = 0.0,
     scaling: float | None = None,
     document_ids: torch.Tensor | None = None,
+    s2_group_ids: torch.Tensor | None = None,
     **kwargs: object,
 ) -> AttentionOutput:
-    """FlexAttention with a document-causal block mask (forward-only on CPU)."""
+    """FlexAttention with a document-causal (or shifted sparse group-causal) block mask
+    (forward-only on CPU)."""
     if document_ids is None:
         return _unpacked_causal(module, query, key, value, dropout, scaling)
     reason = unavailable_reason("flex", query.device, _needs_grad(query))
@@ -328,7 +470,11 @@ def flex_attention_forward(
         query,
         key,
         value,
-        block_mask=_block_mask(document_ids),
+        block_mask=(
+            _block_mask(document_ids)
+            if s2_group_ids is None
+            else _s2_block_mask(s2_group_ids, query.shape[1])
+        ),
         scale=scaling,
         enable_gqa=_is_gqa(query, key),
     )
@@ -350,6 +496,7 @@ def flash_attn_varlen_attention(
     scaling: float | None = None,
     cu_seqlens: torch.Tensor | None = None,
     max_seqlen: int | None = None,
+    s2_group_ids: torch.Tensor | None = None,
     **kwargs: object,
 ) -> AttentionOutput:
     """flash-attn's varlen kernel over the flattened batch (CUDA)."""
@@ -360,21 +507,26 @@ def flash_attn_varlen_attention(
         raise RuntimeError(reason)
     from flash_attn import flash_attn_varlen_func
 
-    batch, heads, length, head_dim = query.shape
-    cu_seqlens = cu_seqlens.to(device=query.device, dtype=torch.int32)
-    output = flash_attn_varlen_func(
-        _half_precision(_flatten_heads(query)),
-        _half_precision(_flatten_heads(key)),
-        _half_precision(_flatten_heads(value)),
-        cu_seqlens,
-        cu_seqlens,
-        int(max_seqlen),
-        int(max_seqlen),
-        dropout_p=dropout,
-        softmax_scale=scaling,
-        causal=True,
-    )
-    return output.to(query.dtype).reshape(batch, length, heads, head_dim), None
+    def attend(q, k, v, bounds, longest):
+        batch, heads, length, head_dim = q.shape
+        bounds = bounds.to(device=q.device, dtype=torch.int32)
+        output = flash_attn_varlen_func(
+            _half_precision(_flatten_heads(q)),
+            _half_precision(_flatten_heads(k)),
+            _half_precision(_flatten_heads(v)),
+            bounds,
+            bounds,
+            int(longest),
+            int(longest),
+            dropout_p=dropout,
+            softmax_scale=scaling,
+            causal=True,
+        )
+        return output.to(q.dtype).reshape(batch, length, heads, head_dim)
+
+    if s2_group_ids is not None:
+        return _per_half(attend, query, key, value, s2_group_ids)
+    return attend(query, key, value, cu_seqlens, max_seqlen), None
 
 
 def torch_varlen_attention(
@@ -387,6 +539,7 @@ def torch_varlen_attention(
     scaling: float | None = None,
     cu_seqlens: torch.Tensor | None = None,
     max_seqlen: int | None = None,
+    s2_group_ids: torch.Tensor | None = None,
     **kwargs: object,
 ) -> AttentionOutput:
     """`torch.nn.attention.varlen.varlen_attn` over the flattened batch (CUDA)."""
@@ -399,8 +552,12 @@ def torch_varlen_attention(
         raise ValueError("torch_varlen backend does not support attention dropout; set it to 0")
     from torch.nn.attention.varlen import varlen_attn
 
-    output = call_varlen_attn(varlen_attn, query, key, value, cu_seqlens, int(max_seqlen), scaling)
-    return output, None
+    def attend(q, k, v, bounds, longest):
+        return call_varlen_attn(varlen_attn, q, k, v, bounds, int(longest), scaling)
+
+    if s2_group_ids is not None:
+        return _per_half(attend, query, key, value, s2_group_ids)
+    return attend(query, key, value, cu_seqlens, max_seqlen), None
 
 
 def _causal_argument(varlen_attn: Callable[..., torch.Tensor]) -> str | None:

@@ -17,7 +17,12 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
-from longdata.trainer.attention import available_backends, unavailable_reason
+from longdata.trainer.attention import (
+    available_backends,
+    implementation_name,
+    shifted_sparse_inputs,
+    unavailable_reason,
+)
 from longdata.trainer.collation import collate
 from longdata.trainer.config import DEFAULT_LOSS_CHUNK_TOKENS
 from longdata.trainer.loss import TokenLosses, model_token_losses
@@ -74,11 +79,31 @@ def _max_logit_error(model: PreTrainedModel, packed: torch.Tensor, alone: torch.
     )
 
 
+def _reference(alone: Mapping[str, torch.Tensor], s2_group: float | None) -> tuple[str, dict]:
+    """How one sample alone is run: stock attention (full), or, under shifted sparse, the
+    per-group SDPA loop with the sample's own groups (stock attention knows no groups)."""
+    if s2_group is None:
+        return REFERENCE_ATTENTION, {"input_ids": alone["input_ids"], "use_cache": False}
+    length = alone["input_ids"].shape[1]
+    device = alone["input_ids"].device
+    metadata = {
+        "cu_seqlens": torch.tensor([0, length], dtype=torch.int32, device=device),
+        "max_seqlen": length,
+        "document_ids": torch.zeros(1, length, dtype=torch.int32, device=device),
+    }
+    inputs = {"input_ids": alone["input_ids"], "use_cache": False, **metadata}
+    return implementation_name("sdpa_varlen"), {
+        **inputs,
+        **shifted_sparse_inputs(metadata, s2_group),
+    }
+
+
 def max_packing_error(
     model: PreTrainedModel,
     batch: Mapping[str, torch.Tensor | int],
     packed_inputs: Mapping[str, torch.Tensor | int] | None = None,
     with_grads: bool = True,
+    s2_group: float | None = None,
 ) -> PackingError:
     """Compare the model on `batch` (fed as `packed_inputs`, default all of it) to each alone.
 
@@ -86,10 +111,13 @@ def max_packing_error(
     every row on its own, with stock attention and no packing metadata. Logits are compared
     without gradients; the gradients of the summed target losses come from the training
     micro-step (tiled loss), packed once and then sample by sample, so memory stays that of one
-    training step on the batch, not of every sample's graph at once.
+    training step on the batch, not of every sample's graph at once. With `s2_group`, packed
+    and alone both run shifted sparse attention with that group size.
     """
     if packed_inputs is None:
         packed_inputs = {key: value for key, value in batch.items() if key != "labels"}
+    if s2_group is not None:
+        packed_inputs = {**packed_inputs, **shifted_sparse_inputs(batch, s2_group)}
     was_training = model.training
     packed_implementation = model.config._attn_implementation
     decoder = model.get_decoder()
@@ -103,10 +131,10 @@ def max_packing_error(
             packed_grads = _gradients(model)
             model.zero_grad(set_to_none=True)
 
-        model.set_attn_implementation(REFERENCE_ATTENTION)
         logit_error = 0.0
         for row, span, alone in _alone_batches(batch):
-            stock_inputs = {"input_ids": alone["input_ids"], "use_cache": False}
+            reference, stock_inputs = _reference(alone, s2_group)
+            model.set_attn_implementation(reference)
             with torch.no_grad():
                 alone_hidden = decoder(**stock_inputs).last_hidden_state
             error = _max_logit_error(model, packed_hidden[row, span], alone_hidden[0])
@@ -142,6 +170,7 @@ def check_backends(
     rows: Sequence[Mapping[str, np.ndarray]],
     pad_to_multiple_of: int | None = None,
     backends: Sequence[str] | None = None,
+    s2_group: float | None = None,
 ) -> dict[str, PackingError | str]:
     """Run the invariant for every backend (default: all available); reasons for the rest."""
     device = next(model.parameters()).device
@@ -159,7 +188,9 @@ def check_backends(
                 continue
             trainable = unavailable_reason(backend, device, needs_grad=True) is None
             set_attention(model, backend)
-            results[backend] = max_packing_error(model, batch, with_grads=trainable)
+            results[backend] = max_packing_error(
+                model, batch, with_grads=trainable, s2_group=s2_group
+            )
     finally:
         model.set_attn_implementation(original_implementation)
     return results

@@ -13,6 +13,8 @@ from typing import Annotated, Any
 
 import typer
 
+from longdata.trainer.config import FIELDS, ConfigError, TrainConfig
+
 FP32_TOLERANCE = 1e-4
 # flash-attn and torch's varlen kernels compute in bf16 even for an fp32 model.
 HALF_PRECISION = ("flash_attn", "torch_varlen")
@@ -85,7 +87,7 @@ def train(**given: Any) -> None:
     `torchrun --nproc-per-node 8 -m longdata.cli train BUILD --parallel fsdp --sp 2`;
     --batch-size is then per data-parallel rank and rank 0 alone writes OUT.
     """
-    from longdata.trainer.config import ConfigError, resolve
+    from longdata.trainer.config import resolve
 
     build = given.pop("build")
     config_file = given.pop("config")
@@ -187,6 +189,12 @@ def check_packing(
         int, typer.Option(help="Skip rows longer than this (every sample is also run alone).")
     ] = 4096,
     seed: Annotated[int, typer.Option(help="Seed for a preset model's random init.")] = 0,
+    attention_pattern: Annotated[
+        str, typer.Option(help=FIELDS["attention_pattern"].metadata["help"])
+    ] = FIELDS["attention_pattern"].default,
+    s2_group: Annotated[float, typer.Option(help=FIELDS["s2_group"].metadata["help"])] = FIELDS[
+        "s2_group"
+    ].default,
 ) -> None:
     """Check that packed samples see exactly what they would see alone, for every backend.
 
@@ -202,6 +210,14 @@ def check_packing(
     from longdata.trainer.data import Manifest, make_dataset
     from longdata.trainer.model import load_model
 
+    settings = TrainConfig(
+        build_dir=str(build), attention_pattern=attention_pattern, s2_group=s2_group
+    )
+    try:
+        settings.validate()
+    except ConfigError as error:
+        raise typer.BadParameter(str(error)) from None
+    grouped = s2_group if attention_pattern == "shifted_sparse" else None
     manifest = Manifest.read(build)
     dataset = make_dataset(manifest, split, batch_size=1, shuffle=False)
     picked = []
@@ -218,7 +234,7 @@ def check_packing(
     lm = load_model(model, "sdpa_mask", vocab_size=manifest.vocab_size, seed=seed, device=device)
     typer.echo(f"{len(picked)} rows, samples per row {[len(r['seq_lens']) for r in picked]}")
     failed = False
-    for backend, result in check_backends(lm, picked, backends=BACKENDS).items():
+    for backend, result in check_backends(lm, picked, backends=BACKENDS, s2_group=grouped).items():
         if isinstance(result, str):
             typer.echo(f"{backend:>13}: skipped ({result})")
             continue

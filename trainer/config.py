@@ -23,6 +23,7 @@ WEIGHTS = ("auto", "fp32", "bf16", "fp8")
 SAVE_FORMATS = ("merged", "adapter", "none")
 PARALLEL_MODES = ("ddp", "fsdp")
 BATCHING_METHODS = ("random", "per_stream")
+ATTENTION_PATTERNS = ("full", "shifted_sparse")
 REPORTERS = ("tensorboard", "wandb")
 MAX_CONFIG_BYTES = 1 << 20  # a training config is a few hundred bytes; refuse anything huge
 
@@ -63,6 +64,17 @@ class TrainConfig:
         "auto",
         "auto, flash_attn, torch_varlen, flex, sdpa_varlen or sdpa_mask. Every one keeps packed "
         "samples from attending to each other; auto picks the fastest here.",
+    )
+    attention_pattern: str = _setting(
+        "full",
+        "full, or shifted_sparse (LongLoRA's S2-Attn, training steps only): attention within "
+        "groups formed inside each sample, shifted by half a group in half of the heads. "
+        "Evaluation and generate always use full attention.",
+    )
+    s2_group: float = _setting(
+        0.25,
+        "shifted_sparse group size: below 1, a fraction of each sample's length (LongLoRA: "
+        "0.25); a whole number >= 2, a token count.",
     )
     split: str | None = _setting(
         None,
@@ -186,6 +198,7 @@ class TrainConfig:
             ("save", SAVE_FORMATS),
             ("parallel", PARALLEL_MODES),
             ("batching_method", BATCHING_METHODS),
+            ("attention_pattern", ATTENTION_PATTERNS),
         ):
             if getattr(self, name) not in choices:
                 raise ConfigError(
@@ -244,6 +257,16 @@ class TrainConfig:
                     f"stage_steps {self.stage_steps} must be >= 1 each and sum to steps "
                     f"({self.steps})"
                 )
+        if not (0 < self.s2_group < 1 or (self.s2_group >= 2 and self.s2_group % 1 == 0)):
+            raise ConfigError(
+                f"s2_group must be a fraction in (0, 1) or a whole token count >= 2, "
+                f"not {self.s2_group}"
+            )
+        if self.attention_pattern == "shifted_sparse" and self.sp > 1:
+            raise ConfigError(
+                "attention_pattern shifted_sparse with sp > 1 is not supported (Ulysses would "
+                "need the groups of every shard's heads); use sp 1"
+            )
         if self.peak_tflops is not None and self.peak_tflops <= 0:
             raise ConfigError(f"peak_tflops must be > 0, not {self.peak_tflops}")
         if self.eval_every and self.sp > 1:

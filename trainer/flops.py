@@ -81,6 +81,17 @@ def squared_sample_lengths(batch: dict[str, torch.Tensor]) -> int:
     return int((lengths.long() ** 2).sum())
 
 
+def squared_group_lengths(batch: dict[str, torch.Tensor], s2_group_ids: torch.Tensor) -> int:
+    """What `squared_sample_lengths` becomes under shifted sparse attention: sum(g^2) over the
+    attention groups, averaged over the two head halves (padding is not a sample)."""
+    real = batch["sample_ids"].cpu() >= 0
+    total = 0
+    for half in s2_group_ids.cpu():
+        for ids, keep in zip(half, real, strict=True):
+            total += int((torch.bincount(ids[keep]).long() ** 2).sum())
+    return total // len(s2_group_ids)
+
+
 def device_peak_tflops(device: torch.device, bf16: bool) -> float | None:
     """One device's peak dense TFLOP/s when known: bf16 on the GPUs above; None otherwise."""
     if device.type != "cuda" or not bf16:

@@ -32,6 +32,7 @@ import torch
 from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel
 
+from longdata.trainer.attention import shifted_sparse_inputs
 from longdata.trainer.checkpoint import (
     CheckpointError,
     CheckpointMeta,
@@ -54,6 +55,7 @@ from longdata.trainer.distributed import (
 from longdata.trainer.flops import (
     FlopShape,
     device_peak_tflops,
+    squared_group_lengths,
     squared_sample_lengths,
     training_flops,
 )
@@ -419,6 +421,14 @@ def _resumed_position(resumed: CheckpointMeta, stage: Stage, checkpoint: Path) -
     return resumed.dataloader
 
 
+def _squared_attention_lengths(batch: dict[str, Any], config: TrainConfig) -> int:
+    """The attention FLOPs' length term: per sample, or per group under shifted sparse."""
+    if config.attention_pattern == "shifted_sparse":
+        groups = shifted_sparse_inputs(batch, config.s2_group)["s2_group_ids"]
+        return squared_group_lengths(batch, groups)
+    return squared_sample_lengths(batch)
+
+
 def _step(
     step: int,
     stream: _SplitStream,
@@ -449,6 +459,10 @@ def _step(
     for batch in micro_batches:
         if context.sp_size > 1:
             batch = shard_batch(batch, context.sp_rank, context.sp_size)
+        if config.attention_pattern == "shifted_sparse":
+            # Only here: validation, eval and generate never receive the groups, so they
+            # attend over whole samples.
+            batch = {**batch, **shifted_sparse_inputs(batch, config.s2_group)}
         done = micro_step(
             scorer,
             batch,
@@ -477,7 +491,7 @@ def _step(
         [
             sum(int((b["sample_ids"] >= 0).sum()) for b in micro_batches),
             sum(int(b["sample_target_counts"].sum()) for b in micro_batches),
-            sum(squared_sample_lengths(b) for b in micro_batches),
+            sum(_squared_attention_lengths(b, config) for b in micro_batches),
         ]
     )
     tokens, targets, squared_lengths = context.all_reduce_sum(counts, over="dp").tolist()

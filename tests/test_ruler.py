@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import random
 import re
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from transformers import AutoTokenizer
+from typer.testing import CliRunner
 
+from longdata.cli import app
 from longdata.records import validate_messages
 from longdata.sources import antihaystack, ruler
 from longdata.tokenizer_assets import ASSET_DIR
+from longdata.trainer import load_model
 
 SETTINGS = {"min_tokens": 600, "max_tokens": 2_000, "zh_fraction": 0.4}
 COUNT = 60
@@ -194,3 +199,78 @@ def test_unknown_task_is_one_clear_error():
                 count=1, min_tokens=50, max_tokens=60, seed=0, tasks=("nope",), count_tokens=len
             )
         )
+
+
+# --- longdata eval ruler ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A random tiny Llama saved with the bundled tokenizer, as `longdata train` saves one."""
+    path = tmp_path_factory.mktemp("tiny")
+    load_model("tiny-llama", "sdpa_varlen", vocab_size=16_384, seed=0).save_pretrained(path)
+    AutoTokenizer.from_pretrained(str(ASSET_DIR)).save_pretrained(path)
+    return path
+
+
+def test_eval_ruler_cli_writes_results_per_task(tmp_path: Path, model_dir: Path) -> None:
+    out = tmp_path / "ruler"
+    arguments = ["--model", str(model_dir), "--lengths", "512,768", "--samples", "2"]
+    result = CliRunner().invoke(
+        app, ["eval", "ruler", *arguments, "--max-new-tokens", "4", "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    assert (out / "heatmap.png").read_bytes().startswith(b"\x89PNG")
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["tasks"]) == set(ruler.TASKS)
+    for task, summary in results["tasks"].items():
+        rows = [r for r in results["rows"] if r["task"] == task]
+        scored = [r["correct"] for r in rows if not r["control"]]
+        controls = [r["correct"] for r in rows if r["control"]]
+        assert len(scored) == 2 * 2 and len(controls) == 2
+        assert summary["accuracy"] == pytest.approx(sum(scored) / len(scored))
+        assert summary["control_accuracy"] == pytest.approx(sum(controls) / len(controls))
+        assert summary["chance_accuracy"] == 0.0
+        assert set(summary["by_length"]) == {"512", "768"}
+    for row in results["rows"]:
+        assert row["prompt_tokens"] <= row["length"]
+        assert row["key"].startswith("longdata-eval-ruler:0:")
+    bad = CliRunner().invoke(app, ["eval", "ruler", *arguments, "--tasks", "nope"])
+    assert bad.exit_code != 0 and "Traceback" not in bad.output and "--tasks" in bad.output
+
+
+def test_eval_scores_a_model_that_answers_right_and_controls_at_chance(count_tokens) -> None:
+    """With a generator that returns the expected answer, every scored prompt is correct; the
+    controls, built without the signal, carry no expected item in their prompt."""
+    from longdata.evals.ruler.run import RulerSpec, build_prompts, run_ruler
+
+    tokenizer = AutoTokenizer.from_pretrained(str(ASSET_DIR))
+    spec = RulerSpec(lengths=(512,), samples=2)
+    prompts = build_prompts(tokenizer, spec)
+    answers = {p.prompt_ids: ", ".join(p.expected) for p in prompts}
+    for prompt in prompts:
+        text = tokenizer.decode(prompt.prompt_ids)
+        assert all(ruler.score([item], [], text) for item in prompt.expected) != prompt.control
+
+    def oracle(ids):
+        return tokenizer.encode(answers[tuple(ids)], add_special_tokens=False)
+
+    results = run_ruler(None, tokenizer, spec, generate=oracle)
+    for summary in results["tasks"].values():
+        assert summary["accuracy"] == 1.0 and summary["standard_error"] == 0.0
+        assert summary["control_accuracy"] == 1.0  # the oracle was given the answer; not chance
+    wrong = run_ruler(None, tokenizer, spec, generate=lambda ids: tokenizer.encode("12345"))
+    assert all(summary["accuracy"] == 0.0 for summary in wrong["tasks"].values())
+
+
+def test_eval_seeds_never_collide_with_recipe_seeds() -> None:
+    from longdata.evals.ruler.run import EVAL_NAMESPACE, sample_key
+    from longdata.recipe import RecipeError, load_recipe
+
+    key = sample_key(0, "multikey", "en", 3)
+    assert key.startswith(f"{EVAL_NAMESPACE}:")
+    # Recipe items are keyed "<integer seed>:<index>": no integer renders as the namespace.
+    assert not re.fullmatch(r"-?\d+:\d+", key)
+    recipe = Path(__file__).parent.parent / "recipes" / "quickstart.yml"
+    with pytest.raises(RecipeError, match="seed"):
+        load_recipe(recipe, [f"sources[2].seed={EVAL_NAMESPACE}"])

@@ -1,4 +1,4 @@
-"""`longdata eval niah` and `longdata eval loss`: parse the options, call `evals`, print.
+"""`longdata eval niah`, `eval ruler` and `eval loss`: parse the options, call `evals`, print.
 
 torch and transformers are imported inside the functions so `longdata --help` starts fast.
 """
@@ -189,6 +189,98 @@ def eval_niah(
         f"{counted} in {seconds['total']:.1f}s (model {seconds['load_model']:.1f}s, "
         f"prompts {seconds['build_prompts']:.1f}s, scoring {seconds['score']:.1f}s)"
     )
+    typer.echo("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
+def eval_ruler(
+    model: ModelOption,
+    lengths: Annotated[
+        str,
+        typer.Option(
+            help="Context lengths: prompt tokens including the chat template, comma-separated; "
+            "k = 1024.",
+        ),
+    ] = "1k,2k",
+    tasks: Annotated[
+        str, typer.Option(help="Comma-separated: multikey, multivalue, vartrack, cwe, qa.")
+    ] = "multikey,multivalue,vartrack,cwe,qa",
+    samples: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Independent draws per task; each is asked at every length, so they are what "
+            "the standard error is over.",
+        ),
+    ] = 4,
+    max_new_tokens: Annotated[
+        int, typer.Option(min=1, help="Most tokens to decode per answer.")
+    ] = 48,
+    tokenizer: Annotated[
+        str | None,
+        typer.Option(help="Tokenizer to use instead of the model's own (as for eval niah)."),
+    ] = None,
+    lang: Annotated[str, typer.Option(help="Filler and question language: en or zh.")] = "en",
+    haystack: Annotated[
+        list[Path] | None,
+        typer.Option(help="Real filler text instead of generated prose (as for eval niah)."),
+    ] = None,
+    seed: Annotated[
+        int,
+        typer.Option(
+            help="Eval seed. Prompts are drawn in their own namespace (longdata-eval-ruler:SEED),"
+            " which no recipe can produce.",
+        ),
+    ] = 0,
+    attention: AttentionOption = "auto",
+    dtype: DtypeOption = "auto",
+    device: DeviceOption = "auto",
+    out: Annotated[
+        Path, typer.Option(help="Output directory: results.csv, results.json, heatmap.png.")
+    ] = Path("eval/ruler"),
+) -> None:
+    """RULER-style suite: accuracy per task and length, with a no-signal control per task.
+
+    Tasks: multikey (one code among other subjects' codes and the same subject's spare code),
+    multivalue (every code of one subject), vartrack (which variables a chain of assignments
+    gives a value), cwe (the 3 most frequent keywords) and qa (a fact from one passage among
+    distractor passages). Correct: the greedy answer names every expected item and no
+    distractor. The control asks each sample's question with the signal sentences removed
+    (chance 0). See docs/EVAL.md.
+    """
+    from longdata.evals.models import EvalInputError
+    from longdata.evals.niah.prompts import parse_lengths
+    from longdata.evals.ruler.report import task_table, write_outputs
+    from longdata.evals.ruler.run import RulerSpec, run_ruler_checkpoint
+
+    try:
+        length_list = parse_lengths(lengths)
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="--lengths") from None
+    err = Console(stderr=True)
+    try:
+        spec = RulerSpec(
+            tuple(length_list),
+            tuple(t.strip() for t in tasks.split(",") if t.strip()),
+            samples,
+            max_new_tokens,
+            lang,
+            seed,
+            tuple(str(path) for path in haystack or ()),
+        )
+        with _progress(err) as track:
+            results = run_ruler_checkpoint(
+                model,
+                spec,
+                tokenizer=tokenizer,
+                attention=attention,
+                dtype=dtype,
+                device=device,
+                track=track,
+            )
+    except EvalInputError as error:
+        raise _bad_parameter(error) from None
+    paths = write_outputs(results, out)
+    Console().print(task_table(results))
     typer.echo("wrote " + ", ".join(str(p) for p in paths.values()))
 
 

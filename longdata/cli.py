@@ -463,10 +463,13 @@ app.command("plan-memory")(trainer_cli.plan_memory)
 
 eval_app = _typer(
     "Evaluate a trained model: `longdata eval niah` (needle-in-a-haystack retrieval over a "
-    "grid of context lengths x needle depths, with a heatmap) and `longdata eval loss` "
+    "grid of context lengths x needle depths, with a heatmap), `longdata eval ruler` "
+    "(RULER-style multi-key, multi-value, variable tracking, word extraction and QA tasks per "
+    "length, with controls) and `longdata eval loss` "
     "(validation loss of a build per source and length bucket). See docs/EVAL.md."
 )
 eval_app.command("niah")(evals_cli.eval_niah)
+eval_app.command("ruler")(evals_cli.eval_ruler)
 eval_app.command("loss")(evals_cli.eval_loss)
 app.add_typer(eval_app, name="eval")
 

@@ -236,9 +236,9 @@ class AntiHaystackSource(SourceBase):
     length_range: tuple[int, int] = Field(description="[min, max] document tokens")
     depth_range: tuple[float, float] = (0.0, 1.0)
     needles: tuple[int, int] = (1, 3)
-    tasks: tuple[Literal["needle", "paragraph"], ...] = Field(
-        default=("needle", "paragraph"), min_length=1
-    )
+    tasks: tuple[
+        Literal["needle", "paragraph", "multikey", "multivalue", "vartrack", "cwe", "qa"], ...
+    ] = Field(default=("needle", "paragraph"), min_length=1)
     zh_fraction: float = Field(default=0.1, ge=0, le=1)
     seed: int = 0
     haystack: tuple[str, ...] | None = Field(

@@ -114,3 +114,36 @@ def test_a_tiny_experiment_runs_both_phases_and_reports(tmp_path: Path) -> None:
     # A different training setting is refused, naming it.
     with pytest.raises(SystemExit, match="long_steps"):
         learn_niah.experiment(replace(settings, long_steps=3), evaluate_only=True)
+
+
+def test_a_tiny_learn_ruler_experiment_trains_the_stages_and_reports(tmp_path: Path) -> None:
+    learn_ruler = importlib.import_module("benchmarks.learn_ruler")
+    stages = (
+        learn_ruler.Stage("short", 40, (200, 400), 2, 1e-3),
+        learn_ruler.Stage("long", 6, (600, 900), 1, 1e-3),
+    )
+    settings = learn_ruler.Settings(
+        out=str(tmp_path / "run"),
+        stages=stages,
+        eval_lengths=(640,),
+        samples=1,
+        max_new_tokens=4,
+        threads=1,
+    )
+    results = learn_ruler.experiment(settings)
+    assert [run["run"] for run in results["runs"]] == ["main", "needle_only"]
+    out = tmp_path / "run"
+    for run in results["runs"]:
+        assert [s["stage"] for s in run["stages"]] == ["short", "long"]
+        assert set(run["ruler"]) == set(learn_ruler.ruler.TASKS)
+        assert (out / run["run"] / "ruler" / "results.json").is_file()
+        assert (out / run["run"] / "niah" / "heatmap.png").is_file()
+    # The ablation's recipes hold needle tasks only; the main run's every family.
+    main_recipe = yaml.safe_load((out / "main" / "recipe-long.yml").read_text())
+    ablation = yaml.safe_load((out / "needle_only" / "recipe-long.yml").read_text())
+    assert set(main_recipe["sources"][0]["tasks"]) == {"needle", *learn_ruler.ruler.TASKS}
+    assert ablation["sources"][0]["tasks"] == ["needle"]
+    # Each stage trained from the one before's checkpoint.
+    config = json.loads((out / "main" / "long" / "config.json").read_text())
+    assert config["model"] == str(out / "main" / "short" / "final")
+    assert "| main | multikey |" in (out / "summary.md").read_text()

@@ -152,24 +152,42 @@ def write_csv(report: NiahReport, path: Path) -> None:
 
 def plot_heatmap(report: NiahReport, path: Path, title: str) -> None:
     """Accuracy per cell: context length across, needle depth down (0% at the top)."""
+    accuracy = report.grid("correct")
+    plot_accuracy_grid(
+        [list(row) for row in zip(*accuracy)],  # [depth][length]
+        [list(row) for row in zip(*report.counts())],
+        [format_length(x) for x in report.lengths],
+        [format_depth(d) for d in report.depths],
+        ("context length (prompt tokens)", "needle depth (% of haystack)"),
+        title,
+        path,
+    )
+
+
+def plot_accuracy_grid(
+    accuracy: Sequence[Sequence[float | None]],
+    counts: Sequence[Sequence[int]],
+    columns: Sequence[str],
+    rows: Sequence[str],
+    axis_labels: tuple[str, str],
+    title: str,
+    path: Path,
+) -> None:
+    """A heatmap of accuracy[row][column] in [0, 1], each scored cell labelled with its value."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    accuracy = report.grid("correct")
-    values = np.array(
-        [[np.nan if v is None else v for v in row] for row in accuracy], dtype=float
-    ).T  # [depth][length]
-    width = max(5.0, 1.1 * len(report.lengths) + 2.5)
-    height = max(3.5, 0.55 * len(report.depths) + 2.0)
+    values = np.array([[np.nan if v is None else v for v in row] for row in accuracy], dtype=float)
+    width = max(5.0, 1.1 * len(columns) + 2.5)
+    height = max(3.5, 0.55 * len(rows) + 2.0)
     figure, axes = plt.subplots(figsize=(width, height), dpi=120)
     image = axes.imshow(values, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto")
-    counts = np.array(report.counts()).T
     for d in range(values.shape[0]):
         for n in range(values.shape[1]):
-            if counts[d, n] == 0:
+            if counts[d][n] == 0:
                 continue
             value = values[d, n]
             axes.text(
@@ -181,10 +199,10 @@ def plot_heatmap(report: NiahReport, path: Path, title: str) -> None:
                 fontsize=9,
                 color="black" if 0.25 < value < 0.85 else "white",
             )
-    axes.set_xticks(range(len(report.lengths)), [format_length(x) for x in report.lengths])
-    axes.set_yticks(range(len(report.depths)), [format_depth(d) for d in report.depths])
-    axes.set_xlabel("context length (prompt tokens)")
-    axes.set_ylabel("needle depth (% of haystack)")
+    axes.set_xticks(range(len(columns)), columns)
+    axes.set_yticks(range(len(rows)), rows)
+    axes.set_xlabel(axis_labels[0])
+    axes.set_ylabel(axis_labels[1])
     axes.set_title(title, fontsize=10)
     colorbar = figure.colorbar(image, ax=axes, fraction=0.05, pad=0.03)
     colorbar.set_label("accuracy")

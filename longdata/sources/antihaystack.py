@@ -94,34 +94,42 @@ class NeedleTask:
 
     def render(self, paragraphs: Paragraphs) -> Rendered:
         needles = [self.needle_sentence(s, c) for s, c in zip(self.subjects, self.codes)]
+        document = plant_sentences(paragraphs, needles, self.requested_depths, self.lang)
         separator = synthetic.sentence_separator(self.lang)
-        # Every place a sentence may be inserted: (char offset in the joined text, para, index).
-        slots: list[tuple[int, int, int]] = []
-        paragraph_start = 0
-        for p, sentences in enumerate(paragraphs):
-            offset = paragraph_start
-            for s, text in enumerate(sentences):
-                slots.append((offset, p, s))
-                offset += len(text) + len(separator)
-            paragraph_end = paragraph_start + len(separator.join(sentences))
-            slots.append((paragraph_end, p, len(sentences)))
-            paragraph_start = paragraph_end + 2  # "\n\n"
-        total = max(paragraph_start - 2, 1)
-        starts = [slot[0] for slot in slots]
-        planted = [list(sentences) for sentences in paragraphs]
-        placements = []
-        for needle, depth in zip(needles, self.requested_depths):
-            i = min(bisect.bisect_left(starts, depth * total), len(slots) - 1)
-            if i > 0 and depth * total - starts[i - 1] < starts[i] - depth * total:
-                i -= 1
-            placements.append((slots[i][1], slots[i][2], needle))
-        # Insert back to front so that earlier slot indices stay valid.
-        for p, s, needle in sorted(placements, key=lambda x: (x[0], x[1]), reverse=True):
-            planted[p].insert(s, needle)
-        document = "\n\n".join(join_paragraphs(planted, self.lang))
         return Rendered(
             document, self._question(), separator.join(needles), _planted_depths(document, needles)
         )
+
+
+def plant_sentences(
+    paragraphs: Paragraphs, planted_sentences: Sequence[str], depths: Sequence[float], lang: Lang
+) -> str:
+    """Insert each sentence at the sentence boundary nearest its relative depth; the document."""
+    separator = synthetic.sentence_separator(lang)
+    # Every place a sentence may be inserted: (char offset in the joined text, para, index).
+    slots: list[tuple[int, int, int]] = []
+    paragraph_start = 0
+    for p, sentences in enumerate(paragraphs):
+        offset = paragraph_start
+        for s, text in enumerate(sentences):
+            slots.append((offset, p, s))
+            offset += len(text) + len(separator)
+        paragraph_end = paragraph_start + len(separator.join(sentences))
+        slots.append((paragraph_end, p, len(sentences)))
+        paragraph_start = paragraph_end + 2  # "\n\n"
+    total = max(paragraph_start - 2, 1)
+    starts = [slot[0] for slot in slots]
+    planted = [list(sentences) for sentences in paragraphs]
+    placements = []
+    for sentence, depth in zip(planted_sentences, depths):
+        i = min(bisect.bisect_left(starts, depth * total), len(slots) - 1)
+        if i > 0 and depth * total - starts[i - 1] < starts[i] - depth * total:
+            i -= 1
+        placements.append((slots[i][1], slots[i][2], sentence))
+    # Insert back to front so that earlier slot indices stay valid.
+    for p, s, sentence in sorted(placements, key=lambda x: (x[0], x[1]), reverse=True):
+        planted[p].insert(s, sentence)
+    return "\n\n".join(join_paragraphs(planted, lang))
 
 
 _MENTION_TEMPLATES = {
@@ -162,7 +170,7 @@ class ParagraphTask:
         return Rendered(document, question, answer, _planted_depths(document, [mention]))
 
 
-Task = NeedleTask | ParagraphTask
+Task = NeedleTask | ParagraphTask  # or any task of ``ruler`` (same ``render``)
 
 
 class SyntheticFiller:
@@ -348,6 +356,11 @@ def _make_task(
     needles: tuple[int, int],
     haystack: Haystack | None = None,
 ) -> Task:
+    if kind not in TASKS:
+        from longdata.sources import ruler  # ruler builds on this module's filler and fitting
+
+        return ruler.make_task(rng, kind, lang, depth_range, haystack)
+
     def unused(phrase: str) -> bool:
         return haystack is None or not haystack.contains(phrase)
 
@@ -413,8 +426,11 @@ def generate(
         raise ValueError(f"depth_range must lie in [0, 1], got {depth_range}")
     if not 1 <= needles[0] <= needles[1]:
         raise ValueError(f"needles must be (low, high) with 1 <= low <= high, got {needles}")
-    if not tasks or set(tasks) - set(TASKS):
-        raise ValueError(f"tasks must be a non-empty subset of {TASKS}, got {tasks}")
+    from longdata.sources import ruler
+
+    known = TASKS + ruler.TASKS
+    if not tasks or set(tasks) - set(known):
+        raise ValueError(f"tasks must be a non-empty subset of {known}, got {tasks}")
     if not languages or set(languages) - set(synthetic.LANGS):
         raise ValueError(f"languages must be a non-empty subset of {synthetic.LANGS}")
     if haystack is not None:
@@ -440,10 +456,10 @@ def generate(
             measure=lambda r: count_tokens(r.prompt) + count_tokens(r.answer),
             window=((1 - TOKEN_TOLERANCE) * target, (1 + TOKEN_TOLERANCE) * target),
         )
-        if isinstance(task, NeedleTask):
-            requested = task.requested_depths
-        else:
+        if isinstance(task, ParagraphTask):
             requested = (task.requested_depth,)
+        else:
+            requested = task.requested_depths
         yield Conversation(
             messages=(Message("user", rendered.prompt), Message("assistant", rendered.answer)),
             location=f"antihaystack[{index}]",

@@ -1,0 +1,246 @@
+"""Does the mix teach past its training length, and do the RULER-style tasks add skills?
+
+    PYTHONPATH=. python benchmarks/learn_ruler.py [--out runs/learn-ruler]
+    make learn-ruler
+
+Trains the `niah-tiny` preset from scratch with the bundled trainer through a short-to-long
+curriculum (per-document masks, token_mean loss, each stage from the last one's checkpoint):
+64-256-token tasks (where copying is learned), then 1K-2K, then 2K-4K. Two runs on the same
+stages and steps: **main** (needle tasks plus every `longdata.sources.ruler` family) and the
+**needle_only** ablation (needle tasks only, as many items). Both are evaluated after the last
+stage with `eval niah`'s and `eval ruler`'s pieces at 1K, 2K, 4K and 8K (8K: twice the longest
+training sample) on held-out seeds, with their no-signal controls.
+
+Writes OUT/summary.json, OUT/summary.md and per run OUT/<run>/{niah,ruler}/ (results.json,
+heatmap.png). Targets (issue 25): NIAH >= 0.8 at 4K and >= 0.6 at 8K; multikey and vartrack
+>= 0.6 at 2K; controls at chance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.learn_niah import DEPTHS, PRESET  # noqa: E402
+from longdata.evals.niah.report import format_length  # noqa: E402
+from longdata.evals.niah.report import write_outputs as write_niah  # noqa: E402
+from longdata.evals.niah.run import NiahSpec, run_niah  # noqa: E402
+from longdata.evals.ruler.report import write_outputs as write_ruler  # noqa: E402
+from longdata.evals.ruler.run import RulerSpec, run_ruler  # noqa: E402
+from longdata.sources import ruler  # noqa: E402
+from longdata.trainer import loop  # noqa: E402
+from longdata.trainer.model import load_model  # noqa: E402
+from longdata.trainer.tokenizer import load_build_tokenizer  # noqa: E402
+
+RUNS = {"main": ("needle", *ruler.TASKS), "needle_only": ("needle",)}
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    items: int
+    lengths: tuple[int, int]  # item tokens, before the chat template
+    steps: int
+    lr: float
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the experiment depends on; written to OUT/summary.json."""
+
+    out: str = "runs/learn-ruler"
+    stages: tuple[Stage, ...] = (
+        Stage("short", 20_000, (64, 256), 4_200, 3e-3),
+        Stage("1k-2k", 2_500, (900, 2_100), 1_000, 2e-3),
+        Stage("2k-4k", 1_500, (2_100, 4_000), 800, 1e-3),
+    )
+    row_tokens: int = 4_352  # one 4K item and its chat template fit a row
+    warmup_steps: int = 50
+    ablations: bool = True
+    eval_lengths: tuple[int, ...] = (1_024, 2_048, 4_096, 8_192)
+    samples: int = 10  # independent draws per NIAH cell and per ruler task
+    max_new_tokens: int = 32
+    seed: int = 0
+    eval_seed: int = 0
+    threads: int | None = None
+
+
+def recipe(settings: Settings, run: str, stage: Stage, index: int) -> dict[str, Any]:
+    """One stage's build for `run`: English anti-haystack tasks of the run's families. Seeds
+    differ per stage, so no task repeats across stages."""
+    out = Path(settings.out) / run
+    source = {
+        "name": f"{run}_{stage.name}".replace("-", "_"),
+        "kind": "antihaystack",
+        "count": stage.items,
+        "length_range": list(stage.lengths),
+        "needles": [1, 1],
+        "tasks": list(RUNS[run]),
+        "zh_fraction": 0.0,
+        "seed": 100 + index,
+    }
+    return {
+        "name": f"learn-ruler-{run}-{stage.name}",
+        "seed": settings.seed,
+        "tokenizer": {"name": "builtin:quickstart"},
+        "sources": [source],
+        "packing": {
+            "max_seq_len": settings.row_tokens,
+            "algorithm": "bfd",
+            "overlength": "truncate",
+        },
+        "validation": {"fraction": 0.0, "max_samples": 0},
+        "output": {
+            "dir": str(out / "builds" / stage.name),
+            "shard_size_limit": "32MB",
+            "compression": "zstd",
+            "card_dir": str(out / "cards" / stage.name),
+        },
+        "cache_dir": str(Path(settings.out) / "cache"),
+    }
+
+
+def train(settings: Settings, run: str) -> tuple[Path, Path, list[dict[str, Any]]]:
+    """Build and train `run` through the stages: (last checkpoint, first build, stage rows)."""
+    from longdata.build import build
+
+    init, stages, builds = PRESET, [], []
+    for index, stage in enumerate(settings.stages):
+        path = Path(settings.out) / run / f"recipe-{stage.name}.yml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(recipe(settings, run, stage, index), sort_keys=False))
+        builds.append(build(path).out_dir)
+        config = loop.TrainConfig(
+            build_dir=str(builds[-1]),
+            out_dir=str(Path(settings.out) / run / stage.name),
+            model=init,
+            attention="sdpa_varlen",
+            steps=stage.steps,
+            lr=stage.lr,
+            warmup_steps=settings.warmup_steps,
+            seed=settings.seed,
+            log_every=100,
+            progress=True,
+        )
+        print(f"training {run}, stage {stage.name} ({stage.steps} steps)", file=sys.stderr)
+        started = time.perf_counter()
+        result = loop.train(config)
+        losses = [m.loss for m in result.metrics]
+        stages.append(
+            {
+                "stage": stage.name,
+                "steps": stage.steps,
+                "final_loss": sum(losses[-50:]) / len(losses[-50:]),
+                "train_seconds": round(time.perf_counter() - started, 1),
+            }
+        )
+        init = str(result.final_dir)
+    return Path(init), builds[0], stages
+
+
+def evaluate(settings: Settings, run: str, checkpoint: Path, build_dir: Path) -> dict[str, Any]:
+    """NIAH (every depth) and every ruler task at each eval length, with controls."""
+    tokenizer = load_build_tokenizer(build_dir)
+    model = load_model(str(checkpoint), "sdpa_varlen").eval()
+    out = Path(settings.out) / run
+    describe = {"model": run, "attention": "sdpa_varlen"}
+    niah_spec = NiahSpec(
+        settings.eval_lengths,
+        DEPTHS,
+        settings.samples,
+        "generate",
+        settings.max_new_tokens,
+        seed=settings.eval_seed,
+    )
+    niah = run_niah(model, tokenizer, niah_spec, describe=describe)
+    write_niah(niah, out / "niah")
+    grid = niah.grid()
+    row: dict[str, Any] = {
+        "niah": {
+            "by_length": {
+                format_length(n): sum(cells) / len(cells) for n, cells in zip(niah.lengths, grid)
+            },
+            "accuracy": niah.accuracy,
+            "standard_error": niah.needle_standard_error,
+            "control_accuracy": niah.control_accuracy,
+        }
+    }
+    ruler_spec = RulerSpec(
+        settings.eval_lengths,
+        ruler.TASKS,
+        settings.samples,
+        settings.max_new_tokens,
+        seed=settings.eval_seed,
+    )
+    results = run_ruler(model, tokenizer, ruler_spec, describe=describe)
+    write_ruler(results, out / "ruler")
+    row["ruler"] = results["tasks"]
+    return row
+
+
+def summary_markdown(results: dict[str, Any]) -> str:
+    lengths = results["settings"]["eval_lengths"]
+    header = "| run | task | " + " | ".join(format_length(n) for n in lengths) + " | control |"
+    lines = [header, "|" + " --- |" * (len(lengths) + 3)]
+    for run in results["runs"]:
+        niah = run["niah"]
+        cells = " | ".join(f"{niah['by_length'][format_length(n)]:.3f}" for n in lengths)
+        lines.append(f"| {run['run']} | niah | {cells} | {niah['control_accuracy']:.3f} |")
+        for task, summary in run["ruler"].items():
+            cells = " | ".join(f"{summary['by_length'][str(n)]:.3f}" for n in lengths)
+            lines.append(f"| {run['run']} | {task} | {cells} | {summary['control_accuracy']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def experiment(settings: Settings) -> dict[str, Any]:
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    started = time.perf_counter()
+    results: dict[str, Any] = {"settings": asdict(settings), "runs": []}
+    for run in RUNS if settings.ablations else ("main",):
+        checkpoint, build_dir, stages = train(settings, run)
+        row = {"run": run, "stages": stages, **evaluate(settings, run, checkpoint, build_dir)}
+        results["runs"].append(row)
+    results["seconds"] = round(time.perf_counter() - started, 1)
+    out = Path(settings.out)
+    (out / "summary.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "summary.md").write_text(summary_markdown(results))
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    defaults = Settings()
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", default=defaults.out)
+    parser.add_argument("--no-ablations", action="store_true", help="train the main run only")
+    parser.add_argument("--samples", type=int, default=defaults.samples)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    args = parser.parse_args(argv)
+    settings = replace(
+        defaults,
+        out=args.out,
+        ablations=not args.no_ablations,
+        samples=args.samples,
+        threads=args.threads,
+    )
+    results = experiment(settings)
+    print(summary_markdown(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""`longdata eval ruler`: the RULER-style task families at chosen lengths, with controls."""

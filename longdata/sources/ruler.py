@@ -1,0 +1,264 @@
+"""RULER-style task families over the anti-haystack filler: harder than one needle.
+
+- ``multikey``: the asked-for secret code among other subjects' codes and NExtLong-style hard
+  negatives (the same subject's *spare* code).
+- ``multivalue``: one subject has several secret codes; every one must be returned.
+- ``vartrack``: chains of assignments (``VAR ABCDE = 12345``, ``VAR FGHIJ = VAR ABCDE``) beside
+  a distractor chain; which variables hold the value?
+- ``cwe``: keywords repeated through the text; which ``k`` occur most often (aggregation)?
+- ``qa``: one passage of generated facts among distractor passages about other subjects.
+
+Every task is a list of planted sentences, marked as signal or not, placed in
+``antihaystack``'s filler (generated or a real ``Haystack``) and fitted to a token length by
+``antihaystack.fit``, so the sources share one filler, one placement and one fitting loop. The
+recipe uses them through ``kind: antihaystack`` (``tasks: [multikey, ...]``). ``control`` drops
+the signal sentences: the question then has no answer in the prompt, so any model scores at
+chance, which for these exact multi-digit or invented answers is 0.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from longdata.sources import synthetic
+from longdata.sources.antihaystack import Haystack, Paragraphs, Rendered, plant_sentences
+from longdata.sources.synthetic import Lang
+
+TASKS = ("multikey", "multivalue", "vartrack", "cwe", "qa")
+CWE_TOP = 3  # how many most frequent keywords the cwe question asks for
+_TOWN_SYLLABLES = ("var", "hol", "mer", "dun", "sket", "bra", "lin", "quor", "tam", "vel", "zor")
+_ZH_TOWN_CHARS = "青石白河松岭云溪枫桥柳湾"
+
+
+@dataclass(frozen=True)
+class PlantedTask:
+    """Sentences planted at relative depths; ``signal`` marks the ones the answer needs."""
+
+    kind: str
+    lang: Lang
+    sentences: tuple[str, ...]
+    signal: tuple[bool, ...]
+    requested_depths: tuple[float, ...]
+    question: str
+    answer: str
+    expected: tuple[str, ...]  # every item the answer must contain
+    distractors: tuple[str, ...]  # items that make an answer wrong (the prompt offers them)
+
+    def render(self, paragraphs: Paragraphs) -> Rendered:
+        document = plant_sentences(paragraphs, self.sentences, self.requested_depths, self.lang)
+        planted = [s for s, is_signal in zip(self.sentences, self.signal) if is_signal]
+        depths = tuple(round(document.index(s) / len(document), 4) for s in planted)
+        return Rendered(document, self.question, self.answer, depths)
+
+    def control(self) -> PlantedTask:
+        """The same prompt without its signal sentences: no answer is recoverable."""
+        kept = [i for i, is_signal in enumerate(self.signal) if not is_signal]
+        return replace(
+            self,
+            sentences=tuple(self.sentences[i] for i in kept),
+            signal=tuple(False for _ in kept),
+            requested_depths=tuple(self.requested_depths[i] for i in kept),
+        )
+
+
+def score(expected: Sequence[str], distractors: Sequence[str], output: str) -> float:
+    """1.0 when the output names every expected item and no distractor, else 0.0 (a partial
+    multi-value answer scores 0). Items match whole: ``1234`` is not found in ``12345``."""
+
+    def found(item: str) -> bool:
+        pattern = rf"(?<![0-9A-Za-z]){re.escape(item)}(?![0-9A-Za-z])"
+        return re.search(pattern, output, flags=re.IGNORECASE) is not None
+
+    return float(all(map(found, expected)) and not any(map(found, distractors)))
+
+
+def _phrases(rng: random.Random, lang: Lang, n: int, haystack: Haystack | None) -> list[str]:
+    """``n`` distinct marker phrases that the haystack (if any) never contains."""
+    phrases: list[str] = []
+    while len(phrases) < n:
+        phrase = synthetic.marker_phrase(rng, lang)
+        if phrase not in phrases and (haystack is None or not haystack.contains(phrase)):
+            phrases.append(phrase)
+    return phrases
+
+
+def _listed(items: Sequence[str], lang: Lang) -> str:
+    return ", ".join(items) if lang == "en" else "、".join(items)
+
+
+def _code(rng: random.Random, taken: set[int]) -> int:
+    while True:
+        code = rng.randrange(10_000, 100_000)
+        if code not in taken:
+            taken.add(code)
+            return code
+
+
+def _multikey(rng: random.Random, lang: Lang, haystack: Haystack | None) -> dict:
+    target, *others = _phrases(rng, lang, rng.randint(2, 4), haystack)
+    taken: set[int] = set()
+    code = _code(rng, taken)
+    other_codes = [_code(rng, taken) for _ in others]
+    spare_codes = [_code(rng, taken) for _ in range(rng.randint(1, 2))]
+    if lang == "en":
+        needle = "The secret code of the {} is {}."
+        spare = "The spare code of the {} is {}."
+        question = f"What is the secret code of the {target}? Answer with the number."
+    else:
+        needle, spare = "{}的秘密代码是{}。", "{}的备用代码是{}。"
+        question = f"{target}的秘密代码是多少？请回答数字。"
+    distractors = [needle.format(s, c) for s, c in zip(others, other_codes)]
+    distractors += [spare.format(target, c) for c in spare_codes]
+    return dict(
+        signal_sentences=[needle.format(target, code)],
+        distractor_sentences=distractors,
+        question=question,
+        expected=[str(code)],
+        distractors=[str(c) for c in other_codes + spare_codes],
+    )
+
+
+def _multivalue(rng: random.Random, lang: Lang, haystack: Haystack | None) -> dict:
+    (subject,) = _phrases(rng, lang, 1, haystack)
+    taken: set[int] = set()
+    codes = [str(_code(rng, taken)) for _ in range(rng.randint(2, 4))]
+    if lang == "en":
+        template = "One of the secret codes of the {} is {}."
+        question = f"What are all the secret codes of the {subject}? Give every one."
+    else:
+        template = "{}的秘密代码之一是{}。"
+        question = f"{subject}的所有秘密代码是什么？请全部列出。"
+    return dict(
+        signal_sentences=[template.format(subject, c) for c in codes],
+        distractor_sentences=[],
+        question=question,
+        expected=codes,
+        distractors=[],
+    )
+
+
+def _variable_names(rng: random.Random, n: int) -> list[str]:
+    names: list[str] = []
+    while len(names) < n:
+        name = "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(5))
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def _chain(names: Sequence[str], value: int, lang: Lang) -> list[str]:
+    end = "." if lang == "en" else "。"
+    first = [f"VAR {names[0]} = {value}{end}"]
+    return first + [f"VAR {b} = VAR {a}{end}" for a, b in zip(names, names[1:])]
+
+
+def _vartrack(rng: random.Random, lang: Lang, haystack: Haystack | None) -> dict:
+    length, decoy_length = rng.randint(2, 4), rng.randint(1, 3)
+    names = _variable_names(rng, length + decoy_length)
+    taken: set[int] = set()
+    value, decoy_value = _code(rng, taken), _code(rng, taken)
+    if lang == "en":
+        question = f"Which variables are assigned the value {value}? List them all."
+    else:
+        question = f"哪些变量的值是{value}？请全部列出。"
+    return dict(
+        signal_sentences=_chain(names[:length], value, lang),
+        distractor_sentences=_chain(names[length:], decoy_value, lang),
+        question=question,
+        expected=names[:length],
+        distractors=names[length:],
+        ordered=True,  # an assignment must come after the variable it copies
+    )
+
+
+def _cwe(rng: random.Random, lang: Lang, haystack: Haystack | None) -> dict:
+    words = _phrases(rng, lang, CWE_TOP + rng.randint(2, 4), haystack)
+    top, rest = words[:CWE_TOP], words[CWE_TOP:]
+    top_counts = sorted(rng.sample(range(5, 9), CWE_TOP), reverse=True)
+    template = "Keyword: {}." if lang == "en" else "关键词：{}。"
+    signal = [template.format(w) for w, n in zip(top, top_counts) for _ in range(n)]
+    decoys = [template.format(w) for w in rest for _ in range(rng.randint(1, 3))]
+    if lang == "en":
+        question = f"Which {CWE_TOP} keywords occur most often in the text? List them."
+    else:
+        question = f"文中出现次数最多的{CWE_TOP}个关键词是什么？请列出。"
+    return dict(
+        signal_sentences=signal,
+        distractor_sentences=decoys,
+        question=question,
+        expected=top,
+        distractors=rest,
+    )
+
+
+def _town(rng: random.Random, lang: Lang) -> str:
+    if lang == "en":
+        return "".join(rng.choice(_TOWN_SYLLABLES) for _ in range(2)).capitalize()
+    return "".join(rng.sample(_ZH_TOWN_CHARS, 2)) + "镇"
+
+
+def _qa(rng: random.Random, lang: Lang, haystack: Haystack | None) -> dict:
+    subjects = _phrases(rng, lang, rng.randint(3, 5), haystack)
+    towns: list[str] = []
+    while len(towns) < len(subjects):
+        town = _town(rng, lang)
+        if town not in towns:
+            towns.append(town)
+    if lang == "en":
+        template = "The {} was made in the town of {} in the year {}. Its maker never left {}."
+        question = f"In which town was the {subjects[0]} made? Answer with the town's name."
+    else:
+        template = "{}是{}年在{}制作的。它的制作者从未离开过{}。"
+        question = f"{subjects[0]}是在哪个镇制作的？请回答镇名。"
+    years = rng.sample(range(1200, 1900), len(subjects))
+    if lang == "en":
+        passages = [template.format(s, t, y, t) for s, t, y in zip(subjects, towns, years)]
+    else:
+        passages = [template.format(s, y, t, t) for s, t, y in zip(subjects, towns, years)]
+    return dict(
+        signal_sentences=passages[:1],
+        distractor_sentences=passages[1:],
+        question=question,
+        expected=towns[:1],
+        distractors=towns[1:],
+    )
+
+
+_MAKERS = {
+    "multikey": _multikey,
+    "multivalue": _multivalue,
+    "vartrack": _vartrack,
+    "cwe": _cwe,
+    "qa": _qa,
+}
+
+
+def make_task(
+    rng: random.Random,
+    kind: str,
+    lang: Lang,
+    depth_range: tuple[float, float] = (0.0, 1.0),
+    haystack: Haystack | None = None,
+) -> PlantedTask:
+    """One task of ``kind``: signal sentences at depths in ``depth_range``, distractors anywhere."""
+    parts = _MAKERS[kind](rng, lang, haystack)
+    signal_depths = [rng.uniform(*depth_range) for _ in parts["signal_sentences"]]
+    decoy_depths = [rng.uniform(0.0, 1.0) for _ in parts["distractor_sentences"]]
+    if parts.get("ordered"):
+        signal_depths.sort()
+        decoy_depths.sort()
+    sentences = parts["signal_sentences"] + parts["distractor_sentences"]
+    return PlantedTask(
+        kind=kind,
+        lang=lang,
+        sentences=tuple(sentences),
+        signal=tuple(i < len(parts["signal_sentences"]) for i in range(len(sentences))),
+        requested_depths=tuple(signal_depths + decoy_depths),
+        question=parts["question"],
+        answer=_listed(parts["expected"], lang),
+        expected=tuple(parts["expected"]),
+        distractors=tuple(parts["distractors"]),
+    )

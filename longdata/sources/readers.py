@@ -17,6 +17,7 @@ data files; locations stay those of the whole read.
 
 from __future__ import annotations
 
+import codecs
 import json
 import re
 from collections.abc import Iterator
@@ -38,6 +39,10 @@ _decoder = json.JSONDecoder()
 _UNDECODABLE_BYTE = re.compile("[\udc80-\udcff]")
 # The characters that decide where a JSON value ends: the scanner looks at nothing else.
 _STRUCTURE = re.compile(r'["\\\[\]{},\n]')
+
+
+class NotRegularFileError(ValueError):
+    """A source path that is a device, FIFO or socket rather than a file or directory."""
 
 
 def iter_rows(path: str, split: str = "train") -> Iterator[Row]:
@@ -65,6 +70,9 @@ def local_files(path: str) -> list[tuple[str, Path]] | None:
         if not files:
             raise FileNotFoundError(f"{path}: directory holds no {', '.join(LOCAL_SUFFIXES)} files")
         return [(file.relative_to(local).as_posix(), file) for file in files]
+    if local.exists() and not local.is_file():
+        # Opening a FIFO blocks until a writer appears and /dev/zero never ends: refuse both.
+        raise NotRegularFileError(f"{path}: not a regular file or directory; refusing to read it")
     return [(local.name, local)] if local.exists() else None
 
 
@@ -141,16 +149,19 @@ class _Window:
     def __init__(self, handle):
         self.handle, self.text, self.position, self.at_eof = handle, "", 0, False
         self.first = True
+        # Incremental, so a character split across two chunks is decoded whole rather than as
+        # two undecodable halves that would quarantine a valid element.
+        self.decoder = codecs.getincrementaldecoder("utf-8")("surrogateescape")
 
     def read_more(self) -> bool:
         chunk = self.handle.read(READ_CHUNK)
-        if not chunk:
-            self.at_eof = True
-            return False
         # surrogateescape keeps undecodable bytes as lone surrogates, so one bad element is
         # found and quarantined instead of failing the whole array.
-        decoded = chunk.decode("utf-8", "surrogateescape")
-        if self.first:
+        decoded = self.decoder.decode(chunk, final=not chunk)
+        if not chunk and not decoded:
+            self.at_eof = True
+            return False
+        if self.first and decoded:
             decoded, self.first = decoded.removeprefix(BOM), False
         self.text = self.text[self.position :] + decoded
         self.position = 0

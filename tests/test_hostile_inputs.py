@@ -7,11 +7,14 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
+from typer.testing import CliRunner
 
 from longdata.records import Quarantined
 from longdata.sources import readers
+from longdata.trainer.config import ConfigError, TrainConfig, read_config_file
 
 
 def _split(rows):
@@ -75,3 +78,62 @@ def test_a_fifo_as_a_source_path_is_one_line_not_a_hang(tmp_path):
 def test_dev_zero_as_a_source_path_is_refused():
     with pytest.raises(readers.NotRegularFileError, match="not a regular file"):
         readers.local_files("/dev/zero")
+
+
+# --- bounds on every training setting ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "message"),
+    [
+        ("max_grad_norm", -1.0, "max_grad_norm must be >= 0"),
+        ("max_grad_norm", float("inf"), "max_grad_norm must be >= 0"),
+        ("min_lr_ratio", -5.0, "min_lr_ratio must be in [0, 1]"),
+        ("min_lr_ratio", 1.5, "min_lr_ratio must be in [0, 1]"),
+        ("batch_size", 10**12, "batch_size must be <= "),
+        ("lora_rank", 10**9, "lora_rank must be <= "),
+        ("threads", 10**9, "threads must be <= "),
+        ("threads", 0, "threads must be >= 1"),
+        ("grad_accum", 10**12, "grad_accum must be <= "),
+        ("lr", -1.0, "lr must be a positive finite number"),
+        ("lr", float("nan"), "lr must be a positive finite number"),
+        ("weight_decay", -0.1, "weight_decay must be >= 0"),
+    ],
+)
+def test_an_out_of_range_training_setting_is_refused_before_work(setting, value, message):
+    config = TrainConfig(build_dir="build", **{setting: value})
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        config.validate()
+
+
+def test_max_grad_norm_zero_turns_clipping_off():
+    TrainConfig(build_dir="build", max_grad_norm=0.0).validate()
+
+
+def test_a_training_config_alias_bomb_is_refused_quickly(tmp_path):
+    lines = ["a: &a [x, x, x, x, x, x, x, x, x, x]"]
+    for level in range(1, 9):
+        prev = chr(ord("a") + level - 1)
+        name = chr(ord("a") + level)
+        lines.append(f"{name}: &{name} [*{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}]")
+    bomb = tmp_path / "bomb.yml"
+    bomb.write_text("\n".join(lines) + "\nsteps: *i\n")
+    assert bomb.stat().st_size < 600
+    started = time.perf_counter()
+    with pytest.raises(ConfigError, match="expands to more than"):
+        read_config_file(bomb)
+    assert time.perf_counter() - started < 5
+
+
+def test_the_train_cli_prints_a_bad_bound_as_one_line(tmp_path):
+    import typer
+
+    from longdata.trainer import cli
+
+    app = typer.Typer()
+    app.command("train")(cli.train)
+    build = tmp_path / "build"
+    build.mkdir()
+    result = CliRunner().invoke(app, [str(build), "--max-grad-norm", "-1"])
+    assert result.exit_code == 2
+    assert result.stderr.count("\n") == 1 and "max_grad_norm must be >= 0" in result.stderr

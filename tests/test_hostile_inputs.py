@@ -50,6 +50,25 @@ def test_undecodable_bytes_at_a_chunk_boundary_still_quarantine_only_their_eleme
     assert row.location == "bytes.json[1]" and row.reason.startswith("not UTF-8")
 
 
+def test_one_corrupt_parquet_row_group_quarantines_only_its_rows(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"instruction": f"doc {i}", "output": f"a{i}"} for i in range(8)]
+    path = tmp_path / "groups.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=2, compression="NONE")
+    column = pq.ParquetFile(path).metadata.row_group(1).column(0)
+    data = bytearray(path.read_bytes())
+    start = column.dictionary_page_offset or column.data_page_offset
+    data[start : start + column.total_compressed_size] = b"\xff" * column.total_compressed_size
+    path.write_bytes(bytes(data))
+    good, bad = _split(list(readers.iter_rows(str(path))))
+    assert [row for _, row in good] == rows[:2] + rows[4:]
+    assert [row.location for row in bad] == ["groups.parquet[2]", "groups.parquet[3]"]
+    assert all("row group 1" in row.reason for row in bad)
+    assert good[2][0] == "groups.parquet[4]"
+
+
 # --- regular files only ------------------------------------------------------------------------
 
 

@@ -324,29 +324,37 @@ def iter_parquet(
     path: Path, label: str | None = None, row_groups: range | None = None
 ) -> Iterator[Row]:
     """Rows of a Parquet file, or of the row groups ``row_groups`` only (a source partition's
-    share), indexed by their row number in the whole file. A file pyarrow cannot read (corrupt,
-    truncated) is quarantined as one row from where reading stopped: its remaining row count may
-    be unknowable."""
+    share), indexed by their row number in the whole file. Each row group is read on its own:
+    the unread rows of a corrupt one are quarantined one by one (the footer gives their count)
+    and the row groups after it are still read. A file whose footer pyarrow cannot read is
+    quarantined as one row: its row count is unknowable."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    name, index = label or path.name, 0
+    name = label or path.name
     try:
         file = pq.ParquetFile(path)
-        if row_groups is not None:
-            index = sum(file.metadata.row_group(g).num_rows for g in range(row_groups.start))
-        groups = list(row_groups) if row_groups is not None else None
-        for batch in file.iter_batches(batch_size=256, row_groups=groups):
-            for row in batch.to_pylist():
-                yield f"{name}[{index}]", row
-                index += 1
     except (pa.ArrowException, OSError) as exc:
-        where = "the whole file" if index == 0 else f"rows from {index} on"
-        yield Quarantined(
-            f"{name}[{index}:]",
-            f"unreadable Parquet ({type(exc).__name__}: {str(exc)[:300]}); {where} quarantined",
-            "",
-        )
+        yield Quarantined(f"{name}[0:]", f"{_unreadable(exc)}; the whole file quarantined", "")
+        return
+    groups = row_groups if row_groups is not None else range(file.metadata.num_row_groups)
+    index = sum(file.metadata.row_group(g).num_rows for g in range(groups.start))
+    for group in groups:
+        end = index + file.metadata.row_group(group).num_rows
+        try:
+            for batch in file.iter_batches(batch_size=256, row_groups=[group]):
+                for row in batch.to_pylist():
+                    yield f"{name}[{index}]", row
+                    index += 1
+        except (pa.ArrowException, OSError) as exc:
+            reason = f"{_unreadable(exc)}; row group {group} quarantined"
+            for lost in range(index, end):
+                yield Quarantined(f"{name}[{lost}]", reason, "")
+        index = end
+
+
+def _unreadable(exc: Exception) -> str:
+    return f"unreadable Parquet ({type(exc).__name__}: {str(exc)[:300]})"
 
 
 def open_hub_dataset(dataset_id: str, split: str):

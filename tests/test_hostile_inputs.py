@@ -69,6 +69,15 @@ def test_one_corrupt_parquet_row_group_quarantines_only_its_rows(tmp_path):
     assert good[2][0] == "groups.parquet[4]"
 
 
+def test_a_stray_bracket_inside_a_bad_element_quarantines_only_that_element(tmp_path):
+    path = tmp_path / "stray.json"
+    path.write_text('[{"a": 1},\n{"a": 2 ]},\n{"a": 3},\n{"a": 4}]')
+    good, bad = _split(list(readers.iter_rows(str(path))))
+    assert [row for _, row in good] == [{"a": 1}, {"a": 3}, {"a": 4}]
+    assert [row.location for row in bad] == ["stray.json[1]"]
+    assert [location for location, _ in good] == ["stray.json[0]", "stray.json[2]", "stray.json[3]"]
+
+
 # --- regular files only ------------------------------------------------------------------------
 
 

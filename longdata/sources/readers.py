@@ -218,8 +218,10 @@ def _scan_element(text: str, start: int) -> int | None:
                 opener = "[" if char == "]" else "{"
                 if opener in open_brackets:  # a mismatched closer also closes what it skips over
                     del open_brackets[len(open_brackets) - 1 - open_brackets[::-1].index(opener) :]
-                elif char == "]":
+                elif char == "]" and not open_brackets:
                     return at  # the end of the array
+                # else a stray "]" inside an element: the element is not over, and ending it here
+                # would turn the rest of the array into "content after the array"
             elif char == "," and not open_brackets:
                 return at
         else:

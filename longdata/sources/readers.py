@@ -195,6 +195,9 @@ class _Window:
 
 def _scan_element(text: str, start: int) -> int | None:
     open_brackets: list[str] = []
+    # Where the open "[" and "{" are in open_brackets, so a closer finds its opener in constant
+    # time: searching the stack made 200k-deep nesting quadratic.
+    opened_at: dict[str, list[int]] = {"[": [], "{": []}
     position = start
     while True:
         in_string, skip_at, string_start = False, -1, 0
@@ -213,11 +216,15 @@ def _scan_element(text: str, start: int) -> int | None:
             elif char == '"':
                 in_string, string_start = True, at
             elif char in "[{":
+                opened_at[char].append(len(open_brackets))
                 open_brackets.append(char)
             elif char in "]}":
                 opener = "[" if char == "]" else "{"
-                if opener in open_brackets:  # a mismatched closer also closes what it skips over
-                    del open_brackets[len(open_brackets) - 1 - open_brackets[::-1].index(opener) :]
+                if opened_at[opener]:  # a mismatched closer also closes what it skips over
+                    since = opened_at[opener][-1]
+                    for closed in open_brackets[since:]:
+                        opened_at[closed].pop()
+                    del open_brackets[since:]
                 elif char == "]" and not open_brackets:
                     return at  # the end of the array
                 # else a stray "]" inside an element: the element is not over, and ending it here

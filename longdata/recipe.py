@@ -29,6 +29,7 @@ from pydantic import (
 )
 
 from longdata.format.paths import check_slug
+from longdata.format.yaml_budget import MAX_YAML_NODES, exceeds_node_budget
 from longdata.stages.control_tokens import SPECIAL_TOKENS_IN_TEXT
 from longdata.stages.packing import ALGORITHMS, OVERLENGTH_POLICIES
 
@@ -42,7 +43,6 @@ SIZE = re.compile(r"^(\d+)\s*(b|kb|mb|gb)?$", re.IGNORECASE)
 SIZE_UNITS = {"b": 1, "kb": 1 << 10, "mb": 1 << 20, "gb": 1 << 30}
 # Bounds on the work a recipe can ask for, checked before any starts.
 MAX_RECIPE_BYTES = 1 << 20
-MAX_RECIPE_NODES = 100_000  # scalars, lists and mappings after expanding YAML aliases
 MAX_GENERATED_ROWS = 10_000_000
 MAX_SEQ_LEN = 1 << 24  # tokens in one row: far beyond any model's context
 MAX_SAMPLE_CHARS = 50_000_000
@@ -514,24 +514,14 @@ def validate_recipe(data: dict[str, Any]) -> Recipe:
 
 
 def _check_size(data: Any) -> None:
-    """Refuse a recipe that expands to more than MAX_RECIPE_NODES values: YAML aliases let a few
-    hundred bytes stand for billions (an alias bomb). Walked with a budget, so refusing is fast."""
-    stack, seen = [data], 0
-    while stack:
-        node = stack.pop()
-        seen += 1
-        if seen > MAX_RECIPE_NODES:
-            raise RecipeError(
-                [
-                    f"recipe: expands to more than {MAX_RECIPE_NODES:,} values (YAML aliases?); "
-                    "a recipe is a short list of settings"
-                ]
-            )
-        if isinstance(node, dict):
-            stack.extend(node.keys())
-            stack.extend(node.values())
-        elif isinstance(node, list | tuple):
-            stack.extend(node)
+    """Refuse a recipe that expands to more than MAX_YAML_NODES values (an alias bomb)."""
+    if exceeds_node_budget(data):
+        raise RecipeError(
+            [
+                f"recipe: expands to more than {MAX_YAML_NODES:,} values (YAML aliases?); "
+                "a recipe is a short list of settings"
+            ]
+        )
 
 
 def check_against_tokenizer(recipe: Recipe, tokenizer=None) -> None:

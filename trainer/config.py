@@ -11,17 +11,32 @@ Kept free of torch so that the CLI (and `longdata --help`) imports fast.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from longdata.format.yaml_budget import MAX_YAML_NODES, exceeds_node_budget
+
 LOSS_MODES = ("token_mean", "sequence_mean")
 PRECISIONS = ("auto", "fp32", "bf16")
 WEIGHTS = ("auto", "fp32", "bf16", "fp8")
 SAVE_FORMATS = ("merged", "adapter", "none")
 PARALLEL_MODES = ("ddp", "fsdp")
+# Far above any real run, low enough that a typo (batch_size: 10**12) is refused in one line
+# before the build is read rather than killed for memory or crashing inside torch.
+UPPER_BOUNDS = {
+    "steps": 10**9,
+    "batch_size": 4096,
+    "grad_accum": 1 << 20,
+    "lora_rank": 8192,
+    "lora_alpha": 1 << 20,
+    "threads": 4096,
+    "sp": 4096,
+    "warmup_steps": 10**9,
+}
 BATCHING_METHODS = ("random", "per_stream")
 ATTENTION_PATTERNS = ("full", "shifted_sparse")
 REPORTERS = ("tensorboard", "wandb")
@@ -91,7 +106,7 @@ class TrainConfig:
     warmup_steps: int = _setting(10, "Linear warmup steps before the cosine decay.")
     min_lr_ratio: float = _setting(0.1, "The cosine decays to lr * min-lr-ratio at the last step.")
     weight_decay: float = _setting(0.0, "AdamW weight decay (never on 1-D parameters).")
-    max_grad_norm: float = _setting(1.0, "Clip the gradient norm to this.")
+    max_grad_norm: float = _setting(1.0, "Clip the gradient norm to this; 0 turns clipping off.")
     loss: str = _setting(
         "token_mean",
         "token_mean: every target token counts equally. sequence_mean: every sample counts "
@@ -249,6 +264,16 @@ class TrainConfig:
         for name in ("warmup_steps", "checkpoint_every", "keep_checkpoints", "eval_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, not {getattr(self, name)}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"threads must be >= 1, not {self.threads}")
+        for name, bound in UPPER_BOUNDS.items():
+            value = getattr(self, name)
+            if value is not None and value > bound:
+                raise ConfigError(f"{name} must be <= {bound:,}, not {value:,}")
+        if not (0 < self.lr < math.inf):
+            raise ConfigError(f"lr must be a positive finite number, not {self.lr}")
+        if not (0 <= self.weight_decay < math.inf):
+            raise ConfigError(f"weight_decay must be >= 0 and finite, not {self.weight_decay}")
         if self.stage_steps is not None:
             if self.split is not None:
                 raise ConfigError("stage_steps is for a curriculum: leave split unset")
@@ -267,6 +292,12 @@ class TrainConfig:
                 "attention_pattern shifted_sparse with sp > 1 is not supported (Ulysses would "
                 "need the groups of every shard's heads); use sp 1"
             )
+        # A negative clip norm flips every gradient (training climbs the loss) and a ratio
+        # outside [0, 1] makes the cosine end above the peak or below zero.
+        if not (0 <= self.max_grad_norm < math.inf):
+            raise ConfigError(f"max_grad_norm must be >= 0 (0 = off), not {self.max_grad_norm}")
+        if not (0 <= self.min_lr_ratio <= 1):
+            raise ConfigError(f"min_lr_ratio must be in [0, 1], not {self.min_lr_ratio}")
         if self.peak_tflops is not None and self.peak_tflops <= 0:
             raise ConfigError(f"peak_tflops must be > 0, not {self.peak_tflops}")
         if self.eval_every and self.sp > 1:
@@ -390,6 +421,11 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a training config is a mapping of settings")
+    if exceeds_node_budget(data):
+        raise ConfigError(
+            f"{path}: expands to more than {MAX_YAML_NODES:,} values (YAML aliases?); "
+            "a training config is a short list of settings"
+        )
     for name in data:
         _check_key(str(name), str(path))
     return dict(data)

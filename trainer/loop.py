@@ -478,7 +478,9 @@ def _step(
     # Every rank scored different targets: the step's figures are sums over the world.
     for partial_sum in (step_loss, source_sums, source_counts):
         context.all_reduce_sum(partial_sum)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+    # The norm is still measured (and logged) when clipping is off: an infinite limit clips nothing.
+    clip_to = config.max_grad_norm or float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_to)
     if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
         grad_norm = grad_norm.full_tensor()
     lr = scheduler.get_last_lr()[0]

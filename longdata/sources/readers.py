@@ -17,6 +17,7 @@ data files; locations stay those of the whole read.
 
 from __future__ import annotations
 
+import codecs
 import json
 import re
 from collections.abc import Iterator
@@ -38,6 +39,10 @@ _decoder = json.JSONDecoder()
 _UNDECODABLE_BYTE = re.compile("[\udc80-\udcff]")
 # The characters that decide where a JSON value ends: the scanner looks at nothing else.
 _STRUCTURE = re.compile(r'["\\\[\]{},\n]')
+
+
+class NotRegularFileError(ValueError):
+    """A source path that is a device, FIFO or socket rather than a file or directory."""
 
 
 def iter_rows(path: str, split: str = "train") -> Iterator[Row]:
@@ -65,6 +70,9 @@ def local_files(path: str) -> list[tuple[str, Path]] | None:
         if not files:
             raise FileNotFoundError(f"{path}: directory holds no {', '.join(LOCAL_SUFFIXES)} files")
         return [(file.relative_to(local).as_posix(), file) for file in files]
+    if local.exists() and not local.is_file():
+        # Opening a FIFO blocks until a writer appears and /dev/zero never ends: refuse both.
+        raise NotRegularFileError(f"{path}: not a regular file or directory; refusing to read it")
     return [(local.name, local)] if local.exists() else None
 
 
@@ -141,16 +149,19 @@ class _Window:
     def __init__(self, handle):
         self.handle, self.text, self.position, self.at_eof = handle, "", 0, False
         self.first = True
+        # Incremental, so a character split across two chunks is decoded whole rather than as
+        # two undecodable halves that would quarantine a valid element.
+        self.decoder = codecs.getincrementaldecoder("utf-8")("surrogateescape")
 
     def read_more(self) -> bool:
         chunk = self.handle.read(READ_CHUNK)
-        if not chunk:
-            self.at_eof = True
-            return False
         # surrogateescape keeps undecodable bytes as lone surrogates, so one bad element is
         # found and quarantined instead of failing the whole array.
-        decoded = chunk.decode("utf-8", "surrogateescape")
-        if self.first:
+        decoded = self.decoder.decode(chunk, final=not chunk)
+        if not chunk and not decoded:
+            self.at_eof = True
+            return False
+        if self.first and decoded:
             decoded, self.first = decoded.removeprefix(BOM), False
         self.text = self.text[self.position :] + decoded
         self.position = 0
@@ -184,6 +195,9 @@ class _Window:
 
 def _scan_element(text: str, start: int) -> int | None:
     open_brackets: list[str] = []
+    # Where the open "[" and "{" are in open_brackets, so a closer finds its opener in constant
+    # time: searching the stack made 200k-deep nesting quadratic.
+    opened_at: dict[str, list[int]] = {"[": [], "{": []}
     position = start
     while True:
         in_string, skip_at, string_start = False, -1, 0
@@ -202,13 +216,19 @@ def _scan_element(text: str, start: int) -> int | None:
             elif char == '"':
                 in_string, string_start = True, at
             elif char in "[{":
+                opened_at[char].append(len(open_brackets))
                 open_brackets.append(char)
             elif char in "]}":
                 opener = "[" if char == "]" else "{"
-                if opener in open_brackets:  # a mismatched closer also closes what it skips over
-                    del open_brackets[len(open_brackets) - 1 - open_brackets[::-1].index(opener) :]
-                elif char == "]":
+                if opened_at[opener]:  # a mismatched closer also closes what it skips over
+                    since = opened_at[opener][-1]
+                    for closed in open_brackets[since:]:
+                        opened_at[closed].pop()
+                    del open_brackets[since:]
+                elif char == "]" and not open_brackets:
                     return at  # the end of the array
+                # else a stray "]" inside an element: the element is not over, and ending it here
+                # would turn the rest of the array into "content after the array"
             elif char == "," and not open_brackets:
                 return at
         else:
@@ -313,29 +333,37 @@ def iter_parquet(
     path: Path, label: str | None = None, row_groups: range | None = None
 ) -> Iterator[Row]:
     """Rows of a Parquet file, or of the row groups ``row_groups`` only (a source partition's
-    share), indexed by their row number in the whole file. A file pyarrow cannot read (corrupt,
-    truncated) is quarantined as one row from where reading stopped: its remaining row count may
-    be unknowable."""
+    share), indexed by their row number in the whole file. Each row group is read on its own:
+    the unread rows of a corrupt one are quarantined one by one (the footer gives their count)
+    and the row groups after it are still read. A file whose footer pyarrow cannot read is
+    quarantined as one row: its row count is unknowable."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    name, index = label or path.name, 0
+    name = label or path.name
     try:
         file = pq.ParquetFile(path)
-        if row_groups is not None:
-            index = sum(file.metadata.row_group(g).num_rows for g in range(row_groups.start))
-        groups = list(row_groups) if row_groups is not None else None
-        for batch in file.iter_batches(batch_size=256, row_groups=groups):
-            for row in batch.to_pylist():
-                yield f"{name}[{index}]", row
-                index += 1
     except (pa.ArrowException, OSError) as exc:
-        where = "the whole file" if index == 0 else f"rows from {index} on"
-        yield Quarantined(
-            f"{name}[{index}:]",
-            f"unreadable Parquet ({type(exc).__name__}: {str(exc)[:300]}); {where} quarantined",
-            "",
-        )
+        yield Quarantined(f"{name}[0:]", f"{_unreadable(exc)}; the whole file quarantined", "")
+        return
+    groups = row_groups if row_groups is not None else range(file.metadata.num_row_groups)
+    index = sum(file.metadata.row_group(g).num_rows for g in range(groups.start))
+    for group in groups:
+        end = index + file.metadata.row_group(group).num_rows
+        try:
+            for batch in file.iter_batches(batch_size=256, row_groups=[group]):
+                for row in batch.to_pylist():
+                    yield f"{name}[{index}]", row
+                    index += 1
+        except (pa.ArrowException, OSError) as exc:
+            reason = f"{_unreadable(exc)}; row group {group} quarantined"
+            for lost in range(index, end):
+                yield Quarantined(f"{name}[{lost}]", reason, "")
+        index = end
+
+
+def _unreadable(exc: Exception) -> str:
+    return f"unreadable Parquet ({type(exc).__name__}: {str(exc)[:300]})"
 
 
 def open_hub_dataset(dataset_id: str, split: str):

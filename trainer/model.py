@@ -137,7 +137,10 @@ def load_model(
         # moved costs ~40 s and 30 GiB of host memory before a single token.
         with torch.device("cpu" if device is None else device):
             model = AutoModelForCausalLM.from_config(
-                config, attn_implementation=attn_implementation, dtype=dtype, trust_remote_code=False
+                config,
+                attn_implementation=attn_implementation,
+                dtype=dtype,
+                trust_remote_code=False,
             )
     model.config.use_cache = False
     return model

@@ -344,7 +344,8 @@ class ValidationSplit(Strict):
 
 class OutputConfig(Strict):
     dir: str
-    shard_size_limit: str | int = "64MB"
+    # Validated also when defaulted: the MDS writer takes bytes, not "64MB".
+    shard_size_limit: str | int = Field("64MB", validate_default=True)
     compression: str | None = "zstd"
     card_dir: str = Field(
         default="data_cards",

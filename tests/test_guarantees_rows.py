@@ -217,14 +217,15 @@ def test_rows_that_break_the_template_or_the_tokenizer_are_quarantined_alone(tok
         conversation("f.jsonl:5", *GOOD[:1], ("assistant", "second good answer")),
     ]
     stats, cache, reasons = tokenized(records, tokenizer, tmp_path / "c")
-    assert sorted(reasons) == ["f.jsonl:2", "f.jsonl:3", "f.jsonl:4"]
-    assert reasons["f.jsonl:2"].startswith("chat template failed on this row: IndexError")
+    # Assistant-first rows render as transformers 4.x rendered them (an empty history before the
+    # first answer) on 4.x and 5.x alike, so they are samples; only the surrogate row is bad.
+    assert sorted(reasons) == ["f.jsonl:4"]
     assert "lone UTF-16 surrogate" in reasons["f.jsonl:4"]
-    assert stats.samples == 2 and stats.rows_read == 5 and stats.quarantined == 3
+    assert stats.samples == 4 and stats.rows_read == 5 and stats.quarantined == 1
     assert stats.files == {
-        "f.jsonl": {"rows_read": 5, "turn_samples_added": 0, "quarantined": 3, "samples": 2}
+        "f.jsonl": {"rows_read": 5, "turn_samples_added": 0, "quarantined": 1, "samples": 4}
     }
-    assert cache.position.tolist() == [0, 0] and len(cache) == 2
+    assert cache.position.tolist() == [0, 0, 0, 0] and len(cache) == 4
     # the quarantine file holds the surrogate as a JSON escape: it stays valid JSON
     assert "\\ud800" in (tmp_path / "c" / "quarantine.jsonl").read_text()
 

@@ -359,7 +359,7 @@ def write_lines(path: Path, lines: list[str]) -> Path:
 ALL_MALFORMED = [
     "{not json",
     "[1, 2]",
-    json.dumps({"messages": [{"role": "assistant", "content": "first"}]}),
+    json.dumps({"messages": []}),
     '{"messages": [{"role": "user", "content": "\\ud800"}, {"role": "assistant", "content": "x"}]}',
 ]
 

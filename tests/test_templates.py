@@ -301,3 +301,16 @@ def test_an_assistant_first_history_trains_its_first_turn_after_the_generation_p
     first = chat.assistant_spans[0]
     assert chat.text[first[0] : first[1]] == "Ask me about rivers.<|eot_id|>"
     assert renderer.render_turn(messages, 0).assistant_spans == (first,)
+
+
+def test_the_tokenizer_digest_is_the_same_on_transformers_4_and_5():
+    """Pinned for the bundled tokenizer; `make test` runs it on 5.x and `make test-tf4` on 4.57
+    (4.57 lists `additional_special_tokens` in special_tokens_map, 5.x does not)."""
+    from longdata.format.tokenizer import tokenizer_digest
+    from longdata.recipe import TokenizerConfig
+    from longdata.stages.templates import load_tokenizer
+
+    tokenizer = load_tokenizer(TokenizerConfig(name="builtin:quickstart"))[0]
+    assert tokenizer_digest(tokenizer) == (
+        "049c595e716d93312809d801d1a803eea3f6d7540914bee331ec24919a21ab0c"
+    )

@@ -61,7 +61,13 @@ def tokenizer_digest(tokenizer, version: int = DIGEST_VERSION) -> str:
     definition["added_tokens"] = sorted(
         (token["id"], token["content"], token["special"]) for token in spec["added_tokens"]
     )
-    definition["special_tokens"] = tokenizer.special_tokens_map
+    # The named roles only: 4.57 also lists `additional_special_tokens` here and 5.x does not;
+    # which tokens are special is already in `added_tokens`.
+    definition["special_tokens"] = {
+        role: token
+        for role, token in tokenizer.special_tokens_map.items()
+        if role != "additional_special_tokens"
+    }
     definition["chat_template"] = tokenizer.chat_template
     canonical = json.dumps(definition, sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(canonical.encode()).hexdigest()

@@ -61,6 +61,23 @@ def length_slack(length: int) -> int:
     return max(round(LENGTH_TOLERANCE * length), MIN_SLACK_TOKENS)
 
 
+def fit_prompt(task, filler, length: int, chars_per_token: float, templated_ids: Callable):
+    """`task` over `filler` grown or cut until its templated prompt has between
+    `length - length_slack(length)` and `length` tokens (never more: a "128K" prompt must fit a
+    128K context). Shared by the NIAH and RULER evals."""
+    rendered, _ = antihaystack.fit(
+        task,
+        filler,
+        target_tokens=length,
+        chars_per_token=chars_per_token,
+        measure=lambda r: len(templated_ids(r)),
+        window=(length - length_slack(length), length),
+        limit=length,
+        max_rounds=MAX_FIT_ROUNDS,
+    )
+    return rendered
+
+
 @dataclass(frozen=True)
 class NiahPrompt:
     """One cell sample of the grid, tokenized and ready for a model."""
@@ -252,15 +269,8 @@ def build_prompt(
     rng = random.Random(f"{key}:filler")
     filler = haystack.filler(rng, lang) if haystack else SyntheticFiller(rng, lang)
     # Never over `length`: a "128K" prompt must fit a 128K context.
-    rendered, _ = antihaystack.fit(
-        task if planted else _WithoutNeedle(task),
-        filler,
-        target_tokens=length,
-        chars_per_token=chars_per_token,
-        measure=lambda r: len(templated_ids(r)),
-        window=(length - length_slack(length), length),
-        limit=length,
-        max_rounds=MAX_FIT_ROUNDS,
+    rendered = fit_prompt(
+        task if planted else _WithoutNeedle(task), filler, length, chars_per_token, templated_ids
     )
     ids = templated_ids(rendered)
     before, after = answer_frame(tokenizer, rendered.prompt)

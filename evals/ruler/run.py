@@ -20,13 +20,7 @@ from typing import Any
 
 from longdata.evals.models import EvalInputError, load_eval_model
 from longdata.evals.niah.decoding import greedy_generate
-from longdata.evals.niah.prompts import (
-    MAX_FIT_ROUNDS,
-    calibrate,
-    encode,
-    generation_prompt,
-    length_slack,
-)
+from longdata.evals.niah.prompts import calibrate, encode, fit_prompt, generation_prompt
 from longdata.evals.niah.run import Track, load_haystack, no_progress
 from longdata.evals.niah.scoring import stop_token_ids
 from longdata.sources import antihaystack, ruler
@@ -114,15 +108,8 @@ def build_prompt(
     def templated_ids(rendered: antihaystack.Rendered) -> list[int]:
         return encode(tokenizer, generation_prompt(tokenizer, rendered.prompt))
 
-    rendered, _ = antihaystack.fit(
-        planted.control() if control else planted,
-        filler,
-        target_tokens=length,
-        chars_per_token=chars_per_token,
-        measure=lambda r: len(templated_ids(r)),
-        window=(length - length_slack(length), length),
-        limit=length,
-        max_rounds=MAX_FIT_ROUNDS,
+    rendered = fit_prompt(
+        planted.control() if control else planted, filler, length, chars_per_token, templated_ids
     )
     return RulerPrompt(
         task,

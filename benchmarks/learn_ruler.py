@@ -5,7 +5,8 @@
 
 Trains the `niah-tiny` preset from scratch with the bundled trainer through a short-to-long
 curriculum (per-document masks, token_mean loss, each stage from the last one's checkpoint):
-64-256-token tasks (where copying is learned), then 1K-2K, then 2K-4K. Two runs on the same
+64-256-token tasks (where copying is learned; three cosine cycles with warm restarts, as
+learn-niah found a single cosine never forms the copy), then 1K-2K, then 2K-4K. Two runs on the same
 stages and steps: **main** (needle tasks plus every `longdata.sources.ruler` family) and the
 **needle_only** ablation (needle tasks only, as many items). Both are evaluated after the last
 stage with `eval niah`'s and `eval ruler`'s pieces at 1K, 2K, 4K and 8K (8K: twice the longest
@@ -52,7 +53,8 @@ class Stage:
     name: str
     items: int
     lengths: tuple[int, int]  # item tokens, before the chat template
-    steps: int
+    # Steps per cosine cycle; each cycle restarts at full lr from the previous one's checkpoint.
+    cycles: tuple[int, ...]
     lr: float
 
 
@@ -62,9 +64,9 @@ class Settings:
 
     out: str = "runs/learn-ruler"
     stages: tuple[Stage, ...] = (
-        Stage("short", 20_000, (64, 256), 4_200, 3e-3),
-        Stage("1k-2k", 2_500, (900, 2_100), 1_000, 2e-3),
-        Stage("2k-4k", 1_500, (2_100, 4_000), 800, 1e-3),
+        Stage("short", 20_000, (64, 256), (1_200, 1_500, 1_500), 3e-3),
+        Stage("1k-2k", 2_500, (900, 2_100), (1_000,), 2e-3),
+        Stage("2k-4k", 1_500, (2_100, 4_000), (800,), 1e-3),
     )
     row_tokens: int = 4_352  # one 4K item and its chat template fit a row
     warmup_steps: int = 50
@@ -122,31 +124,34 @@ def train(settings: Settings, run: str) -> tuple[Path, Path, list[dict[str, Any]
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump(recipe(settings, run, stage, index), sort_keys=False))
         builds.append(build(path).out_dir)
-        config = loop.TrainConfig(
-            build_dir=str(builds[-1]),
-            out_dir=str(Path(settings.out) / run / stage.name),
-            model=init,
-            attention="sdpa_varlen",
-            steps=stage.steps,
-            lr=stage.lr,
-            warmup_steps=settings.warmup_steps,
-            seed=settings.seed,
-            log_every=100,
-            progress=True,
-        )
-        print(f"training {run}, stage {stage.name} ({stage.steps} steps)", file=sys.stderr)
-        started = time.perf_counter()
-        result = loop.train(config)
-        losses = [m.loss for m in result.metrics]
+        started, losses = time.perf_counter(), []
+        for cycle, steps in enumerate(stage.cycles):
+            numbered = f"{stage.name}-{cycle + 1}" if len(stage.cycles) > 1 else stage.name
+            config = loop.TrainConfig(
+                build_dir=str(builds[-1]),
+                out_dir=str(Path(settings.out) / run / numbered),
+                model=init,
+                attention="sdpa_varlen",
+                steps=steps,
+                lr=stage.lr,
+                warmup_steps=settings.warmup_steps,
+                seed=settings.seed,
+                log_every=100,
+                progress=True,
+            )
+            print(f"training {run}, stage {numbered} ({steps} steps)", file=sys.stderr)
+            result = loop.train(config)
+            losses = [m.loss for m in result.metrics]
+            init = str(result.final_dir)
         stages.append(
             {
                 "stage": stage.name,
-                "steps": stage.steps,
+                "steps": sum(stage.cycles),
+                "cycles": list(stage.cycles),
                 "final_loss": sum(losses[-50:]) / len(losses[-50:]),
                 "train_seconds": round(time.perf_counter() - started, 1),
             }
         )
-        init = str(result.final_dir)
     return Path(init), builds[0], stages
 
 

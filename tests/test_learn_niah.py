@@ -119,8 +119,8 @@ def test_a_tiny_experiment_runs_both_phases_and_reports(tmp_path: Path) -> None:
 def test_a_tiny_learn_ruler_experiment_trains_the_stages_and_reports(tmp_path: Path) -> None:
     learn_ruler = importlib.import_module("benchmarks.learn_ruler")
     stages = (
-        learn_ruler.Stage("short", 40, (200, 400), 2, 1e-3),
-        learn_ruler.Stage("long", 6, (600, 900), 1, 1e-3),
+        learn_ruler.Stage("short", 40, (200, 400), (1, 1), 1e-3),
+        learn_ruler.Stage("long", 6, (600, 900), (1,), 1e-3),
     )
     settings = learn_ruler.Settings(
         out=str(tmp_path / "run"),
@@ -143,7 +143,11 @@ def test_a_tiny_learn_ruler_experiment_trains_the_stages_and_reports(tmp_path: P
     ablation = yaml.safe_load((out / "needle_only" / "recipe-long.yml").read_text())
     assert set(main_recipe["sources"][0]["tasks"]) == {"needle", *learn_ruler.ruler.TASKS}
     assert ablation["sources"][0]["tasks"] == ["needle"]
-    # Each stage trained from the one before's checkpoint.
-    config = json.loads((out / "main" / "long" / "config.json").read_text())
-    assert config["model"] == str(out / "main" / "short" / "final")
+
+    # Each cycle and stage trained from the one before's checkpoint.
+    def init_of(directory: str) -> str:
+        return json.loads((out / "main" / directory / "config.json").read_text())["model"]
+
+    assert init_of("short-2") == str(out / "main" / "short-1" / "final")
+    assert init_of("long") == str(out / "main" / "short-2" / "final")
     assert "| main | multikey |" in (out / "summary.md").read_text()

@@ -81,12 +81,15 @@ def main() -> None:
                     if key not in best or done["seconds"] < best[key]["seconds"]:
                         best[key] = done
         for backend in args.backends.split(","):
+            full = best[(length, backend, "full")]
             for pattern in ("full", "shifted_sparse"):
                 result = best[(length, backend, pattern)]
                 print(
-                    f"{length:>6} {backend:>12} {pattern:>15}: {result['seconds']:.2f} s/step, "
+                    f"{length:>6} {backend:>12} {pattern:>15}: {result['seconds']:.2f} s/step "
+                    f"({result['seconds'] / full['seconds']:.2f}x full), "
                     f"peak +{result['peak_mib']:.0f} MiB"
                 )
+        print(f"load average after {length}: {os.getloadavg()}", flush=True)
     print(f"load average at end: {os.getloadavg()}")
 
 

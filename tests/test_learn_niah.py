@@ -151,3 +151,19 @@ def test_a_tiny_learn_ruler_experiment_trains_the_stages_and_reports(tmp_path: P
     assert init_of("short-2") == str(out / "main" / "short-1" / "final")
     assert init_of("long") == str(out / "main" / "short-2" / "final")
     assert "| main | multikey |" in (out / "summary.md").read_text()
+    # S2-Attn vs full (benchmarks/s2_niah.py): the long stage again from the same start, with
+    # only the pattern changed; both evaluated with full attention.
+    s2_niah = importlib.import_module("benchmarks.s2_niah")
+    arguments = ["--from", str(out), "--out", str(tmp_path / "s2"), "--stage", "long"]
+    summary = s2_niah.main([*arguments, "--samples", "1", "--lengths", "640"])
+    assert [r["trained_with"] for r in summary["runs"]] == ["full", "shifted_sparse"]
+    s2_config = json.loads((tmp_path / "s2" / "shifted_sparse" / "config.json").read_text())
+    reference = out / "main" / "long" / "config.json"
+    full_config = json.loads(reference.read_text())
+    different = {key for key in s2_config if s2_config[key] != full_config[key]}
+    assert different == {"attention_pattern", "out_dir"}
+    assert s2_config["attention_pattern"] == "shifted_sparse"
+    assert (tmp_path / "s2" / "shifted_sparse" / "niah" / "results.json").is_file()
+    reference.write_text(json.dumps({**full_config, "attention_pattern": "shifted_sparse"}))
+    with pytest.raises(SystemExit, match="full attention"):
+        s2_niah.main([*arguments[:3], str(tmp_path / "s2-again"), "--stage", "long"])

@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP_RUN := $(VENV)/.installed-run
 STAMP_DEV := $(VENV)/.installed-dev
 
-.PHONY: demo test test-tf4 bench learn-niah learn-niah-ablations learn-ruler lint clean
+.PHONY: demo test test-tf4 bench learn-niah learn-niah-ablations learn-ruler s2-niah lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -61,9 +61,13 @@ learn-niah-ablations: $(STAMP_RUN)
 	$(BIN)/python benchmarks/learn_niah.py --out runs/learn-niah --jobs 3 --threads 1
 
 # Length generalisation and the RULER-style tasks (docs/EVAL.md): curriculum to 4K, eval at
-# 1K-8K, main run then the needle-only ablation. Not yet run in full (several hours on 2 cores).
+# 1K-8K, main run then the needle-only ablation. Not yet run in full (about 2 h on 2 quiet cores).
 learn-ruler: $(STAMP_RUN)
 	$(BIN)/python benchmarks/learn_ruler.py --out runs/learn-ruler --threads 2
+
+# S2-Attn vs full attention on learn-ruler's 1K-2K stage, both evaluated with full attention.
+s2-niah: $(STAMP_RUN)
+	$(BIN)/python benchmarks/s2_niah.py --from runs/learn-ruler --out runs/s2-niah --threads 2
 
 LINTED := longdata trainer evals tests benchmarks examples
 

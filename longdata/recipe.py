@@ -28,6 +28,7 @@ from pydantic import (
     model_validator,
 )
 
+from longdata.format import settings
 from longdata.format.paths import check_slug
 from longdata.format.yaml_budget import MAX_YAML_NODES, exceeds_node_budget
 from longdata.stages.control_tokens import SPECIAL_TOKENS_IN_TEXT
@@ -552,38 +553,14 @@ def check_against_tokenizer(recipe: Recipe, tokenizer=None) -> None:
 
 
 def apply_override(data: dict[str, Any], assignment: str) -> None:
-    """Apply ``key.path=value`` (``sources[1].weight=2`` or ``sources.1.weight=2``) in place.
-
-    The value is parsed as YAML, so ``true``, ``[4096, 8192]`` and ``null`` mean what they say.
+    """Apply ``key.path=value`` (``sources[1].weight=2`` or ``sources.1.weight=2``) in place, in
+    the grammar ``longdata train --set`` uses too (``longdata.format.settings``): the value is
+    read as YAML, so ``true``, ``[4096, 8192]`` and ``null`` mean what they say.
     """
-    key, sep, raw_value = assignment.partition("=")
-    if not sep or not key.strip():
-        raise RecipeError([f"--set {assignment!r}: expected key.path=value"])
-    parts = [p for p in re.split(r"\.|\[(\d+)\]", key.strip()) if p]
     try:
-        value = yaml.safe_load(raw_value)
-    except yaml.YAMLError as exc:
-        raise RecipeError([f"--set {key}: value is not valid YAML: {exc}"]) from None
-    node: Any = data
-    for depth, part in enumerate(parts):
-        last = depth == len(parts) - 1
-        where = ".".join(parts[: depth + 1])
-        if isinstance(node, list):
-            if not part.isdigit() or int(part) >= len(node):
-                raise RecipeError(
-                    [f"--set {key}: {where} is not an index of a {len(node)}-item list"]
-                )
-            index: Any = int(part)
-        elif isinstance(node, dict):
-            index = part
-        else:
-            raise RecipeError([f"--set {key}: {'.'.join(parts[:depth])} is not a mapping or list"])
-        if last:
-            node[index] = value
-        else:
-            if isinstance(node, dict) and index not in node:
-                node[index] = {}
-            node = node[index]
+        settings.assign(data, settings.parse_assignment(assignment))
+    except settings.SettingError as error:
+        raise RecipeError([str(error)]) from None
 
 
 def describe_error(err: dict[str, Any]) -> str:
@@ -591,9 +568,7 @@ def describe_error(err: dict[str, Any]) -> str:
     path = _key_path(err["loc"])
     kind, ctx, given = err["type"], err.get("ctx", {}), err.get("input")
     if kind == "extra_forbidden":
-        allowed = _allowed_keys(err["loc"])
-        hint = f"; allowed keys: {', '.join(allowed)}" if allowed else ""
-        return f"{path}: unknown key{hint}"
+        return settings.unknown_key(path, _allowed_keys(err["loc"]))
     if kind == "missing":
         return f"{path}: required key is missing"
     if kind == "union_tag_invalid" or kind == "union_tag_not_found":

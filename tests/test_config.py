@@ -99,7 +99,10 @@ def test_stage_steps_set_the_total_unless_steps_is_given() -> None:
 @pytest.mark.parametrize(
     ("arguments", "expected"),
     [
-        (["--set", "stpes=3"], "stpes: unknown key (--set); allowed keys: build_dir, out_dir,"),
+        (
+            ["--set", "stpes=3"],
+            "stpes: unknown key (--set); did you mean steps? allowed keys: build_dir,",
+        ),
         (["--set", "steps=many"], "steps must be an integer, not 'many'"),
         (["--set", "lora=maybe"], "lora must be true or false, not 'maybe'"),
         (["--set", "steps=0"], "steps must be >= 1, not 0"),

@@ -13,10 +13,10 @@ from longdata.recipe import RecipeError, apply_override
 from longdata.trainer.config import FIELDS, ConfigError, parse_set
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
-# `<key>: unknown key[ (<where>)]; allowed keys: <every key>; did you mean <closest>?`
+# `<key>: unknown key[ (<where>)]; did you mean <closest>? allowed keys: <every key>`
 UNKNOWN_KEY = re.compile(
-    r"^(?P<key>\S+): unknown key(?: \((?P<where>[^)]*)\))?; allowed keys: (?P<allowed>.+); "
-    r"did you mean (?P<closest>.+)\?$"
+    r"^(?P<key>\S+): unknown key(?: \((?P<where>[^)]*)\))?; did you mean (?P<closest>.+)\? "
+    r"allowed keys: (?P<allowed>.+)$"
 )
 # Ten aliases deep, ten items each: 10**6 values from a one-line value.
 ALIAS_BOMB = (

@@ -8,8 +8,8 @@ report with it, and so do the training config file and the train options.
   that expands past the YAML node budget (aliases) is refused.
 - `coerce` turns a value into a declared type (bool, int, float, str, a list of one of them,
   None where allowed) whether it came from `--set`, a YAML file or an option.
-- A key that names no setting is one line: `<key>: unknown key (<where>); allowed keys: ...;
-  did you mean <closest>?`.
+- A key that names no setting is one line: `<key>: unknown key (<where>); did you mean
+  <closest>? allowed keys: ...`.
 
 It lives in the build contract because the trainer may import nothing else from the builder.
 PyYAML (a dependency of both) is imported where a value is parsed, so importing the contract
@@ -90,15 +90,16 @@ def assign(data: dict[str, Any], assignment: Assignment) -> None:
 
 
 def unknown_key(key: str, allowed: Iterable[str], where: str | None = None) -> str:
-    """The one line for a key that names no setting: every allowed key, then the closest."""
+    """The one line for a key that names no setting: the closest keys, then every allowed one."""
     allowed = list(allowed)
     line = f"{key}: unknown key" + (f" ({where})" if where else "")
-    if allowed:
-        line += f"; allowed keys: {', '.join(allowed)}"
     # A dotted key is compared by its last part: `packing.max_len` is close to `max_seq_len`.
+    # The guess comes before the list, which may be long enough to be cut short.
     close = difflib.get_close_matches(key.rpartition(".")[2], allowed, n=3)
     if close:
         line += f"; did you mean {' or '.join(close)}?"
+    if allowed:
+        line += (" " if close else "; ") + f"allowed keys: {', '.join(allowed)}"
     return line
 
 

@@ -347,6 +347,7 @@ class Checkpointer:
         return resumed.dataloader
 
     def due(self, step: int) -> bool:
+        """Whether `step` is on the `checkpoint_every` cadence (never when it is 0)."""
         every = self._config.checkpoint_every
         return bool(every) and step % every == 0
 

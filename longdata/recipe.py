@@ -17,7 +17,6 @@ import reprlib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -43,7 +42,6 @@ COMPRESSION = re.compile(r"^(zstd|br|gz|snappy)(:\d+)?$")
 SIZE = re.compile(r"^(\d+)\s*(b|kb|mb|gb)?$", re.IGNORECASE)
 SIZE_UNITS = {"b": 1, "kb": 1 << 10, "mb": 1 << 20, "gb": 1 << 30}
 # Bounds on the work a recipe can ask for, checked before any starts.
-MAX_RECIPE_BYTES = 1 << 20
 MAX_GENERATED_ROWS = 10_000_000
 MAX_SEQ_LEN = 1 << 24  # tokens in one row: far beyond any model's context
 MAX_SAMPLE_CHARS = 50_000_000
@@ -471,21 +469,10 @@ class Recipe(Strict):
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     """Read, override and validate a recipe; raise RecipeError listing every problem."""
-    path = Path(path)
     try:
-        if path.stat().st_size > MAX_RECIPE_BYTES:
-            raise RecipeError(
-                [f"{path}: {path.stat().st_size:,} bytes; a recipe is at most {MAX_RECIPE_BYTES:,}"]
-            )
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise RecipeError([f"{path}: no such recipe file"]) from None
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise RecipeError([f"{path}: not valid YAML: {exc}"]) from None
-    except RecursionError:
-        raise RecipeError([f"{path}: nested too deeply to be a recipe"]) from None
-    if not isinstance(data, dict):
-        raise RecipeError([f"{path}: a recipe must be a YAML mapping, got {type(data).__name__}"])
+        data = settings.read_settings_file(path, "recipe")
+    except settings.SettingError as error:
+        raise RecipeError([str(error)]) from None
     for override in overrides:
         apply_override(data, override)
     return validate_recipe(data)

@@ -9,8 +9,8 @@ from typer.testing import CliRunner
 
 from longdata.cli import app
 from longdata.format.settings import SettingError, parse_assignment, unknown_key
-from longdata.recipe import RecipeError, apply_override
-from longdata.trainer.config import FIELDS, ConfigError, parse_set
+from longdata.recipe import RecipeError, apply_override, load_recipe
+from longdata.trainer.config import FIELDS, ConfigError, parse_set, read_config_file
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 # `<key>: unknown key[ (<where>)]; did you mean <closest>? allowed keys: <every key>`
@@ -107,3 +107,37 @@ def test_build_and_train_report_a_bad_set_key_in_the_same_shape(tmp_path: Path) 
     assert (build_found["key"], build_found["closest"]) == ("packing.max_len", "max_seq_len")
     assert (train_found["key"], train_found["closest"]) == ("stpes", "steps")
     assert "max_seq_len" in build_found["allowed"].split(", ")
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (None, "no such recipe file"),
+        (b"steps: [1\n", "line 2: not valid YAML (expected ',' or ']', but got '<stream end>')"),
+        (b"steps: \xff\n", "not valid YAML (invalid start byte)"),
+        (b"- steps\n- lr\n", "a recipe is a mapping of settings, not a list"),
+        (b"a: !!python/object/apply:os.system [true]\n", "line 1: not valid YAML"),
+        (
+            "\n".join(
+                [f"a0: &a0 [{', '.join(['1'] * 10)}]"]
+                + [f"a{n}: &a{n} [{', '.join([f'*a{n - 1}'] * 10)}]" for n in range(1, 6)]
+            ).encode(),
+            "expands to more than 100,000 values (YAML aliases?); a recipe is a short list",
+        ),
+        (b"#" * (1 << 20) + b"\n", "1,048,577 bytes; a recipe is at most 1,048,576"),
+    ],
+)
+def test_a_bad_settings_file_is_the_same_line_for_build_and_train(
+    tmp_path: Path, content: bytes | None, expected: str
+) -> None:
+    path = tmp_path / "settings.yml"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(RecipeError) as recipe_error:
+        load_recipe(path)
+    with pytest.raises(ConfigError) as train_error:
+        read_config_file(path)
+    recipe_line, train_line = str(recipe_error.value), str(train_error.value)
+    assert recipe_line.startswith(f"{path}") and expected in recipe_line, recipe_line
+    assert "\n" not in recipe_line
+    assert recipe_line.replace("recipe", "training config") == train_line

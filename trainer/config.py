@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from longdata.format import settings
-from longdata.format.yaml_budget import MAX_YAML_NODES, exceeds_node_budget
 
 LOSS_MODES = ("token_mean", "sequence_mean")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -42,7 +41,6 @@ UPPER_BOUNDS = {
 BATCHING_METHODS = ("random", "per_stream")
 ATTENTION_PATTERNS = ("full", "shifted_sparse")
 REPORTERS = ("tensorboard", "wandb")
-MAX_CONFIG_BYTES = 1 << 20  # a training config is a few hundred bytes; refuse anything huge
 
 
 DEFAULT_LOSS_CHUNK_TOKENS = 2048  # 1 GiB of fp32 logits at Llama 3's 128K vocabulary
@@ -345,31 +343,10 @@ def _as_config_error() -> Iterator[None]:
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
-    """A YAML (or JSON) mapping of settings, parsed safely, keys checked."""
-    import yaml
-
-    path = Path(path)
-    try:
-        if path.stat().st_size > MAX_CONFIG_BYTES:
-            raise ConfigError(
-                f"{path}: larger than {MAX_CONFIG_BYTES} bytes; not a training config"
-            )
-        data = yaml.safe_load(path.read_text())
-    except OSError as error:
-        raise ConfigError(f"cannot read {path}: {error.strerror or error}") from None
-    except yaml.YAMLError as error:
-        where = getattr(error, "problem_mark", None)
-        line = f" line {where.line + 1}" if where is not None else ""
-        raise ConfigError(f"{path}{line}: not valid YAML") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a training config is a mapping of settings")
-    if exceeds_node_budget(data):
-        raise ConfigError(
-            f"{path}: expands to more than {MAX_YAML_NODES:,} values (YAML aliases?); "
-            "a training config is a short list of settings"
-        )
+    """A YAML (or JSON) mapping of settings, read as every settings file is
+    (`longdata.format.settings.read_settings_file`), keys checked."""
+    with _as_config_error():
+        data = settings.read_settings_file(path, "training config")
     for name in data:
         _check_key(str(name), str(path))
     return dict(data)

@@ -3,6 +3,8 @@ report with it, and so do the training config file and the train options.
 
 - An assignment is `key=value`. A key is a dotted path: `packing.max_seq_len`, list items as
   `sources[1].weight` or `sources.1.weight` (a training setting's key is one field name).
+- A settings file (a recipe, a training config) is a YAML mapping read by `read_settings_file`
+  within a byte and a node budget, with the same one-line errors for both.
 - A value is read as YAML: `5` is an int, `0.5` a float, `true` a bool, `null` (or nothing) None,
   `[4096, 8192]` a list. Text that is not valid YAML (`@run`) stays the text it is, and a value
   that expands past the YAML node budget (aliases) is refused.
@@ -26,10 +28,13 @@ import types
 import typing
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from longdata.format.yaml_budget import MAX_YAML_NODES, exceeds_node_budget
 
+# A recipe or training config is a few hundred bytes; refuse anything huge before parsing it.
+MAX_SETTINGS_BYTES = 1 << 20
 # `sources[1].weight` and `sources.1.weight` both name item 1 of `sources`.
 _PATH_PART = re.compile(r"\.|\[(\d+)\]")
 
@@ -106,6 +111,47 @@ def unknown_key(key: str, allowed: Iterable[str], where: str | None = None) -> s
 def check_key(key: str, allowed: typing.Collection[str], where: str | None = None) -> None:
     if key not in allowed:
         raise SettingError(unknown_key(key, allowed, where))
+
+
+def read_settings_file(path: str | Path, what: str) -> dict[str, Any]:
+    """A YAML (or JSON) mapping read safely (`yaml.safe_load`: no Python objects), within the
+    byte and node budgets; an empty file is an empty mapping. `what` names the file in errors
+    (`recipe`, `training config`); keys are the caller's to check."""
+    import yaml
+
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size > MAX_SETTINGS_BYTES:
+            raise SettingError(
+                f"{path}: {size:,} bytes; a {what} is at most {MAX_SETTINGS_BYTES:,}"
+            )
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SettingError(f"{path}: no such {what} file") from None
+    except OSError as error:
+        raise SettingError(f"{path}: cannot be read ({error.strerror or error})") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        mark = getattr(error, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or getattr(error, "reason", None)
+        raise SettingError(
+            f"{path}{line}: not valid YAML" + (f" ({problem})" if problem else "")
+        ) from None
+    except RecursionError:
+        raise SettingError(f"{path}: nested too deeply to be a {what}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SettingError(
+            f"{path}: a {what} is a mapping of settings, not a {type(data).__name__}"
+        )
+    if exceeds_node_budget(data):
+        raise SettingError(
+            f"{path}: expands to more than {MAX_YAML_NODES:,} values (YAML aliases?); "
+            f"a {what} is a short list of settings"
+        )
+    return data
 
 
 # ---------------------------------------------------------------------------------------------

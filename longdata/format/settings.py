@@ -1,5 +1,5 @@
 """One grammar for settings: `longdata build --set` and `longdata train --set` parse, type and
-report with it, and so do the training config file and the train options.
+report with it, and so do recipe files, training config files and the train options.
 
 - An assignment is `key=value`. A key is a dotted path: `packing.max_seq_len`, list items as
   `sources[1].weight` or `sources.1.weight` (a training setting's key is one field name).
@@ -9,13 +9,14 @@ report with it, and so do the training config file and the train options.
   `[4096, 8192]` a list. Text that is not valid YAML (`@run`) stays the text it is, and a value
   that expands past the YAML node budget (aliases) is refused.
 - `coerce` turns a value into a declared type (bool, int, float, str, a list of one of them,
-  None where allowed) whether it came from `--set`, a YAML file or an option.
+  None where allowed) whether it came from `--set`, a YAML file or an option (a training
+  setting's; a recipe's value is checked by its pydantic model).
 - A key that names no setting is one line: `<key>: unknown key (<where>); did you mean
   <closest>? allowed keys: ...`.
 
 It lives in the build contract because the trainer may import nothing else from the builder.
-PyYAML (a dependency of both) is imported where a value is parsed, so importing the contract
-stays light.
+PyYAML (a dependency of both) is imported where a value or file is parsed, so importing the
+contract stays light.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ _PATH_PART = re.compile(r"\.|\[(\d+)\]")
 
 
 class SettingError(ValueError):
-    """A setting that cannot be used; the message is one line naming the key."""
+    """A setting that cannot be used; the message is one line naming the key or the file."""
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,6 @@ import reprlib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -28,6 +27,7 @@ from pydantic import (
     model_validator,
 )
 
+from longdata.format import settings
 from longdata.format.paths import check_slug
 from longdata.format.yaml_budget import MAX_YAML_NODES, exceeds_node_budget
 from longdata.stages.control_tokens import SPECIAL_TOKENS_IN_TEXT
@@ -42,7 +42,6 @@ COMPRESSION = re.compile(r"^(zstd|br|gz|snappy)(:\d+)?$")
 SIZE = re.compile(r"^(\d+)\s*(b|kb|mb|gb)?$", re.IGNORECASE)
 SIZE_UNITS = {"b": 1, "kb": 1 << 10, "mb": 1 << 20, "gb": 1 << 30}
 # Bounds on the work a recipe can ask for, checked before any starts.
-MAX_RECIPE_BYTES = 1 << 20
 MAX_GENERATED_ROWS = 10_000_000
 MAX_SEQ_LEN = 1 << 24  # tokens in one row: far beyond any model's context
 MAX_SAMPLE_CHARS = 50_000_000
@@ -470,21 +469,10 @@ class Recipe(Strict):
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     """Read, override and validate a recipe; raise RecipeError listing every problem."""
-    path = Path(path)
     try:
-        if path.stat().st_size > MAX_RECIPE_BYTES:
-            raise RecipeError(
-                [f"{path}: {path.stat().st_size:,} bytes; a recipe is at most {MAX_RECIPE_BYTES:,}"]
-            )
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise RecipeError([f"{path}: no such recipe file"]) from None
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise RecipeError([f"{path}: not valid YAML: {exc}"]) from None
-    except RecursionError:
-        raise RecipeError([f"{path}: nested too deeply to be a recipe"]) from None
-    if not isinstance(data, dict):
-        raise RecipeError([f"{path}: a recipe must be a YAML mapping, got {type(data).__name__}"])
+        data = settings.read_settings_file(path, "recipe")
+    except settings.SettingError as error:
+        raise RecipeError([str(error)]) from None
     for override in overrides:
         apply_override(data, override)
     return validate_recipe(data)
@@ -552,38 +540,14 @@ def check_against_tokenizer(recipe: Recipe, tokenizer=None) -> None:
 
 
 def apply_override(data: dict[str, Any], assignment: str) -> None:
-    """Apply ``key.path=value`` (``sources[1].weight=2`` or ``sources.1.weight=2``) in place.
-
-    The value is parsed as YAML, so ``true``, ``[4096, 8192]`` and ``null`` mean what they say.
+    """Apply ``key.path=value`` (``sources[1].weight=2`` or ``sources.1.weight=2``) in place, in
+    the grammar ``longdata train --set`` uses too (``longdata.format.settings``): the value is
+    read as YAML, so ``true``, ``[4096, 8192]`` and ``null`` mean what they say.
     """
-    key, sep, raw_value = assignment.partition("=")
-    if not sep or not key.strip():
-        raise RecipeError([f"--set {assignment!r}: expected key.path=value"])
-    parts = [p for p in re.split(r"\.|\[(\d+)\]", key.strip()) if p]
     try:
-        value = yaml.safe_load(raw_value)
-    except yaml.YAMLError as exc:
-        raise RecipeError([f"--set {key}: value is not valid YAML: {exc}"]) from None
-    node: Any = data
-    for depth, part in enumerate(parts):
-        last = depth == len(parts) - 1
-        where = ".".join(parts[: depth + 1])
-        if isinstance(node, list):
-            if not part.isdigit() or int(part) >= len(node):
-                raise RecipeError(
-                    [f"--set {key}: {where} is not an index of a {len(node)}-item list"]
-                )
-            index: Any = int(part)
-        elif isinstance(node, dict):
-            index = part
-        else:
-            raise RecipeError([f"--set {key}: {'.'.join(parts[:depth])} is not a mapping or list"])
-        if last:
-            node[index] = value
-        else:
-            if isinstance(node, dict) and index not in node:
-                node[index] = {}
-            node = node[index]
+        settings.assign(data, settings.parse_assignment(assignment))
+    except settings.SettingError as error:
+        raise RecipeError([str(error)]) from None
 
 
 def describe_error(err: dict[str, Any]) -> str:
@@ -591,9 +555,7 @@ def describe_error(err: dict[str, Any]) -> str:
     path = _key_path(err["loc"])
     kind, ctx, given = err["type"], err.get("ctx", {}), err.get("input")
     if kind == "extra_forbidden":
-        allowed = _allowed_keys(err["loc"])
-        hint = f"; allowed keys: {', '.join(allowed)}" if allowed else ""
-        return f"{path}: unknown key{hint}"
+        return settings.unknown_key(path, _allowed_keys(err["loc"]))
     if kind == "missing":
         return f"{path}: required key is missing"
     if kind == "union_tag_invalid" or kind == "union_tag_not_found":

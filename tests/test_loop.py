@@ -1,18 +1,21 @@
 """The training loop: exact resume after a kill, LoRA, and loadable final checkpoints."""
 
+import dataclasses
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from torch.optim.lr_scheduler import LambdaLR
 from transformers import AutoModelForCausalLM
 
 from longdata.trainer import collate
-from longdata.trainer.checkpoint import STATE_FILE, CheckpointError, checkpoint_dir
+from longdata.trainer.checkpoint import STATE_FILE, Checkpointer, CheckpointError, checkpoint_dir
 from longdata.trainer.config import ConfigError, resolve
-from longdata.trainer.curriculum import plan_stages, share_steps
+from longdata.trainer.curriculum import Stage, plan_stages, share_steps
 from longdata.trainer.data import Manifest
+from longdata.trainer.distributed import ParallelContext
 from longdata.trainer.flops import (
     FlopShape,
     device_peak_tflops,
@@ -341,6 +344,57 @@ def test_keep_checkpoints_prunes_only_its_own(build: Path, tmp_path: Path) -> No
     kept = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert kept == ["best", "step_0000004", "step_0000005", "step_9999999"]
     assert all((path / "weights.bin").read_text() == "not ours" for path in foreign)
+
+
+class _Data:
+    """The split and loader position a checkpoint records, as the loop's stream gives them."""
+
+    split = "train"
+    samples = 0
+
+    def position(self) -> dict[str, int]:
+        return {"samples_in_epoch": self.samples}
+
+
+def _trainable() -> tuple[torch.nn.Module, torch.optim.Optimizer, LambdaLR]:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    return model, optimizer, LambdaLR(optimizer, lambda step: 1 / (step + 1))
+
+
+def test_the_checkpointer_owns_cadence_pruning_and_the_resume_lookup(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    config = TrainConfig(build_dir="b", out_dir=str(run), checkpoint_every=2, keep_checkpoints=2)
+    context = ParallelContext(device=torch.device("cpu"))
+    checkpointer = Checkpointer(config, context)
+    model, optimizer, scheduler = _trainable()
+    assert checkpointer.restore(model, optimizer, scheduler) == 0
+    data, saved, weights = _Data(), [], {}
+    for step in range(1, 8):
+        model(torch.ones(1, 3)).sum().backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        data.samples = 4 * step
+        saved.append(checkpointer.save_if_due(step, data))
+        weights[step] = model.weight.detach().clone()
+    assert [path.name if path else None for path in saved] == [
+        None, "step_0000002", None, "step_0000004", None, "step_0000006", None
+    ]  # fmt: skip
+    assert sorted(path.name for path in (run / "checkpoints").iterdir()) == [
+        "step_0000004",
+        "step_0000006",
+    ]
+
+    resumed = Checkpointer(dataclasses.replace(config, resume=str(run)), context)
+    model, optimizer, scheduler = _trainable()
+    assert resumed.restore(model, optimizer, scheduler) == 6
+    assert torch.equal(model.weight, weights[6]) and scheduler.last_epoch == 6
+    assert resumed.loader_position(Stage("train", 1, 9)) == {"samples_in_epoch": 24}
+    assert resumed.loader_position(Stage("train", 7, 9)) is None  # a later stage starts afresh
+    with pytest.raises(CheckpointError, match="was training split train at step 6"):
+        resumed.loader_position(Stage("ctx16k/train", 5, 9))
 
 
 def test_resume_of_a_path_without_checkpoints_is_one_line(build: Path, tmp_path: Path) -> None:

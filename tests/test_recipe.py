@@ -36,7 +36,7 @@ def test_unknown_key_lists_allowed_keys():
     data = quickstart()
     data["packing"]["max_len"] = 4096
     [line] = problems(data)
-    assert line.startswith("packing.max_len: unknown key; allowed keys: ")
+    assert line.startswith("packing.max_len: unknown key; did you mean max_seq_len? allowed keys: ")
     assert "max_seq_len" in line and "overlength" in line
 
 
@@ -44,7 +44,7 @@ def test_unknown_key_inside_a_source_lists_that_kinds_keys():
     data = quickstart()
     data["sources"][2]["lenght_range"] = [1, 2]
     [line] = problems(data)
-    assert line.startswith("sources[2].lenght_range: unknown key; allowed keys: ")
+    assert line.startswith("sources[2].lenght_range: unknown key; did you mean length_range")
     assert "length_range" in line
 
 

@@ -10,6 +10,10 @@ A checkpoint is a directory `<out_dir>/checkpoints/step_<N>/` (seven digits) wit
 
 Only directories with that name holding this trainer's `meta.json` format are ever read as the
 newest checkpoint, replaced or pruned (`keep_checkpoints`).
+
+The loop talks to one `Checkpointer`, which owns the run's checkpoints the way torchtitan's
+CheckpointManager does: the lookup of the one `resume` names, the cadence (`checkpoint_every`),
+the save, and the pruning to the newest `keep_checkpoints`.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -29,6 +33,7 @@ import torch.distributed as dist
 from transformers import PreTrainedModel
 
 from longdata.trainer.config import ConfigError, TrainConfig
+from longdata.trainer.curriculum import Stage
 from longdata.trainer.distributed import ParallelContext
 
 CHECKPOINT_FORMAT = "longdata-trainer-checkpoint/1"
@@ -279,3 +284,89 @@ def prune_checkpoints(out_dir: Path, keep: int) -> list[Path]:
     for path in removed:
         shutil.rmtree(path)
     return removed
+
+
+# ---------------------------------------------------------------------------------------------
+# The run's checkpointer
+
+
+class LoaderPosition(Protocol):
+    """Where the data stands: the split being trained and the dataloader's position in it."""
+
+    split: str
+
+    def position(self) -> dict[str, Any]: ...
+
+
+class Checkpointer:
+    """A run's checkpoints: which one it resumes from (`resume`), when it writes one (every
+    `checkpoint_every` steps), and how many it keeps (`keep_checkpoints`).
+
+    Built before anything is written, so a wrong `--resume` fails first; `restore` then names
+    the weights, optimizer and schedule it saves from and loads the resumed state into them.
+    """
+
+    def __init__(self, config: TrainConfig, context: ParallelContext) -> None:
+        self._config = config
+        self._context = context
+        self._out_dir = Path(config.out_dir)
+        self.resume_from = find_checkpoint(config.resume) if config.resume else None
+        self._resumed: CheckpointMeta | None = None
+        self._model: PreTrainedModel | None = None
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+
+    def restore(
+        self,
+        model: PreTrainedModel,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+    ) -> int:
+        """Keep these as what `save_if_due` saves; load the resume checkpoint into them (every
+        rank). Returns the step the run continues after: the checkpoint's, or 0."""
+        self._model, self._optimizer, self._scheduler = model, optimizer, scheduler
+        if self.resume_from is None:
+            return 0
+        self._resumed = load_checkpoint(
+            self.resume_from, model, optimizer, scheduler, self._context
+        )
+        return self._resumed.step
+
+    def loader_position(self, stage: Stage) -> dict[str, Any] | None:
+        """The dataloader position `stage` starts from: the checkpoint's if it was taken in that
+        stage, else None (the stage starts from its beginning)."""
+        resumed = self._resumed
+        if resumed is None or stage.first_step > resumed.step:
+            return None
+        if resumed.split != stage.split:
+            raise CheckpointError(
+                f"{self.resume_from} was training split {resumed.split} at step {resumed.step}, "
+                f"but this run's step {resumed.step} trains {stage.split}: resume with the same "
+                "split, steps and stage_steps"
+            )
+        return resumed.dataloader
+
+    def due(self, step: int) -> bool:
+        """Whether `step` is on the `checkpoint_every` cadence (never when it is 0)."""
+        every = self._config.checkpoint_every
+        return bool(every) and step % every == 0
+
+    def save_if_due(self, step: int, data: LoaderPosition) -> Path | None:
+        """After `step`: on the cadence, save (every rank must call this: saving gathers), then
+        prune to the newest `keep_checkpoints` (rank 0). Returns the checkpoint written."""
+        if not self.due(step):
+            return None
+        path = save_checkpoint(
+            self._out_dir,
+            step,
+            data.split,
+            self._model,
+            self._optimizer,
+            self._scheduler,
+            data.position(),
+            self._config,
+            self._context,
+        )
+        if self._context.is_main:
+            prune_checkpoints(self._out_dir, self._config.keep_checkpoints)
+        return path

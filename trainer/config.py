@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import types
 import typing
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from longdata.format.yaml_budget import MAX_YAML_NODES, exceeds_node_budget
+from longdata.format import settings
 
 LOSS_MODES = ("token_mean", "sequence_mean")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -40,7 +41,6 @@ UPPER_BOUNDS = {
 BATCHING_METHODS = ("random", "per_stream")
 ATTENTION_PATTERNS = ("full", "shifted_sparse")
 REPORTERS = ("tensorboard", "wandb")
-MAX_CONFIG_BYTES = 1 << 20  # a training config is a few hundred bytes; refuse anything huge
 
 
 DEFAULT_LOSS_CHUNK_TOKENS = 2048  # 1 GiB of fp32 logits at Llama 3's 128K vocabulary
@@ -318,132 +318,47 @@ def defaults() -> dict[str, Any]:
 
 def value_type(name: str) -> tuple[Any, bool]:
     """(the field's type without `| None`, whether None is allowed)."""
-    annotation = FIELD_TYPES[name]
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-        members = [a for a in typing.get_args(annotation) if a is not type(None)]
-        return members[0], True
-    return annotation, False
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    return settings.value_type(FIELD_TYPES[name])
 
 
 def coerce(name: str, value: Any) -> Any:
-    """`value` (from YAML, `--set` or an option) as field `name`'s type, or `ConfigError`.
-
-    A list field also takes a comma-separated string, so `--set lora_targets=q_proj,v_proj`
-    and `--lora-targets q_proj,v_proj` mean the same.
-    """
-    kind, optional = value_type(name)
-    if value is None:
-        if optional:
-            return None
-        raise ConfigError(f"{name} cannot be null")
-    wrong = ConfigError(f"{name} must be {_type_name(kind)}, not {_short(value)}")
-    if typing.get_origin(kind) is list:
-        (item,) = typing.get_args(kind)
-        if isinstance(value, str):
-            value = [part.strip() for part in value.split(",") if part.strip()]
-        if not isinstance(value, list):
-            raise wrong
-        try:
-            return [_scalar(item, part) for part in value]
-        except ValueError:
-            raise wrong from None
-    try:
-        return _scalar(kind, value)
-    except ValueError:
-        raise wrong from None
-
-
-def _scalar(kind: type, value: Any) -> Any:
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        raise ValueError
-    if kind is int:
-        if isinstance(value, bool):
-            raise ValueError
-        if isinstance(value, int):
-            return value
-        if isinstance(value, str):
-            return int(value)
-        raise ValueError
-    if kind is float:
-        if isinstance(value, bool) or not isinstance(value, int | float | str):
-            raise ValueError
-        number = float(value)
-        if number != number or number in (float("inf"), float("-inf")):
-            raise ValueError
-        return number
-    if kind is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return str(value)  # e.g. `--set split=2` or a numeric run name
-        raise ValueError
-    raise TypeError(f"no coercion for {kind}")
-
-
-def _type_name(kind: Any) -> str:
-    if typing.get_origin(kind) is list:
-        return f"a list of {_type_name(typing.get_args(kind)[0])}"
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[kind]
+    """`value` (from YAML, `--set` or an option) as field `name`'s type, or `ConfigError`;
+    typed as `longdata.format.settings.coerce` types every setting."""
+    with _as_config_error():
+        return settings.coerce(name, FIELD_TYPES[name], value)
 
 
 def _check_key(name: str, where: str) -> None:
-    if name not in FIELDS:
-        raise ConfigError(
-            f"unknown training setting {name!r} ({where}); allowed: {', '.join(FIELDS)}"
-        )
+    with _as_config_error():
+        settings.check_key(name, FIELDS, where)
+
+
+@contextmanager
+def _as_config_error() -> Iterator[None]:
+    """The shared grammar's one-line errors, raised as the trainer's `ConfigError`."""
+    try:
+        yield
+    except settings.SettingError as error:
+        raise ConfigError(str(error)) from None
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
-    """A YAML (or JSON) mapping of settings, parsed safely, keys checked."""
-    import yaml
-
-    path = Path(path)
-    try:
-        if path.stat().st_size > MAX_CONFIG_BYTES:
-            raise ConfigError(
-                f"{path}: larger than {MAX_CONFIG_BYTES} bytes; not a training config"
-            )
-        data = yaml.safe_load(path.read_text())
-    except OSError as error:
-        raise ConfigError(f"cannot read {path}: {error.strerror or error}") from None
-    except yaml.YAMLError as error:
-        where = getattr(error, "problem_mark", None)
-        line = f" line {where.line + 1}" if where is not None else ""
-        raise ConfigError(f"{path}{line}: not valid YAML") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a training config is a mapping of settings")
-    if exceeds_node_budget(data):
-        raise ConfigError(
-            f"{path}: expands to more than {MAX_YAML_NODES:,} values (YAML aliases?); "
-            "a training config is a short list of settings"
-        )
+    """A YAML (or JSON) mapping of settings, read as every settings file is
+    (`longdata.format.settings.read_settings_file`), keys checked."""
+    with _as_config_error():
+        data = settings.read_settings_file(path, "training config")
     for name in data:
         _check_key(str(name), str(path))
     return dict(data)
 
 
-def parse_set(assignment: str) -> tuple[str, Any]:
-    """`key=value`, the value read as YAML (`steps=5` is 5, `lora=true` is True)."""
-    import yaml
-
-    name, equals, text = assignment.partition("=")
-    name = name.strip()
-    if not equals or not name:
-        raise ConfigError(f"--set {assignment!r}: expected key=value")
-    _check_key(name, "--set")
-    try:
-        return name, yaml.safe_load(text) if text.strip() else text
-    except yaml.YAMLError:
-        return name, text
+def parse_set(text: str) -> tuple[str, Any]:
+    """`key=value` in the grammar `longdata build --set` uses too (`steps=5` is 5, `lora=true`
+    is True); the key must be a field."""
+    with _as_config_error():
+        assignment = settings.parse_assignment(text)
+    _check_key(assignment.key, "--set")
+    return assignment.key, assignment.value
 
 
 def resolve(

@@ -4,13 +4,15 @@ Under torchrun the same loop runs on every rank (see `trainer.distributed`): eac
 streams its own rows, each SP group its own rows split along the sequence, the step's loss is
 normalised over all ranks, and rank 0 alone logs and writes files.
 
-Read top to bottom: `train` builds the model, optimizer and schedule once, then runs the steps
-of each stage (`trainer.curriculum`: one split, or a staged build's training splits in order).
-A step draws `grad_accum` micro-batches first, so the loss can be normalised by the whole
-step's target tokens (or samples), then runs forward and backward on each. Every
-`checkpoint_every` steps a checkpoint (`trainer.checkpoint`) captures the trainable weights,
-optimizer, scheduler, RNG states and the dataloader's position; `resume` continues from one and
-reproduces the uninterrupted run step for step, across stage boundaries too.
+Read top to bottom: `_train` prepares the run directory, builds the model, optimizer and
+schedule once into a `RunState`, then runs the steps of each stage (`trainer.curriculum`: one
+split, or a staged build's training splits in order). A step draws `grad_accum` micro-batches
+first, so the loss can be normalised by the whole step's target tokens (or samples), then runs
+forward and backward on each. The run's `Checkpointer` (`trainer.checkpoint`) owns the
+checkpoints: every `checkpoint_every` steps it captures the trainable weights, optimizer,
+scheduler, RNG states and the dataloader's position, keeps the newest `keep_checkpoints`, and
+restores the one `resume` names, so a resumed run reproduces the uninterrupted one step for
+step, across stage boundaries too.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ import resource
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass, replace
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,14 +35,7 @@ from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel
 
 from longdata.trainer.attention import shifted_sparse_inputs
-from longdata.trainer.checkpoint import (
-    CheckpointError,
-    CheckpointMeta,
-    find_checkpoint,
-    load_checkpoint,
-    prune_checkpoints,
-    save_checkpoint,
-)
+from longdata.trainer.checkpoint import Checkpointer
 from longdata.trainer.config import TrainConfig
 from longdata.trainer.curriculum import Stage, plan_stages, validation_split
 from longdata.trainer.data import Manifest, make_dataloader, make_dataset
@@ -223,18 +218,25 @@ class _SplitStream:
         position: dict[str, Any] | None = None,
     ) -> None:
         self.split = split
+        self._manifest = manifest
+        self._config = config
+        self._context = context
+        self._open(position)
+
+    def _open(self, position: dict[str, Any] | None) -> None:
+        config = self._config
         self._dataset = make_dataset(
-            manifest,
-            split,
+            self._manifest,
+            self.split,
             config.batch_size,
             shuffle=config.shuffle,
             shuffle_seed=config.seed,
             batching_method=config.batching_method,
             remote=config.remote,
-            replication=context.sp_size,
+            replication=self._context.sp_size,
         )
         # Rows are padded to a multiple of sp so that they split into equal sequence shards.
-        pad_to_multiple_of = math.lcm(config.pad_to_multiple_of or 1, context.sp_size)
+        pad_to_multiple_of = math.lcm(config.pad_to_multiple_of or 1, self._context.sp_size)
         self._loader = make_dataloader(self._dataset, config.batch_size, pad_to_multiple_of)
         if position is not None:
             self._loader.load_state_dict(position)
@@ -255,11 +257,39 @@ class _SplitStream:
     def position(self) -> dict[str, Any]:
         return self._loader.state_dict()
 
+    @contextmanager
+    def released(self) -> Iterator[None]:
+        """Free this stream's cached shard while something else reads the build (validation
+        reads its own), then reopen it at the same position."""
+        position = self.position()
+        self.close()
+        yield
+        self._open(position)
+
     def close(self) -> None:
         if self._loader is None:
             return
         self._batches.close()
         self._loader = self._dataset = None
+
+
+@dataclass
+class RunState:
+    """What the loop carries from step to step: fixed for the run, then what each step moves."""
+
+    config: TrainConfig
+    context: ParallelContext
+    manifest: Manifest
+    model: PreTrainedModel
+    scorer: torch.nn.Module  # the (DDP/FSDP-wrapped) module whose forward computes the losses
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    flop_shape: FlopShape
+    peak_tflops: float | None
+    step: int  # the last finished optimizer step (the checkpoint's when resumed, else 0)
+    stage: Stage | None = None  # the curriculum stage being trained
+    stream: _SplitStream | None = None  # its batches; the loader position a checkpoint keeps
+    metrics: list[StepMetrics] = field(default_factory=list)
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -273,17 +303,20 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _validation(
-    model: PreTrainedModel,
-    manifest: Manifest,
-    split: str,
-    config: TrainConfig,
-    device: torch.device,
-) -> dict[str, Any]:
-    """The validation loss on `split` (every rank computes it: FSDP's forward is collective)."""
+def _validation(run: RunState) -> dict[str, Any] | None:
+    """The validation loss on the stage's validation split, None where the build has none.
+
+    Every rank computes it (FSDP's forward is collective).
+    """
+    config, device = run.config, run.context.device
+    split = validation_split(run.manifest, config, run.stage.split)
+    if split is None:
+        return None
     with _autocast(config.precision, device):
-        overall = evaluate_loss(model, manifest, split, batch_size=config.batch_size).overall()
-    model.train()
+        overall = evaluate_loss(
+            run.model, run.manifest, split, batch_size=config.batch_size
+        ).overall()
+    run.model.train()
     return {
         "split": split,
         "token_mean": overall.token_mean,
@@ -312,16 +345,63 @@ def train(config: TrainConfig, on_step: Callable[[StepMetrics], None] | None = N
 def _train(
     config: TrainConfig, context: ParallelContext, on_step: Callable[[StepMetrics], None] | None
 ) -> TrainResult:
-    device = context.device
-    out_dir = Path(config.out_dir)
     manifest = Manifest.read(config.build_dir)
-    sources = manifest.source_names
     stages = plan_stages(manifest, config)
-    checkpoint = find_checkpoint(config.resume) if config.resume else None
-    if context.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
+    # Looks the resume checkpoint up now: a wrong --resume fails before anything is written.
+    checkpointer = Checkpointer(config, context)
+    _prepare_out_dir(config, context)
+    run = _start_run(config, context, manifest, checkpointer)
+    log = MetricsLog(config, run.step, enabled=context.is_main)
+    progress = _Progress(config, run.step, enabled=context.is_main)
+    try:
+        run.model.train()
+        for stage in stages:
+            if stage.last_step <= run.step:
+                continue
+            run.stage = stage
+            position = checkpointer.loader_position(stage)
+            run.stream = _SplitStream(manifest, stage.split, config, context, position)
+            while run.step < stage.last_step:
+                metrics = _step(run)
+                if config.eval_every and run.step % config.eval_every == 0:
+                    with run.stream.released():
+                        metrics = replace(metrics, validation=_validation(run))
+                run.metrics.append(metrics)
+                checkpointer.save_if_due(run.step, run.stream)
+                if (
+                    run.step % config.log_every == 0
+                    or run.step == config.steps
+                    or metrics.validation
+                ):
+                    log.write(asdict(metrics))
+                progress.update(metrics)
+                if on_step is not None:
+                    on_step(metrics)
+            run.stream.close()
+        final_dir = _save_final(run.model, config, Path(config.out_dir), context)
+    finally:
+        progress.close()
+        log.close()
+        if run.stream is not None:
+            run.stream.close()
+    return TrainResult(metrics=run.metrics, final_dir=final_dir)
 
+
+def _prepare_out_dir(config: TrainConfig, context: ParallelContext) -> None:
+    """The one place the run directory is created (rank 0), with the resolved config in it."""
+    if not context.is_main:
+        return
+    out_dir = Path(config.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
+
+
+def _start_run(
+    config: TrainConfig, context: ParallelContext, manifest: Manifest, checkpointer: Checkpointer
+) -> RunState:
+    """Seed, build the model, optimizer and schedule, and restore the resume checkpoint's state
+    into them (its RNG states last, so they are what the first step draws from)."""
+    device = context.device
     random.seed(config.seed)
     np.random.seed(config.seed)
     torch.manual_seed(config.seed)
@@ -334,91 +414,20 @@ def _train(
     scorer = wrap_model(TargetScorer(model, loss_chunk_tokens), config.parallel, context)
     optimizer = _optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_schedule(config))
-    resumed = (
-        load_checkpoint(checkpoint, model, optimizer, scheduler, context) if checkpoint else None
+    start_step = checkpointer.restore(model, optimizer, scheduler)
+    return RunState(
+        config=config,
+        context=context,
+        manifest=manifest,
+        model=model,
+        scorer=scorer,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        flop_shape=FlopShape.of(model),
+        peak_tflops=config.peak_tflops
+        or device_peak_tflops(device, _uses_bf16(config.precision, device)),
+        step=start_step,
     )
-    start_step = resumed.step if resumed else 0
-    log = MetricsLog(config, start_step, enabled=context.is_main)
-    flop_shape = FlopShape.of(model)
-    peak_tflops = config.peak_tflops or device_peak_tflops(
-        device, _uses_bf16(config.precision, device)
-    )
-
-    progress = _Progress(config, start_step, enabled=context.is_main)
-    results: list[StepMetrics] = []
-    stream: _SplitStream | None = None
-    try:
-        model.train()
-        for stage in stages:
-            if stage.last_step <= start_step:
-                continue
-            position = None
-            if resumed is not None and stage.first_step <= start_step:
-                position = _resumed_position(resumed, stage, checkpoint)
-            stream = _SplitStream(manifest, stage.split, config, context, position)
-            for step in range(max(stage.first_step, start_step + 1), stage.last_step + 1):
-                metrics = _step(
-                    step,
-                    stream,
-                    scorer,
-                    model,
-                    optimizer,
-                    scheduler,
-                    config,
-                    context,
-                    sources,
-                    flop_shape,
-                    peak_tflops,
-                )
-                if config.eval_every and step % config.eval_every == 0:
-                    # Free the training stream's cached shard while validation reads its own,
-                    # and reopen it at the same position afterwards.
-                    saved = stream.position()
-                    stream.close()
-                    eval_split = validation_split(manifest, config, stage.split)
-                    if eval_split is not None:
-                        validation = _validation(model, manifest, eval_split, config, device)
-                        metrics = replace(metrics, validation=validation)
-                    stream = _SplitStream(manifest, stage.split, config, context, saved)
-                results.append(metrics)
-                if config.checkpoint_every and step % config.checkpoint_every == 0:
-                    save_checkpoint(
-                        out_dir,
-                        step,
-                        stage.split,
-                        model,
-                        optimizer,
-                        scheduler,
-                        stream.position(),
-                        config,
-                        context,
-                    )
-                    if context.is_main:
-                        prune_checkpoints(out_dir, config.keep_checkpoints)
-                if step % config.log_every == 0 or step == config.steps or metrics.validation:
-                    log.write(asdict(metrics))
-                progress.update(metrics)
-                if on_step is not None:
-                    on_step(metrics)
-            stream.close()
-        final_dir = _save_final(model, config, out_dir, context)
-    finally:
-        progress.close()
-        log.close()
-        if stream is not None:
-            stream.close()
-    return TrainResult(metrics=results, final_dir=final_dir)
-
-
-def _resumed_position(resumed: CheckpointMeta, stage: Stage, checkpoint: Path) -> dict[str, Any]:
-    """The dataloader position to resume `stage` from: the checkpoint's, if it was taken in it."""
-    if resumed.split != stage.split:
-        raise CheckpointError(
-            f"{checkpoint} was training split {resumed.split} at step {resumed.step}, but this "
-            f"run's step {resumed.step} trains {stage.split}: resume with the same split, "
-            "steps and stage_steps"
-        )
-    return resumed.dataloader
 
 
 def _squared_attention_lengths(batch: dict[str, Any], config: TrainConfig) -> int:
@@ -429,23 +438,14 @@ def _squared_attention_lengths(batch: dict[str, Any], config: TrainConfig) -> in
     return squared_sample_lengths(batch)
 
 
-def _step(
-    step: int,
-    stream: _SplitStream,
-    scorer: torch.nn.Module,
-    model: PreTrainedModel,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    config: TrainConfig,
-    context: ParallelContext,
-    sources: list[str],
-    flop_shape: FlopShape,
-    peak_tflops: float | None,
-) -> StepMetrics:
-    """One optimizer step over `grad_accum` micro-batches of `stream`."""
+def _step(run: RunState) -> StepMetrics:
+    """Optimizer step `run.step + 1` over `grad_accum` micro-batches of the stage's stream;
+    advances `run.step`."""
+    config, context = run.config, run.context
     device = context.device
+    sources = run.manifest.source_names
     started = time.perf_counter()
-    micro_batches = [_to_device(stream.next(), device) for _ in range(config.grad_accum)]
+    micro_batches = [_to_device(run.stream.next(), device) for _ in range(config.grad_accum)]
     # Normalised by the whole step's target tokens (or samples) over every DP rank. The
     # ranks of an SP group hold the same rows, so they are counted once (over DP).
     denominator = int(
@@ -464,7 +464,7 @@ def _step(
             # attend over whole samples.
             batch = {**batch, **shifted_sparse_inputs(batch, config.s2_group)}
         done = micro_step(
-            scorer,
+            run.scorer,
             batch,
             config.loss,
             denominator,
@@ -480,13 +480,14 @@ def _step(
         context.all_reduce_sum(partial_sum)
     # The norm is still measured (and logged) when clipping is off: an infinite limit clips nothing.
     clip_to = config.max_grad_norm or float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_to)
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), clip_to)
     if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
         grad_norm = grad_norm.full_tensor()
-    lr = scheduler.get_last_lr()[0]
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+    lr = run.scheduler.get_last_lr()[0]
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.step += 1
     elapsed = time.perf_counter() - started
 
     counts = torch.tensor(
@@ -497,11 +498,11 @@ def _step(
         ]
     )
     tokens, targets, squared_lengths = context.all_reduce_sum(counts, over="dp").tolist()
-    flops = training_flops(flop_shape, tokens, targets, squared_lengths)
+    flops = training_flops(run.flop_shape, tokens, targets, squared_lengths)
     achieved = flops / elapsed
     return StepMetrics(
-        step=step,
-        split=stream.split,
+        step=run.step,
+        split=run.stage.split,
         loss=float(step_loss),
         lr=lr,
         grad_norm=float(grad_norm),
@@ -518,7 +519,7 @@ def _step(
         elapsed_s=elapsed,
         model_flops=flops,
         model_tflops_per_s=achieved / 1e12,
-        mfu=achieved / (peak_tflops * 1e12 * context.world_size) if peak_tflops else None,
+        mfu=achieved / (run.peak_tflops * 1e12 * context.world_size) if run.peak_tflops else None,
     )
 
 

@@ -9,7 +9,9 @@ torch, pydantic or numba):
 - ``mds``: the one MDS row reader for tools, and the shard hash checks;
 - ``paths``: safe names (``check_slug``), paths kept inside their base (``inside``), and the
   marker that says a directory was written by longdata (``is_ours``);
-- ``tokenizer``: the tokenizer identity a manifest records and where to load it from.
+- ``tokenizer``: the tokenizer identity a manifest records and where to load it from;
+- ``settings``: the one ``--set key=value`` grammar of ``build`` and ``train`` (YAML value
+  typing, coercion to a declared type, the one-line unknown-key report).
 """
 
 from longdata.format.manifest import (

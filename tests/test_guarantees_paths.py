@@ -279,6 +279,11 @@ def test_a_manifest_without_the_newer_entries_still_reads(tmp_path):
     assert manifest.split("train").totals is None and manifest.split("train").kind == "train"
 
 
+def test_a_card_of_a_hand_made_manifest_says_what_it_lacks_in_one_line(tmp_path):
+    result = invoke("card", fake_build(tmp_path / "build"), "--no-copy")
+    assert_one_line(result, 1, "manifest.json", "no recipe, totals, sources[0].kind")
+
+
 def test_a_real_manifest_reads_back_to_the_same_bytes(real_build):
     """Reading loses nothing: the typed entries serialise to the file the build wrote."""
     *_, out = real_build

@@ -458,6 +458,24 @@ class Manifest:
         """The stages the splits belong to, in stage order (``None``: an unstaged build)."""
         return list(dict.fromkeys(parse_split_name(name)[0] for name in self.splits))
 
+    def missing_build_records(self) -> list[str]:
+        """The entries ``longdata build`` always writes that this manifest lacks (a hand-made or
+        partial one): what a report over the whole build, like the card, cannot do without."""
+        missing = [key for key in ("recipe", "totals") if getattr(self, key) is None]
+        missing += [
+            f"sources[{i}].{key}"
+            for i, source in enumerate(self.sources)
+            for key in ("kind", "weight", "tokenize", "mix", "rows")
+            if getattr(source, key) is None
+        ]
+        missing += [
+            f"splits[{name!r}].{key}"
+            for name, split in self.splits.items()
+            for key in ("samples", "totals", "overlength", "packing")
+            if getattr(split, key) is None
+        ]
+        return missing + ([] if "longdata" in self.versions else ["versions.longdata"])
+
     def stream_dir(self, stream: StreamEntry) -> Path:
         """Where a stream's shards are (its path was checked to stay inside the build)."""
         return inside(self.build_dir, stream.path)

@@ -43,6 +43,13 @@ class CardData:
     @classmethod
     def read(cls, build_dir: Path, checked: Manifest | None = None) -> CardData:
         manifest = checked or Manifest.read(build_dir)
+        missing = manifest.missing_build_records()
+        if missing:
+            raise BuildFormatError(
+                f"{build_dir}/manifest.json: no {', '.join(missing[:3])}"
+                f"{f' (and {len(missing) - 3} more)' if len(missing) > 3 else ''}; a card needs "
+                "the manifest `longdata build` writes"
+            )
         index = {
             name: pl.from_arrow(read_sample_index(build_dir, name)) for name in manifest.splits
         }

@@ -456,7 +456,7 @@ class Manifest:
 
     def stages(self) -> list[str | None]:
         """The stages the splits belong to, in stage order (``None``: an unstaged build)."""
-        return list(dict.fromkeys(parse_split_name(name)[0] for name in self.splits))
+        return list(dict.fromkeys(split.stage for split in self.splits.values()))
 
     def missing_build_records(self) -> list[str]:
         """The entries ``longdata build`` always writes that this manifest lacks (a hand-made or

@@ -53,18 +53,16 @@ def main() -> None:
             started = time.perf_counter()
             result = build(recipe)
             seconds = time.perf_counter() - started
-            split, cut = (
-                result.manifest["splits"]["train"],
-                result.manifest["splits"]["train"]["overlength"],
-            )
+            split = result.manifest.split("train")
+            cut = split.overlength
             index = pl.from_arrow(read_sample_index(result.out_dir, "train"))
             whole = index.filter(pl.col("status") == "whole")["sample"].n_unique()
-            targets = split["target_tokens"]
+            targets = split.totals.target_tokens
             baseline = baseline or targets
             print(
-                f"| {policy} | {split['samples']:,} | {whole:,} | {cut['truncated']:,} "
-                f"| {cut['split']:,} "
-                f"| {cut['middle_cut']:,} | {cut['dropped']:,} | {cut['no_target_after_cut']:,} "
+                f"| {policy} | {split.samples:,} | {whole:,} | {cut.truncated:,} "
+                f"| {cut.split:,} "
+                f"| {cut.middle_cut:,} | {cut.dropped:,} | {cut.no_target_after_cut:,} "
                 f"| {targets:,} | {targets / baseline:.2f}x | {seconds:.0f} |",
                 flush=True,
             )

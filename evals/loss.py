@@ -29,24 +29,24 @@ class LossRun:
 
 
 def pick_split(manifest: Any, split: str | None) -> tuple[str, str | None]:
-    """`split`, or the default validation split with a note naming the others."""
+    """`split`, or the default validation split with a note naming the others (stage order)."""
+    from longdata.format import UnknownSplitError
     from longdata.trainer.validation_loss import default_split
 
-    splits = list(manifest.raw["splits"])
     if split is not None:
-        if split not in splits:
-            raise EvalInputError(
-                "--split", f"no split {split!r}; the build has {', '.join(splits)}"
-            )
+        try:
+            manifest.split(split)
+        except UnknownSplitError as error:
+            raise EvalInputError("--split", str(error)) from None
         return split, None
     chosen = default_split(manifest)
     if chosen is None:
         raise NothingToEvaluate(
             f"{manifest.build_dir} has no validation split (the recipe's validation held out "
             "nothing, e.g. validation.fraction: 0 or too few samples); pass --split with one "
-            f"of: {', '.join(splits)}"
+            f"of: {', '.join(manifest.split_names)}"
         )
-    others = [s for s in splits if s.endswith("validation") and s != chosen]
+    others = [s for s in manifest.validation_splits() if s != chosen]
     note = f"split: {chosen}" + (f" (also in the build: {', '.join(others)})" if others else "")
     return chosen, note
 

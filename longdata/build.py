@@ -16,19 +16,26 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from rich.console import Console
 
 from longdata import __version__
 from longdata.executors import Executor, LocalExecutor
-from longdata.format import FORMAT, Manifest, write_manifest
+from longdata.format import (
+    FORMAT,
+    Manifest,
+    RecipeEntry,
+    SourceEntry,
+    SplitEntry,
+    TokenizerEntry,
+    write_manifest,
+)
+from longdata.format.manifest import BuildTotals
 from longdata.output import claim_output, discard_partial, output_lock, publish, start_partial
-from longdata.pipeline import BuildError, SplitResult, TokenizedSource, run_stages
+from longdata.pipeline import BuildError, TokenizedSource, run_stages
 from longdata.recipe import FileSource, Recipe, load_recipe
 from longdata.stages.accounting import row_accounting
 from longdata.stages.mix import Mix
-from longdata.stages.templates import TokenizerInfo
 from longdata.tools.card import card_destination, copy_card, write_card
 
 __all__ = ["BuildError", "BuildResult", "build"]
@@ -37,7 +44,7 @@ __all__ = ["BuildError", "BuildResult", "build"]
 @dataclass
 class BuildResult:
     out_dir: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
     seconds: dict[str, float] = field(default_factory=dict)
     remote: str | None = None  # where the build was uploaded, when the output is a URL
 
@@ -116,10 +123,10 @@ def _run_build(
 
 def finish_build(
     recipe: Recipe,
-    tokenizer_info: TokenizerInfo,
+    tokenizer_info: TokenizerEntry,
     sources: list[TokenizedSource],
     mixed: Mix,
-    splits: list[SplitResult],
+    splits: list[SplitEntry],
     partial: Path,
     out_dir: Path,
     remote: str | None,
@@ -128,12 +135,12 @@ def finish_build(
     allow_empty: bool = False,
 ) -> BuildResult:
     """Manifest, card and build info into ``partial``, then publish (and upload) it."""
-    if not allow_empty and not sum(s.as_dict()["rows"] for s in splits if s.name.endswith("train")):
+    if not allow_empty and not sum(s.rows for s in splits if s.is_train):
         raise BuildError(_empty_build_reason(recipe, sources, mixed, splits))
     _publish_quarantine(sources, partial)
-    manifest = make_manifest(recipe, tokenizer_info, sources, mixed, splits)
+    manifest = make_manifest(partial, recipe, tokenizer_info, sources, mixed, splits)
     clock = time.perf_counter()
-    write_card(partial, Manifest.parse(partial, manifest))
+    write_card(partial, manifest)
     seconds["card"] = time.perf_counter() - clock
     (partial / "build_info.json").write_text(
         json.dumps(
@@ -147,27 +154,23 @@ def finish_build(
             indent=1,
         )
     )
-    write_manifest(partial, manifest)
+    write_manifest(manifest)
     publish(partial, out_dir)
     copy_card(out_dir, card_destination(recipe.output.card_dir, recipe.name))
     if remote:
         clock = time.perf_counter()
         upload_build(out_dir, remote)
         seconds["upload"] = time.perf_counter() - clock
-    return BuildResult(out_dir, manifest, seconds, remote)
+    return BuildResult(out_dir, dataclasses.replace(manifest, build_dir=out_dir), seconds, remote)
 
 
 def _empty_build_reason(
-    recipe: Recipe, sources: list[TokenizedSource], mixed: Mix, splits: list[SplitResult]
+    recipe: Recipe, sources: list[TokenizedSource], mixed: Mix, splits: list[SplitEntry]
 ) -> str:
     read = sum(s.cache.stats.rows_read for s in sources)
     quarantined = sum(s.cache.stats.quarantined for s in sources)
     filtered = sum(m.too_short + m.too_long for m in mixed.stats)
-    left_out = sum(
-        s.overlength["dropped"] + s.overlength["empty"] + s.overlength["no_target_after_cut"]
-        for s in splits
-        if s.name.endswith("train")
-    )
+    left_out = sum(s.overlength.left_out for s in splits if s.is_train)
     return (
         f"the build has no training rows: {read} rows read, {quarantined} quarantined (see "
         f"{recipe.cache_dir}/tokenized/*/quarantine.jsonl), {filtered} length-filtered, "
@@ -194,47 +197,46 @@ def _publish_quarantine(sources: list[TokenizedSource], out_dir: Path) -> int:
 
 
 def make_manifest(
+    build_dir: Path,
     recipe: Recipe,
-    tokenizer_info: TokenizerInfo,
+    tokenizer_info: TokenizerEntry,
     sources: list[TokenizedSource],
     mixed: Mix,
-    splits: list[SplitResult],
-) -> dict[str, Any]:
+    splits: list[SplitEntry],
+) -> Manifest:
     source_entries = []
     for source, mix_stats in zip(sources, mixed.stats):
-        tokenize_stats = dataclasses.asdict(source.cache.stats)
-        tokenize_stats.pop("seconds")
+        counts = source.cache.stats.counts()
         source_entries.append(
-            {
-                "name": source.name,
-                "kind": source.kind,
-                "weight": source.weight,
-                "tokenize": tokenize_stats,
-                "mix": mix_stats.as_dict(),
-                "rows": row_accounting(tokenize_stats, mix_stats.as_dict()),
-            }
+            SourceEntry(
+                name=source.name,
+                kind=source.kind,
+                weight=source.weight,
+                tokenize=counts,
+                mix=mix_stats,
+                rows=row_accounting(counts, mix_stats),
+            )
         )
-    split_entries = {s.name: s.as_dict() for s in splits}
-    train = [s for s in splits if s.name.endswith("train")]
-    return {
-        "format": FORMAT,
-        "name": recipe.name,
+    train = [s for s in splits if s.is_train]
+    return Manifest(
+        build_dir=build_dir,
+        format=FORMAT,
+        name=recipe.name,
+        tokenizer=tokenizer_info,
+        sources=tuple(source_entries),
+        splits={s.name: s for s in splits},  # in stage order, as the pipeline lists them
         # cache_dir is where this machine keeps intermediate files, not part of the data.
-        "recipe": recipe.model_dump(mode="json", exclude={"cache_dir"}),
-        "tokenizer": tokenizer_info.as_dict(),
-        "sources": source_entries,
-        "language_balance": mixed.language.as_dict() if mixed.language else None,
-        "splits": split_entries,
-        "split_order": list(split_entries),  # stage order; the JSON's keys are sorted
-        "totals": {
-            "quarantined": sum(s.cache.stats.quarantined for s in sources),
-            "samples": sum(s.cache.stats.samples for s in sources),
-            "tokens": sum(s.cache.stats.tokens for s in sources),
-            "train_rows": sum(split_entries[s.name]["rows"] for s in train),
-            "train_tokens": sum(split_entries[s.name]["tokens"] for s in train),
-        },
-        "versions": _versions(),
-    }
+        recipe=RecipeEntry.from_document(recipe.model_dump(mode="json", exclude={"cache_dir"})),
+        language_balance=mixed.language,
+        totals=BuildTotals(
+            quarantined=sum(s.cache.stats.quarantined for s in sources),
+            samples=sum(s.cache.stats.samples for s in sources),
+            tokens=sum(s.cache.stats.tokens for s in sources),
+            train_rows=sum(s.rows for s in train),
+            train_tokens=sum(s.totals.tokens for s in train),
+        ),
+        versions=_versions(),
+    )
 
 
 def _versions() -> dict[str, str]:

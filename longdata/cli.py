@@ -232,19 +232,19 @@ def build(
 
 def _print_summary(result) -> None:
     manifest = result.manifest
-    table = Table(title=f"{manifest['name']} -> {result.out_dir}", title_justify="left")
+    table = Table(title=f"{manifest.name} -> {result.out_dir}", title_justify="left")
     for column in ("split", "stream", "rows", "tokens", "target tokens", "fill", "rows/bound"):
         table.add_column(column, justify="left" if column in ("split", "stream") else "right")
-    for name, split in manifest["splits"].items():
-        for stream in split["streams"]:
+    for name, split in manifest.splits.items():
+        for stream in split.streams:
             table.add_row(
                 name,
-                stream["name"],
-                f"{stream['rows']:,}",
-                f"{stream['tokens']:,}",
-                f"{stream['target_tokens']:,}",
-                f"{split['packing']['fill']:.2%}",
-                f"{split['packing']['rows_over_bound']:.3f}",
+                stream.name,
+                f"{stream.rows:,}",
+                f"{stream.tokens:,}",
+                f"{stream.target_tokens:,}",
+                f"{split.packing.fill:.2%}",
+                f"{split.packing.rows_over_bound:.3f}",
             )
     console.print(table)
     sources = Table(title="sources", title_justify="left")
@@ -258,15 +258,15 @@ def _print_summary(result) -> None:
         "train tokens",
     ):
         sources.add_column(column, justify="left" if column == "source" else "right")
-    for s in manifest["sources"]:
+    for s in manifest.sources:
         sources.add_row(
-            s["name"],
-            f"{s['tokenize']['rows_read']:,}",
-            f"{s['tokenize']['quarantined']:,}",
-            f"{s['tokenize']['samples']:,}",
-            f"{s['mix']['duplicates']:,}",
-            f"{s['tokenize']['tokens']:,}",
-            f"{s['mix']['train_tokens']:,}",
+            s.name,
+            f"{s.tokenize.rows_read:,}",
+            f"{s.tokenize.quarantined:,}",
+            f"{s.tokenize.samples:,}",
+            f"{s.mix.duplicates:,}",
+            f"{s.tokenize.tokens:,}",
+            f"{s.mix.train_tokens:,}",
         )
     console.print(sources)
     console.print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items()))

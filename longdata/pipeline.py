@@ -44,7 +44,8 @@ from rich.progress import (
 
 from longdata import __version__
 from longdata.executors import Executor
-from longdata.format import inside
+from longdata.format import SplitEntry, StreamEntry, TokenizerEntry, inside, split_name
+from longdata.format.manifest import OverlengthCounts, SplitTotals
 from longdata.format.mds import merge_index
 from longdata.recipe import AntiHaystackSource, FileSource, Recipe, check_against_tokenizer
 from longdata.sources import haystack_paths, read_source, resolve_path
@@ -54,7 +55,7 @@ from longdata.stages.mix import Mix, SampleList, SourceSamples, mix
 from longdata.stages.near_dedup import NearDuplicateFilter
 from longdata.stages.sample_index import gather_column, write_sample_index
 from longdata.stages.shards import RowAssembler, StreamStats, piece_mask, write_stream
-from longdata.stages.templates import TokenizerInfo, load_tokenizer
+from longdata.stages.templates import load_tokenizer
 from longdata.stages.tokenization import (
     PartitionedCache,
     TokenCache,
@@ -83,38 +84,13 @@ class TokenizedSource:
 
 
 @dataclass
-class SplitResult:
-    name: str
-    max_seq_len: int
-    stage: str | None
-    samples: int
-    overlength: dict[str, int]
-    packing: dict[str, Any]
-    streams: list[StreamStats]
-
-    def as_dict(self) -> dict[str, Any]:
-        tokens = sum(s.tokens for s in self.streams)
-        return {
-            "max_seq_len": self.max_seq_len,
-            "stage": self.stage,
-            "samples": self.samples,
-            "rows": sum(s.rows for s in self.streams),
-            "tokens": tokens,
-            "target_tokens": sum(s.target_tokens for s in self.streams),
-            "overlength": self.overlength,
-            "packing": self.packing,
-            "streams": [s.as_dict() for s in self.streams],
-        }
-
-
-@dataclass
 class Stages:
     """What the stages produced, for ``finish_build``."""
 
-    tokenizer_info: TokenizerInfo
+    tokenizer_info: TokenizerEntry
     sources: list[TokenizedSource]
     mixed: Mix
-    splits: list[SplitResult]
+    splits: list[SplitEntry]
 
 
 def run_stages(
@@ -195,7 +171,7 @@ def _tokenizer_for(config):
 # --- stage: read + normalise + tokenize (cached per source partition) -------------------------
 
 
-def cache_key(source, recipe: Recipe, tokenizer_info: TokenizerInfo, template: str) -> str:
+def cache_key(source, recipe: Recipe, tokenizer_info: TokenizerEntry, template: str) -> str:
     """Everything that changes a source's tokens; weights, filters and packing are not in it.
     ``template`` is the chat template with the recipe's chat_template_kwargs bound into it."""
     digest = hashlib.sha256()
@@ -256,7 +232,11 @@ class TokenizeJob:
 
 
 def tokenize_sources(
-    recipe: Recipe, tokenizer, tokenizer_info: TokenizerInfo, executor: Executor, progress: Progress
+    recipe: Recipe,
+    tokenizer,
+    tokenizer_info: TokenizerEntry,
+    executor: Executor,
+    progress: Progress,
 ) -> list[TokenizedSource]:
     """The token cache of every source: its partitions' entries tokenized where missing."""
     keys = [
@@ -480,11 +460,10 @@ def split_layout(recipe: Recipe, mixed: Mix):
         overlength = (stage.overlength if stage else None) or recipe.packing.overlength
         requested = (stage.buckets if stage and stage.buckets else recipe.packing.buckets) or ()
         edges = sorted({e for e in requested if e < max_len} | {max_len})
-        prefix = f"{stage.name}/" if stage else ""
-        for split, samples in (("train", mixed.train), ("validation", mixed.validation)):
+        for kind, samples in (("train", mixed.train), ("validation", mixed.validation)):
             if len(samples):
                 yield (
-                    f"{prefix}{split}",
+                    split_name(stage.name if stage else None, kind),
                     samples,
                     max_len,
                     overlength,
@@ -505,20 +484,31 @@ class SplitPlan:
     plan: packing.Plan
     buckets: np.ndarray
     edges: list[int]
-    counts: dict[str, Any]
+    overlength: OverlengthCounts
 
     def bucket_rows(self) -> list[tuple[str, np.ndarray]]:
         """(stream name, row indices) for every bucket that holds rows."""
         named = zip(packing.bucket_names(self.edges), range(len(self.edges)))
         return [(name, rows) for name, b in named if len(rows := np.flatnonzero(self.buckets == b))]
 
-    def result(self, streams: list[StreamStats]) -> SplitResult:
+    def result(self, streams: list[StreamStats]) -> SplitEntry:
+        """The split's manifest entry, once its streams are written."""
         total_tokens = sum(s.tokens for s in streams)
         for stream in streams:
             stream.proportion = stream.tokens / total_tokens if total_tokens else 0.0
-        stats = packing.packing_stats(self.plan, self.pieces.length, self.max_len).as_dict()
-        return SplitResult(
-            self.name, self.max_len, self.stage, len(self.samples), self.counts, stats, streams
+        return SplitEntry(
+            name=self.name,
+            max_seq_len=self.max_len,
+            stage=self.stage,
+            streams=tuple(StreamEntry(**dataclasses.asdict(s)) for s in streams),
+            samples=len(self.samples),
+            totals=SplitTotals(
+                rows=sum(s.rows for s in streams),
+                tokens=total_tokens,
+                target_tokens=sum(s.target_tokens for s in streams),
+            ),
+            overlength=self.overlength,
+            packing=packing.packing_stats(self.plan, self.pieces.length, self.max_len),
         )
 
 
@@ -546,15 +536,15 @@ def plan_split(
         pieces.length, max_len, algorithm=recipe.packing.algorithm, seed=recipe.seed
     )
     buckets = packing.assign_buckets(plan.row_max_item_lengths(pieces.length), edges)
-    counts = {
-        "policy": overlength,
-        "truncated": pieces.truncated,
-        "dropped": pieces.dropped,
-        "split": pieces.split,
-        "middle_cut": pieces.middle_cut,
-        "empty": pieces.empty,
-        "no_target_after_cut": no_target,
-    }
+    counts = OverlengthCounts(
+        policy=overlength,
+        truncated=pieces.truncated,
+        dropped=pieces.dropped,
+        split=pieces.split,
+        middle_cut=pieces.middle_cut,
+        empty=pieces.empty,
+        no_target_after_cut=no_target,
+    )
     return SplitPlan(name, max_len, stage, samples, pieces, plan, buckets, edges, counts)
 
 

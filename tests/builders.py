@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from longdata.format import COLUMNS, FORMAT, SHARD_HASHES
+from longdata.format import COLUMNS, FORMAT, SHARD_HASHES, Manifest
 
 
 def make_row(
@@ -133,16 +133,21 @@ def two_bucket_build(
     )
 
 
-def assert_rows_accounted(manifest: dict) -> None:
+def manifest_json(result) -> dict:
+    """The manifest.json a build (a ``BuildResult``) wrote, as JSON."""
+    return json.loads((result.out_dir / "manifest.json").read_text())
+
+
+def assert_rows_accounted(manifest: Manifest) -> None:
     """Every source row of a real build is accounted for (longdata.stages.accounting): the identity
     per source and per file, as ``longdata verify`` checks it."""
     from longdata.stages.accounting import ROW_FATES, accounting_problems
 
-    for source in manifest["sources"]:
+    for source in manifest.sources:
         assert not accounting_problems(source), accounting_problems(source)
-        rows = source["rows"]
-        assert rows["rows_read"] + rows["turn_samples_added"] == sum(
-            rows[fate] for fate in ROW_FATES
+        rows = source.rows
+        assert rows.rows_read + rows.turn_samples_added == sum(
+            getattr(rows, fate) for fate in ROW_FATES
         )
 
 

@@ -12,6 +12,7 @@ from longdata.build import build
 from longdata.format import BUILTIN_TOKENIZERS, COLUMNS, StreamReader, check_row
 from longdata.recipe import validate_recipe
 from longdata.tools.verify import verify_build
+from tests.builders import manifest_json
 
 
 def small_recipe(tmp: Path, **packing) -> dict:
@@ -88,14 +89,14 @@ def test_build_publishes_complete_output(built):
     assert (out / "card" / "lengths.png").stat().st_size > 1000
     assert (Path(recipe.output.card_dir) / "small" / "README.md").exists()
     assert not list(out.parent.glob(".out.*")), "no partial or previous directory is left behind"
-    assert set(result.manifest["splits"]) == {"train", "validation"}
+    assert set(manifest_json(result)["splits"]) == {"train", "validation"}
     # A bundled tokenizer is recorded by name, so the manifest is the same in any checkout.
-    assert result.manifest["tokenizer"]["path"] == "builtin:quickstart"
+    assert manifest_json(result)["tokenizer"]["path"] == "builtin:quickstart"
 
 
 def test_rows_read_back_and_honour_the_contract(built):
     recipe, result = built
-    manifest = result.manifest
+    manifest = manifest_json(result)
     for split in manifest["splits"].values():
         assert abs(sum(s["proportion"] for s in split["streams"]) - 1) < 1e-9
         for stream in split["streams"]:
@@ -113,7 +114,7 @@ def test_streaming_reads_the_same_rows(built, tmp_path):
     """Where mosaicml-streaming is installed, its StreamingDataset reads what longdata reads."""
     StreamingDataset = pytest.importorskip("streaming").StreamingDataset
     recipe, result = built
-    stream_dir = result.out_dir / result.manifest["splits"]["train"]["streams"][0]["path"]
+    stream_dir = result.out_dir / manifest_json(result)["splits"]["train"]["streams"][0]["path"]
     local = tmp_path / "copy"  # streaming decompresses shards next to the index
     shutil.copytree(stream_dir, local)
     dataset = StreamingDataset(local=str(local), remote=None, shuffle=False, batch_size=1)
@@ -130,7 +131,7 @@ def test_loss_mask_covers_exactly_assistant_text(built):
 
     recipe, result = built
     tokenizer = AutoTokenizer.from_pretrained(BUILTIN_TOKENIZERS["builtin:quickstart"])
-    stream = result.manifest["splits"]["train"]["streams"][0]
+    stream = manifest_json(result)["splits"]["train"]["streams"][0]
     row = read_rows(result.out_dir / stream["path"])[0]
     start = 0
     for length in row["seq_lens"].tolist():
@@ -150,7 +151,7 @@ def test_loss_mask_covers_exactly_assistant_text(built):
 
 def test_quarantine_and_dedup_are_counted(built):
     _, result = built
-    chat = next(s for s in result.manifest["sources"] if s["name"] == "chat")
+    chat = next(s for s in manifest_json(result)["sources"] if s["name"] == "chat")
     assert chat["tokenize"]["quarantined"] == 2 and chat["tokenize"]["samples"] == 2
     assert chat["mix"]["duplicates"] == 1
     lines = [
@@ -161,12 +162,12 @@ def test_quarantine_and_dedup_are_counted(built):
         ("sharegpt.jsonl:2", "invalid JSON"),
         ("sharegpt.jsonl:3", "no assistant turn with content"),
     ]
-    assert result.manifest["totals"]["quarantined"] == 2
+    assert manifest_json(result)["totals"]["quarantined"] == 2
 
 
 def test_every_good_sample_is_in_the_shards(built):
     _, result = built
-    manifest = result.manifest
+    manifest = manifest_json(result)
     in_train = sum(s["mix"]["train_samples"] for s in manifest["sources"])
     split = manifest["splits"]["train"]
     cut = split["overlength"]
@@ -195,7 +196,7 @@ def test_sample_index_places_every_sample_exactly_where_the_rows_hold_it(built, 
     from longdata.tools.verify import iter_stream_rows
 
     _, result = built
-    manifest = result.manifest
+    manifest = manifest_json(result)
     index = pl.from_arrow(read_sample_index(result.out_dir, "train"))
     per_source = dict(index.filter(pl.col("start") == 0).group_by("source").len().iter_rows())
     assert per_source == {s["name"]: s["mix"]["train_samples"] for s in manifest["sources"]}
@@ -269,7 +270,7 @@ def test_split_policy_and_stages(tmp_path):
         stages=[{"name": "short", "max_seq_len": 1024}, {"name": "long", "max_seq_len": 4096}],
     )
     result = build(validate_recipe(data))
-    splits = result.manifest["splits"]
+    splits = manifest_json(result)["splits"]
     assert set(splits) == {"short/train", "short/validation", "long/train", "long/validation"}
     assert splits["short/train"]["overlength"]["split"] > 0
     assert [s["name"] for s in splits["short/train"]["streams"]] == ["le_001024"]

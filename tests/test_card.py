@@ -1,6 +1,7 @@
 """The data card: its numbers agree with the shards themselves, its plots are real PNGs, and
 `longdata card` regenerates exactly what the build wrote."""
 
+import dataclasses
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -14,6 +15,7 @@ from longdata.cli import app
 from longdata.recipe import validate_recipe
 from longdata.tools.card import PLOTS
 from longdata.tools.verify import iter_stream_rows
+from tests.builders import manifest_json
 from tests.test_build import small_recipe
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -67,7 +69,7 @@ def test_card_is_a_dataset_card_with_plots_in_the_build_and_in_data_cards(built)
     assert meta["task_categories"] == ["text-generation"] and meta["size_categories"] == ["n<1K"]
     assert (
         meta["longdata"]["splits"]["long/train"]["rows"]
-        == result.manifest["splits"]["long/train"]["rows"]
+        == manifest_json(result)["splits"]["long/train"]["rows"]
     )
     assert set(meta["language"]) == {"en", "zh"}
     copy = Path(recipe.output.card_dir) / recipe.name
@@ -82,7 +84,7 @@ def test_card_is_a_dataset_card_with_plots_in_the_build_and_in_data_cards(built)
 
 def test_card_counts_agree_with_the_rows(built, tmp_path):
     _, result = built
-    manifest = result.manifest
+    manifest = manifest_json(result)
     sections = card_sections((result.out_dir / "README.md").read_text())
     names = [s["name"] for s in manifest["sources"]]
     kept = {(r[0], r[1]): r for r in table_rows(sections["Sources and mix"]) if "/" in r[0]}
@@ -120,12 +122,15 @@ def test_card_names_sources_whose_text_spells_special_tokens(built):
     data = CardData.read(result.out_dir)
     line = "spell a special token in their text"
     assert line not in render_card(data, "card/")
-    data.manifest["sources"][3]["tokenize"]["special_token_text_rows"] = 1234
+    data.manifest.sources[3].tokenize.special_token_text_rows = 1234
     assert (
         "Source `chat`: 1,234 samples spell a special token in their text, encoded as plain "
         "text, never as control tokens."
     ) in render_card(data, "card/")
-    data.manifest["recipe"]["tokenizer"]["special_tokens_in_text"] = "allow"
+    data.manifest = dataclasses.replace(
+        data.manifest,
+        recipe=dataclasses.replace(data.manifest.recipe, special_tokens_in_text="allow"),
+    )
     assert "encoded as control tokens" in render_card(data, "card/")
 
 

@@ -758,7 +758,8 @@ def test_eval_niah_cli_with_a_real_haystack(tmp_path: Path, model_dir: Path) -> 
 
 def test_the_saved_tokenizer_renders_with_the_recipes_template_kwargs(tmp_path: Path) -> None:
     """A checkpoint renders prompts as its build did: eval niah and any other tool loading it get
-    the recipe's chat_template_kwargs without being told."""
+    the recipe's chat_template_kwargs without being told. The template is the manifest's bound
+    one: the recipe's template path (relative to wherever the build ran) is never re-read."""
     from longdata.trainer.tokenizer import save_build_tokenizer
 
     build = _build_with_tokenizer(tmp_path)
@@ -766,12 +767,13 @@ def test_the_saved_tokenizer_renders_with_the_recipes_template_kwargs(tmp_path: 
     qwen3 = Path(__file__).parent / "templates" / "qwen3.jinja"
     manifest.setdefault("recipe", {})["tokenizer"] = {
         "name": "builtin:quickstart",
-        "chat_template": str(qwen3),
+        "chat_template": "templates/qwen3.jinja",  # no such file from here
         "chat_template_kwargs": {"enable_thinking": False},
     }
     # The digest (version 2) covers the template the build rendered with.
     built_with = AutoTokenizer.from_pretrained(str(ASSET_DIR))
     built_with.chat_template = bind_template_kwargs(qwen3.read_text(), {"enable_thinking": False})
+    manifest["tokenizer"]["chat_template"] = built_with.chat_template
     manifest["tokenizer"]["sha256"] = tokenizer_digest(built_with)
     (build / "manifest.json").write_text(json.dumps(manifest))
     assert save_build_tokenizer(build, tmp_path / "saved") is None

@@ -7,9 +7,11 @@ Each test names the input it tries; HOSTILE counts them (see the report in the i
 from __future__ import annotations
 
 import ast
+import dataclasses
 import errno
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -32,6 +34,8 @@ from longdata.format import (
     check_slug,
     inside,
     is_ours,
+    parse_split_name,
+    split_name,
 )
 from longdata.output import output_lock
 from longdata.recipe import validate_recipe
@@ -220,6 +224,76 @@ def test_damaged_manifest_is_one_build_format_error(tmp_path, name):
         Manifest.read(tmp_path)
     message = str(refused.value)
     assert "\n" not in message and "manifest.json" in message
+
+
+# A typed entry's field of the wrong type: the one line names its key path.
+BAD_ENTRIES = {
+    "sources[0].mix.train_tokens": lambda m: m["sources"][0].update(mix={"train_tokens": "9"}),
+    "sources[0].rows.quarantined": lambda m: m["sources"][0].update(rows={"rows_read": 1}),
+    "sources[0].weight": lambda m: m["sources"][0].update(weight="heavy"),
+    "splits['train'].overlength.policy": lambda m: m["splits"]["train"].update(
+        overlength={"policy": 3}
+    ),
+    "splits['train'].packing.fill": lambda m: m["splits"]["train"].update(
+        packing={"rows": 1, "tokens": 8, "max_len": 8, "fill": None}
+    ),
+    "splits['train'].target_tokens": lambda m: m["splits"]["train"].update(rows=1, tokens=8),
+    "tokenizer.chat_template": lambda m: m["tokenizer"].update(chat_template=["{{ x }}"]),
+    "recipe.output.card_dir": lambda m: m.update(recipe={"output": {"card_dir": 7}}),
+    "recipe.packing.stages[0].name": lambda m: m.update(recipe={"packing": {"stages": [{}]}}),
+    "language_balance.share.en": lambda m: m.update(
+        language_balance={"mode": "trim", "share": {"en": 2}}
+    ),
+    "versions.longdata": lambda m: m.update(versions={"longdata": 1}),
+}
+
+
+@pytest.mark.parametrize("key", BAD_ENTRIES)
+def test_a_bad_entry_is_one_line_naming_its_key_path(tmp_path, key):
+    (tmp_path / "manifest.json").write_text(_edited(BAD_ENTRIES[key]))
+    with pytest.raises(BuildFormatError) as refused:
+        Manifest.read(tmp_path)
+    message = str(refused.value)
+    assert "\n" not in message and key in message, message
+
+
+def test_a_manifest_without_the_newer_entries_still_reads(tmp_path):
+    """Builds written before the typed entries (no bound template, the hub revision in the
+    recipe only, no middle_cut or turn_samples_added counts) read with those filled in."""
+    old = _valid_manifest()
+    old["recipe"] = {"tokenizer": {"revision": "v1"}, "output": {"card_dir": "cards"}}
+    old["sources"][0].update(
+        kind="chat",
+        weight=1.0,
+        rows=dict.fromkeys(["rows_read", "quarantined", "too_short", "too_long"], 0)
+        | {"duplicates": 0, "validation": 0, "train": 0},
+    )
+    old["splits"]["train"]["overlength"] = {"policy": "drop", "truncated": 0, "dropped": 2}
+    (tmp_path / "manifest.json").write_text(json.dumps(old))
+    manifest = Manifest.read(tmp_path)
+    assert manifest.tokenizer.chat_template is None and manifest.tokenizer.revision == "v1"
+    assert manifest.recipe.card_dir == "cards" and manifest.recipe.stages == ()
+    assert manifest.sources[0].rows.turn_samples_added == 0 and manifest.sources[0].mix is None
+    assert manifest.split("train").overlength.middle_cut == 0
+    assert manifest.split("train").overlength.left_out == 2
+    assert manifest.split("train").totals is None and manifest.split("train").kind == "train"
+
+
+def test_a_card_of_a_hand_made_manifest_says_what_it_lacks_in_one_line(tmp_path):
+    result = invoke("card", fake_build(tmp_path / "build"), "--no-copy")
+    assert_one_line(result, 1, "manifest.json", "no recipe, totals, sources[0].kind")
+
+
+def test_a_real_manifest_reads_back_to_the_same_bytes(real_build):
+    """Reading loses nothing: the typed entries serialise to the file the build wrote."""
+    *_, out = real_build
+    text = (out / "manifest.json").read_text()
+    manifest = Manifest.read(out)
+    assert json.dumps(manifest.to_json(), indent=1, sort_keys=True) == text
+    assert manifest.tokenizer.chat_template.startswith("{{- bos_token }}")
+    assert [s.stage for s in manifest.splits.values()] == [
+        parse_split_name(name)[0] for name in manifest.splits
+    ]
 
 
 @pytest.mark.parametrize("damage", ["truncated", "empty"])
@@ -630,3 +704,60 @@ def test_the_trainer_imports_only_the_format_package_from_longdata():
                 ):
                     continue
                 assert path.name == "cli.py" and name in CLI_CONVENIENCES, f"{path.name}: {name}"
+
+
+# How a module outside longdata/format/ would read the manifest as a dict, or take a split name
+# apart itself, instead of reading the typed entries and `parse_split_name`.
+DICT_READS = re.compile(r"manifest\w*\s*\[|manifest\w*\.(raw|get)\b|\brecipe_value\b")
+SPLIT_NAME_PARSES = re.compile(
+    r"""\.r?(split|partition)\(\s*["']/["']"""  # name.split("/"), rpartition("/"), rsplit("/", 1)
+    r"""|\.(endswith|startswith)\(\s*["']/?(train|validation)["']"""  # name.endswith("/train")
+    r"""|\.r?partition\(\s*["'](train|validation)["']"""  # name.rpartition("train")
+)
+
+
+def _contract_readers() -> list[Path]:
+    """Every module of the installed packages but the contract itself."""
+    modules = [*(REPO / "longdata").rglob("*.py"), *(REPO / "trainer").rglob("*.py")]
+    modules += (REPO / "evals").rglob("*.py")
+    return sorted(p for p in modules if (REPO / "longdata" / "format") not in p.parents)
+
+
+def test_the_manifest_is_read_as_typed_fields_outside_the_format_package():
+    assert "raw" not in {f.name for f in dataclasses.fields(Manifest)}
+    assert not hasattr(Manifest, "recipe_value")
+    found = [
+        f"{path.relative_to(REPO)}:{number}: {line.strip()}"
+        for path in _contract_readers()
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if DICT_READS.search(line) or SPLIT_NAME_PARSES.search(line)
+    ]
+    assert not found, "read the typed Manifest and parse_split_name instead:\n" + "\n".join(found)
+
+
+def test_the_scan_finds_each_idiom_it_forbids():
+    for line in (
+        'manifest["splits"]',
+        "data.manifest['sources']",
+        "manifest.raw",
+        "checked_manifest.get('name')",
+        'manifest.recipe_value("output", "card_dir")',
+    ):
+        assert DICT_READS.search(line), line
+    for line in (
+        'name.split("/")[-1] == "train"',
+        'name.rpartition("/")[0]',
+        "name.rsplit('/', 1)",
+        's.endswith("/train")',
+        'name.endswith("validation")',
+        'train_split.rpartition("train")',
+    ):
+        assert SPLIT_NAME_PARSES.search(line), line
+    assert not SPLIT_NAME_PARSES.search("f\"{root.rstrip('/')}/{name}\"")
+
+
+def test_split_names_compose_and_parse_as_one_pair():
+    for stage, kind in ((None, "train"), (None, "validation"), ("ctx16k", "train")):
+        assert parse_split_name(split_name(stage, kind)) == (stage, kind)
+    assert split_name("ctx16k", "validation") == "ctx16k/validation"
+    assert parse_split_name("train") == (None, "train")

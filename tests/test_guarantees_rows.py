@@ -28,7 +28,7 @@ from longdata.stages.control_tokens import JoinedEncoding, SpecialTokenText
 from longdata.stages.templates import load_tokenizer
 from longdata.stages.tokenization import TokenCache, tokenize_records
 from longdata.tools.verify import verify_build
-from tests.builders import assert_rows_accounted
+from tests.builders import assert_rows_accounted, manifest_json
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 EOT, HEADER = "<|eot_id|>", "<|start_header_id|>"
@@ -379,7 +379,7 @@ def test_an_all_malformed_source_still_publishes_its_quarantine_and_everything_a
         ],
     )
     result = build(validate_recipe(data))
-    good, broken = result.manifest["sources"]
+    good, broken = manifest_json(result)["sources"]
     assert (
         good["rows"]["rows_read"] == 12
         and good["rows"]["quarantined"] == 1
@@ -427,9 +427,7 @@ def test_a_build_with_no_training_row_fails_in_one_line_unless_allowed(tmp_path)
         build(validate_recipe(data))
     assert "\n" not in str(caught.value) and not (tmp_path / "out").exists()
     result = build(validate_recipe(data), allow_empty=True)
-    assert (
-        result.manifest["splits"] == {} and (result.out_dir / "quarantine" / "bad.jsonl").exists()
-    )
+    assert result.manifest.splits == {} and (result.out_dir / "quarantine" / "bad.jsonl").exists()
     assert verify_build(result.out_dir).ok and (result.out_dir / "README.md").exists()
 
     recipe = tmp_path / "recipe.yml"

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from longdata.build import build
 from longdata.cli import app
-from longdata.format import StreamReader, tokenizer_location
+from longdata.format import Manifest, StreamReader, tokenizer_location
 from longdata.recipe import validate_recipe
 from longdata.tools.inspection import (
     TARGET_CLOSE,
@@ -30,6 +30,7 @@ from longdata.tools.inspection import (
     segments,
     theme,
 )
+from tests.builders import manifest_json
 from tests.test_build import small_recipe
 
 ASSISTANT_HEADER = "<|start_header_id|>assistant<|end_header_id|>\n\n"
@@ -50,19 +51,19 @@ def built(tmp_path_factory):
         ],
     )
     result = build(validate_recipe(data))
-    return result.out_dir, result.manifest
+    return result.out_dir, manifest_json(result)
 
 
 @pytest.fixture(scope="module")
 def detok(built):
-    return Detokenizer(built[1]["tokenizer"])
+    return Detokenizer(Manifest.read(built[0]).tokenizer)
 
 
 @pytest.fixture(scope="module")
 def tokenizer(built):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(tokenizer_location(built[1]["tokenizer"]))
+    return AutoTokenizer.from_pretrained(tokenizer_location(Manifest.read(built[0]).tokenizer))
 
 
 def index(out: Path, split: str) -> pl.DataFrame:

@@ -64,7 +64,7 @@ def test_build_uploads_to_s3_and_streams_back(s3_server, tmp_path):
     manifest = json.loads(
         s3_server.get_object(Bucket="shards", Key="builds/small/manifest.json")["Body"].read()
     )
-    assert manifest == result.manifest
+    assert manifest == result.manifest.to_json()
 
     stream = manifest["splits"]["train"]["streams"][0]
     prefix = f"builds/small/{stream['path']}/"

@@ -24,6 +24,7 @@ from longdata.recipe import TokenizerConfig
 from longdata.records import Conversation, Message
 from longdata.stages.templates import ByteLevelMasker, bind_template_kwargs, load_tokenizer
 from longdata.stages.tokenization import TokenCache, tokenize_records
+from tests.builders import manifest_json
 
 TEMPLATES = Path(__file__).parent / "templates"
 EMPTY_THINK = "<think>\n\n</think>\n\n"
@@ -296,7 +297,7 @@ def test_a_two_turn_qwen3_conversation_builds(thinking, tmp_path):
             }
         )
     )
-    stats = result.manifest["sources"][0]["tokenize"]
+    stats = manifest_json(result)["sources"][0]["tokenize"]
     assert (stats["rows_read"], stats["quarantined"], stats["samples"]) == (1, 0, 2)
     assert (stats["split_conversations"], stats["turn_samples"]) == (1, 2)
 

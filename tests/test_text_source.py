@@ -21,6 +21,7 @@ from longdata.stages.templates import TemplateError
 from longdata.stages.tokenization import TokenCache, tokenize_records
 from longdata.tokenizer_assets import ASSET_DIR, BOS, EOT
 from longdata.tools.verify import verify_build
+from tests.builders import manifest_json
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -175,7 +176,7 @@ def test_a_text_only_recipe_builds_without_a_chat_template(tmp_path):
         "cache_dir": str(tmp_path / "cache"),
     }
     result = build(validate_recipe(data), console=Console(file=io.StringIO()))
-    books = result.manifest["sources"][0]
+    books = manifest_json(result)["sources"][0]
     assert books["kind"] == "text" and books["tokenize"]["samples"] == 12
     assert books["tokenize"]["target_tokens"] == books["tokenize"]["tokens"] - 12
     assert verify_build(result.out_dir).ok
@@ -210,7 +211,7 @@ def mixed(tmp_path_factory):
 
 def test_mixed_recipe_builds_and_its_card_shows_every_source_and_near_duplicates(mixed):
     recipe, result, _ = mixed
-    manifest = result.manifest
+    manifest = manifest_json(result)
     kinds = {s["name"]: s["kind"] for s in manifest["sources"]}
     assert kinds == {
         "books": "text",
@@ -260,7 +261,7 @@ def test_mixed_recipe_needles_are_planted_in_the_books_text(mixed):
 
 def test_heavy_language_trimming_warns_on_the_console_and_is_recorded(mixed):
     _, result, output = mixed
-    balance = result.manifest["language_balance"]
+    balance = manifest_json(result)["language_balance"]
     assert balance["mode"] == "trim" and balance["discarded"]["en"] > 0.25
     flat = " ".join(output.split())
     assert "warning" in flat and "of the en training tokens" in flat

@@ -15,6 +15,7 @@ from longdata.stages.sample_index import read_sample_index
 from longdata.stages.templates import load_tokenizer
 from longdata.stages.tokenization import TokenCache
 from longdata.tools.verify import iter_stream_rows, verify_build
+from tests.builders import manifest_json
 
 MAX_LEN = 256
 QUESTION = "QUESTION: where is the lake?"
@@ -85,7 +86,7 @@ def packed_samples(out: Path, tmp: Path) -> list[tuple[np.ndarray, np.ndarray]]:
 
 def test_head_tail_and_every_target_survive_and_the_sample_fills_the_row(built):
     tmp, result = built
-    overlength = result.manifest["splits"]["train"]["overlength"]
+    overlength = manifest_json(result)["splits"]["train"]["overlength"]
     assert (
         overlength["middle_cut"],
         overlength["truncated"],

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from longdata.format import parse_split_name, split_name
 from longdata.trainer.config import ConfigError, TrainConfig
 from longdata.trainer.data import Manifest
 from longdata.trainer.validation_loss import default_split
@@ -96,6 +97,6 @@ def validation_split(manifest: Manifest, config: TrainConfig, train_split: str) 
     own validation split (`ctx16k/train` -> `ctx16k/validation`), else the build's default."""
     if config.eval_split is not None:
         return config.eval_split
-    prefix, _, _ = train_split.rpartition("train")
-    own = f"{prefix}validation"
+    stage, _ = parse_split_name(train_split)
+    own = split_name(stage, "validation")
     return own if own in manifest.splits else default_split(manifest)

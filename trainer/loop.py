@@ -162,10 +162,9 @@ def _use_build_special_tokens(model: PreTrainedModel, manifest: Manifest) -> Non
     """A preset's config carries transformers' default token ids (e.g. Llama's eos 2), which
     mean nothing in the build's vocabulary; use the build tokenizer's, so the saved checkpoint
     stops generating at the right token."""
-    tokenizer = manifest.raw.get("tokenizer") or {}
     for name in ("eos_token_id", "pad_token_id"):
-        setattr(model.config, name, tokenizer.get(name))
-        setattr(model.generation_config, name, tokenizer.get(name))
+        setattr(model.config, name, getattr(manifest.tokenizer, name))
+        setattr(model.generation_config, name, getattr(manifest.tokenizer, name))
     model.config.bos_token_id = model.generation_config.bos_token_id = None
 
 

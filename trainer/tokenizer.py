@@ -18,9 +18,6 @@ from typing import Any
 
 from longdata.format import (
     Manifest,
-    TemplateError,
-    bind_template_kwargs,
-    resolve_template,
     tokenizer_digest,
     tokenizer_location,
 )
@@ -34,21 +31,9 @@ class TokenizerUnavailable(RuntimeError):
     """No tokenizer that matches the model could be found."""
 
 
-def _recipe_chat_template(manifest: Manifest, default: str | None) -> str | None:
-    """The chat template the build rendered with: the recipe's (inline, or the contents of the
-    file it names) or ``default``, with the recipe's chat_template_kwargs bound into it."""
-    config = manifest.recipe_value("tokenizer") or {}
-    try:
-        template = resolve_template(config.get("chat_template")) or default
-    except TemplateError as error:
-        raise TokenizerUnavailable(str(error)) from None
-    kwargs = config.get("chat_template_kwargs") or {}
-    return bind_template_kwargs(template, kwargs) if template and kwargs else template
-
-
 def load_build_tokenizer(build_dir: str | Path) -> Any:
-    """The tokenizer a build was tokenized with, with the recipe's chat template if it set one
-    and its chat_template_kwargs bound in (so a saved checkpoint renders as it was trained).
+    """The tokenizer a build was tokenized with, with the chat template the build rendered with
+    (as its manifest records it, kwargs bound in), so a saved checkpoint renders as it was trained.
 
     Raises `TokenizerUnavailable` if it cannot be loaded or its digest differs from the
     manifest's.
@@ -57,20 +42,20 @@ def load_build_tokenizer(build_dir: str | Path) -> Any:
 
     manifest = Manifest.read(build_dir)
     info = manifest.tokenizer
-    where = tokenizer_location({"name": info.name, "path": info.path})
-    revision = manifest.recipe_value("tokenizer", "revision")
+    where = tokenizer_location(info)
     refuse_remote_code(where)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
-            str(where), revision=revision, use_fast=True, trust_remote_code=False
+            str(where), revision=info.revision, use_fast=True, trust_remote_code=False
         )
     except (OSError, ValueError) as error:
         raise TokenizerUnavailable(
             f"cannot load the build's tokenizer {where!r}: {error}"
         ) from None
-    template = _recipe_chat_template(manifest, tokenizer.chat_template)
-    if template:
-        tokenizer.chat_template = template
+    # Manifests written before the bound template was recorded keep the tokenizer's own; a
+    # version 2 digest then tells whether that is the one the build rendered with.
+    if info.chat_template:
+        tokenizer.chat_template = info.chat_template
     # A version 2 digest covers the bound chat template, so it is compared once that is set.
     expected = info.sha256
     if expected and tokenizer_digest(tokenizer, info.digest_version) != expected:

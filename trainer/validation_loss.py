@@ -148,12 +148,10 @@ class LossReport:
 
 
 def default_split(manifest: Manifest) -> str | None:
-    """`validation`, or the first stage's `<stage>/validation`; None if the build has none."""
-    splits = manifest.split_names
-    if "validation" in splits:
-        return "validation"
-    staged = [name for name in splits if name.endswith("/validation")]
-    return staged[0] if staged else None
+    """The first validation split in stage order (`validation`, or the first stage's
+    `<stage>/validation`); None if the build has none."""
+    splits = manifest.validation_splits()
+    return splits[0] if splits else None
 
 
 def split_rows(manifest: Manifest, split: str) -> int:

@@ -4,7 +4,8 @@ Both the builder (``longdata``) and the trainer (``trainer``) import this packag
 only part of ``longdata`` the trainer imports. It needs numpy and the standard library only (no
 torch, pydantic or numba):
 
-- ``manifest``: the typed, versioned ``Manifest`` (read, validate, write ``manifest.json``);
+- ``manifest``: the typed, versioned ``Manifest`` (read, validate, write ``manifest.json``)
+  and the one way split names are composed and parsed (``split_name``/``parse_split_name``);
 - ``rows``: the row schema and ``check_row``;
 - ``mds``: the one MDS row reader for tools, and the shard hash checks;
 - ``paths``: safe names (``check_slug``), paths kept inside their base (``inside``), and the
@@ -21,10 +22,14 @@ from longdata.format.manifest import (
     BuildFormatError,
     Manifest,
     NotABuildError,
+    RecipeEntry,
+    SourceEntry,
     SplitEntry,
     StreamEntry,
     TokenizerEntry,
     UnknownSplitError,
+    parse_split_name,
+    split_name,
     write_manifest,
 )
 from longdata.format.mds import ShardError, StreamReader, check_stream_files, load_shard, read_index
@@ -58,7 +63,9 @@ __all__ = [
     "BuildFormatError",
     "Manifest",
     "NotABuildError",
+    "RecipeEntry",
     "ShardError",
+    "SourceEntry",
     "SplitEntry",
     "StreamEntry",
     "StreamReader",
@@ -75,9 +82,11 @@ __all__ = [
     "load_shard",
     "mark_ours",
     "marker_kind",
+    "parse_split_name",
     "read_index",
     "resolve_template",
     "row_structure_problem",
+    "split_name",
     "tokenizer_digest",
     "tokenizer_location",
     "write_manifest",

@@ -3,9 +3,10 @@
 ``tokenizer.sha256`` in manifest.json is ``tokenizer_digest`` of the tokenizer the build used;
 ``tokenizer_location`` turns a manifest's ``tokenizer`` entry back into something
 ``AutoTokenizer.from_pretrained`` loads (a bundled tokenizer is recorded by its ``builtin:``
-name, so a manifest does not depend on where longdata is installed); ``resolve_template`` reads
-the recipe's ``chat_template`` value (inline Jinja, or a file it names) the same way for the
-builder and the trainer.
+name, so a manifest does not depend on where longdata is installed). The builder resolves the
+recipe's ``chat_template`` (``resolve_template``: inline Jinja, or a file it names), binds its
+``chat_template_kwargs`` (``bind_template_kwargs``) and records the result as the manifest's
+``tokenizer.chat_template``: consumers take that, never the recipe's input.
 """
 
 from __future__ import annotations
@@ -14,7 +15,10 @@ import hashlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from longdata.format.manifest import TokenizerEntry
 
 BUILTIN_TOKENIZERS = {
     "builtin:quickstart": Path(__file__).resolve().parent.parent
@@ -27,11 +31,11 @@ class TemplateError(ValueError):
     """A chat template that cannot be used (a build-level, not row-level, fault)."""
 
 
-def tokenizer_location(info: dict[str, Any]) -> str:
+def tokenizer_location(info: TokenizerEntry) -> str:
     """Where to load the tokenizer a manifest's ``tokenizer`` entry names: a bundled one from
     this installation, otherwise its recorded local path or hub id."""
-    builtin = BUILTIN_TOKENIZERS.get(info.get("name", ""))
-    return str(builtin) if builtin else info.get("path") or info["name"]
+    builtin = BUILTIN_TOKENIZERS.get(info.name)
+    return str(builtin) if builtin else info.path or info.name
 
 
 # manifest.json's ``tokenizer.digest_version``; a manifest without one holds a version 1 digest.

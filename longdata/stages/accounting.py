@@ -23,48 +23,52 @@ For each source file the same holds one step earlier:
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import asdict
+
+from longdata.format import SourceEntry
+from longdata.format.manifest import MixCounts, RowAccounting, TokenizeCounts
 
 ROW_FATES = ("quarantined", "too_short", "too_long", "duplicates", "validation", "train")
 
 
-def row_accounting(tokenize: dict[str, Any], mix: dict[str, Any]) -> dict[str, int]:
+def row_accounting(tokenize: TokenizeCounts, mix: MixCounts) -> RowAccounting:
     """The ``rows`` entry of a source in manifest.json, from its tokenize and mix stats."""
-    return {
-        "rows_read": tokenize["rows_read"],
-        "turn_samples_added": tokenize.get("turn_samples", 0)
-        - tokenize.get("split_conversations", 0),
-        "quarantined": tokenize["quarantined"],
-        "too_short": mix["too_short"],
-        "too_long": mix["too_long"],
-        "duplicates": mix["duplicates"],
-        "validation": mix["validation"],
-        "train": mix["train_unique"],
-    }
+    return RowAccounting(
+        rows_read=tokenize.rows_read,
+        turn_samples_added=tokenize.turn_samples - tokenize.split_conversations,
+        quarantined=tokenize.quarantined,
+        too_short=mix.too_short,
+        too_long=mix.too_long,
+        duplicates=mix.duplicates,
+        validation=mix.validation,
+        train=mix.train_unique,
+    )
 
 
-def accounting_problems(source: dict[str, Any]) -> list[str]:
+def accounting_problems(source: SourceEntry) -> list[str]:
     """Every way one manifest source entry fails to account for its rows (empty when it does)."""
-    name, rows = source["name"], source.get("rows")
+    name, rows = source.name, source.rows
     if rows is None:
         return [f"source {name}: the manifest records no row accounting"]
+    if source.tokenize is None or source.mix is None:
+        return [f"source {name}: the manifest records no tokenize and mix stats"]
     problems = []
-    fates = sum(rows[fate] for fate in ROW_FATES)
-    units = rows["rows_read"] + rows.get("turn_samples_added", 0)
+    fates = sum(getattr(rows, fate) for fate in ROW_FATES)
+    units = rows.rows_read + rows.turn_samples_added
     if units != fates:
         problems.append(
-            f"source {name}: {rows['rows_read']} rows read (+{rows.get('turn_samples_added', 0)} "
+            f"source {name}: {rows.rows_read} rows read (+{rows.turn_samples_added} "
             "per-turn samples) but "
-            + " + ".join(f"{rows[f]} {f}" for f in ROW_FATES)
+            + " + ".join(f"{getattr(rows, f)} {f}" for f in ROW_FATES)
             + f" = {fates}"
         )
-    recorded = row_accounting(source["tokenize"], source["mix"])
+    recorded = row_accounting(source.tokenize, source.mix)
     if recorded != rows:
         problems.append(
-            f"source {name}: row accounting {rows} disagrees with its tokenize and mix "
-            f"stats {recorded}"
+            f"source {name}: row accounting {asdict(rows)} disagrees with its tokenize and mix "
+            f"stats {asdict(recorded)}"
         )
-    files = source["tokenize"].get("files", {})
+    files = source.tokenize.files
     for file, counts in files.items():
         added = counts.get("turn_samples_added", 0)
         if counts["rows_read"] + added != counts["samples"] + counts["quarantined"]:
@@ -76,9 +80,9 @@ def accounting_problems(source: dict[str, Any]) -> list[str]:
     if files:
         for what in ("rows_read", "samples", "quarantined"):
             total = sum(counts[what] for counts in files.values())
-            if total != source["tokenize"][what]:
+            if total != getattr(source.tokenize, what):
                 problems.append(
                     f"source {name}: its files add up to {total} {what}, "
-                    f"the source to {source['tokenize'][what]}"
+                    f"the source to {getattr(source.tokenize, what)}"
                 )
     return problems

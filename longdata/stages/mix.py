@@ -15,10 +15,11 @@ recipe seed.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
+from longdata.format.manifest import LanguageBalance, MixCounts
 from longdata.stages.near_dedup import NearDuplicateFilter
 
 LANGUAGE_SHARE_MODES = ("trim", "upsample")
@@ -54,72 +55,11 @@ class SampleList:
         return len(self.length)
 
 
-@dataclass
-class SourceMixStats:
-    available: int = 0
-    too_short: int = 0
-    too_long: int = 0
-    duplicates: int = 0  # exact and near duplicates together
-    near_duplicates: int = 0  # of which found by MinHash-LSH
-    validation: int = 0
-    train_unique: int = 0
-    language_trimmed: int = 0  # weighted samples removed to meet the language ratio
-    language_upsampled: int = (
-        0  # weighted samples repeated to meet it (language_share_mode: upsample)
-    )
-    train_samples: int = 0  # after weighting, repeats counted
-    train_tokens: int = 0
-
-    def as_dict(self) -> dict[str, int]:
-        return asdict(self)
-
-
-@dataclass
-class LanguageBalance:
-    """What meeting ``language_share`` did to the weighted training tokens of each language."""
-
-    mode: str
-    share: dict[str, float]  # the share each present language was balanced to
-    tokens_before: dict[str, int]
-    tokens_after: dict[str, int]
-    discarded: dict[str, float] = field(init=False)  # share of a language's tokens removed
-    added: dict[str, float] = field(init=False)  # tokens repeated, as a share of what it had
-
-    def __post_init__(self) -> None:
-        ratio = {
-            lang: self.tokens_after[lang] / have if have else 1.0
-            for lang, have in self.tokens_before.items()
-        }
-        self.discarded = {lang: max(0.0, 1 - r) for lang, r in ratio.items()}
-        self.added = {lang: max(0.0, r - 1) for lang, r in ratio.items()}
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-    def warnings(self, above: float) -> list[str]:
-        """One line per language that lost more than ``above`` of its tokens."""
-        lines = []
-        for lang, lost in self.discarded.items():
-            if lost > above:
-                others = ", ".join(f"{o} {self.share[o]:.0%}" for o in self.share if o != lang)
-                hint = (
-                    " Set language_share_mode: upsample to repeat the other languages instead."
-                    if self.mode == "trim" and self.share[lang] > 0
-                    else ""
-                )
-                lines.append(
-                    f"language_share: meeting {others} (mode {self.mode}) discarded {lost:.0%} "
-                    f"of the {lang} training tokens ({self.tokens_before[lang]:,} -> "
-                    f"{self.tokens_after[lang]:,}).{hint}"
-                )
-        return lines
-
-
 @dataclass(frozen=True)
 class Mix:
     train: SampleList
     validation: SampleList
-    stats: list[SourceMixStats]
+    stats: list[MixCounts]
     language: LanguageBalance | None = None
 
 
@@ -187,7 +127,7 @@ def _balance_languages(
     sources: Sequence[SourceSamples],
     share: dict[str, float],
     mode: str,
-    stats: list[SourceMixStats],
+    stats: list[MixCounts],
     rng,
 ) -> tuple[list[np.ndarray], LanguageBalance]:
     """``trim``: down-sample each language whose token share exceeds its target, uniformly across
@@ -244,8 +184,8 @@ def _filtered(
     source_index: int,
     seen: set[int] | None,
     near: NearDuplicateFilter | None,
-) -> tuple[np.ndarray, SourceMixStats]:
-    stats = SourceMixStats(available=len(source.lengths))
+) -> tuple[np.ndarray, MixCounts]:
+    stats = MixCounts(available=len(source.lengths))
     short = source.lengths < source.min_tokens
     long = source.lengths > source.max_tokens if source.max_tokens else np.zeros_like(short)
     stats.too_short, stats.too_long = int(short.sum()), int((long & ~short).sum())

@@ -56,10 +56,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 import numba
 import numpy as np
+
+from longdata.format.manifest import PackingStats
 
 ALGORITHMS = ("bfd", "ffd", "next_fit")
 OVERLENGTH_POLICIES = ("truncate", "drop", "split", "truncate_middle")
@@ -446,20 +448,6 @@ def bucket_names(edges) -> list[str]:
     edges = _check_edges(edges)
     width = max(6, len(str(edges[-1])))
     return [f"le_{edge:0{width}d}" for edge in edges.tolist()]
-
-
-@dataclass(frozen=True)
-class PackingStats:
-    rows: int
-    tokens: int
-    max_len: int
-    fill: float  # tokens / (rows * max_len)
-    lower_bound: int  # ceil(tokens / max_len)
-    long_items: int  # items longer than max_len / 2: each must own a row, a second bound
-    rows_over_bound: float  # rows / max(lower_bound, long_items)
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def packing_stats(plan: Plan, lengths, max_len: int) -> PackingStats:

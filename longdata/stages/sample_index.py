@@ -71,7 +71,7 @@ def sample_index(split, caches: Sequence, source_names: Sequence[str]) -> pa.Tab
     for p in cut.tolist():  # only cut pieces need their mask read; whole ones use the cached count
         target[p] = int(piece_mask(pieces, p, samples, caches).sum())
     pieces_per_sample = np.bincount(pieces.sample, minlength=len(samples))
-    cut_status = "split" if split.counts["policy"] == "split" else "truncated"
+    cut_status = "split" if split.overlength.policy == "split" else "truncated"
     status = np.where(
         pieces.gap_length > 0,
         "middle_cut",
@@ -80,7 +80,7 @@ def sample_index(split, caches: Sequence, source_names: Sequence[str]) -> pa.Tab
 
     missing = np.flatnonzero(pieces_per_sample == 0)
     dropped_by_policy = (samples.length[missing] > split.max_len) & (
-        split.counts["policy"] == "drop"
+        split.overlength.policy == "drop"
     )
     missing_status = np.where(
         samples.length[missing] == 0,

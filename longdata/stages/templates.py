@@ -20,10 +20,10 @@ import json
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
+from longdata.format.manifest import TokenizerEntry
 from longdata.format.remote_code import refuse_remote_code
 from longdata.format.tokenizer import (  # noqa: F401 - also imported from here
     BUILTIN_TOKENIZERS,
@@ -39,20 +39,6 @@ from longdata.records import Message, RowError
 
 class NotPrefixStable(TemplateError):
     """This conversation's earlier turns render differently once later turns follow."""
-
-
-@dataclass(frozen=True)
-class TokenizerInfo:
-    name: str
-    path: str
-    vocab_size: int
-    pad_token_id: int | None
-    eos_token_id: int | None
-    sha256: str
-    digest_version: int = DIGEST_VERSION
-
-    def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
 
 
 def load_tokenizer(config: TokenizerConfig, require_chat_template: bool = True):
@@ -74,7 +60,7 @@ def load_tokenizer(config: TokenizerConfig, require_chat_template: bool = True):
         )
     if template:  # a text-only recipe may use a tokenizer without one
         tokenizer.chat_template = bind_template_kwargs(template, config.chat_template_kwargs)
-    info = TokenizerInfo(
+    info = TokenizerEntry(
         # A bundled tokenizer is recorded by name: the manifest must not depend on the checkout.
         name=config.name,
         path=config.name if config.name in BUILTIN_TOKENIZERS else path,
@@ -82,6 +68,10 @@ def load_tokenizer(config: TokenizerConfig, require_chat_template: bool = True):
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         sha256=tokenizer_digest(tokenizer),
+        digest_version=DIGEST_VERSION,
+        revision=config.revision,
+        # The template as bound: what a consumer of the build renders with, as the build did.
+        chat_template=tokenizer.chat_template,
     )
     return tokenizer, info
 

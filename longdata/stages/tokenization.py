@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from longdata.format.manifest import TokenizeCounts
 from longdata.records import EMPTY_CONVERSATION, Conversation, Document, Quarantined
 from longdata.stages.control_tokens import SpecialTokenText
 from longdata.stages.templates import (
@@ -82,21 +83,16 @@ FILE_COUNTS = ("rows_read", "turn_samples_added", "quarantined", "samples")
 
 
 @dataclass
-class TokenizeStats:
-    rows_read: int = 0
-    quarantined: int = 0
-    samples: int = 0
-    tokens: int = 0
-    target_tokens: int = 0
-    no_target_after_tokenize: int = 0
-    offsets_fallbacks: int = 0  # samples a normaliser rewrote: masked from real offsets
-    # Conversations made into one sample per assistant turn (multi_turn; docs/TEMPLATES.md), and
-    # the samples they made: rows_read + turn_samples - split_conversations = samples + quarantined.
-    split_conversations: int = 0
-    turn_samples: int = 0
-    special_token_text_rows: int = 0  # samples whose text spells a special token
+class TokenizeStats(TokenizeCounts):
+    """The manifest's counts, and how long tokenizing took (for the build's timings only)."""
+
     seconds: float = 0.0
-    files: dict[str, dict[str, int]] = field(default_factory=dict)  # file -> FILE_COUNTS
+
+    def counts(self) -> TokenizeCounts:
+        """The counts alone, as the manifest records them."""
+        return TokenizeCounts(
+            **{f.name: getattr(self, f.name) for f in dataclasses.fields(TokenizeCounts)}
+        )
 
     def count_file(self, file: str, what: str, amount: int = 1) -> None:
         if file:  # generated sources have no files

@@ -34,7 +34,7 @@ LENGTH_BINS_PER_DECADE = 12
 class CardData:
     """What the card is computed from, each table derived once per split."""
 
-    manifest: dict[str, Any]
+    manifest: Manifest  # splits in stage (curriculum) order, the order the card lists them in
     index: dict[str, pl.DataFrame]  # split -> its sample index (one line per piece)
     samples: dict[str, pl.DataFrame]  # split -> one line per sample, its pieces folded together
     rows: dict[str, pl.DataFrame]  # split -> one line per packed row: stream, tokens, samples
@@ -42,14 +42,16 @@ class CardData:
 
     @classmethod
     def read(cls, build_dir: Path, checked: Manifest | None = None) -> CardData:
-        checked = checked or Manifest.read(build_dir)
-        # The card lists splits in stage (curriculum) order, as the Manifest gives them.
-        manifest = {
-            **checked.raw,
-            "splits": {name: checked.raw["splits"][name] for name in checked.splits},
-        }
+        manifest = checked or Manifest.read(build_dir)
+        missing = manifest.missing_build_records()
+        if missing:
+            raise BuildFormatError(
+                f"{build_dir}/manifest.json: no {', '.join(missing[:3])}"
+                f"{f' (and {len(missing) - 3} more)' if len(missing) > 3 else ''}; a card needs "
+                "the manifest `longdata build` writes"
+            )
         index = {
-            name: pl.from_arrow(read_sample_index(build_dir, name)) for name in manifest["splits"]
+            name: pl.from_arrow(read_sample_index(build_dir, name)) for name in manifest.splits
         }
         return cls(
             manifest,
@@ -61,16 +63,16 @@ class CardData:
 
     @property
     def source_names(self) -> list[str]:
-        return [s["name"] for s in self.manifest["sources"]]
+        return list(self.manifest.source_names)
 
     @property
     def train_splits(self) -> list[str]:
-        return [name for name in self.manifest["splits"] if name.split("/")[-1] == "train"]
+        return self.manifest.training_splits()
 
     @property
     def plotted_splits(self) -> list[str]:
         """The train splits, or the first split of a build without one."""
-        return self.train_splits or list(self.manifest["splits"])[:1]
+        return self.train_splits or self.manifest.split_names[:1]
 
 
 def _per_sample(pieces: pl.DataFrame) -> pl.DataFrame:
@@ -153,8 +155,8 @@ def regenerate_card(build_dir: Path, copy_to: Path | None = None, copy: bool = T
     manifest = Manifest.read(build_dir)
     written = [write_card(build_dir, manifest)]
     if copy:
-        card_dir = manifest.recipe_value("output", "card_dir")
-        if copy_to is None and not isinstance(card_dir, str):
+        card_dir = manifest.recipe.card_dir if manifest.recipe else None
+        if copy_to is None and card_dir is None:
             raise BuildFormatError(
                 f"{build_dir}/manifest.json records no recipe.output.card_dir; "
                 "pass --copy-to DIR or --no-copy"
@@ -165,17 +167,17 @@ def regenerate_card(build_dir: Path, copy_to: Path | None = None, copy: bool = T
 
 def render_card(data: CardData, image_prefix: str) -> str:
     m = data.manifest
-    tokenizer = m["tokenizer"]
+    tokenizer = m.tokenizer
     sections = [
         _front_matter(data),
-        f"# {m['name']}: a packed long-context SFT build",
+        f"# {m.name}: a packed long-context SFT build",
         "",
-        f"Built by longdata {m['versions']['longdata']} from recipe `{m['name']}`: "
-        f"{m['totals']['samples']:,} samples ({m['totals']['tokens']:,} tokens) from "
-        f"{len(m['sources'])} sources, {m['totals']['quarantined']:,} input rows quarantined. "
-        f"Tokenizer `{tokenizer['name']}` (vocabulary {tokenizer['vocab_size']:,}, sha256 "
-        f"`{tokenizer['sha256'][:12]}`), seed {m['recipe']['seed']}, packing "
-        f"`{m['recipe']['packing']['algorithm']}` with sequence boundaries kept per row "
+        f"Built by longdata {m.versions['longdata']} from recipe `{m.name}`: "
+        f"{m.totals.samples:,} samples ({m.totals.tokens:,} tokens) from "
+        f"{len(m.sources)} sources, {m.totals.quarantined:,} input rows quarantined. "
+        f"Tokenizer `{tokenizer.name}` (vocabulary {tokenizer.vocab_size:,}, sha256 "
+        f"`{tokenizer.sha256[:12]}`), seed {m.recipe.seed}, packing "
+        f"`{m.recipe.packing_algorithm}` with sequence boundaries kept per row "
         "(docs/ROW_SCHEMA.md).",
         "",
         "## Sources and mix",
@@ -222,12 +224,12 @@ def render_card(data: CardData, image_prefix: str) -> str:
         "",
         "## Reproduce",
         "",
-        "Versions: " + ", ".join(f"{k} {v}" for k, v in sorted(m["versions"].items())) + ".",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in sorted(m.versions.items())) + ".",
         "",
         "<details><summary>Recipe (as validated, defaults filled in)</summary>",
         "",
         "```yaml",
-        yaml.safe_dump(m["recipe"], sort_keys=True, allow_unicode=True).rstrip(),
+        yaml.safe_dump(m.recipe.document(), sort_keys=True, allow_unicode=True).rstrip(),
         "```",
         "",
         "</details>",
@@ -239,24 +241,28 @@ def render_card(data: CardData, image_prefix: str) -> str:
 def _front_matter(data: CardData) -> str:
     m = data.manifest
     languages = sorted({lang for frame in data.index.values() for lang in frame["lang"].unique()})
-    samples = m["totals"]["samples"]
+    samples = m.totals.samples
     meta = {
-        "pretty_name": f"longdata {m['name']}",
+        "pretty_name": f"longdata {m.name}",
         "language": languages,
         "license": "other",
         "task_categories": ["text-generation"],
         "tags": ["long-context", "sft", "packed", "longdata"],
         "size_categories": [_size_category(samples)],
         "longdata": {
-            "version": m["versions"]["longdata"],
-            "recipe": m["name"],
-            "tokenizer": m["tokenizer"]["name"],
-            "tokenizer_sha256": m["tokenizer"]["sha256"],
-            "seed": m["recipe"]["seed"],
+            "version": m.versions["longdata"],
+            "recipe": m.name,
+            "tokenizer": m.tokenizer.name,
+            "tokenizer_sha256": m.tokenizer.sha256,
+            "seed": m.recipe.seed,
             "format": "mosaicml-streaming MDS",
             "splits": {
-                name: {"max_seq_len": s["max_seq_len"], "rows": s["rows"], "tokens": s["tokens"]}
-                for name, s in m["splits"].items()
+                name: {
+                    "max_seq_len": s.max_seq_len,
+                    "rows": s.totals.rows,
+                    "tokens": s.totals.tokens,
+                }
+                for name, s in m.splits.items()
             },
         },
     }
@@ -294,27 +300,27 @@ def _cell(value: Any) -> str:
 
 
 def _sources_table(data: CardData) -> str:
-    total_tokens = sum(s["mix"]["train_tokens"] for s in data.manifest["sources"]) or 1
+    total_tokens = sum(s.mix.train_tokens for s in data.manifest.sources) or 1
     rows = []
-    for s in data.manifest["sources"]:
-        t, mix = s["tokenize"], s["mix"]
+    for s in data.manifest.sources:
+        t, mix = s.tokenize, s.mix
         rows.append(
             [
-                s["name"],
-                s["kind"],
-                f"{s['weight']:g}",
-                t["rows_read"],
-                t["quarantined"],
-                t["samples"],
-                t["tokens"],
-                t["target_tokens"],
-                mix["duplicates"],
-                mix.get("near_duplicates", 0),
-                mix["too_short"] + mix["too_long"],
-                mix["validation"],
-                mix["train_samples"],
-                mix["train_tokens"],
-                mix["train_tokens"] / total_tokens,
+                s.name,
+                s.kind,
+                f"{s.weight:g}",
+                t.rows_read,
+                t.quarantined,
+                t.samples,
+                t.tokens,
+                t.target_tokens,
+                mix.duplicates,
+                mix.near_duplicates,
+                mix.too_short + mix.too_long,
+                mix.validation,
+                mix.train_samples,
+                mix.train_tokens,
+                mix.train_tokens / total_tokens,
             ]
         )
     return (
@@ -349,16 +355,12 @@ def _sources_table(data: CardData) -> str:
 
 def _special_token_text(data: CardData) -> list[str]:
     """A line per source whose text spells the tokenizer's special tokens (none: no lines)."""
-    policy = data.manifest["recipe"]["tokenizer"].get("special_tokens_in_text", "encode_as_text")
     how = (
-        "encoded as plain text, never as control tokens"
-        if policy != "allow"
-        else "encoded as control tokens (`tokenizer.special_tokens_in_text: allow`)"
+        "encoded as control tokens (`tokenizer.special_tokens_in_text: allow`)"
+        if data.manifest.recipe.special_tokens_in_text == "allow"
+        else "encoded as plain text, never as control tokens"
     )
-    counts = [
-        (s["name"], s["tokenize"].get("special_token_text_rows", 0))
-        for s in data.manifest["sources"]
-    ]
+    counts = [(s.name, s.tokenize.special_token_text_rows) for s in data.manifest.sources]
     return [
         f"Source `{name}`: {count:,} samples spell a special token in their text, {how}.\n"
         for name, count in counts
@@ -370,21 +372,21 @@ def _rows_table(data: CardData) -> str:
     """Every source row's fate; the last column says whether they add up (longdata verify checks
     it)."""
     rows, files = [], []
-    for s in data.manifest["sources"]:
+    for s in data.manifest.sources:
         accounted = "yes" if not accounting_problems(s) else "NO"
         rows.append(
             [
-                s["name"],
-                s["rows"]["rows_read"],
-                s["rows"].get("turn_samples_added", 0),
-                *(s["rows"][f] for f in ROW_FATES),
+                s.name,
+                s.rows.rows_read,
+                s.rows.turn_samples_added,
+                *(getattr(s.rows, f) for f in ROW_FATES),
                 accounted,
             ]
         )
-        for file, counts in s["tokenize"].get("files", {}).items():
+        for file, counts in s.tokenize.files.items():
             files.append(
                 [
-                    s["name"],
+                    s.name,
                     file,
                     counts["rows_read"],
                     counts.get("turn_samples_added", 0),
@@ -523,21 +525,21 @@ def _languages_table(data: CardData) -> str:
 
 def _language_balance(data: CardData) -> str:
     """What meeting the recipe's language_share did, or nothing without one."""
-    balance = data.manifest.get("language_balance")
+    balance = data.manifest.language_balance
     if not balance:
         return ""
     rows = [
         [
             lang,
-            balance["share"][lang],
-            balance["tokens_before"][lang],
-            balance["tokens_after"][lang],
-            -balance["discarded"][lang] if balance["discarded"][lang] else balance["added"][lang],
+            balance.share[lang],
+            balance.tokens_before[lang],
+            balance.tokens_after[lang],
+            -balance.discarded[lang] if balance.discarded[lang] else balance.added[lang],
         ]
-        for lang in sorted(balance["tokens_before"])
+        for lang in sorted(balance.tokens_before)
     ]
     return (
-        f"`language_share` met by `{balance['mode']}`: weighted training tokens per language "
+        f"`language_share` met by `{balance.mode}`: weighted training tokens per language "
         "before and after (change: negative = discarded, positive = repeated).\n\n"
         + _table(
             ["language", "wanted share", "tokens before", "tokens after", "change"], "lrrrr", rows
@@ -574,21 +576,21 @@ def _lengths_table(data: CardData) -> str:
 
 def _splits_table(data: CardData) -> str:
     rows = []
-    for name, split in data.manifest["splits"].items():
-        cut, packed = split["overlength"], split["packing"]
+    for name, split in data.manifest.splits.items():
+        cut, packed = split.overlength, split.packing
         per_row = data.rows[name]["samples"]
         rows.append(
             [
                 name,
-                split["max_seq_len"],
-                cut["policy"],
-                split["samples"],
-                split["rows"],
+                split.max_seq_len,
+                cut.policy,
+                split.samples,
+                split.totals.rows,
                 f"{per_row.mean():.2f}" if len(per_row) else "-",
-                packed["fill"],
-                f"{packed['rows_over_bound']:.3f}",
-                cut["truncated"] + cut["split"] + cut.get("middle_cut", 0),
-                cut["dropped"] + cut["empty"] + cut["no_target_after_cut"],
+                packed.fill,
+                f"{packed.rows_over_bound:.3f}",
+                cut.cut,
+                cut.left_out,
             ]
         )
     return _table(
@@ -611,9 +613,9 @@ def _splits_table(data: CardData) -> str:
 
 def _streams_table(data: CardData) -> str:
     rows = [
-        [name, s["name"], s["rows"], s["samples"], s["tokens"], s["target_tokens"], s["proportion"]]
-        for name, split in data.manifest["splits"].items()
-        for s in split["streams"]
+        [name, s.name, s.rows, s.samples, s.tokens, s.target_tokens, s.proportion]
+        for name, split in data.manifest.splits.items()
+        for s in split.streams
     ]
     return (
         "Each length bucket is one MDS stream; a trainer mixes a split's streams by `proportion` "
@@ -714,7 +716,7 @@ def _plot_lengths(data: CardData, path: Path) -> None:
     )
     samples = data.samples[data.train_splits[0]] if data.train_splits else None
     lengths = samples["sample_tokens"].to_numpy() if samples is not None else np.array([])
-    limits = sorted({s["max_seq_len"] for s in data.manifest["splits"].values()})
+    limits = sorted({s.max_seq_len for s in data.manifest.splits.values()})
     for ax, name in zip(axes[:, 0], names):
         own = (
             samples.filter(pl.col("source") == name)["sample_tokens"].to_numpy()
@@ -755,7 +757,7 @@ def _plot_packing(data: CardData, path: Path) -> None:
     )
     for (fill_ax, count_ax), split in zip(axes, splits):
         rows = data.rows[split]
-        max_len = data.manifest["splits"][split]["max_seq_len"]
+        max_len = data.manifest.split(split).max_seq_len
         fill = rows["tokens"].to_numpy() / max_len
         fill_ax.hist(fill, bins=np.linspace(0, 1, 21))
         fill_ax.set_xlim(0, 1)
@@ -818,10 +820,10 @@ def _short(tokens: float) -> str:
 
 def _plot_mix(data: CardData, path: Path) -> None:
     plt = _pyplot()
-    sources = data.manifest["sources"]
-    names = [s["name"] for s in sources]
-    before = np.array([s["tokenize"]["tokens"] for s in sources], dtype=float)
-    after = np.array([s["mix"]["train_tokens"] for s in sources], dtype=float)
+    sources = data.manifest.sources
+    names = [s.name for s in sources]
+    before = np.array([s.tokenize.tokens for s in sources], dtype=float)
+    after = np.array([s.mix.train_tokens for s in sources], dtype=float)
     fig, ax = plt.subplots(figsize=(7, 3), dpi=100)
     x = np.arange(len(names))
     ax.bar(x - 0.2, before / max(before.sum(), 1), 0.4, label="tokenized")

@@ -21,7 +21,15 @@ from typing import Any
 
 import numpy as np
 
-from longdata.format import Manifest, NotABuildError, StreamReader, inside, tokenizer_location
+from longdata.format import (
+    Manifest,
+    NotABuildError,
+    SplitEntry,
+    StreamEntry,
+    StreamReader,
+    TokenizerEntry,
+    tokenizer_location,
+)
 from longdata.format.remote_code import refuse_remote_code
 from longdata.stages.sample_index import INDEX_FILE
 
@@ -126,47 +134,37 @@ class RowView:
 # --- locating the row ---------------------------------------------------------------------------
 
 
-def load_manifest(build_dir: Path) -> dict:
+def load_manifest(build_dir: Path) -> Manifest:
     """The build's manifest as checked by ``longdata.format.Manifest``, splits in stage order."""
     try:
-        manifest = Manifest.read(build_dir)
+        return Manifest.read(build_dir)
     except NotABuildError as exc:
         raise InspectError(str(exc)) from None
-    return {
-        **manifest.raw,
-        "splits": {name: manifest.raw["splits"][name] for name in manifest.splits},
-    }
 
 
-def ordered_splits(manifest: dict) -> list[str]:
-    """Curriculum order: stages in order, train before validation (as ``load_manifest`` lists
-    them)."""
-    return list(manifest["splits"])
-
-
-def choose_split(manifest: dict, split: str | None) -> str:
-    splits = ordered_splits(manifest)
+def choose_split(manifest: Manifest, split: str | None) -> str:
+    splits = manifest.split_names
     if split is None:
-        trains = [s for s in splits if s == "train" or s.endswith("/train")]
+        trains = manifest.training_splits()
         if not (trains or splits):
             raise InspectError("the build has no splits")
         return (trains or splits)[0]
-    if split not in manifest["splits"]:
+    if split not in manifest.splits:
         raise InspectError(f"no split {split!r} in this build; splits: {', '.join(splits)}")
     return split
 
 
-def choose_stream(manifest: dict, split: str, stream: str | None) -> dict:
-    streams = manifest["splits"][split]["streams"]
+def choose_stream(manifest: Manifest, split: str, stream: str | None) -> StreamEntry:
+    streams = manifest.split(split).streams
     if stream is None:
-        with_rows = [s for s in streams if s["rows"] > 0]
+        with_rows = [s for s in streams if s.rows > 0]
         if not with_rows:
             raise InspectError(f"split {split} has no rows")
         return with_rows[0]
     for candidate in streams:
-        if candidate["name"] == stream:
+        if candidate.name == stream:
             return candidate
-    names = ", ".join(f"{s['name']} ({_rows(s['rows'])})" for s in streams)
+    names = ", ".join(f"{s.name} ({_rows(s.rows)})" for s in streams)
     raise InspectError(f"no stream {stream!r} in split {split}; streams: {names}")
 
 
@@ -174,11 +172,11 @@ def _rows(n: int) -> str:
     return f"{n:,} row{'' if n == 1 else 's'}"
 
 
-def _check_stream_name(manifest: dict, split: str | None, stream: str) -> None:
+def _check_stream_name(manifest: Manifest, split: str | None, stream: str) -> None:
     if split is not None:
         choose_stream(manifest, split, stream)
         return
-    names = sorted({s["name"] for sp in manifest["splits"].values() for s in sp["streams"]})
+    names = sorted({s.name for sp in manifest.splits.values() for s in sp.streams})
     if stream not in names:
         raise InspectError(f"no stream {stream!r} in any split; streams: {', '.join(names)}")
 
@@ -190,8 +188,8 @@ def _index(build_dir: Path, split: str):
     return pl.scan_parquet(path) if path.exists() else None
 
 
-def _not_packed_reason(line: dict, split: dict) -> str:
-    status, n, max_len = line["status"], line["sample_tokens"], split["max_seq_len"]
+def _not_packed_reason(line: dict, split: SplitEntry) -> str:
+    status, n, max_len = line["status"], line["sample_tokens"], split.max_seq_len
     if status == "dropped":
         return (
             f"dropped: {n:,} tokens, longer than max_seq_len {max_len:,}, and the split's "
@@ -208,15 +206,15 @@ def _not_packed_reason(line: dict, split: dict) -> str:
 
 
 def find_sample(
-    build_dir: Path, manifest: dict, sample_id: str, split: str | None, stream: str | None
+    build_dir: Path, manifest: Manifest, sample_id: str, split: str | None, stream: str | None
 ) -> tuple[str, dict, list[dict]]:
     """(split, the first placement, every placement in that split) of ``sample_id``: its first
     packed piece in ``split`` (or, with no split given, in the first split that packs it, in
-    ``ordered_splits`` order), optionally only in ``stream``. Raises NotPacked with the reason when
+    stage order), optionally only in ``stream``. Raises NotPacked with the reason when
     it is in the split(s) but in no row, InspectError when the id is unknown."""
     import polars as pl
 
-    searched = [split] if split is not None else ordered_splits(manifest)
+    searched = [split] if split is not None else manifest.split_names
     seen: dict[str, pl.DataFrame] = {}
     for name in searched:
         index = _index(build_dir, name)
@@ -233,7 +231,7 @@ def find_sample(
         if stream is not None:
             packed = packed.filter(pl.col("stream") == stream)
         if packed.height:
-            order = {s["name"]: i for i, s in enumerate(manifest["splits"][name]["streams"])}
+            order = {s.name: i for i, s in enumerate(manifest.split(name).streams)}
             placements = sorted(
                 packed.iter_rows(named=True),
                 key=lambda p: (order.get(p["stream"], len(order)), p["row"], p["slot"]),
@@ -252,7 +250,7 @@ def find_sample(
             )
         else:
             line = lines.row(0, named=True)
-            why.append(f"in split {name}: {_not_packed_reason(line, manifest['splits'][name])}")
+            why.append(f"in split {name}: {_not_packed_reason(line, manifest.split(name))}")
     message = f"sample {sample_id} is in no row: " + "; ".join(why)
     if elsewhere:
         message += f"; it is packed in {elsewhere}"
@@ -268,10 +266,12 @@ def find_sample(
     raise NotPacked(report)
 
 
-def _placements_elsewhere(build_dir: Path, manifest: dict, sample_id: str, skip: set[str]) -> str:
+def _placements_elsewhere(
+    build_dir: Path, manifest: Manifest, sample_id: str, skip: set[str]
+) -> str:
     import polars as pl
 
-    for name in ordered_splits(manifest):
+    for name in manifest.split_names:
         index = _index(build_dir, name)
         if name in skip or index is None:
             continue
@@ -285,7 +285,9 @@ def _placements_elsewhere(build_dir: Path, manifest: dict, sample_id: str, skip:
     return ""
 
 
-def _unknown_id_hint(build_dir: Path, manifest: dict, sample_id: str, searched: list[str]) -> str:
+def _unknown_id_hint(
+    build_dir: Path, manifest: Manifest, sample_id: str, searched: list[str]
+) -> str:
     import polars as pl
 
     where = f"split {searched[0]}" if len(searched) == 1 else "any split"
@@ -329,9 +331,9 @@ class Detokenizer:
     """The build's tokenizer, for decoding only: ``tokenizers`` straight from tokenizer.json
     when there is one (fast to load), else ``transformers.AutoTokenizer``."""
 
-    def __init__(self, info: dict):
+    def __init__(self, info: TokenizerEntry):
         path = tokenizer_location(info)
-        self.name = info.get("name") or path
+        self.name = info.name
         json_file = Path(path) / "tokenizer.json"
         try:
             if json_file.is_file():
@@ -477,17 +479,17 @@ def inspect_row(
     split = choose_split(manifest, split)
     stream_info = choose_stream(manifest, split, stream)
     row = 0 if row is None else row
-    reader = StreamReader(inside(build_dir, stream_info["path"]))
+    reader = StreamReader(manifest.stream_dir(stream_info))
     if not 0 <= row < reader.rows:
         raise InspectError(
-            f"--row {row} out of range: stream {stream_info['name']} of split {split} "
+            f"--row {row} out of range: stream {stream_info.name} of split {split} "
             f"has {_rows(reader.rows)} (0..{reader.rows - 1})"
         )
     data = reader.row(row)
     ids, mask = data["input_ids"], data["loss_mask"]
     seq_lens, source_ids = data["seq_lens"].tolist(), data["source_ids"].tolist()
-    detok = detok or Detokenizer(manifest["tokenizer"])
-    names = [s["name"] for s in manifest["sources"]]
+    detok = detok or Detokenizer(manifest.tokenizer)
+    names = manifest.source_names
 
     notes: list[str] = []
     index = _index(build_dir, split)
@@ -496,7 +498,7 @@ def inspect_row(
         notes.append(f"no {split}/{INDEX_FILE}: sample ids unknown (built before the sample index)")
     else:
         indexed = (
-            index.filter((pl.col("stream") == stream_info["name"]) & (pl.col("row") == row))
+            index.filter((pl.col("stream") == stream_info.name) & (pl.col("row") == row))
             .sort("slot")
             .collect()
             .to_dicts()
@@ -528,13 +530,13 @@ def inspect_row(
         offset += length
     return RowView(
         build_dir=str(build_dir),
-        name=manifest.get("name", ""),
+        name=manifest.name,
         split=split,
-        stream=stream_info["name"],
+        stream=stream_info.name,
         row=row,
         stream_rows=reader.rows,
         shard=str(reader.shard_path(row).relative_to(reader.stream_dir)),
-        max_seq_len=manifest["splits"][split]["max_seq_len"],
+        max_seq_len=manifest.split(split).max_seq_len,
         tokens=len(ids),
         target_tokens=int(mask.sum()),
         tokenizer=detok.name,

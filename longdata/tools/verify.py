@@ -16,7 +16,15 @@ from pathlib import Path
 
 import polars as pl
 
-from longdata.format import BuildFormatError, Manifest, ShardError, check_row, inside, load_shard
+from longdata.format import (
+    BuildFormatError,
+    Manifest,
+    ShardError,
+    check_row,
+    inside,
+    load_shard,
+    split_name,
+)
 from longdata.format.mds import decode_row, read_index, shard_file
 from longdata.stages.accounting import accounting_problems
 from longdata.stages.sample_index import INDEX_FILE
@@ -44,9 +52,9 @@ def verify_build(build_dir: str | Path) -> VerifyReport:
         report.problems.append(str(exc))
         return report
     n_sources = len(manifest.source_names)
-    for split_name, split in manifest.splits.items():
+    for name, split in manifest.splits.items():
         split_totals = {"rows": 0, "tokens": 0, "target_tokens": 0}
-        layouts = _indexed_layouts(build_dir, split_name, report)
+        layouts = _indexed_layouts(build_dir, name, report)
         for stream in split.streams:
             counted = _verify_stream(
                 manifest.stream_dir(stream),
@@ -63,33 +71,32 @@ def verify_build(build_dir: str | Path) -> VerifyReport:
                     )
             for key in split_totals:
                 split_totals[key] += counted[key]
-        recorded_totals = manifest.raw["splits"][split_name]
         for key, value in split_totals.items():
-            if recorded_totals.get(key, value) != value:
+            recorded = getattr(split.totals, key) if split.totals else value
+            if recorded != value:
                 report.problems.append(
-                    f"split {split_name}: manifest says "
-                    f"{key}={recorded_totals[key]}, streams add up to {value}"
+                    f"split {name}: manifest says {key}={recorded}, streams add up to {value}"
                 )
-    report.problems.extend(row_accounting_problems(build_dir, manifest.raw))
+    report.problems.extend(row_accounting_problems(build_dir, manifest))
     return report
 
 
-def row_accounting_problems(build_dir: Path, manifest: dict) -> list[str]:
+def row_accounting_problems(build_dir: Path, manifest: Manifest) -> list[str]:
     """Each source's row identity, and its held-out and training samples against every split's
     sample index (a validation split holds each held-out sample once; a train split each weighted
     training sample once)."""
-    problems = [p for source in manifest["sources"] for p in accounting_problems(source)]
-    if any("mix" not in source for source in manifest["sources"]):
+    problems = [p for source in manifest.sources for p in accounting_problems(source)]
+    if any(source.mix is None for source in manifest.sources):
         return problems  # no mix stats to hold the sample indexes against (already reported)
-    names = [s["name"] for s in manifest["sources"]]
-    for prefix in sorted({name.rpartition("/")[0] for name in manifest["splits"]}):
-        for split, expected in (
-            ("validation", {s["name"]: s["mix"]["validation"] for s in manifest["sources"]}),
-            ("train", {s["name"]: s["mix"]["train_samples"] for s in manifest["sources"]}),
+    names = manifest.source_names
+    for stage in manifest.stages():
+        for kind, expected in (
+            ("validation", {s.name: s.mix.validation for s in manifest.sources}),
+            ("train", {s.name: s.mix.train_samples for s in manifest.sources}),
         ):
-            split_name = f"{prefix}/{split}" if prefix else split
+            split = split_name(stage, kind)
             held = dict.fromkeys(names, 0)
-            index = inside(build_dir, f"{split_name}/{INDEX_FILE}")
+            index = inside(build_dir, f"{split}/{INDEX_FILE}")
             if index.exists():
                 counts = (
                     pl.read_parquet(index, columns=["sample", "source"])
@@ -101,15 +108,15 @@ def row_accounting_problems(build_dir: Path, manifest: dict) -> list[str]:
             for name in names:
                 if held[name] != expected[name]:
                     problems.append(
-                        f"split {split_name}: the sample index holds {held[name]} samples of "
+                        f"split {split}: the sample index holds {held[name]} samples of "
                         f"source {name}, the manifest's mix {expected[name]}"
                     )
     return problems
 
 
-def _indexed_layouts(build_dir: Path, split_name: str, report: VerifyReport) -> dict[str, dict]:
+def _indexed_layouts(build_dir: Path, split: str, report: VerifyReport) -> dict[str, dict]:
     """{stream: {row: (piece lengths, source ids)}} from the split's sample index."""
-    path = inside(build_dir, f"{split_name}/{INDEX_FILE}")
+    path = inside(build_dir, f"{split}/{INDEX_FILE}")
     if not path.exists():
         report.problems.append(f"{path}: missing sample index")
         return {}

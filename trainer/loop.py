@@ -36,6 +36,7 @@ from longdata.trainer.attention import shifted_sparse_inputs
 from longdata.trainer.checkpoint import (
     CheckpointError,
     CheckpointMeta,
+    claim_run_dir,
     find_checkpoint,
     load_checkpoint,
     prune_checkpoints,
@@ -319,7 +320,7 @@ def _train(
     stages = plan_stages(manifest, config)
     checkpoint = find_checkpoint(config.resume) if config.resume else None
     if context.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        claim_run_dir(out_dir, resuming=checkpoint is not None)
         (out_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
 
     random.seed(config.seed)

@@ -26,6 +26,10 @@ from typing import TextIO
 from longdata.format import is_ours, mark_ours
 from longdata.format.paths import NotOursError
 
+# What a lock file holds: nothing yet (just created), or the holder's pid; read only this far.
+LOCK_TEXT = re.compile(r"(pid \d+\n)?")
+LOCK_TEXT_LIMIT = 64
+
 
 class OutputBusyError(RuntimeError):
     """Another build holds the output directory's lock."""
@@ -139,7 +143,7 @@ def output_lock(out_dir: Path) -> Iterator[None]:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = handle.read().strip() or "another process"
+            holder = handle.read(LOCK_TEXT_LIMIT).strip() or "another process"
             handle.close()
             raise OutputBusyError(
                 f"another build is writing {out_dir} (lock {path} held by "
@@ -152,7 +156,7 @@ def output_lock(out_dir: Path) -> Iterator[None]:
         if same:
             break
         handle.close()  # the file was removed by the build that held it: lock the new one
-    if not LOCK_TEXT.fullmatch(handle.read()):
+    if not LOCK_TEXT.fullmatch(handle.read(LOCK_TEXT_LIMIT)):
         handle.close()
         raise NotOursError(
             f"{path} exists and is not a longdata lock file; remove it yourself or choose "
@@ -167,10 +171,6 @@ def output_lock(out_dir: Path) -> Iterator[None]:
     finally:
         path.unlink(missing_ok=True)
         handle.close()
-
-
-# What a lock file holds: nothing yet (just created), or the holder's pid.
-LOCK_TEXT = re.compile(r"(pid \d+\n)?")
 
 
 def _open_lock(path: Path) -> TextIO:

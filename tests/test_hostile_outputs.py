@@ -241,6 +241,15 @@ def test_train_out_into_a_build_is_refused(made, work):
     assert snapshot(work) == before
 
 
+def test_train_out_inside_a_build_is_refused(made, work):
+    _, out = made
+    build_dir = copy_build(out, work / "b")
+    before = snapshot(work)
+    result = invoke(*train_args(build_dir, build_dir / "run", "--save", "none"))
+    assert_one_line(result, 2, "inside the longdata build", "rebuild")
+    assert snapshot(work) == before
+
+
 def test_a_run_directory_with_checkpoints_needs_resume(made, work):
     _, out = made
     run = work / "run"

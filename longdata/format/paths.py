@@ -123,10 +123,17 @@ class NotOursError(ValueError):
 def claim_directory(path: str | Path, kind: str, option: str = "--out") -> Path:
     """``path`` ready for longdata to write a ``kind`` (a run, an eval's results) into: created
     and marked when it is missing or empty, kept when it carries a marker of that kind, refused
-    (NotOursError, one line) otherwise: a user's directory, a build, a link, a file."""
+    (NotOursError, one line) otherwise: a user's directory, a build or a directory inside one,
+    a link, a file."""
     path = Path(path)
     if path.is_symlink() or (path.exists() and not path.is_dir()):
         raise NotOursError(f"{option} {path} exists and is not a directory; choose another")
+    for parent in path.resolve().parents:
+        if marker_kind(parent) in ("build", "partial"):
+            raise NotOursError(
+                f"{option} {path} is inside the longdata build {parent}, which a rebuild "
+                f"replaces whole; choose a {option} outside it"
+            )
     if path.is_dir() and any(path.iterdir()):
         found = marker_kind(path)
         if found == kind:

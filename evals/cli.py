@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from longdata.format.paths import claim_directory
+from longdata.format.paths import check_directory, claim_directory
 
 ModelOption = Annotated[
     str,
@@ -161,7 +161,7 @@ def eval_niah(
         depth_list = parse_depths(depths)
     except ValueError as error:
         raise typer.BadParameter(str(error), param_hint="--depths") from None
-    claim_directory(out, "eval")  # refused before the model is loaded
+    check_directory(out, "eval")  # refused before the model is loaded
     err = Console(stderr=True)
     try:
         spec = NiahSpec(
@@ -188,7 +188,7 @@ def eval_niah(
             )
     except EvalInputError as error:
         raise _bad_parameter(error) from None
-    paths = write_outputs(report, out)
+    paths = write_outputs(report, claim_directory(out, "eval"))
     Console().print(grid_table(report))
     seconds = report.config["seconds"]
     counted = f"{len(report.rows)} prompt(s) + {len(report.control_rows or [])} control(s)"
@@ -267,7 +267,7 @@ def eval_ruler(
         length_list = parse_lengths(lengths)
     except ValueError as error:
         raise typer.BadParameter(str(error), param_hint="--lengths") from None
-    claim_directory(out, "eval")  # refused before the model is loaded
+    check_directory(out, "eval")  # refused before the model is loaded
     err = Console(stderr=True)
     try:
         spec = RulerSpec(
@@ -291,7 +291,7 @@ def eval_ruler(
             )
     except EvalInputError as error:
         raise _bad_parameter(error) from None
-    paths = write_outputs(results, out)
+    paths = write_outputs(results, claim_directory(out, "eval"))
     Console().print(task_table(results))
     typer.echo("wrote " + ", ".join(str(p) for p in paths.values()))
 

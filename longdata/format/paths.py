@@ -120,11 +120,10 @@ class NotOursError(ValueError):
     exit_code = 2
 
 
-def claim_directory(path: str | Path, kind: str, option: str = "--out") -> Path:
-    """``path`` ready for longdata to write a ``kind`` (a run, an eval's results) into: created
-    and marked when it is missing or empty, kept when it carries a marker of that kind, refused
-    (NotOursError, one line) otherwise: a user's directory, a build or a directory inside one,
-    a link, a file."""
+def check_directory(path: str | Path, kind: str, option: str = "--out") -> Path:
+    """``path`` if longdata may write a ``kind`` (a run, an eval's results) into it: it is missing
+    or empty, or carries a marker of that kind; refused (NotOursError, one line) otherwise: a
+    user's directory, a build or a directory inside one, a link, a file. Nothing is created."""
     path = Path(path)
     if path.is_symlink() or (path.exists() and not path.is_dir()):
         raise NotOursError(f"{option} {path} exists and is not a directory; choose another")
@@ -143,6 +142,13 @@ def claim_directory(path: str | Path, kind: str, option: str = "--out") -> Path:
             f"{option} {path} is {what}, not a {kind} directory; refusing to write into it "
             f"(choose a new {option})"
         )
+    return path
+
+
+def claim_directory(path: str | Path, kind: str, option: str = "--out") -> Path:
+    """``check_directory``, then ``path`` created and marked as a ``kind`` directory."""
+    path = check_directory(path, kind, option)
     path.mkdir(parents=True, exist_ok=True)
-    mark_ours(path, kind)
+    if marker_kind(path) != kind:
+        mark_ours(path, kind)
     return path

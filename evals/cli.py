@@ -14,6 +14,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from longdata.format.paths import check_directory, claim_directory
+
 ModelOption = Annotated[
     str,
     typer.Option(
@@ -123,7 +125,11 @@ def eval_niah(
     dtype: DtypeOption = "auto",
     device: DeviceOption = "auto",
     out: Annotated[
-        Path, typer.Option(help="Output directory: results.csv, results.json, heatmap.png.")
+        Path,
+        typer.Option(
+            help="Output directory: results.csv, results.json, heatmap.png. New, empty, or an "
+            "earlier eval's (marked by longdata); anything else is refused."
+        ),
     ] = Path("eval/niah"),
 ) -> None:
     """Needle in a haystack: retrieval accuracy over a grid of context lengths x needle depths.
@@ -155,6 +161,7 @@ def eval_niah(
         depth_list = parse_depths(depths)
     except ValueError as error:
         raise typer.BadParameter(str(error), param_hint="--depths") from None
+    check_directory(out, "eval")  # refused before the model is loaded
     err = Console(stderr=True)
     try:
         spec = NiahSpec(
@@ -181,7 +188,7 @@ def eval_niah(
             )
     except EvalInputError as error:
         raise _bad_parameter(error) from None
-    paths = write_outputs(report, out)
+    paths = write_outputs(report, claim_directory(out, "eval"))
     Console().print(grid_table(report))
     seconds = report.config["seconds"]
     counted = f"{len(report.rows)} prompt(s) + {len(report.control_rows or [])} control(s)"
@@ -235,7 +242,11 @@ def eval_ruler(
     dtype: DtypeOption = "auto",
     device: DeviceOption = "auto",
     out: Annotated[
-        Path, typer.Option(help="Output directory: results.csv, results.json, heatmap.png.")
+        Path,
+        typer.Option(
+            help="Output directory: results.csv, results.json, heatmap.png. New, empty, or an "
+            "earlier eval's (marked by longdata); anything else is refused."
+        ),
     ] = Path("eval/ruler"),
 ) -> None:
     """RULER-style suite: accuracy per task and length, with a no-signal control per task.
@@ -256,6 +267,7 @@ def eval_ruler(
         length_list = parse_lengths(lengths)
     except ValueError as error:
         raise typer.BadParameter(str(error), param_hint="--lengths") from None
+    check_directory(out, "eval")  # refused before the model is loaded
     err = Console(stderr=True)
     try:
         spec = RulerSpec(
@@ -279,7 +291,7 @@ def eval_ruler(
             )
     except EvalInputError as error:
         raise _bad_parameter(error) from None
-    paths = write_outputs(results, out)
+    paths = write_outputs(results, claim_directory(out, "eval"))
     Console().print(task_table(results))
     typer.echo("wrote " + ", ".join(str(p) for p in paths.values()))
 

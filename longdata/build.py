@@ -36,9 +36,15 @@ from longdata.pipeline import BuildError, TokenizedSource, run_stages
 from longdata.recipe import FileSource, Recipe, load_recipe
 from longdata.stages.accounting import row_accounting
 from longdata.stages.mix import Mix
-from longdata.tools.card import card_destination, copy_card, write_card
+from longdata.tools.card import card_destination, check_card_destination, copy_card, write_card
 
 __all__ = ["BuildError", "BuildResult", "build"]
+
+
+class RemoteOutputError(OSError):
+    """The output URL cannot be written: no such bucket, no permission, unreachable."""
+
+    exit_code = 2
 
 
 @dataclass
@@ -57,6 +63,7 @@ def build(
     strict: bool = False,
     overwrite: bool = False,
     allow_empty: bool = False,
+    copy_card_to_card_dir: bool = True,
     console: Console | None = None,
     executor: Executor | None = None,
 ) -> BuildResult:
@@ -65,7 +72,9 @@ def build(
 
     ``overwrite`` allows replacing an existing output directory that is not a longdata build
     (see ``longdata.output.claim_output`` for what is never replaced). A build without a single
-    training row fails (BuildError) unless ``allow_empty``."""
+    training row fails (BuildError) unless ``allow_empty``. With ``copy_card_to_card_dir`` the
+    card is also copied to ``<card_dir>/<name>`` (the CLI turns it off for a build with ``--out``
+    or ``--set``, whose card would replace the default build's tracked one)."""
     console = console or Console(stderr=True)
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, list(overrides))
@@ -73,12 +82,24 @@ def build(
     remote = target if "://" in target else None
     # A remote build is assembled and published locally first, then uploaded manifest-last.
     out_dir = Path(recipe.cache_dir) / "staging" / recipe.name if remote else Path(target)
+    if remote:
+        check_remote_output(remote)  # a missing bucket fails now, not after the whole build
     claim_output(out_dir, overwrite=overwrite, keep=needed_paths(recipe))
-    card_destination(recipe.output.card_dir, recipe.name)  # an unsafe name fails before any work
+    # An unsafe name or a card directory that is not longdata's fails before any work.
+    card_copy = card_destination(recipe.output.card_dir, recipe.name)
+    if copy_card_to_card_dir:
+        check_card_destination(out_dir, card_copy)
     with output_lock(out_dir):
         try:
             return _run_build(
-                recipe, out_dir, remote, strict, allow_empty, console, executor or LocalExecutor()
+                recipe,
+                out_dir,
+                remote,
+                strict,
+                allow_empty,
+                console,
+                executor or LocalExecutor(),
+                card_copy if copy_card_to_card_dir else None,
             )
         except BaseException:
             discard_partial(out_dir)
@@ -101,6 +122,7 @@ def _run_build(
     allow_empty: bool,
     console: Console,
     executor: Executor,
+    card_copy: Path | None,
 ) -> BuildResult:
     partial = start_partial(out_dir)
     seconds: dict[str, float] = {}
@@ -118,6 +140,7 @@ def _run_build(
         seconds,
         started_at,
         allow_empty=allow_empty,
+        card_copy=card_copy,
     )
 
 
@@ -133,8 +156,10 @@ def finish_build(
     seconds: dict[str, float],
     started_at: float,
     allow_empty: bool = False,
+    card_copy: Path | None = None,
 ) -> BuildResult:
-    """Manifest, card and build info into ``partial``, then publish (and upload) it."""
+    """Manifest, card and build info into ``partial``, then publish it, copy its card to
+    ``card_copy`` (when given) and upload it."""
     if not allow_empty and not sum(s.rows for s in splits if s.is_train):
         raise BuildError(_empty_build_reason(recipe, sources, mixed, splits))
     _publish_quarantine(sources, partial)
@@ -156,7 +181,8 @@ def finish_build(
     )
     write_manifest(manifest)
     publish(partial, out_dir)
-    copy_card(out_dir, card_destination(recipe.output.card_dir, recipe.name))
+    if card_copy is not None:
+        copy_card(out_dir, card_copy)
     if remote:
         clock = time.perf_counter()
         upload_build(out_dir, remote)
@@ -253,15 +279,48 @@ def _versions() -> dict[str, str]:
     }
 
 
-def upload_build(local: Path, remote: str) -> None:
-    """Upload through fsspec (s3:// with s3fs, gs:// with gcsfs, ...). The manifest goes last, so
-    a reader never finds a manifest whose shards are not all there yet."""
+# Written and removed again by `check_remote_output`; the build's own files never have this name.
+WRITE_CHECK_FILE = ".longdata-write-check"
+
+
+def _remote_fs(remote: str):
     import fsspec
 
     # A fresh filesystem, not fsspec's cached one, so the endpoint and credentials are the
     # environment's now, not those of an earlier upload in this process.
     fs, root = fsspec.core.url_to_fs(remote, skip_instance_cache=True)
+    return fs, root.rstrip("/")
+
+
+def check_remote_output(remote: str) -> None:
+    """Write and remove one empty file under ``remote``: a bucket that is missing, forbidden or
+    unreachable fails here in one line (RemoteOutputError) before any work is done."""
+    try:
+        fs, root = _remote_fs(remote)
+        fs.pipe_file(f"{root}/{WRITE_CHECK_FILE}", b"")
+        fs.rm_file(f"{root}/{WRITE_CHECK_FILE}")
+    except Exception as error:  # each store and client raises its own types
+        raise RemoteOutputError(
+            f"cannot write to {remote}: {_reason(error)}; nothing was built"
+        ) from None
+
+
+def upload_build(local: Path, remote: str) -> None:
+    """Upload through fsspec (s3:// with s3fs, gs:// with gcsfs, ...). The manifest goes last, so
+    a reader never finds a manifest whose shards are not all there yet."""
+    fs, root = _remote_fs(remote)
     files = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
     files.remove("manifest.json")
-    for name in [*files, "manifest.json"]:
-        fs.put_file(str(local / name), f"{root.rstrip('/')}/{name}")
+    try:
+        for name in [*files, "manifest.json"]:
+            fs.put_file(str(local / name), f"{root}/{name}")
+    except Exception as error:  # each store and client raises its own types
+        raise RemoteOutputError(
+            f"uploading the build {local} to {remote} failed: {_reason(error)}; the local build "
+            "is complete, and no manifest was uploaded unless every shard was"
+        ) from None
+
+
+def _reason(error: Exception) -> str:
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__

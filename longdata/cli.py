@@ -204,7 +204,9 @@ def build(
     Stages: read -> normalise -> tokenize (cached per source partition) -> mix -> plan -> write
     -> merge -> manifest + card. The build appears at its output directory only once complete;
     malformed input rows are written to <out>/quarantine/<source>.jsonl with their location and
-    reason.
+    reason. The card is also copied to <card_dir>/<name> for the recipe as written; with --out or
+    --set it is copied only when --set output.card_dir=... says where (so a variant never
+    replaces the default build's tracked card).
     """
     from longdata.build import build as run_build
     from longdata.executors import ENGINES, make_executor
@@ -222,12 +224,20 @@ def build(
             strict=strict,
             overwrite=overwrite,
             allow_empty=allow_empty,
+            copy_card_to_card_dir=_copies_card(out, overrides or []),
             console=console,
             executor=executor,
         )
     finally:
         executor.close()
     _print_summary(result)
+
+
+def _copies_card(out: str | None, overrides: list[str]) -> bool:
+    """Whether a build's card goes to <card_dir>/<name>: for the recipe as written, or where
+    ``--set output.card_dir`` names."""
+    set_keys = {assignment.partition("=")[0].strip() for assignment in overrides}
+    return "output.card_dir" in set_keys or (out is None and not set_keys)
 
 
 def _print_summary(result) -> None:

@@ -3,23 +3,32 @@
 A build writes only into its output directory ``OUT`` and two hidden siblings: ``.OUT.partial``
 (the build being assembled, swapped into place when complete) and ``.OUT.lock`` (held while the
 build runs, removed at the end). It replaces an existing ``OUT`` only when longdata wrote it
-(``longdata.format.is_ours``), or when it is empty; anything else is refused unless the user passes
-``--overwrite``, and even then never when ``OUT`` is the filesystem root, the home directory, the
-working directory or one of its parents, or holds the recipe, the cache or the card directory.
+(its ``.longdata`` marker, ``longdata.format.is_ours``), or when it is empty; anything else, a
+build from before markers included, is refused unless the user passes ``--overwrite``, and even
+then never when ``OUT`` is the filesystem root, the home directory, the working directory or one
+of its parents, or holds the recipe, the cache or the card directory.
 A stale ``.OUT.partial`` / ``.OUT.previous`` is removed only when it carries longdata's marker.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
+import re
 import shutil
+import stat
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TextIO
 
 from longdata.format import is_ours, mark_ours
 from longdata.format.paths import NotOursError
+
+# What a lock file holds: nothing yet (just created), or the holder's pid; read only this far.
+LOCK_TEXT = re.compile(r"(pid \d+\n)?")
+LOCK_TEXT_LIMIT = 64
 
 
 class OutputBusyError(RuntimeError):
@@ -53,8 +62,14 @@ def claim_output(out_dir: Path, *, overwrite: bool, keep: Iterable[str | Path] =
     if not out_dir.exists() or is_ours(out_dir, "build") or not any(out_dir.iterdir()):
         return
     if not overwrite:
+        unmarked = (
+            " (it holds a manifest.json but no .longdata marker: a copy, or a build from before "
+            "markers)"
+            if (out_dir / "manifest.json").exists()
+            else ""
+        )
         raise NotOursError(
-            f"--out {out_dir} exists and is not a longdata build; refusing to replace "
+            f"--out {out_dir} exists and is not a longdata build{unmarked}; refusing to replace "
             "it (choose another --out, or pass --overwrite to replace it)"
         )
     target = out_dir.resolve()
@@ -118,16 +133,17 @@ def output_lock(out_dir: Path) -> Iterator[None]:
 
     The lock is an ``flock`` on the file, so a killed build leaves no stale lock behind; the file
     is removed on the way out (and a build that locked a file another one just removed retries).
+    The file is never opened through a symbolic link, and one that is not a regular file, or holds
+    anything but a lock's ``pid N``, is refused: it is not longdata's to overwrite or remove.
     """
     path = lock_file(out_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
-        handle = open(path, "a+")  # noqa: SIM115 - held open for the whole build
+        handle = _open_lock(path)
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
+            holder = handle.read(LOCK_TEXT_LIMIT).strip() or "another process"
             handle.close()
             raise OutputBusyError(
                 f"another build is writing {out_dir} (lock {path} held by "
@@ -140,7 +156,14 @@ def output_lock(out_dir: Path) -> Iterator[None]:
         if same:
             break
         handle.close()  # the file was removed by the build that held it: lock the new one
+    if not LOCK_TEXT.fullmatch(handle.read(LOCK_TEXT_LIMIT)):
+        handle.close()
+        raise NotOursError(
+            f"{path} exists and is not a longdata lock file; remove it yourself or choose "
+            "another --out"
+        )
     try:
+        handle.seek(0)
         handle.truncate(0)
         handle.write(f"pid {os.getpid()}\n")
         handle.flush()
@@ -148,3 +171,20 @@ def output_lock(out_dir: Path) -> Iterator[None]:
     finally:
         path.unlink(missing_ok=True)
         handle.close()
+
+
+def _open_lock(path: Path) -> TextIO:
+    """``path`` opened for reading and writing, created if missing, never through a link."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        descriptor = os.open(path, flags, 0o644)
+    except OSError as error:
+        if error.errno != errno.ELOOP:
+            raise
+        raise NotOursError(
+            f"lock {path} is a symbolic link; refusing to write through it (remove it yourself)"
+        ) from None
+    if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+        os.close(descriptor)
+        raise NotOursError(f"lock {path} is not a regular file; refusing to use it (remove it)")
+    return os.fdopen(descriptor, "r+")

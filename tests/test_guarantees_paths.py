@@ -397,7 +397,7 @@ def test_card_dir_naming_a_foreign_directory_is_refused(
     monkeypatch.chdir(work)
     value = str(tmp_path / "victims") if card_dir == "absolute" else "../victims"
     edit_manifest(build_dir, lambda m: m["recipe"]["output"].update(card_dir=value))
-    assert_one_line(invoke("card", build_dir), 2, "not a data card longdata wrote")
+    assert_one_line(invoke("card", build_dir), 2, "outside the working directory")
     assert files_under(victim) == {"thesis.tex": b"years of work"}
 
 
@@ -408,16 +408,18 @@ def test_card_copy_to_a_foreign_directory_is_refused(real_build, tmp_path):
     assert files_under(victim) == {"thesis.tex": b"years of work"}
 
 
-def test_card_rewrites_its_own_copy_and_a_legacy_one(real_build, tmp_path):
+def test_card_rewrites_its_own_copy_but_not_an_unmarked_one(real_build, tmp_path):
     _, _, out = real_build
     build_dir = copy_build(out, tmp_path / "b")
     ours = tmp_path / "cards" / "guard"
     assert invoke("card", build_dir, "--copy-to", ours).exit_code == 0
     assert is_ours(ours, "card")
     assert invoke("card", build_dir, "--copy-to", ours).exit_code == 0
-    (ours / ".longdata").unlink()  # a copy made before markers existed: only card files in it
-    result = invoke("card", build_dir, "--copy-to", ours)
-    assert result.exit_code == 0, result.output
+    # Only card files, but no marker: a user's own README.md looks the same, so it is refused.
+    (ours / ".longdata").unlink()
+    before = files_under(ours)
+    assert_one_line(invoke("card", build_dir, "--copy-to", ours), 2, "no .longdata card marker")
+    assert files_under(ours) == before
 
 
 # --- own only what it made: the output directory ---------------------------------------------

@@ -10,6 +10,7 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import AutoModelForCausalLM
 
+from longdata.format import mark_ours
 from longdata.trainer import collate
 from longdata.trainer.checkpoint import STATE_FILE, Checkpointer, CheckpointError, checkpoint_dir
 from longdata.trainer.config import ConfigError, resolve
@@ -341,6 +342,7 @@ def test_keep_checkpoints_prunes_only_its_own(build: Path, tmp_path: Path) -> No
     for path in foreign:
         path.mkdir(parents=True)
         (path / "weights.bin").write_text("not ours")
+    mark_ours(run, "run")  # a run directory (else --out over it is refused) holding foreign files
     train(_config(build, run, steps=5, checkpoint_every=1, keep_checkpoints=2))
     kept = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert kept == ["best", "step_0000004", "step_0000005", "step_9999999"]

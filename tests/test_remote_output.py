@@ -135,3 +135,31 @@ def test_cli_builds_to_an_s3_url_and_trains_from_it(s3_server, tmp_path, monkeyp
         app, ["train", "s3://shards/builds/none", "--out", str(run)], env={"COLUMNS": "400"}
     )
     assert missing.exit_code == 2 and "builds/none/manifest.json cannot be read" in missing.output
+
+
+@pytest.mark.parametrize("fault", ["no such bucket", "unreachable endpoint"])
+def test_an_unwritable_s3_output_fails_in_one_line_before_any_work(
+    s3_server, tmp_path, monkeypatch, fault
+):
+    import yaml
+    from typer.testing import CliRunner
+
+    from longdata.cli import app
+    from tests.test_hostile_outputs import snapshot
+
+    data = small_recipe(tmp_path)
+    data["sources"] = data["sources"][:1]
+    recipe = tmp_path / "recipe.yml"
+    recipe.write_text(yaml.safe_dump(data))
+    url = "s3://shards/builds/x"
+    if fault == "no such bucket":
+        url = "s3://no-such-bucket/builds/x"
+    else:  # a port nothing listens on
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.chdir(tmp_path)
+    before = snapshot(tmp_path)
+    result = CliRunner().invoke(app, ["build", str(recipe), "--out", url])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    assert f"cannot write to {url}" in lines[0] and "nothing was built" in lines[0]
+    assert snapshot(tmp_path) == before  # no cache, no staging: nothing was tokenised

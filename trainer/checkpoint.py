@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 from transformers import PreTrainedModel
 
+from longdata.format.paths import NotOursError, claim_directory
 from longdata.trainer.config import ConfigError, TrainConfig
 from longdata.trainer.curriculum import Stage
 from longdata.trainer.distributed import ParallelContext
@@ -44,6 +45,25 @@ META_FILE = "meta.json"
 
 class CheckpointError(ConfigError):
     """A `--resume` path that is not a checkpoint this trainer can load safely."""
+
+
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written (disk full, read-only, ...); earlier ones are intact."""
+
+    exit_code = 1
+
+
+def claim_run_dir(out_dir: str | Path, resuming: bool) -> Path:
+    """`out_dir` ready for a run: new, empty, or a run directory longdata marked (never a build or
+    a user's directory). One that holds checkpoints is refused unless the run resumes, so a later
+    `--resume OUT` cannot pick up an earlier run's checkpoint as this run's."""
+    out_dir = claim_directory(out_dir, "run")
+    if _checkpoints(out_dir) and not resuming:
+        raise NotOursError(
+            f"--out {out_dir} holds checkpoints of an earlier run; pass --resume {out_dir} to "
+            "continue it, or choose a new --out"
+        )
+    return out_dir
 
 
 @dataclass(frozen=True)
@@ -62,7 +82,7 @@ def read_meta(path: Path) -> CheckpointMeta:
     meta_file = path / META_FILE
     try:
         meta = json.loads(meta_file.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         raise CheckpointError(
             f"{path}: no readable {META_FILE}; not a checkpoint of this trainer"
         ) from None
@@ -222,14 +242,12 @@ def save_checkpoint(
     partial = path.with_name(path.name + ".partial")
     if partial.is_dir() and not partial.is_symlink():
         shutil.rmtree(partial)  # our own leftover from a save that was killed
-    partial.mkdir(parents=True)
     state = {
         "model": model_state,
         "optimizer": optimizer_state,
         "scheduler": scheduler.state_dict(),
         "rng": rng_states,
     }
-    torch.save(state, partial / STATE_FILE)
     meta = {
         "format": CHECKPOINT_FORMAT,
         "step": step,
@@ -238,7 +256,16 @@ def save_checkpoint(
         "world_size": context.world_size,
         "config": asdict(config),
     }
-    (partial / META_FILE).write_text(json.dumps(meta, indent=2))
+    try:
+        partial.mkdir(parents=True)
+        torch.save(state, partial / STATE_FILE)
+        (partial / META_FILE).write_text(json.dumps(meta, indent=2))
+    except (OSError, RuntimeError) as error:  # torch reports a failed write as RuntimeError
+        shutil.rmtree(partial, ignore_errors=True)
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise CheckpointSaveError(
+            f"saving checkpoint {path} failed ({reason}); the earlier checkpoints are intact"
+        ) from None
     if _is_ours(path):
         shutil.rmtree(path)  # a step redone after resuming from an older checkpoint
     partial.replace(path)  # a kill mid-save leaves the previous checkpoints intact
@@ -271,9 +298,15 @@ def load_checkpoint(
     except (OSError, RuntimeError, EOFError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise CheckpointError(f"{state_file}: not a readable checkpoint ({reason})") from None
-    _load_full_state(model, optimizer, state)
-    scheduler.load_state_dict(state["scheduler"])
-    restore_rng(state["rng"][context.rank])
+    try:
+        _load_full_state(model, optimizer, state)
+        scheduler.load_state_dict(state["scheduler"])
+        restore_rng(state["rng"][context.rank])
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise CheckpointError(
+            f"{state_file}: malformed, or not a checkpoint of this model ({reason})"
+        ) from None
     return meta
 
 

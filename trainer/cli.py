@@ -118,10 +118,13 @@ def train(**given: Any) -> None:
 def _with_remote_build(config):
     """The config of a run on a build's URL: its manifest downloaded into OUT/remote_build (the
     run's build directory), its shards streamed from the URL and cached there."""
+    from longdata.trainer.checkpoint import claim_run_dir
     from longdata.trainer.data import fetch_remote_manifest
 
     url = config.build_dir
-    manifest = fetch_remote_manifest(url, Path(config.out_dir) / "remote_build")
+    # OUT must be a run directory before the manifest is written into it (the loop checks again).
+    out_dir = claim_run_dir(config.out_dir, resuming=bool(config.resume))
+    manifest = fetch_remote_manifest(url, out_dir / "remote_build")
     return dataclasses.replace(
         config, build_dir=str(manifest.build_dir), remote=config.remote or url
     )

@@ -35,7 +35,7 @@ from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel
 
 from longdata.trainer.attention import shifted_sparse_inputs
-from longdata.trainer.checkpoint import Checkpointer
+from longdata.trainer.checkpoint import Checkpointer, claim_run_dir
 from longdata.trainer.config import TrainConfig
 from longdata.trainer.curriculum import Stage, plan_stages, validation_split
 from longdata.trainer.data import Manifest, make_dataloader, make_dataset
@@ -348,7 +348,7 @@ def _train(
     stages = plan_stages(manifest, config)
     # Looks the resume checkpoint up now: a wrong --resume fails before anything is written.
     checkpointer = Checkpointer(config, context)
-    _prepare_out_dir(config, context)
+    _prepare_out_dir(config, context, checkpointer)
     run = _start_run(config, context, manifest, checkpointer)
     log = MetricsLog(config, run.step, enabled=context.is_main)
     progress = _Progress(config, run.step, enabled=context.is_main)
@@ -386,12 +386,14 @@ def _train(
     return TrainResult(metrics=run.metrics, final_dir=final_dir)
 
 
-def _prepare_out_dir(config: TrainConfig, context: ParallelContext) -> None:
-    """The one place the run directory is created (rank 0), with the resolved config in it."""
+def _prepare_out_dir(
+    config: TrainConfig, context: ParallelContext, checkpointer: Checkpointer
+) -> None:
+    """The one place the run directory is claimed (rank 0: new, or longdata's own run; one with
+    checkpoints only when resuming) and the resolved config written into it."""
     if not context.is_main:
         return
-    out_dir = Path(config.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = claim_run_dir(config.out_dir, resuming=checkpointer.resume_from is not None)
     (out_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
 
 

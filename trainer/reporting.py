@@ -25,7 +25,7 @@ def keep_steps_up_to(path: Path, step: int) -> None:
         try:
             if json.loads(line)["step"] <= step:
                 kept.append(line)
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             break  # a line cut short by a kill: nothing after it was written whole
     path.write_text("".join(f"{line}\n" for line in kept))
 

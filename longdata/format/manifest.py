@@ -368,7 +368,7 @@ class Manifest:
             raise BuildFormatError(f"{path}: empty (the build was interrupted or the file damaged)")
         try:
             raw = json.loads(text)
-        except ValueError as error:
+        except (ValueError, RecursionError) as error:
             raise BuildFormatError(
                 f"{path}: not valid JSON ({error}); truncated or edited?"
             ) from None

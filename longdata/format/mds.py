@@ -41,7 +41,7 @@ def read_index(stream_dir: Path) -> list[dict]:
         raise ShardError(f"{path}: missing")
     try:
         shards = json.loads(path.read_text())["shards"]
-    except (OSError, ValueError, KeyError, TypeError) as error:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as error:
         raise ShardError(f"{path}: not a readable MDS index ({error})") from None
     if not isinstance(shards, list) or not all(isinstance(s, dict) for s in shards):
         raise ShardError(f"{path}: 'shards' must be a list of objects")

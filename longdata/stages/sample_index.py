@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from longdata.format import inside
+from longdata.format import BuildFormatError, inside
 from longdata.stages.shards import piece_mask
 
 INDEX_FILE = "samples.parquet"
@@ -137,5 +137,13 @@ def write_sample_index(
     return path
 
 
-def read_sample_index(build_dir: Path, split_name: str) -> pa.Table:
-    return pq.read_table(inside(build_dir, f"{split_name}/{INDEX_FILE}"))
+def read_sample_index(
+    build_dir: Path, split_name: str, columns: Sequence[str] | None = None
+) -> pa.Table:
+    """The split's sample index; BuildFormatError (one line) when the file is damaged."""
+    path = inside(build_dir, f"{split_name}/{INDEX_FILE}")
+    try:
+        return pq.read_table(path, columns=columns)
+    except (pa.ArrowException, OSError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise BuildFormatError(f"{path}: not a readable sample index ({reason})") from None

@@ -206,8 +206,18 @@ def _longest_user_span(text: str, messages: Sequence[Message]) -> tuple[int, int
 
 def template_overhead(tokenizer) -> int:
     """Tokens the chat template itself adds to the shortest trainable conversation (an empty
-    user turn and a one-character answer): a row shorter than this holds no whole sample."""
-    text = ChatRenderer(tokenizer).render((Message("user", ""), Message("assistant", "x"))).text
+    user turn and a one-character answer): a row shorter than this holds no whole sample.
+    Computed before any row is read, so a template that cannot render at all (a syntax error, a
+    sandbox refusal, an undefined name) fails here as one TemplateError line."""
+    import jinja2
+
+    try:
+        text = ChatRenderer(tokenizer).render((Message("user", ""), Message("assistant", "x"))).text
+    except jinja2.TemplateError as error:
+        raise TemplateError(
+            f"the chat template cannot render a one-turn conversation "
+            f"({type(error).__name__}: {error})"
+        ) from None
     return len(tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)) - 1
 
 

@@ -227,7 +227,7 @@ def entry_problem(entry_dir: Path) -> str | None:
     recorded: an entry older than checksums), or None when every file matches."""
     try:
         recorded = json.loads((entry_dir / CHECKSUM_FILE).read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return "no readable checksums"
     for name in CHECKED_FILES:
         path = entry_dir / name

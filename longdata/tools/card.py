@@ -8,7 +8,7 @@ can regenerate the card of any finished build: ``manifest.json`` and the per-spl
 
 from __future__ import annotations
 
-import shutil
+import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,7 @@ import polars as pl
 import yaml
 
 from longdata.format import BuildFormatError, Manifest, check_slug, inside, is_ours, mark_ours
-from longdata.format.paths import MARKER_FILE, NotOursError
+from longdata.format.paths import NotOursError, UnsafePathError, replace_file
 from longdata.stages.accounting import ROW_FATES, accounting_problems
 from longdata.stages.sample_index import read_sample_index
 
@@ -101,7 +101,7 @@ def write_card(build_dir: Path, manifest: Manifest | None = None) -> Path:
     _plot_loss_weight(data, plots / "loss_weight.png")
     _plot_mix(data, plots / "mix.png")
     card = build_dir / CARD_FILE
-    card.write_text(render_card(data, image_prefix=f"{PLOTS_DIR}/"), encoding="utf-8")
+    replace_file(card, render_card(data, image_prefix=f"{PLOTS_DIR}/").encode())
     return card
 
 
@@ -111,57 +111,67 @@ def card_destination(card_dir: str | Path, name: str) -> Path:
     return Path(card_dir) / check_slug(name, "recipe name")
 
 
-def _is_card_copy(directory: Path) -> bool:
-    """A card directory longdata wrote: its marker, or (cards copied before markers existed)
-    nothing in it but the files a card copy consists of."""
-    if is_ours(directory, "card"):
-        return True
-    if directory.is_symlink() or not directory.is_dir():
-        return False
-    allowed = {CARD_FILE, MARKER_FILE, *PLOTS}
-    return all(
-        entry.name in allowed and entry.is_file() and not entry.is_symlink()
-        for entry in directory.iterdir()
-    )
+def check_card_destination(build_dir: Path, destination: Path) -> None:
+    """Refuse (NotOursError) a card directory that is the build or inside it, or that exists and
+    holds no card marker of longdata's: only the marker says a directory is a card copy, so one
+    written before markers existed is refused too (remove it once, and the next copy is marked)."""
+    build = Path(build_dir).resolve()
+    target = destination.resolve()
+    if target == build or build in target.parents:
+        raise NotOursError(f"card directory {destination} is inside the build {build_dir}")
+    if (destination.exists() or destination.is_symlink()) and not is_ours(destination, "card"):
+        raise NotOursError(
+            f"{destination} exists and is not a data card longdata wrote (no .longdata card "
+            "marker); refusing to write into it (remove it or set output.card_dir elsewhere)"
+        )
 
 
 def copy_card(build_dir: Path, destination: Path) -> Path:
     """The build's card as ``<destination>/README.md`` with its plots beside it (data_cards/).
 
-    Only the card's own files are written; nothing is removed. ``destination`` must be new or a
-    card directory longdata wrote, and may not be the build or lie inside it."""
-    build = Path(build_dir).resolve()
-    target = destination.resolve()
-    if target == build or build in target.parents:
-        raise NotOursError(f"card directory {destination} is inside the build {build_dir}")
-    if destination.exists() or destination.is_symlink():
-        if not _is_card_copy(destination):
-            raise NotOursError(
-                f"{destination} exists and is not a data card longdata wrote; refusing "
-                "to write into it (remove it or set output.card_dir elsewhere)"
-            )
+    Only the card's own files are written, each replaced rather than written through (a link
+    planted there is replaced, its target untouched); nothing is removed. ``destination`` must
+    pass ``check_card_destination``."""
+    check_card_destination(build_dir, destination)
     destination.mkdir(parents=True, exist_ok=True)
     mark_ours(destination, "card")
     for plot in PLOTS:
-        shutil.copyfile(build_dir / PLOTS_DIR / plot, destination / plot)
+        replace_file(destination / plot, (build_dir / PLOTS_DIR / plot).read_bytes())
     text = (build_dir / CARD_FILE).read_text(encoding="utf-8")
-    (destination / CARD_FILE).write_text(text.replace(f"]({PLOTS_DIR}/", "]("), encoding="utf-8")
+    replace_file(destination / CARD_FILE, text.replace(f"]({PLOTS_DIR}/", "](").encode())
     return destination / CARD_FILE
+
+
+def recorded_card_destination(manifest: Manifest) -> Path:
+    """``<card_dir>/<name>`` as a build's manifest recorded them. The manifest may have been
+    edited, so its ``card_dir`` must be relative and stay inside the working directory."""
+    card_dir = manifest.recipe.card_dir if manifest.recipe else None
+    if card_dir is None:
+        raise BuildFormatError(
+            f"{manifest.build_dir}/manifest.json records no recipe.output.card_dir; "
+            "pass --copy-to DIR or --no-copy"
+        )
+    destination = card_destination(card_dir, manifest.name)
+    try:
+        inside(Path.cwd(), card_dir)
+    except UnsafePathError:
+        raise UnsafePathError(
+            f"{manifest.build_dir}/manifest.json records card_dir {card_dir!r}, outside the "
+            "working directory; pass --copy-to DIR or --no-copy"
+        ) from None
+    return destination
 
 
 def regenerate_card(build_dir: Path, copy_to: Path | None = None, copy: bool = True) -> list[Path]:
     """``longdata card``: rewrite the card inside the build and, with ``copy``, copy it to
     ``copy_to`` or to ``<card_dir>/<name>`` as the build's recipe recorded them."""
     manifest = Manifest.read(build_dir)
+    destination = (copy_to or recorded_card_destination(manifest)) if copy else None
+    if destination is not None:  # refused before the build's own card is rewritten
+        check_card_destination(build_dir, destination)
     written = [write_card(build_dir, manifest)]
-    if copy:
-        card_dir = manifest.recipe.card_dir if manifest.recipe else None
-        if copy_to is None and card_dir is None:
-            raise BuildFormatError(
-                f"{build_dir}/manifest.json records no recipe.output.card_dir; "
-                "pass --copy-to DIR or --no-copy"
-            )
-        written.append(copy_card(build_dir, copy_to or card_destination(card_dir, manifest.name)))
+    if destination is not None:
+        written.append(copy_card(build_dir, destination))
     return written
 
 
@@ -698,8 +708,10 @@ def _pyplot():
 
 def _save(fig, path: Path) -> None:
     fig.tight_layout()
-    fig.savefig(path, metadata={"Software": None})  # no version stamp: rebuilds stay byte-identical
-    _pyplot().close(fig)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", metadata={"Software": None})  # no version stamp: rebuilds
+    _pyplot().close(fig)  # stay byte-identical
+    replace_file(path, image.getvalue())
 
 
 def _log_bins(values: np.ndarray) -> np.ndarray:

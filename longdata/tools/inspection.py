@@ -31,7 +31,7 @@ from longdata.format import (
     tokenizer_location,
 )
 from longdata.format.remote_code import refuse_remote_code
-from longdata.stages.sample_index import INDEX_FILE
+from longdata.stages.sample_index import INDEX_FILE, read_sample_index
 
 DEFAULT_CONTEXT = 100
 # A target run is elided only when huge: it keeps this many tokens at each end (at least 1,000).
@@ -185,7 +185,7 @@ def _index(build_dir: Path, split: str):
     import polars as pl
 
     path = Path(build_dir) / split / INDEX_FILE
-    return pl.scan_parquet(path) if path.exists() else None
+    return pl.from_arrow(read_sample_index(build_dir, split)).lazy() if path.exists() else None
 
 
 def _not_packed_reason(line: dict, split: SplitEntry) -> str:

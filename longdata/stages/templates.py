@@ -17,8 +17,11 @@ conversation into one sample per assistant turn (docs/TEMPLATES.md).
 from __future__ import annotations
 
 import json
+import signal
+import threading
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +38,49 @@ from longdata.format.tokenizer import (  # noqa: F401 - also imported from here
 )
 from longdata.recipe import TokenizerConfig
 from longdata.records import Message, RowError
+
+# A chat template renders even a long-context conversation in milliseconds; one that runs for
+# seconds loops without end (nested loops over ranges), and would hang validate and the build.
+RENDER_SECONDS = 2.0
+
+
+class TemplateTooSlow(TemplateError):
+    """The chat template did not finish rendering one conversation within ``RENDER_SECONDS``."""
+
+
+def _expire(signum, frame):
+    raise TemplateTooSlow(
+        f"the chat template took over {RENDER_SECONDS:g} s to render one conversation (a loop "
+        "that does not end?): fix tokenizer.chat_template"
+    )
+
+
+_bound_armed = False  # the outermost bounded call arms the timer; the renders inside it share it
+
+
+@contextmanager
+def _render_bounded() -> Iterator[None]:
+    """Raise ``TemplateTooSlow`` in the rendering code once ``RENDER_SECONDS`` have passed.
+
+    A Jinja template runs as Python bytecode, so a timer signal interrupts it between any two
+    steps. Signals reach only the main thread, where validate, the build's tokenize stage and its
+    worker processes render; elsewhere the render is unbounded. On the tokenize hot path the
+    timer is armed once per conversation, not per render, and the handler is installed once:
+    installing it costs four times the timer calls.
+    """
+    global _bound_armed
+    if _bound_armed or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    if signal.getsignal(signal.SIGALRM) is not _expire:
+        signal.signal(signal.SIGALRM, _expire)
+    _bound_armed = True
+    signal.setitimer(signal.ITIMER_REAL, RENDER_SECONDS)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        _bound_armed = False
 
 
 class NotPrefixStable(TemplateError):
@@ -111,6 +157,7 @@ class ChatRenderer:
         self.tokenizer = tokenizer
         self.multi_turn = multi_turn
 
+    @_render_bounded()
     def _render(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool) -> str:
         if not messages:
             return self._render_empty_history(add_generation_prompt)
@@ -148,6 +195,7 @@ class ChatRenderer:
                 spans.append((start, end))
         return RenderedChat(text, tuple(spans), _longest_user_span(text, messages))
 
+    @_render_bounded()
     def samples(self, messages: Sequence[Message]) -> list[RenderedChat]:
         """The samples one conversation becomes under the ``multi_turn`` policy (see
         docs/TEMPLATES.md): under ``auto`` one sample when the template renders the conversation

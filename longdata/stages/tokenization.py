@@ -39,6 +39,7 @@ from longdata.stages.templates import (
     ByteLevelMasker,
     ChatRenderer,
     RenderedChat,
+    TemplateTooSlow,
     assistant_mask,
     inner_tokens,
 )
@@ -287,6 +288,8 @@ def _render(
                         for turn, chat in enumerate(chats)
                     ]
                 stats.special_token_text_rows += 1
+        except TemplateTooSlow:
+            raise  # the template's fault, not the row's: every later row would wait as long
         except (
             Exception
         ) as exc:  # a template or a row can fail in many ways; each is one row's fault

@@ -4,6 +4,7 @@ checksummed partition plans, and shards that must be regular files."""
 
 from __future__ import annotations
 
+import json
 import lzma
 import random
 import shutil
@@ -14,7 +15,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from longdata.recipe import TokenizerConfig
+from longdata.build import build
+from longdata.executors import LocalExecutor
+from longdata.recipe import TokenizerConfig, validate_recipe
 from longdata.sources.schemas import parse_messages
 from longdata.stages.templates import ChatRenderer, load_tokenizer
 from tests.test_template_matrix import build as tokenize_stage
@@ -150,3 +153,44 @@ def test_a_chat_template_with_nested_loops_is_one_line_not_a_hang(tmp_path):
     assert done.returncode != 0
     output = (done.stdout + done.stderr).strip()
     assert output.count("\n") == 0 and "to render one conversation" in output, output
+
+
+# --- partition plans in the cache are checksummed ------------------------------------------------
+
+
+class ThreeWays(LocalExecutor):
+    """The local executor, telling the pipeline three tasks could run at once, so each source is
+    cut into three partitions and their plan is remembered in the cache."""
+
+    parallelism = 3
+
+
+def tokenized_samples(result) -> int:
+    return sum(source["tokenize"]["samples"] for source in result.manifest["sources"])
+
+
+def test_an_edited_partition_plan_loses_no_row(tmp_path):
+    rows = [{"instruction": f"Question {i}: " + "text " * 40, "output": f"A{i}"} for i in range(30)]
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    recipe = validate_recipe(
+        {
+            "name": "plans",
+            "tokenizer": {"name": "builtin:quickstart"},
+            "sources": [{"name": "qa", "kind": "longalpaca", "path": str(tmp_path / "rows.json")}],
+            "packing": {"max_seq_len": 1024},
+            "output": {"dir": str(tmp_path / "out"), "card_dir": str(tmp_path / "cards")},
+            "cache_dir": str(tmp_path / "cache"),
+        }
+    )
+    first = build(recipe, executor=ThreeWays())
+    assert tokenized_samples(first) == len(rows)
+    tokenized = tmp_path / "cache" / "tokenized"
+    [plan] = tokenized.glob("qa-*-partitions3.json")
+    assert "[10, 20]" in plan.read_text()
+    plan.write_text(plan.read_text().replace("[10, 20]", "[19, 20]"))  # one digit
+    for entry in tokenized.glob("qa-*-part*of3"):  # evicted entries: tokenized again by the plan
+        shutil.rmtree(entry)
+
+    again = build(recipe, executor=ThreeWays(), overwrite=True)
+    assert tokenized_samples(again) == len(rows)
+    assert again.manifest["sources"] == first.manifest["sources"]

@@ -6,20 +6,29 @@ from __future__ import annotations
 
 import json
 import lzma
+import os
 import random
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
 from longdata.build import build
 from longdata.executors import LocalExecutor
+from longdata.format.mds import (
+    ShardError,
+    check_stream_files,
+    read_index,
+    read_shard_file,
+)
 from longdata.recipe import TokenizerConfig, validate_recipe
 from longdata.sources.schemas import parse_messages
 from longdata.stages.templates import ChatRenderer, load_tokenizer
+from tests.builders import make_row, write_build
 from tests.test_template_matrix import build as tokenize_stage
 from tests.test_template_matrix import target_runs
 
@@ -194,3 +203,46 @@ def test_an_edited_partition_plan_loses_no_row(tmp_path):
     again = build(recipe, executor=ThreeWays(), overwrite=True)
     assert tokenized_samples(again) == len(rows)
     assert again.manifest["sources"] == first.manifest["sources"]
+
+
+# --- shards must be regular files ----------------------------------------------------------------
+
+
+def fifo_shard_build(tmp_path) -> tuple[Path, Path]:
+    """A build whose first shard file was replaced by a FIFO: (stream directory, the FIFO)."""
+    rng = np.random.default_rng(0)
+    write_build(tmp_path / "build", {"b0": [make_row([40, 40], rng) for _ in range(4)]})
+    stream = tmp_path / "build" / "train" / "b0"
+    shard = stream / read_index(stream)[0]["zip_data"]["basename"]
+    shard.unlink()
+    os.mkfifo(shard)
+    return stream, shard
+
+
+def test_a_fifo_as_a_shard_is_one_line_not_a_hang(tmp_path):
+    stream, fifo = fifo_shard_build(tmp_path)
+    code = (
+        "import sys\n"
+        "from longdata.format.mds import ShardError, StreamReader\n"
+        "try:\n"
+        f"    StreamReader({str(stream)!r}).row(0)\n"
+        "except ShardError as error:\n"
+        "    print(error); sys.exit(3)\n"
+    )
+    try:  # in a child process: a hang on today's code must fail the test, not stall the suite
+        done = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("reading a FIFO shard hung")
+    assert done.returncode == 3, done.stderr
+    assert done.stdout == (
+        f"{fifo}: not a regular file (a FIFO, device or directory); refusing to read it\n"
+    )
+    with pytest.raises(ShardError, match="not a regular file"):
+        check_stream_files(stream)  # what train checks first: it said "missing"
+
+
+def test_dev_zero_as_a_shard_file_is_refused():
+    with pytest.raises(ShardError, match="/dev/zero: not a regular file"):
+        read_shard_file(Path("/dev/zero"))

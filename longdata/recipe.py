@@ -200,15 +200,23 @@ class FileSource(SourceBase):
         return value
 
 
-class LongAlignSource(FileSource):
+class ChatFileSource(FileSource):
+    strip_messages: bool = Field(
+        default=False,
+        description="turn CRLF into LF and trim whitespace at the edges of every message; off by "
+        "default because a template renders text as written (docs/TEMPLATES.md)",
+    )
+
+
+class LongAlignSource(ChatFileSource):
     kind: Literal["longalign"]
 
 
-class LongAlpacaSource(FileSource):
+class LongAlpacaSource(ChatFileSource):
     kind: Literal["longalpaca"]
 
 
-class GenericSource(FileSource):
+class GenericSource(ChatFileSource):
     kind: Literal["generic"]
     format: Literal[GENERIC_FORMATS]
 

@@ -70,5 +70,6 @@ def validate_messages(messages: tuple[Message, ...]) -> None:
     """Reject conversations no trainer can learn from: empty, or without any assistant text."""
     if not messages:
         raise RowError(EMPTY_CONVERSATION)
-    if not any(m.role == "assistant" and m.content for m in messages):
+    # Text is kept as written, so an answer of only whitespace is possible; it teaches nothing.
+    if not any(m.role == "assistant" and m.content.strip() for m in messages):
         raise RowError("no assistant turn with content")

@@ -67,17 +67,25 @@ def test_messages_schema_rejects(row, reason):
         parse_messages(row)
 
 
-def test_messages_schema_normalises_whitespace_and_crlf():
-    messages = parse_messages(
-        {
-            "messages": [
-                {"role": "system", "content": " be brief\r\n"},
-                {"role": "user", "content": "a\r\nb"},
-                {"role": "assistant", "content": "c "},
-            ]
-        }
+WHITESPACE_EDGED = {
+    "messages": [
+        {"role": "system", "content": " be brief\r\n"},
+        {"role": "user", "content": "a\r\nb"},
+        {"role": "assistant", "content": "c "},
+    ]
+}
+
+
+def test_messages_schema_keeps_text_as_written():
+    assert parse_messages(WHITESPACE_EDGED) == (
+        Message("system", " be brief\r\n"),
+        Message("user", "a\r\nb"),
+        Message("assistant", "c "),
     )
-    assert messages == (
+
+
+def test_strip_messages_normalises_whitespace_and_crlf():
+    assert parse_messages(WHITESPACE_EDGED, strip=True) == (
         Message("system", "be brief"),
         Message("user", "a\nb"),
         Message("assistant", "c"),

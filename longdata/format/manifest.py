@@ -186,6 +186,9 @@ class TokenizeCounts:
     # the samples they made: rows_read + turn_samples - split_conversations = samples + quarantined.
     split_conversations: int = 0
     turn_samples: int = 0
+    # Assistant turns of kept conversations that became no target (under auto and per_turn): an
+    # empty rendering, or a turn the template never prompts for (templates.TurnStartHidden).
+    untrained_turns: int = 0
     special_token_text_rows: int = 0  # samples whose text spells a special token
     files: dict[str, dict[str, int]] = field(default_factory=dict)  # file -> FILE_COUNTS
 

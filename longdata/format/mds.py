@@ -19,6 +19,8 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -103,6 +105,22 @@ def _check(data: bytes, expected: dict, where: Path, require_hash: bool = False)
             raise ShardError(f"{where}: {algorithm} hash mismatch (corrupted shard)")
 
 
+def read_shard_file(where: Path) -> bytes:
+    """The bytes of one shard file, refusing one that is not a regular file in one line: reading
+    a FIFO blocks until a writer appears and /dev/zero never ends. The file is opened without
+    blocking and checked through its descriptor, so it cannot be swapped in between."""
+    try:
+        descriptor = os.open(where, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise ShardError(f"{where}: missing shard file") from None
+    with os.fdopen(descriptor, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            raise ShardError(
+                f"{where}: not a regular file (a FIFO, device or directory); refusing to read it"
+            )
+        return handle.read()
+
+
 def check_stream_files(stream_dir: Path) -> int:
     """Check the size and recorded hash of every shard file of a stream that a reader would
     open: the raw shard where one lies beside the build (streaming reads it first), else the
@@ -111,16 +129,12 @@ def check_stream_files(stream_dir: Path) -> int:
     for shard in shards:
         raw = shard_file(stream_dir, shard["raw_data"])
         stored = shard.get("zip_data")
-        if raw.is_file() or not stored:
-            if not raw.is_file():
-                raise ShardError(f"{raw}: missing shard file")
-            _check(raw.read_bytes(), shard["raw_data"], raw, require_hash=True)
+        if raw.exists() or not stored:
+            _check(read_shard_file(raw), shard["raw_data"], raw, require_hash=True)
         if stored:
             packed = shard_file(stream_dir, stored)
-            if packed.is_file():
-                _check(packed.read_bytes(), stored, packed, require_hash=True)
-            elif not raw.is_file():
-                raise ShardError(f"{packed}: missing shard file")
+            if packed.exists() or not raw.exists():
+                _check(read_shard_file(packed), stored, packed, require_hash=True)
     return len(shards)
 
 
@@ -142,9 +156,7 @@ def load_shard(stream_dir: Path, shard: dict) -> bytes:
     stored = shard["zip_data"] or shard["raw_data"]
     where = shard_file(Path(stream_dir), stored)
     check_columns(shard, where)
-    if not where.exists():
-        raise ShardError(f"{where}: missing shard file")
-    data = where.read_bytes()
+    data = read_shard_file(where)
     _check(data, stored, where, require_hash=True)
     if shard["zip_data"]:
         data = _decompress(shard["compression"], data)

@@ -84,7 +84,8 @@ def read_source(
         parse = PARSERS[schema_of(source)]
 
         def make(row, location: str, position: int, file: str) -> Record:
-            return Conversation(parse(row), location, position=position, file=file)
+            messages = parse(row, source.strip_messages)
+            return Conversation(messages, location, position=position, file=file)
 
     position = (partition.first_position if partition else 0) - 1
     for file, rows in files:

@@ -101,10 +101,12 @@ class NeedleTask:
         )
 
 
-def plant_sentences(
-    paragraphs: Paragraphs, planted_sentences: Sequence[str], depths: Sequence[float], lang: Lang
-) -> str:
-    """Insert each sentence at the sentence boundary nearest its relative depth; the document."""
+def sentence_boundaries(
+    paragraphs: Paragraphs, depths: Sequence[float], lang: Lang
+) -> list[tuple[int, int]]:
+    """(paragraph, sentence index) of the sentence boundary nearest each relative depth, by
+    character position in the joined text: paragraphs differ in length, so a depth is a place in
+    the text, not a paragraph number."""
     separator = synthetic.sentence_separator(lang)
     # Every place a sentence may be inserted: (char offset in the joined text, para, index).
     slots: list[tuple[int, int, int]] = []
@@ -119,13 +121,26 @@ def plant_sentences(
         paragraph_start = paragraph_end + 2  # "\n\n"
     total = max(paragraph_start - 2, 1)
     starts = [slot[0] for slot in slots]
-    planted = [list(sentences) for sentences in paragraphs]
-    placements = []
-    for sentence, depth in zip(planted_sentences, depths):
+    boundaries = []
+    for depth in depths:
         i = min(bisect.bisect_left(starts, depth * total), len(slots) - 1)
         if i > 0 and depth * total - starts[i - 1] < starts[i] - depth * total:
             i -= 1
-        placements.append((slots[i][1], slots[i][2], sentence))
+        boundaries.append(slots[i][1:])
+    return boundaries
+
+
+def plant_sentences(
+    paragraphs: Paragraphs, planted_sentences: Sequence[str], depths: Sequence[float], lang: Lang
+) -> str:
+    """Insert each sentence at the sentence boundary nearest its relative depth; the document."""
+    planted = [list(sentences) for sentences in paragraphs]
+    placements = [
+        (p, s, sentence)
+        for (p, s), sentence in zip(
+            sentence_boundaries(paragraphs, depths, lang), planted_sentences
+        )
+    ]
     # Insert back to front so that earlier slot indices stay valid.
     for p, s, sentence in sorted(placements, key=lambda x: (x[0], x[1]), reverse=True):
         planted[p].insert(s, sentence)
@@ -144,7 +159,8 @@ _MENTION_TEMPLATES = {
 
 @dataclass(frozen=True)
 class ParagraphTask:
-    """Numbered paragraphs; the one nearest the requested depth mentions a unique phrase."""
+    """Numbered paragraphs; one mentions a unique phrase, at the sentence boundary nearest the
+    requested depth of the text (``Rendered.depths``: where it landed)."""
 
     lang: Lang
     phrase: str
@@ -152,10 +168,10 @@ class ParagraphTask:
     requested_depth: float
 
     def render(self, paragraphs: Paragraphs) -> Rendered:
-        target = min(int(self.requested_depth * len(paragraphs)), len(paragraphs) - 1)
+        [(target, at)] = sentence_boundaries(paragraphs, [self.requested_depth], self.lang)
         mention = self.template.format(self.phrase)
         planted = [list(sentences) for sentences in paragraphs]
-        planted[target].insert(len(planted[target]) // 2, mention)
+        planted[target].insert(at, mention)
         if self.lang == "en":
             joined = join_paragraphs(planted, "en")
             numbered = [f"Paragraph {i}: {t}" for i, t in enumerate(joined, 1)]

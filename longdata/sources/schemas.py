@@ -1,4 +1,8 @@
-"""Row parsers: one public schema each, turning a raw JSON object into normalised messages.
+"""Row parsers: one public schema each, turning a raw JSON object into messages.
+
+Message text is kept as written: a template renders whitespace as it is given (Qwen3's does not
+trim), so changing it here would train targets the template never renders at inference. A source
+with ``strip_messages: true`` asks for CRLF line ends and edge whitespace to be normalised.
 
 A parser raises ``RowError`` with a reason a person can act on; the reader quarantines the row.
 """
@@ -22,10 +26,10 @@ SHAREGPT_ROLES = {
 }
 
 
-def _text(value: Any, field: str) -> str:
+def _text(value: Any, field: str, strip: bool) -> str:
     if not isinstance(value, str):
         raise RowError(f"{field} must be a string, got {type(value).__name__}")
-    return value.replace("\r\n", "\n").strip()
+    return value.replace("\r\n", "\n").strip() if strip else value
 
 
 def _turns(value: Any, field: str) -> list[dict[str, Any]]:
@@ -43,7 +47,7 @@ def _object(row: Any) -> dict[str, Any]:
     return row
 
 
-def parse_messages(row: Any) -> tuple[Message, ...]:
+def parse_messages(row: Any, strip: bool = False) -> tuple[Message, ...]:
     """``{"messages": [{"role": "user"|"assistant"|"system", "content": str}, ...]}``
     (LongAlign)."""
     turns = _turns(_object(row).get("messages"), "messages")
@@ -52,13 +56,13 @@ def parse_messages(row: Any) -> tuple[Message, ...]:
         role = turn.get("role")
         if role not in ROLES:
             raise RowError(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {role!r}")
-        messages.append(Message(role, _text(turn.get("content"), f"messages[{i}].content")))
+        messages.append(Message(role, _text(turn.get("content"), f"messages[{i}].content", strip)))
     messages = tuple(messages)
     validate_messages(messages)
     return messages
 
 
-def parse_sharegpt(row: Any) -> tuple[Message, ...]:
+def parse_sharegpt(row: Any, strip: bool = False) -> tuple[Message, ...]:
     """``{"conversations": [{"from": "human"|"gpt"|"system", "value": str}, ...]}``."""
     turns = _turns(_object(row).get("conversations"), "conversations")
     messages = []
@@ -70,29 +74,33 @@ def parse_sharegpt(row: Any) -> tuple[Message, ...]:
                 f"{', '.join(sorted(SHAREGPT_ROLES))}, got {speaker!r}"
             )
         messages.append(
-            Message(SHAREGPT_ROLES[speaker], _text(turn.get("value"), f"conversations[{i}].value"))
+            Message(
+                SHAREGPT_ROLES[speaker],
+                _text(turn.get("value"), f"conversations[{i}].value", strip),
+            )
         )
     messages = tuple(messages)
     validate_messages(messages)
     return messages
 
 
-def parse_alpaca(row: Any) -> tuple[Message, ...]:
+def parse_alpaca(row: Any, strip: bool = False) -> tuple[Message, ...]:
     """``{"instruction": str, "input": str|null, "output": str}`` (LongAlpaca: the document is in
     ``instruction``; a non-empty ``input`` is appended to the user turn)."""
     row = _object(row)
-    instruction = _text(row.get("instruction"), "instruction")
+    instruction = _text(row.get("instruction"), "instruction", strip)
     extra = row.get("input")
-    extra = "" if extra is None else _text(extra, "input")
+    extra = "" if extra is None else _text(extra, "input", strip)
     prompt = f"{instruction}\n\n{extra}" if extra else instruction
     if not prompt:
         raise RowError("instruction and input are both empty")
-    messages = (Message("user", prompt), Message("assistant", _text(row.get("output"), "output")))
+    answer = _text(row.get("output"), "output", strip)
+    messages = (Message("user", prompt), Message("assistant", answer))
     validate_messages(messages)
     return messages
 
 
-PARSERS: dict[str, Callable[[Any], tuple[Message, ...]]] = {
+PARSERS: dict[str, Callable[[Any, bool], tuple[Message, ...]]] = {
     "messages": parse_messages,
     "sharegpt": parse_sharegpt,
     "alpaca": parse_alpaca,

@@ -17,8 +17,11 @@ conversation into one sample per assistant turn (docs/TEMPLATES.md).
 from __future__ import annotations
 
 import json
+import signal
+import threading
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,9 +39,58 @@ from longdata.format.tokenizer import (  # noqa: F401 - also imported from here
 from longdata.recipe import TokenizerConfig
 from longdata.records import Message, RowError
 
+# A chat template renders even a long-context conversation in milliseconds; one that runs for
+# seconds loops without end (nested loops over ranges), and would hang validate and the build.
+RENDER_SECONDS = 2.0
+
+
+class TemplateTooSlow(TemplateError):
+    """The chat template did not finish rendering one conversation within ``RENDER_SECONDS``."""
+
+
+def _expire(signum, frame):
+    raise TemplateTooSlow(
+        f"the chat template took over {RENDER_SECONDS:g} s to render one conversation (a loop "
+        "that does not end?): fix tokenizer.chat_template"
+    )
+
+
+_bound_armed = False  # the outermost bounded call arms the timer; the renders inside it share it
+
+
+@contextmanager
+def _render_bounded() -> Iterator[None]:
+    """Raise ``TemplateTooSlow`` in the rendering code once ``RENDER_SECONDS`` have passed.
+
+    A Jinja template runs as Python bytecode, so a timer signal interrupts it between any two
+    steps. Signals reach only the main thread, where validate, the build's tokenize stage and its
+    worker processes render; elsewhere the render is unbounded. On the tokenize hot path the
+    timer is armed once per conversation, not per render, and the handler is installed once:
+    installing it costs four times the timer calls.
+    """
+    global _bound_armed
+    if _bound_armed or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    if signal.getsignal(signal.SIGALRM) is not _expire:
+        signal.signal(signal.SIGALRM, _expire)
+    _bound_armed = True
+    signal.setitimer(signal.ITIMER_REAL, RENDER_SECONDS)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        _bound_armed = False
+
 
 class NotPrefixStable(TemplateError):
     """This conversation's earlier turns render differently once later turns follow."""
+
+
+class TurnStartHidden(RowError):
+    """The template renders an assistant turn so that its generation prompt is not a prefix of it
+    (Qwen3 with ``enable_thinking: false`` on a turn that carries reasoning): the model is never
+    prompted to write that turn, so it cannot be a target."""
 
 
 def load_tokenizer(config: TokenizerConfig, require_chat_template: bool = True):
@@ -95,6 +147,7 @@ class ChatRenderer:
         self.tokenizer = tokenizer
         self.multi_turn = multi_turn
 
+    @_render_bounded()
     def _render(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool) -> str:
         if not messages:
             return self._render_empty_history(add_generation_prompt)
@@ -132,12 +185,15 @@ class ChatRenderer:
                 spans.append((start, end))
         return RenderedChat(text, tuple(spans), _longest_user_span(text, messages))
 
+    @_render_bounded()
     def samples(self, messages: Sequence[Message]) -> list[RenderedChat]:
         """The samples one conversation becomes under the ``multi_turn`` policy (see
         docs/TEMPLATES.md): under ``auto`` one sample when the template renders the conversation
         prefix-stably, else one per assistant turn (``per_turn``); ``last_turn`` trains only the
         final assistant turn. Every target is the turn as rendered when the conversation ends
-        there, so no policy trains a form the template would not produce at inference."""
+        there, so no policy trains a form the template would not produce at inference; a turn the
+        model is never prompted to write (``TurnStartHidden``) is left out, the conversation's
+        other turns kept, and only a conversation with no other turn raises."""
         assistant = [i for i, m in enumerate(messages) if m.role == "assistant"]
         if self.multi_turn == "last_turn":
             return [self.render_turn(messages, assistant[-1])]
@@ -146,7 +202,14 @@ class ChatRenderer:
                 return [self.render(messages)]
             except NotPrefixStable:
                 pass
-        per_turn = [self.render_turn(messages, index) for index in assistant]
+        per_turn, hidden = [], None
+        for index in assistant:
+            try:
+                per_turn.append(self.render_turn(messages, index))
+            except TurnStartHidden as exc:
+                hidden = exc  # that turn alone: the conversation's other turns are still samples
+        if not per_turn:
+            raise hidden
         # A turn whose target renders empty teaches nothing; keep one sample so that a
         # conversation left with no target at all is still reported.
         return [chat for chat in per_turn if chat.assistant_spans] or per_turn[-1:]
@@ -158,7 +221,7 @@ class ChatRenderer:
         prompt = self.generation_prompt(messages[:index])
         text = self._render(turns, add_generation_prompt=False)
         if not text.startswith(prompt):
-            raise RowError(
+            raise TurnStartHidden(
                 f"the chat template renders the assistant turn (message {index}) so that the "
                 "generation prompt is not a prefix of it: cannot tell where the answer starts"
             )

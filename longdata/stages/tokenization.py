@@ -40,6 +40,7 @@ from longdata.stages.templates import (
     ByteLevelMasker,
     ChatRenderer,
     RenderedChat,
+    TemplateTooSlow,
     assistant_mask,
     inner_tokens,
 )
@@ -280,6 +281,8 @@ def _render(
                         for turn, chat in enumerate(chats)
                     ]
                 stats.special_token_text_rows += 1
+        except TemplateTooSlow:
+            raise  # the template's fault, not the row's: every later row would wait as long
         except (
             Exception
         ) as exc:  # a template or a row can fail in many ways; each is one row's fault
@@ -292,6 +295,10 @@ def _render(
                 )
             )
             continue
+        if renderer.multi_turn != "last_turn":
+            stats.untrained_turns += sum(
+                m.role == "assistant" for m in conversation.messages
+            ) - sum(len(chat.assistant_spans) for chat in chats)
         if len(chats) > 1:
             stats.split_conversations += 1
             stats.turn_samples += len(chats)

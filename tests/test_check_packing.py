@@ -74,16 +74,19 @@ def test_a_sample_seeing_the_previous_one_fails(monkeypatch: pytest.MonkeyPatch)
     assert verdicts["sdpa_varlen"].ok  # the same run's correct backend still passes
 
 
-def test_the_estimate_grows_with_dense_backends_and_the_refusal_names_a_length_that_fits() -> None:
+def test_the_estimate_counts_what_grows_with_the_square_of_the_row() -> None:
     config = model_config("tiny-llama", 16_384)
-    varlen = check_memory_bytes(config, [16_384], 16_384, ["sdpa_varlen"], "cpu")
-    dense = check_memory_bytes(config, [16_384], 16_384, ["sdpa_varlen", "sdpa_mask"], "cpu")
-    # sdpa_mask keeps every layer's [heads, T, T] probabilities: 8 GiB at 16K, 2 layers.
-    assert dense - varlen > 8 * 2**30
-    assert varlen < 2 * 2**30
-    assert check_memory_bytes(config, [8192] * 2, 8192, ["sdpa_mask"], "cpu") == pytest.approx(
-        2 * check_memory_bytes(config, [8192], 8192, ["sdpa_mask"], "cpu"), rel=0.2
-    )
+    pairs = 16_384**2
+
+    def estimate(backends: list[str], device: str = "cpu", rows: int = 1) -> int:
+        return check_memory_bytes(config, [16_384] * rows, 1024, backends, device)
+
+    varlen = estimate(["sdpa_varlen"])
+    assert estimate(["sdpa_varlen", "sdpa_mask"]) - varlen == 7 * pairs  # mask, no scores
+    # Uncompiled flex (CPU) holds fp32 [heads, T, T] scores; compiled (CUDA) it does not.
+    assert estimate(["sdpa_varlen", "flex"]) - varlen == 4 * 4 * 4 * pairs
+    assert estimate(["sdpa_varlen", "flex"], "cuda") == varlen
+    assert estimate(["flex"], rows=2) > 1.9 * estimate(["flex"])
 
 
 def _build(tmp_path: Path, lengths: list[list[int]]) -> Path:

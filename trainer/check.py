@@ -58,9 +58,14 @@ HALF_PRECISION = ("flash_attn", "torch_varlen")
 # tiny-llama and tiny-qwen2 (tests/test_check_packing.py, docs/BENCHMARKS.md): correct backends
 # stay within 1.6x at 512 to 8K tokens; a one-sample leak is 10^4x and more.
 ROUNDING_FACTOR = 8.0
-# Backends whose memory grows with the square of the row on this device: sdpa_mask always
-# (a dense [T, T] mask and [heads, T, T] scores); flex where it runs uncompiled (CPU).
-DENSE_BACKENDS = ("sdpa_mask",)
+# Bytes per (query, key) pair of one row that a packed check holds on the host, measured with
+# /usr/bin/time -v on tiny-llama (docs/BENCHMARKS.md). SDPA's CPU kernel runs sdpa_mask's
+# additive fp32 [T, T] mask inside its flash loop (no score matrix): the mask and the boolean
+# masks it is built from remain; shifted sparse adds a boolean mask per head and its temporaries.
+# Uncompiled FlexAttention (CPU, forward only) materialises several fp32 [heads, T, T] scores.
+SDPA_MASK_BYTES_PER_PAIR = 7
+S2_MASK_BYTES_PER_PAIR = 32
+FLEX_SCORE_COPIES = 4
 
 
 class CheckError(ConfigError):
@@ -439,9 +444,15 @@ def available_memory(device: torch.device | str) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def _dense_backends(device: torch.device) -> tuple[str, ...]:
-    """The backends whose attention holds [heads, T, T] scores on `device`."""
-    return DENSE_BACKENDS if device.type == "cuda" else (*DENSE_BACKENDS, "flex")
+def _square_bytes_per_pair(
+    backend: str, heads: int, device: torch.device, shifted_sparse: bool
+) -> int:
+    """Bytes per (query, key) pair of a row that `backend` holds during the packed forward."""
+    if backend == "sdpa_mask":
+        return SDPA_MASK_BYTES_PER_PAIR + (S2_MASK_BYTES_PER_PAIR if shifted_sparse else 0)
+    if backend == "flex" and device.type != "cuda":
+        return FLEX_SCORE_COPIES * 4 * heads
+    return 0  # varlen kernels, and flex compiled with a block mask: linear in the row
 
 
 def check_memory_bytes(
@@ -450,14 +461,16 @@ def check_memory_bytes(
     longest_sample: int,
     backends: Sequence[str],
     device: torch.device | str,
+    shifted_sparse: bool = False,
 ) -> int:
     """Estimated peak memory of `check_backends` on rows of `row_tokens` (padded to the
-    longest), for an fp32 model of `config`.
+    longest), for an fp32 model of `config`, beyond what the process holds before the model
+    is loaded.
 
     The fp32 model, its float64 copy and four gradient sets (packed, alone, alone in float64
     at twice the bytes), plus the larger of two moments: a training step on the packed batch
-    (trainer.planner's estimate, without optimizer) with the dense backends' score matrices,
-    and the float64 step of the longest sample alone.
+    (trainer.planner's estimate without weights, gradients and optimizer) with the masks or
+    scores of the hungriest backend, and the float64 step of the longest sample alone.
     """
     from longdata.trainer.planner import ModelDims, StepShape, plan_memory
 
@@ -465,8 +478,6 @@ def check_memory_bytes(
     dims = ModelDims.of(config)
 
     def step_bytes(tokens: int) -> int:
-        """One fp32 step's activations and working set (the planner's peak minus what is
-        counted here once: weights, optimizer, gradients)."""
         shape = StepShape(
             row_tokens=tokens, tiled_loss=True, loss_chunk_tokens=DEFAULT_LOSS_CHUNK_TOKENS
         )
@@ -474,17 +485,12 @@ def check_memory_bytes(
         fixed = plan.parts["weights"] + plan.parts["optimizer"] + plan.parts["gradients"]
         return plan.peak_bytes - fixed
 
-    batch, length = len(row_tokens), max(row_tokens)
-    scores = length**2 * 4 * dims.heads  # one layer's fp32 [heads, T, T]
-    dense = 0
-    for backend in set(backends) & set(_dense_backends(device)):
-        if unavailable_reason(backend, device, needs_grad=True) is None:
-            # Autograd keeps every layer's probabilities; the forward holds scores, masked
-            # scores and probabilities of one layer at a time, next to the [T, T] mask.
-            dense = max(dense, (dims.layers + 3) * scores + 4 * length**2)
-        else:
-            dense = max(dense, 3 * scores + 4 * length**2)  # forward only
-    packed = batch * (step_bytes(length) + dense)
+    rows, length = len(row_tokens), max(row_tokens)
+    per_pair = max(
+        (_square_bytes_per_pair(name, dims.heads, device, shifted_sparse) for name in backends),
+        default=0,
+    )
+    packed = rows * (step_bytes(length) + per_pair * length**2)
     exact = 2 * step_bytes(longest_sample)
     parameters = dims.parameters() * 4
     return 3 * parameters + 5 * parameters + max(packed, exact)
@@ -515,10 +521,15 @@ def check_packing(
     longest_sample = max(int(row["seq_lens"].max()) for row in picked)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     config = model_config(model, manifest.vocab_size)
-    needed = check_memory_bytes(config, row_tokens, longest_sample, backends, device)
+    shifted_sparse = s2_group is not None
+    needed = check_memory_bytes(
+        config, row_tokens, longest_sample, backends, device, shifted_sparse
+    )
     available = available_memory(device)
     if needed > available:
-        fits = _longest_fitting_row(config, len(picked), backends, device, available)
+        fits = _longest_fitting_row(
+            config, len(picked), backends, device, shifted_sparse, available
+        )
         raise CheckError(
             f"{_rows_phrase(row_tokens)} needs ~{needed / GIB:.1f} GiB here, "
             f"{available / GIB:.1f} GiB available; pass --max-tokens {fits} or less"
@@ -545,6 +556,7 @@ def _longest_fitting_row(
     rows: int,
     backends: Sequence[str],
     device: torch.device,
+    shifted_sparse: bool,
     available: int,
     multiple_of: int = 256,
 ) -> int:
@@ -552,7 +564,10 @@ def _longest_fitting_row(
     `available`, every row that long and one sample long (the worst case)."""
 
     def fits(length: int) -> bool:
-        return check_memory_bytes(config, [length] * rows, length, backends, device) <= available
+        needed = check_memory_bytes(
+            config, [length] * rows, length, backends, device, shifted_sparse
+        )
+        return needed <= available
 
     low, high = 0, multiple_of
     while fits(high):

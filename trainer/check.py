@@ -55,8 +55,9 @@ ALONE_KEYS = ("input_ids", "labels", "sample_ids", "source_ids")
 # flash-attn and torch's varlen kernels compute in bf16 even for an fp32 model.
 HALF_PRECISION = ("flash_attn", "torch_varlen")
 # How many times the alone run's own rounding error a packed result may be off. Measured on
-# tiny-llama and tiny-qwen2 (tests/test_check_packing.py, docs/BENCHMARKS.md): correct backends
-# stay within 1.6x at 512 to 8K tokens; a one-sample leak is 10^4x and more.
+# tiny-llama and tiny-qwen2 (docs/BENCHMARKS.md): correct backends stay within 1.8x of it from
+# 256 to 8K tokens; a sample seeing the previous one is off by over 100x the bound
+# (tests/test_check_packing.py).
 ROUNDING_FACTOR = 8.0
 # Bytes per (query, key) pair of one row that a packed check holds on the host, measured with
 # /usr/bin/time -v on tiny-llama (docs/BENCHMARKS.md). SDPA's CPU kernel runs sdpa_mask's

@@ -21,6 +21,7 @@ gave them, orders of magnitude above rounding at every length.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import os
@@ -216,23 +217,20 @@ def _summed_loss_backward(
     micro_step(scorer, batch, "token_mean", denominator=1)
 
 
-def _comparing(model: PreTrainedModel):
+@contextlib.contextmanager
+def _comparing(model: PreTrainedModel) -> Iterator[None]:
     """Run `model` deterministically (eval: no dropout) with clean gradients, and put its
     mode, attention and gradients back afterwards."""
-
-    class _Scope:
-        def __enter__(self) -> None:
-            self.was_training = model.training
-            self.implementation = model.config._attn_implementation
-            model.eval()
-            model.zero_grad(set_to_none=True)
-
-        def __exit__(self, *exc: object) -> None:
-            model.zero_grad(set_to_none=True)
-            model.set_attn_implementation(self.implementation)
-            model.train(self.was_training)
-
-    return _Scope()
+    was_training = model.training
+    implementation = model.config._attn_implementation
+    model.eval()
+    model.zero_grad(set_to_none=True)
+    try:
+        yield
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.set_attn_implementation(implementation)
+        model.train(was_training)
 
 
 def _packed_run(

@@ -15,11 +15,6 @@ import typer
 
 from longdata.trainer.config import FIELDS, ConfigError, TrainConfig
 
-FP32_TOLERANCE = 1e-4
-# flash-attn and torch's varlen kernels compute in bf16 even for an fp32 model.
-HALF_PRECISION = ("flash_attn", "torch_varlen")
-HALF_PRECISION_TOLERANCE = 5e-2
-
 
 def _resolve_build(build_or_recipe: Path) -> Path:
     """A build directory as given, or the build a recipe.yml produces."""
@@ -201,17 +196,17 @@ def check_packing(
 ) -> None:
     """Check that packed samples see exactly what they would see alone, for every backend.
 
-    Runs the first --rows rows of the build through the model packed (batched together, so
-    batch boundaries are checked too) with every attention backend available here, and each
-    sample alone with stock attention, then prints the largest logit and gradient difference per
-    backend. Exits non-zero if a difference exceeds 1e-4 (5e-2 for the bf16 varlen kernels).
+    Runs the first --rows rows of the build (no longer than --max-tokens) through the model
+    packed, batched together so batch boundaries are checked too, with every attention backend
+    available here, and each sample alone with stock attention, at the model's precision and
+    in float64. A backend passes when its packed logits and gradients are as close to the
+    float64 result as the rounding of the sample run alone (8x it, plus one epsilon): one
+    verdict line per backend, then a summary. Exits 1 if a backend fails; refuses in one line
+    when the check would not fit the memory available here.
     """
-    import torch
-
     from longdata.trainer.attention import BACKENDS
-    from longdata.trainer.check import check_backends
-    from longdata.trainer.data import Manifest, make_dataset
-    from longdata.trainer.model import load_model
+    from longdata.trainer.check import check_packing as run_check
+    from longdata.trainer.data import Manifest
 
     settings = TrainConfig(
         build_dir=str(build), attention_pattern=attention_pattern, s2_group=s2_group
@@ -220,32 +215,19 @@ def check_packing(
         settings.validate()
     except ConfigError as error:
         raise typer.BadParameter(str(error)) from None
-    grouped = s2_group if attention_pattern == "shifted_sparse" else None
-    manifest = Manifest.read(build)
-    dataset = make_dataset(manifest, split, batch_size=1, shuffle=False)
-    picked = []
-    for index in range(dataset.num_samples):
-        row = dataset[index]
-        if len(row["input_ids"]) <= max_tokens:
-            picked.append(row)
-        if len(picked) == rows:
-            break
-    if not picked:
-        raise typer.BadParameter(f"no row of split {split!r} has <= {max_tokens} tokens")
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    lm = load_model(model, "sdpa_mask", vocab_size=manifest.vocab_size, seed=seed, device=device)
-    typer.echo(f"{len(picked)} rows, samples per row {[len(r['seq_lens']) for r in picked]}")
-    failed = False
-    for backend, result in check_backends(lm, picked, backends=BACKENDS, s2_group=grouped).items():
-        if isinstance(result, str):
-            typer.echo(f"{backend:>13}: skipped ({result})")
-            continue
-        grads = "not checked (no backward)" if result.grads is None else f"{result.grads:.2e}"
-        typer.echo(f"{backend:>13}: max |logit diff| {result.logits:.2e}, max |grad diff| {grads}")
-        tolerance = HALF_PRECISION_TOLERANCE if backend in HALF_PRECISION else FP32_TOLERANCE
-        failed |= max(result.logits, result.grads or 0.0) > tolerance
-    if failed:
+    report = run_check(
+        Manifest.read(build),
+        model=model,
+        split=split,
+        rows=rows,
+        max_tokens=max_tokens,
+        seed=seed,
+        s2_group=s2_group if attention_pattern == "shifted_sparse" else None,
+        backends=BACKENDS,
+    )
+    for line in report.lines():
+        typer.echo(line)
+    if report.failed:
         raise typer.Exit(code=1)
 
 

@@ -19,9 +19,20 @@ recomputed activations with their gradients).
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
-from transformers import PretrainedConfig
+from longdata.trainer.config import (
+    ATTENTION_PATTERNS,
+    ConfigError,
+    TrainConfig,
+    resolved_precision,
+    resolved_weights,
+)
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 GIB = 2**30
 FP32 = 4
@@ -32,7 +43,6 @@ LOSS_BYTES_PER_LOGIT = {"fp32": 13, "bf16": 15}
 # denominator sqrt(v) + eps; measured 0.75x, torch 2.14). The 4x used before counted its in-place
 # results as allocations (PeakTensorMemory counted storage shared with inputs).
 OPTIMIZER_STEP_TEMPORARIES = 1
-ATTENTION_KINDS = ("varlen", "dense")  # flash / torch_varlen / sdpa_varlen; sdpa_mask / eager
 WEIGHT_DTYPES = ("fp32", "bf16", "fp8")
 FP8_SCALE = 4  # one fp32 scale per output channel of each frozen linear (trainer/fp8.py)
 
@@ -67,55 +77,109 @@ def planner_config(name_or_path: str) -> PretrainedConfig:
     return model_config(name_or_path)
 
 
+# The training settings a step's memory depends on: `StepShape.from_config` reads them from a
+# `TrainConfig`, and `longdata plan-memory` offers them as options generated from its fields.
+PLANNED_SETTINGS = (
+    "lora",
+    "lora_rank",
+    "lora_targets",
+    "precision",
+    "weights",
+    "sp",
+    "attention",
+    "attention_pattern",
+    "s2_group",
+    "gradient_checkpointing",
+    "tiled_loss",
+    "loss_chunk_tokens",
+    "tiled_mlp",
+    "mlp_chunk_tokens",
+    "offload_activations",
+    "offload_layers",
+)
+# Backends that compute a whole [T, T] score matrix per head (the others tile it away).
+DENSE_ATTENTION = ("sdpa_mask",)
+
+
 @dataclass(frozen=True)
 class StepShape:
-    """What is trained: the row, the weights that learn, and how the step is run."""
+    """What is trained: the row, the weights that learn, and how the step is run.
+
+    No field has a default: build it with `from_config`, so that every default is
+    `TrainConfig`'s. `precision` and `weights` are resolved (never `auto`).
+    """
 
     row_tokens: int
-    target_tokens: int | None = None  # default: every token is a target
-    lora: bool = False
-    lora_rank: int = 8
-    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
-    precision: str = "fp32"  # fp32, or bf16 autocast
+    target_tokens: int | None  # None: every token is a target
+    lora: bool
+    lora_rank: int
+    lora_targets: tuple[str, ...]
+    precision: str  # fp32, or bf16 autocast
     # What longdata train loads: bf16 halves weights and residual stream; fp8 (LoRA) stores the
     # decoder's frozen linears in one byte plus a scale per output channel, the rest bf16.
-    weights: str = "fp32"
-    sp: int = 1
-    attention: str = "varlen"
-    gradient_checkpointing: bool = False
-    tiled_loss: bool = False
-    loss_chunk_tokens: int = 2048
-    tiled_mlp: bool = False
-    mlp_chunk_tokens: int = 8192
-    offload_activations: bool = False
-    offload_layers: int | None = None  # with offload: the first k layers' checkpoints (None: all)
+    weights: str
+    sp: int
+    attention: str  # a backend of trainer.attention, or auto (the best: a varlen kernel)
+    attention_pattern: str
+    s2_group: float
+    gradient_checkpointing: bool
+    tiled_loss: bool
+    loss_chunk_tokens: int
+    tiled_mlp: bool
+    mlp_chunk_tokens: int
+    offload_activations: bool
+    offload_layers: int | None  # with offload: the first k layers' checkpoints (None: all)
+
+    @classmethod
+    def from_config(
+        cls, config: TrainConfig, row_tokens: int, target_tokens: int | None = None
+    ) -> StepShape:
+        """The step `config` runs on one row of `row_tokens` tokens (`target_tokens` of them
+        targets; None: all) on a bf16-capable GPU, where `auto` precision and weights resolve as
+        the trainer resolves them there."""
+        settings = {name: getattr(config, name) for name in PLANNED_SETTINGS}
+        settings["lora_targets"] = tuple(config.lora_targets)
+        settings["precision"] = resolved_precision(config.precision, bf16_device=True)
+        settings["weights"] = resolved_weights(config.weights, config.lora, bf16_device=True)
+        return cls(row_tokens=row_tokens, target_tokens=target_tokens, **settings)
 
     def __post_init__(self) -> None:
+        from longdata.trainer.attention import BACKENDS
+
         if self.precision not in LOSS_BYTES_PER_LOGIT:
-            raise ValueError(f"precision must be fp32 or bf16, not {self.precision!r}")
+            raise ConfigError(f"precision must be fp32 or bf16, not {self.precision!r}")
         if self.weights not in WEIGHT_DTYPES:
-            raise ValueError(f"weights must be one of {WEIGHT_DTYPES}, not {self.weights!r}")
+            raise ConfigError(f"weights must be one of {WEIGHT_DTYPES}, not {self.weights!r}")
         if self.weights == "fp8" and not self.lora:
-            raise ValueError("weights fp8 needs lora (only frozen linears are stored in fp8)")
-        if self.attention not in ATTENTION_KINDS:
-            raise ValueError(f"attention must be one of {ATTENTION_KINDS}, not {self.attention!r}")
+            raise ConfigError("weights fp8 needs lora (only frozen linears are stored in fp8)")
+        if self.attention not in ("auto", *BACKENDS):
+            raise ConfigError(
+                f"attention must be auto or one of {', '.join(BACKENDS)}, not {self.attention!r}"
+            )
+        if self.attention_pattern not in ATTENTION_PATTERNS:
+            raise ConfigError(
+                f"attention_pattern must be one of {', '.join(ATTENTION_PATTERNS)}, "
+                f"not {self.attention_pattern!r}"
+            )
         if self.offload_activations and not self.gradient_checkpointing:
-            raise ValueError("offload_activations needs gradient_checkpointing")
+            raise ConfigError("offload_activations needs gradient_checkpointing")
         if self.offload_layers is not None and (
             not self.offload_activations or self.offload_layers < 0
         ):
-            raise ValueError("offload_layers needs offload_activations and must be >= 0")
+            raise ConfigError("offload_layers needs offload_activations and must be >= 0")
         if min(self.row_tokens, self.sp, self.loss_chunk_tokens, self.mlp_chunk_tokens) < 1:
-            raise ValueError("row_tokens, sp and chunk sizes must be >= 1")
+            raise ConfigError("row_tokens, sp and chunk sizes must be >= 1")
 
 
 @dataclass(frozen=True)
 class MemoryPlan:
-    """Bytes per part on one device (`parts`), their peak combination, and host memory."""
+    """Bytes per part on one device (`parts`), their peak combination, host memory, and the
+    step's attention FLOPs under full attention and under the shape's pattern."""
 
     parts: dict[str, int]
     peak_bytes: int
     host_bytes: int  # offloaded hidden states
+    attention_flops: dict[str, float]  # "full", and "shifted_sparse" under that pattern
     shape: StepShape = field(repr=False)
 
     def table(self) -> str:
@@ -124,7 +188,35 @@ class MemoryPlan:
         lines.append(f"| **peak** | **{self.peak_bytes / GIB:,.2f}** |")
         if self.host_bytes:
             lines.append(f"| host (offloaded) | {self.host_bytes / GIB:,.2f} |")
+        lines.append("")
+        lines.append("| attention (forward + backward, whole row) | TFLOPs |")
+        lines.append("|---|---:|")
+        lines += [
+            f"| {pattern} | {flops / 1e12:,.1f} |"
+            for pattern, flops in self.attention_flops.items()
+        ]
         return "\n".join(lines)
+
+
+def squared_attention_lengths(shape: StepShape) -> dict[str, int]:
+    """Sum of squared attention spans of the shape's row (one sample): the row's length squared
+    under full attention; under shifted sparse attention, the squared group lengths averaged over
+    the two head halves, grouped as `trainer.attention.shifted_sparse_inputs` groups a sample."""
+    from longdata.trainer.attention import segment_group_size
+
+    length = shape.row_tokens
+    squares = {"full": length**2}
+    if shape.attention_pattern == "shifted_sparse":
+        size = segment_group_size(length, shape.s2_group)
+        shift = size // 2 if size < length else 0
+        halves = 0
+        for offset in (0, shift):
+            # Positions p in [offset, length + offset) fall in groups p // size.
+            end = length + offset
+            edges = [offset, *range(offset // size * size + size, end, size), end]
+            halves += sum((high - low) ** 2 for low, high in itertools.pairwise(edges))
+        squares["shifted_sparse"] = halves // 2
+    return squares
 
 
 @dataclass(frozen=True)
@@ -226,6 +318,12 @@ def plan_memory(config: PretrainedConfig, shape: StepShape) -> MemoryPlan:
     attention_saved += act * (3 * d.q_width + 3 * d.kv_width)
     if shape.precision == "bf16" and shape.weights == "fp32":
         attention_saved += act * 2 * d.hidden  # the bf16 casts of the two norm outputs
+    shifted_sparse = shape.attention_pattern == "shifted_sparse"
+    dense_attention = shape.attention in DENSE_ATTENTION
+    if shifted_sparse and not dense_attention:
+        # The varlen path runs each head half over its groups with K and V repeated to every
+        # query head (trainer.attention._head_halves): those copies replace K and V.
+        attention_saved += act * 2 * (d.q_width - d.kv_width)
     down_proj_learns = not shape.lora or "down_proj" in shape.lora_targets
     mlp_saved = act * (3 + down_proj_learns) * d.intermediate
     # Gradients alive while a layer runs backward: of the residual stream, and of two MLP
@@ -245,9 +343,12 @@ def plan_memory(config: PretrainedConfig, shape: StepShape) -> MemoryPlan:
         layer_saved = mlp_tokens * mlp_saved if shape.tiled_mlp else 0
     offloaded = 0
     if shape.offload_activations:
-        offloaded = (
-            d.layers if shape.offload_layers is None else min(shape.offload_layers, d.layers)
-        )
+        if shape.offload_layers is not None and shape.offload_layers > d.layers:
+            raise ConfigError(
+                f"offload_layers must be 0..{d.layers} (the model's layers), "
+                f"not {shape.offload_layers}"
+            )
+        offloaded = d.layers if shape.offload_layers is None else shape.offload_layers
     host = kept_layers * offloaded // d.layers
     # The final norm's input and output, and the hidden states of the target positions.
     kept = kept_layers - host + 2 * hidden_state
@@ -260,10 +361,12 @@ def plan_memory(config: PretrainedConfig, shape: StepShape) -> MemoryPlan:
         + 2 * tokens * residual_grad
     )
     layer_working = max(mlp_backward, attention_backward)
-    if shape.attention == "dense":
-        # The [T, T] mask and one layer's [heads, T, T] scores and probabilities (fp32).
+    if dense_attention:
+        # The mask (additive [T, T] in the activations' dtype; shifted sparse: boolean
+        # [heads, T, T]) and one layer's [heads, T, T] scores and probabilities (fp32).
         whole_row = tokens * shape.sp
-        attention_workspace = whole_row**2 * (1 + 2 * FP32 * d.heads // shape.sp)
+        mask = d.heads if shifted_sparse else act
+        attention_workspace = whole_row**2 * (mask + 2 * FP32 * d.heads // shape.sp)
     else:
         attention_workspace = FP32 * d.heads * tokens * 2  # log-sum-exp and its gradient
 
@@ -285,10 +388,19 @@ def plan_memory(config: PretrainedConfig, shape: StepShape) -> MemoryPlan:
         "attention workspace": attention_workspace,
         "loss chunk": loss_chunk,
     }
+    from longdata.trainer.flops import FlopShape, training_flops
+
+    attention_only = FlopShape(
+        body_params=0, head_params=0, layers=d.layers, attention_width=d.q_width
+    )
     return MemoryPlan(
         parts=parts,
         peak_bytes=fixed + max(at_loss, at_layer_backward, at_optimizer_step),
         host_bytes=host,
+        attention_flops={
+            pattern: training_flops(attention_only, 0, 0, squares)
+            for pattern, squares in squared_attention_lengths(shape).items()
+        },
         shape=shape,
     )
 

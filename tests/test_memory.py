@@ -212,20 +212,12 @@ PLANNER_CASES = {
         {"gradient_checkpointing": True, "tiled_mlp": True},
     ),
     "lora-sft": ("tiny-llama", 4096, 400, 4096, {"lora": True, "tiled_loss": False}),
-    "dense-attention": ("tiny-llama", 1024, None, 512, {"attention": "sdpa_mask"}),
     "shifted-sparse": (
         "tiny-llama",
         4096,
         None,
         512,
         {"attention_pattern": "shifted_sparse", "s2_group": 512},
-    ),
-    "shifted-sparse-dense": (
-        "tiny-llama",
-        1024,
-        None,
-        512,
-        {"attention": "sdpa_mask", "attention_pattern": "shifted_sparse"},
     ),
 }
 # Issue 21's runs (LoRA r16 on q/k/v/o, every token a target) per technique, weights dtype and

@@ -36,9 +36,9 @@ if TYPE_CHECKING:
 
 GIB = 2**30
 FP32 = 4
-# Per logit element while a chunk is scored: logits, log-softmax, and their two gradients
-# (fp32; under bf16 autocast the bf16 logits come first and are upcast).
-LOSS_BYTES_PER_LOGIT = {"fp32": 13, "bf16": 15}
+# Per logit element while a chunk is scored: logits, log-softmax and their gradient, fp32 (under
+# bf16 autocast the bf16 logits are upcast). Measured with PeakTensorMemory (tests/test_memory.py).
+LOSS_BYTES_PER_LOGIT = {"fp32": 12, "bf16": 11}
 # AdamW's foreach step allocates about one fp32 temporary per trainable weight (the
 # denominator sqrt(v) + eps; measured 0.75x, torch 2.14). The 4x used before counted its in-place
 # results as allocations (PeakTensorMemory counted storage shared with inputs).
@@ -280,6 +280,38 @@ def weight_bytes_of(d: ModelDims, weights: str) -> int:
     return (d.parameters() - linears) * 2 + linears + channels * FP8_SCALE
 
 
+def _saved_linear_inputs(d: ModelDims, shape: StepShape, act: int, stream: int) -> dict[str, int]:
+    """Bytes per token the linears of a layer keep of their inputs for backward, per block.
+
+    A linear keeps its input if its weight learns or it carries a LoRA adapter. Where that input
+    is cast first (bf16 autocast; peft casting a bf16 input to its fp32 adapter), each such
+    linear keeps its own cast copy: q, k and v each keep one of the same norm output. Otherwise
+    they share the one input tensor, counted once (and not at all for the attention output,
+    which attention keeps anyway).
+    """
+    autocast = shape.precision == "bf16"
+    sources = {  # input: (bytes per element, width, its linears, block, kept anyway)
+        "attention norm": (stream, d.hidden, ("q_proj", "k_proj", "v_proj"), "attention", False),
+        "attention output": (act, d.q_width, ("o_proj",), "attention", True),
+        "MLP norm": (stream, d.hidden, ("gate_proj", "up_proj"), "mlp", False),
+        "gated product": (act, d.intermediate, ("down_proj",), "mlp", False),
+    }
+    saved = {"attention": 0, "mlp": 0}
+    for size, width, linears, block, kept_anyway in sources.values():
+        keepers = [name for name in linears if not shape.lora or name in shape.lora_targets]
+        if not keepers:
+            continue
+        if shape.lora:
+            copy = act if autocast else (FP32 if size != FP32 else 0)
+        else:
+            copy = act if autocast and size == FP32 else 0
+        if copy:
+            saved[block] += len(keepers) * copy * width
+        elif not kept_anyway:
+            saved[block] += size * width
+    return saved
+
+
 def plan_memory(config: PretrainedConfig, shape: StepShape) -> MemoryPlan:
     """Estimate one training step's device memory, part by part (see the module docstring)."""
     d = ModelDims.of(config)
@@ -309,23 +341,22 @@ def plan_memory(config: PretrainedConfig, shape: StepShape) -> MemoryPlan:
         else 0
     )
 
-    # What one layer saves for backward, per token: two RMSNorms keep their fp32 input and
-    # normalised input (and that only if their weight learns); q, k, v, the rotated q and k and
-    # the attention output are matmul outputs; the gated MLP keeps gate, silu(gate), up, and
-    # their product if down_proj's weight learns. (A frozen weight's input is not saved.)
-    norms_learn = not shape.lora
-    attention_saved = stream * (2 + 2 * norms_learn) * d.hidden
-    attention_saved += act * (3 * d.q_width + 3 * d.kv_width)
-    if shape.precision == "bf16" and shape.weights == "fp32":
-        attention_saved += act * 2 * d.hidden  # the bf16 casts of the two norm outputs
+    # What one layer saves for backward, per token. The two RMSNorms (trainer.rms_norm) keep
+    # their input as it is (the first one's is the layer's input: with checkpointing, the kept
+    # checkpoint) and a per-token fp32 scale. The attention keeps the rotated q and k, v and its
+    # output (and an fp32 log-sum-exp per head); the gated MLP keeps gate, silu(gate) and up. The
+    # linears keep their inputs where they learn (`_saved_linear_inputs`).
+    saved_inputs = _saved_linear_inputs(d, shape, act, stream)
+    attention_saved = stream * d.hidden + 2 * FP32 + FP32 * d.heads
+    attention_saved += act * (2 * d.q_width + 2 * d.kv_width) + saved_inputs["attention"]
+    layer_input = stream * d.hidden  # kept by the first norm (or as the layer's checkpoint)
     shifted_sparse = shape.attention_pattern == "shifted_sparse"
     dense_attention = shape.attention in DENSE_ATTENTION
     if shifted_sparse and not dense_attention:
         # The varlen path runs each head half over its groups with K and V repeated to every
         # query head (trainer.attention._head_halves): those copies replace K and V.
         attention_saved += act * 2 * (d.q_width - d.kv_width)
-    down_proj_learns = not shape.lora or "down_proj" in shape.lora_targets
-    mlp_saved = act * (3 + down_proj_learns) * d.intermediate
+    mlp_saved = act * 3 * d.intermediate + saved_inputs["mlp"]
     # Gradients alive while a layer runs backward: of the residual stream, and of two MLP
     # intermediates while the MLP's backward runs.
     residual_grad = stream * d.hidden
@@ -338,7 +369,8 @@ def plan_memory(config: PretrainedConfig, shape: StepShape) -> MemoryPlan:
         layer_saved = tokens * attention_saved + mlp_tokens * mlp_saved  # recomputed
     else:
         kept_layers = d.layers * (
-            tokens * attention_saved + (0 if shape.tiled_mlp else tokens * mlp_saved)
+            tokens * (layer_input + attention_saved)
+            + (0 if shape.tiled_mlp else tokens * mlp_saved)
         )
         layer_saved = mlp_tokens * mlp_saved if shape.tiled_mlp else 0
     offloaded = 0
@@ -352,6 +384,7 @@ def plan_memory(config: PretrainedConfig, shape: StepShape) -> MemoryPlan:
     host = kept_layers * offloaded // d.layers
     # The final norm's input and output, and the hidden states of the target positions.
     kept = kept_layers - host + 2 * hidden_state
+    kept += 2 * stream * (d.q_width // d.heads) * tokens  # the rotary cos and sin, shared
     kept += stream * d.hidden * targets
     # A layer's backward starts with its MLP (everything it saved is alive, recomputed if
     # checkpointed); by the attention's backward the MLP's share has been freed.
@@ -362,11 +395,14 @@ def plan_memory(config: PretrainedConfig, shape: StepShape) -> MemoryPlan:
     )
     layer_working = max(mlp_backward, attention_backward)
     if dense_attention:
-        # The mask (additive [T, T] in the activations' dtype; shifted sparse: boolean
-        # [heads, T, T]) and one layer's [heads, T, T] scores and probabilities (fp32).
+        # The additive [T, T] mask in the activations' dtype (SDPA's kernels take it without
+        # forming scores); shifted sparse: a boolean [heads, T, T] mask, with which SDPA forms
+        # one layer's [heads, T, T] fp32 scores and probabilities.
         whole_row = tokens * shape.sp
-        mask = d.heads if shifted_sparse else act
-        attention_workspace = whole_row**2 * (mask + 2 * FP32 * d.heads // shape.sp)
+        if shifted_sparse:
+            attention_workspace = whole_row**2 * (d.heads + 2 * FP32 * d.heads // shape.sp)
+        else:
+            attention_workspace = whole_row**2 * act
     else:
         attention_workspace = FP32 * d.heads * tokens * 2  # log-sum-exp and its gradient
 

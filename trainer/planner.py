@@ -7,10 +7,11 @@ precision, Ulysses SP degree and the memory techniques of `trainer.memory`.
 `longest_row` searches the longest row that fits a device.
 
 The activation terms count the tensors autograd keeps, per token, as this trainer's models
-save them (fp32 weights, so the residual stream and norms are fp32 even under bf16 autocast;
-matmul outputs are bf16 there). tests/test_memory.py holds the estimate within 15% of peaks
-measured with torch's MemTracker on small CPU shapes. Not counted: the CUDA context and
-allocator fragmentation (leave a few GB), and communication buffers.
+save them (the residual stream and norms in the weights' dtype, matmul outputs bf16 under bf16
+autocast; the lean RMSNorm of `trainer.rms_norm`). tests/test_memory.py holds the estimate within
+10% of peaks measured with `PeakTensorMemory` on CPU shapes (techniques x dtypes x depth at 8B
+proportions). Not counted: the CUDA context and allocator fragmentation (leave a few GB), and
+communication buffers.
 
 The step's peak is the larger of two moments: the loss (all kept activations plus one chunk of
 logits) and one layer's backward (kept activations, every gradient, and the layer's

@@ -191,18 +191,18 @@ def _step(scorer, optimizer, batch: dict, denominator: int) -> None:
 
 
 def _shape(tokens: int, techniques: dict, weights: str):
+    from longdata.trainer.config import TrainConfig
     from longdata.trainer.planner import StepShape
 
-    return StepShape(
-        row_tokens=tokens,
-        target_tokens=tokens - 1,
+    config = TrainConfig(
         lora=True,
         lora_rank=LORA_RANK,
-        lora_targets=LORA_TARGETS,
+        lora_targets=list(LORA_TARGETS),
         precision="bf16",
         weights=weights,
         **techniques,
     )
+    return StepShape.from_config(config, tokens, tokens - 1)
 
 
 def planned_runs(layers: int, lengths: list[int]) -> list[dict]:

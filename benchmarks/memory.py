@@ -84,7 +84,11 @@ def measure_one(setup: str, shape: str, tokens: int, threads: int) -> dict:
 
     from longdata.trainer import collate, load_model
     from longdata.trainer.attention import best_backend
-    from longdata.trainer.config import DEFAULT_LOSS_CHUNK_TOKENS, DEFAULT_MLP_CHUNK_TOKENS
+    from longdata.trainer.config import (
+        DEFAULT_LOSS_CHUNK_TOKENS,
+        DEFAULT_MLP_CHUNK_TOKENS,
+        TrainConfig,
+    )
     from longdata.trainer.loss import TargetScorer, step_denominator
     from longdata.trainer.memory import enable_activation_offload, enable_tiled_mlp
     from longdata.trainer.planner import StepShape, plan_memory
@@ -126,7 +130,11 @@ def measure_one(setup: str, shape: str, tokens: int, threads: int) -> dict:
     targets = int(batch["sample_target_counts"].sum())
     planned = None
     if setup != "hf":
-        plan_shape = StepShape(row_tokens=tokens, target_tokens=targets, **techniques)
+        plan_shape = StepShape.from_config(
+            TrainConfig(precision="fp32", weights="fp32", **{"tiled_loss": False, **techniques}),
+            tokens,
+            targets,
+        )
         planned = plan_memory(model.config, plan_shape).peak_bytes
     return {
         "setup": setup,

@@ -31,14 +31,17 @@ def _resolve_build(build_or_recipe: Path) -> Path:
     return build_or_recipe
 
 
-def _options_from_config() -> list[inspect.Parameter]:
-    """One `--option` per `TrainConfig` field, defaulting to None ("not given"), so that the
-    config's own default (shown in --help) applies unless the user sets one."""
+def _options_from_config(names: tuple[str, ...] | None = None) -> list[inspect.Parameter]:
+    """One `--option` per `TrainConfig` field (of `names`; None: every field), defaulting to None
+    ("not given"), so that the config's own default (shown in --help) applies unless the user
+    sets one."""
     from longdata.trainer.config import FIELDS, defaults, value_type
 
     default_values = defaults()
     parameters = []
     for name, config_field in FIELDS.items():
+        if names is not None and name not in names:
+            continue
         flag = config_field.metadata.get("cli", f"--{name.replace('_', '-')}")
         if flag is None:
             continue
@@ -231,91 +234,35 @@ def check_packing(
         raise typer.Exit(code=1)
 
 
-def plan_memory(
-    model: Annotated[
-        str,
-        typer.Option(
-            help="llama-3.1-8b (the shape of Llama-3.1-8B), a trainer preset (tiny-llama), or a "
-            "local config.json or checkpoint directory.",
-        ),
-    ] = "llama-3.1-8b",
-    tokens: Annotated[int, typer.Option(help="Row length in tokens.")] = 65_536,
-    targets: Annotated[
-        int | None, typer.Option(help="Target tokens in the row (default: all).")
-    ] = None,
-    lora: Annotated[bool, typer.Option(help="LoRA adapters instead of all weights.")] = False,
-    lora_rank: Annotated[int, typer.Option(help="LoRA rank.")] = 8,
-    precision: Annotated[str, typer.Option(help="fp32, or bf16 autocast.")] = "bf16",
-    weights: Annotated[
-        str,
-        typer.Option(
-            help="fp32, bf16 (halves the weights and the residual stream, as ArcticTraining "
-            "runs) or fp8 (LoRA: frozen linears in float8 plus per-channel scales)."
-        ),
-    ] = "fp32",
-    sp: Annotated[int, typer.Option(help="Sequence-parallel degree (Ulysses).")] = 1,
-    attention: Annotated[
-        str, typer.Option(help="varlen (flash_attn, torch_varlen, sdpa_varlen) or dense.")
-    ] = "varlen",
-    gradient_checkpointing: Annotated[bool, typer.Option(help="Per-layer checkpointing.")] = True,
-    tiled_loss: Annotated[bool, typer.Option(help="Loss over chunks of targets.")] = True,
-    loss_chunk_tokens: Annotated[int, typer.Option(help="Targets per loss chunk.")] = 2048,
-    tiled_mlp: Annotated[bool, typer.Option(help="MLP over chunks of tokens.")] = False,
-    mlp_chunk_tokens: Annotated[int, typer.Option(help="Tokens per MLP chunk.")] = 8192,
-    offload_activations: Annotated[
-        bool, typer.Option(help="Checkpointed hidden states in host memory.")
-    ] = False,
-    offload_layers: Annotated[
-        int | None,
-        typer.Option(help="Offload only the first N layers' checkpoints (default: all)."),
-    ] = None,
-    device_gib: Annotated[float, typer.Option(help="Device memory to fit, GiB.")] = 80.0,
-    host_gib: Annotated[
-        float | None,
-        typer.Option(
-            help="Host memory the offloaded checkpoints may use, GiB (default: no limit)."
-        ),
-    ] = None,
-) -> None:
+def plan_memory(**given: Any) -> None:
     """Estimate a training step's device memory, part by part, and the longest row that fits.
 
     Counts weights, gradients, AdamW state, kept activations, one layer's working set, the
-    attention workspace and the loss chunk for one device (of an SP group). Leave a few GiB of
-    --device-gib for the CUDA context and allocator slack.
+    attention workspace and the loss chunk for one device (of an SP group), and the attention
+    FLOPs (full and, with --attention-pattern shifted_sparse, LongLoRA's groups). The training
+    options mean what they mean for `longdata train`, with its defaults, on a bf16 GPU. Leave a
+    few GiB of --device-gib for the CUDA context and allocator slack.
     """
-    from dataclasses import replace
-
+    from longdata.trainer.config import coerce
     from longdata.trainer.planner import StepShape, fit_row, planner_config
     from longdata.trainer.planner import plan_memory as plan
 
+    model, tokens, targets = given.pop("model"), given.pop("tokens"), given.pop("targets")
+    device_gib, host_gib = given.pop("device_gib"), given.pop("host_gib")
     try:
+        settings = {name: coerce(name, value) for name, value in given.items() if value is not None}
+        train_config = TrainConfig(**settings)
+        train_config.validate(needs_build=False)
         config = planner_config(model)
-        shape = StepShape(
-            row_tokens=tokens,
-            target_tokens=targets,
-            lora=lora,
-            lora_rank=lora_rank,
-            precision=precision,
-            weights=weights,
-            sp=sp,
-            attention=attention,
-            gradient_checkpointing=gradient_checkpointing,
-            tiled_loss=tiled_loss,
-            loss_chunk_tokens=loss_chunk_tokens,
-            tiled_mlp=tiled_mlp,
-            mlp_chunk_tokens=mlp_chunk_tokens,
-            offload_activations=offload_activations,
-            offload_layers=offload_layers,
-        )
-    except (OSError, ValueError) as error:
-        raise typer.BadParameter(str(error)) from None
-    result = plan(config, shape)
-    typer.echo(f"{model}, {tokens:,}-token row, sp {sp}:\n")
+        shape = StepShape.from_config(train_config, tokens, targets)
+        result = plan(config, shape)
+    except (OSError, ValueError) as error:  # ConfigError is a ValueError
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"{model}, {tokens:,}-token row, sp {shape.sp}:\n")
     typer.echo(result.table())
     host_bytes = None if host_gib is None else int(host_gib * 2**30)
-    fits, fitted = fit_row(
-        config, replace(shape, target_tokens=targets), int(device_gib * 2**30), host_bytes
-    )
+    fits, fitted = fit_row(config, shape, int(device_gib * 2**30), host_bytes)
     host = "" if host_gib is None else f" and {host_gib:g} GiB of host"
     typer.echo(f"\nlongest row that fits {device_gib:g} GiB per device{host}: {fits:,} tokens")
     if fitted is not None and fitted.shape.offload_layers is not None:
@@ -323,3 +270,43 @@ def plan_memory(
             f"  offloading the first {fitted.shape.offload_layers} layers' checkpoints "
             f"({fitted.host_bytes / 2**30:,.1f} GiB of host), the rest on the device"
         )
+
+
+def _planner_option(name: str, kind: Any, default: Any, help: str) -> inspect.Parameter:
+    option = typer.Option(f"--{name.replace('_', '-')}", help=help)
+    return inspect.Parameter(
+        name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[kind, option]
+    )
+
+
+def _plan_memory_signature() -> inspect.Signature:
+    """plan-memory's own options (what to plan for, and the memory to fit), then the training
+    settings a step's memory depends on, generated from `TrainConfig` like `train`'s."""
+    from longdata.trainer.planner import PLANNED_SETTINGS
+
+    return inspect.Signature(
+        [
+            _planner_option(
+                "model",
+                str,
+                "llama-3.1-8b",
+                "llama-3.1-8b (the shape of Llama-3.1-8B), a trainer preset (tiny-llama), or a "
+                "local config.json or checkpoint directory.",
+            ),
+            _planner_option("tokens", int, 65_536, "Row length in tokens."),
+            _planner_option(
+                "targets", int | None, None, "Target tokens in the row (default: all)."
+            ),
+            _planner_option("device_gib", float, 80.0, "Device memory to fit, GiB."),
+            _planner_option(
+                "host_gib",
+                float | None,
+                None,
+                "Host memory the offloaded checkpoints may use, GiB (default: no limit).",
+            ),
+            *_options_from_config(PLANNED_SETTINGS),
+        ]
+    )
+
+
+plan_memory.__signature__ = _plan_memory_signature()  # type: ignore[attr-defined]

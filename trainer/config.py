@@ -51,6 +51,21 @@ class ConfigError(ValueError):
     """A setting the user gave is wrong; the message is one line that says which and why."""
 
 
+def resolved_precision(precision: str, bf16_device: bool) -> str:
+    """`auto`: bf16 autocast on a bf16-capable GPU, fp32 otherwise."""
+    if precision != "auto":
+        return precision
+    return "bf16" if bf16_device else "fp32"
+
+
+def resolved_weights(weights: str, lora: bool, bf16_device: bool) -> str:
+    """`auto`: bf16 with LoRA on a bf16-capable GPU (the frozen base never needs fp32), fp32
+    otherwise (full fine-tuning keeps fp32 master weights)."""
+    if weights != "auto":
+        return weights
+    return "bf16" if lora and bf16_device else "fp32"
+
+
 def _setting(default: Any, help: str, **extra: Any) -> Any:
     """A field with its CLI help (and, in `extra`, e.g. the option name `cli`)."""
     if isinstance(default, list):
@@ -202,9 +217,10 @@ class TrainConfig:
         "ranks; must divide the number of ranks and the model's attention heads.",
     )
 
-    def validate(self) -> None:
-        """Raise `ConfigError` for a value no run can use (the build is not read here)."""
-        if not self.build_dir:
+    def validate(self, needs_build: bool = True) -> None:
+        """Raise `ConfigError` for a value no run can use (the build is not read here; with
+        `needs_build` False, e.g. to plan a run's memory, none need be named)."""
+        if needs_build and not self.build_dir:
             raise ConfigError("no build: pass BUILD or set build_dir in the --config file")
         for name, choices in (
             ("loss", LOSS_MODES),

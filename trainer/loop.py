@@ -36,7 +36,7 @@ from transformers import PreTrainedModel
 
 from longdata.trainer.attention import shifted_sparse_inputs
 from longdata.trainer.checkpoint import Checkpointer, claim_run_dir
-from longdata.trainer.config import TrainConfig
+from longdata.trainer.config import TrainConfig, resolved_precision, resolved_weights
 from longdata.trainer.curriculum import Stage, plan_stages, validation_split
 from longdata.trainer.data import Manifest, make_dataloader, make_dataset
 from longdata.trainer.distributed import (
@@ -97,10 +97,12 @@ class TrainResult:
 # Setup
 
 
+def _bf16_gpu(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
 def _uses_bf16(precision: str, device: torch.device) -> bool:
-    return precision == "bf16" or (
-        precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
-    )
+    return resolved_precision(precision, _bf16_gpu(device)) == "bf16"
 
 
 def _autocast(precision: str, device: torch.device) -> Any:
@@ -110,12 +112,8 @@ def _autocast(precision: str, device: torch.device) -> Any:
 
 
 def resolve_weights(weights: str, lora: bool, device: torch.device) -> str:
-    """`auto`: bf16 with LoRA on a bf16-capable GPU (the frozen base never needs fp32), fp32
-    otherwise (full fine-tuning keeps fp32 master weights)."""
-    if weights != "auto":
-        return weights
-    bf16_gpu = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    return "bf16" if lora and bf16_gpu else "fp32"
+    """The dtype the model loads in on `device` (`trainer.config.resolved_weights`)."""
+    return resolved_weights(weights, lora, _bf16_gpu(device))
 
 
 def _build_model(config: TrainConfig, manifest: Manifest, device: torch.device) -> PreTrainedModel:

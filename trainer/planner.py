@@ -7,10 +7,11 @@ precision, Ulysses SP degree and the memory techniques of `trainer.memory`.
 `longest_row` searches the longest row that fits a device.
 
 The activation terms count the tensors autograd keeps, per token, as this trainer's models
-save them (fp32 weights, so the residual stream and norms are fp32 even under bf16 autocast;
-matmul outputs are bf16 there). tests/test_memory.py holds the estimate within 15% of peaks
-measured with torch's MemTracker on small CPU shapes. Not counted: the CUDA context and
-allocator fragmentation (leave a few GB), and communication buffers.
+save them (the residual stream and norms in the weights' dtype, matmul outputs bf16 under bf16
+autocast; the lean RMSNorm of `trainer.rms_norm`). tests/test_memory.py holds the estimate within
+10% of peaks measured with `PeakTensorMemory` on CPU shapes (techniques x dtypes x depth at 8B
+proportions). Not counted: the CUDA context and allocator fragmentation (leave a few GB), and
+communication buffers.
 
 The step's peak is the larger of two moments: the loss (all kept activations plus one chunk of
 logits) and one layer's backward (kept activations, every gradient, and the layer's
@@ -19,20 +20,30 @@ recomputed activations with their gradients).
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
-from transformers import PretrainedConfig
+from longdata.trainer.config import (
+    ATTENTION_PATTERNS,
+    ConfigError,
+    TrainConfig,
+    resolved_precision,
+    resolved_weights,
+)
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 GIB = 2**30
 FP32 = 4
-# Per logit element while a chunk is scored: logits, log-softmax, and their two gradients
-# (fp32; under bf16 autocast the bf16 logits come first and are upcast).
-LOSS_BYTES_PER_LOGIT = {"fp32": 13, "bf16": 15}
+# Per logit element while a chunk is scored: logits, log-softmax and their gradient, fp32 (under
+# bf16 autocast the bf16 logits are upcast). Measured with PeakTensorMemory (tests/test_memory.py).
+LOSS_BYTES_PER_LOGIT = {"fp32": 12, "bf16": 11}
 # AdamW's foreach step allocates about one fp32 temporary per trainable weight (the
 # denominator sqrt(v) + eps; measured 0.75x, torch 2.14). The 4x used before counted its in-place
 # results as allocations (PeakTensorMemory counted storage shared with inputs).
 OPTIMIZER_STEP_TEMPORARIES = 1
-ATTENTION_KINDS = ("varlen", "dense")  # flash / torch_varlen / sdpa_varlen; sdpa_mask / eager
 WEIGHT_DTYPES = ("fp32", "bf16", "fp8")
 FP8_SCALE = 4  # one fp32 scale per output channel of each frozen linear (trainer/fp8.py)
 
@@ -67,55 +78,109 @@ def planner_config(name_or_path: str) -> PretrainedConfig:
     return model_config(name_or_path)
 
 
+# The training settings a step's memory depends on: `StepShape.from_config` reads them from a
+# `TrainConfig`, and `longdata plan-memory` offers them as options generated from its fields.
+PLANNED_SETTINGS = (
+    "lora",
+    "lora_rank",
+    "lora_targets",
+    "precision",
+    "weights",
+    "sp",
+    "attention",
+    "attention_pattern",
+    "s2_group",
+    "gradient_checkpointing",
+    "tiled_loss",
+    "loss_chunk_tokens",
+    "tiled_mlp",
+    "mlp_chunk_tokens",
+    "offload_activations",
+    "offload_layers",
+)
+# Backends that compute a whole [T, T] score matrix per head (the others tile it away).
+DENSE_ATTENTION = ("sdpa_mask",)
+
+
 @dataclass(frozen=True)
 class StepShape:
-    """What is trained: the row, the weights that learn, and how the step is run."""
+    """What is trained: the row, the weights that learn, and how the step is run.
+
+    No field has a default: build it with `from_config`, so that every default is
+    `TrainConfig`'s. `precision` and `weights` are resolved (never `auto`).
+    """
 
     row_tokens: int
-    target_tokens: int | None = None  # default: every token is a target
-    lora: bool = False
-    lora_rank: int = 8
-    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
-    precision: str = "fp32"  # fp32, or bf16 autocast
+    target_tokens: int | None  # None: every token is a target
+    lora: bool
+    lora_rank: int
+    lora_targets: tuple[str, ...]
+    precision: str  # fp32, or bf16 autocast
     # What longdata train loads: bf16 halves weights and residual stream; fp8 (LoRA) stores the
     # decoder's frozen linears in one byte plus a scale per output channel, the rest bf16.
-    weights: str = "fp32"
-    sp: int = 1
-    attention: str = "varlen"
-    gradient_checkpointing: bool = False
-    tiled_loss: bool = False
-    loss_chunk_tokens: int = 2048
-    tiled_mlp: bool = False
-    mlp_chunk_tokens: int = 8192
-    offload_activations: bool = False
-    offload_layers: int | None = None  # with offload: the first k layers' checkpoints (None: all)
+    weights: str
+    sp: int
+    attention: str  # a backend of trainer.attention, or auto (the best: a varlen kernel)
+    attention_pattern: str
+    s2_group: float
+    gradient_checkpointing: bool
+    tiled_loss: bool
+    loss_chunk_tokens: int
+    tiled_mlp: bool
+    mlp_chunk_tokens: int
+    offload_activations: bool
+    offload_layers: int | None  # with offload: the first k layers' checkpoints (None: all)
+
+    @classmethod
+    def from_config(
+        cls, config: TrainConfig, row_tokens: int, target_tokens: int | None = None
+    ) -> StepShape:
+        """The step `config` runs on one row of `row_tokens` tokens (`target_tokens` of them
+        targets; None: all) on a bf16-capable GPU, where `auto` precision and weights resolve as
+        the trainer resolves them there."""
+        settings = {name: getattr(config, name) for name in PLANNED_SETTINGS}
+        settings["lora_targets"] = tuple(config.lora_targets)
+        settings["precision"] = resolved_precision(config.precision, bf16_device=True)
+        settings["weights"] = resolved_weights(config.weights, config.lora, bf16_device=True)
+        return cls(row_tokens=row_tokens, target_tokens=target_tokens, **settings)
 
     def __post_init__(self) -> None:
+        from longdata.trainer.attention import BACKENDS
+
         if self.precision not in LOSS_BYTES_PER_LOGIT:
-            raise ValueError(f"precision must be fp32 or bf16, not {self.precision!r}")
+            raise ConfigError(f"precision must be fp32 or bf16, not {self.precision!r}")
         if self.weights not in WEIGHT_DTYPES:
-            raise ValueError(f"weights must be one of {WEIGHT_DTYPES}, not {self.weights!r}")
+            raise ConfigError(f"weights must be one of {WEIGHT_DTYPES}, not {self.weights!r}")
         if self.weights == "fp8" and not self.lora:
-            raise ValueError("weights fp8 needs lora (only frozen linears are stored in fp8)")
-        if self.attention not in ATTENTION_KINDS:
-            raise ValueError(f"attention must be one of {ATTENTION_KINDS}, not {self.attention!r}")
+            raise ConfigError("weights fp8 needs lora (only frozen linears are stored in fp8)")
+        if self.attention not in ("auto", *BACKENDS):
+            raise ConfigError(
+                f"attention must be auto or one of {', '.join(BACKENDS)}, not {self.attention!r}"
+            )
+        if self.attention_pattern not in ATTENTION_PATTERNS:
+            raise ConfigError(
+                f"attention_pattern must be one of {', '.join(ATTENTION_PATTERNS)}, "
+                f"not {self.attention_pattern!r}"
+            )
         if self.offload_activations and not self.gradient_checkpointing:
-            raise ValueError("offload_activations needs gradient_checkpointing")
+            raise ConfigError("offload_activations needs gradient_checkpointing")
         if self.offload_layers is not None and (
             not self.offload_activations or self.offload_layers < 0
         ):
-            raise ValueError("offload_layers needs offload_activations and must be >= 0")
+            raise ConfigError("offload_layers needs offload_activations and must be >= 0")
         if min(self.row_tokens, self.sp, self.loss_chunk_tokens, self.mlp_chunk_tokens) < 1:
-            raise ValueError("row_tokens, sp and chunk sizes must be >= 1")
+            raise ConfigError("row_tokens, sp and chunk sizes must be >= 1")
 
 
 @dataclass(frozen=True)
 class MemoryPlan:
-    """Bytes per part on one device (`parts`), their peak combination, and host memory."""
+    """Bytes per part on one device (`parts`), their peak combination, host memory, and the
+    step's attention FLOPs under full attention and under the shape's pattern."""
 
     parts: dict[str, int]
     peak_bytes: int
     host_bytes: int  # offloaded hidden states
+    attention_flops: dict[str, float]  # "full", and "shifted_sparse" under that pattern
     shape: StepShape = field(repr=False)
 
     def table(self) -> str:
@@ -124,7 +189,35 @@ class MemoryPlan:
         lines.append(f"| **peak** | **{self.peak_bytes / GIB:,.2f}** |")
         if self.host_bytes:
             lines.append(f"| host (offloaded) | {self.host_bytes / GIB:,.2f} |")
+        lines.append("")
+        lines.append("| attention (forward + backward, whole row) | TFLOPs |")
+        lines.append("|---|---:|")
+        lines += [
+            f"| {pattern} | {flops / 1e12:,.1f} |"
+            for pattern, flops in self.attention_flops.items()
+        ]
         return "\n".join(lines)
+
+
+def squared_attention_lengths(shape: StepShape) -> dict[str, int]:
+    """Sum of squared attention spans of the shape's row (one sample): the row's length squared
+    under full attention; under shifted sparse attention, the squared group lengths averaged over
+    the two head halves, grouped as `trainer.attention.shifted_sparse_inputs` groups a sample."""
+    from longdata.trainer.attention import segment_group_size
+
+    length = shape.row_tokens
+    squares = {"full": length**2}
+    if shape.attention_pattern == "shifted_sparse":
+        size = segment_group_size(length, shape.s2_group)
+        shift = size // 2 if size < length else 0
+        halves = 0
+        for offset in (0, shift):
+            # Positions p in [offset, length + offset) fall in groups p // size.
+            end = length + offset
+            edges = [offset, *range(offset // size * size + size, end, size), end]
+            halves += sum((high - low) ** 2 for low, high in itertools.pairwise(edges))
+        squares["shifted_sparse"] = halves // 2
+    return squares
 
 
 @dataclass(frozen=True)
@@ -188,6 +281,38 @@ def weight_bytes_of(d: ModelDims, weights: str) -> int:
     return (d.parameters() - linears) * 2 + linears + channels * FP8_SCALE
 
 
+def _saved_linear_inputs(d: ModelDims, shape: StepShape, act: int, stream: int) -> dict[str, int]:
+    """Bytes per token the linears of a layer keep of their inputs for backward, per block.
+
+    A linear keeps its input if its weight learns or it carries a LoRA adapter. Where that input
+    is cast first (bf16 autocast; peft casting a bf16 input to its fp32 adapter), each such
+    linear keeps its own cast copy: q, k and v each keep one of the same norm output. Otherwise
+    they share the one input tensor, counted once (and not at all for the attention output,
+    which attention keeps anyway).
+    """
+    autocast = shape.precision == "bf16"
+    sources = {  # input: (bytes per element, width, its linears, block, kept anyway)
+        "attention norm": (stream, d.hidden, ("q_proj", "k_proj", "v_proj"), "attention", False),
+        "attention output": (act, d.q_width, ("o_proj",), "attention", True),
+        "MLP norm": (stream, d.hidden, ("gate_proj", "up_proj"), "mlp", False),
+        "gated product": (act, d.intermediate, ("down_proj",), "mlp", False),
+    }
+    saved = {"attention": 0, "mlp": 0}
+    for size, width, linears, block, kept_anyway in sources.values():
+        keepers = [name for name in linears if not shape.lora or name in shape.lora_targets]
+        if not keepers:
+            continue
+        if shape.lora:
+            copy = act if autocast else (FP32 if size != FP32 else 0)
+        else:
+            copy = act if autocast and size == FP32 else 0
+        if copy:
+            saved[block] += len(keepers) * copy * width
+        elif not kept_anyway:
+            saved[block] += size * width
+    return saved
+
+
 def plan_memory(config: PretrainedConfig, shape: StepShape) -> MemoryPlan:
     """Estimate one training step's device memory, part by part (see the module docstring)."""
     d = ModelDims.of(config)
@@ -217,17 +342,22 @@ def plan_memory(config: PretrainedConfig, shape: StepShape) -> MemoryPlan:
         else 0
     )
 
-    # What one layer saves for backward, per token: two RMSNorms keep their fp32 input and
-    # normalised input (and that only if their weight learns); q, k, v, the rotated q and k and
-    # the attention output are matmul outputs; the gated MLP keeps gate, silu(gate), up, and
-    # their product if down_proj's weight learns. (A frozen weight's input is not saved.)
-    norms_learn = not shape.lora
-    attention_saved = stream * (2 + 2 * norms_learn) * d.hidden
-    attention_saved += act * (3 * d.q_width + 3 * d.kv_width)
-    if shape.precision == "bf16" and shape.weights == "fp32":
-        attention_saved += act * 2 * d.hidden  # the bf16 casts of the two norm outputs
-    down_proj_learns = not shape.lora or "down_proj" in shape.lora_targets
-    mlp_saved = act * (3 + down_proj_learns) * d.intermediate
+    # What one layer saves for backward, per token. The two RMSNorms (trainer.rms_norm) keep
+    # their input as it is (the first one's is the layer's input: with checkpointing, the kept
+    # checkpoint) and a per-token fp32 scale. The attention keeps the rotated q and k, v and its
+    # output (and an fp32 log-sum-exp per head); the gated MLP keeps gate, silu(gate) and up. The
+    # linears keep their inputs where they learn (`_saved_linear_inputs`).
+    saved_inputs = _saved_linear_inputs(d, shape, act, stream)
+    attention_saved = stream * d.hidden + 2 * FP32 + FP32 * d.heads
+    attention_saved += act * (2 * d.q_width + 2 * d.kv_width) + saved_inputs["attention"]
+    layer_input = stream * d.hidden  # kept by the first norm (or as the layer's checkpoint)
+    shifted_sparse = shape.attention_pattern == "shifted_sparse"
+    dense_attention = shape.attention in DENSE_ATTENTION
+    if shifted_sparse and not dense_attention:
+        # The varlen path runs each head half over its groups with K and V repeated to every
+        # query head (trainer.attention._head_halves): those copies replace K and V.
+        attention_saved += act * 2 * (d.q_width - d.kv_width)
+    mlp_saved = act * 3 * d.intermediate + saved_inputs["mlp"]
     # Gradients alive while a layer runs backward: of the residual stream, and of two MLP
     # intermediates while the MLP's backward runs.
     residual_grad = stream * d.hidden
@@ -240,17 +370,22 @@ def plan_memory(config: PretrainedConfig, shape: StepShape) -> MemoryPlan:
         layer_saved = tokens * attention_saved + mlp_tokens * mlp_saved  # recomputed
     else:
         kept_layers = d.layers * (
-            tokens * attention_saved + (0 if shape.tiled_mlp else tokens * mlp_saved)
+            tokens * (layer_input + attention_saved)
+            + (0 if shape.tiled_mlp else tokens * mlp_saved)
         )
         layer_saved = mlp_tokens * mlp_saved if shape.tiled_mlp else 0
     offloaded = 0
     if shape.offload_activations:
-        offloaded = (
-            d.layers if shape.offload_layers is None else min(shape.offload_layers, d.layers)
-        )
+        if shape.offload_layers is not None and shape.offload_layers > d.layers:
+            raise ConfigError(
+                f"offload_layers must be 0..{d.layers} (the model's layers), "
+                f"not {shape.offload_layers}"
+            )
+        offloaded = d.layers if shape.offload_layers is None else shape.offload_layers
     host = kept_layers * offloaded // d.layers
     # The final norm's input and output, and the hidden states of the target positions.
     kept = kept_layers - host + 2 * hidden_state
+    kept += 2 * stream * (d.q_width // d.heads) * tokens  # the rotary cos and sin, shared
     kept += stream * d.hidden * targets
     # A layer's backward starts with its MLP (everything it saved is alive, recomputed if
     # checkpointed); by the attention's backward the MLP's share has been freed.
@@ -260,10 +395,15 @@ def plan_memory(config: PretrainedConfig, shape: StepShape) -> MemoryPlan:
         + 2 * tokens * residual_grad
     )
     layer_working = max(mlp_backward, attention_backward)
-    if shape.attention == "dense":
-        # The [T, T] mask and one layer's [heads, T, T] scores and probabilities (fp32).
+    if dense_attention:
+        # The additive [T, T] mask in the activations' dtype (SDPA's kernels take it without
+        # forming scores); shifted sparse: a boolean [heads, T, T] mask, with which SDPA forms
+        # one layer's [heads, T, T] fp32 scores and probabilities.
         whole_row = tokens * shape.sp
-        attention_workspace = whole_row**2 * (1 + 2 * FP32 * d.heads // shape.sp)
+        if shifted_sparse:
+            attention_workspace = whole_row**2 * (d.heads + 2 * FP32 * d.heads // shape.sp)
+        else:
+            attention_workspace = whole_row**2 * act
     else:
         attention_workspace = FP32 * d.heads * tokens * 2  # log-sum-exp and its gradient
 
@@ -285,10 +425,19 @@ def plan_memory(config: PretrainedConfig, shape: StepShape) -> MemoryPlan:
         "attention workspace": attention_workspace,
         "loss chunk": loss_chunk,
     }
+    from longdata.trainer.flops import FlopShape, training_flops
+
+    attention_only = FlopShape(
+        body_params=0, head_params=0, layers=d.layers, attention_width=d.q_width
+    )
     return MemoryPlan(
         parts=parts,
         peak_bytes=fixed + max(at_loss, at_layer_backward, at_optimizer_step),
         host_bytes=host,
+        attention_flops={
+            pattern: training_flops(attention_only, 0, 0, squares)
+            for pattern, squares in squared_attention_lengths(shape).items()
+        },
         shape=shape,
     )
 

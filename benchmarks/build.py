@@ -1,16 +1,21 @@
 """Build throughput and memory: `longdata build` against raw `tokenizers` and a TRL-style pipeline.
 
-One run, same input and tokenizer for every contender:
+Same input and tokenizer for every contender, each timed ``--rounds`` times (default 3),
+interleaved (floor, longdata, TRL, floor, longdata, TRL, ...) on a shared machine: every run
+prints the 1-minute load average it started at, and the table and ratios use each contender's
+best run, so that one load spike cannot decide a ratio.
 
-1. raw: ``backend_tokenizer.encode_batch`` over the already-rendered chat texts (only the encode
-   calls are timed), and ``encode_batch_fast`` (the same without character offsets) on the same
-   batches, interleaved: the physical limits of any pipeline using this tokenizer with and
-   without offsets. Ratios are quoted against ``encode_batch``, the issue's reference, and
-   against ``encode_batch_fast``, the lower of the two floors longdata itself uses;
+1. raw: ``backend_tokenizer.encode_batch`` over the already-rendered chat texts (rendered once;
+   only the encode calls are timed), and ``encode_batch_fast`` (the same without character
+   offsets) on the same batches, interleaved: the physical limits of any pipeline using this
+   tokenizer with and without offsets. Ratios are quoted against ``encode_batch``, the issue's
+   reference, and against ``encode_batch_fast``, the lower of the two floors longdata itself
+   uses;
 2. longdata: the whole ``longdata build`` in a child process (read, normalise, render, tokenize,
    mix, pack, write MDS, card) on a cold cache, at the base size and at ``--scale`` times it;
 3. TRL-style: ``datasets.load_dataset("json")`` + batched ``map`` (chat template + tokenize,
-   ``num_proc``) + ``trl.data_utils.pack_dataset(strategy="bfd")``, in a child process;
+   ``num_proc``) + ``trl.data_utils.pack_dataset(strategy="bfd")``, in a child process run by
+   ``--trl-python`` (default: this Python), timed by the child itself without its imports;
 4. peak RSS of each child (``os.wait4`` rusage: the child's own high-water mark, which counts
    resident pages of the memory-mapped token cache it touched, not the kernel's page cache);
 5. incremental rebuild: mix weight and max length changed with ``--set``; the token cache is reused;
@@ -18,7 +23,7 @@ One run, same input and tokenizer for every contender:
    (threshold 0.8, 128 permutations, 5-token shingles), whose mix-stage seconds differ by the cost
    of near-duplicate search over every cached token.
 
-    python benchmarks/build.py --mb 100 --scale 10
+    python benchmarks/build.py --mb 100 --scale 10 --trl-python /tmp/buildbench-venv/bin/python
 
 With ``--engine ray`` it compares instead the same cold build run locally and with the Ray
 executor on a Ray instance of 1 and of 2 worker processes (``num_cpus``): the overhead of Ray
@@ -99,9 +104,9 @@ def input_file(workdir: Path, megabytes: float) -> Path:
     return path
 
 
-def raw_tokenizer_rate(path: Path) -> dict:
-    """Seconds of encode_batch and of encode_batch_fast alone over the rendered texts, in the
-    build's batch sizes, alternating per batch so that both see the same machine load."""
+def rendered_batches(path: Path) -> tuple[object, list[list[str]]]:
+    """The quickstart tokenizer's backend and the chat texts of ``path`` rendered once, cut into
+    the build's batches: every floor run then times the same encode calls and nothing else."""
     from longdata.recipe import TokenizerConfig
     from longdata.sources.readers import iter_jsonl
     from longdata.sources.schemas import parse_messages
@@ -109,11 +114,24 @@ def raw_tokenizer_rate(path: Path) -> dict:
     from longdata.stages.tokenization import BATCH_CHARS
 
     tokenizer, _ = load_tokenizer(TokenizerConfig(name="builtin:quickstart"))
-    renderer, backend = ChatRenderer(tokenizer), tokenizer.backend_tokenizer
-    tokens, seconds, batch, chars = 0, {"offsets": 0.0, "fast": 0.0}, [], 0
+    renderer = ChatRenderer(tokenizer)
+    batches, batch, chars = [], [], 0
+    for _, row in iter_jsonl(path):
+        batch.append(renderer.render(parse_messages(row)).text)
+        chars += len(batch[-1])
+        if chars >= BATCH_CHARS:
+            batches.append(batch)
+            batch, chars = [], 0
+    if batch:
+        batches.append(batch)
+    return tokenizer.backend_tokenizer, batches
 
-    def encode(texts: list[str]) -> None:
-        nonlocal tokens
+
+def raw_tokenizer_rate(backend, batches: list[list[str]]) -> dict:
+    """Seconds of encode_batch and of encode_batch_fast alone over the rendered texts, in the
+    build's batch sizes, alternating per batch so that both see the same machine load."""
+    tokens, seconds = 0, {"offsets": 0.0, "fast": 0.0}
+    for texts in batches:
         for kind, method in (
             ("offsets", backend.encode_batch),
             ("fast", backend.encode_batch_fast),
@@ -124,23 +142,16 @@ def raw_tokenizer_rate(path: Path) -> dict:
             del encodings  # freeing is part of the cost: offsets make it much slower
             seconds[kind] += time.perf_counter() - started
         tokens += counted
-
-    for _, row in iter_jsonl(path):
-        batch.append(renderer.render(parse_messages(row)).text)
-        chars += len(batch[-1])
-        if chars >= BATCH_CHARS:
-            encode(batch)
-            batch, chars = [], 0
-    if batch:
-        encode(batch)
     return {"tokens": tokens, "seconds": seconds}
 
 
-def run_child(args: list[str], env: dict | None = None) -> tuple[float, int, str]:
-    """(wall seconds, peak RSS in bytes, stdout) of one child process."""
+def run_child(
+    args: list[str], env: dict | None = None, python: str = sys.executable
+) -> tuple[float, int, str]:
+    """(wall seconds, peak RSS in bytes, stdout) of one child process run by ``python``."""
     started = time.perf_counter()
     child = subprocess.Popen(
-        [sys.executable, *args],
+        [python, *args],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
@@ -310,6 +321,58 @@ def trl_pipeline(path: str, num_proc: int) -> None:
     print(json.dumps({"tokens": tokens, "seconds": seconds, "rows": len(packed)}))
 
 
+def trl_run(data: Path, num_proc: int, python: str) -> dict:
+    """One TRL-style child: its own timer (imports and tokenizer load excluded), its process wall
+    and peak RSS."""
+    wall, rss, stdout = run_child(
+        [
+            str(Path(__file__).relative_to(ROOT)),
+            "--trl-child",
+            str(data),
+            "--num-proc",
+            str(num_proc),
+        ],
+        python=python,
+    )
+    return {**json.loads(stdout.strip().splitlines()[-1]), "wall": wall, "rss": rss}
+
+
+def interleaved_rounds(args: argparse.Namespace, data: Path) -> dict[str, list[dict]]:
+    """Each contender timed ``args.rounds`` times in turn (floor, longdata, TRL, floor, ...), so
+    that a load spike on the shared machine hits one run of one contender, not one contender's
+    every run; each run records the 1-minute load average when it started."""
+    backend, batches = rendered_batches(data)
+    runs: dict[str, list[dict]] = {"floor": [], "longdata": [], "trl": []}
+    for round_ in range(1, args.rounds + 1):
+        load = os.getloadavg()[0]
+        floor = {**raw_tokenizer_rate(backend, batches), "load": load}
+        runs["floor"].append(floor)
+        print(
+            f"round {round_}: floor encode_batch_fast {floor['seconds']['fast']:.1f}s, "
+            f"encode_batch {floor['seconds']['offsets']:.1f}s (load {load:.2f})",
+            file=sys.stderr,
+        )
+        load = os.getloadavg()[0]
+        cold = {**longdata_build(args.workdir, data, "base"), "load": load}
+        runs["longdata"].append(cold)
+        print(
+            f"round {round_}: longdata whole process {cold['wall']:.1f}s, build() "
+            f"{cold['build_seconds']:.1f}s (load {load:.2f}) stages "
+            f"{json.dumps({k: round(v, 1) for k, v in cold['stages'].items()})}",
+            file=sys.stderr,
+        )
+        if not args.skip_trl:
+            load = os.getloadavg()[0]
+            trl = {**trl_run(data, args.num_proc, args.trl_python), "load": load}
+            runs["trl"].append(trl)
+            print(
+                f"round {round_}: TRL-style {trl['seconds']:.1f}s timed, process "
+                f"{trl['wall']:.1f}s (load {load:.2f})",
+                file=sys.stderr,
+            )
+    return runs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -318,9 +381,17 @@ def main() -> None:
     parser.add_argument(
         "--scale", type=float, default=10, help="memory check at --mb times this (0: skip)"
     )
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="interleaved runs per contender (best one kept)"
+    )
     parser.add_argument("--workdir", type=Path, default=ROOT / "build" / "bench-build")
     parser.add_argument("--num-proc", type=int, default=os.cpu_count(), help="TRL map workers")
     parser.add_argument("--skip-trl", action="store_true")
+    parser.add_argument(
+        "--trl-python",
+        default=sys.executable,
+        help="the Python that runs the TRL-style child (one with trl and datasets installed)",
+    )
     parser.add_argument(
         "--near-dedup", action="store_true", help="also time dedup.near on the cache"
     )
@@ -335,6 +406,8 @@ def main() -> None:
     if args.trl_child:
         trl_pipeline(args.trl_child, args.num_proc)
         return
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     args.workdir.mkdir(parents=True, exist_ok=True)
     print(f"load average at start: {os.getloadavg()[0]:.2f}", file=sys.stderr)
     data = input_file(args.workdir, args.mb)
@@ -342,14 +415,17 @@ def main() -> None:
         ray_comparison(args.workdir, data)
         return
 
-    # The machine is shared: raw is measured before and after the build and the faster run
-    # kept, so a load spike during one raw run cannot flatter longdata's ratio.
-    raw_runs = [raw_tokenizer_rate(data)]
-    cold = longdata_build(args.workdir, data, "base")
-    raw_runs.append(raw_tokenizer_rate(data))
-    raw = {kind: min(run["seconds"][kind] for run in raw_runs) for kind in ("offsets", "fast")}
-    raw_tokens = raw_runs[0]["tokens"]
-    raw_rate, fast_rate = raw_tokens / raw["offsets"], raw_tokens / raw["fast"]
+    runs = interleaved_rounds(args, data)
+    floor = {
+        kind: min(runs["floor"], key=lambda run, kind=kind: run["seconds"][kind])
+        for kind in ("offsets", "fast")
+    }
+    raw_tokens = runs["floor"][0]["tokens"]
+    raw_rate = raw_tokens / floor["offsets"]["seconds"]["offsets"]
+    fast_rate = raw_tokens / floor["fast"]["seconds"]["fast"]
+    cold = min(runs["longdata"], key=lambda run: run["wall"])
+    cold_build = min(runs["longdata"], key=lambda run: run["build_seconds"])
+    trl = min(runs["trl"], key=lambda run: run["seconds"]) if runs["trl"] else None
     incremental = longdata_build(
         args.workdir,
         data,
@@ -357,46 +433,70 @@ def main() -> None:
         cold=False,
         overrides=("sources[0].weight=1.5", f"packing.max_seq_len={MAX_SEQ_LEN // 2}"),
     )
+    incremental["load"] = None
     assert incremental["cached"] == ["longalign"], "the token cache was not reused"
     for kind in ("offsets", "fast"):
-        print(f"raw {kind} runs: " + ", ".join(f"{run['seconds'][kind]:.1f}s" for run in raw_runs))
+        print(
+            f"raw {kind} runs: "
+            + ", ".join(f"{run['seconds'][kind]:.1f}s" for run in runs["floor"])
+        )
+    print(
+        "longdata whole process runs: " + ", ".join(f"{r['wall']:.1f}s" for r in runs["longdata"])
+    )
+    if trl:
+        print("TRL-style runs: " + ", ".join(f"{r['seconds']:.1f}s" for r in runs["trl"]))
+    best = f"best of {args.rounds}"
     rows = [
-        ("raw tokenizers encode_batch (faster of 2 runs)", raw_tokens, raw["offsets"], None, None),
         (
-            "raw tokenizers encode_batch_fast, no offsets (faster of 2)",
+            f"raw tokenizers encode_batch ({best})",
             raw_tokens,
-            raw["fast"],
+            floor["offsets"]["seconds"]["offsets"],
             None,
             None,
+            floor["offsets"]["load"],
         ),
-        ("longdata build, cold (build() call)", cold["tokens"], cold["build_seconds"], None, None),
-        ("longdata build, cold (whole process)", cold["tokens"], cold["wall"], cold["rss"], None),
+        (
+            f"raw tokenizers encode_batch_fast, no offsets ({best})",
+            raw_tokens,
+            floor["fast"]["seconds"]["fast"],
+            None,
+            None,
+            floor["fast"]["load"],
+        ),
+        (
+            f"longdata build, cold (build() call, {best})",
+            cold_build["tokens"],
+            cold_build["build_seconds"],
+            None,
+            None,
+            cold_build["load"],
+        ),
+        (
+            f"longdata build, cold (whole process, {best})",
+            cold["tokens"],
+            cold["wall"],
+            cold["rss"],
+            None,
+            cold["load"],
+        ),
         (
             "longdata rebuild, new weight + max len",
             incremental["tokens"],
             incremental["wall"],
             incremental["rss"],
             cold["wall"] / incremental["wall"],
+            None,
         ),
     ]
-    if not args.skip_trl:
-        _, trl_rss, stdout = run_child(
-            [
-                str(Path(__file__).relative_to(ROOT)),
-                "--trl-child",
-                str(data),
-                "--num-proc",
-                str(args.num_proc),
-            ]
-        )
-        trl = json.loads(stdout.strip().splitlines()[-1])
+    if trl:
         rows.append(
             (
-                f"TRL-style datasets.map + pack_dataset (num_proc={args.num_proc})",
+                f"TRL-style datasets.map + pack_dataset (num_proc={args.num_proc}, {best})",
                 trl["tokens"],
                 trl["seconds"],
-                trl_rss,
+                trl["rss"],
                 None,
+                trl["load"],
             )
         )
     if args.near_dedup:
@@ -411,6 +511,7 @@ def main() -> None:
                 exact["wall"],
                 exact["rss"],
                 None,
+                None,
             )
         )
         rows.append(
@@ -419,6 +520,7 @@ def main() -> None:
                 near["tokens"],
                 near["wall"],
                 near["rss"],
+                None,
                 None,
             )
         )
@@ -433,10 +535,11 @@ def main() -> None:
                 large["wall"],
                 large["rss"],
                 None,
+                None,
             )
         )
         rows.append(
-            ("  ... build() call only", large["tokens"], large["build_seconds"], None, None)
+            ("  ... build() call only", large["tokens"], large["build_seconds"], None, None, None)
         )
 
     print(
@@ -444,36 +547,43 @@ def main() -> None:
         f"load average now {os.getloadavg()[0]:.2f}"
     )
     print(
-        f"| {'pipeline':<58} | {'tokens':>12} | {'seconds':>8} | {'M tok/s':>7} | {'% of raw':>8} "
-        f"| {'peak RSS':>9} | {'note':>14} |"
+        f"| {'pipeline':<62} | {'tokens':>12} | {'seconds':>8} | {'M tok/s':>7} | {'% of raw':>8} "
+        f"| {'peak RSS':>9} | {'note':>14} | {'load':>5} |"
     )
-    print(f"|{'-' * 60}|{'-' * 14}:|{'-' * 9}:|{'-' * 8}:|{'-' * 9}:|{'-' * 10}:|{'-' * 15}:|")
-    for label, tokens, seconds, rss, speedup in rows:
+    print(
+        f"|{'-' * 64}|{'-' * 14}:|{'-' * 9}:|{'-' * 8}:|{'-' * 9}:|{'-' * 10}:|{'-' * 15}:"
+        f"|{'-' * 6}:|"
+    )
+    for label, tokens, seconds, rss, speedup, load in rows:
         rate = tokens / seconds
         note = f"{speedup:.1f}x faster" if speedup else ""
         memory = f"{rss / 2**20:,.0f} MiB" if rss else ""
+        at = f"{load:.2f}" if load is not None else ""
         print(
-            f"| {label:<58} | {tokens:>12,} | {seconds:>8.1f} | {rate / 1e6:>7.3f} | "
-            f"{100 * rate / raw_rate:>7.0f}% | {memory:>9} | {note:>14} |"
+            f"| {label:<62} | {tokens:>12,} | {seconds:>8.1f} | {rate / 1e6:>7.3f} | "
+            f"{100 * rate / raw_rate:>7.0f}% | {memory:>9} | {note:>14} | {at:>5} |"
         )
-    build_rate = cold["tokens"] / cold["build_seconds"]
+    build_rate = cold_build["tokens"] / cold_build["build_seconds"]
+    whole_rate = cold["tokens"] / cold["wall"]
     print(
         f"\nlongdata build() / raw encode_batch: {build_rate / raw_rate:.2f} (whole process "
-        f"{cold['tokens'] / cold['wall'] / raw_rate:.2f})"
+        f"{whole_rate / raw_rate:.2f})"
     )
     print(
         f"longdata build() / raw encode_batch_fast: {build_rate / fast_rate:.2f} (whole process "
-        f"{cold['tokens'] / cold['wall'] / fast_rate:.2f})"
+        f"{whole_rate / fast_rate:.2f}; target >= 0.85: "
+        f"{'met' if whole_rate / fast_rate >= 0.85 else 'not met'})"
     )
-    if not args.skip_trl:
+    if trl:
+        versus_trl = whole_rate / (trl["tokens"] / trl["seconds"])
         print(
-            f"longdata (whole process) / TRL-style: "
-            f"{cold['tokens'] / cold['wall'] / (trl['tokens'] / trl['seconds']):.2f}x"
+            f"longdata (whole process) / TRL-style: {versus_trl:.2f}x (target >= 2x: "
+            f"{'met' if versus_trl >= 2 else 'not met'})"
         )
     if args.scale:
         print(f"peak RSS {args.scale:g}x input / 1x input: {large['rss'] / cold['rss']:.2f}")
     print(
-        "stage seconds (cold, 1x): "
+        f"stage seconds (cold, 1x, best whole-process run): "
         f"{json.dumps({k: round(v, 1) for k, v in cold['stages'].items()})}"
     )
     if args.near_dedup:

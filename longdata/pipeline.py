@@ -24,6 +24,7 @@ import dataclasses
 import hashlib
 import json
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -62,6 +63,7 @@ from longdata.stages.tokenization import (
     entry_problem,
     tokenize_records,
 )
+from longdata.tools.card import import_plotting
 
 # Bump when normalisation or tokenization changes what a cached source would contain.
 CACHE_VERSION = 6
@@ -110,6 +112,8 @@ def run_stages(
     check_against_tokenizer(recipe, tokenizer)
     seconds["load_tokenizer"] = time.perf_counter() - clock
 
+    # The encoder holds no GIL: the card's imports run beside it rather than after the last stage.
+    threading.Thread(target=import_plotting, name="import-plotting", daemon=True).start()
     with _progress(console) as progress:
         clock = time.perf_counter()
         sources = tokenize_sources(recipe, tokenizer, tokenizer_info, executor, progress)

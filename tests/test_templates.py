@@ -155,6 +155,53 @@ def test_tokenizer_info_is_stable():
     assert first.sha256 == second.sha256 and first.vocab_size == 16384
 
 
+def test_a_tokenizer_naming_the_generic_fast_class_loads_as_autotokenizer_would_without_torch(
+    tmp_path,
+):
+    """The bundled tokenizer names PreTrainedTokenizerFast: loaded with that class directly it is
+    AutoTokenizer's tokenizer, without the torch import AutoTokenizer brings (seconds of every
+    build). A directory with a model config.json still goes through AutoTokenizer."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    from transformers import AutoTokenizer
+
+    from longdata.format.tokenizer import BUILTIN_TOKENIZERS
+    from longdata.stages.templates import _names_generic_fast_class
+
+    bundled = BUILTIN_TOKENIZERS["builtin:quickstart"]
+    ours = load_tokenizer(TokenizerConfig(name="builtin:quickstart"))[0]
+    auto = AutoTokenizer.from_pretrained(str(bundled), use_fast=True, trust_remote_code=False)
+    assert type(ours) is type(auto)
+    assert ours.backend_tokenizer.to_str() == auto.backend_tokenizer.to_str()
+    assert ours.init_kwargs == auto.init_kwargs
+    assert ours.special_tokens_map == auto.special_tokens_map
+    assert ours.chat_template == auto.chat_template
+
+    code = (
+        "import sys; from longdata.recipe import TokenizerConfig; "
+        "from longdata.stages.templates import load_tokenizer; "
+        "load_tokenizer(TokenizerConfig(name='builtin:quickstart')); "
+        "assert 'torch' not in sys.modules, 'loading the tokenizer imported torch'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)
+
+    assert _names_generic_fast_class(bundled)
+    model_dir = tmp_path / "model"
+    shutil.copytree(bundled, model_dir)
+    (model_dir / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert not _names_generic_fast_class(model_dir)
+    named = tmp_path / "named"
+    shutil.copytree(bundled, named)
+    config = json.loads((named / "tokenizer_config.json").read_text())
+    (named / "tokenizer_config.json").write_text(
+        json.dumps({**config, "tokenizer_class": "LlamaTokenizerFast"})
+    )
+    assert not _names_generic_fast_class(named)
+
+
 # --- masks from ids alone (byte-level BPE) -----------------------------------------------------
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402

@@ -178,7 +178,7 @@ class ThreeWays(LocalExecutor):
 
 
 def tokenized_samples(result) -> int:
-    return sum(source["tokenize"]["samples"] for source in result.manifest["sources"])
+    return sum(source.tokenize.samples for source in result.manifest.sources)
 
 
 def test_an_edited_partition_plan_loses_no_row(tmp_path):
@@ -205,7 +205,7 @@ def test_an_edited_partition_plan_loses_no_row(tmp_path):
 
     again = build(recipe, executor=ThreeWays(), overwrite=True)
     assert tokenized_samples(again) == len(rows)
-    assert again.manifest["sources"] == first.manifest["sources"]
+    assert again.manifest.sources == first.manifest.sources
 
 
 # --- shards must be regular files ----------------------------------------------------------------

@@ -42,7 +42,7 @@ from longdata.trainer.attention import (
     unavailable_reason,
 )
 from longdata.trainer.collation import collate
-from longdata.trainer.config import DEFAULT_LOSS_CHUNK_TOKENS, ConfigError
+from longdata.trainer.config import DEFAULT_LOSS_CHUNK_TOKENS, ConfigError, TrainConfig
 from longdata.trainer.loss import TokenLosses, model_token_losses
 from longdata.trainer.model import set_attention
 from longdata.trainer.planner import GIB
@@ -477,9 +477,9 @@ def check_memory_bytes(
     dims = ModelDims.of(config)
 
     def step_bytes(tokens: int) -> int:
-        shape = StepShape(
-            row_tokens=tokens, tiled_loss=True, loss_chunk_tokens=DEFAULT_LOSS_CHUNK_TOKENS
-        )
+        # What check_backends runs: an fp32 model, every weight trained, the loss tiled.
+        checked = TrainConfig(precision="fp32", weights="fp32", lora=False, tiled_loss=True)
+        shape = StepShape.from_config(checked, row_tokens=tokens)
         plan = plan_memory(config, shape)
         fixed = plan.parts["weights"] + plan.parts["optimizer"] + plan.parts["gradients"]
         return plan.peak_bytes - fixed

@@ -30,9 +30,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from longdata.format import row_structure_problem
+from longdata.format import IGNORE_INDEX, row_labels, row_structure_problem
 
-IGNORE_INDEX = -100
 PADDING_SOURCE = -1
 
 # The keys of a batch that are bookkeeping for the loss, not inputs the model needs. They are
@@ -87,15 +86,14 @@ def collate(
         if problem:
             raise ValueError(problem)
         # MDS hands back unsigned arrays; nn.Embedding and the loss want int64.
-        tokens = torch.from_numpy(np.asarray(row["input_ids"], dtype=np.int64))
-        is_target = torch.from_numpy(np.asarray(row["loss_mask"], dtype=bool))
-        input_ids[row_index, :row_length] = tokens
-        row_labels = torch.where(is_target, tokens, IGNORE_INDEX)
+        input_ids[row_index, :row_length] = torch.from_numpy(
+            np.asarray(row["input_ids"], dtype=np.int64)
+        )
+        labels[row_index, :row_length] = torch.from_numpy(row_labels(row))
 
         start = 0
         for sample_length, source in zip(seq_lens, row["source_ids"], strict=True):
             end = start + sample_length
-            row_labels[start] = IGNORE_INDEX
             position_ids[row_index, start:end] = torch.arange(sample_length)
             document_ids[row_index, start:end] = len(segment_lengths)
             source_ids[row_index, start:end] = int(source)
@@ -103,7 +101,6 @@ def collate(
             segment_lengths.append(sample_length)
             sample_source_ids.append(int(source))
             start = end
-        labels[row_index, :row_length] = row_labels
 
         padding = padded_length - row_length
         if padding:

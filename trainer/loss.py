@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from longdata.trainer.collation import IGNORE_INDEX
+from longdata.format import IGNORE_INDEX
 from longdata.trainer.config import LOSS_MODES
 from longdata.trainer.memory import tiled_target_losses
 

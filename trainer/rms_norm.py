@@ -48,8 +48,11 @@ class LeanRMSNorm(torch.autograd.Function):
         hidden, weight, rstd = ctx.saved_tensors
         wants_hidden, wants_weight = ctx.needs_input_grad[:2]
         grad_hidden = torch.empty_like(hidden) if wants_hidden else None
+        # Summed over tokens in fp32 at least (fp64 for an fp64 model, whose packed == alone
+        # checks need sums that do not depend on how the tokens are chunked into rows).
+        accumulate = torch.promote_types(weight.dtype, torch.float32)
         grad_weight = (
-            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+            torch.zeros(weight.shape, dtype=accumulate, device=weight.device)
             if wants_weight
             else None
         )
@@ -58,7 +61,7 @@ class LeanRMSNorm(torch.autograd.Function):
         for (rows, grads, rstds), (out,) in zip(_token_chunks(hidden, grad, rstd), outputs):
             if wants_weight:
                 product = grads * _normalise(rows, rstds)
-                grad_weight += product.sum(0, dtype=torch.float32)
+                grad_weight += product.sum(0, dtype=accumulate)
             if wants_hidden:
                 out.copy_(_input_gradient(rows, grads, rstds, weight))
         if grad_weight is not None:
@@ -79,7 +82,8 @@ def _input_gradient(
     """dx = rstd * (g - x_hat * mean(g * x_hat)) for rows of tokens, g being the upstream gradient
     of the fp32 normalised input (through the weight and the cast, as autograd would)."""
     normed = torch.mul(hidden, rstd)  # bf16 x fp32 promotes: no fp32 copy of the input first
-    upstream = (grad * weight).to(hidden.dtype).to(torch.float32)
+    # fp32, or fp64 for an fp64 model (check-packing's reference): the promoted type of the two.
+    upstream = (grad * weight).to(hidden.dtype).to(normed.dtype)
     dot = torch.matmul(upstream.unsqueeze(-2), normed.unsqueeze(-1)).squeeze(-1)
     dot.div_(hidden.shape[-1])
     return upstream.sub_(normed.mul_(dot)).mul_(rstd)

@@ -42,7 +42,15 @@ from longdata.format.paths import (
     mark_ours,
     marker_kind,
 )
-from longdata.format.rows import COLUMNS, SHARD_HASHES, check_row, row_structure_problem
+from longdata.format.rows import (
+    COLUMNS,
+    IGNORE_INDEX,
+    SHARD_HASHES,
+    check_row,
+    row_labels,
+    row_structure_problem,
+    sample_starts,
+)
 from longdata.format.tokenizer import (
     BUILTIN_TOKENIZERS,
     TemplateError,
@@ -86,6 +94,9 @@ __all__ = [
     "read_index",
     "resolve_template",
     "row_structure_problem",
+    "row_labels",
+    "sample_starts",
+    "IGNORE_INDEX",
     "split_name",
     "tokenizer_digest",
     "tokenizer_location",

@@ -20,6 +20,24 @@ COLUMNS = {
 DTYPES = {name: np.dtype(encoding.split(":")[1]) for name, encoding in COLUMNS.items()}
 # Every shard records these hashes in its index.json; readers check them before use.
 SHARD_HASHES = ["xxh64"]
+# The label of a token that is not a target (PyTorch's cross-entropy ignore_index).
+IGNORE_INDEX = -100
+
+
+def sample_starts(seq_lens: np.ndarray) -> np.ndarray:
+    """Where each sample of a row starts (int64 offsets into the row)."""
+    lengths = np.asarray(seq_lens, dtype=np.int64)
+    return np.concatenate(([0], np.cumsum(lengths[:-1]))).astype(np.int64)
+
+
+def row_labels(row: Mapping[str, np.ndarray]) -> np.ndarray:
+    """A row's int64 labels: the token where its loss_mask is 1, else ``IGNORE_INDEX``, and
+    ``IGNORE_INDEX`` at every sample's first token (nothing of its sample precedes it to predict
+    it from; packed, the token before it is the previous sample's last)."""
+    input_ids = np.asarray(row["input_ids"], dtype=np.int64)
+    labels = np.where(np.asarray(row["loss_mask"], dtype=bool), input_ids, IGNORE_INDEX)
+    labels[sample_starts(row["seq_lens"])] = IGNORE_INDEX
+    return labels
 
 
 def row_structure_problem(row: Mapping[str, np.ndarray]) -> str | None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from longdata.format.mds import MDSWriter
-from longdata.format.rows import COLUMNS, SHARD_HASHES
+from longdata.format.rows import COLUMNS, DTYPES, SHARD_HASHES, sample_starts
 from longdata.stages.mix import SampleList
 from longdata.stages.packing import Pieces
 from longdata.stages.tokenization import TokenCache
@@ -47,16 +47,16 @@ class RowAssembler:
                 range_ids, range_mask = self.caches[source].tokens(index, start, length)
                 ids.append(range_ids)
                 masks.append(range_mask)
-        seq_lens = pieces.length[items].astype(np.uint32)
+        seq_lens = pieces.length[items].astype(DTYPES["seq_lens"])
         loss_mask = np.concatenate(masks)
         # Every piece starts a new sequence: its first token is never a target (the first piece
         # of a sample already has 0 there; later pieces of a split sample get it here).
-        loss_mask[np.concatenate(([0], np.cumsum(seq_lens[:-1], dtype=np.int64)))] = 0
+        loss_mask[sample_starts(seq_lens)] = 0
         return {
             "input_ids": np.concatenate(ids),
             "loss_mask": loss_mask,
             "seq_lens": seq_lens,
-            "source_ids": sources.astype(np.uint16),
+            "source_ids": sources.astype(DTYPES["source_ids"]),
         }
 
 

@@ -33,11 +33,10 @@ from typing import Any
 
 import numpy as np
 
-from longdata.format import Manifest, is_ours, mark_ours
+from longdata.format import Manifest, is_ours, mark_ours, row_labels, sample_starts
 from longdata.format.mds import StreamReader
 
 FORMATS = ("parquet", "hf")
-IGNORE_INDEX = -100
 MARKER_KIND = "export"  # the ownership marker (longdata.format.mark_ours) of an export
 ROWS_PER_GROUP = 256  # Parquet row group / Arrow batch: bounds memory for 128K-token rows
 
@@ -71,13 +70,9 @@ def split_file_name(split: str) -> str:
 
 def labels_and_positions(row: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """(labels, position_ids) of one packed row, as int64 arrays of its length."""
-    input_ids = row["input_ids"].astype(np.int64)
-    labels = np.where(row["loss_mask"].astype(bool), input_ids, IGNORE_INDEX)
     seq_lens = row["seq_lens"].astype(np.int64)
-    starts = np.concatenate([[0], np.cumsum(seq_lens)[:-1]])
-    labels[starts] = IGNORE_INDEX
-    positions = np.arange(len(input_ids)) - np.repeat(starts, seq_lens)
-    return labels, positions
+    positions = np.arange(len(row["input_ids"])) - np.repeat(sample_starts(seq_lens), seq_lens)
+    return row_labels(row), positions
 
 
 def iter_split_rows(manifest: Manifest, split: str, with_labels: bool) -> Iterator[dict[str, Any]]:

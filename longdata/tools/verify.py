@@ -99,7 +99,7 @@ def row_accounting_problems(build_dir: Path, manifest: Manifest) -> list[str]:
             index = inside(build_dir, f"{split}/{INDEX_FILE}")
             if index.exists():
                 try:
-                    table = read_sample_index(build_dir, split_name, ["sample", "source"])
+                    table = read_sample_index(build_dir, split, ["sample", "source"])
                 except BuildFormatError as error:
                     problems.append(str(error))
                     continue
@@ -122,7 +122,7 @@ def _indexed_layouts(build_dir: Path, split: str, report: VerifyReport) -> dict[
         return {}
     layouts: dict[str, dict] = {}
     try:
-        table = read_sample_index(build_dir, split_name)
+        table = read_sample_index(build_dir, split)
     except BuildFormatError as error:
         report.problems.append(str(error))
         return {}

@@ -232,21 +232,19 @@ def test_train_out_into_a_user_directory_is_refused(made, work):
     assert snapshot(work) == before
 
 
-def test_train_out_into_a_build_is_refused(made, work):
+@pytest.mark.parametrize(
+    ("inside", "expected"),
+    [
+        ("", ("a longdata build directory", "not a run directory")),
+        ("run", ("inside the longdata build", "rebuild")),
+    ],
+)
+def test_train_out_into_or_inside_a_build_is_refused(made, work, inside, expected):
     _, out = made
     build_dir = copy_build(out, work / "b")
     before = snapshot(work)
-    result = invoke(*train_args(build_dir, build_dir, "--save", "none"))
-    assert_one_line(result, 2, "a longdata build directory", "not a run directory")
-    assert snapshot(work) == before
-
-
-def test_train_out_inside_a_build_is_refused(made, work):
-    _, out = made
-    build_dir = copy_build(out, work / "b")
-    before = snapshot(work)
-    result = invoke(*train_args(build_dir, build_dir / "run", "--save", "none"))
-    assert_one_line(result, 2, "inside the longdata build", "rebuild")
+    result = invoke(*train_args(build_dir, build_dir / inside, "--save", "none"))
+    assert_one_line(result, 2, *expected)
     assert snapshot(work) == before
 
 

@@ -166,6 +166,7 @@ def test_a_tokenizer_naming_the_generic_fast_class_loads_as_autotokenizer_would_
     import subprocess
     import sys
 
+    import transformers
     from transformers import AutoTokenizer
 
     from longdata.format.tokenizer import BUILTIN_TOKENIZERS
@@ -180,13 +181,16 @@ def test_a_tokenizer_naming_the_generic_fast_class_loads_as_autotokenizer_would_
     assert ours.special_tokens_map == auto.special_tokens_map
     assert ours.chat_template == auto.chat_template
 
-    code = (
-        "import sys; from longdata.recipe import TokenizerConfig; "
-        "from longdata.stages.templates import load_tokenizer; "
-        "load_tokenizer(TokenizerConfig(name='builtin:quickstart')); "
-        "assert 'torch' not in sys.modules, 'loading the tokenizer imported torch'"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)
+    # transformers 4.x imports torch from its tokenizer module itself (utils.generic), so the
+    # saving exists only under 5.x; there the test fails if loading brings torch back.
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        code = (
+            "import sys; from longdata.recipe import TokenizerConfig; "
+            "from longdata.stages.templates import load_tokenizer; "
+            "load_tokenizer(TokenizerConfig(name='builtin:quickstart')); "
+            "assert 'torch' not in sys.modules, 'loading the tokenizer imported torch'"
+        )
+        subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)
 
     assert _names_generic_fast_class(bundled)
     model_dir = tmp_path / "model"

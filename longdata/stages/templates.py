@@ -138,8 +138,9 @@ def _names_generic_fast_class(directory: Path) -> bool:
     """Whether ``directory`` is a tokenizer alone (no model ``config.json``) whose
     tokenizer_config names ``PreTrainedTokenizerFast``: the class AutoTokenizer loads it with
     then, under transformers 4.57 and 5.x alike. Loading that class directly saves importing
-    AutoTokenizer, which imports torch through transformers' model configs: seconds of every
-    build's start for nothing a build uses."""
+    AutoTokenizer, which under 5.x imports torch through transformers' model configs: seconds of
+    every build's start for nothing a build uses (4.x imports torch from the tokenizer module
+    itself, so there it saves nothing and costs nothing)."""
     config = directory / "tokenizer_config.json"
     if not config.is_file() or (directory / "config.json").exists():
         return False

@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from longdata.format.paths import check_directory, claim_directory
+from longdata.format.paths import check_directory, claim_directory, replace_file
 
 ModelOption = Annotated[
     str,
@@ -314,7 +314,10 @@ def eval_loss(
     device: DeviceOption = "auto",
     out: Annotated[
         Path | None,
-        typer.Option(help="Write the report as JSON: a .json file, or a directory (loss.json)."),
+        typer.Option(
+            help="Also write the report, every sample's loss included, as OUT/loss.json. New, "
+            "empty, or an earlier eval's directory (marked by longdata); anything else is refused."
+        ),
     ] = None,
 ) -> None:
     """Validation loss per source, per length bucket and overall.
@@ -330,6 +333,8 @@ def eval_loss(
     from longdata.evals.models import EvalInputError
     from longdata.trainer.validation_loss import loss_table
 
+    if out is not None:
+        check_directory(out, "eval")  # refused before the model is loaded
     err = Console(stderr=True)
     with _progress(err) as track:
 
@@ -358,7 +363,6 @@ def eval_loss(
     Console().print(loss_table(run.report, title))
     typer.echo(f"{run.report.rows} rows, {len(run.report.samples)} samples in {run.seconds:.1f}s")
     if out is not None:
-        path = out if out.suffix == ".json" else out / "loss.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(run.result, indent=2) + "\n")
+        path = claim_directory(out, "eval") / "loss.json"
+        replace_file(path, (json.dumps(run.result, indent=2) + "\n").encode())
         typer.echo(f"wrote {path}")

@@ -599,22 +599,12 @@ def test_eval_loss_cli(tmp_path: Path) -> None:
     build, _ = _loss_build(tmp_path)
     model_path = tmp_path / "model"
     load_model("tiny-llama", "sdpa_varlen", vocab_size=512, seed=1).save_pretrained(model_path)
-    out = tmp_path / "loss.json"
-    result = CliRunner().invoke(
-        app,
-        [
-            "eval",
-            "loss",
-            str(build),
-            "--model",
-            str(model_path),
-            "--out",
-            str(out),
-        ],
-    )
+    out = tmp_path / "loss"
+    command = ["eval", "loss", str(build), "--model", str(model_path), "--out", str(out)]
+    result = CliRunner().invoke(app, command)
     assert result.exit_code == 0, result.output
     assert "alpha" in result.output and "le_0128" in result.output
-    report = json.loads(out.read_text())
+    report = json.loads((out / "loss.json").read_text())
     assert report["split"] == "validation" and report["rows"] == 4
     assert set(report["by_source"]) == {"alpha", "beta"}
     assert set(report["by_stream"]) == {"le_0064", "le_0128"}

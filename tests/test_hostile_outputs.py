@@ -260,11 +260,11 @@ def test_a_run_directory_with_checkpoints_needs_resume(made, work):
     assert snapshot(work) == before
 
 
-@pytest.mark.parametrize("command", ["niah", "ruler"])
+@pytest.mark.parametrize("command", [("niah",), ("ruler",), ("loss", ".")])
 def test_eval_out_into_a_user_directory_is_refused_before_the_model_loads(work, command):
-    user = precious(work / "mine", "results.json")
+    user = precious(work / "mine", "loss.json" if command[0] == "loss" else "results.json")
     before = snapshot(work)
-    result = invoke("eval", command, "--model", work / "no-such-model", "--out", user)
+    result = invoke("eval", *command, "--model", work / "no-such-model", "--out", user)
     assert_one_line(result, 2, "not written by longdata", "--out")
     assert snapshot(work) == before
 

@@ -130,7 +130,10 @@ def test_a_tiny_learn_ruler_experiment_trains_the_stages_and_reports(tmp_path: P
         max_new_tokens=4,
         threads=1,
     )
-    results = learn_ruler.experiment(settings)
+    # The two runs in two invocations, as two processes would: the summary gathers both.
+    alone = learn_ruler.experiment(replace(settings, runs=("main",)))
+    assert [run["run"] for run in alone["runs"]] == ["main"]
+    results = learn_ruler.experiment(replace(settings, runs=("needle_only",)))
     assert [run["run"] for run in results["runs"]] == ["main", "needle_only"]
     out = tmp_path / "run"
     for run in results["runs"]:
@@ -151,6 +154,9 @@ def test_a_tiny_learn_ruler_experiment_trains_the_stages_and_reports(tmp_path: P
     assert init_of("short-2") == str(out / "main" / "short-1" / "final")
     assert init_of("long") == str(out / "main" / "short-2" / "final")
     assert "| main | multikey |" in (out / "summary.md").read_text()
+    # A run made with other settings is not gathered into this table.
+    other = learn_ruler.experiment(replace(settings, samples=2, runs=()))
+    assert other["runs"] == []
     # S2-Attn vs full (benchmarks/s2_niah.py): the long stage again from the same start, with
     # only the pattern changed; both evaluated with full attention.
     s2_niah = importlib.import_module("benchmarks.s2_niah")

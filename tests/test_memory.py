@@ -8,6 +8,7 @@ tests/test_distributed.py. Also: the memory planner against measured peaks.
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import replace
 
 import numpy as np
@@ -349,6 +350,41 @@ def test_planner_is_within_10_percent_at_8b_proportions(
         **WEIGHT_DTYPES[dtype],
     )
     _assert_planned_within_tolerance(_reduced_8b(layers), 2048, shape)
+
+
+@pytest.mark.parametrize(
+    ("weights", "techniques"),
+    [
+        ("bf16", "ckpt,loss,mlp"),  # the peak: the recomputed output projection's LoRA forward
+        ("bf16", "ckpt,loss"),  # the peak: the MLP's backward
+        ("bf16", "ckpt,loss,mlp,offload"),
+        ("bf16", "loss"),
+        ("fp32", "ckpt,loss,mlp"),  # the peak: the tiled MLP's backward
+        ("fp32", "ckpt,loss"),
+    ],
+)
+def test_planner_is_within_10_percent_of_the_step_activations_at_a_quarter_of_8b(
+    weights: str, techniques: str
+) -> None:
+    """The step's own bytes (no weights or optimizer state to hide an error behind) at a
+    quarter of Llama-3.1-8B's width, measured part by part as `benchmarks/memory_parts.py`
+    measures the full width."""
+    from transformers import LlamaConfig
+
+    memory_parts = importlib.import_module("benchmarks.memory_parts")
+    config = LlamaConfig(
+        vocab_size=2048,
+        hidden_size=1024,
+        intermediate_size=3584,
+        num_hidden_layers=1,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
+    chosen = set(techniques.split(","))
+    measured = memory_parts.measure(config, 2048, weights, chosen, stock_norms=False).peak_bytes
+    planned = memory_parts.planned_step_bytes(config, 2048, weights, chosen)
+    assert abs(planned - measured) <= PLANNER_TOLERANCE * measured, (planned, measured)
 
 
 def test_longest_row_is_the_longest_that_fits() -> None:

@@ -288,7 +288,8 @@ def _saved_linear_inputs(d: ModelDims, shape: StepShape, act: int, stream: int) 
     is cast first (bf16 autocast; peft casting a bf16 input to its fp32 adapter), each such
     linear keeps its own cast copy: q, k and v each keep one of the same norm output. Otherwise
     they share the one input tensor, counted once (and not at all for the attention output,
-    which attention keeps anyway).
+    which attention keeps anyway). Also under "shared attention norm output": the bytes of
+    the attention norm's output counted as that one shared input (0 where each keeps a cast).
     """
     autocast = shape.precision == "bf16"
     sources = {  # input: (bytes per element, width, its linears, block, kept anyway)
@@ -297,8 +298,8 @@ def _saved_linear_inputs(d: ModelDims, shape: StepShape, act: int, stream: int) 
         "MLP norm": (stream, d.hidden, ("gate_proj", "up_proj"), "mlp", False),
         "gated product": (act, d.intermediate, ("down_proj",), "mlp", False),
     }
-    saved = {"attention": 0, "mlp": 0}
-    for size, width, linears, block, kept_anyway in sources.values():
+    saved = {"attention": 0, "mlp": 0, "shared attention norm output": 0}
+    for source, (size, width, linears, block, kept_anyway) in sources.items():
         keepers = [name for name in linears if not shape.lora or name in shape.lora_targets]
         if not keepers:
             continue
@@ -310,7 +311,22 @@ def _saved_linear_inputs(d: ModelDims, shape: StepShape, act: int, stream: int) 
             saved[block] += len(keepers) * copy * width
         elif not kept_anyway:
             saved[block] += size * width
+            if source == "attention norm":
+                saved["shared attention norm output"] = size * width
     return saved
+
+
+def _output_projection_transients(d: ModelDims, shape: StepShape, act: int) -> int:
+    """Bytes per token alive while the attention's output projection runs, beyond what the
+    block saves: its input made contiguous from the heads, and its output; with a LoRA adapter
+    also peft's cast of the input to the adapter's fp32 (where the activations are not fp32;
+    peft's forward holds it until it returns), the adapter's output and its scaled copy
+    (measured at the full 8B width with `benchmarks/memory_parts.py`, where this moment of the
+    recomputed layer is the step's peak)."""
+    transients = act * d.q_width + act * d.hidden
+    if shape.lora and "o_proj" in shape.lora_targets:
+        transients += (FP32 * d.q_width if act != FP32 else 0) + 2 * act * d.hidden
+    return transients
 
 
 def plan_memory(config: PretrainedConfig, shape: StepShape) -> MemoryPlan:
@@ -358,19 +374,24 @@ def plan_memory(config: PretrainedConfig, shape: StepShape) -> MemoryPlan:
         # query head (trainer.attention._head_halves): those copies replace K and V.
         attention_saved += act * 2 * (d.q_width - d.kv_width)
     mlp_saved = act * 3 * d.intermediate + saved_inputs["mlp"]
-    # Gradients alive while a layer runs backward: of the residual stream, and of two MLP
-    # intermediates while the MLP's backward runs.
+    # Gradients alive while a layer runs backward: of the residual stream, and while the MLP's
+    # backward runs, of the gated product and of its two factors.
     residual_grad = stream * d.hidden
-    mlp_grads = act * 2 * d.intermediate
+    mlp_grads = act * 3 * d.intermediate
     mlp_tokens = min(tokens, shape.mlp_chunk_tokens) if shape.tiled_mlp else tokens
+    # The tiled MLP's chunk checkpoints hold its whole input; its backward makes each chunk's
+    # input gradient and then their concatenation.
+    tiled_input = stream * d.hidden if shape.tiled_mlp else 0
+    tiled_input_grads = 2 * tiled_input
 
     hidden_state = stream * d.hidden * tokens
     if shape.gradient_checkpointing:
         kept_layers = d.layers * hidden_state  # each layer's input
-        layer_saved = tokens * attention_saved + mlp_tokens * mlp_saved  # recomputed
+        # recomputed
+        layer_saved = tokens * (attention_saved + tiled_input) + mlp_tokens * mlp_saved
     else:
         kept_layers = d.layers * (
-            tokens * (layer_input + attention_saved)
+            tokens * (layer_input + attention_saved + tiled_input)
             + (0 if shape.tiled_mlp else tokens * mlp_saved)
         )
         layer_saved = mlp_tokens * mlp_saved if shape.tiled_mlp else 0
@@ -383,18 +404,33 @@ def plan_memory(config: PretrainedConfig, shape: StepShape) -> MemoryPlan:
             )
         offloaded = d.layers if shape.offload_layers is None else shape.offload_layers
     host = kept_layers * offloaded // d.layers
-    # The final norm's input and output, and the hidden states of the target positions.
-    kept = kept_layers - host + 2 * hidden_state
-    kept += 2 * stream * (d.q_width // d.heads) * tokens  # the rotary cos and sin, shared
-    kept += stream * d.hidden * targets
+    # Alive through the whole backward: the layers' kept activations and the rotary cos and sin.
+    kept = kept_layers - host + 2 * stream * (d.q_width // d.heads) * tokens
+    # Alive until the loss's backward is through: the final norm's input and output, and the
+    # hidden states of the target positions.
+    loss_inputs = 2 * hidden_state + stream * d.hidden * targets
     # A layer's backward starts with its MLP (everything it saved is alive, recomputed if
     # checkpointed); by the attention's backward the MLP's share has been freed.
-    mlp_backward = layer_saved + tokens * residual_grad + mlp_tokens * mlp_grads
+    mlp_backward = (
+        layer_saved + tokens * (residual_grad + tiled_input_grads) + mlp_tokens * mlp_grads
+    )
     attention_backward = (
         tokens * (attention_saved if shape.gradient_checkpointing else 0)
         + 2 * tokens * residual_grad
     )
     layer_working = max(mlp_backward, attention_backward)
+    if shape.gradient_checkpointing:
+        # The recomputed attention block at its output projection, the residual gradient
+        # waiting: the block's saved tensors so far (the attention norm's output in the place of
+        # the MLP norm's input, not yet made; counted once where it is the linears' shared saved
+        # input), the contiguous attention output and the projection's own outputs.
+        recomputed_output_projection = tokens * (
+            attention_saved
+            - saved_inputs["shared attention norm output"]
+            + residual_grad
+            + _output_projection_transients(d, shape, act)
+        )
+        layer_working = max(layer_working, recomputed_output_projection)
     if dense_attention:
         # The additive [T, T] mask in the activations' dtype (SDPA's kernels take it without
         # forming scores); shifted sparse: a boolean [heads, T, T] mask, with which SDPA forms
@@ -412,7 +448,7 @@ def plan_memory(config: PretrainedConfig, shape: StepShape) -> MemoryPlan:
     output_layer_grad = 0 if shape.lora else d.vocab * d.hidden * weight_bytes
 
     fixed = weights + optimizer + autocast_copies
-    at_loss = kept + loss_chunk + output_layer_grad
+    at_loss = kept + loss_inputs + loss_chunk + output_layer_grad
     at_layer_backward = kept + gradients + layer_working + attention_workspace
     at_optimizer_step = gradients + OPTIMIZER_STEP_TEMPORARIES * trainable * FP32
     parts = {
@@ -421,6 +457,7 @@ def plan_memory(config: PretrainedConfig, shape: StepShape) -> MemoryPlan:
         "optimizer": optimizer,
         "autocast weight copies": autocast_copies,
         "kept activations": kept,
+        "loss inputs": loss_inputs,
         "one layer's working set": layer_working,
         "attention workspace": attention_workspace,
         "loss chunk": loss_chunk,

@@ -237,11 +237,11 @@ def check_packing(
 def plan_memory(**given: Any) -> None:
     """Estimate a training step's device memory, part by part, and the longest row that fits.
 
-    Counts weights, gradients, AdamW state, kept activations, one layer's working set, the
-    attention workspace and the loss chunk for one device (of an SP group), and the attention
-    FLOPs (full and, with --attention-pattern shifted_sparse, LongLoRA's groups). The training
-    options mean what they mean for `longdata train`, with its defaults, on a bf16 GPU. Leave a
-    few GiB of --device-gib for the CUDA context and allocator slack.
+    Counts weights, gradients, AdamW state, kept activations, the loss's inputs, one layer's
+    working set, the attention workspace and the loss chunk for one device (of an SP group),
+    and the attention FLOPs (full and, with --attention-pattern shifted_sparse, LongLoRA's
+    groups). The training options mean what they mean for `longdata train`, with its defaults,
+    on a bf16 GPU. Leave a few GiB of --device-gib for the CUDA context and allocator slack.
     """
     from longdata.trainer.config import coerce
     from longdata.trainer.planner import StepShape, fit_row, planner_config

@@ -13,9 +13,11 @@ autocast; the lean RMSNorm of `trainer.rms_norm`). tests/test_memory.py holds th
 proportions). Not counted: the CUDA context and allocator fragmentation (leave a few GB), and
 communication buffers.
 
-The step's peak is the larger of two moments: the loss (all kept activations plus one chunk of
-logits) and one layer's backward (kept activations, every gradient, and the layer's
-recomputed activations with their gradients).
+The step's peak is the largest of its moments: the loss (all kept activations, the final norm's
+and the targets' hidden states, one chunk of logits), one layer's backward (kept activations,
+every gradient, and the layer's recomputed activations with their gradients, the largest of its
+MLP's backward, its attention's backward and, checkpointed, the recomputed attention block at
+its output projection), and AdamW's step.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@ vs planned.
 
     PYTHONPATH=. python benchmarks/memory_parts.py [--tokens 1024,2048] [--layers 1,2]
         [--weights bf16] [--techniques ckpt,loss,mlp] [--vocab 8192] [--stock-norms]
+        [--peft-casts]
 
 A micro-step (LoRA r16 on q/k/v/o, every token a target) of Llama layers 4096 wide (14,336 MLP,
 32 heads / 8 KV heads) runs under `PeakTensorMemory`, which follows every storage an operator
@@ -40,6 +41,7 @@ from longdata.trainer.memory import (
     PeakTensorMemory,
     enable_activation_offload,
     enable_tiled_mlp,
+    share_adapter_inputs,
 )
 from longdata.trainer.planner import StepShape, plan_memory
 from longdata.trainer.rms_norm import LEAN_NORM_CLASSES
@@ -117,7 +119,12 @@ class AttributedPeak(PeakTensorMemory):
 
 
 def measure(
-    config: LlamaConfig, tokens: int, weights: str, techniques: set[str], stock_norms: bool
+    config: LlamaConfig,
+    tokens: int,
+    weights: str,
+    techniques: set[str],
+    stock_norms: bool,
+    peft_casts: bool = False,
 ) -> AttributedPeak:
     """The micro-step's peak (bytes on top of what existed before it), attributed."""
     from peft import LoraConfig, get_peft_model
@@ -131,6 +138,8 @@ def measure(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
     model = get_peft_model(model, LoraConfig(r=16, target_modules=targets, lora_dropout=0.0))
+    if weights != "fp32" and not peft_casts:  # under bf16 autocast, as the trainer runs it
+        share_adapter_inputs(model)
     if "mlp" in techniques:
         enable_tiled_mlp(model, CHUNK)
     if "offload" in techniques:
@@ -189,6 +198,11 @@ def main() -> None:
     parser.add_argument(
         "--stock-norms", action="store_true", help="transformers' RMSNorm (before the lean one)"
     )
+    parser.add_argument(
+        "--peft-casts",
+        action="store_true",
+        help="peft's casts of adapter inputs kept (before share_adapter_inputs)",
+    )
     args = parser.parse_args()
     techniques = {t for t in args.techniques.split(",") if t}
     unknown = techniques - set(TECHNIQUES)
@@ -201,7 +215,8 @@ def main() -> None:
     for layers in depths:
         config = full_width(layers, args.vocab)
         low, high = (
-            measure(config, n, args.weights, techniques, args.stock_norms) for n in (short, long)
+            measure(config, n, args.weights, techniques, args.stock_norms, args.peft_casts)
+            for n in (short, long)
         )
         parts[layers] = Counter(high.at_peak)
         parts[layers].subtract(low.at_peak)

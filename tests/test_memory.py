@@ -20,7 +20,12 @@ from longdata.trainer import collate, load_model
 from longdata.trainer.attention import shifted_sparse_inputs
 from longdata.trainer.config import ConfigError, TrainConfig
 from longdata.trainer.loss import TargetScorer, step_denominator
-from longdata.trainer.memory import enable_activation_offload, enable_tiled_mlp
+from longdata.trainer.memory import (
+    PeakTensorMemory,
+    enable_activation_offload,
+    enable_tiled_mlp,
+    share_adapter_inputs,
+)
 from longdata.trainer.model import decoder_layers
 from longdata.trainer.planner import StepShape, fit_row, fit_split, llama_8b_config, plan_memory
 from longdata.trainer.step import micro_step
@@ -268,6 +273,8 @@ def _measured_peak(
 
         targets = list(shape.lora_targets)
         model = get_peft_model(model, LoraConfig(r=shape.lora_rank, target_modules=targets))
+        if shape.precision == "bf16":  # as the trainer builds it
+            share_adapter_inputs(model)
     if shape.tiled_mlp:
         enable_tiled_mlp(model, shape.mlp_chunk_tokens)
     if shape.offload_activations:
@@ -350,6 +357,44 @@ def test_planner_is_within_10_percent_at_8b_proportions(
         **WEIGHT_DTYPES[dtype],
     )
     _assert_planned_within_tolerance(_reduced_8b(layers), 2048, shape)
+
+
+def test_shared_adapter_inputs_change_nothing_but_memory() -> None:
+    """Under bf16 autocast, LoRA adapters taking their bf16 input as it is compute the loss and
+    every adapter gradient bit for bit as with peft's fp32 round trip, and the step holds less."""
+    from peft import LoraConfig, get_peft_model
+
+    rng = np.random.default_rng(0)
+    batch = collate([make_row([50, 30, 20], rng, VOCAB, target_fraction=0.9)], 128)
+    results = []
+    for shared in (False, True):
+        model = load_model("tiny-llama", "sdpa_varlen", vocab_size=VOCAB, seed=0)
+        model = get_peft_model(
+            model.to(torch.bfloat16),
+            LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+        )
+        torch.manual_seed(1)
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:  # nonzero, so every adapter's input gradient flows too
+                torch.nn.init.normal_(parameter, std=0.02)
+        if shared:
+            share_adapter_inputs(model)
+        meter = PeakTensorMemory()
+        with meter:
+            step = micro_step(
+                TargetScorer(model, 0),
+                batch,
+                "token_mean",
+                step_denominator("token_mean", [batch]),
+                precision=torch.autocast("cpu", dtype=torch.bfloat16),
+            )
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        results.append((step.loss, grads, meter.peak_bytes))
+    (cast_loss, cast_grads, cast_peak), (shared_loss, shared_grads, shared_peak) = results
+    assert shared_loss == cast_loss
+    assert cast_grads.keys() == shared_grads.keys() and len(cast_grads) == 16
+    assert all(torch.equal(shared_grads[n], cast_grads[n]) for n in cast_grads)
+    assert shared_peak < cast_peak, (shared_peak, cast_peak)
 
 
 @pytest.mark.parametrize(

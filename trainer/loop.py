@@ -56,7 +56,11 @@ from longdata.trainer.flops import (
 )
 from longdata.trainer.fp8 import quantize_frozen_linears
 from longdata.trainer.loss import TargetScorer, step_denominator
-from longdata.trainer.memory import enable_activation_offload, enable_tiled_mlp
+from longdata.trainer.memory import (
+    enable_activation_offload,
+    enable_tiled_mlp,
+    share_adapter_inputs,
+)
 from longdata.trainer.model import PRESETS, load_model
 from longdata.trainer.reporting import MetricsLog
 from longdata.trainer.step import micro_step
@@ -145,6 +149,8 @@ def _build_model(config: TrainConfig, manifest: Manifest, device: torch.device) 
             task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, lora_config)
+        if _uses_bf16(config.precision, device):
+            share_adapter_inputs(model)
         if weights == "fp8":
             quantize_frozen_linears(model)
     if config.tiled_mlp:

@@ -287,34 +287,37 @@ def _saved_linear_inputs(d: ModelDims, shape: StepShape, act: int, stream: int) 
     """Bytes per token the linears of a layer keep of their inputs for backward, per block.
 
     A linear keeps its input if its weight learns or it carries a LoRA adapter. Where that input
-    is cast first (bf16 autocast; peft casting a bf16 input to its fp32 adapter), each such
-    linear keeps its own cast copy: q, k and v each keep one of the same norm output. Otherwise
-    they share the one input tensor, counted once (and not at all for the attention output,
-    which attention keeps anyway). Also under "shared attention norm output": the bytes of
-    the attention norm's output counted as that one shared input (0 where each keeps a cast).
+    is cast first (bf16 autocast of an fp32 input; without autocast, peft casting a bf16 input
+    to its fp32 adapter), each such linear keeps its own cast copy: q, k and v each keep one of
+    the same norm output. Otherwise they share the one input tensor, counted once (under
+    autocast the adapters take a bf16 input as it is: `trainer.memory.share_adapter_inputs`).
+    The attention output o_proj keeps is its contiguous copy, not the attention's own. Also,
+    under "shared attention norm output", the bytes of the attention norm's output counted as
+    that one shared input (0 where each keeps a cast), and under "gated product" what
+    down_proj keeps (its backward runs first in the MLP's, and frees it).
     """
     autocast = shape.precision == "bf16"
-    sources = {  # input: (bytes per element, width, its linears, block, kept anyway)
-        "attention norm": (stream, d.hidden, ("q_proj", "k_proj", "v_proj"), "attention", False),
-        "attention output": (act, d.q_width, ("o_proj",), "attention", True),
-        "MLP norm": (stream, d.hidden, ("gate_proj", "up_proj"), "mlp", False),
-        "gated product": (act, d.intermediate, ("down_proj",), "mlp", False),
+    sources = {  # input: (bytes per element, width, its linears, block)
+        "attention norm": (stream, d.hidden, ("q_proj", "k_proj", "v_proj"), "attention"),
+        "attention output": (act, d.q_width, ("o_proj",), "attention"),
+        "MLP norm": (stream, d.hidden, ("gate_proj", "up_proj"), "mlp"),
+        "gated product": (act, d.intermediate, ("down_proj",), "mlp"),
     }
-    saved = {"attention": 0, "mlp": 0, "shared attention norm output": 0}
-    for source, (size, width, linears, block, kept_anyway) in sources.items():
+    saved = {"attention": 0, "mlp": 0, "shared attention norm output": 0, "gated product": 0}
+    for source, (size, width, linears, block) in sources.items():
         keepers = [name for name in linears if not shape.lora or name in shape.lora_targets]
         if not keepers:
             continue
-        if shape.lora:
-            copy = act if autocast else (FP32 if size != FP32 else 0)
+        if autocast:
+            copy = act if size != act else 0
         else:
-            copy = act if autocast and size == FP32 else 0
-        if copy:
-            saved[block] += len(keepers) * copy * width
-        elif not kept_anyway:
-            saved[block] += size * width
-            if source == "attention norm":
-                saved["shared attention norm output"] = size * width
+            copy = FP32 if shape.lora and size != FP32 else 0
+        kept = len(keepers) * copy * width if copy else size * width
+        saved[block] += kept
+        if source == "attention norm" and not copy:
+            saved["shared attention norm output"] = kept
+        if source == "gated product":
+            saved["gated product"] = kept
     return saved
 
 
@@ -325,9 +328,11 @@ def _output_projection_transients(d: ModelDims, shape: StepShape, act: int) -> i
     peft's forward holds it until it returns), the adapter's output and its scaled copy
     (measured at the full 8B width with `benchmarks/memory_parts.py`, where this moment of the
     recomputed layer is the step's peak)."""
-    transients = act * d.q_width + act * d.hidden
+    keeps_input = not shape.lora or "o_proj" in shape.lora_targets
+    transients = (0 if keeps_input else act * d.q_width) + act * d.hidden
     if shape.lora and "o_proj" in shape.lora_targets:
-        transients += (FP32 * d.q_width if act != FP32 else 0) + 2 * act * d.hidden
+        peft_cast = shape.precision != "bf16" and act != FP32
+        transients += (FP32 * d.q_width if peft_cast else 0) + 2 * act * d.hidden
     return transients
 
 
@@ -381,10 +386,10 @@ def plan_memory(config: PretrainedConfig, shape: StepShape) -> MemoryPlan:
     residual_grad = stream * d.hidden
     mlp_grads = act * 3 * d.intermediate
     mlp_tokens = min(tokens, shape.mlp_chunk_tokens) if shape.tiled_mlp else tokens
-    # The tiled MLP's chunk checkpoints hold its whole input; its backward makes each chunk's
-    # input gradient and then their concatenation.
+    # The tiled MLP's chunk checkpoints hold its whole input, and its backward a row of the
+    # chunks' input gradients by the last chunk (measured: no moment holds their concatenation
+    # beside them above the chunk's own working set).
     tiled_input = stream * d.hidden if shape.tiled_mlp else 0
-    tiled_input_grads = 2 * tiled_input
 
     hidden_state = stream * d.hidden * tokens
     if shape.gradient_checkpointing:
@@ -414,7 +419,11 @@ def plan_memory(config: PretrainedConfig, shape: StepShape) -> MemoryPlan:
     # A layer's backward starts with its MLP (everything it saved is alive, recomputed if
     # checkpointed); by the attention's backward the MLP's share has been freed.
     mlp_backward = (
-        layer_saved + tokens * (residual_grad + tiled_input_grads) + mlp_tokens * mlp_grads
+        layer_saved
+        - mlp_tokens * saved_inputs["gated product"]
+        + tokens * residual_grad
+        + mlp_tokens * mlp_grads
+        + tokens * tiled_input
     )
     attention_backward = (
         tokens * (attention_saved if shape.gradient_checkpointing else 0)

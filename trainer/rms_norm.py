@@ -1,4 +1,5 @@
-"""RMSNorm with a lean backward: the same forward, bit for bit, without its fp32 working set.
+"""RMSNorm with a lean forward and backward: the same outputs, bit for bit, without an fp32
+working set the size of the row.
 
 transformers' Llama / Qwen2 / Mistral RMSNorm upcasts its input to fp32 and leaves the rest to
 autograd, which keeps that fp32 copy (twice the bytes of a bf16 input) for backward and, in
@@ -8,10 +9,11 @@ docs/MEMORY.md), the two norms of the layer running backward were the step's pea
 token of fp32 copies plus 88 KiB per token of backward temporaries.
 
 `LeanRMSNorm` computes the forward with the same operators in the same order (so outputs are
-identical), saves the input as it is and the per-token reciprocal RMS, and computes the
-gradient in closed form, dx = rstd * (g - x_hat * mean(g * x_hat)), over chunks of tokens, so its
-fp32 temporaries are a chunk's, not the row's. Gradients differ from autograd's only by fp32
-rounding (tests/test_memory.py).
+identical) over chunks of tokens, saves the input as it is and the per-token reciprocal RMS, and
+computes the gradient in closed form, dx = rstd * (g - x_hat * mean(g * x_hat)), over chunks of
+tokens, so its fp32 temporaries, forward and backward, are a chunk's, not the row's (the
+forward's were the peak of the recomputed layer once the LoRA adapters shared their inputs).
+Gradients differ from autograd's only by fp32 rounding (tests/test_memory.py).
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ import torch
 
 # Norm classes whose forward is exactly `LeanRMSNorm.forward` (checked by tests/test_memory.py).
 LEAN_NORM_CLASSES = ("LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm")
-# Tokens per chunk of the backward: 4 MiB of fp32 temporaries per chunk at a 4096 hidden size.
-BACKWARD_CHUNK_TOKENS = 256
+# Tokens per chunk of the forward and the backward: 4 MiB of fp32 temporaries per chunk at a
+# 4096 hidden size.
+CHUNK_TOKENS = 256
 
 
 def _normalise(hidden: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
@@ -38,10 +41,19 @@ class LeanRMSNorm(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, eps: float
     ) -> torch.Tensor:
-        variance = hidden.to(torch.float32).pow(2).mean(-1, keepdim=True)
-        rstd = torch.rsqrt(variance + eps)
+        # Per token, so the same values over chunks of tokens: the fp32 temporaries (the
+        # upcast input, its square, the normalised product) are one chunk's, not the row's.
+        rows = hidden.reshape(-1, hidden.shape[-1])
+        rstd = torch.empty(len(rows), 1, dtype=torch.float32, device=hidden.device)
+        output_dtype = torch.promote_types(weight.dtype, hidden.dtype)
+        output = torch.empty(rows.shape, dtype=output_dtype, device=hidden.device)
+        for x, x_rstd, out in _token_chunks(rows, rstd, output):
+            variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
+            x_rstd.copy_(torch.rsqrt(variance + eps))
+            out.copy_(weight * _normalise(x, x_rstd))
+        rstd = rstd.reshape(*hidden.shape[:-1], 1)
         ctx.save_for_backward(hidden, weight, rstd)
-        return weight * _normalise(hidden, rstd)
+        return output.reshape(hidden.shape)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
@@ -70,10 +82,8 @@ class LeanRMSNorm(torch.autograd.Function):
 
 
 def _token_chunks(*tensors: torch.Tensor) -> zip:
-    """The tensors ([..., hidden] or [..., 1]) as matching chunks of BACKWARD_CHUNK_TOKENS rows."""
-    return zip(
-        *(t.reshape(-1, t.shape[-1]).split(BACKWARD_CHUNK_TOKENS) for t in tensors), strict=True
-    )
+    """The tensors ([..., hidden] or [..., 1]) as matching chunks of CHUNK_TOKENS rows."""
+    return zip(*(t.reshape(-1, t.shape[-1]).split(CHUNK_TOKENS) for t in tensors), strict=True)
 
 
 def _input_gradient(

@@ -66,7 +66,11 @@ def _lora_model(config, attention: str, techniques: dict, weights: str):
     from peft import LoraConfig, get_peft_model
 
     from longdata.trainer.fp8 import quantize_frozen_linears
-    from longdata.trainer.memory import enable_activation_offload, enable_tiled_mlp
+    from longdata.trainer.memory import (
+        enable_activation_offload,
+        enable_tiled_mlp,
+        share_adapter_inputs,
+    )
     from longdata.trainer.model import load_model
 
     dtype = torch.float32 if weights == "fp32" else torch.bfloat16
@@ -78,6 +82,7 @@ def _lora_model(config, attention: str, techniques: dict, weights: str):
         model,
         LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, target_modules=list(LORA_TARGETS)),
     )
+    share_adapter_inputs(model)  # every step here runs under bf16 autocast, as the trainer's
     torch.manual_seed(1)
     for name, parameter in model.named_parameters():
         if "lora_B" in name:  # nonzero, so every adapter's gradient is exercised

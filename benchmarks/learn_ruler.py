@@ -1,13 +1,14 @@
 """Does the mix teach past its training length, and do the RULER-style tasks add skills?
 
     PYTHONPATH=. python benchmarks/learn_ruler.py [--out runs/learn-ruler] [--runs main]
-    make learn-ruler    # both runs, as two one-thread processes side by side
+    make learn-ruler    # needle_only (it trains the shared stage), then main
 
 Trains the `niah-tiny` preset from scratch with the bundled trainer through a short-to-long
 curriculum (per-document masks, token_mean loss, each stage from the last one's checkpoint):
-64-256-token tasks (where copying is learned; three cosine cycles with warm restarts, as
-learn-niah found a single cosine never forms the copy), then 1K-2K, then 2K-4K. Two runs on the same
-stages and steps: **main** (needle tasks plus every `longdata.sources.ruler` family) and the
+64-256-token needle tasks (where copying is learned; three cosine cycles with warm restarts, as
+learn-niah found a single cosine never forms the copy), then 1K-2K, then 2K-4K. Two runs share
+that short stage (trained once, by the ablation) and differ from 1K on, with the same stages and
+steps: **main** (needle tasks plus every `longdata.sources.ruler` family) and the
 **needle_only** ablation (needle tasks only, as many items). Both are evaluated after the last
 stage with `eval niah`'s and `eval ruler`'s pieces at 1K, 2K, 4K and 8K (8K: twice the longest
 training sample) on held-out seeds, with their no-signal controls.
@@ -46,7 +47,9 @@ from longdata.trainer import loop  # noqa: E402
 from longdata.trainer.model import load_model  # noqa: E402
 from longdata.trainer.tokenizer import load_build_tokenizer  # noqa: E402
 
-RUNS = {"main": ("needle", *ruler.TASKS), "needle_only": ("needle",)}
+RUNS = {"needle_only": ("needle",), "main": ("needle", *ruler.TASKS)}
+# The run that trains the shared stages; the others start from its checkpoint after them.
+BASE = "needle_only"
 
 
 @dataclass(frozen=True)
@@ -71,7 +74,10 @@ class Settings:
     )
     row_tokens: int = 4_352  # one 4K item and its chat template fit a row
     warmup_steps: int = 50
-    runs: tuple[str, ...] = tuple(RUNS)  # one process each may train a subset, in parallel
+    runs: tuple[str, ...] = tuple(RUNS)  # BASE first: the other runs need its shared stages
+    # Stages every run shares, trained once by BASE on needle tasks: there the copy forms. A first
+    # main run with every family from the short stage on never formed it (docs/EVAL.md).
+    shared_stages: tuple[str, ...] = ("short",)
     eval_lengths: tuple[int, ...] = (1_024, 2_048, 4_096, 8_192)
     samples: int = 10  # independent draws per NIAH cell and per ruler task
     max_new_tokens: int = 32
@@ -115,19 +121,35 @@ def recipe(settings: Settings, run: str, stage: Stage, index: int) -> dict[str, 
     }
 
 
+def stage_directory(stage: Stage, cycle: int) -> str:
+    return f"{stage.name}-{cycle + 1}" if len(stage.cycles) > 1 else stage.name
+
+
 def train(settings: Settings, run: str) -> tuple[Path, Path, list[dict[str, Any]]]:
     """Build and train `run` through the stages: (last checkpoint, first build, stage rows)."""
     from longdata.build import build
 
     init, stages, builds = PRESET, [], []
     for index, stage in enumerate(settings.stages):
+        if run != BASE and stage.name in settings.shared_stages:
+            base = Path(settings.out) / BASE
+            checkpoint = base / stage_directory(stage, len(stage.cycles) - 1) / "final"
+            if not checkpoint.is_dir():
+                raise SystemExit(
+                    f"{checkpoint}: not found; the {BASE} run trains the shared stage "
+                    f"{stage.name}: run --runs {BASE} first"
+                )
+            init = str(checkpoint)
+            builds.append(base / "builds" / stage.name)
+            stages.append({"stage": stage.name, "trained_by": BASE})
+            continue
         path = Path(settings.out) / run / f"recipe-{stage.name}.yml"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump(recipe(settings, run, stage, index), sort_keys=False))
         builds.append(build(path).out_dir)
         started, losses = time.perf_counter(), []
         for cycle, steps in enumerate(stage.cycles):
-            numbered = f"{stage.name}-{cycle + 1}" if len(stage.cycles) > 1 else stage.name
+            numbered = stage_directory(stage, cycle)
             config = loop.TrainConfig(
                 build_dir=str(builds[-1]),
                 out_dir=str(Path(settings.out) / run / numbered),
@@ -217,8 +239,8 @@ def shared_settings(settings: Settings) -> dict[str, Any]:
 
 def experiment(settings: Settings) -> dict[str, Any]:
     """Train and evaluate `settings.runs`; each run's row is kept in OUT/<run>/row.json, and
-    OUT/summary.* gather every run row on disk made with the same settings, so the main run and
-    the ablation can train in two processes side by side."""
+    OUT/summary.* gather every run row on disk made with the same settings, so the runs can
+    train in separate invocations (main's long stages beside another process's work)."""
     if settings.threads:
         torch.set_num_threads(settings.threads)
     out = Path(settings.out)
@@ -250,8 +272,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--runs",
         default=",".join(RUNS),
-        help="comma-separated runs to train here (default: all); two processes with one run "
-        "each and --threads 1 finish sooner on 2 cores than one process with both",
+        help=f"comma-separated runs to train here (default: all, {BASE} first: the others "
+        "start from its shared stages)",
     )
     parser.add_argument("--samples", type=int, default=defaults.samples)
     parser.add_argument("--threads", type=int, default=None, help="torch threads")

@@ -130,11 +130,14 @@ def test_a_tiny_learn_ruler_experiment_trains_the_stages_and_reports(tmp_path: P
         max_new_tokens=4,
         threads=1,
     )
-    # The two runs in two invocations, as two processes would: the summary gathers both.
-    alone = learn_ruler.experiment(replace(settings, runs=("main",)))
-    assert [run["run"] for run in alone["runs"]] == ["main"]
-    results = learn_ruler.experiment(replace(settings, runs=("needle_only",)))
-    assert [run["run"] for run in results["runs"]] == ["main", "needle_only"]
+    # main starts from the shared short stage, which the ablation trains: not there yet.
+    with pytest.raises(SystemExit, match="run --runs needle_only first"):
+        learn_ruler.experiment(replace(settings, runs=("main",)))
+    # The two runs in two invocations: the summary gathers both.
+    alone = learn_ruler.experiment(replace(settings, runs=("needle_only",)))
+    assert [run["run"] for run in alone["runs"]] == ["needle_only"]
+    results = learn_ruler.experiment(replace(settings, runs=("main",)))
+    assert [run["run"] for run in results["runs"]] == ["needle_only", "main"]
     out = tmp_path / "run"
     for run in results["runs"]:
         assert [s["stage"] for s in run["stages"]] == ["short", "long"]
@@ -147,12 +150,15 @@ def test_a_tiny_learn_ruler_experiment_trains_the_stages_and_reports(tmp_path: P
     assert set(main_recipe["sources"][0]["tasks"]) == {"needle", *learn_ruler.ruler.TASKS}
     assert ablation["sources"][0]["tasks"] == ["needle"]
 
-    # Each cycle and stage trained from the one before's checkpoint.
-    def init_of(directory: str) -> str:
-        return json.loads((out / "main" / directory / "config.json").read_text())["model"]
+    # Each cycle and stage trained from the one before's checkpoint; main's first own stage from
+    # the ablation's short stage, which main does not train again.
+    def init_of(run: str, directory: str) -> str:
+        return json.loads((out / run / directory / "config.json").read_text())["model"]
 
-    assert init_of("short-2") == str(out / "main" / "short-1" / "final")
-    assert init_of("long") == str(out / "main" / "short-2" / "final")
+    assert init_of("needle_only", "short-2") == str(out / "needle_only" / "short-1" / "final")
+    assert init_of("needle_only", "long") == str(out / "needle_only" / "short-2" / "final")
+    assert init_of("main", "long") == str(out / "needle_only" / "short-2" / "final")
+    assert not (out / "main" / "short-1").exists()
     assert "| main | multikey |" in (out / "summary.md").read_text()
     # A run made with other settings is not gathered into this table.
     other = learn_ruler.experiment(replace(settings, samples=2, runs=()))

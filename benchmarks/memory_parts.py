@@ -54,14 +54,15 @@ TECHNIQUES = ("ckpt", "loss", "mlp", "offload")
 LAYER_NUMBER = re.compile(r"layers\.\d+")
 
 
-def full_width(layers: int, vocab: int) -> LlamaConfig:
+def llama_8b_width(layers: int, vocab: int, divisor: int = 1) -> LlamaConfig:
+    """Llama-3.1-8B's layer shape, its widths and heads divided by `divisor` (1: full width)."""
     return LlamaConfig(
         vocab_size=vocab,
-        hidden_size=4096,
-        intermediate_size=14_336,
+        hidden_size=4096 // divisor,
+        intermediate_size=14_336 // divisor,
         num_hidden_layers=layers,
-        num_attention_heads=32,
-        num_key_value_heads=8,
+        num_attention_heads=32 // divisor,
+        num_key_value_heads=8 // divisor,
         tie_word_embeddings=False,
     )
 
@@ -213,7 +214,7 @@ def main() -> None:
     slopes: dict[str, dict[int, float]] = {"measured": {}, "planned": {}}
     parts: dict[int, Counter[str]] = {}
     for layers in depths:
-        config = full_width(layers, args.vocab)
+        config = llama_8b_width(layers, args.vocab)
         low, high = (
             measure(config, n, args.weights, techniques, args.stock_norms, args.peft_casts)
             for n in (short, long)

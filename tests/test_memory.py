@@ -414,18 +414,8 @@ def test_planner_is_within_10_percent_of_the_step_activations_at_a_quarter_of_8b
     """The step's own bytes (no weights or optimizer state to hide an error behind) at a
     quarter of Llama-3.1-8B's width, measured part by part as `benchmarks/memory_parts.py`
     measures the full width."""
-    from transformers import LlamaConfig
-
     memory_parts = importlib.import_module("benchmarks.memory_parts")
-    config = LlamaConfig(
-        vocab_size=2048,
-        hidden_size=1024,
-        intermediate_size=3584,
-        num_hidden_layers=1,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-    )
+    config = memory_parts.llama_8b_width(layers=1, vocab=2048, divisor=4)
     chosen = set(techniques.split(","))
     measured = memory_parts.measure(config, 2048, weights, chosen, stock_norms=False).peak_bytes
     planned = memory_parts.planned_step_bytes(config, 2048, weights, chosen)

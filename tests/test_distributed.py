@@ -58,7 +58,12 @@ def _sequence_parallel_rank(result_path: str) -> None:
     import torch.distributed as dist
 
     from longdata.trainer import collate, load_model
-    from longdata.trainer.distributed import enable_sequence_parallel, init_parallel, shard_batch
+    from longdata.trainer.distributed import (
+        enable_sequence_parallel,
+        init_parallel,
+        shard_batch,
+        shutdown_parallel,
+    )
     from longdata.trainer.loss import micro_batch_loss, model_token_losses, step_denominator
 
     context = init_parallel(sp_size=2)
@@ -103,6 +108,9 @@ def _sequence_parallel_rank(result_path: str) -> None:
             "logits": _sp_logit_error(parallel, reference, batch, shard, context)
         }
     Path(f"{result_path}.{context.rank}").write_text(json.dumps(errors))
+    # Left joined, gloo's threads may still run at interpreter exit: std::terminate, SIGABRT
+    # (seen once, on a loaded machine, after both ranks had written their results).
+    shutdown_parallel(context)
 
 
 def _sp_logit_error(parallel, reference, batch: dict, shard: dict, context) -> float:

@@ -86,9 +86,8 @@ def share_adapter_inputs(model: torch.nn.Module) -> None:
 
     A bf16 -> fp32 -> bf16 round trip is exact, so the adapters compute the same products; what
     goes is an fp32 copy of each input while peft's forward runs and a bf16 copy per adapter
-    kept for backward: 40 KiB per token at the Llama-3.1-8B step's peak (docs/MEMORY.md). peft
-    has the switch (`cast_input_dtype_enabled`) since 0.15; with an older peft the casts stay,
-    correct but larger.
+    kept for backward: 40 KiB per token at the Llama-3.1-8B step's peak (docs/MEMORY.md). The
+    switch is peft's own (`cast_input_dtype_enabled`, LoRA layers since peft 0.15).
     """
     for module in model.modules():
         if hasattr(module, "cast_input_dtype_enabled"):

@@ -323,17 +323,14 @@ def _saved_linear_inputs(d: ModelDims, shape: StepShape, act: int, stream: int) 
 
 def _output_projection_transients(d: ModelDims, shape: StepShape, act: int) -> int:
     """Bytes per token alive while the attention's output projection runs, beyond what the
-    block saves: its input made contiguous from the heads, and its output; with a LoRA adapter
-    also peft's cast of the input to the adapter's fp32 (where the activations are not fp32;
-    peft's forward holds it until it returns), the adapter's output and its scaled copy
-    (measured at the full 8B width with `benchmarks/memory_parts.py`, where this moment of the
-    recomputed layer is the step's peak)."""
-    keeps_input = not shape.lora or "o_proj" in shape.lora_targets
+    block saves: its input made contiguous from the heads (unless o_proj keeps it), and its
+    output; with a LoRA adapter also the adapter's output and its scaled copy (measured at the
+    full 8B width with `benchmarks/memory_parts.py`). An input cast for the adapter is not a
+    transient: it is what the adapter keeps (`_saved_linear_inputs`)."""
+    adapted = shape.lora and "o_proj" in shape.lora_targets
+    keeps_input = not shape.lora or adapted
     transients = (0 if keeps_input else act * d.q_width) + act * d.hidden
-    if shape.lora and "o_proj" in shape.lora_targets:
-        peft_cast = shape.precision != "bf16" and act != FP32
-        transients += (FP32 * d.q_width if peft_cast else 0) + 2 * act * d.hidden
-    return transients
+    return transients + (2 * act * d.hidden if adapted else 0)
 
 
 def plan_memory(config: PretrainedConfig, shape: StepShape) -> MemoryPlan:

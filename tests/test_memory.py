@@ -693,3 +693,15 @@ def test_lean_rms_norm_is_transformers_norm_with_less_memory(norm_class: str, dt
     torch.testing.assert_close(lean_grad, stock_grad, rtol=step, atol=step)
     torch.testing.assert_close(lean_weight_grad, stock_weight_grad, rtol=1e-5, atol=1e-3)
     assert lean_peak < 0.7 * stock_peak
+    # The forward alone holds its output, the per-token scale and one chunk's fp32 temporaries
+    # (at most four chunk-sized tensors), never a row-sized fp32 one.
+    from longdata.trainer.rms_norm import CHUNK_TOKENS
+
+    meter = PeakTensorMemory()
+    with meter:
+        output = lean(hidden.clone().requires_grad_())
+    per_token_scale = hidden.numel() // hidden.shape[-1] * 4
+    chunk_temporaries = 4 * CHUNK_TOKENS * hidden.shape[-1] * 4
+    clone = hidden.numel() * hidden.element_size()
+    limit = clone + output.numel() * output.element_size() + per_token_scale + chunk_temporaries
+    assert meter.peak_bytes <= limit, (meter.peak_bytes, limit)

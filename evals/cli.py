@@ -220,8 +220,9 @@ def eval_ruler(
         ),
     ] = 4,
     max_new_tokens: Annotated[
-        int, typer.Option(min=1, help="Most tokens to decode per answer.")
-    ] = 48,
+        int,
+        typer.Option(min=1, help="Most tokens to decode per answer (a sentence naming the items)."),
+    ] = 80,
     tokenizer: Annotated[
         str | None,
         typer.Option(help="Tokenizer to use instead of the model's own (as for eval niah)."),

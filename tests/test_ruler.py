@@ -37,8 +37,25 @@ def items(count_tokens):
     )
 
 
-def _split(answer: str) -> list[str]:
-    return re.split(r", |、", answer)
+# The items of each task's answer sentence (the rest restates the question).
+ANSWER_ITEMS = {
+    ("multikey", "en"): r"The secret code of the [a-z]+ [a-z]+ is (.+)\.",
+    ("multikey", "zh"): r"\w+?的秘密代码是(.+)。",
+    ("multivalue", "en"): r"The secret codes of the [a-z]+ [a-z]+ are (.+)\.",
+    ("multivalue", "zh"): r"\w+?的秘密代码是(.+)。",
+    ("vartrack", "en"): r"The variables assigned the value \d+ are (.+)\.",
+    ("vartrack", "zh"): r"值为\d+的变量是(.+)。",
+    ("cwe", "en"): r"The keywords that occur most often are (.+)\.",
+    ("cwe", "zh"): r"出现次数最多的关键词是(.+)。",
+    ("qa", "en"): r"The [a-z]+ [a-z]+ was made in the town of (.+)\.",
+    ("qa", "zh"): r"\w+?是在(.+)制作的。",
+}
+
+
+def _split(task: str, lang: str, answer: str) -> list[str]:
+    items = re.fullmatch(ANSWER_ITEMS[task, lang], answer)
+    assert items, (task, lang, answer)
+    return re.split(r", |、", items.group(1))
 
 
 def _resolve_variables(prompt: str, value: str) -> set[str]:
@@ -89,7 +106,8 @@ def test_answers_are_recoverable_exactly_from_the_prompt(items):
         validate_messages(conversation.messages)
         prompt, answer = (m.content for m in conversation.messages)
         meta = conversation.meta
-        assert recompute(meta["task"], meta["lang"], prompt) == set(_split(answer)), meta
+        items = _split(meta["task"], meta["lang"], answer)
+        assert recompute(meta["task"], meta["lang"], prompt) == set(items), meta
 
 
 def test_chinese_items_are_in_chinese(items):
@@ -157,7 +175,8 @@ def test_real_haystack_filler(count_tokens):
     for conversation in generated:
         prompt, answer = (m.content for m in conversation.messages)
         assert "Mills were built" in prompt or "Ships wait" in prompt
-        assert recompute(conversation.meta["task"], "en", prompt) == set(_split(answer))
+        task = conversation.meta["task"]
+        assert recompute(task, "en", prompt) == set(_split(task, "en", answer))
 
 
 @pytest.mark.parametrize("task", ruler.TASKS)
@@ -189,7 +208,8 @@ def test_scorer_right_wrong_and_partial():
 def test_scorer_agrees_with_generated_answers(items):
     for conversation in items:
         prompt, answer = (m.content for m in conversation.messages)
-        assert ruler.score(_split(answer), [], answer) == 1.0
+        meta = conversation.meta
+        assert ruler.score(_split(meta["task"], meta["lang"], answer), [], answer) == 1.0
 
 
 def test_unknown_task_is_one_clear_error():

@@ -14,6 +14,11 @@ Every task is a list of planted sentences, marked as signal or not, placed in
 recipe uses them through ``kind: antihaystack`` (``tasks: [multikey, ...]``). ``control`` drops
 the signal sentences: the question then has no answer in the prompt, so any model scores at
 chance, which for these exact multi-digit or invented answers is 0.
+
+Training answers are sentences that restate what was asked before the items ("The secret code
+of the cobalt falcon is 34215."), as the needle task's answers do and RULER's answer prefixes
+do: the subject is then written right before the item the model must retrieve. The scorer
+looks only for the items.
 """
 
 from __future__ import annotations
@@ -116,6 +121,7 @@ def _multikey(rng: random.Random, lang: Lang, haystack: Haystack | None) -> dict
         signal_sentences=[needle.format(target, code)],
         distractor_sentences=distractors,
         question=question,
+        answer=needle.format(target, code),
         expected=[str(code)],
         distractors=[str(c) for c in other_codes + spare_codes],
     )
@@ -128,13 +134,16 @@ def _multivalue(rng: random.Random, lang: Lang, haystack: Haystack | None) -> di
     if lang == "en":
         template = "One of the secret codes of the {} is {}."
         question = f"What are all the secret codes of the {subject}? Give every one."
+        answer = f"The secret codes of the {subject} are {_listed(codes, lang)}."
     else:
         template = "{}的秘密代码之一是{}。"
         question = f"{subject}的所有秘密代码是什么？请全部列出。"
+        answer = f"{subject}的秘密代码是{_listed(codes, lang)}。"
     return dict(
         signal_sentences=[template.format(subject, c) for c in codes],
         distractor_sentences=[],
         question=question,
+        answer=answer,
         expected=codes,
         distractors=[],
     )
@@ -160,14 +169,18 @@ def _vartrack(rng: random.Random, lang: Lang, haystack: Haystack | None) -> dict
     names = _variable_names(rng, length + decoy_length)
     taken: set[int] = set()
     value, decoy_value = _code(rng, taken), _code(rng, taken)
+    chained = _listed(names[:length], lang)
     if lang == "en":
         question = f"Which variables are assigned the value {value}? List them all."
+        answer = f"The variables assigned the value {value} are {chained}."
     else:
         question = f"哪些变量的值是{value}？请全部列出。"
+        answer = f"值为{value}的变量是{chained}。"
     return dict(
         signal_sentences=_chain(names[:length], value, lang),
         distractor_sentences=_chain(names[length:], decoy_value, lang),
         question=question,
+        answer=answer,
         expected=names[:length],
         distractors=names[length:],
         ordered=True,  # an assignment must come after the variable it copies
@@ -183,12 +196,15 @@ def _cwe(rng: random.Random, lang: Lang, haystack: Haystack | None) -> dict:
     decoys = [template.format(w) for w in rest for _ in range(rng.randint(1, 3))]
     if lang == "en":
         question = f"Which {CWE_TOP} keywords occur most often in the text? List them."
+        answer = f"The keywords that occur most often are {_listed(top, lang)}."
     else:
         question = f"文中出现次数最多的{CWE_TOP}个关键词是什么？请列出。"
+        answer = f"出现次数最多的关键词是{_listed(top, lang)}。"
     return dict(
         signal_sentences=signal,
         distractor_sentences=decoys,
         question=question,
+        answer=answer,
         expected=top,
         distractors=rest,
     )
@@ -216,12 +232,15 @@ def _qa(rng: random.Random, lang: Lang, haystack: Haystack | None) -> dict:
     years = rng.sample(range(1200, 1900), len(subjects))
     if lang == "en":
         passages = [template.format(s, t, y, t) for s, t, y in zip(subjects, towns, years)]
+        answer = f"The {subjects[0]} was made in the town of {towns[0]}."
     else:
         passages = [template.format(s, y, t, t) for s, t, y in zip(subjects, towns, years)]
+        answer = f"{subjects[0]}是在{towns[0]}制作的。"
     return dict(
         signal_sentences=passages[:1],
         distractor_sentences=passages[1:],
         question=question,
+        answer=answer,
         expected=towns[:1],
         distractors=towns[1:],
     )
@@ -258,7 +277,7 @@ def make_task(
         signal=tuple(i < len(parts["signal_sentences"]) for i in range(len(sentences))),
         requested_depths=tuple(signal_depths + decoy_depths),
         question=parts["question"],
-        answer=_listed(parts["expected"], lang),
+        answer=parts["answer"],
         expected=tuple(parts["expected"]),
         distractors=tuple(parts["distractors"]),
     )

@@ -6,12 +6,14 @@
 Trains the `niah-tiny` preset from scratch with the bundled trainer through a short-to-long
 curriculum (per-document masks, token_mean loss, each stage from the last one's checkpoint):
 64-256-token needle tasks (where copying is learned; three cosine cycles with warm restarts, as
-learn-niah found a single cosine never forms the copy), then 1K-2K, then 2K-4K. Two runs share
-that short stage (trained once, by the ablation) and differ from 1K on, with the same stages and
-steps: **main** (needle tasks plus every `longdata.sources.ruler` family) and the
-**needle_only** ablation (needle tasks only, as many items). Both are evaluated after the last
-stage with `eval niah`'s and `eval ruler`'s pieces at 1K, 2K, 4K and 8K (8K: twice the longest
-training sample) on held-out seeds, with their no-signal controls.
+learn-niah found a single cosine never forms the copy), then 128-512 (two cycles), 1K-2K and
+2K-4K. Two runs share that first stage (trained once, by the ablation) and differ from 128 on,
+with the same stages and steps: **main** (needle tasks plus every `longdata.sources.ruler`
+family, mixed as `RUNS` says) and the **needle_only** ablation (needle tasks only, as many
+items). Both are evaluated after the last stage with `eval niah`'s and `eval ruler`'s pieces at
+1K, 2K, 4K and 8K (8K: twice the longest training sample) on held-out seeds, with their
+no-signal controls. A stage cycle already trained with the same config on the same build (its
+manifest's sha256) is kept, so adding a stage or re-running one run retrains only what changed.
 
 Writes per run OUT/<run>/row.json and OUT/<run>/{niah,ruler}/ (results.json, heatmap.png), and
 OUT/summary.json and OUT/summary.md over every run row on disk made with the same settings.
@@ -22,6 +24,7 @@ controls at chance.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -45,9 +48,22 @@ from longdata.evals.ruler.run import RulerSpec, run_ruler  # noqa: E402
 from longdata.sources import ruler  # noqa: E402
 from longdata.trainer import loop  # noqa: E402
 from longdata.trainer.model import load_model  # noqa: E402
+from longdata.trainer.reporting import METRICS_FILE  # noqa: E402
 from longdata.trainer.tokenizer import load_build_tokenizer  # noqa: E402
 
-RUNS = {"needle_only": ("needle",), "main": ("needle", *ruler.TASKS)}
+# Each run's mix: (tasks, share of a stage's items) per source; a source draws its tasks evenly.
+# main keeps needles at 40% (mixed in evenly at 1/6 they halved NIAH, docs/EVAL.md) and weights
+# the two families with targets, multikey and vartrack, above the other three.
+RUNS: dict[str, tuple[tuple[tuple[str, ...], float], ...]] = {
+    "needle_only": ((("needle",), 1.0),),
+    "main": (
+        (("needle",), 0.4),
+        (("multikey", "vartrack"), 0.4),
+        (("multivalue", "cwe", "qa"), 0.2),
+    ),
+}
+# In a stage cycle's run directory: the sha256 of the manifest of the build it trained on.
+TRAINED_ON = "trained-on.sha256"
 # The run that trains the shared stages; the others start from its checkpoint after them.
 BASE = "needle_only"
 
@@ -69,8 +85,11 @@ class Settings:
     out: str = "runs/learn-ruler"
     stages: tuple[Stage, ...] = (
         Stage("short", 20_000, (64, 256), (1_200, 1_500, 1_500), 3e-3),
-        Stage("1k-2k", 2_500, (900, 2_100), (1_000,), 2e-3),
-        Stage("2k-4k", 1_500, (2_100, 4_000), (800,), 1e-3),
+        # Where main meets the new families: ~14 items a row, so each is seen thousands of
+        # times at little cost before the long stages, where a row holds one to four items.
+        Stage("128-512", 20_000, (128, 512), (1_000, 1_000), 2e-3),
+        Stage("1k-2k", 3_500, (900, 2_100), (1_500,), 2e-3),
+        Stage("2k-4k", 2_000, (2_100, 4_000), (1_200,), 1e-3),
     )
     row_tokens: int = 4_352  # one 4K item and its chat template fit a row
     warmup_steps: int = 50
@@ -80,31 +99,35 @@ class Settings:
     shared_stages: tuple[str, ...] = ("short",)
     eval_lengths: tuple[int, ...] = (1_024, 2_048, 4_096, 8_192)
     samples: int = 10  # independent draws per NIAH cell and per ruler task
-    max_new_tokens: int = 32
+    max_new_tokens: int = 64  # the longest English answer (vartrack's, 4 names) is ~45 tokens
     seed: int = 0
     eval_seed: int = 0
     threads: int | None = None
 
 
 def recipe(settings: Settings, run: str, stage: Stage, index: int) -> dict[str, Any]:
-    """One stage's build for `run`: English anti-haystack tasks of the run's families. Seeds
-    differ per stage, so no task repeats across stages."""
+    """One stage's build for `run`: English anti-haystack tasks, a source per group of the run's
+    mix. Seeds differ per stage and source, so no task repeats across stages."""
     out = Path(settings.out) / run
-    source = {
-        "name": f"{run}_{stage.name}".replace("-", "_"),
-        "kind": "antihaystack",
-        "count": stage.items,
-        "length_range": list(stage.lengths),
-        "needles": [1, 1],
-        "tasks": list(RUNS[run]),
-        "zh_fraction": 0.0,
-        "seed": 100 + index,
-    }
+    sources = [
+        {
+            # The first source keeps the name and seed of learn-ruler's one-source recipes.
+            "name": f"{run}_{stage.name}{f'_{group}' if group else ''}".replace("-", "_"),
+            "kind": "antihaystack",
+            "count": round(stage.items * share),
+            "length_range": list(stage.lengths),
+            "needles": [1, 1],
+            "tasks": list(tasks),
+            "zh_fraction": 0.0,
+            "seed": 100 + index + 1_000 * group,
+        }
+        for group, (tasks, share) in enumerate(RUNS[run])
+    ]
     return {
         "name": f"learn-ruler-{run}-{stage.name}",
         "seed": settings.seed,
         "tokenizer": {"name": "builtin:quickstart"},
-        "sources": [source],
+        "sources": sources,
         "packing": {
             "max_seq_len": settings.row_tokens,
             "algorithm": "bfd",
@@ -123,6 +146,27 @@ def recipe(settings: Settings, run: str, stage: Stage, index: int) -> dict[str, 
 
 def stage_directory(stage: Stage, cycle: int) -> str:
     return f"{stage.name}-{cycle + 1}" if len(stage.cycles) > 1 else stage.name
+
+
+def manifest_digest(build_dir: str) -> str:
+    """The build's identity: its manifest holds every shard's hash."""
+    return hashlib.sha256((Path(build_dir) / "manifest.json").read_bytes()).hexdigest()
+
+
+def finished_losses(config: loop.TrainConfig) -> list[float] | None:
+    """The step losses of a stage cycle already trained to its end with exactly `config` on
+    exactly this build (so a re-run, e.g. after adding a stage or a run, keeps it), else None."""
+    out = Path(config.out_dir)
+    saved, trained_on = out / "config.json", out / TRAINED_ON
+    if not (out / "final").is_dir() or not saved.is_file() or not trained_on.is_file():
+        return None
+    if json.loads(saved.read_text()) != json.loads(json.dumps(asdict(config))):
+        return None
+    if trained_on.read_text().strip() != manifest_digest(config.build_dir):
+        return None
+    lines = (out / METRICS_FILE).read_text().splitlines()
+    losses = [json.loads(line)["loss"] for line in lines]
+    return losses if len(losses) == config.steps else None
 
 
 def train(settings: Settings, run: str) -> tuple[Path, Path, list[dict[str, Any]]]:
@@ -159,13 +203,20 @@ def train(settings: Settings, run: str) -> tuple[Path, Path, list[dict[str, Any]
                 lr=stage.lr,
                 warmup_steps=settings.warmup_steps,
                 seed=settings.seed,
-                log_every=100,
+                log_every=1,  # every step in metrics.jsonl: a kept cycle reports its losses
                 progress=True,
             )
-            print(f"training {run}, stage {numbered} ({steps} steps)", file=sys.stderr)
-            result = loop.train(config)
-            losses = [m.loss for m in result.metrics]
-            init = str(result.final_dir)
+            losses = finished_losses(config)
+            if losses is None:
+                print(f"training {run}, stage {numbered} ({steps} steps)", file=sys.stderr)
+                result = loop.train(config)
+                losses = [m.loss for m in result.metrics]
+                (Path(config.out_dir) / TRAINED_ON).write_text(manifest_digest(config.build_dir))
+            else:
+                print(
+                    f"{run}, stage {numbered}: trained with these settings, kept", file=sys.stderr
+                )
+            init = str(Path(config.out_dir) / "final")
         stages.append(
             {
                 "stage": stage.name,

@@ -62,8 +62,8 @@ RUNS: dict[str, tuple[tuple[tuple[str, ...], float], ...]] = {
         (("multivalue", "cwe", "qa"), 0.2),
     ),
 }
-# In a stage cycle's run directory: the sha256 of the manifest of the build it trained on.
-TRAINED_ON = "trained-on.sha256"
+# In a stage cycle's run directory: what it trained on and from (`trained_on`).
+TRAINED_ON = "trained-on.json"
 # The run that trains the shared stages; the others start from its checkpoint after them.
 BASE = "needle_only"
 
@@ -148,25 +148,37 @@ def stage_directory(stage: Stage, cycle: int) -> str:
     return f"{stage.name}-{cycle + 1}" if len(stage.cycles) > 1 else stage.name
 
 
-def manifest_digest(build_dir: str) -> str:
-    """The build's identity: its manifest holds every shard's hash."""
-    return hashlib.sha256((Path(build_dir) / "manifest.json").read_bytes()).hexdigest()
+def trained_on(config: loop.TrainConfig) -> dict[str, str]:
+    """What a cycle's result depends on beyond its config: the build's manifest (it holds every
+    shard's hash) and the starting weights (a preset is its name: its init is seeded)."""
+    digest = hashlib.sha256((Path(config.build_dir) / "manifest.json").read_bytes())
+    identity = {"build_manifest_sha256": digest.hexdigest()}
+    if Path(config.model).is_dir():
+        weights = hashlib.sha256()
+        for path in sorted(Path(config.model).glob("*.safetensors")):
+            weights.update(path.read_bytes())
+        identity["init_weights_sha256"] = weights.hexdigest()
+    else:
+        identity["init_preset"] = config.model
+    return identity
 
 
-def finished_losses(config: loop.TrainConfig) -> list[float] | None:
-    """The step losses of a stage cycle already trained to its end with exactly `config` on
-    exactly this build (so a re-run, e.g. after adding a stage or a run, keeps it), else None."""
+def is_trained(config: loop.TrainConfig) -> bool:
+    """Whether a stage cycle was already trained to its end with exactly `config`, on exactly
+    this build, from exactly these weights (so a re-run, e.g. after adding a stage or a run,
+    keeps it)."""
     out = Path(config.out_dir)
-    saved, trained_on = out / "config.json", out / TRAINED_ON
-    if not (out / "final").is_dir() or not saved.is_file() or not trained_on.is_file():
-        return None
-    if json.loads(saved.read_text()) != json.loads(json.dumps(asdict(config))):
-        return None
-    if trained_on.read_text().strip() != manifest_digest(config.build_dir):
-        return None
-    lines = (out / METRICS_FILE).read_text().splitlines()
-    losses = [json.loads(line)["loss"] for line in lines]
-    return losses if len(losses) == config.steps else None
+    saved, inputs = out / "config.json", out / TRAINED_ON
+    if not (out / "final").is_dir() or not saved.is_file() or not inputs.is_file():
+        return False
+    same_config = json.loads(saved.read_text()) == json.loads(json.dumps(asdict(config)))
+    return same_config and json.loads(inputs.read_text()) == trained_on(config)
+
+
+def step_records(config: loop.TrainConfig) -> list[dict[str, Any]]:
+    """The cycle's metrics, one per step (it logs every step)."""
+    lines = (Path(config.out_dir) / METRICS_FILE).read_text().splitlines()
+    return [json.loads(line) for line in lines]
 
 
 def train(settings: Settings, run: str) -> tuple[Path, Path, list[dict[str, Any]]]:
@@ -191,7 +203,7 @@ def train(settings: Settings, run: str) -> tuple[Path, Path, list[dict[str, Any]
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump(recipe(settings, run, stage, index), sort_keys=False))
         builds.append(build(path).out_dir)
-        started, losses = time.perf_counter(), []
+        records: list[dict[str, Any]] = []
         for cycle, steps in enumerate(stage.cycles):
             numbered = stage_directory(stage, cycle)
             config = loop.TrainConfig(
@@ -203,27 +215,28 @@ def train(settings: Settings, run: str) -> tuple[Path, Path, list[dict[str, Any]
                 lr=stage.lr,
                 warmup_steps=settings.warmup_steps,
                 seed=settings.seed,
-                log_every=1,  # every step in metrics.jsonl: a kept cycle reports its losses
+                log_every=1,  # every step in metrics.jsonl, which the stage row is made from
                 progress=True,
             )
-            losses = finished_losses(config)
-            if losses is None:
-                print(f"training {run}, stage {numbered} ({steps} steps)", file=sys.stderr)
-                result = loop.train(config)
-                losses = [m.loss for m in result.metrics]
-                (Path(config.out_dir) / TRAINED_ON).write_text(manifest_digest(config.build_dir))
-            else:
+            if is_trained(config):
                 print(
                     f"{run}, stage {numbered}: trained with these settings, kept", file=sys.stderr
                 )
+            else:
+                print(f"training {run}, stage {numbered} ({steps} steps)", file=sys.stderr)
+                identity = trained_on(config)
+                loop.train(config)
+                (Path(config.out_dir) / TRAINED_ON).write_text(json.dumps(identity, indent=2))
+            records += step_records(config)
             init = str(Path(config.out_dir) / "final")
+        last = [record["loss"] for record in records[-50:]]
         stages.append(
             {
                 "stage": stage.name,
                 "steps": sum(stage.cycles),
                 "cycles": list(stage.cycles),
-                "final_loss": sum(losses[-50:]) / len(losses[-50:]),
-                "train_seconds": round(time.perf_counter() - started, 1),
+                "final_loss": sum(last) / len(last),
+                "train_seconds": round(sum(record["elapsed_s"] for record in records), 1),
             }
         )
     return Path(init), builds[0], stages

@@ -116,7 +116,9 @@ def test_a_tiny_experiment_runs_both_phases_and_reports(tmp_path: Path) -> None:
         learn_niah.experiment(replace(settings, long_steps=3), evaluate_only=True)
 
 
-def test_a_tiny_learn_ruler_experiment_trains_the_stages_and_reports(tmp_path: Path) -> None:
+def test_a_tiny_learn_ruler_experiment_trains_the_stages_and_reports(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     learn_ruler = importlib.import_module("benchmarks.learn_ruler")
     stages = (
         learn_ruler.Stage("short", 40, (200, 400), (1, 1), 1e-3),
@@ -144,11 +146,15 @@ def test_a_tiny_learn_ruler_experiment_trains_the_stages_and_reports(tmp_path: P
         assert set(run["ruler"]) == set(learn_ruler.ruler.TASKS)
         assert (out / run["run"] / "ruler" / "results.json").is_file()
         assert (out / run["run"] / "niah" / "heatmap.png").is_file()
-    # The ablation's recipes hold needle tasks only; the main run's every family.
+    # The ablation's recipes hold needle tasks only; the main run's every family, in its shares.
     main_recipe = yaml.safe_load((out / "main" / "recipe-long.yml").read_text())
     ablation = yaml.safe_load((out / "needle_only" / "recipe-long.yml").read_text())
-    assert set(main_recipe["sources"][0]["tasks"]) == {"needle", *learn_ruler.ruler.TASKS}
-    assert ablation["sources"][0]["tasks"] == ["needle"]
+    main_tasks = {task for source in main_recipe["sources"] for task in source["tasks"]}
+    assert main_tasks == {"needle", *learn_ruler.ruler.TASKS}
+    shares = [source["count"] / stages[1].items for source in main_recipe["sources"]]
+    assert shares == pytest.approx([share for _, share in learn_ruler.RUNS["main"]], abs=0.1)
+    assert [source["tasks"] for source in ablation["sources"]] == [["needle"]]
+    assert ablation["sources"][0]["count"] == stages[1].items
 
     # Each cycle and stage trained from the one before's checkpoint; main's first own stage from
     # the ablation's short stage, which main does not train again.
@@ -160,6 +166,22 @@ def test_a_tiny_learn_ruler_experiment_trains_the_stages_and_reports(tmp_path: P
     assert init_of("main", "long") == str(out / "needle_only" / "short-2" / "final")
     assert not (out / "main" / "short-1").exists()
     assert "| main | multikey |" in (out / "summary.md").read_text()
+    # Re-running keeps every stage cycle trained with the same config on the same build; a
+    # stage whose build changed (one more item) is trained again, and the ones after it.
+    trained: list[str] = []
+    real_train = learn_ruler.loop.train
+
+    def recording_train(config):
+        trained.append(Path(config.out_dir).name)
+        return real_train(config)
+
+    monkeypatch.setattr(learn_ruler.loop, "train", recording_train)
+    again = learn_ruler.experiment(replace(settings, runs=("needle_only",)))
+    assert trained == []
+    assert again["runs"][0]["stages"] == results["runs"][0]["stages"]
+    longer = (replace(stages[0], items=stages[0].items + 1), stages[1])
+    learn_ruler.experiment(replace(settings, stages=longer, runs=("needle_only",)))
+    assert trained == ["short-1", "short-2", "long"]
     # A run made with other settings is not gathered into this table.
     other = learn_ruler.experiment(replace(settings, samples=2, runs=()))
     assert other["runs"] == []

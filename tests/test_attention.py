@@ -215,3 +215,24 @@ def test_torch_varlen_without_a_causal_argument_is_unavailable(monkeypatch) -> N
     query = torch.zeros(1, 2, 3, 4)
     with pytest.raises(RuntimeError, match="window_size or is_causal"):
         call_varlen_attn(varlen_without_causal, query, query, query, torch.tensor([0, 3]), 3, None)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_packed_equals_alone_with_skipped_positions(model: torch.nn.Module, backend: str) -> None:
+    """PoSE positions (position_span): each sample alone, with its own skipped positions."""
+    rng = np.random.default_rng(3)
+    rows = [make_row(lens, rng, VOCAB) for lens in TWO_ROWS]
+    batch = collate(rows, pad_to_multiple_of=16, position_span=64)
+    assert (batch["position_ids"].diff(dim=1) > 1).any()  # some sample really skips
+    set_attention(model, backend)
+    trainable = unavailable_reason(backend, "cpu", needs_grad=True) is None
+    error = max_packing_error(model, batch, with_grads=trainable)
+    assert error.logits <= TOLERANCE
+    if trainable:
+        assert error.grads <= TOLERANCE
+    # The positions matter: the same rows with contiguous positions give other logits.
+    set_attention(model, "sdpa_mask")
+    with torch.no_grad():
+        skipped = model(**batch).logits
+        contiguous = model(**collate(rows, pad_to_multiple_of=16)).logits
+    assert (skipped - contiguous).abs().max() > 1e-3

@@ -95,3 +95,59 @@ def test_package_export_is_the_function() -> None:
     import longdata.trainer as trainer
 
     assert trainer.collate is collate and callable(trainer.collate)
+
+
+def _sample_positions(batch: dict) -> list[tuple[tuple[int, ...], list[int]]]:
+    """(tokens, positions) of every sample of a batch (padding segments left out)."""
+    flat = {key: batch[key].flatten() for key in ("input_ids", "position_ids", "sample_ids")}
+    found = []
+    for start, end in itertools.pairwise(batch["cu_seqlens"].tolist()):
+        if flat["sample_ids"][start] >= 0:
+            tokens = tuple(flat["input_ids"][start:end].tolist())
+            found.append((tokens, flat["position_ids"][start:end].tolist()))
+    return found
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.lists(st.lists(st.integers(1, 40), min_size=1, max_size=5), min_size=1, max_size=3),
+    span=st.integers(2, 200),
+    seed=st.integers(0, 3),
+)
+def test_skipped_positions_skip_once_within_the_span_and_ignore_the_row(
+    rows: list[list[int]], span: int, seed: int
+) -> None:
+    rng = np.random.default_rng(len(rows))
+    made = [make_row(lens, rng) for lens in rows]
+    batch = collate(made, pad_to_multiple_of=8, position_span=span, position_seed=seed)
+    for tokens, positions in _sample_positions(batch):
+        if len(tokens) >= span:
+            assert positions == list(range(len(tokens)))
+            continue
+        steps = np.diff(positions)
+        assert positions[0] == 0 and positions[-1] < span
+        assert (steps >= 1).all() and (steps > 1).sum() <= 1
+        # Alone (its own row), the sample gets the same positions: they come from its tokens.
+        alone = {
+            "input_ids": np.asarray(tokens, dtype=np.uint32),
+            "loss_mask": np.ones(len(tokens), dtype=np.uint8),
+            "seq_lens": np.asarray([len(tokens)], dtype=np.uint32),
+            "source_ids": np.zeros(1, dtype=np.uint16),
+        }
+        by_itself = collate([alone], position_span=span, position_seed=seed)
+        assert by_itself["position_ids"][0].tolist() == positions
+    # cu_seqlens, document_ids and labels do not depend on positions.
+    plain = collate(made, pad_to_multiple_of=8)
+    for key in ("input_ids", "labels", "cu_seqlens", "document_ids", "sample_ids"):
+        assert torch.equal(batch[key], plain[key]), key
+
+
+def test_skipped_positions_cover_the_span() -> None:
+    """Short samples reach distances near the span, and the seed changes the draw."""
+    rng = np.random.default_rng(0)
+    rows = [make_row([64] * 8, rng) for _ in range(25)]
+    batch = collate(rows, position_span=4_096, position_seed=0)
+    last = batch["position_ids"].reshape(-1, 64)[:, -1]
+    assert last.max() > 3_500 and last.min() < 600
+    reseeded = collate(rows, position_span=4_096, position_seed=1)
+    assert not torch.equal(batch["position_ids"], reseeded["position_ids"])

@@ -106,6 +106,7 @@ def test_stage_steps_set_the_total_unless_steps_is_given() -> None:
         (["--set", "steps=many"], "steps must be an integer, not 'many'"),
         (["--set", "lora=maybe"], "lora must be true or false, not 'maybe'"),
         (["--set", "steps=0"], "steps must be >= 1, not 0"),
+        (["--position-span", "1"], "position_span must be >= 2, not 1"),
         (["--set", "nothing"], "expected key=value"),
         (["--loss", "mean"], "loss must be one of token_mean, sequence_mean, not 'mean'"),
         (["--report-to", "mlflow"], "report_to: unknown 'mlflow'"),

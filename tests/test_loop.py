@@ -497,3 +497,23 @@ def test_metrics_are_cut_back_to_the_resumed_step(tmp_path: Path) -> None:
     assert metrics.read_text() == "\n".join(lines[:2]) + "\n"
     keep_steps_up_to(metrics, 0)  # a fresh run into the same directory starts a new log
     assert metrics.read_text() == ""
+
+
+def test_position_span_reaches_the_training_batches(
+    build: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--position-span gives the training batches PoSE positions, seeded by the run's seed
+    (the validation loss collates its own batches, with contiguous positions)."""
+    import longdata.trainer.data as data
+
+    spans = []
+    real_collate = data.collate
+
+    def recording_collate(rows, **options):
+        batch = real_collate(rows, **options)
+        spans.append((options.get("position_span"), options.get("position_seed")))
+        return batch
+
+    monkeypatch.setattr(data, "collate", recording_collate)
+    train(_config(build, tmp_path / "run", steps=2, position_span=512, seed=3))
+    assert spans and set(spans) == {(512, 3)}

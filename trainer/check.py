@@ -52,7 +52,7 @@ from longdata.trainer.step import micro_step
 # causal kernel, which on CPU is a flash-style loop that never holds a [L, L] score matrix
 # (stock eager attention would hold [heads, L, L] per layer, 1 GiB for one 8K-token sample).
 REFERENCE_ATTENTION = "sdpa"
-ALONE_KEYS = ("input_ids", "labels", "sample_ids", "source_ids")
+ALONE_KEYS = ("input_ids", "labels", "position_ids", "sample_ids", "source_ids")
 # flash-attn and torch's varlen kernels compute in bf16 even for an fp32 model.
 HALF_PRECISION = ("flash_attn", "torch_varlen")
 # How many times the alone run's own rounding error a packed result may be off. Measured on
@@ -191,8 +191,13 @@ def _alone_inputs(
     packing metadata of one segment; shifted sparse runs the per-group SDPA loop (stock
     attention knows no groups).
     """
+    # Its own positions: 0..L-1, or the PoSE positions collate drew from its tokens alone.
+    sample = {"input_ids": alone["input_ids"], "position_ids": alone["position_ids"]}
     if s2_group is None and backend is None:
-        return REFERENCE_ATTENTION, {"input_ids": alone["input_ids"], "use_cache": False}
+        # The explicit all-ones mask: without one, transformers reads a jump in position_ids
+        # (a PoSE skip) as the start of another packed sequence.
+        mask = torch.ones_like(alone["input_ids"])
+        return REFERENCE_ATTENTION, {**sample, "attention_mask": mask, "use_cache": False}
     length = alone["input_ids"].shape[1]
     device = alone["input_ids"].device
     metadata = {
@@ -200,7 +205,7 @@ def _alone_inputs(
         "max_seqlen": length,
         "document_ids": torch.zeros(1, length, dtype=torch.int32, device=device),
     }
-    inputs = {"input_ids": alone["input_ids"], "use_cache": False, **metadata}
+    inputs = {**sample, "use_cache": False, **metadata}
     if s2_group is not None:
         inputs.update(shifted_sparse_inputs(metadata, s2_group))
     return implementation_name(backend or "sdpa_varlen"), inputs

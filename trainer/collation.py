@@ -8,7 +8,8 @@ rows of a batch to a common length and describes where every sample starts and e
 forms the attention backends in `trainer.attention` want:
 
 - `position_ids` restart at 0 for each sample, so rotary embeddings see every sample as if it
-  were alone;
+  were alone (with `position_span`, PoSE: a sample's positions skip once, drawn from the
+  sample's own tokens, so it gets the same positions in any row and alone);
 - `cu_seqlens` / `max_seqlen` are the varlen (flash-attn style) view: cumulative segment
   boundaries over the batch flattened to one B*T sequence;
 - `document_ids` are the mask view: one integer per token, equal only within one segment of one
@@ -25,6 +26,8 @@ previous sample's last token, so its label is always -100, whatever its loss_mas
 
 from __future__ import annotations
 
+import hashlib
+import random
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -40,8 +43,30 @@ PADDING_SOURCE = -1
 LOSS_METADATA_KEYS = ("source_ids", "sample_ids", "sample_target_counts", "sample_source_ids")
 
 
+def skipped_positions(tokens: np.ndarray, span: int, seed: int) -> torch.Tensor:
+    """PoSE (positional skip-wise training, Zhu et al., ICLR 2024) for one sample of L < `span`
+    tokens: positions 0..c-1, then c+s..L+s-1, with the split c in [1, L) and the skip s in
+    [0, span - L] drawn uniformly. The sample's tokens then meet relative distances up to
+    span - 1 while it stays L tokens long: a model trained on short rows learns the rotary
+    angles of longer contexts. The draw is keyed by the sample's own tokens and `seed`, never by
+    its row or offset, so packed equals alone under it too. A sample of `span` tokens or more
+    keeps 0..L-1."""
+    length = len(tokens)
+    if length >= span or length < 2:
+        return torch.arange(length)
+    digest = hashlib.blake2b(np.asarray(tokens, dtype=np.int64).tobytes(), digest_size=16)
+    rng = random.Random(f"{seed}:{digest.hexdigest()}")
+    split, skip = rng.randrange(1, length), rng.randint(0, span - length)
+    positions = torch.arange(length)
+    positions[split:] += skip
+    return positions
+
+
 def collate(
-    rows: Sequence[Mapping[str, np.ndarray]], pad_to_multiple_of: int | None = None
+    rows: Sequence[Mapping[str, np.ndarray]],
+    pad_to_multiple_of: int | None = None,
+    position_span: int | None = None,
+    position_seed: int = 0,
 ) -> dict[str, torch.Tensor | int]:
     """Batch packed rows into tensors for a causal LM that must not attend across samples.
 
@@ -50,7 +75,9 @@ def collate(
     - `input_ids` [B, T] int64, right-padded with 0 (padding is never attended to or learned);
     - `labels` [B, T] int64: the token itself where its loss_mask is 1, else -100; also -100 at
       every sample's first token and on padding;
-    - `position_ids` [B, T] int64, restarting at 0 for every sample and for the padding segment;
+    - `position_ids` [B, T] int64, restarting at 0 for every sample and for the padding segment
+      (with `position_span`, each sample's are `skipped_positions(its tokens, position_span,
+      position_seed)`);
     - `cu_seqlens` [S + 1] int32: segment boundaries over the flattened B*T tokens (segments are
       the samples of every row, then that row's padding if any);
     - `max_seqlen` int: the longest segment;
@@ -94,7 +121,12 @@ def collate(
         start = 0
         for sample_length, source in zip(seq_lens, row["source_ids"], strict=True):
             end = start + sample_length
-            position_ids[row_index, start:end] = torch.arange(sample_length)
+            if position_span:
+                tokens = row["input_ids"][start:end]
+                positions = skipped_positions(tokens, position_span, position_seed)
+                position_ids[row_index, start:end] = positions
+            else:
+                position_ids[row_index, start:end] = torch.arange(sample_length)
             document_ids[row_index, start:end] = len(segment_lengths)
             source_ids[row_index, start:end] = int(source)
             sample_ids[row_index, start:end] = len(sample_source_ids)

@@ -37,6 +37,7 @@ UPPER_BOUNDS = {
     "threads": 4096,
     "sp": 4096,
     "warmup_steps": 10**9,
+    "position_span": 1 << 30,
 }
 BATCHING_METHODS = ("random", "per_stream")
 ATTENTION_PATTERNS = ("full", "shifted_sparse")
@@ -105,6 +106,13 @@ class TrainConfig:
         0.25,
         "shifted_sparse group size: below 1, a fraction of each sample's length (LongLoRA: "
         "0.25); a whole number >= 2, a token count.",
+    )
+    position_span: int | None = _setting(
+        None,
+        "PoSE (positional skip-wise training): the positions of each training sample shorter "
+        "than N skip once, at a point and by an amount drawn from the sample's own tokens, so "
+        "short rows teach the rotary angles of contexts up to N tokens. Unset: positions run "
+        "0..L-1. Evaluation and generate always use contiguous positions.",
     )
     split: str | None = _setting(
         None,
@@ -280,6 +288,8 @@ class TrainConfig:
         for name in ("warmup_steps", "checkpoint_every", "keep_checkpoints", "eval_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, not {getattr(self, name)}")
+        if self.position_span is not None and self.position_span < 2:
+            raise ConfigError(f"position_span must be >= 2, not {self.position_span}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads must be >= 1, not {self.threads}")
         for name, bound in UPPER_BOUNDS.items():

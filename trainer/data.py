@@ -223,10 +223,21 @@ class RowDataset(torch.utils.data.IterableDataset):
 class RowLoader:
     """Batches of `collate()`d rows, one pass per epoch, resumable from `state_dict()`."""
 
-    def __init__(self, dataset: RowDataset, batch_size: int, pad_to_multiple_of: int | None):
+    def __init__(
+        self,
+        dataset: RowDataset,
+        batch_size: int,
+        pad_to_multiple_of: int | None,
+        position_span: int | None = None,
+        position_seed: int = 0,
+    ):
         self.dataset = dataset
         self.batch_size = batch_size
-        self.pad_to_multiple_of = pad_to_multiple_of
+        self._collate_options = {
+            "pad_to_multiple_of": pad_to_multiple_of,
+            "position_span": position_span,
+            "position_seed": position_seed,
+        }
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         dataset = self.dataset
@@ -235,10 +246,10 @@ class RowLoader:
             batch.append(row)
             if len(batch) == self.batch_size:
                 dataset.samples_in_epoch += len(batch) * dataset.groups
-                yield collate(batch, pad_to_multiple_of=self.pad_to_multiple_of)
+                yield collate(batch, **self._collate_options)
                 batch = []
         if batch:
-            yield collate(batch, pad_to_multiple_of=self.pad_to_multiple_of)
+            yield collate(batch, **self._collate_options)
         dataset.epoch += 1
         dataset.samples_in_epoch = 0
 
@@ -299,7 +310,11 @@ def make_dataset(
 
 
 def make_dataloader(
-    dataset: RowDataset, batch_size: int, pad_to_multiple_of: int | None = None
+    dataset: RowDataset,
+    batch_size: int,
+    pad_to_multiple_of: int | None = None,
+    position_span: int | None = None,
+    position_seed: int = 0,
 ) -> RowLoader:
     """A resumable loader yielding `trainer.collate()` batches in this process."""
-    return RowLoader(dataset, batch_size, pad_to_multiple_of)
+    return RowLoader(dataset, batch_size, pad_to_multiple_of, position_span, position_seed)

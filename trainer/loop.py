@@ -240,7 +240,13 @@ class _SplitStream:
         )
         # Rows are padded to a multiple of sp so that they split into equal sequence shards.
         pad_to_multiple_of = math.lcm(config.pad_to_multiple_of or 1, self._context.sp_size)
-        self._loader = make_dataloader(self._dataset, config.batch_size, pad_to_multiple_of)
+        self._loader = make_dataloader(
+            self._dataset,
+            config.batch_size,
+            pad_to_multiple_of,
+            position_span=config.position_span,
+            position_seed=config.seed,
+        )
         if position is not None:
             self._loader.load_state_dict(position)
         self._batches = self._forever()

@@ -236,3 +236,19 @@ def test_packed_equals_alone_with_skipped_positions(model: torch.nn.Module, back
         skipped = model(**batch).logits
         contiguous = model(**collate(rows, pad_to_multiple_of=16)).logits
     assert (skipped - contiguous).abs().max() > 1e-3
+
+
+def test_check_packing_cli_takes_a_position_span_and_refuses_a_bad_one(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from longdata.cli import app
+    from tests.builders import two_bucket_build
+
+    build = two_bucket_build(tmp_path / "build", VOCAB, (10, 40), 80)
+    common = ["check-packing", str(build), "--rows", "2"]
+    done = CliRunner().invoke(app, [*common, "--position-span", "4096"])
+    assert done.exit_code == 0, done.output
+    assert "sdpa_varlen" in done.output
+    refused = CliRunner().invoke(app, [*common, "--position-span", "1"])
+    assert refused.exit_code != 0 and "position_span must be >= 2" in refused.output
+    assert "Traceback" not in refused.output

@@ -366,8 +366,10 @@ def check_backends(
     pad_to_multiple_of: int | None = None,
     backends: Sequence[str] | None = None,
     s2_group: float | None = None,
+    position_span: int | None = None,
 ) -> dict[str, Verdict | str]:
-    """A verdict for every backend (default: all available), or why it cannot run here.
+    """A verdict for every backend (default: all available), or why it cannot run here;
+    `position_span` collates the rows with PoSE positions, as training does.
 
     Every sample is run alone three ways at most once each: at the model's precision with
     stock attention, in float64 (a copy of the model), and, for a bf16 backend, with that
@@ -376,7 +378,7 @@ def check_backends(
     device = next(model.parameters()).device
     batch = {
         key: value.to(device) if isinstance(value, torch.Tensor) else value
-        for key, value in collate(rows, pad_to_multiple_of).items()
+        for key, value in collate(rows, pad_to_multiple_of, position_span).items()
     }
     runnable = {}
     results: dict[str, Verdict | str] = {}
@@ -509,11 +511,13 @@ def check_packing(
     max_tokens: int = 4096,
     seed: int = 0,
     s2_group: float | None = None,
+    position_span: int | None = None,
     backends: Sequence[str] = BACKENDS,
 ) -> CheckReport:
     """Check the packing invariant on the first `rows` rows of a build's `split` no longer
     than `max_tokens`, batched together (so batch boundaries are checked too), for every
-    backend of `backends` that runs here; `s2_group` for shifted sparse attention.
+    backend of `backends` that runs here; `s2_group` for shifted sparse attention,
+    `position_span` for PoSE positions.
 
     Refuses (CheckError, one line) before loading the model when the check would not fit the
     memory available here.
@@ -540,7 +544,9 @@ def check_packing(
             + (" or fewer --rows" if len(picked) > 1 else "")
         )
     lm = load_model(model, "sdpa_mask", vocab_size=manifest.vocab_size, device=device, seed=seed)
-    results = check_backends(lm, picked, backends=backends, s2_group=s2_group)
+    results = check_backends(
+        lm, picked, backends=backends, s2_group=s2_group, position_span=position_span
+    )
     return CheckReport(
         row_tokens=row_tokens,
         samples_per_row=[len(row["seq_lens"]) for row in picked],

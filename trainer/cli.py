@@ -196,6 +196,9 @@ def check_packing(
     s2_group: Annotated[float, typer.Option(help=FIELDS["s2_group"].metadata["help"])] = FIELDS[
         "s2_group"
     ].default,
+    position_span: Annotated[
+        int | None, typer.Option(help=FIELDS["position_span"].metadata["help"])
+    ] = FIELDS["position_span"].default,
 ) -> None:
     """Check that packed samples see exactly what they would see alone, for every backend.
 
@@ -212,7 +215,10 @@ def check_packing(
     from longdata.trainer.data import Manifest
 
     settings = TrainConfig(
-        build_dir=str(build), attention_pattern=attention_pattern, s2_group=s2_group
+        build_dir=str(build),
+        attention_pattern=attention_pattern,
+        s2_group=s2_group,
+        position_span=position_span,
     )
     try:
         settings.validate()
@@ -226,6 +232,7 @@ def check_packing(
         max_tokens=max_tokens,
         seed=seed,
         s2_group=s2_group if attention_pattern == "shifted_sparse" else None,
+        position_span=position_span,
         backends=BACKENDS,
     )
     for line in report.lines():

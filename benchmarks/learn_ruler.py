@@ -1,19 +1,21 @@
 """Does the mix teach past its training length, and do the RULER-style tasks add skills?
 
     PYTHONPATH=. python benchmarks/learn_ruler.py [--out runs/learn-ruler] [--runs main]
-    make learn-ruler    # needle_only (it trains the shared stage), then main
+    make learn-ruler    # needle_only, main, main_pose: each after its parent
 
 Trains the `niah-tiny` preset from scratch with the bundled trainer through a short-to-long
 curriculum (per-document masks, token_mean loss, each stage from the last one's checkpoint):
 64-256-token needle tasks (where copying is learned; three cosine cycles with warm restarts, as
 learn-niah found a single cosine never forms the copy), then 128-512 (two cycles), 1K-2K and
-2K-4K. Two runs share that first stage (trained once, by the ablation) and differ from 128 on,
-with the same stages and steps: **main** (needle tasks plus every `longdata.sources.ruler`
-family, mixed as `RUNS` says) and the **needle_only** ablation (needle tasks only, as many
-items). Both are evaluated after the last stage with `eval niah`'s and `eval ruler`'s pieces at
-1K, 2K, 4K and 8K (8K: twice the longest training sample) on held-out seeds, with their
-no-signal controls. A stage cycle already trained with the same config on the same build (its
-manifest's sha256) is kept, so adding a stage or re-running one run retrains only what changed.
+2K-4K. Three runs (`RUNS`), each starting from its parent's checkpoint, so a stage is trained
+once and shared: the **needle_only** ablation (needle tasks at every stage); **main** (from the
+ablation's short stage on: needle tasks plus every `longdata.sources.ruler` family, mixed as
+`MIX` says, same items and steps); and **main_pose** (from main's 128-512 stage: main's long
+stages again with PoSE positions up to 8K, the trainer's `position_span`). Each is evaluated
+after its last stage with `eval niah`'s and `eval ruler`'s pieces at 1K, 2K, 4K and 8K (8K:
+twice the longest training sample) on held-out seeds, with their no-signal controls. A stage
+cycle already trained with the same config, on the same build (its manifest's sha256), from
+the same weights is kept, so adding a stage or a run retrains only what changed.
 
 Writes per run OUT/<run>/row.json and OUT/<run>/{niah,ruler}/ (results.json, heatmap.png), and
 OUT/summary.json and OUT/summary.md over every run row on disk made with the same settings.
@@ -51,21 +53,8 @@ from longdata.trainer.model import load_model  # noqa: E402
 from longdata.trainer.reporting import METRICS_FILE  # noqa: E402
 from longdata.trainer.tokenizer import load_build_tokenizer  # noqa: E402
 
-# Each run's mix: (tasks, share of a stage's items) per source; a source draws its tasks evenly.
-# main keeps needles at 40% (mixed in evenly at 1/6 they halved NIAH, docs/EVAL.md) and weights
-# the two families with targets, multikey and vartrack, above the other three.
-RUNS: dict[str, tuple[tuple[tuple[str, ...], float], ...]] = {
-    "needle_only": ((("needle",), 1.0),),
-    "main": (
-        (("needle",), 0.4),
-        (("multikey", "vartrack"), 0.4),
-        (("multivalue", "cwe", "qa"), 0.2),
-    ),
-}
 # In a stage cycle's run directory: what it trained on and from (`trained_on`).
 TRAINED_ON = "trained-on.json"
-# The run that trains the shared stages; the others start from its checkpoint after them.
-BASE = "needle_only"
 
 
 @dataclass(frozen=True)
@@ -76,6 +65,32 @@ class Stage:
     # Steps per cosine cycle; each cycle restarts at full lr from the previous one's checkpoint.
     cycles: tuple[int, ...]
     lr: float
+
+
+@dataclass(frozen=True)
+class Run:
+    name: str
+    # (tasks, share of a stage's items) per source; a source draws its tasks evenly.
+    mix: tuple[tuple[tuple[str, ...], float], ...]
+    # The run this one starts from, after that run's stage `after`: the stages up to it are
+    # trained once, by the parent (or its own parent), and shared.
+    parent: str | None = None
+    after: str | None = None
+    position_span: int | None = None  # PoSE in this run's own stages (TrainConfig's)
+
+
+NEEDLES = ((("needle",), 1.0),)
+# Needles stay at 40% (mixed in evenly at 1/6 they halved NIAH, docs/EVAL.md); the two families
+# with targets, multikey and vartrack, weigh more than the other three.
+MIX = ((("needle",), 0.4), (("multikey", "vartrack"), 0.4), (("multivalue", "cwe", "qa"), 0.2))
+RUNS = (
+    # The needle-only ablation trains the short stage every run shares: there the copy forms (a
+    # first main run with every family from the short stage on never formed it, docs/EVAL.md).
+    Run("needle_only", NEEDLES),
+    Run("main", MIX, parent="needle_only", after="short"),
+    # main's long stages again with PoSE positions up to the longest eval length.
+    Run("main_pose", MIX, parent="main", after="128-512", position_span=8_192),
+)
 
 
 @dataclass(frozen=True)
@@ -93,16 +108,27 @@ class Settings:
     )
     row_tokens: int = 4_352  # one 4K item and its chat template fit a row
     warmup_steps: int = 50
-    runs: tuple[str, ...] = tuple(RUNS)  # BASE first: the other runs need its shared stages
-    # Stages every run shares, trained once by BASE on needle tasks: there the copy forms. A first
-    # main run with every family from the short stage on never formed it (docs/EVAL.md).
-    shared_stages: tuple[str, ...] = ("short",)
+    runs: tuple[Run, ...] = RUNS  # parents before their children
+    train: tuple[str, ...] | None = None  # the runs to train in this invocation (None: all)
     eval_lengths: tuple[int, ...] = (1_024, 2_048, 4_096, 8_192)
     samples: int = 10  # independent draws per NIAH cell and per ruler task
     max_new_tokens: int = 64  # the longest English answer (vartrack's, 4 names) is ~45 tokens
     seed: int = 0
     eval_seed: int = 0
     threads: int | None = None
+
+
+def definition(settings: Settings, name: str) -> Run:
+    return next(run for run in settings.runs if run.name == name)
+
+
+def trained_by(settings: Settings, run: str, index: int) -> str:
+    """The run that trains stage `index` for `run`: itself, or the ancestor it inherits it from."""
+    names = [stage.name for stage in settings.stages]
+    owner = definition(settings, run)
+    while owner.parent is not None and index <= names.index(owner.after):
+        owner = definition(settings, owner.parent)
+    return owner.name
 
 
 def recipe(settings: Settings, run: str, stage: Stage, index: int) -> dict[str, Any]:
@@ -121,7 +147,7 @@ def recipe(settings: Settings, run: str, stage: Stage, index: int) -> dict[str, 
             "zh_fraction": 0.0,
             "seed": 100 + index + 1_000 * group,
         }
-        for group, (tasks, share) in enumerate(RUNS[run])
+        for group, (tasks, share) in enumerate(definition(settings, run).mix)
     ]
     return {
         "name": f"learn-ruler-{run}-{stage.name}",
@@ -171,7 +197,9 @@ def is_trained(config: loop.TrainConfig) -> bool:
     saved, inputs = out / "config.json", out / TRAINED_ON
     if not (out / "final").is_dir() or not saved.is_file() or not inputs.is_file():
         return False
-    same_config = json.loads(saved.read_text()) == json.loads(json.dumps(asdict(config)))
+    # Read through TrainConfig: a setting added since the cycle trained takes its default.
+    then = json.loads(json.dumps(asdict(loop.TrainConfig(**json.loads(saved.read_text())))))
+    same_config = then == json.loads(json.dumps(asdict(config)))
     return same_config and json.loads(inputs.read_text()) == trained_on(config)
 
 
@@ -187,17 +215,18 @@ def train(settings: Settings, run: str) -> tuple[Path, Path, list[dict[str, Any]
 
     init, stages, builds = PRESET, [], []
     for index, stage in enumerate(settings.stages):
-        if run != BASE and stage.name in settings.shared_stages:
-            base = Path(settings.out) / BASE
+        owner = trained_by(settings, run, index)
+        if owner != run:
+            base = Path(settings.out) / owner
             checkpoint = base / stage_directory(stage, len(stage.cycles) - 1) / "final"
             if not checkpoint.is_dir():
                 raise SystemExit(
-                    f"{checkpoint}: not found; the {BASE} run trains the shared stage "
-                    f"{stage.name}: run --runs {BASE} first"
+                    f"{checkpoint}: not found; the {owner} run trains the shared stage "
+                    f"{stage.name}: run --runs {owner} first"
                 )
             init = str(checkpoint)
             builds.append(base / "builds" / stage.name)
-            stages.append({"stage": stage.name, "trained_by": BASE})
+            stages.append({"stage": stage.name, "trained_by": owner})
             continue
         path = Path(settings.out) / run / f"recipe-{stage.name}.yml"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -217,6 +246,7 @@ def train(settings: Settings, run: str) -> tuple[Path, Path, list[dict[str, Any]
                 seed=settings.seed,
                 log_every=1,  # every step in metrics.jsonl, which the stage row is made from
                 progress=True,
+                position_span=definition(settings, run).position_span,
             )
             if is_trained(config):
                 print(
@@ -297,8 +327,9 @@ def summary_markdown(results: dict[str, Any]) -> str:
 
 
 def shared_settings(settings: Settings) -> dict[str, Any]:
-    """The settings two runs must share to sit in one table (not which runs, not threads)."""
-    return {k: v for k, v in asdict(settings).items() if k not in ("runs", "threads")}
+    """The settings two runs must share to sit in one table (beside each run's own definition;
+    not which runs are defined or trained here, not threads)."""
+    return {k: v for k, v in asdict(settings).items() if k not in ("runs", "train", "threads")}
 
 
 def experiment(settings: Settings) -> dict[str, Any]:
@@ -308,19 +339,25 @@ def experiment(settings: Settings) -> dict[str, Any]:
     if settings.threads:
         torch.set_num_threads(settings.threads)
     out = Path(settings.out)
-    for run in settings.runs:
+    names = [run.name for run in settings.runs]
+    for run in settings.train if settings.train is not None else names:
         started = time.perf_counter()
         checkpoint, build_dir, stages = train(settings, run)
         row = {"run": run, "stages": stages, **evaluate(settings, run, checkpoint, build_dir)}
         row["seconds"] = round(time.perf_counter() - started, 1)
-        kept = {"settings": shared_settings(settings), "row": row}
+        kept = {
+            "settings": shared_settings(settings),
+            "definition": asdict(definition(settings, run)),
+            "row": row,
+        }
         (out / run / "row.json").write_text(json.dumps(kept, indent=2) + "\n")
     results: dict[str, Any] = {"settings": shared_settings(settings), "runs": []}
-    for run in RUNS:
-        path = out / run / "row.json"
+    for run in settings.runs:
+        path = out / run.name / "row.json"
         if path.is_file():
             kept = json.loads(path.read_text())
-            if kept["settings"] == json.loads(json.dumps(results["settings"])):
+            now = {"settings": results["settings"], "definition": asdict(run)}
+            if {key: kept[key] for key in now} == json.loads(json.dumps(now)):
                 results["runs"].append(kept["row"])
     (out / "summary.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "summary.md").write_text(summary_markdown(results))
@@ -333,22 +370,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", default=defaults.out)
+    names = [run.name for run in defaults.runs]
     parser.add_argument(
         "--runs",
-        default=",".join(RUNS),
-        help=f"comma-separated runs to train here (default: all, {BASE} first: the others "
-        "start from its shared stages)",
+        default=",".join(names),
+        help="comma-separated runs to train here (default: all, in this order: a run starts "
+        "from its parent's checkpoint)",
     )
     parser.add_argument("--samples", type=int, default=defaults.samples)
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     args = parser.parse_args(argv)
-    unknown = sorted(set(args.runs.split(",")) - set(RUNS))
+    unknown = sorted(set(args.runs.split(",")) - set(names))
     if unknown:
-        parser.error(f"--runs: unknown {', '.join(unknown)}; known: {', '.join(RUNS)}")
+        parser.error(f"--runs: unknown {', '.join(unknown)}; known: {', '.join(names)}")
     settings = replace(
         defaults,
         out=args.out,
-        runs=tuple(args.runs.split(",")),
+        train=tuple(args.runs.split(",")),
         samples=args.samples,
         threads=args.threads,
     )

@@ -120,13 +120,21 @@ def test_a_tiny_learn_ruler_experiment_trains_the_stages_and_reports(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     learn_ruler = importlib.import_module("benchmarks.learn_ruler")
+    Run, Stage = learn_ruler.Run, learn_ruler.Stage
     stages = (
-        learn_ruler.Stage("short", 40, (200, 400), (1, 1), 1e-3),
-        learn_ruler.Stage("long", 6, (600, 900), (1,), 1e-3),
+        Stage("short", 40, (200, 400), (1, 1), 1e-3),
+        Stage("mid", 20, (200, 400), (1,), 1e-3),
+        Stage("long", 6, (600, 900), (1,), 1e-3),
+    )
+    runs = (
+        Run("needle_only", learn_ruler.NEEDLES),
+        Run("main", learn_ruler.MIX, parent="needle_only", after="short"),
+        Run("main_pose", learn_ruler.MIX, parent="main", after="mid", position_span=2_048),
     )
     settings = learn_ruler.Settings(
         out=str(tmp_path / "run"),
         stages=stages,
+        runs=runs,
         eval_lengths=(640,),
         samples=1,
         max_new_tokens=4,
@@ -134,40 +142,55 @@ def test_a_tiny_learn_ruler_experiment_trains_the_stages_and_reports(
     )
     # main starts from the shared short stage, which the ablation trains: not there yet.
     with pytest.raises(SystemExit, match="run --runs needle_only first"):
-        learn_ruler.experiment(replace(settings, runs=("main",)))
-    # The two runs in two invocations: the summary gathers both.
-    alone = learn_ruler.experiment(replace(settings, runs=("needle_only",)))
+        learn_ruler.experiment(replace(settings, train=("main",)))
+    # The runs in separate invocations: the summary gathers them.
+    alone = learn_ruler.experiment(replace(settings, train=("needle_only",)))
     assert [run["run"] for run in alone["runs"]] == ["needle_only"]
-    results = learn_ruler.experiment(replace(settings, runs=("main",)))
-    assert [run["run"] for run in results["runs"]] == ["needle_only", "main"]
+    learn_ruler.experiment(replace(settings, train=("main",)))
+    results = learn_ruler.experiment(replace(settings, train=("main_pose",)))
+    assert [run["run"] for run in results["runs"]] == ["needle_only", "main", "main_pose"]
     out = tmp_path / "run"
     for run in results["runs"]:
-        assert [s["stage"] for s in run["stages"]] == ["short", "long"]
+        assert [s["stage"] for s in run["stages"]] == ["short", "mid", "long"]
         assert set(run["ruler"]) == set(learn_ruler.ruler.TASKS)
         assert (out / run["run"] / "ruler" / "results.json").is_file()
         assert (out / run["run"] / "niah" / "heatmap.png").is_file()
+    assert [s.get("trained_by") for s in results["runs"][2]["stages"]] == [
+        "needle_only",
+        "main",
+        None,
+    ]
     # The ablation's recipes hold needle tasks only; the main run's every family, in its shares.
     main_recipe = yaml.safe_load((out / "main" / "recipe-long.yml").read_text())
     ablation = yaml.safe_load((out / "needle_only" / "recipe-long.yml").read_text())
     main_tasks = {task for source in main_recipe["sources"] for task in source["tasks"]}
     assert main_tasks == {"needle", *learn_ruler.ruler.TASKS}
-    shares = [source["count"] / stages[1].items for source in main_recipe["sources"]]
-    assert shares == pytest.approx([share for _, share in learn_ruler.RUNS["main"]], abs=0.1)
+    shares = [source["count"] / stages[2].items for source in main_recipe["sources"]]
+    assert shares == pytest.approx([share for _, share in learn_ruler.MIX], abs=0.1)
     assert [source["tasks"] for source in ablation["sources"]] == [["needle"]]
-    assert ablation["sources"][0]["count"] == stages[1].items
+    assert ablation["sources"][0]["count"] == stages[2].items
 
-    # Each cycle and stage trained from the one before's checkpoint; main's first own stage from
-    # the ablation's short stage, which main does not train again.
-    def init_of(run: str, directory: str) -> str:
-        return json.loads((out / run / directory / "config.json").read_text())["model"]
+    # Each cycle and stage trained from the one before's checkpoint; a child's first own stage
+    # from its parent's checkpoint after the stage it inherits, which it does not train again.
+    def config_of(run: str, directory: str) -> dict:
+        return json.loads((out / run / directory / "config.json").read_text())
 
-    assert init_of("needle_only", "short-2") == str(out / "needle_only" / "short-1" / "final")
-    assert init_of("needle_only", "long") == str(out / "needle_only" / "short-2" / "final")
-    assert init_of("main", "long") == str(out / "needle_only" / "short-2" / "final")
-    assert not (out / "main" / "short-1").exists()
+    assert config_of("needle_only", "short-2")["model"] == str(
+        out / "needle_only" / "short-1" / "final"
+    )
+    assert config_of("needle_only", "mid")["model"] == str(
+        out / "needle_only" / "short-2" / "final"
+    )
+    assert config_of("main", "mid")["model"] == str(out / "needle_only" / "short-2" / "final")
+    assert config_of("main_pose", "long")["model"] == str(out / "main" / "mid" / "final")
+    assert not (out / "main" / "short-1").exists() and not (out / "main_pose" / "mid").exists()
+    # PoSE positions in main_pose's own stage only.
+    assert config_of("main_pose", "long")["position_span"] == 2_048
+    assert config_of("main", "long")["position_span"] is None
     assert "| main | multikey |" in (out / "summary.md").read_text()
-    # Re-running keeps every stage cycle trained with the same config on the same build; a
-    # stage whose build changed (one more item) is trained again, and the ones after it.
+    # Re-running keeps every stage cycle trained with the same config on the same build from the
+    # same weights; a stage whose build changed (one more item) is trained again, and the ones
+    # after it (their starting weights changed).
     trained: list[str] = []
     real_train = learn_ruler.loop.train
 
@@ -176,15 +199,19 @@ def test_a_tiny_learn_ruler_experiment_trains_the_stages_and_reports(
         return real_train(config)
 
     monkeypatch.setattr(learn_ruler.loop, "train", recording_train)
-    again = learn_ruler.experiment(replace(settings, runs=("needle_only",)))
+    again = learn_ruler.experiment(replace(settings, train=("needle_only",)))
     assert trained == []
     assert again["runs"][0]["stages"] == results["runs"][0]["stages"]
-    longer = (replace(stages[0], items=stages[0].items + 1), stages[1])
-    learn_ruler.experiment(replace(settings, stages=longer, runs=("needle_only",)))
-    assert trained == ["short-1", "short-2", "long"]
+    longer = (replace(stages[0], items=stages[0].items + 1), *stages[1:])
+    learn_ruler.experiment(replace(settings, stages=longer, train=("needle_only",)))
+    assert trained == ["short-1", "short-2", "mid", "long"]
     # A run made with other settings is not gathered into this table.
-    other = learn_ruler.experiment(replace(settings, samples=2, runs=()))
+    other = learn_ruler.experiment(replace(settings, samples=2, train=()))
     assert other["runs"] == []
+    # Nor a run whose definition changed.
+    remixed = (runs[0], replace(runs[1], mix=learn_ruler.NEEDLES), runs[2])
+    gathered = learn_ruler.experiment(replace(settings, runs=remixed, train=()))
+    assert [run["run"] for run in gathered["runs"]] == ["main_pose"]
     # S2-Attn vs full (benchmarks/s2_niah.py): the long stage again from the same start, with
     # only the pattern changed; both evaluated with full attention.
     s2_niah = importlib.import_module("benchmarks.s2_niah")

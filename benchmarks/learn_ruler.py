@@ -10,12 +10,13 @@ learn-niah found a single cosine never forms the copy), then 128-512 (two cycles
 2K-4K. Three runs (`RUNS`), each starting from its parent's checkpoint, so a stage is trained
 once and shared: the **needle_only** ablation (needle tasks at every stage); **main** (from the
 ablation's short stage on: needle tasks plus every `longdata.sources.ruler` family, mixed as
-`MIX` says, same items and steps); and **main_pose** (from main's 128-512 stage: main's long
-stages again with PoSE positions up to 8K, the trainer's `position_span`). Each is evaluated
-after its last stage with `eval niah`'s and `eval ruler`'s pieces at 1K, 2K, 4K and 8K (8K:
-twice the longest training sample) on held-out seeds, with their no-signal controls. A stage
-cycle already trained with the same config, on the same build (its manifest's sha256), from
-the same weights is kept, so adding a stage or a run retrains only what changed.
+`MIX` says, first in a `keys` stage of their own at the short lengths, then the same items and
+steps as the ablation); and **main_pose** (from main's 128-512 stage: main's long stages again
+with PoSE positions up to 8K, the trainer's `position_span`). Each is evaluated after its last
+stage with `eval niah`'s and `eval ruler`'s pieces at 1K, 2K, 4K and 8K (8K: twice the longest
+training sample) on held-out seeds, with their no-signal controls. A stage cycle already
+trained with the same config, on the same build (its manifest's sha256), from the same weights
+is kept, so adding a stage or a run retrains only what changed.
 
 Writes per run OUT/<run>/row.json and OUT/<run>/{niah,ruler}/ (results.json, heatmap.png), and
 OUT/summary.json and OUT/summary.md over every run row on disk made with the same settings.
@@ -72,6 +73,7 @@ class Run:
     name: str
     # (tasks, share of a stage's items) per source; a source draws its tasks evenly.
     mix: tuple[tuple[tuple[str, ...], float], ...]
+    stages: tuple[str, ...]  # its curriculum in order, by name from `Settings.stages`
     # The run this one starts from, after that run's stage `after`: the stages up to it are
     # trained once, by the parent (or its own parent), and shared.
     parent: str | None = None
@@ -81,15 +83,25 @@ class Run:
 
 NEEDLES = ((("needle",), 1.0),)
 # Needles stay at 40% (mixed in evenly at 1/6 they halved NIAH, docs/EVAL.md); the two families
-# with targets, multikey and vartrack, weigh more than the other three.
-MIX = ((("needle",), 0.4), (("multikey", "vartrack"), 0.4), (("multivalue", "cwe", "qa"), 0.2))
+# with targets, multikey and vartrack, weigh more than the other three and are sources of their
+# own, so the training log shows each one's loss.
+MIX = (
+    (("needle",), 0.4),
+    (("multikey",), 0.2),
+    (("vartrack",), 0.2),
+    (("multivalue", "cwe", "qa"), 0.2),
+)
+CURRICULUM = ("short", "128-512", "1k-2k", "2k-4k")
+# The families first meet the model at the short lengths, over cycles with warm restarts, as the
+# needle's copy formed there: at 128-512 alone their loss never fell (docs/EVAL.md).
+WITH_KEYS = ("short", "keys", *CURRICULUM[1:])
 RUNS = (
     # The needle-only ablation trains the short stage every run shares: there the copy forms (a
     # first main run with every family from the short stage on never formed it, docs/EVAL.md).
-    Run("needle_only", NEEDLES),
-    Run("main", MIX, parent="needle_only", after="short"),
+    Run("needle_only", NEEDLES, CURRICULUM),
+    Run("main", MIX, WITH_KEYS, parent="needle_only", after="short"),
     # main's long stages again with PoSE positions up to the longest eval length.
-    Run("main_pose", MIX, parent="main", after="128-512", position_span=8_192),
+    Run("main_pose", MIX, WITH_KEYS, parent="main", after="128-512", position_span=8_192),
 )
 
 
@@ -100,6 +112,8 @@ class Settings:
     out: str = "runs/learn-ruler"
     stages: tuple[Stage, ...] = (
         Stage("short", 20_000, (64, 256), (1_200, 1_500, 1_500), 3e-3),
+        # The new families at the short lengths, from the copy the short stage formed.
+        Stage("keys", 20_000, (64, 256), (1_200, 1_200, 1_200), 3e-3),
         # Where main meets the new families: ~14 items a row, so each is seen thousands of
         # times at little cost before the long stages, where a row holds one to four items.
         Stage("128-512", 20_000, (128, 512), (1_000, 1_000), 2e-3),
@@ -122,19 +136,53 @@ def definition(settings: Settings, name: str) -> Run:
     return next(run for run in settings.runs if run.name == name)
 
 
+def check_runs(settings: Settings) -> None:
+    """One line naming the first run whose definition cannot be trained: a stage not in
+    `Settings.stages`, or a parent that is not defined before it or does not train the stages
+    it would share (its curriculum up to `after` must be the run's own)."""
+    pool = {stage.name for stage in settings.stages}
+    seen: dict[str, Run] = {}
+    for run in settings.runs:
+        unknown = [name for name in run.stages if name not in pool]
+        if unknown:
+            raise SystemExit(f"run {run.name}: stage {unknown[0]!r} is not in the settings' stages")
+        if run.parent is not None:
+            parent = seen.get(run.parent)
+            if parent is None:
+                raise SystemExit(f"run {run.name}: parent {run.parent!r} is not defined before it")
+            if run.after not in run.stages or run.after not in parent.stages:
+                raise SystemExit(
+                    f"run {run.name}: {run.after!r} is not a stage of it and its parent"
+                )
+            shared = run.stages.index(run.after) + 1
+            if run.stages[:shared] != parent.stages[:shared]:
+                raise SystemExit(
+                    f"run {run.name}: its stages up to {run.after!r} differ from {run.parent}'s"
+                )
+        seen[run.name] = run
+
+
+def curriculum(settings: Settings, run: str) -> list[Stage]:
+    """`run`'s stages, in the order it trains them."""
+    by_name = {stage.name: stage for stage in settings.stages}
+    return [by_name[name] for name in definition(settings, run).stages]
+
+
 def trained_by(settings: Settings, run: str, index: int) -> str:
-    """The run that trains stage `index` for `run`: itself, or the ancestor it inherits it from."""
-    names = [stage.name for stage in settings.stages]
+    """The run that trains `run`'s stage `index`: itself, or the ancestor it inherits it from
+    (whose curriculum starts the same way)."""
+    names = definition(settings, run).stages
     owner = definition(settings, run)
     while owner.parent is not None and index <= names.index(owner.after):
         owner = definition(settings, owner.parent)
     return owner.name
 
 
-def recipe(settings: Settings, run: str, stage: Stage, index: int) -> dict[str, Any]:
+def recipe(settings: Settings, run: str, stage: Stage) -> dict[str, Any]:
     """One stage's build for `run`: English anti-haystack tasks, a source per group of the run's
     mix. Seeds differ per stage and source, so no task repeats across stages."""
     out = Path(settings.out) / run
+    index = settings.stages.index(stage)
     sources = [
         {
             # The first source keeps the name and seed of learn-ruler's one-source recipes.
@@ -214,7 +262,7 @@ def train(settings: Settings, run: str) -> tuple[Path, Path, list[dict[str, Any]
     from longdata.build import build
 
     init, stages, builds = PRESET, [], []
-    for index, stage in enumerate(settings.stages):
+    for index, stage in enumerate(curriculum(settings, run)):
         owner = trained_by(settings, run, index)
         if owner != run:
             base = Path(settings.out) / owner
@@ -230,7 +278,7 @@ def train(settings: Settings, run: str) -> tuple[Path, Path, list[dict[str, Any]
             continue
         path = Path(settings.out) / run / f"recipe-{stage.name}.yml"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump(recipe(settings, run, stage, index), sort_keys=False))
+        path.write_text(yaml.safe_dump(recipe(settings, run, stage), sort_keys=False))
         builds.append(build(path).out_dir)
         records: list[dict[str, Any]] = []
         for cycle, steps in enumerate(stage.cycles):
@@ -336,6 +384,7 @@ def experiment(settings: Settings) -> dict[str, Any]:
     """Train and evaluate `settings.runs`; each run's row is kept in OUT/<run>/row.json, and
     OUT/summary.* gather every run row on disk made with the same settings, so the runs can
     train in separate invocations (main's long stages beside another process's work)."""
+    check_runs(settings)
     if settings.threads:
         torch.set_num_threads(settings.threads)
     out = Path(settings.out)

@@ -123,13 +123,15 @@ def test_a_tiny_learn_ruler_experiment_trains_the_stages_and_reports(
     Run, Stage = learn_ruler.Run, learn_ruler.Stage
     stages = (
         Stage("short", 40, (200, 400), (1, 1), 1e-3),
+        Stage("keys", 20, (200, 400), (1,), 1e-3),
         Stage("mid", 20, (200, 400), (1,), 1e-3),
         Stage("long", 6, (600, 900), (1,), 1e-3),
     )
+    curriculum, with_keys = ("short", "mid", "long"), ("short", "keys", "mid", "long")
     runs = (
-        Run("needle_only", learn_ruler.NEEDLES),
-        Run("main", learn_ruler.MIX, parent="needle_only", after="short"),
-        Run("main_pose", learn_ruler.MIX, parent="main", after="mid", position_span=2_048),
+        Run("needle_only", learn_ruler.NEEDLES, curriculum),
+        Run("main", learn_ruler.MIX, with_keys, parent="needle_only", after="short"),
+        Run("main_pose", learn_ruler.MIX, with_keys, "main", "mid", position_span=2_048),
     )
     settings = learn_ruler.Settings(
         out=str(tmp_path / "run"),
@@ -150,13 +152,14 @@ def test_a_tiny_learn_ruler_experiment_trains_the_stages_and_reports(
     results = learn_ruler.experiment(replace(settings, train=("main_pose",)))
     assert [run["run"] for run in results["runs"]] == ["needle_only", "main", "main_pose"]
     out = tmp_path / "run"
-    for run in results["runs"]:
-        assert [s["stage"] for s in run["stages"]] == ["short", "mid", "long"]
+    for run, definition in zip(results["runs"], runs):
+        assert [s["stage"] for s in run["stages"]] == list(definition.stages)
         assert set(run["ruler"]) == set(learn_ruler.ruler.TASKS)
         assert (out / run["run"] / "ruler" / "results.json").is_file()
         assert (out / run["run"] / "niah" / "heatmap.png").is_file()
     assert [s.get("trained_by") for s in results["runs"][2]["stages"]] == [
         "needle_only",
+        "main",
         "main",
         None,
     ]
@@ -165,10 +168,10 @@ def test_a_tiny_learn_ruler_experiment_trains_the_stages_and_reports(
     ablation = yaml.safe_load((out / "needle_only" / "recipe-long.yml").read_text())
     main_tasks = {task for source in main_recipe["sources"] for task in source["tasks"]}
     assert main_tasks == {"needle", *learn_ruler.ruler.TASKS}
-    shares = [source["count"] / stages[2].items for source in main_recipe["sources"]]
+    shares = [source["count"] / stages[3].items for source in main_recipe["sources"]]
     assert shares == pytest.approx([share for _, share in learn_ruler.MIX], abs=0.1)
     assert [source["tasks"] for source in ablation["sources"]] == [["needle"]]
-    assert ablation["sources"][0]["count"] == stages[2].items
+    assert ablation["sources"][0]["count"] == stages[3].items
 
     # Each cycle and stage trained from the one before's checkpoint; a child's first own stage
     # from its parent's checkpoint after the stage it inherits, which it does not train again.
@@ -181,7 +184,9 @@ def test_a_tiny_learn_ruler_experiment_trains_the_stages_and_reports(
     assert config_of("needle_only", "mid")["model"] == str(
         out / "needle_only" / "short-2" / "final"
     )
-    assert config_of("main", "mid")["model"] == str(out / "needle_only" / "short-2" / "final")
+    assert config_of("main", "keys")["model"] == str(out / "needle_only" / "short-2" / "final")
+    assert config_of("main", "mid")["model"] == str(out / "main" / "keys" / "final")
+    assert not (out / "needle_only" / "keys").exists()
     assert config_of("main_pose", "long")["model"] == str(out / "main" / "mid" / "final")
     assert not (out / "main" / "short-1").exists() and not (out / "main_pose" / "mid").exists()
     # PoSE positions in main_pose's own stage only.
@@ -228,3 +233,22 @@ def test_a_tiny_learn_ruler_experiment_trains_the_stages_and_reports(
     reference.write_text(json.dumps({**full_config, "attention_pattern": "shifted_sparse"}))
     with pytest.raises(SystemExit, match="full attention"):
         s2_niah.main([*arguments[:3], str(tmp_path / "s2-again"), "--stage", "long"])
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"stages": ("short", "typo")}, "stage 'typo' is not in"),
+        ({"parent": "later"}, "parent 'later' is not defined before it"),
+        ({"after": "keys"}, "'keys' is not a stage of it and its parent"),
+        ({"stages": ("keys", "short", "128-512")}, "its stages up to 'short' differ"),
+    ],
+)
+def test_learn_ruler_refuses_a_run_it_cannot_train_in_one_line(change, message) -> None:
+    learn_ruler = importlib.import_module("benchmarks.learn_ruler")
+    settings = learn_ruler.Settings()
+    learn_ruler.check_runs(settings)  # the shipped definitions are trainable
+    broken = replace(settings.runs[1], **change)
+    runs = (settings.runs[0], broken, *settings.runs[2:])
+    with pytest.raises(SystemExit, match=message):
+        learn_ruler.check_runs(replace(settings, runs=runs))

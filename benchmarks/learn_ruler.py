@@ -13,10 +13,11 @@ ablation's short stage on: needle tasks plus every `longdata.sources.ruler` fami
 `MIX` says, first in a `keys` stage of their own at the short lengths, then the same items and
 steps as the ablation); and **main_pose** (from main's 128-512 stage: main's long stages again
 with PoSE positions up to 8K, the trainer's `position_span`). Each is evaluated after its last
-stage with `eval niah`'s and `eval ruler`'s pieces at 1K, 2K, 4K and 8K (8K: twice the longest
-training sample) on held-out seeds, with their no-signal controls. A stage cycle already
-trained with the same config, on the same build (its manifest's sha256), from the same weights
-is kept, so adding a stage or a run retrains only what changed.
+stage with `eval niah`'s and `eval ruler`'s pieces at 512 (within the training lengths), 1K,
+2K, 4K and 8K (8K: twice the longest training sample) on held-out seeds, with their no-signal
+controls. A stage cycle already trained with the same config, on the same build (its
+manifest's sha256), from the same weights is kept, so adding a stage or a run retrains only
+what changed.
 
 Writes per run OUT/<run>/row.json and OUT/<run>/{niah,ruler}/ (results.json, heatmap.png), and
 OUT/summary.json and OUT/summary.md over every run row on disk made with the same settings.
@@ -124,7 +125,9 @@ class Settings:
     warmup_steps: int = 50
     runs: tuple[Run, ...] = RUNS  # parents before their children
     train: tuple[str, ...] | None = None  # the runs to train in this invocation (None: all)
-    eval_lengths: tuple[int, ...] = (1_024, 2_048, 4_096, 8_192)
+    # 512 is within every run's training lengths: a task failed there is not learned at all,
+    # rather than lost with length.
+    eval_lengths: tuple[int, ...] = (512, 1_024, 2_048, 4_096, 8_192)
     samples: int = 10  # independent draws per NIAH cell and per ruler task
     max_new_tokens: int = 64  # the longest English answer (vartrack's, 4 names) is ~45 tokens
     seed: int = 0

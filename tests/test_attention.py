@@ -238,17 +238,28 @@ def test_packed_equals_alone_with_skipped_positions(model: torch.nn.Module, back
     assert (skipped - contiguous).abs().max() > 1e-3
 
 
-def test_check_packing_cli_takes_a_position_span_and_refuses_a_bad_one(tmp_path) -> None:
+def test_check_packing_cli_takes_a_position_span_and_refuses_a_bad_one(
+    tmp_path, monkeypatch
+) -> None:
     from typer.testing import CliRunner
 
     from longdata.cli import app
+    from longdata.trainer import check
     from tests.builders import two_bucket_build
 
+    spans = []
+
+    def recording_collate(rows, pad_to_multiple_of=None, position_span=None, **options):
+        spans.append(position_span)
+        return collate(rows, pad_to_multiple_of, position_span, **options)
+
+    monkeypatch.setattr(check, "collate", recording_collate)
     build = two_bucket_build(tmp_path / "build", VOCAB, (10, 40), 80)
     common = ["check-packing", str(build), "--rows", "2"]
     done = CliRunner().invoke(app, [*common, "--position-span", "4096"])
     assert done.exit_code == 0, done.output
     assert "sdpa_varlen" in done.output
+    assert spans == [4096]  # the rows checked are collated with PoSE positions
     refused = CliRunner().invoke(app, [*common, "--position-span", "1"])
     assert refused.exit_code != 0 and "position_span must be >= 2" in refused.output
     assert "Traceback" not in refused.output

@@ -174,8 +174,8 @@ def curriculum(settings: Settings, run: str) -> list[Stage]:
 def trained_by(settings: Settings, run: str, index: int) -> str:
     """The run that trains `run`'s stage `index`: itself, or the ancestor it inherits it from
     (whose curriculum starts the same way)."""
-    names = definition(settings, run).stages
     owner = definition(settings, run)
+    names = owner.stages
     while owner.parent is not None and index <= names.index(owner.after):
         owner = definition(settings, owner.parent)
     return owner.name

@@ -6,18 +6,18 @@
 Trains the `niah-tiny` preset from scratch with the bundled trainer through a short-to-long
 curriculum (per-document masks, token_mean loss, each stage from the last one's checkpoint):
 64-256-token needle tasks (where copying is learned; three cosine cycles with warm restarts, as
-learn-niah found a single cosine never forms the copy), then 128-512 (two cycles), 1K-2K and
-2K-4K. Three runs (`RUNS`), each starting from its parent's checkpoint, so a stage is trained
-once and shared: the **needle_only** ablation (needle tasks at every stage); **main** (from the
-ablation's short stage on: lone needles, items asking for several needles at once, and every
-`longdata.sources.ruler` family, mixed as `MIX` says, first in a `keys` stage of their own at the short lengths, then the same items and
-steps as the ablation); and **main_pose** (from main's 128-512 stage: main's long stages again
-with PoSE positions up to 8K, the trainer's `position_span`). Each is evaluated after its last
-stage with `eval niah`'s and `eval ruler`'s pieces at 512 (within the training lengths), 1K,
-2K, 4K and 8K (8K: twice the longest training sample) on held-out seeds, with their no-signal
-controls. A stage cycle already trained with the same config, on the same build (its
-manifest's sha256), from the same weights is kept, so adding a stage or a run retrains only
-what changed.
+learn-niah found a single cosine never forms the copy), then 128-512 (two cycles), 1K-2K and 2K-4K.
+Three runs (`RUNS`), each starting from its parent's checkpoint, so a stage is trained once and
+shared: the **needle_only** ablation (needle tasks at every stage); **main** (from the ablation's
+short stage on: lone needles, items asking for several needles at once, and every
+`longdata.sources.ruler` family, mixed as `MIX` says, first in a `keys` stage of their own at the
+short lengths, then the same items and steps as the ablation); and **main_pose** (from main's
+128-512 stage: main's long stages again with PoSE positions up to 8K, the trainer's
+`position_span`). Each is evaluated after its last stage with `eval niah`'s and `eval ruler`'s
+pieces at 512 (within the training lengths), 1K, 2K, 4K and 8K (8K: twice the longest training
+sample) on held-out seeds, with their no-signal controls. A stage cycle already trained with the
+same config, on the same build (its manifest's sha256), from the same weights is kept, so adding a
+stage or a run retrains only what changed.
 
 Writes per run OUT/<run>/row.json and OUT/<run>/{niah,ruler}/ (results.json, heatmap.png), and
 OUT/summary.json and OUT/summary.md over every run row on disk made with the same settings.

@@ -6,18 +6,18 @@
 Trains the `niah-tiny` preset from scratch with the bundled trainer through a short-to-long
 curriculum (per-document masks, token_mean loss, each stage from the last one's checkpoint):
 64-256-token needle tasks (where copying is learned; three cosine cycles with warm restarts, as
-learn-niah found a single cosine never forms the copy), then 128-512 (two cycles), 1K-2K and 2K-4K.
-Three runs (`RUNS`), each starting from its parent's checkpoint, so a stage is trained once and
-shared: the **needle_only** ablation (needle tasks at every stage); **main** (from the ablation's
-short stage on: lone needles, items asking for several needles at once, and every
-`longdata.sources.ruler` family, mixed as `MIX` says, first in a `keys` stage of their own at the
-short lengths, then the same items and steps as the ablation); and **main_pose** (from main's
-128-512 stage: main's long stages again with PoSE positions up to 8K, the trainer's
-`position_span`). Each is evaluated after its last stage with `eval niah`'s and `eval ruler`'s
-pieces at 512 (within the training lengths), 1K, 2K, 4K and 8K (8K: twice the longest training
-sample) on held-out seeds, with their no-signal controls. A stage cycle already trained with the
-same config, on the same build (its manifest's sha256), from the same weights is kept, so adding a
-stage or a run retrains only what changed.
+learn-niah found a single cosine never forms the copy), then 128-512 (two cycles), 1K-2K and
+2K-4K. Three runs (`RUNS`), each starting from its parent's checkpoint, so a stage is trained
+once and shared: the **needle_only** ablation (needle tasks at every stage); **main** (from the
+ablation's short stage on: needle tasks plus every `longdata.sources.ruler` family, mixed as
+`MIX` says, first in a `keys` stage of their own at the short lengths, then the same items and
+steps as the ablation); and **main_pose** (from main's 128-512 stage: main's long stages again
+with PoSE positions up to 8K, the trainer's `position_span`). Each is evaluated after its last
+stage with `eval niah`'s and `eval ruler`'s pieces at 512 (within the training lengths), 1K,
+2K, 4K and 8K (8K: twice the longest training sample) on held-out seeds, with their no-signal
+controls. A stage cycle already trained with the same config, on the same build (its
+manifest's sha256), from the same weights is kept, so adding a stage or a run retrains only
+what changed.
 
 Writes per run OUT/<run>/row.json and OUT/<run>/{niah,ruler}/ (results.json, heatmap.png), and
 OUT/summary.json and OUT/summary.md over every run row on disk made with the same settings.
@@ -70,18 +70,10 @@ class Stage:
 
 
 @dataclass(frozen=True)
-class Share:
-    """One source of a run's mix."""
-
-    tasks: tuple[str, ...]  # drawn evenly
-    share: float  # of a stage's items
-    needles: tuple[int, int] = (1, 1)  # how many codes its needle tasks plant and ask for
-
-
-@dataclass(frozen=True)
 class Run:
     name: str
-    mix: tuple[Share, ...]
+    # (tasks, share of a stage's items) per source; a source draws its tasks evenly.
+    mix: tuple[tuple[tuple[str, ...], float], ...]
     stages: tuple[str, ...]  # its curriculum in order, by name from `Settings.stages`
     # The run this one starts from, after that run's stage `after`: the stages up to it are
     # trained once, by the parent (or its own parent), and shared.
@@ -90,19 +82,15 @@ class Run:
     position_span: int | None = None  # PoSE in this run's own stages (TrainConfig's)
 
 
-NEEDLES = (Share(("needle",), 1.0),)
-# Needle tasks stay at half the items (mixed in evenly at 1/6 they halved NIAH, docs/EVAL.md).
-# Two fifths of them plant 2-4 needles and ask for every code (MQAR-style): each answer sentence
-# is a lookup keyed on its subject among other codes, which a lone needle, the only number in
-# its filler, never asks for, and which multikey and vartrack need (docs/EVAL.md). The two
-# families with targets weigh more than the other three; every group is a source of its own, so
-# the training log shows each one's loss.
+NEEDLES = ((("needle",), 1.0),)
+# Needles stay at 40% (mixed in evenly at 1/6 they halved NIAH, docs/EVAL.md); the two families
+# with targets, multikey and vartrack, weigh more than the other three and are sources of their
+# own, so the training log shows each one's loss.
 MIX = (
-    Share(("needle",), 0.3),
-    Share(("needle",), 0.2, needles=(2, 4)),
-    Share(("multikey",), 0.2),
-    Share(("vartrack",), 0.2),
-    Share(("multivalue", "cwe", "qa"), 0.1),
+    (("needle",), 0.4),
+    (("multikey",), 0.2),
+    (("vartrack",), 0.2),
+    (("multivalue", "cwe", "qa"), 0.2),
 )
 CURRICULUM = ("short", "128-512", "1k-2k", "2k-4k")
 # The families first meet the model at the short lengths, over cycles with warm restarts, as the
@@ -194,7 +182,7 @@ def trained_by(settings: Settings, run: str, index: int) -> str:
 
 
 def recipe(settings: Settings, run: str, stage: Stage) -> dict[str, Any]:
-    """One stage's build for `run`: English anti-haystack tasks, a source per share of the run's
+    """One stage's build for `run`: English anti-haystack tasks, a source per group of the run's
     mix. Seeds differ per stage and source, so no task repeats across stages."""
     out = Path(settings.out) / run
     index = settings.stages.index(stage)
@@ -203,14 +191,14 @@ def recipe(settings: Settings, run: str, stage: Stage) -> dict[str, Any]:
             # The first source keeps the name and seed of learn-ruler's one-source recipes.
             "name": f"{run}_{stage.name}{f'_{group}' if group else ''}".replace("-", "_"),
             "kind": "antihaystack",
-            "count": round(stage.items * source.share),
+            "count": round(stage.items * share),
             "length_range": list(stage.lengths),
-            "needles": list(source.needles),
-            "tasks": list(source.tasks),
+            "needles": [1, 1],
+            "tasks": list(tasks),
             "zh_fraction": 0.0,
             "seed": 100 + index + 1_000 * group,
         }
-        for group, source in enumerate(definition(settings, run).mix)
+        for group, (tasks, share) in enumerate(definition(settings, run).mix)
     ]
     return {
         "name": f"learn-ruler-{run}-{stage.name}",

@@ -169,10 +169,7 @@ def test_a_tiny_learn_ruler_experiment_trains_the_stages_and_reports(
     main_tasks = {task for source in main_recipe["sources"] for task in source["tasks"]}
     assert main_tasks == {"needle", *learn_ruler.ruler.TASKS}
     shares = [source["count"] / stages[3].items for source in main_recipe["sources"]]
-    assert shares == pytest.approx([source.share for source in learn_ruler.MIX], abs=0.1)
-    needles = [tuple(source["needles"]) for source in main_recipe["sources"]]
-    assert needles == [source.needles for source in learn_ruler.MIX]
-    assert max(high for _, high in needles) > 1  # main asks for several needles at once
+    assert shares == pytest.approx([share for _, share in learn_ruler.MIX], abs=0.1)
     assert [source["tasks"] for source in ablation["sources"]] == [["needle"]]
     assert ablation["sources"][0]["count"] == stages[3].items
 

@@ -61,7 +61,7 @@ learn-niah-ablations: $(STAMP_RUN)
 	$(BIN)/python benchmarks/learn_niah.py --out runs/learn-niah --jobs 3 --threads 1
 
 # Length generalisation and the RULER-style tasks (docs/EVAL.md): curriculum to 4K, eval at
-# 512-8K; the needle-only ablation (it trains the short stage every run shares), main, and main's
+# 512-8K; the needle-only ablation (it trains the base stages every run shares), main, and main's
 # long stages again with PoSE positions (main_pose), each starting from its parent's checkpoint.
 learn-ruler: $(STAMP_RUN)
 	$(BIN)/python benchmarks/learn_ruler.py --out runs/learn-ruler --threads 2

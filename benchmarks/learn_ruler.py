@@ -4,20 +4,20 @@
     make learn-ruler    # needle_only, main, main_pose: each after its parent
 
 Trains the `niah-tiny` preset from scratch with the bundled trainer through a short-to-long
-curriculum (per-document masks, token_mean loss, each stage from the last one's checkpoint):
-64-256-token needle tasks (where copying is learned; three cosine cycles with warm restarts, as
-learn-niah found a single cosine never forms the copy), then 128-512 (two cycles), 1K-2K and
-2K-4K. Three runs (`RUNS`), each starting from its parent's checkpoint, so a stage is trained
-once and shared: the **needle_only** ablation (needle tasks at every stage); **main** (from the
-ablation's short stage on: needle tasks plus every `longdata.sources.ruler` family, mixed as
-`MIX` says, first in a `keys` stage of their own at the short lengths, then the same items and
-steps as the ablation); and **main_pose** (from main's 128-512 stage: main's long stages again
-with PoSE positions up to 8K, the trainer's `position_span`). Each is evaluated after its last
-stage with `eval niah`'s and `eval ruler`'s pieces at 512 (within the training lengths), 1K,
-2K, 4K and 8K (8K: twice the longest training sample) on held-out seeds, with their no-signal
-controls. A stage cycle already trained with the same config, on the same build (its
-manifest's sha256), from the same weights is kept, so adding a stage or a run retrains only
-what changed.
+curriculum, each stage from the last one's checkpoint: two base stages of raw text, each
+document a block of words written again and again (loss on every token: the model learns to
+copy what followed the token it just wrote), the second with codes and names mixed into the
+blocks; then the run's tasks at 64-256 tokens (per-document masks, token_mean loss), 1K-2K and
+2K-4K. Three runs (`RUNS`), each starting from its parent's checkpoint, so a stage is
+trained once and shared: the **needle_only** ablation (needle tasks at every task stage);
+**main** (from the ablation's base stages on, the same stages and steps with needle tasks plus
+every `longdata.sources.ruler` family, mixed as `MIX` says); and **main_pose** (from main's
+short stage: main's long stages again with PoSE positions up to 8K, the trainer's
+`position_span`). Each is evaluated after its last stage with `eval niah`'s and `eval ruler`'s
+pieces at 512 (within the training lengths), 1K, 2K, 4K and 8K (8K: twice the longest training
+sample) on held-out seeds, with their no-signal controls. A stage cycle already trained with the
+same config, on the same build (its manifest's sha256), from the same weights is kept, so adding
+a stage or a run retrains only what changed.
 
 Writes per run OUT/<run>/row.json and OUT/<run>/{niah,ruler}/ (results.json, heatmap.png), and
 OUT/summary.json and OUT/summary.md over every run row on disk made with the same settings.
@@ -30,11 +30,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import random
+import string
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import yaml
@@ -67,6 +69,12 @@ class Stage:
     # Steps per cosine cycle; each cycle restarts at full lr from the previous one's checkpoint.
     cycles: tuple[int, ...]
     lr: float
+    # "tasks": the run's mix of anti-haystack tasks, chat-rendered, loss on the answer;
+    # "repeats": raw text, each document a block of elements written again and again, loss on
+    # every token: after the first time through, predictable only by copying.
+    data: Literal["tasks", "repeats"] = "tasks"
+    code_share: float = 0.0  # repeats: the share of elements that are codes or names, not words
+    min_lr_ratio: float = loop.TrainConfig.min_lr_ratio  # 1.0: a constant lr after the warmup
 
 
 @dataclass(frozen=True)
@@ -92,18 +100,22 @@ MIX = (
     (("vartrack",), 0.2),
     (("multivalue", "cwe", "qa"), 0.2),
 )
-CURRICULUM = ("short", "128-512", "1k-2k", "2k-4k")
-# The families first meet the model at the short lengths, over cycles with warm restarts, as the
-# needle's copy formed there: at 128-512 alone their loss never fell (docs/EVAL.md).
-WITH_KEYS = ("short", "keys", *CURRICULUM[1:])
+CURRICULUM = ("base", "base-codes", "short", "1k-2k", "2k-4k")
 RUNS = (
-    # The needle-only ablation trains the short stage every run shares: there the copy forms (a
-    # first main run with every family from the short stage on never formed it, docs/EVAL.md).
+    # The ablation trains the base stages every run shares: there the copy forms.
     Run("needle_only", NEEDLES, CURRICULUM),
-    Run("main", MIX, WITH_KEYS, parent="needle_only", after="short"),
+    # The same stages and steps from the base on, with every family in the mix.
+    Run("main", MIX, CURRICULUM, parent="needle_only", after="base-codes"),
     # main's long stages again with PoSE positions up to the longest eval length.
-    Run("main_pose", MIX, WITH_KEYS, parent="main", after="128-512", position_span=8_192),
+    Run("main_pose", MIX, CURRICULUM, parent="main", after="short", position_span=8_192),
 )
+# The elements of a repeats block: one-token words (so the copy is learned token by token), and
+# codes and names of the tasks' shapes (5 digits, 5 capitals), which a block of words alone
+# never taught the model to copy (docs/EVAL.md).
+WORDS = 512
+BLOCK_ELEMENTS = (8, 32)  # the blocks in which the copy formed (docs/EVAL.md)
+CODE_DIGITS = 5
+TOKENIZER = "builtin:quickstart"
 
 
 @dataclass(frozen=True)
@@ -112,12 +124,13 @@ class Settings:
 
     out: str = "runs/learn-ruler"
     stages: tuple[Stage, ...] = (
-        Stage("short", 20_000, (64, 256), (1_200, 1_500, 1_500), 3e-3),
-        # The new families at the short lengths, from the copy the short stage formed.
-        Stage("keys", 20_000, (64, 256), (1_200, 1_200, 1_200), 3e-3),
-        # Where main meets the new families: ~14 items a row, so each is seen thousands of
-        # times at little cost before the long stages, where a row holds one to four items.
-        Stage("128-512", 20_000, (128, 512), (1_000, 1_000), 2e-3),
+        # An induction copy (find the token just written earlier, continue as it went on),
+        # learned at a constant lr on blocks of words, then on blocks with codes and names in.
+        Stage("base", 26_000, (96, 160), (700,), 1e-3, data="repeats", min_lr_ratio=1.0),
+        Stage("base-codes", 8_000, (96, 160), (400,), 1e-3, "repeats", 0.25, min_lr_ratio=1.0),
+        # The run's tasks at 64-256 tokens, ~20 items a row. One cycle: a second one over the
+        # same build lowered the loss and the scores at 512 (docs/EVAL.md).
+        Stage("short", 20_000, (64, 256), (1_200,), 3e-3),
         Stage("1k-2k", 3_500, (900, 2_100), (1_500,), 2e-3),
         Stage("2k-4k", 2_000, (2_100, 4_000), (1_200,), 1e-3),
     )
@@ -181,12 +194,15 @@ def trained_by(settings: Settings, run: str, index: int) -> str:
     return owner.name
 
 
-def recipe(settings: Settings, run: str, stage: Stage) -> dict[str, Any]:
-    """One stage's build for `run`: English anti-haystack tasks, a source per group of the run's
-    mix. Seeds differ per stage and source, so no task repeats across stages."""
-    out = Path(settings.out) / run
-    index = settings.stages.index(stage)
-    sources = [
+def stage_seed(settings: Settings, stage: Stage) -> int:
+    """The seed of a stage's data: its place in the stage list."""
+    return 100 + settings.stages.index(stage)
+
+
+def task_sources(settings: Settings, run: str, stage: Stage) -> list[dict[str, Any]]:
+    """English anti-haystack tasks, a source per group of the run's mix. Seeds differ per stage
+    and source, so no task repeats across stages."""
+    return [
         {
             # The first source keeps the name and seed of learn-ruler's one-source recipes.
             "name": f"{run}_{stage.name}{f'_{group}' if group else ''}".replace("-", "_"),
@@ -196,14 +212,29 @@ def recipe(settings: Settings, run: str, stage: Stage) -> dict[str, Any]:
             "needles": [1, 1],
             "tasks": list(tasks),
             "zh_fraction": 0.0,
-            "seed": 100 + index + 1_000 * group,
+            "seed": stage_seed(settings, stage) + 1_000 * group,
         }
         for group, (tasks, share) in enumerate(definition(settings, run).mix)
     ]
+
+
+def repeats_path(settings: Settings, run: str, stage: Stage) -> Path:
+    return Path(settings.out) / run / f"repeats-{stage.name}.jsonl"
+
+
+def recipe(settings: Settings, run: str, stage: Stage) -> dict[str, Any]:
+    """One stage's build for `run`: its tasks, or its repeats file (`write_repeats`) as text."""
+    out = Path(settings.out) / run
+    if stage.data == "tasks":
+        sources = task_sources(settings, run, stage)
+    else:
+        name = f"{run}_{stage.name}".replace("-", "_")
+        path = repeats_path(settings, run, stage)
+        sources = [{"name": name, "kind": "text", "path": str(path)}]
     return {
         "name": f"learn-ruler-{run}-{stage.name}",
         "seed": settings.seed,
-        "tokenizer": {"name": "builtin:quickstart"},
+        "tokenizer": {"name": TOKENIZER},
         "sources": sources,
         "packing": {
             "max_seq_len": settings.row_tokens,
@@ -219,6 +250,60 @@ def recipe(settings: Settings, run: str, stage: Stage) -> dict[str, Any]:
         },
         "cache_dir": str(Path(settings.out) / "cache"),
     }
+
+
+def one_token_words(count: int, seed: int) -> list[str]:
+    """`count` lowercase words that the recipes' tokenizer writes as one token after a space,
+    drawn with `seed` from all it has."""
+    from longdata.recipe import TokenizerConfig
+    from longdata.stages.templates import load_tokenizer
+
+    tokenizer, _ = load_tokenizer(TokenizerConfig(name=TOKENIZER), require_chat_template=False)
+    candidates = sorted(
+        word
+        for word in {token.lstrip("Ġ") for token in tokenizer.get_vocab()}
+        if len(word) >= 3
+        and word.isascii()
+        and word.isalpha()
+        and word.islower()
+        and len(tokenizer.encode(f" {word}", add_special_tokens=False)) == 1
+    )
+    if len(candidates) < count:
+        raise SystemExit(f"{TOKENIZER}: {len(candidates)} one-token words, {count} needed")
+    return random.Random(seed).sample(candidates, count)
+
+
+def block_element(rng: random.Random, words: list[str], code_share: float) -> str:
+    """A word, or with probability `code_share` a code or a name as the tasks write them."""
+    if code_share and rng.random() < code_share:
+        if rng.random() < 0.5:
+            return str(rng.randrange(10 ** (CODE_DIGITS - 1), 10**CODE_DIGITS))
+        return "".join(rng.choice(string.ascii_uppercase) for _ in range(CODE_DIGITS))
+    return rng.choice(words)
+
+
+def repeated_block(rng: random.Random, elements: int, words: list[str], code_share: float) -> str:
+    """A block of `BLOCK_ELEMENTS` elements drawn afresh, written again and again up to
+    `elements`: after its first time through, each element is the one that followed the same
+    element the time before."""
+    block = [block_element(rng, words, code_share) for _ in range(rng.randint(*BLOCK_ELEMENTS))]
+    return " ".join(block[i % len(block)] for i in range(elements))
+
+
+def write_repeats(settings: Settings, run: str, stage: Stage) -> Path:
+    """The stage's documents as JSONL: `stage.items` repeated blocks of `stage.lengths` elements
+    (as many tokens where all are words)."""
+    words = one_token_words(WORDS, settings.seed)  # the same words in every stage
+    rng = random.Random(stage_seed(settings, stage))
+    low, high = stage.lengths
+    lines = [
+        json.dumps({"text": repeated_block(rng, rng.randint(low, high), words, stage.code_share)})
+        for _ in range(stage.items)
+    ]
+    path = repeats_path(settings, run, stage)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def stage_directory(stage: Stage, cycle: int) -> str:
@@ -261,7 +346,7 @@ def step_records(config: loop.TrainConfig) -> list[dict[str, Any]]:
 
 
 def train(settings: Settings, run: str) -> tuple[Path, Path, list[dict[str, Any]]]:
-    """Build and train `run` through the stages: (last checkpoint, first build, stage rows)."""
+    """Build and train `run` through the stages: (last checkpoint, last build, stage rows)."""
     from longdata.build import build
 
     init, stages, builds = PRESET, [], []
@@ -281,6 +366,8 @@ def train(settings: Settings, run: str) -> tuple[Path, Path, list[dict[str, Any]
             continue
         path = Path(settings.out) / run / f"recipe-{stage.name}.yml"
         path.parent.mkdir(parents=True, exist_ok=True)
+        if stage.data == "repeats":
+            write_repeats(settings, run, stage)
         path.write_text(yaml.safe_dump(recipe(settings, run, stage), sort_keys=False))
         builds.append(build(path).out_dir)
         records: list[dict[str, Any]] = []
@@ -294,6 +381,7 @@ def train(settings: Settings, run: str) -> tuple[Path, Path, list[dict[str, Any]
                 steps=steps,
                 lr=stage.lr,
                 warmup_steps=settings.warmup_steps,
+                min_lr_ratio=stage.min_lr_ratio,
                 seed=settings.seed,
                 log_every=1,  # every step in metrics.jsonl, which the stage row is made from
                 progress=True,
@@ -320,7 +408,7 @@ def train(settings: Settings, run: str) -> tuple[Path, Path, list[dict[str, Any]
                 "train_seconds": round(sum(record["elapsed_s"] for record in records), 1),
             }
         )
-    return Path(init), builds[0], stages
+    return Path(init), builds[-1], stages
 
 
 def evaluate(settings: Settings, run: str, checkpoint: Path, build_dir: Path) -> dict[str, Any]:

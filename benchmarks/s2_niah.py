@@ -7,8 +7,8 @@ attention loses little against fine-tuning with full attention. This checks it o
 `learn-ruler` experiment's main run (`make learn-ruler`), without retraining its reference:
 
 - the start is the main run's start of that stage, the checkpoint of the stage before it
-  (with `make learn-ruler`'s stages, main's 128-512 stage: full attention, on items of at most
-  ~550 tokens);
+  (with `make learn-ruler`'s stages, main's short stage: full attention, on items of at most
+  ~300 tokens);
 - the reference is the main run's own 1K-2K stage: full attention, from that start, on that
   stage's build;
 - this script trains the same stage again, from the same start on the same build with the same

@@ -122,16 +122,16 @@ def test_a_tiny_learn_ruler_experiment_trains_the_stages_and_reports(
     learn_ruler = importlib.import_module("benchmarks.learn_ruler")
     Run, Stage = learn_ruler.Run, learn_ruler.Stage
     stages = (
+        Stage("base", 8, (80, 120), (1,), 1e-3, data="repeats", min_lr_ratio=1.0),
+        Stage("base-codes", 8, (80, 120), (1,), 1e-3, "repeats", 0.5, min_lr_ratio=1.0),
         Stage("short", 40, (200, 400), (1, 1), 1e-3),
-        Stage("keys", 20, (200, 400), (1,), 1e-3),
-        Stage("mid", 20, (200, 400), (1,), 1e-3),
         Stage("long", 6, (600, 900), (1,), 1e-3),
     )
-    curriculum, with_keys = ("short", "mid", "long"), ("short", "keys", "mid", "long")
+    curriculum = ("base", "base-codes", "short", "long")
     runs = (
         Run("needle_only", learn_ruler.NEEDLES, curriculum),
-        Run("main", learn_ruler.MIX, with_keys, parent="needle_only", after="short"),
-        Run("main_pose", learn_ruler.MIX, with_keys, "main", "mid", position_span=2_048),
+        Run("main", learn_ruler.MIX, curriculum, parent="needle_only", after="base-codes"),
+        Run("main_pose", learn_ruler.MIX, curriculum, "main", "short", position_span=2_048),
     )
     settings = learn_ruler.Settings(
         out=str(tmp_path / "run"),
@@ -142,7 +142,7 @@ def test_a_tiny_learn_ruler_experiment_trains_the_stages_and_reports(
         max_new_tokens=4,
         threads=1,
     )
-    # main starts from the shared short stage, which the ablation trains: not there yet.
+    # main starts from the shared base stages, which the ablation trains: not there yet.
     with pytest.raises(SystemExit, match="run --runs needle_only first"):
         learn_ruler.experiment(replace(settings, train=("main",)))
     # The runs in separate invocations: the summary gathers them.
@@ -159,10 +159,27 @@ def test_a_tiny_learn_ruler_experiment_trains_the_stages_and_reports(
         assert (out / run["run"] / "niah" / "heatmap.png").is_file()
     assert [s.get("trained_by") for s in results["runs"][2]["stages"]] == [
         "needle_only",
-        "main",
+        "needle_only",
         "main",
         None,
     ]
+    # The base stages train on raw text: each document a block of 8-32 elements written again
+    # and again, codes and names only where the stage mixes them in.
+    for stage, has_codes in (("base", False), ("base-codes", True)):
+        recipe = yaml.safe_load((out / "needle_only" / f"recipe-{stage}.yml").read_text())
+        assert [source["kind"] for source in recipe["sources"]] == ["text"]
+        lines = Path(recipe["sources"][0]["path"]).read_text().splitlines()
+        assert len(lines) == 8
+        documents = [json.loads(line)["text"] for line in lines]
+        for document in documents:
+            elements = document.split()
+            assert 80 <= len(elements) <= 120
+            assert any(
+                all(elements[i] == elements[i - period] for i in range(period, len(elements)))
+                for period in range(8, 33)
+            )
+        elements = " ".join(documents).split()
+        assert any(not e.islower() for e in elements) == has_codes
     # The ablation's recipes hold needle tasks only; the main run's every family, in its shares.
     main_recipe = yaml.safe_load((out / "main" / "recipe-long.yml").read_text())
     ablation = yaml.safe_load((out / "needle_only" / "recipe-long.yml").read_text())
@@ -178,17 +195,26 @@ def test_a_tiny_learn_ruler_experiment_trains_the_stages_and_reports(
     def config_of(run: str, directory: str) -> dict:
         return json.loads((out / run / directory / "config.json").read_text())
 
+    assert config_of("needle_only", "base-codes")["model"] == str(
+        out / "needle_only" / "base" / "final"
+    )
+    assert config_of("needle_only", "short-1")["model"] == str(
+        out / "needle_only" / "base-codes" / "final"
+    )
     assert config_of("needle_only", "short-2")["model"] == str(
         out / "needle_only" / "short-1" / "final"
     )
-    assert config_of("needle_only", "mid")["model"] == str(
-        out / "needle_only" / "short-2" / "final"
+    assert config_of("needle_only", "base")["min_lr_ratio"] == 1.0
+    assert (
+        config_of("needle_only", "short-1")["min_lr_ratio"]
+        == learn_ruler.loop.TrainConfig.min_lr_ratio
     )
-    assert config_of("main", "keys")["model"] == str(out / "needle_only" / "short-2" / "final")
-    assert config_of("main", "mid")["model"] == str(out / "main" / "keys" / "final")
-    assert not (out / "needle_only" / "keys").exists()
-    assert config_of("main_pose", "long")["model"] == str(out / "main" / "mid" / "final")
-    assert not (out / "main" / "short-1").exists() and not (out / "main_pose" / "mid").exists()
+    assert config_of("main", "short-1")["model"] == str(
+        out / "needle_only" / "base-codes" / "final"
+    )
+    assert config_of("main", "long")["model"] == str(out / "main" / "short-2" / "final")
+    assert config_of("main_pose", "long")["model"] == str(out / "main" / "short-2" / "final")
+    assert not (out / "main" / "base").exists() and not (out / "main_pose" / "short-1").exists()
     # PoSE positions in main_pose's own stage only.
     assert config_of("main_pose", "long")["position_span"] == 2_048
     assert config_of("main", "long")["position_span"] is None
@@ -209,7 +235,7 @@ def test_a_tiny_learn_ruler_experiment_trains_the_stages_and_reports(
     assert again["runs"][0]["stages"] == results["runs"][0]["stages"]
     longer = (replace(stages[0], items=stages[0].items + 1), *stages[1:])
     learn_ruler.experiment(replace(settings, stages=longer, train=("needle_only",)))
-    assert trained == ["short-1", "short-2", "mid", "long"]
+    assert trained == ["base", "base-codes", "short-1", "short-2", "long"]
     # A run made with other settings is not gathered into this table.
     other = learn_ruler.experiment(replace(settings, samples=2, train=()))
     assert other["runs"] == []
@@ -238,10 +264,10 @@ def test_a_tiny_learn_ruler_experiment_trains_the_stages_and_reports(
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"stages": ("short", "typo")}, "stage 'typo' is not in"),
+        ({"stages": ("base", "typo")}, "stage 'typo' is not in"),
         ({"parent": "later"}, "parent 'later' is not defined before it"),
-        ({"after": "keys"}, "'keys' is not a stage of it and its parent"),
-        ({"stages": ("keys", "short", "128-512")}, "its stages up to 'short' differ"),
+        ({"after": "typo"}, "'typo' is not a stage of it and its parent"),
+        ({"stages": ("base-codes", "base", "short")}, "its stages up to 'base-codes' differ"),
     ],
 )
 def test_learn_ruler_refuses_a_run_it_cannot_train_in_one_line(change, message) -> None:
@@ -252,3 +278,15 @@ def test_learn_ruler_refuses_a_run_it_cannot_train_in_one_line(change, message) 
     runs = (settings.runs[0], broken, *settings.runs[2:])
     with pytest.raises(SystemExit, match=message):
         learn_ruler.check_runs(replace(settings, runs=runs))
+
+
+def test_learn_ruler_block_words_are_one_token_each() -> None:
+    from longdata.recipe import TokenizerConfig
+    from longdata.stages.templates import load_tokenizer
+
+    learn_ruler = importlib.import_module("benchmarks.learn_ruler")
+    words = learn_ruler.one_token_words(64, seed=0)
+    assert len(set(words)) == 64 and words == learn_ruler.one_token_words(64, seed=0)
+    config = TokenizerConfig(name=learn_ruler.TOKENIZER)
+    tokenizer, _ = load_tokenizer(config, require_chat_template=False)
+    assert all(len(tokenizer.encode(f" {w}", add_special_tokens=False)) == 1 for w in words)

@@ -178,8 +178,8 @@ def test_a_tiny_learn_ruler_experiment_trains_the_stages_and_reports(
                 all(elements[i] == elements[i - period] for i in range(period, len(elements)))
                 for period in range(8, 33)
             )
-        elements = " ".join(documents).split()
-        assert any(not e.islower() for e in elements) == has_codes
+        every_element = " ".join(documents).split()
+        assert any(not e.islower() for e in every_element) == has_codes
     # The ablation's recipes hold needle tasks only; the main run's every family, in its shares.
     main_recipe = yaml.safe_load((out / "main" / "recipe-long.yml").read_text())
     ablation = yaml.safe_load((out / "needle_only" / "recipe-long.yml").read_text())
@@ -280,7 +280,11 @@ def test_learn_ruler_refuses_a_run_it_cannot_train_in_one_line(change, message) 
         learn_ruler.check_runs(replace(settings, runs=runs))
 
 
-def test_learn_ruler_block_words_are_one_token_each() -> None:
+def test_learn_ruler_word_blocks_are_a_token_an_element() -> None:
+    """The base stage's lengths are in tokens: a block of words is one token a word (the
+    document's first word, with no space before it, may take two)."""
+    import random
+
     from longdata.recipe import TokenizerConfig
     from longdata.stages.templates import load_tokenizer
 
@@ -289,4 +293,8 @@ def test_learn_ruler_block_words_are_one_token_each() -> None:
     assert len(set(words)) == 64 and words == learn_ruler.one_token_words(64, seed=0)
     config = TokenizerConfig(name=learn_ruler.TOKENIZER)
     tokenizer, _ = load_tokenizer(config, require_chat_template=False)
-    assert all(len(tokenizer.encode(f" {w}", add_special_tokens=False)) == 1 for w in words)
+    rng = random.Random(0)
+    for elements in (96, 128, 160):
+        document = learn_ruler.repeated_block(rng, elements, words, code_share=0.0)
+        tokens = tokenizer.encode(document, add_special_tokens=False)
+        assert elements <= len(tokens) <= elements + 1

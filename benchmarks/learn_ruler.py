@@ -53,7 +53,7 @@ from longdata.evals.ruler.report import write_outputs as write_ruler  # noqa: E4
 from longdata.evals.ruler.run import RulerSpec, run_ruler  # noqa: E402
 from longdata.sources import ruler  # noqa: E402
 from longdata.trainer import loop  # noqa: E402
-from longdata.trainer.model import load_model  # noqa: E402
+from longdata.trainer.model import load_model, model_config  # noqa: E402
 from longdata.trainer.reporting import METRICS_FILE  # noqa: E402
 from longdata.trainer.tokenizer import load_build_tokenizer  # noqa: E402
 
@@ -312,7 +312,7 @@ def stage_directory(stage: Stage, cycle: int) -> str:
 
 def trained_on(config: loop.TrainConfig) -> dict[str, str]:
     """What a cycle's result depends on beyond its config: the build's manifest (it holds every
-    shard's hash) and the starting weights (a preset is its name: its init is seeded)."""
+    shard's hash) and the starting weights (a preset's are its config with a seeded init)."""
     digest = hashlib.sha256((Path(config.build_dir) / "manifest.json").read_bytes())
     identity = {"build_manifest_sha256": digest.hexdigest()}
     if Path(config.model).is_dir():
@@ -321,7 +321,9 @@ def trained_on(config: loop.TrainConfig) -> dict[str, str]:
             weights.update(path.read_bytes())
         identity["init_weights_sha256"] = weights.hexdigest()
     else:
+        preset = model_config(config.model).to_json_string()
         identity["init_preset"] = config.model
+        identity["init_preset_config_sha256"] = hashlib.sha256(preset.encode()).hexdigest()
     return identity
 
 

@@ -13,6 +13,7 @@ import torch
 import yaml
 
 from longdata.trainer import collate, load_model
+from longdata.trainer import model as model_module
 from tests.builders import make_row
 
 
@@ -234,6 +235,20 @@ def test_a_tiny_learn_ruler_experiment_trains_the_stages_and_reports(
     assert trained == []
     assert again["runs"][0]["stages"] == results["runs"][0]["stages"]
     longer = (replace(stages[0], items=stages[0].items + 1), *stages[1:])
+    learn_ruler.experiment(replace(settings, stages=longer, train=("needle_only",)))
+    assert trained == ["base", "base-codes", "short-1", "short-2", "long"]
+    # So is every stage when the preset's config changes: the weights depend on it, not on the
+    # preset's name.
+    trained.clear()
+    preset = learn_ruler.PRESET
+    original = model_module.PRESETS[preset]
+
+    def rescaled(vocab_size: int):
+        config = original(vocab_size)
+        config.initializer_range *= 2
+        return config
+
+    monkeypatch.setitem(model_module.PRESETS, preset, rescaled)
     learn_ruler.experiment(replace(settings, stages=longer, train=("needle_only",)))
     assert trained == ["base", "base-codes", "short-1", "short-2", "long"]
     # A run made with other settings is not gathered into this table.

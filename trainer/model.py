@@ -22,17 +22,22 @@ from longdata.trainer.rms_norm import use_lean_rms_norms
 DEFAULT_PRESET_VOCAB = 16_384
 
 
-def _tiny_llama(vocab_size: int) -> PretrainedConfig:
-    """Llama 3.x shape (GQA, untied embeddings, large rope theta), scaled down for a CPU."""
+def _tiny_llama(
+    vocab_size: int, key_value_heads: int = 2, rope_theta: float = 500_000.0
+) -> PretrainedConfig:
+    """Llama 3.x shape (GQA, untied embeddings, large rope theta), scaled down for a CPU.
+
+    Every setting goes through the constructor: transformers 5 keeps the rope base in
+    `rope_parameters`, built there, so a `rope_theta` set on the config afterwards is ignored."""
     return LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=128,
         intermediate_size=384,
         num_hidden_layers=2,
         num_attention_heads=4,
-        num_key_value_heads=2,
+        num_key_value_heads=key_value_heads,
         max_position_embeddings=131_072,
-        rope_theta=500_000.0,
+        rope_theta=rope_theta,
         tie_word_embeddings=False,
         attention_dropout=0.0,
     )
@@ -59,10 +64,7 @@ def _niah_tiny(vocab_size: int) -> PretrainedConfig:
     """tiny-llama sized to learn needle retrieval from scratch on a CPU in under half an hour
     (benchmarks/learn_niah.py): full multi-head attention and a short-context rope base make
     finding the needle easier to learn; two layers suffice for induction-style copying."""
-    config = _tiny_llama(vocab_size)
-    config.num_key_value_heads = config.num_attention_heads
-    config.rope_theta = 10_000.0
-    return config
+    return _tiny_llama(vocab_size, key_value_heads=4, rope_theta=10_000.0)
 
 
 PRESETS = {"tiny-llama": _tiny_llama, "tiny-qwen2": _tiny_qwen2, "niah-tiny": _niah_tiny}

@@ -3,8 +3,9 @@
     PYTHONPATH=. python benchmarks/learn_ruler.py [--out runs/learn-ruler] [--runs main]
     make learn-ruler    # needle_only, main, main_pose: each after its parent
 
-Trains the `niah-tiny` preset from scratch with the bundled trainer through a short-to-long
-curriculum, each stage from the last one's checkpoint: two base stages of raw text, each
+Trains the `ruler-tiny` preset (niah-tiny with a long rope base) from scratch with the bundled
+trainer through a short-to-long curriculum, each stage from the last one's checkpoint: two base
+stages of raw text, each
 document a block of words written again and again (loss on every token: the model learns to
 copy what followed the token it just wrote), the second with codes and names mixed into the
 blocks; then the run's tasks at 64-256 tokens (per-document masks, token_mean loss), 1K-2K and
@@ -45,7 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.learn_niah import DEPTHS, PRESET  # noqa: E402
+from benchmarks.learn_niah import DEPTHS  # noqa: E402
 from longdata.evals.niah.report import format_length  # noqa: E402
 from longdata.evals.niah.report import write_outputs as write_niah  # noqa: E402
 from longdata.evals.niah.run import NiahSpec, run_niah  # noqa: E402
@@ -57,6 +58,8 @@ from longdata.trainer.model import load_model, model_config  # noqa: E402
 from longdata.trainer.reporting import METRICS_FILE  # noqa: E402
 from longdata.trainer.tokenizer import load_build_tokenizer  # noqa: E402
 
+# niah-tiny with a long rope base: trained to 4K, evaluated at 8K (trainer/model.py).
+PRESET = "ruler-tiny"
 # In a stage cycle's run directory: what it trained on and from (`trained_on`).
 TRAINED_ON = "trained-on.json"
 

@@ -5,7 +5,12 @@ from longdata.trainer import load_model
 
 # The rope base each preset documents (trainer/model.py). niah-tiny's short base once lived only
 # in an attribute transformers 5 ignores, so the model it built rotated at tiny-llama's.
-ROPE_BASES = {"tiny-llama": 500_000.0, "tiny-qwen2": 1_000_000.0, "niah-tiny": 10_000.0}
+ROPE_BASES = {
+    "tiny-llama": 500_000.0,
+    "tiny-qwen2": 1_000_000.0,
+    "niah-tiny": 10_000.0,
+    "ruler-tiny": 500_000.0,
+}
 
 
 @pytest.mark.parametrize("preset", sorted(ROPE_BASES))
@@ -18,6 +23,7 @@ def test_the_built_model_rotates_at_the_presets_rope_base(preset: str) -> None:
     torch.testing.assert_close(inv_freq, expected, rtol=1e-6, atol=0)
 
 
-def test_niah_tiny_has_full_multi_head_attention() -> None:
-    config = load_model("niah-tiny", "sdpa_varlen", vocab_size=256, seed=0).config
+@pytest.mark.parametrize("preset", ["niah-tiny", "ruler-tiny"])
+def test_the_experiment_presets_have_full_multi_head_attention(preset: str) -> None:
+    config = load_model(preset, "sdpa_varlen", vocab_size=256, seed=0).config
     assert config.num_key_value_heads == config.num_attention_heads

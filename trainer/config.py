@@ -88,8 +88,8 @@ class TrainConfig:
     )
     model: str = _setting(
         "tiny-llama",
-        "Preset (tiny-llama, tiny-qwen2, niah-tiny: random init, vocab from the build), a local "
-        "Hugging Face checkpoint, or a hub id.",
+        "Preset (tiny-llama, tiny-qwen2, niah-tiny, ruler-tiny: random init, vocab from the "
+        "build), a local Hugging Face checkpoint, or a hub id.",
     )
     attention: str = _setting(
         "auto",

@@ -5,15 +5,14 @@
 
 Trains the `ruler-tiny` preset (niah-tiny with a long rope base) from scratch with the bundled
 trainer through a short-to-long curriculum, each stage from the last one's checkpoint: two base
-stages of raw text, each
-document a block of words written again and again (loss on every token: the model learns to
-copy what followed the token it just wrote), the second with codes and names mixed into the
-blocks; then the run's tasks at 64-256 tokens (per-document masks, token_mean loss), 1K-2K and
-2K-4K. Three runs (`RUNS`), each starting from its parent's checkpoint, so a stage is
-trained once and shared: the **needle_only** ablation (needle tasks at every task stage);
-**main** (from the ablation's base stages on, the same stages and steps with needle tasks plus
-every `longdata.sources.ruler` family, mixed as `MIX` says); and **main_pose** (from main's
-short stage: main's long stages again with PoSE positions up to 8K, the trainer's
+stages of raw text, each document a block of words written again and again (loss on every token:
+the model learns to copy what followed the token it just wrote), the second with codes and names
+mixed into the blocks; then the run's tasks at 64-256 tokens (per-document masks, token_mean
+loss), 1K-2K and 2K-4K. Three runs (`RUNS`), each starting from its parent's checkpoint, so a
+stage is trained once and shared: the **needle_only** ablation (needle tasks at every task
+stage); **main** (from the ablation's base stages on, the same stages and steps with needle
+tasks plus every `longdata.sources.ruler` family, mixed as `MIX` says); and **main_pose** (from
+main's short stage: main's long stages again with PoSE positions up to 8K, the trainer's
 `position_span`). Each is evaluated after its last stage with `eval niah`'s and `eval ruler`'s
 pieces at 512 (within the training lengths), 1K, 2K, 4K and 8K (8K: twice the longest training
 sample) on held-out seeds, with their no-signal controls. A stage cycle already trained with the

@@ -456,17 +456,28 @@ def evaluate(settings: Settings, run: str, checkpoint: Path, build_dir: Path) ->
 
 
 def summary_markdown(results: dict[str, Any]) -> str:
+    """Two tables: accuracy (the exact answer, the targets' metric) per run, task and length,
+    then the ruler tasks' recall (the share of the expected items named, RULER's own metric)."""
     lengths = results["settings"]["eval_lengths"]
     header = "| run | task | " + " | ".join(format_length(n) for n in lengths) + " | control |"
-    lines = [header, "|" + " --- |" * (len(lengths) + 3)]
+    rule = "|" + " --- |" * (len(lengths) + 3)
+
+    def line(run: str, task: str, by_length: dict[str, float], control: float) -> str:
+        cells = " | ".join(f"{by_length[key]:.3f}" for key in by_length)
+        return f"| {run} | {task} | {cells} | {control:.3f} |"
+
+    accuracy, recall = [header, rule], ["Recall (RULER's metric):", "", header, rule]
     for run in results["runs"]:
         niah = run["niah"]
-        cells = " | ".join(f"{niah['by_length'][format_length(n)]:.3f}" for n in lengths)
-        lines.append(f"| {run['run']} | niah | {cells} | {niah['control_accuracy']:.3f} |")
+        accuracy.append(line(run["run"], "niah", niah["by_length"], niah["control_accuracy"]))
         for task, summary in run["ruler"].items():
-            cells = " | ".join(f"{summary['by_length'][str(n)]:.3f}" for n in lengths)
-            lines.append(f"| {run['run']} | {task} | {cells} | {summary['control_accuracy']:.3f} |")
-    return "\n".join(lines) + "\n"
+            accuracy.append(
+                line(run["run"], task, summary["by_length"], summary["control_accuracy"])
+            )
+            recall.append(
+                line(run["run"], task, summary["recall_by_length"], summary["control_recall"])
+            )
+    return "\n".join(accuracy) + "\n\n" + "\n".join(recall) + "\n"
 
 
 def shared_settings(settings: Settings) -> dict[str, Any]:

@@ -219,7 +219,12 @@ def test_a_tiny_learn_ruler_experiment_trains_the_stages_and_reports(
     # PoSE positions in main_pose's own stage only.
     assert config_of("main_pose", "long")["position_span"] == 2_048
     assert config_of("main", "long")["position_span"] is None
-    assert "| main | multikey |" in (out / "summary.md").read_text()
+    # Accuracy for NIAH and every ruler task, then the ruler tasks' recall, each run in turn.
+    accuracy, recall = (out / "summary.md").read_text().split("Recall (RULER's metric):")
+    tasks = learn_ruler.ruler.TASKS
+    assert accuracy.count("| main | ") == 1 + len(tasks) and recall.count("| main | ") == len(tasks)
+    vartrack = results["runs"][1]["ruler"]["vartrack"]
+    assert f"| main | vartrack | {vartrack['recall_by_length']['640']:.3f} |" in recall
     # Re-running keeps every stage cycle trained with the same config on the same build from the
     # same weights; a stage whose build changed (one more item) is trained again, and the ones
     # after it (their starting weights changed).

@@ -205,6 +205,18 @@ def test_scorer_right_wrong_and_partial():
     assert ruler.score(["青石镇"], ["白河镇"], "白河镇") == 0.0
 
 
+def test_recall_gives_partial_credit_and_ignores_distractors():
+    """RULER's metric: the share of the expected items named, matched as `score` matches."""
+    multi = ["12345", "23456", "34567"]
+    assert ruler.recall(multi, "34567, 12345, 23456") == 1.0
+    assert ruler.recall(multi, "12345, 23456") == pytest.approx(2 / 3)
+    assert ruler.recall(multi, "12345, 23456, 99999") == pytest.approx(2 / 3)
+    assert ruler.recall(["ABCDE", "FGHIJ"], "ABCDE, KLMNO") == 0.5  # a decoy costs nothing
+    assert ruler.recall(["48213"], "The code is 482130.") == 0.0  # whole numbers only
+    assert ruler.recall(["abcde"], "ABCDE") == 1.0
+    assert ruler.recall(["青石镇"], "白河镇") == 0.0
+
+
 def test_scorer_agrees_with_generated_answers(items):
     for conversation in items:
         prompt, answer = (m.content for m in conversation.messages)
@@ -251,7 +263,15 @@ def test_eval_ruler_cli_writes_results_per_task(tmp_path: Path, model_dir: Path)
         assert summary["accuracy"] == pytest.approx(sum(scored) / len(scored))
         assert summary["control_accuracy"] == pytest.approx(sum(controls) / len(controls))
         assert summary["chance_accuracy"] == 0.0
-        assert set(summary["by_length"]) == {"512", "768"}
+        assert set(summary["by_length"]) == set(summary["recall_by_length"]) == {"512", "768"}
+        recalls = [r["recall"] for r in rows if not r["control"]]
+        assert summary["recall"] == pytest.approx(sum(recalls) / len(recalls))
+        for length, value in summary["recall_by_length"].items():
+            at = [r["recall"] for r in rows if not r["control"] and r["length"] == int(length)]
+            assert value == pytest.approx(sum(at) / len(at))
+        assert summary["control_recall"] == pytest.approx(
+            sum(r["recall"] for r in rows if r["control"]) / len(controls)
+        )
     for row in results["rows"]:
         assert row["prompt_tokens"] <= row["length"]
         assert row["key"].startswith("longdata-eval-ruler:0:")
@@ -279,8 +299,20 @@ def test_eval_scores_a_model_that_answers_right_and_controls_at_chance(count_tok
     for summary in results["tasks"].values():
         assert summary["accuracy"] == 1.0 and summary["standard_error"] == 0.0
         assert summary["control_accuracy"] == 1.0  # the oracle was given the answer; not chance
+        assert summary["recall"] == summary["control_recall"] == 1.0
     wrong = run_ruler(None, tokenizer, spec, generate=lambda ids: tokenizer.encode("12345"))
     assert all(summary["accuracy"] == 0.0 for summary in wrong["tasks"].values())
+    assert all(summary["recall"] == 0.0 for summary in wrong["tasks"].values())
+
+    def first_item_only(ids):
+        return tokenizer.encode(answers[tuple(ids)].split(", ")[0], add_special_tokens=False)
+
+    half = run_ruler(None, tokenizer, spec, generate=first_item_only)
+    for task, summary in half["tasks"].items():
+        sizes = [len(p.expected) for p in prompts if p.task == task and not p.control]
+        assert summary["recall"] == pytest.approx(sum(1 / n for n in sizes) / len(sizes))
+        assert summary["recall_by_length"] == {"512": summary["recall"]}
+        assert summary["accuracy"] == pytest.approx(sum(n == 1 for n in sizes) / len(sizes))
 
 
 def test_eval_seeds_never_collide_with_recipe_seeds() -> None:

@@ -58,15 +58,22 @@ def _share(value: float | None) -> str:
 
 
 def task_table(results: dict[str, Any]) -> Any:
-    """A rich table: one row per task, accuracy per length, overall ± standard error, control."""
+    """A rich table: one row per task, accuracy per length, overall ± standard error, control,
+    chance, and recall (RULER's partial-credit metric) overall."""
     from rich.table import Table
 
     samples = results["config"]["samples"]
-    table = Table(title=f"RULER-style accuracy ({samples} samples per cell)", title_justify="left")
+    table = Table(
+        title=f"RULER-style accuracy ({samples} samples per cell)",
+        title_justify="left",
+        caption="accuracy: the exact answer; recall: the share of the expected items named "
+        "(RULER's own metric)",
+        caption_justify="left",
+    )
     table.add_column("task")
     for n in _lengths(results):
         table.add_column(format_length(n), justify="right")
-    for column in ("overall", "control", "chance"):
+    for column in ("overall", "control", "chance", "recall"):
         table.add_column(column, justify="right")
     for task, summary in results["tasks"].items():
         overall = _share(summary["accuracy"])
@@ -78,5 +85,6 @@ def task_table(results: dict[str, Any]) -> Any:
             overall,
             _share(summary["control_accuracy"]),
             _share(summary["chance_accuracy"]),
+            _share(summary["recall"]),
         )
     return table

@@ -70,6 +70,7 @@ class RulerSpec:
             "haystack": list(self.haystack) or None,
             "chance_accuracy": CHANCE_ACCURACY,
             "correct": "the greedy output names every expected item and no distractor",
+            "recall": "the share of the expected items it names (RULER's string_match_all)",
             "control": "each sample's prompt without its signal sentences, at the shortest length",
         }
 
@@ -145,10 +146,6 @@ def build_prompts(
     return prompts + controls
 
 
-def _mean(values: Sequence[float]) -> float | None:
-    return sum(values) / len(values) if values else None
-
-
 def standard_error(values: Sequence[float]) -> float | None:
     """Standard error of the mean of independent draws (None below two)."""
     if len(values) < 2:
@@ -158,24 +155,31 @@ def standard_error(values: Sequence[float]) -> float | None:
     return math.sqrt(variance / len(values))
 
 
+def _mean_of(rows: Sequence[dict[str, Any]], field: str, **equal: Any) -> float | None:
+    """The mean of ``field`` over the rows whose other fields have the values in ``equal``."""
+    values = [r[field] for r in rows if all(r[k] == v for k, v in equal.items())]
+    return sum(values) / len(values) if values else None
+
+
 def summarise(rows: Sequence[dict[str, Any]], spec: RulerSpec) -> dict[str, dict[str, Any]]:
-    """Per task: accuracy, its standard error over samples, accuracy per length, control."""
+    """Per task: accuracy, its standard error over samples, accuracy per length, control; and
+    recall (partial credit, RULER's own metric) overall, per length and on the controls."""
     tasks = {}
     for task in spec.tasks:
         scored = [r for r in rows if r["task"] == task and not r["control"]]
-        controls = [r["correct"] for r in rows if r["task"] == task and r["control"]]
-        per_sample = [
-            _mean([r["correct"] for r in scored if r["sample"] == s]) for s in range(spec.samples)
-        ]
+        controls = [r for r in rows if r["task"] == task and r["control"]]
+        per_sample = [_mean_of(scored, "correct", sample=s) for s in range(spec.samples)]
         tasks[task] = {
-            "accuracy": _mean([r["correct"] for r in scored]),
+            "accuracy": _mean_of(scored, "correct"),
             "standard_error": standard_error(per_sample),
-            "by_length": {
-                str(n): _mean([r["correct"] for r in scored if r["length"] == n])
-                for n in spec.lengths
-            },
-            "control_accuracy": _mean(controls),
+            "by_length": {str(n): _mean_of(scored, "correct", length=n) for n in spec.lengths},
+            "control_accuracy": _mean_of(controls, "correct"),
             "chance_accuracy": CHANCE_ACCURACY,
+            "recall": _mean_of(scored, "recall"),
+            "recall_by_length": {
+                str(n): _mean_of(scored, "recall", length=n) for n in spec.lengths
+            },
+            "control_recall": _mean_of(controls, "recall"),
         }
     return tasks
 
@@ -204,7 +208,6 @@ def run_ruler(
     rows = []
     for prompt in prompts:
         output = tokenizer.decode(generate(prompt.prompt_ids), skip_special_tokens=True)
-        correct = ruler.score(prompt.expected, prompt.distractors, output)
         rows.append(
             {
                 "task": prompt.task,
@@ -215,7 +218,8 @@ def run_ruler(
                 "control": prompt.control,
                 "expected": ", ".join(prompt.expected),
                 "output": output,
-                "correct": correct,
+                "correct": ruler.score(prompt.expected, prompt.distractors, output),
+                "recall": ruler.recall(prompt.expected, output),
             }
         )
         advance()

@@ -69,15 +69,26 @@ class PlantedTask:
         )
 
 
+def _names(output: str, item: str) -> bool:
+    """Whether ``output`` names ``item`` whole and case-insensitively: ``1234`` is not found in
+    ``12345``."""
+    pattern = rf"(?<![0-9A-Za-z]){re.escape(item)}(?![0-9A-Za-z])"
+    return re.search(pattern, output, flags=re.IGNORECASE) is not None
+
+
 def score(expected: Sequence[str], distractors: Sequence[str], output: str) -> float:
     """1.0 when the output names every expected item and no distractor, else 0.0 (a partial
-    multi-value answer scores 0). Items match whole: ``1234`` is not found in ``12345``."""
+    multi-value answer scores 0)."""
+    every_item = all(_names(output, item) for item in expected)
+    return float(every_item and not any(_names(output, item) for item in distractors))
 
-    def found(item: str) -> bool:
-        pattern = rf"(?<![0-9A-Za-z]){re.escape(item)}(?![0-9A-Za-z])"
-        return re.search(pattern, output, flags=re.IGNORECASE) is not None
 
-    return float(all(map(found, expected)) and not any(map(found, distractors)))
+def recall(expected: Sequence[str], output: str) -> float:
+    """The share of the expected items the output names, distractors not counted: RULER's own
+    metric (``string_match_all``; for a one-item answer its ``string_match_part`` is the same),
+    with items matched whole as `score` matches them. Partial credit, so it shows a skill half
+    learned, and compares with published RULER tables; `score` is the exact answer."""
+    return sum(_names(output, item) for item in expected) / len(expected)
 
 
 def _phrases(rng: random.Random, lang: Lang, n: int, haystack: Haystack | None) -> list[str]:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
+import statistics
 from collections import Counter
 from pathlib import Path
 
@@ -300,6 +302,7 @@ def test_eval_scores_a_model_that_answers_right_and_controls_at_chance(count_tok
         assert summary["accuracy"] == 1.0 and summary["standard_error"] == 0.0
         assert summary["control_accuracy"] == 1.0  # the oracle was given the answer; not chance
         assert summary["recall"] == summary["control_recall"] == 1.0
+        assert summary["recall_standard_error"] == 0.0
     wrong = run_ruler(None, tokenizer, spec, generate=lambda ids: tokenizer.encode("12345"))
     assert all(summary["accuracy"] == 0.0 for summary in wrong["tasks"].values())
     assert all(summary["recall"] == 0.0 for summary in wrong["tasks"].values())
@@ -312,6 +315,12 @@ def test_eval_scores_a_model_that_answers_right_and_controls_at_chance(count_tok
         sizes = [len(p.expected) for p in prompts if p.task == task and not p.control]
         assert summary["recall"] == pytest.approx(sum(1 / n for n in sizes) / len(sizes))
         assert summary["recall_by_length"] == {"512": summary["recall"]}
+        per_draw = [
+            1 / len(p.expected) for p in prompts if p.task == task and not p.control
+        ]  # one length: a prompt per draw, in draw order
+        assert [p.sample for p in prompts if p.task == task and not p.control] == [0, 1]
+        error = statistics.stdev(per_draw) / math.sqrt(len(per_draw))
+        assert summary["recall_standard_error"] == pytest.approx(error)
         assert summary["accuracy"] == pytest.approx(sum(n == 1 for n in sizes) / len(sizes))
 
 

@@ -57,9 +57,13 @@ def _share(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+def _with_error(value: float | None, error: float | None) -> str:
+    return _share(value) + ("" if error is None else f" ± {error:.2f}")
+
+
 def task_table(results: dict[str, Any]) -> Any:
     """A rich table: one row per task, accuracy per length, overall ± standard error, control,
-    chance, and recall (RULER's partial-credit metric) overall."""
+    chance, and recall (RULER's partial-credit metric) overall ± its standard error."""
     from rich.table import Table
 
     samples = results["config"]["samples"]
@@ -76,15 +80,13 @@ def task_table(results: dict[str, Any]) -> Any:
     for column in ("overall", "control", "chance", "recall"):
         table.add_column(column, justify="right")
     for task, summary in results["tasks"].items():
-        overall = _share(summary["accuracy"])
-        if summary["standard_error"] is not None:
-            overall += f" ± {summary['standard_error']:.2f}"
+        overall = _with_error(summary["accuracy"], summary["standard_error"])
         table.add_row(
             task,
             *(_share(summary["by_length"][str(n)]) for n in _lengths(results)),
             overall,
             _share(summary["control_accuracy"]),
             _share(summary["chance_accuracy"]),
-            _share(summary["recall"]),
+            _with_error(summary["recall"], summary["recall_standard_error"]),
         )
     return table

@@ -163,19 +163,23 @@ def _mean_of(rows: Sequence[dict[str, Any]], field: str, **equal: Any) -> float 
 
 def summarise(rows: Sequence[dict[str, Any]], spec: RulerSpec) -> dict[str, dict[str, Any]]:
     """Per task: accuracy, its standard error over samples, accuracy per length, control; and
-    recall (partial credit, RULER's own metric) overall, per length and on the controls."""
+    the same for recall (partial credit, RULER's own metric)."""
     tasks = {}
     for task in spec.tasks:
         scored = [r for r in rows if r["task"] == task and not r["control"]]
         controls = [r for r in rows if r["task"] == task and r["control"]]
-        per_sample = [_mean_of(scored, "correct", sample=s) for s in range(spec.samples)]
+        per_sample = {
+            field: [_mean_of(scored, field, sample=s) for s in range(spec.samples)]
+            for field in ("correct", "recall")
+        }
         tasks[task] = {
             "accuracy": _mean_of(scored, "correct"),
-            "standard_error": standard_error(per_sample),
+            "standard_error": standard_error(per_sample["correct"]),
             "by_length": {str(n): _mean_of(scored, "correct", length=n) for n in spec.lengths},
             "control_accuracy": _mean_of(controls, "correct"),
             "chance_accuracy": CHANCE_ACCURACY,
             "recall": _mean_of(scored, "recall"),
+            "recall_standard_error": standard_error(per_sample["recall"]),
             "recall_by_length": {
                 str(n): _mean_of(scored, "recall", length=n) for n in spec.lengths
             },

@@ -462,21 +462,19 @@ def summary_markdown(results: dict[str, Any]) -> str:
     header = "| run | task | " + " | ".join(format_length(n) for n in lengths) + " | control |"
     rule = "|" + " --- |" * (len(lengths) + 3)
 
-    def line(run: str, task: str, by_length: dict[str, float], control: float) -> str:
-        cells = " | ".join(f"{by_length[key]:.3f}" for key in by_length)
-        return f"| {run} | {task} | {cells} | {control:.3f} |"
+    def line(run: str, task: str, values: list[float], control: float) -> str:
+        return f"| {run} | {task} | {' | '.join(f'{v:.3f}' for v in values)} | {control:.3f} |"
 
     accuracy, recall = [header, rule], ["Recall (RULER's metric):", "", header, rule]
     for run in results["runs"]:
         niah = run["niah"]
-        accuracy.append(line(run["run"], "niah", niah["by_length"], niah["control_accuracy"]))
+        by_length = [niah["by_length"][format_length(n)] for n in lengths]
+        accuracy.append(line(run["run"], "niah", by_length, niah["control_accuracy"]))
         for task, summary in run["ruler"].items():
-            accuracy.append(
-                line(run["run"], task, summary["by_length"], summary["control_accuracy"])
-            )
-            recall.append(
-                line(run["run"], task, summary["recall_by_length"], summary["control_recall"])
-            )
+            by_length = [summary["by_length"][str(n)] for n in lengths]
+            accuracy.append(line(run["run"], task, by_length, summary["control_accuracy"]))
+            by_length = [summary["recall_by_length"][str(n)] for n in lengths]
+            recall.append(line(run["run"], task, by_length, summary["control_recall"]))
     return "\n".join(accuracy) + "\n\n" + "\n".join(recall) + "\n"
 
 

@@ -256,8 +256,9 @@ def eval_ruler(
     multivalue (every code of one subject), vartrack (which variables a chain of assignments
     gives a value), cwe (the 3 most frequent keywords) and qa (a fact from one passage among
     distractor passages). Correct: the greedy answer names every expected item and no
-    distractor. The control asks each sample's question with the signal sentences removed
-    (chance 0). See docs/EVAL.md.
+    distractor. Recall (RULER's own metric): the share of the expected items it names. The
+    control asks each sample's question with the signal sentences removed (chance 0). See
+    docs/EVAL.md.
     """
     from longdata.evals.models import EvalInputError
     from longdata.evals.niah.prompts import parse_lengths

@@ -49,7 +49,7 @@ class NiahReport:
 
     @property
     def accuracy(self) -> float | None:
-        return _mean([r["correct"] for r in self.rows])
+        return mean([r["correct"] for r in self.rows])
 
     def by_needle(self) -> list[dict[str, Any]]:
         """Accuracy per needle (grid sample): each needle sits in every cell, so a model that
@@ -77,17 +77,12 @@ class NiahReport:
     @property
     def needle_standard_error(self) -> float | None:
         """The standard error of `accuracy` over needles (None with fewer than two)."""
-        means = [needle["accuracy"] for needle in self.by_needle()]
-        if len(means) < 2:
-            return None
-        centre = sum(means) / len(means)
-        variance = sum((m - centre) ** 2 for m in means) / (len(means) - 1)
-        return math.sqrt(variance / len(means))
+        return standard_error([needle["accuracy"] for needle in self.by_needle()])
 
     @property
     def control_accuracy(self) -> float | None:
         """How often a prompt with no needle at all still scores correct."""
-        return _mean([r["correct"] for r in self.control_rows or []])
+        return mean([r["correct"] for r in self.control_rows or []])
 
     def as_json(self) -> dict[str, Any]:
         grid: dict[str, Any] = {
@@ -114,12 +109,22 @@ class NiahReport:
             }
             if self.mode == "loglik":
                 logprobs = [r["answer_logprob"] for r in self.control_rows]
-                result["control"]["mean_answer_logprob"] = _mean(logprobs)
+                result["control"]["mean_answer_logprob"] = mean(logprobs)
         return result
 
 
-def _mean(values: Sequence[float]) -> float | None:
+def mean(values: Sequence[float]) -> float | None:
+    """The mean (None for no values): an eval's accuracy, with nothing asked, is unknown."""
     return sum(values) / len(values) if values else None
+
+
+def standard_error(values: Sequence[float]) -> float | None:
+    """Standard error of the mean of independent draws (None below two)."""
+    if len(values) < 2:
+        return None
+    centre = sum(values) / len(values)
+    variance = sum((v - centre) ** 2 for v in values) / (len(values) - 1)
+    return math.sqrt(variance / len(values))
 
 
 def format_length(tokens: int) -> str:

@@ -11,7 +11,6 @@ at the shortest length: no answer is recoverable, chance is 0 for these exact an
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -21,6 +20,7 @@ from typing import Any
 from longdata.evals.models import EvalInputError, load_eval_model
 from longdata.evals.niah.decoding import greedy_generate
 from longdata.evals.niah.prompts import calibrate, encode, fit_prompt, generation_prompt
+from longdata.evals.niah.report import mean, standard_error
 from longdata.evals.niah.run import Track, load_haystack, no_progress
 from longdata.evals.niah.scoring import stop_token_ids
 from longdata.sources import antihaystack, ruler
@@ -146,19 +146,9 @@ def build_prompts(
     return prompts + controls
 
 
-def standard_error(values: Sequence[float]) -> float | None:
-    """Standard error of the mean of independent draws (None below two)."""
-    if len(values) < 2:
-        return None
-    mean = sum(values) / len(values)
-    variance = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
-    return math.sqrt(variance / len(values))
-
-
 def _mean_of(rows: Sequence[dict[str, Any]], field: str, **equal: Any) -> float | None:
     """The mean of ``field`` over the rows whose other fields have the values in ``equal``."""
-    values = [r[field] for r in rows if all(r[k] == v for k, v in equal.items())]
-    return sum(values) / len(values) if values else None
+    return mean([r[field] for r in rows if all(r[k] == v for k, v in equal.items())])
 
 
 def summarise(rows: Sequence[dict[str, Any]], spec: RulerSpec) -> dict[str, dict[str, Any]]:

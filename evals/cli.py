@@ -257,8 +257,8 @@ def eval_ruler(
     gives a value), cwe (the 3 most frequent keywords) and qa (a fact from one passage among
     distractor passages). Correct: the greedy answer names every expected item and no
     distractor. Recall (RULER's own metric): the share of the expected items it names. The
-    control asks each sample's question with the signal sentences removed (chance 0). See
-    docs/EVAL.md.
+    control asks each sample's question with the signal sentences removed; chance is one blind
+    guess (at most qa's 1/121). See docs/EVAL.md.
     """
     from longdata.evals.models import EvalInputError
     from longdata.evals.niah.prompts import parse_lengths

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from longdata.cli import app
 from longdata.records import validate_messages
-from longdata.sources import antihaystack, ruler
+from longdata.sources import antihaystack, ruler, synthetic
 from longdata.tokenizer_assets import ASSET_DIR
 from longdata.trainer import load_model
 
@@ -219,6 +219,20 @@ def test_recall_gives_partial_credit_and_ignores_distractors():
     assert ruler.recall(["青石镇"], "白河镇") == 0.0
 
 
+@pytest.mark.parametrize("lang", ["en", "zh"])
+def test_chance_is_one_over_the_answers_the_generators_draw(lang):
+    """Counted by drawing, not by the formula: every qa town and marker phrase turns up, and
+    there are exactly as many as chance assumes (qa's chance is the largest, ~1/121)."""
+    rng = random.Random(0)
+    towns = {ruler.make_task(rng, "qa", lang).expected[0] for _ in range(3_000)}
+    assert len(towns) == round(1 / ruler.chance_accuracy("qa", lang))
+    phrases = {synthetic.marker_phrase(rng, lang) for _ in range(20_000)}
+    assert math.comb(len(phrases), ruler.CWE_TOP) == round(1 / ruler.chance_accuracy("cwe", lang))
+    codes = [int(ruler.make_task(rng, "multikey", lang).expected[0]) for _ in range(500)]
+    assert set(codes) <= set(ruler.CODES) and 1 / ruler.chance_accuracy("multikey", lang) == 9e4
+    assert max(ruler.chance_accuracy(task, lang) for task in ruler.TASKS) < 0.01
+
+
 def test_scorer_agrees_with_generated_answers(items):
     for conversation in items:
         prompt, answer = (m.content for m in conversation.messages)
@@ -264,7 +278,8 @@ def test_eval_ruler_cli_writes_results_per_task(tmp_path: Path, model_dir: Path)
         assert len(scored) == 2 * 2 and len(controls) == 2
         assert summary["accuracy"] == pytest.approx(sum(scored) / len(scored))
         assert summary["control_accuracy"] == pytest.approx(sum(controls) / len(controls))
-        assert summary["chance_accuracy"] == 0.0
+        assert summary["chance_accuracy"] == results["config"]["chance_accuracy"][task]
+        assert summary["chance_accuracy"] == ruler.chance_accuracy(task, "en")
         # Recall's values are checked with answers that score it above 0 (the oracle test).
         assert set(summary["by_length"]) == set(summary["recall_by_length"]) == {"512", "768"}
         assert {"recall", "recall_standard_error", "control_recall"} <= set(summary)

@@ -6,7 +6,8 @@ as ``"<seed>:<index>"`` with an integer seed (the recipe schema accepts only int
 recipe can reproduce an eval prompt. Sample ``s`` of a task is the same task (planted
 sentences, filler stream) at every length, so the samples are the independent draws behind a
 task's standard error. Each sample's control is its prompt with the signal sentences removed,
-at the shortest length: no answer is recoverable, chance is 0 for these exact answers.
+at the shortest length: no answer is recoverable, so it scores about a blind guess
+(`ruler.chance_accuracy`, at most qa's 1/121).
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from longdata.sources.antihaystack import Haystack, SyntheticFiller
 from longdata.sources.synthetic import LANGS, Lang
 
 EVAL_NAMESPACE = "longdata-eval-ruler"
-CHANCE_ACCURACY = 0.0  # exact multi-digit codes, invented names: nothing to guess
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,9 @@ class RulerSpec:
             "seed": self.seed,
             "seed_namespace": f"{EVAL_NAMESPACE}:{self.seed}",
             "haystack": list(self.haystack) or None,
-            "chance_accuracy": CHANCE_ACCURACY,
+            "chance_accuracy": {
+                task: ruler.chance_accuracy(task, self.lang) for task in self.tasks
+            },
             "correct": "the greedy output names every expected item and no distractor",
             "recall": "the share of the expected items it names (RULER's string_match_all)",
             "control": "each sample's prompt without its signal sentences, at the shortest length",
@@ -167,7 +169,7 @@ def summarise(rows: Sequence[dict[str, Any]], spec: RulerSpec) -> dict[str, dict
             "standard_error": standard_error(per_sample["correct"]),
             "by_length": {str(n): _mean_of(scored, "correct", length=n) for n in spec.lengths},
             "control_accuracy": _mean_of(controls, "correct"),
-            "chance_accuracy": CHANCE_ACCURACY,
+            "chance_accuracy": ruler.chance_accuracy(task, spec.lang),
             "recall": _mean_of(scored, "recall"),
             "recall_standard_error": standard_error(per_sample["recall"]),
             "recall_by_length": {

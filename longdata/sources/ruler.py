@@ -13,7 +13,7 @@ Every task is a list of planted sentences, marked as signal or not, placed in
 ``antihaystack.fit``, so the sources share one filler, one placement and one fitting loop. The
 recipe uses them through ``kind: antihaystack`` (``tasks: [multikey, ...]``). ``control`` drops
 the signal sentences: the question then has no answer in the prompt, so any model scores at
-chance, which for these exact multi-digit or invented answers is 0.
+chance (`chance_accuracy`: one blind guess; qa's 1/121, a town of two syllables, is the largest).
 
 Training answers are sentences that restate what was asked before the items ("The secret code
 of the cobalt falcon is 34215."), as the needle task's answers do and RULER's answer prefixes
@@ -27,6 +27,8 @@ import random
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from math import comb
+from string import ascii_uppercase
 
 from longdata.sources import synthetic
 from longdata.sources.antihaystack import Haystack, Paragraphs, Rendered, plant_sentences
@@ -34,6 +36,10 @@ from longdata.sources.synthetic import Lang
 
 TASKS = ("multikey", "multivalue", "vartrack", "cwe", "qa")
 CWE_TOP = 3  # how many most frequent keywords the cwe question asks for
+CODES = range(10_000, 100_000)  # 5-digit secret codes and values
+MULTIVALUE_CODES = (2, 4)  # how many codes a multivalue subject has (inclusive)
+CHAIN_LENGTHS = (2, 4)  # how many variables the asked vartrack chain has (inclusive)
+VARIABLE_LETTERS = 5  # RULER's variable names: 5 capitals
 _TOWN_SYLLABLES = ("var", "hol", "mer", "dun", "sket", "bra", "lin", "quor", "tam", "vel", "zor")
 _ZH_TOWN_CHARS = "青石白河松岭云溪枫桥柳湾"
 
@@ -107,7 +113,7 @@ def _listed(items: Sequence[str], lang: Lang) -> str:
 
 def _code(rng: random.Random, taken: set[int]) -> int:
     while True:
-        code = rng.randrange(10_000, 100_000)
+        code = rng.randrange(CODES.start, CODES.stop)
         if code not in taken:
             taken.add(code)
             return code
@@ -141,7 +147,7 @@ def _multikey(rng: random.Random, lang: Lang, haystack: Haystack | None) -> dict
 def _multivalue(rng: random.Random, lang: Lang, haystack: Haystack | None) -> dict:
     (subject,) = _phrases(rng, lang, 1, haystack)
     taken: set[int] = set()
-    codes = [str(_code(rng, taken)) for _ in range(rng.randint(2, 4))]
+    codes = [str(_code(rng, taken)) for _ in range(rng.randint(*MULTIVALUE_CODES))]
     if lang == "en":
         template = "One of the secret codes of the {} is {}."
         question = f"What are all the secret codes of the {subject}? Give every one."
@@ -163,7 +169,7 @@ def _multivalue(rng: random.Random, lang: Lang, haystack: Haystack | None) -> di
 def _variable_names(rng: random.Random, n: int) -> list[str]:
     names: list[str] = []
     while len(names) < n:
-        name = "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(5))
+        name = "".join(rng.choice(ascii_uppercase) for _ in range(VARIABLE_LETTERS))
         if name not in names:
             names.append(name)
     return names
@@ -176,7 +182,7 @@ def _chain(names: Sequence[str], value: int, lang: Lang) -> list[str]:
 
 
 def _vartrack(rng: random.Random, lang: Lang, haystack: Haystack | None) -> dict:
-    length, decoy_length = rng.randint(2, 4), rng.randint(1, 3)
+    length, decoy_length = rng.randint(*CHAIN_LENGTHS), rng.randint(1, 3)
     names = _variable_names(rng, length + decoy_length)
     taken: set[int] = set()
     value, decoy_value = _code(rng, taken), _code(rng, taken)
@@ -227,6 +233,13 @@ def _town(rng: random.Random, lang: Lang) -> str:
     return "".join(rng.sample(_ZH_TOWN_CHARS, 2)) + "镇"
 
 
+def _town_count(lang: Lang) -> int:
+    """How many towns `_town` can name (no syllable starts another, so each pair is its own)."""
+    if lang == "en":
+        return len(_TOWN_SYLLABLES) ** 2
+    return len(_ZH_TOWN_CHARS) * (len(_ZH_TOWN_CHARS) - 1)
+
+
 def _qa(rng: random.Random, lang: Lang, haystack: Haystack | None) -> dict:
     subjects = _phrases(rng, lang, rng.randint(3, 5), haystack)
     towns: list[str] = []
@@ -264,6 +277,20 @@ _MAKERS = {
     "cwe": _cwe,
     "qa": _qa,
 }
+
+
+def chance_accuracy(kind: str, lang: Lang) -> float:
+    """What a model that ignores the prompt scores, as `eval niah` states its chance: one guess
+    drawn from the answers the task can have, at its fewest items. A control (no signal in the
+    prompt) well above this leaks the answer."""
+    answers = {
+        "multikey": len(CODES),
+        "multivalue": comb(len(CODES), MULTIVALUE_CODES[0]),
+        "vartrack": comb(len(ascii_uppercase) ** VARIABLE_LETTERS, CHAIN_LENGTHS[0]),
+        "cwe": comb(synthetic.marker_phrase_count(lang), CWE_TOP),
+        "qa": _town_count(lang),
+    }
+    return 1 / answers[kind]
 
 
 def make_task(

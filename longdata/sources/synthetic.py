@@ -250,3 +250,10 @@ def marker_phrase(rng: random.Random, lang: Lang) -> str:
     if lang == "en":
         return f"{rng.choice(MARKER_ADJECTIVES_EN)} {rng.choice(MARKER_NOUNS_EN)}"
     return f"{rng.choice(MARKER_ADJECTIVES_ZH)}{rng.choice(MARKER_NOUNS_ZH)}"
+
+
+def marker_phrase_count(lang: Lang) -> int:
+    """How many phrases `marker_phrase` can write (every pair is its own phrase)."""
+    if lang == "en":
+        return len(MARKER_ADJECTIVES_EN) * len(MARKER_NOUNS_EN)
+    return len(MARKER_ADJECTIVES_ZH) * len(MARKER_NOUNS_ZH)

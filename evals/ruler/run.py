@@ -68,9 +68,6 @@ class RulerSpec:
             "seed": self.seed,
             "seed_namespace": f"{EVAL_NAMESPACE}:{self.seed}",
             "haystack": list(self.haystack) or None,
-            "chance_accuracy": {
-                task: ruler.chance_accuracy(task, self.lang) for task in self.tasks
-            },
             "correct": "the greedy output names every expected item and no distractor",
             "recall": "the share of the expected items it names (RULER's string_match_all)",
             "control": "each sample's prompt without its signal sentences, at the shortest length",
